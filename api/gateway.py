@@ -1,0 +1,89 @@
+"""The API's only way to reach workers: send a Celery message, read the reply stream.
+
+Also the interactive queue bookkeeping: a sorted set per model of requests that wait for a worker, which
+gives ``OLLAMA_MAX_QUEUE`` its 503 and /api/ps and the queue endpoints their depth.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import redis
+from celery import Celery
+
+from corral.errors import QueueFull
+from corral.protocol import (
+    INTERACTIVE_TASK,
+    WORKER_KEY_PATTERN,
+    InferenceRequest,
+    StreamEvent,
+    StreamReader,
+    model_queue,
+    unload_key,
+    waiting_key,
+)
+from corral.settings import Settings
+
+
+class Gateway:
+    """Dispatch interactive requests to the model's queue and follow their replies."""
+
+    def __init__(self, settings: Settings, client: redis.Redis, celery: Celery) -> None:
+        self.settings = settings
+        self.redis = client
+        self.celery = celery
+
+    def run(self, req: InferenceRequest) -> Iterator[StreamEvent]:
+        """Enqueue ``req`` and yield its reply events until the terminal one.
+
+        Closing the iterator early (the client disconnected) tells the worker to stop.
+        """
+        key = waiting_key(req.model_digest)
+        self._enter_queue(key, req.request_id)
+        reader = StreamReader(self.redis, req.request_id, queue_timeout=self.settings.queue_timeout)
+        finished = False
+        try:
+            self.celery.send_task(
+                INTERACTIVE_TASK,
+                args=[req.payload()],
+                queue=model_queue(req.model_digest, "interactive"),
+                expires=self.settings.queue_timeout,
+            )
+            for event in reader.events():
+                if event.kind == "start":
+                    self.redis.zrem(key, req.request_id)
+                yield event
+            finished = True
+        finally:
+            self.redis.zrem(key, req.request_id)
+            if not finished:
+                reader.cancel()
+
+    def _enter_queue(self, key: str, request_id: str) -> None:
+        now = time.time()
+        pipe = self.redis.pipeline()
+        pipe.zremrangebyscore(key, 0, now - self.settings.queue_timeout)  # requests whose API died
+        pipe.zadd(key, {request_id: now})
+        pipe.zcard(key)
+        pipe.expire(key, int(self.settings.queue_timeout * 2) + 1)
+        depth = pipe.execute()[2]
+        if depth > self.settings.max_queue:
+            self.redis.zrem(key, request_id)
+            raise QueueFull()
+
+    def waiting(self, model_digest: str) -> int:
+        return int(self.redis.zcard(waiting_key(model_digest)))
+
+    def order_unload(self, model_digest: str) -> None:
+        """Tell every worker to drop this model now (``keep_alive: 0`` with an empty prompt)."""
+        self.redis.set(unload_key(model_digest), repr(time.time()), ex=3600)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Heartbeat states of the live workers."""
+        keys = list(self.redis.scan_iter(match=WORKER_KEY_PATTERN, count=500))
+        if not keys:
+            return []
+        return [json.loads(v) for v in self.redis.mget(keys) if v is not None]

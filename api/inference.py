@@ -1,0 +1,132 @@
+"""Run interactive requests through the gateway and shape the replies as Ollama does.
+
+Views call these functions; they resolve the model (with each route's own not-found message), build the
+:class:`InferenceRequest`, and turn worker events into Ollama chunks with nanosecond metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from api.gateway import Gateway
+from corral.errors import GenerationFailed, ModelNotFound
+from corral.protocol import InferenceRequest, new_request_id
+from corral.settings import Settings
+from corral.store import ModelRecord, ModelStore
+from corral.timefmt import utc_now
+
+METRICS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")
+
+
+@dataclass
+class Inference:
+    """The interactive-request service the Ollama (and later OpenAI) views share."""
+
+    settings: Settings
+    store: ModelStore
+    gateway: Gateway
+
+    def model(self, name: str, *, not_found: str | None = None) -> ModelRecord:
+        """Find a model; ``not_found`` (with ``{name}``) overrides the route's 404 message."""
+        try:
+            return self.store.get(name)
+        except ModelNotFound as exc:
+            if not_found is None:
+                raise
+            raise ModelNotFound(not_found.format(name=name)) from exc
+
+    def request(self, record: ModelRecord, name: str, kind: str, **fields: Any) -> InferenceRequest:
+        return InferenceRequest(
+            request_id=new_request_id(), kind=kind, model=name, model_digest=record.model_digest, **fields
+        )
+
+    def single(self, req: InferenceRequest) -> tuple[dict[str, Any], dict[str, int]]:
+        """Run a request whose reply is one result event (embed, load); return (data, timing metrics)."""
+        started = time.perf_counter_ns()
+        waited = 0
+        events = self.gateway.run(req)
+        try:
+            for event in events:
+                if event.kind == "start":
+                    waited = time.perf_counter_ns() - started
+                    continue
+                event.raise_if_error()
+                if event.kind == "result":
+                    data = event.data
+                    timing = {
+                        "total_duration": time.perf_counter_ns() - started,
+                        "load_duration": waited + int(data.get("load_duration", 0)),
+                    }
+                    return data, timing
+        finally:
+            events.close()
+        raise GenerationFailed("the worker ended the request without a result")
+
+    def generation(self, req: InferenceRequest, shape: Literal["generate", "chat"]) -> Iterator[dict[str, Any]]:
+        """Yield Ollama stream chunks for a generate or chat request."""
+        started = time.perf_counter_ns()
+        waited = 0
+        events = self.gateway.run(req)
+        try:
+            for event in events:
+                if event.kind == "start":
+                    waited = time.perf_counter_ns() - started
+                    continue
+                event.raise_if_error()
+                if event.kind == "delta":
+                    yield _chunk(req.model, shape, event.data["c"], done=False)
+                elif event.kind == "done":
+                    stats = dict(event.data)
+                    stats["total_duration"] = time.perf_counter_ns() - started
+                    stats["load_duration"] = waited + int(stats.get("load_duration", 0))
+                    yield _final(req.model, shape, stats)
+                    return
+        finally:
+            events.close()
+
+
+def _chunk(model: str, shape: str, text: str, *, done: bool) -> dict[str, Any]:
+    chunk: dict[str, Any] = {"model": model, "created_at": utc_now()}
+    if shape == "chat":
+        chunk["message"] = {"role": "assistant", "content": text}
+    else:
+        chunk["response"] = text
+    chunk["done"] = done
+    return chunk
+
+
+def _final(model: str, shape: str, stats: dict[str, Any]) -> dict[str, Any]:
+    chunk = _chunk(model, shape, "", done=True)
+    reason = stats.get("done_reason")
+    if reason and reason != "cancelled":
+        chunk["done_reason"] = reason
+    if shape == "generate" and stats.get("context"):
+        chunk["context"] = stats["context"]
+    for key in METRICS:
+        if stats.get(key):  # Go's omitempty: zero metrics are left out
+            chunk[key] = int(stats[key])
+    return chunk
+
+
+def collect(chunks: Iterator[dict[str, Any]], shape: Literal["generate", "chat"]) -> dict[str, Any]:
+    """Fold a stream into the single non-stream object: text concatenated, final chunk's metrics."""
+    parts: list[str] = []
+    final: dict[str, Any] = {}
+    for chunk in chunks:
+        parts.append(chunk["message"]["content"] if shape == "chat" else chunk["response"])
+        final = chunk
+    if shape == "chat":
+        final["message"] = {"role": "assistant", "content": "".join(parts)}
+    else:
+        final["response"] = "".join(parts)
+    return final
+
+
+def load_reply(model: str, shape: Literal["generate", "chat"], reason: Literal["load", "unload"]) -> dict[str, Any]:
+    """The single object for an empty prompt (load) or empty prompt + ``keep_alive: 0`` (unload)."""
+    chunk = _chunk(model, shape, "", done=True)
+    chunk["done_reason"] = reason
+    return chunk

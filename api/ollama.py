@@ -1,0 +1,233 @@
+"""Ollama's native routes (``/``, ``/api/*``), wire-compatible with the reference.
+
+Views parse the body into a schema, call the inference service or the model store, and serialise.  Error
+texts and statuses are Ollama's own, including its inconsistencies (``model 'x' not found`` on generate,
+``model "x" not found, try pulling it first`` on embed) because clients match on them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+
+from api.errors import json_response
+from api.inference import Inference, collect, load_reply
+from api.schemas.ollama import (
+    ChatRequest,
+    CopyRequest,
+    DeleteRequest,
+    EmbeddingsRequest,
+    EmbedRequest,
+    GenerateRequest,
+    ShowRequest,
+    is_zero_keep_alive,
+    parse_body,
+)
+from api.streaming import ndjson, prime
+from corral import OLLAMA_COMPAT_VERSION
+from corral.errors import BadRequest, ModelNotFound
+from corral.store import ModelName, ModelRecord, read_gguf_metadata
+from corral.timefmt import rfc3339
+
+bp = Blueprint("ollama", __name__)
+EMBED_NOT_FOUND = 'model "{name}" not found, try pulling it first'
+
+
+def service() -> Inference:
+    return current_app.extensions["corral"].inference  # type: ignore[no-any-return]
+
+
+@bp.route("/", methods=["GET", "HEAD"])
+def root() -> Response:
+    return Response("Ollama is running", mimetype="text/plain; charset=utf-8")
+
+
+@bp.route("/api/version", methods=["GET", "HEAD"])
+def version() -> Response:
+    return json_response({"version": OLLAMA_COMPAT_VERSION})
+
+
+def _check_capability(record: ModelRecord, name: str, needed: str) -> None:
+    if "completion" not in record.capabilities:
+        raise BadRequest(f'"{name}" does not support {needed}')
+
+
+def _check_think(req: GenerateRequest | ChatRequest) -> None:
+    if req.think not in (None, False):
+        raise BadRequest(f'"{req.model}" does not support thinking')
+
+
+@bp.post("/api/generate")
+def generate() -> Response:
+    req = parse_body(GenerateRequest, request.get_data())
+    if not req.model:
+        raise ModelNotFound("model '' not found")
+    svc = service()
+    record = svc.model(req.model)
+    if req.raw and (req.template or req.system or req.context):
+        raise BadRequest("raw mode does not support template, system, or context")
+    _check_capability(record, req.model, "generate")
+    _check_think(req)
+    if req.suffix:
+        raise BadRequest(f"{ModelName.parse(req.model).display} does not support insert")
+    if not req.prompt:
+        return _load_or_unload(svc, record, req.model, req.keep_alive, "generate", req.options)
+    job = svc.request(
+        record, req.model, "generate", prompt=req.prompt, system=req.system, raw=req.raw, context=req.context,
+        options=req.options, format=req.format, keep_alive=req.keep_alive,
+    )
+    chunks = svc.generation(job, "generate")
+    if not req.streaming:
+        return json_response(collect(chunks, "generate"))
+    return ndjson(prime(chunks), chunks)
+
+
+@bp.post("/api/chat")
+def chat() -> Response:
+    req = parse_body(ChatRequest, request.get_data())
+    if not req.model:
+        raise BadRequest("model is required")
+    svc = service()
+    record = svc.model(req.model)
+    _check_capability(record, req.model, "chat")
+    _check_think(req)
+    if req.tools and "tools" not in record.capabilities:
+        raise BadRequest(f"{ModelName.parse(req.model).display} does not support tools")
+    if not req.messages:
+        return _load_or_unload(svc, record, req.model, req.keep_alive, "chat", req.options)
+    job = svc.request(
+        record, req.model, "chat", messages=[m.for_template() for m in req.messages],
+        options=req.options, format=req.format, keep_alive=req.keep_alive,
+    )
+    chunks = svc.generation(job, "chat")
+    if not req.streaming:
+        return json_response(collect(chunks, "chat"))
+    return ndjson(prime(chunks), chunks)
+
+
+def _load_or_unload(
+    svc: Inference, record: ModelRecord, name: str, keep_alive: float | None, shape: Any, options: dict[str, Any]
+) -> Response:
+    if is_zero_keep_alive(keep_alive):
+        svc.gateway.order_unload(record.model_digest)
+        return json_response(load_reply(name, shape, "unload"))
+    svc.single(svc.request(record, name, "load", options=options, keep_alive=keep_alive))
+    return json_response(load_reply(name, shape, "load"))
+
+
+@bp.post("/api/embed")
+def embed() -> Response:
+    req = parse_body(EmbedRequest, request.get_data())
+    if not req.model:
+        raise ModelNotFound("model '' not found")
+    svc = service()
+    record = svc.model(req.model, not_found=EMBED_NOT_FOUND)
+    if not req.inputs:
+        if is_zero_keep_alive(req.keep_alive):
+            svc.gateway.order_unload(record.model_digest)
+        else:
+            svc.single(svc.request(record, req.model, "load", options=req.options, keep_alive=req.keep_alive))
+        return json_response({"model": req.model, "embeddings": []})
+    job = svc.request(
+        record, req.model, "embed", inputs=req.inputs, truncate=req.truncate, dimensions=req.dimensions,
+        options=req.options, keep_alive=req.keep_alive,
+    )
+    data, timing = svc.single(job)
+    return json_response(
+        {"model": req.model, "embeddings": data["embeddings"], **timing, "prompt_eval_count": data["prompt_eval_count"]}
+    )
+
+
+@bp.post("/api/embeddings")
+def embeddings() -> Response:
+    req = parse_body(EmbeddingsRequest, request.get_data())
+    if not req.model:
+        raise BadRequest("model is required")
+    svc = service()
+    record = svc.model(req.model, not_found=EMBED_NOT_FOUND)
+    if not req.prompt:
+        svc.single(svc.request(record, req.model, "load", options=req.options, keep_alive=req.keep_alive))
+        return json_response({"embedding": []})
+    job = svc.request(
+        record, req.model, "embed", inputs=[req.prompt], normalize=False, options=req.options,
+        keep_alive=req.keep_alive,
+    )
+    data, _ = svc.single(job)
+    return json_response({"embedding": data["embeddings"][0]})
+
+
+def _list_entry(record: ModelRecord) -> dict[str, Any]:
+    name = record.name.display
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": rfc3339(record.modified_at),
+        "size": record.size,
+        "digest": record.digest,
+        "details": record.details(),
+    }
+
+
+@bp.route("/api/tags", methods=["GET", "HEAD"])
+def tags() -> Response:
+    return json_response({"models": [_list_entry(r) for r in service().store.list()]})
+
+
+@bp.post("/api/show")
+def show() -> Response:
+    req = parse_body(ShowRequest, request.get_data())
+    if not req.target:
+        raise BadRequest("model is required")
+    svc = service()
+    display = ModelName.parse(req.target).display
+    record = svc.model(req.target, not_found=f"model '{display}' not found")
+    model_info, _ = read_gguf_metadata(record.model_path, with_arrays=req.verbose)
+    template = str(model_info.get("tokenizer.chat_template", ""))
+    return json_response(
+        {
+            "modelfile": f"# Modelfile generated by corral\nFROM {record.model_path}\n",
+            "parameters": "",
+            "template": template,
+            "details": record.details(),
+            "model_info": model_info,
+            "capabilities": record.capabilities,
+            "modified_at": rfc3339(record.modified_at),
+        }
+    )
+
+
+@bp.get("/api/ps")
+def ps() -> Response:
+    models = []
+    for worker in service().gateway.workers():
+        for entry in worker.get("loaded", []):
+            entry = {k: v for k, v in entry.items() if k != "expires_epoch"}
+            models.append(entry)
+    models.sort(key=lambda m: m["expires_at"], reverse=True)
+    return json_response({"models": models})
+
+
+@bp.delete("/api/delete")
+def delete() -> Response:
+    req = parse_body(DeleteRequest, request.get_data())
+    if not req.target:
+        raise BadRequest("model is required")
+    try:
+        ModelName.parse(req.target)
+    except BadRequest as exc:
+        raise BadRequest(f'name "{req.target}" is invalid') from exc
+    service().store.delete(req.target)
+    return Response(status=200)
+
+
+@bp.post("/api/copy")
+def copy() -> Response:
+    req = parse_body(CopyRequest, request.get_data())
+    for label, value in (("source", req.source), ("destination", req.destination)):
+        try:
+            ModelName.parse(value)
+        except BadRequest as exc:
+            raise BadRequest(f'{label} "{value}" is invalid') from exc
+    service().store.copy(req.source, req.destination)
+    return Response(status=200)

@@ -1,0 +1,293 @@
+"""Ollama's native request shapes (api/types.go), as pydantic models.
+
+Unknown fields are ignored, as Go's decoder ignores them.  Validation failures are turned into Ollama's own
+messages (``json: cannot unmarshal number into Go struct field GenerateRequest.prompt of type string``,
+``option "top_k" must be of type integer``) by :func:`parse_body`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from corral.errors import BadRequest
+from corral.settings import parse_request_keep_alive
+
+# Ollama's runtime options and the JSON type each must have (api/types.go Options + Runner).
+OPTION_TYPES: dict[str, str] = {
+    "num_ctx": "integer",
+    "num_batch": "integer",
+    "num_gpu": "integer",
+    "main_gpu": "integer",
+    "num_thread": "integer",
+    "num_keep": "integer",
+    "seed": "integer",
+    "num_predict": "integer",
+    "top_k": "integer",
+    "repeat_last_n": "integer",
+    "draft_num_predict": "integer",
+    "top_p": "float32",
+    "min_p": "float32",
+    "typical_p": "float32",
+    "temperature": "float32",
+    "repeat_penalty": "float32",
+    "presence_penalty": "float32",
+    "frequency_penalty": "float32",
+    "use_mmap": "boolean",
+    "stop": "an array of strings",
+}
+
+
+def parse_options(raw: Any) -> dict[str, Any]:
+    """Validate ``options`` the way Ollama does: known keys type-checked, unknown keys ignored."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise BadRequest("json: cannot unmarshal into Go struct field .options of type map[string]interface {}")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        kind = OPTION_TYPES.get(key)
+        if kind is None or value is None:
+            continue  # Ollama logs and ignores unknown (often legacy) keys
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind == "integer" and number:
+            out[key] = int(value)
+        elif kind == "float32" and number:
+            out[key] = float(value)
+        elif kind == "boolean" and isinstance(value, bool):
+            out[key] = value
+        elif kind == "an array of strings" and isinstance(value, list) and all(isinstance(s, str) for s in value):
+            out[key] = value
+        else:
+            raise BadRequest(f'option "{key}" must be of type {kind}')
+    return out
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    options: dict[str, Any] = Field(default_factory=dict, description="Runtime options (Ollama's `options`).")
+    keep_alive: float | None = Field(None, description="Seconds, or a Go duration string; 0 unloads.")
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options(cls, value: Any) -> dict[str, Any]:
+        return parse_options(value)
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        try:
+            return parse_request_keep_alive(value)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+
+
+def _check_format(value: Any) -> Any:
+    if value is None or value == "" or value == "json" or isinstance(value, dict):
+        return value or None
+    raw = json.dumps(value)
+    raise BadRequest(f'invalid format: {json.dumps(raw)}; expected "json" or a valid JSON Schema object')
+
+
+class _Generation(_Request):
+    stream: bool | None = Field(None, description="Defaults to true when absent or null.")
+    format: Any = Field(None, description='"json" or a JSON Schema object constraining the output.')
+    think: bool | str | None = None
+    truncate: bool | None = None
+    shift: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format(cls, value: Any) -> Any:
+        return _check_format(value)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= 20:
+            raise BadRequest("top_logprobs must be between 0 and 20")
+        return value
+
+    @property
+    def streaming(self) -> bool:
+        return self.stream is not False
+
+
+class GenerateRequest(_Generation):
+    """POST /api/generate."""
+
+    model_config = ConfigDict(
+        extra="ignore", json_schema_extra={"examples": [{"model": "smollm2", "prompt": "Why is the sky blue?"}]}
+    )
+
+    prompt: str = ""
+    suffix: str = ""
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    raw: bool = False
+    images: list[str] | None = None
+
+
+class Message(BaseModel):
+    """One chat message; ``role`` is lower-cased on decode, as Ollama does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str = ""
+    thinking: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        return value.lower()
+
+    def for_template(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            data["tool_calls"] = self.tool_calls
+        if self.tool_name:
+            data["name"] = self.tool_name
+        return data
+
+
+class ChatRequest(_Generation):
+    """POST /api/chat."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"model": "smollm2", "messages": [{"role": "user", "content": "Hello!"}]}]},
+    )
+
+    messages: list[Message] = Field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+
+
+class EmbedRequest(_Request):
+    """POST /api/embed."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"model": "smollm2", "input": ["a", "b"]}]})
+
+    input: Any = ""
+    truncate: bool = True
+    dimensions: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _input(self) -> EmbedRequest:
+        value = self.input
+        if value is None:
+            self.input = ""
+        elif not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(x, str) for x in value))):
+            raise BadRequest("invalid input type")
+        return self
+
+    @property
+    def inputs(self) -> list[str]:
+        if isinstance(self.input, str):
+            return [self.input] if self.input else []
+        return list(self.input)
+
+
+class EmbeddingsRequest(_Request):
+    """POST /api/embeddings (legacy: one prompt, vector not normalized)."""
+
+    prompt: str = ""
+
+
+class ShowRequest(BaseModel):
+    """POST /api/show (``model``, or the older ``name``)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    name: str = ""
+    verbose: bool = False
+
+    @property
+    def target(self) -> str:
+        return self.model or self.name
+
+
+class DeleteRequest(ShowRequest):
+    """DELETE /api/delete."""
+
+
+class CopyRequest(BaseModel):
+    """POST /api/copy."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    source: str = ""
+    destination: str = ""
+
+
+_GO_TYPES = {"string": "string", "int": "int", "bool": "bool", "float": "float64", "list": "[]", "dict": "map"}
+_JSON_KINDS = {str: "string", bool: "bool", int: "number", float: "number", list: "array", dict: "object"}
+M = TypeVar("M", bound=BaseModel)
+
+
+def decode_json(raw: bytes) -> Any:
+    """Decode a request body with Ollama's errors: empty -> "missing request body", bad JSON -> Go's words."""
+    if not raw.strip():
+        raise BadRequest("missing request body")
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise BadRequest("invalid character in request body") from exc
+    except json.JSONDecodeError as exc:
+        if exc.pos >= len(exc.doc.rstrip()):
+            raise BadRequest("unexpected EOF") from exc
+        char = exc.doc[exc.pos]
+        if exc.msg.startswith("Expecting value"):
+            raise BadRequest(f"invalid character '{char}' looking for beginning of value") from exc
+        raise BadRequest(f"invalid character '{char}' {exc.msg[0].lower()}{exc.msg[1:]}") from exc
+
+
+def parse_body(model: type[M], raw: bytes) -> M:
+    """Decode and validate a JSON body into ``model``; a JSON ``null`` body is an empty request."""
+    data = decode_json(raw)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        kind = _JSON_KINDS.get(type(data), "value")
+        raise BadRequest(f"json: cannot unmarshal {kind} into Go value of type api.{model.__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(_go_message(exc, model.__name__, data)) from exc
+
+
+def _go_message(exc: ValidationError, struct: str, data: dict[str, Any]) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    value: Any = data
+    for part in err["loc"]:
+        try:
+            value = value[part]
+        except (KeyError, IndexError, TypeError):
+            value = None
+            break
+    kind = _JSON_KINDS.get(type(value), "value")
+    want = err["type"].split("_")[0]
+    go_type = _GO_TYPES.get(want, want)
+    if err["type"] in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        return f"invalid value for {loc}: {err['msg']}"
+    return f"json: cannot unmarshal {kind} into Go struct field {struct}.{loc} of type {go_type}"
+
+
+def is_zero_keep_alive(value: float | None) -> bool:
+    return value is not None and not math.isinf(value) and value == 0

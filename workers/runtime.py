@@ -1,0 +1,178 @@
+"""Per-process worker state: settings, store, Redis, loaded models, the heartbeat, and request execution.
+
+A :class:`WorkerRuntime` is created once per worker process when Celery says the worker is ready (never at
+import, so test collection and the API never load a model).  Its heartbeat thread keeps a short-lived key in
+Redis that says "this worker is alive, serves these models and has these loaded"; the API builds /api/ps from
+those keys and treats a missing key as a dead worker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from corral.errors import BadRequest, ModelNotFound
+from corral.protocol import InferenceRequest, StreamWriter, redis_client, unload_key, worker_key
+from corral.settings import Settings
+from corral.store import ModelRecord, ModelStore
+from workers.engine import LoadedModel, LoadSpec, default_threads
+from workers.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRuntime:
+    """Everything one worker process needs to serve requests."""
+
+    def __init__(self, settings: Settings, name: str, *, gpu: int | None, queues: list[str], models: list[str]) -> None:
+        self.settings = settings
+        self.name = name
+        self.gpu = gpu
+        self.queues = queues
+        self.models = models
+        self.store = ModelStore(settings.models_path)
+        self.redis = redis_client(settings.redis)
+        self.registry = ModelRegistry(max_loaded=settings.loaded_model_limit, gpu=gpu is not None)
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        # Extra work for each beat (the batch-job reconciler registers itself here).
+        self.periodic: list[tuple[float, Callable[[], None]]] = []
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.beat()
+        self._beat = threading.Thread(target=self._beat_loop, name="corral-heartbeat", daemon=True)
+        self._beat.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.redis.delete(worker_key(self.name))
+        self.registry.close()
+
+    def _beat_loop(self) -> None:
+        interval = max(0.2, self.settings.heartbeat_ttl / 5)
+        last_run: dict[int, float] = {}
+        while not self._stop.wait(interval):
+            try:
+                self.beat()
+                now = time.monotonic()
+                for i, (every, job) in enumerate(self.periodic):
+                    if now - last_run.get(i, 0.0) >= every:
+                        last_run[i] = now
+                        job()
+            except Exception:  # the heartbeat must outlive a Redis hiccup
+                log.exception("heartbeat failed")
+
+    def beat(self) -> None:
+        """Publish liveness and loaded models; apply unload orders and keep_alive expiry."""
+        digests = sorted(self.registry.loaded_digests())
+        orders: dict[str, float] = {}
+        if digests:
+            values = self.redis.mget([unload_key(d) for d in digests])
+            orders = {d: float(v) for d, v in zip(digests, values) if v is not None}
+        self.registry.sweep(time.time(), orders)
+        state = {
+            "name": self.name,
+            "hostname": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpu": self.gpu,
+            "queues": self.queues,
+            "models": self.models,
+            "started_at": self.started_at,
+            "loaded": self.registry.snapshot(),
+        }
+        ttl_ms = int(self.settings.heartbeat_ttl * 1000)
+        self.redis.set(worker_key(self.name), json.dumps(state), px=ttl_ms)
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def record_for(self, name: str, model_digest: str) -> ModelRecord:
+        try:
+            record = self.store.get(name)
+            if record.model_digest == model_digest:
+                return record
+        except (ModelNotFound, BadRequest):
+            pass
+        found = self.store.find_by_model_digest(model_digest)
+        if found is None:
+            raise ModelNotFound(f"model '{name}' not found")
+        return found
+
+    def load_spec(self, record: ModelRecord, options: dict[str, Any], *, embedding: bool) -> LoadSpec:
+        train_ctx = int(record.config.get("context_length") or 0)
+        n_ctx = int(options.get("num_ctx") or self.settings.default_num_ctx)
+        if train_ctx:
+            n_ctx = min(n_ctx, train_ctx)
+        n_ctx = max(n_ctx, 4)
+        n_gpu = int(options.get("num_gpu", -1)) if self.gpu is not None else 0
+        return LoadSpec(
+            path=self.store.blob_path(record.model_digest),
+            embedding=embedding,
+            n_ctx=n_ctx,
+            n_gpu_layers=n_gpu,
+            n_threads=int(options.get("num_thread") or default_threads(self.settings.worker_threads)),
+            pooling_mean=embedding and not record.is_embedding,
+        )
+
+    def execute(self, req: InferenceRequest, writer: StreamWriter) -> None:
+        """Run one interactive request, writing its events to ``writer``."""
+        record = self.record_for(req.model, req.model_digest)
+        embedding = req.kind == "embed" or (req.kind == "load" and record.is_embedding)
+        spec = self.load_spec(record, req.options, embedding=embedding)
+        keep_alive = self.settings.keep_alive if req.keep_alive is None else req.keep_alive
+        with self.registry.use(spec, record, req.model, keep_alive) as (model, load_ns):
+            if req.kind == "load":
+                writer.emit("result", {"done_reason": "load", "load_duration": load_ns})
+            elif req.kind == "embed":
+                self._embed(model, req, writer, load_ns)
+            else:
+                self._generate(model, req, writer, load_ns)
+
+    def _embed(self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter, load_ns: int) -> None:
+        vectors, count = model.embed(
+            req.inputs or [], truncate=req.truncate, normalize=req.normalize, dimensions=req.dimensions
+        )
+        writer.emit("result", {"embeddings": vectors, "prompt_eval_count": count, "load_duration": load_ns})
+
+    def _generate(self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter, load_ns: int) -> None:
+        stops: list[str] = []
+        if req.kind == "chat":
+            prompt, stops = model.chat_prompt(req.messages or [])
+        elif req.raw:
+            prompt = model.raw_prompt(req.prompt or "")
+        else:
+            messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
+                {"role": "user", "content": req.prompt or ""}
+            ]
+            prompt, stops = model.chat_prompt(messages)
+            if req.context:
+                prompt = list(req.context) + prompt
+        result = model.generate(
+            prompt,
+            req.options,
+            stops=stops,
+            fmt=req.format,
+            on_text=lambda text: writer.emit("delta", {"c": text}),
+            cancelled=writer.cancelled,
+        )
+        if result.done_reason == "cancelled":
+            log.info("request %s cancelled by its client after %d tokens", req.request_id, result.eval_count)
+        stats: dict[str, Any] = {
+            "done_reason": result.done_reason,
+            "load_duration": load_ns,
+            "prompt_eval_count": result.prompt_eval_count,
+            "prompt_eval_duration": result.prompt_eval_duration,
+            "eval_count": result.eval_count,
+            "eval_duration": result.eval_duration,
+        }
+        if req.kind == "generate" and not req.raw:
+            stats["context"] = result.context
+        writer.emit("done", stats)

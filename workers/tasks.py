@@ -1,0 +1,40 @@
+"""Celery tasks.  Each is a thin shell: decode the payload, hand it to the process's :class:`WorkerRuntime`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task, shared_task
+
+from corral.errors import CorralError, GenerationFailed
+from corral.protocol import INTERACTIVE_TASK, InferenceRequest, StreamWriter
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+def runtime_of(task: Task) -> WorkerRuntime:
+    runtime = getattr(task.app, "corral_runtime", None)
+    if runtime is None:
+        raise RuntimeError("worker runtime not started (tasks only run inside `corral worker`)")
+    return runtime  # type: ignore[no-any-return]
+
+
+@shared_task(name=INTERACTIVE_TASK, bind=True, acks_late=False, ignore_result=True)
+def interactive(self: Task, payload: dict[str, Any]) -> None:
+    """Run one chat/generate/embed/load request and stream its reply to Redis."""
+    runtime = runtime_of(self)
+    req = InferenceRequest.from_payload(payload)
+    writer = StreamWriter(runtime.redis, req.request_id, runtime.settings.stream_ttl)
+    if writer.cancelled():
+        log.info("request %s was cancelled while queued; skipping", req.request_id)
+        return
+    writer.emit("start", {"worker": runtime.name})
+    try:
+        runtime.execute(req, writer)
+    except CorralError as exc:
+        writer.fail(exc)
+    except Exception as exc:
+        log.exception("request %s failed", req.request_id)
+        writer.fail(GenerationFailed(f"{type(exc).__name__}: {exc}"))
