@@ -207,6 +207,10 @@ class LoadedModel:
         quiet = 0
         if limit <= 0:
             return GenerationResult("length", len(prompt), 0, 0, 0, prompt)
+        # Evaluate the whole prompt every time.  Reusing a cached prefix changes the batch shape of the
+        # prompt's last step, which changes logits in the last bits and so greedy outputs: temperature 0
+        # must give the same text for the same request.
+        self.llm.reset()
         try:
             tokens = self.llm.generate(
                 prompt,
@@ -310,7 +314,8 @@ class LoadedModel:
             if normalize or dimensions:
                 norm = math.sqrt(sum(x * x for x in values)) or 1.0
                 values = [x / norm for x in values]
-            out.append(values)
+            # float32 precision, printed as Go prints a float32 (9 significant digits at most)
+            out.append([float(f"{x:.9g}") for x in values])
         return out, int(count)
 
 

@@ -254,6 +254,8 @@ def decode_json(raw: bytes) -> Any:
         char = exc.doc[exc.pos]
         if exc.msg.startswith("Expecting value"):
             raise BadRequest(f"invalid character '{char}' looking for beginning of value") from exc
+        if exc.msg.startswith("Expecting property name"):
+            raise BadRequest(f"invalid character '{char}' looking for beginning of object key string") from exc
         raise BadRequest(f"invalid character '{char}' {exc.msg[0].lower()}{exc.msg[1:]}") from exc
 
 

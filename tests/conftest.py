@@ -1,0 +1,91 @@
+"""Session fixtures: real Redis, a real worker process and a real API server with the real tiny model.
+
+Redis: the one ``REDIS_URL`` names (CI and dev machines run one), else a private ``redis-server`` started here.
+Database: ``TEST_DATABASE_URL`` (PostgreSQL in CI), else SQLite in the session's temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from corral.launcher import free_port
+from corral.settings import Settings
+from corral.store import ModelStore, register_default_models
+from tests.stack import Stack, clean_redis, redis_server_for_tests
+
+MODEL = "smollm2"
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("corral")
+
+
+@pytest.fixture(scope="session")
+def redis_url(session_dir: Path) -> Iterator[str]:
+    yield from redis_server_for_tests(session_dir / "redis")
+
+
+@pytest.fixture(scope="session")
+def models_dir(session_dir: Path) -> Path:
+    path = session_dir / "models"
+    register_default_models(ModelStore(path))
+    return path
+
+
+def make_settings(home: Path, redis_url: str, models_dir: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "home": home,
+        "redis_url": redis_url,
+        "models_dir": models_dir,
+        "host": f"127.0.0.1:{free_port()}",
+        "database_url": os.environ.get("TEST_DATABASE_URL") or f"sqlite:///{home / 'corral.db'}",
+        "heartbeat_ttl": 3.0,
+        "queue_timeout": 120.0,
+        "reconcile_interval": 2.0,
+        "chunk_size": 4,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def settings(session_dir: Path, redis_url: str, models_dir: Path) -> Settings:
+    clean_redis(redis_url)
+    return make_settings(session_dir / "home", redis_url, models_dir)
+
+
+@pytest.fixture(scope="session")
+def stack(settings: Settings, session_dir: Path) -> Iterator[Stack]:
+    """One worker and one API server for the whole session."""
+    s = Stack(settings, session_dir / "logs")
+    try:
+        s.start_worker()
+        s.start_api()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def base_url(stack: Stack) -> str:
+    return stack.base_url
+
+
+@pytest.fixture()
+def app(settings: Settings) -> Flask:
+    """An in-process API (no server) for tests that need no worker: validation, listing, CORS."""
+    from api import create_app
+
+    return create_app(settings)
+
+
+@pytest.fixture()
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()

@@ -1,0 +1,108 @@
+"""Real process lifecycles: a worker dying mid-stream, no worker at all, and `corral up` end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from corral.launcher import free_port, redis_reachable
+from corral.settings import Settings
+from tests.conftest import MODEL, make_settings
+from tests.stack import ROOT, Stack, clean_redis, wait_for, with_db
+
+
+@pytest.fixture()
+def isolated(settings: Settings, session_dir: Path, tmp_path: Path) -> Iterator[Stack]:
+    """A separate Redis database, so killing this stack's worker cannot disturb the session's."""
+    url = with_db(settings.redis, 1)
+    clean_redis(url)
+    own = make_settings(tmp_path / "home", url, settings.models_path, heartbeat_ttl=2.0, queue_timeout=4.0)
+    stack = Stack(own, tmp_path / "logs")
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        clean_redis(url)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_stream_ends_the_stream_with_an_error(isolated: Stack) -> None:
+    worker = isolated.start_worker()
+    isolated.start_api()
+    body = {"model": MODEL, "prompt": "Tell a long story.", "options": {"num_predict": 3000}}
+    lines: list[dict] = []
+    with httpx.stream("POST", isolated.base_url + "/api/generate", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        killed_at = None
+        for raw in r.iter_lines():
+            lines.append(json.loads(raw))
+            if len(lines) == 3:
+                worker.proc.send_signal(signal.SIGKILL)
+                killed_at = time.monotonic()
+    assert killed_at is not None
+    assert time.monotonic() - killed_at < 15, "the client must not hang on a dead worker"
+    assert "error" in lines[-1] and "stopped responding" in lines[-1]["error"]
+    assert not any(line.get("done") for line in lines)
+
+
+def test_no_worker_for_the_model_gives_a_clear_503(isolated: Stack) -> None:
+    from api import create_app
+
+    client = create_app(isolated.settings).test_client()
+    started = time.monotonic()
+    resp = client.post("/api/generate", json={"model": MODEL, "prompt": "hi", "stream": False})
+    assert resp.status_code == 503
+    assert "no worker started the request within 4s" in resp.get_json()["error"]
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.slow
+def test_corral_up_runs_everything_with_a_private_redis_and_stops_on_ctrl_c(
+    settings: Settings, tmp_path: Path
+) -> None:
+    port = free_port()
+    dead_redis = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there: `up` must start its own
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "CORRAL_", "REDIS_", "DATABASE_"))}
+    env.update(CORRAL_HOME=str(tmp_path / "home"), OLLAMA_MODELS=str(settings.models_path), REDIS_URL=dead_redis)
+    log = open(tmp_path / "up.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "up", "--port", str(port)],
+        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def answers() -> bool:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()
+            try:
+                return httpx.get(base, timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(answers, 60, "corral up")
+        reply = httpx.post(
+            base + "/api/generate",
+            json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 3}},
+            timeout=120,
+        )
+        assert reply.status_code == 200 and reply.json()["eval_count"] == 3
+        text = (tmp_path / "up.log").read_text()
+        assert "started private Redis" in text
+        url = text.split("started private Redis at ", 1)[1].split()[0]
+        assert redis_reachable(url)
+        assert (tmp_path / "home" / "redis" / "redis.log").exists()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 0, (tmp_path / "up.log").read_text()
+    assert not redis_reachable(url), "the private Redis must stop with corral up"
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(base, timeout=2)

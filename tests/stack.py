@@ -1,0 +1,169 @@
+"""Real processes for the tests: a Redis, a worker, an API server, each a subprocess like in production."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+
+from corral.launcher import free_port, redis_reachable, start_private_redis
+from corral.protocol import worker_key
+from corral.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process build the same settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "CORRAL_"))}
+    env.update(
+        CORRAL_HOME=str(settings.home),
+        REDIS_URL=settings.redis,
+        OLLAMA_HOST=settings.host,
+        DATABASE_URL=settings.database,
+        CORRAL_HEARTBEAT_TTL=str(settings.heartbeat_ttl),
+        CORRAL_QUEUE_TIMEOUT=str(settings.queue_timeout),
+        CORRAL_CHUNK_SIZE=str(settings.chunk_size),
+        CORRAL_RECONCILE_INTERVAL=str(settings.reconcile_interval),
+        OLLAMA_MAX_QUEUE=str(settings.max_queue),
+        PYTHONUNBUFFERED="1",
+    )
+    if settings.models_dir:
+        env["OLLAMA_MODELS"] = str(settings.models_dir)
+    return env
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Proc:
+    """A child process with its log file."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Stack:
+    """A worker and/or API server running against one set of settings."""
+
+    settings: Settings
+    logs: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def _spawn(self, name: str, *args: str) -> Proc:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = self.logs / f"{name}-{len(self.procs)}.log"
+        fh = open(log, "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", *args],
+            env=settings_env(self.settings),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            start_new_session=True,
+        )
+        p = Proc(proc, log)
+        self.procs.append(p)
+        return p
+
+    @property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(self.settings.redis)
+
+    def start_worker(self, *args: str, timeout: float = 60) -> Proc:
+        proc = self._spawn("worker", "worker", *args)
+        before = {k for k in self.redis.scan_iter(match="corral:worker:*")}
+
+        def ready() -> bool:
+            if proc.proc.poll() is not None:
+                raise RuntimeError(f"worker exited:\n{proc.output()}")
+            return bool({k for k in self.redis.scan_iter(match="corral:worker:*")} - before)
+
+        wait_for(ready, timeout, "the worker's heartbeat")
+        return proc
+
+    def worker_names(self) -> list[str]:
+        return [json.loads(v)["name"] for v in self.redis.mget(list(self.redis.scan_iter(match="corral:worker:*"))) if v]
+
+    def start_api(self, timeout: float = 60) -> Proc:
+        proc = self._spawn("api", "serve")
+
+        def ready() -> bool:
+            if proc.proc.poll() is not None:
+                raise RuntimeError(f"API exited:\n{proc.output()}")
+            try:
+                return httpx.get(self.base_url, timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout, "the API")
+        return proc
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.settings.bind
+        return f"http://{host}:{port}"
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+
+
+def redis_server_for_tests(data_dir: Path) -> Iterator[str]:
+    """The running Redis named by REDIS_URL, or a private one for the session."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        if not redis_reachable(url):
+            raise RuntimeError(f"REDIS_URL={url} does not answer")
+        yield url
+        return
+    proc, url = start_private_redis(data_dir, free_port())
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def with_db(url: str, db: int) -> str:
+    """The same Redis server, another database number: a separate universe for destructive tests."""
+    base = url.rsplit("/", 1)[0] if url.count("/") > 2 else url
+    return f"{base}/{db}"
+
+
+def clean_redis(url: str) -> None:
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match="corral*")) + list(client.scan_iter(match="_kombu*"))
+    if keys:
+        client.delete(*keys)

@@ -1,0 +1,105 @@
+"""Pure functions: Ollama's env and duration parsing, model names, stop strings, formatting."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from corral.errors import BadRequest
+from corral.settings import Settings, parse_go_duration, parse_keep_alive, parse_ollama_host, parse_request_keep_alive
+from corral.store import ModelName, human_number
+from corral.timefmt import rfc3339
+from workers.engine import StopMatcher
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("", ("http", "127.0.0.1", 11434)),
+        ("0.0.0.0", ("http", "0.0.0.0", 11434)),
+        ("0.0.0.0:8080", ("http", "0.0.0.0", 8080)),
+        ("http://example.com", ("http", "example.com", 80)),
+        ("https://example.com", ("https", "example.com", 443)),
+        ("http://[::1]:9000", ("http", "::1", 9000)),
+        (":5000", ("http", "127.0.0.1", 5000)),
+    ],
+)
+def test_ollama_host_is_parsed_like_ollama(value: str, expected: tuple[str, str, int]) -> None:
+    assert parse_ollama_host(value) == expected
+
+
+def test_durations_follow_go() -> None:
+    assert parse_go_duration("5m") == 300
+    assert parse_go_duration("1h30m") == 5400
+    assert parse_go_duration("-1m") == -60
+    assert parse_go_duration("0") == 0
+    with pytest.raises(ValueError, match='missing unit in duration "10"'):
+        parse_go_duration("10")
+
+
+def test_keep_alive_numbers_are_seconds_and_negative_is_forever() -> None:
+    assert parse_keep_alive(30) == 30
+    assert parse_keep_alive("30") == 30  # OLLAMA_KEEP_ALIVE accepts bare seconds
+    assert math.isinf(parse_keep_alive(-1))
+    assert math.isinf(parse_request_keep_alive("-1m"))
+    with pytest.raises(ValueError):
+        parse_request_keep_alive("-1")  # the request field needs a unit, as in Ollama
+    with pytest.raises(ValueError, match="Unsupported type: 'bool'"):
+        parse_keep_alive(True)
+
+
+def test_settings_read_ollama_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLLAMA_HOST", "0.0.0.0:9999")
+    monkeypatch.setenv("OLLAMA_KEEP_ALIVE", "10m")
+    monkeypatch.setenv("OLLAMA_ORIGINS", "chrome-extension://*, https://app.example")
+    monkeypatch.setenv("OLLAMA_MODELS", "/srv/models")
+    s = Settings()
+    assert s.bind == ("0.0.0.0", 9999)
+    assert s.keep_alive == 600
+    assert s.origins == ["chrome-extension://*", "https://app.example"]
+    assert str(s.models_path) == "/srv/models"
+
+
+@pytest.mark.parametrize(
+    ("text", "display"),
+    [
+        ("smollm2", "smollm2:latest"),
+        ("SmolLM2:135M", "smollm2:135m"),
+        ("me/model:v1", "me/model:v1"),
+        ("host.example/ns/m:t", "host.example/ns/m:t"),
+    ],
+)
+def test_model_names_parse_to_shortest_display(text: str, display: str) -> None:
+    assert ModelName.parse(text).display == display
+
+
+@pytest.mark.parametrize("bad", ["", "../etc/passwd", "/abs/path", "a/../b", "m\x00", "a/b/c/d", "x:..", "bad name"])
+def test_model_names_cannot_escape_the_store(bad: str) -> None:
+    with pytest.raises(BadRequest, match="invalid model name"):
+        ModelName.parse(bad)
+
+
+def test_human_number_matches_ollama() -> None:
+    assert human_number(134_515_008) == "134.52M"
+    assert human_number(3_212_749_824) == "3.2B"
+    assert human_number(7_000_000_000) == "7B"
+
+
+def test_stop_matcher_holds_back_partial_stops() -> None:
+    m = StopMatcher(["END"])
+    assert m.feed("hello E") == ("hello ", False)
+    assert m.feed("N") == ("", False)
+    assert m.feed("D tail") == ("", True)
+    m = StopMatcher(["END"])
+    assert m.feed("hello E") == ("hello ", False)
+    assert m.feed("x") == ("Ex", False)
+
+
+def test_timestamps_are_rfc3339nano() -> None:
+    moment = datetime(2023, 8, 4, 19, 22, 45, 499127, tzinfo=timezone.utc)
+    assert rfc3339(moment) == "2023-08-04T19:22:45.499127Z"
+    assert rfc3339(moment.replace(microsecond=500000)) == "2023-08-04T19:22:45.5Z"
+    west = moment.astimezone(timezone(timedelta(hours=-7)))
+    assert rfc3339(west) == "2023-08-04T12:22:45.499127-07:00"
