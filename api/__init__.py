@@ -12,6 +12,7 @@ from api.inference import Inference
 from corral.protocol import redis_client
 from corral.settings import Settings
 from corral.store import ModelStore
+from jobs.service import JobService
 
 __all__ = ["Services", "create_app"]
 
@@ -24,11 +25,13 @@ class Services:
     store: ModelStore
     gateway: Gateway
     inference: Inference
+    jobs: JobService
 
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Create and configure the API application."""
     from api import errors, guards
+    from api.jobs import bp as jobs_bp
     from api.ollama import bp as ollama_bp
     from workers.celery_app import make_celery
 
@@ -37,10 +40,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     store = ModelStore(settings.models_path)
     client = redis_client(settings.redis)
-    gateway = Gateway(settings, client, make_celery(settings))
-    app.extensions["corral"] = Services(settings, store, gateway, Inference(settings, store, gateway))
+    celery = make_celery(settings)
+    gateway = Gateway(settings, client, celery)
+    app.extensions["corral"] = Services(
+        settings, store, gateway, Inference(settings, store, gateway), JobService(settings, store, celery, client)
+    )
     guards.init_app(app, settings)
     errors.init_app(app)
     app.register_blueprint(ollama_bp)
+    app.register_blueprint(jobs_bp)
     logging.getLogger(__name__).debug("API ready, model store %s", store.root)
     return app

@@ -16,9 +16,7 @@ from corral.errors import GenerationFailed, ModelNotFound
 from corral.protocol import InferenceRequest, new_request_id
 from corral.settings import Settings
 from corral.store import ModelRecord, ModelStore
-from corral.timefmt import utc_now
-
-METRICS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")
+from corral.wire import ollama_chunk, ollama_final
 
 
 @dataclass
@@ -77,38 +75,15 @@ class Inference:
                     continue
                 event.raise_if_error()
                 if event.kind == "delta":
-                    yield _chunk(req.model, shape, event.data["c"], done=False)
+                    yield ollama_chunk(req.model, shape, event.data["c"], done=False)
                 elif event.kind == "done":
                     stats = dict(event.data)
                     stats["total_duration"] = time.perf_counter_ns() - started
                     stats["load_duration"] = waited + int(stats.get("load_duration", 0))
-                    yield _final(req.model, shape, stats)
+                    yield ollama_final(req.model, shape, stats)
                     return
         finally:
             events.close()
-
-
-def _chunk(model: str, shape: str, text: str, *, done: bool) -> dict[str, Any]:
-    chunk: dict[str, Any] = {"model": model, "created_at": utc_now()}
-    if shape == "chat":
-        chunk["message"] = {"role": "assistant", "content": text}
-    else:
-        chunk["response"] = text
-    chunk["done"] = done
-    return chunk
-
-
-def _final(model: str, shape: str, stats: dict[str, Any]) -> dict[str, Any]:
-    chunk = _chunk(model, shape, "", done=True)
-    reason = stats.get("done_reason")
-    if reason and reason != "cancelled":
-        chunk["done_reason"] = reason
-    if shape == "generate" and stats.get("context"):
-        chunk["context"] = stats["context"]
-    for key in METRICS:
-        if stats.get(key):  # Go's omitempty: zero metrics are left out
-            chunk[key] = int(stats[key])
-    return chunk
 
 
 def collect(chunks: Iterator[dict[str, Any]], shape: Literal["generate", "chat"]) -> dict[str, Any]:
@@ -127,6 +102,6 @@ def collect(chunks: Iterator[dict[str, Any]], shape: Literal["generate", "chat"]
 
 def load_reply(model: str, shape: Literal["generate", "chat"], reason: Literal["load", "unload"]) -> dict[str, Any]:
     """The single object for an empty prompt (load) or empty prompt + ``keep_alive: 0`` (unload)."""
-    chunk = _chunk(model, shape, "", done=True)
+    chunk = ollama_chunk(model, shape, "", done=True)
     chunk["done_reason"] = reason
     return chunk

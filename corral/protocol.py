@@ -63,6 +63,16 @@ def unload_key(model_digest: str) -> str:
     return f"{KEY_PREFIX}unload:{model_digest[:16]}"
 
 
+def chunk_key(chunk_id: str) -> str:
+    """Present while a chunk's Celery message is believed to be queued; a flushed Redis loses it."""
+    return f"{KEY_PREFIX}chunk:{chunk_id}"
+
+
+def job_cancel_key(job_id: str) -> str:
+    """Set when a job is cancelled, so a running chunk stops between tokens (SQL stays the truth)."""
+    return f"{KEY_PREFIX}jobcancel:{job_id}"
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 

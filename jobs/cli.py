@@ -95,5 +95,26 @@ def worker(ctx: Context, gpu: int | None, models: str | None, loglevel: str) -> 
         raise click.ClickException(exc.message) from exc
 
 
+@main.group()
+def db() -> None:
+    """Job database commands."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@pass_ctx
+def db_upgrade(ctx: Context, revision: str) -> None:
+    """Apply database migrations (SQLite under CORRAL_HOME, or DATABASE_URL)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from jobs.db import upgrade
+
+    try:
+        upgrade(ctx.settings, revision)
+    except SQLAlchemyError as exc:
+        raise click.ClickException(f"cannot migrate the database: {exc.__class__.__name__}: {exc.orig or exc}") from exc
+    click.echo(f"database at {ctx.settings.database.split('@')[-1]} is at {revision}")
+
+
 if __name__ == "__main__":
     main()

@@ -55,10 +55,27 @@ def make_settings(home: Path, redis_url: str, models_dir: Path, **overrides: obj
     return Settings(**values)  # type: ignore[arg-type]
 
 
+def fresh_database(settings: Settings) -> None:
+    """Drop whatever an earlier run left in a shared test database, then apply the migrations."""
+    from sqlalchemy import text
+
+    from jobs.db import engine_for, upgrade
+    from jobs.models import Base
+
+    if not settings.database.startswith("sqlite"):
+        engine = engine_for(settings.database)
+        Base.metadata.drop_all(engine)
+        with engine.begin() as conn:
+            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+    upgrade(settings)
+
+
 @pytest.fixture(scope="session")
 def settings(session_dir: Path, redis_url: str, models_dir: Path) -> Settings:
     clean_redis(redis_url)
-    return make_settings(session_dir / "home", redis_url, models_dir)
+    s = make_settings(session_dir / "home", redis_url, models_dir)
+    fresh_database(s)
+    return s
 
 
 @pytest.fixture(scope="session")

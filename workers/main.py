@@ -46,7 +46,9 @@ def run_worker(settings: Settings, *, gpu: int | None, models: list[str] | None,
     from workers.celery_app import make_celery
 
     app = make_celery(settings)
-    import workers.tasks  # noqa: F401  (registers the tasks)
+    import workers.batch  # noqa: F401  (registers the chunk task)
+    import workers.tasks  # noqa: F401  (registers the interactive task)
+    from jobs.reconcile import Reconciler
     from workers.runtime import WorkerRuntime
 
     name = worker_name(gpu)
@@ -55,7 +57,13 @@ def run_worker(settings: Settings, *, gpu: int | None, models: list[str] | None,
     def _ready(**_: Any) -> None:
         runtime = WorkerRuntime(settings, name, gpu=gpu, queues=queues, models=names)
         app.corral_runtime = runtime  # type: ignore[attr-defined]
+        reconciler = Reconciler(settings, app, runtime.redis, name)
+        runtime.periodic.append((settings.reconcile_interval, reconciler.sweep))
         runtime.start()
+        try:
+            reconciler.sweep(startup=True)
+        except Exception:  # a database hiccup must not keep the worker from serving chat
+            logging.getLogger("corral.worker").exception("start-up reconcile failed")
         logging.getLogger("corral.worker").info("worker %s serving %s", name, ", ".join(names))
 
     @worker_shutdown.connect(weak=False)

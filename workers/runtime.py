@@ -142,7 +142,10 @@ class WorkerRuntime:
         )
         writer.emit("result", {"embeddings": vectors, "prompt_eval_count": count, "load_duration": load_ns})
 
-    def _generate(self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter, load_ns: int) -> None:
+    def generation(
+        self, model: LoadedModel, req: InferenceRequest, on_text: Callable[[str], bool], cancelled: Callable[[], bool]
+    ) -> dict[str, Any]:
+        """Run a generate/chat request on a loaded model; return the final chunk's stats."""
         stops: list[str] = []
         if req.kind == "chat":
             prompt, stops = model.chat_prompt(req.messages or [])
@@ -155,19 +158,9 @@ class WorkerRuntime:
             prompt, stops = model.chat_prompt(messages)
             if req.context:
                 prompt = list(req.context) + prompt
-        result = model.generate(
-            prompt,
-            req.options,
-            stops=stops,
-            fmt=req.format,
-            on_text=lambda text: writer.emit("delta", {"c": text}),
-            cancelled=writer.cancelled,
-        )
-        if result.done_reason == "cancelled":
-            log.info("request %s cancelled by its client after %d tokens", req.request_id, result.eval_count)
+        result = model.generate(prompt, req.options, stops=stops, fmt=req.format, on_text=on_text, cancelled=cancelled)
         stats: dict[str, Any] = {
             "done_reason": result.done_reason,
-            "load_duration": load_ns,
             "prompt_eval_count": result.prompt_eval_count,
             "prompt_eval_duration": result.prompt_eval_duration,
             "eval_count": result.eval_count,
@@ -175,4 +168,12 @@ class WorkerRuntime:
         }
         if req.kind == "generate" and not req.raw:
             stats["context"] = result.context
-        writer.emit("done", stats)
+        return stats
+
+    def _generate(self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter, load_ns: int) -> None:
+        stats = self.generation(
+            model, req, on_text=lambda text: writer.emit("delta", {"c": text}), cancelled=writer.cancelled
+        )
+        if stats["done_reason"] == "cancelled":
+            log.info("request %s cancelled by its client after %d tokens", req.request_id, stats["eval_count"])
+        writer.emit("done", {**stats, "load_duration": load_ns})

@@ -1,0 +1,138 @@
+"""Batch-job routes (``/api/jobs``, ``/api/queue``), Ollama-style JSON with ``{"error": ...}`` errors.
+
+``POST /api/jobs`` takes either a JSON body ``{kind, model, options?, chunk_size?, metadata?, items: [...]}``
+or a JSONL upload (``Content-Type: application/x-ndjson``, job fields as query parameters) that is read line by
+line straight into the database, so its size is bounded by disk, not memory.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request, stream_with_context
+
+from api.errors import dumps, json_response
+from api.streaming import NDJSON_MIMETYPE
+from corral.errors import BadRequest
+from corral.options import parse_options
+from jobs.ingest import read_jsonl, text_lines, validated
+from jobs.service import JobService
+
+bp = Blueprint("jobs", __name__)
+STREAMED_TYPES = {"application/x-ndjson", "application/jsonl", "application/x-jsonlines", "text/plain"}
+
+
+def jobs() -> JobService:
+    return current_app.extensions["corral"].jobs  # type: ignore[no-any-return]
+
+
+def _int_arg(name: str, default: int | None) -> int | None:
+    value = request.args.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise BadRequest(f"{name} must be an integer") from exc
+
+
+def _json_arg(name: str) -> Any:
+    value = request.args.get(name)
+    if not value:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"{name} must be JSON") from exc
+
+
+@bp.post("/api/jobs")
+def submit() -> Response:
+    if request.mimetype in STREAMED_TYPES:
+        kind = request.args.get("kind", "generate")
+        if request.mimetype == "text/plain" and kind != "generate":
+            raise BadRequest("plain-text uploads are prompts: use kind=generate")
+        lines = text_lines(request.stream) if request.mimetype == "text/plain" else read_jsonl(request.stream)
+        metadata = _json_arg("metadata")
+        job = jobs().submit(
+            kind=kind,
+            model=request.args.get("model", ""),
+            options=parse_options(_json_arg("options")),
+            chunk_size=_int_arg("chunk_size", None),
+            metadata=metadata if isinstance(metadata, dict) else None,
+            items=validated(kind, lines),
+        )
+        return json_response(job, 202)
+    from api.schemas.ollama import decode_json
+
+    body = decode_json(request.get_data())
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object with kind, model and items")
+    kind = body.get("kind", "generate")
+    items = body.get("items")
+    if not isinstance(items, list):
+        raise BadRequest('"items" must be a list of request bodies')
+    chunk_size = body.get("chunk_size")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)):
+        raise BadRequest("chunk_size must be an integer")
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise BadRequest("metadata must be an object")
+    job = jobs().submit(
+        kind=str(kind),
+        model=str(body.get("model") or ""),
+        options=parse_options(body.get("options")),
+        chunk_size=chunk_size,
+        metadata=metadata,
+        items=validated(str(kind), enumerate(items, start=1)),
+    )
+    return json_response(job, 202)
+
+
+@bp.get("/api/jobs")
+def list_jobs() -> Response:
+    return json_response(
+        jobs().list(status=request.args.get("status"), limit=_int_arg("limit", 20) or 20, offset=_int_arg("offset", 0) or 0)
+    )
+
+
+@bp.get("/api/jobs/<job_id>")
+def get_job(job_id: str) -> Response:
+    return json_response(jobs().get(job_id))
+
+
+@bp.get("/api/jobs/<job_id>/results")
+def results(job_id: str) -> Response:
+    lines = jobs().results(
+        job_id, offset=_int_arg("offset", 0) or 0, limit=_int_arg("limit", None), state=request.args.get("state")
+    )
+    body = (dumps(line) + "\n" for line in lines)
+    return Response(stream_with_context(body), mimetype=NDJSON_MIMETYPE)
+
+
+@bp.post("/api/jobs/<job_id>/cancel")
+def cancel(job_id: str) -> Response:
+    return json_response(jobs().cancel(job_id))
+
+
+@bp.post("/api/jobs/<job_id>/retry")
+def retry(job_id: str) -> Response:
+    return json_response(jobs().retry(job_id))
+
+
+@bp.delete("/api/jobs/<job_id>")
+def delete(job_id: str) -> Response:
+    return json_response(jobs().delete(job_id))
+
+
+@bp.get("/api/queue")
+def queue() -> Response:
+    services = current_app.extensions["corral"]
+    gateway = services.gateway
+    waiting = {r.model_digest: gateway.waiting(r.model_digest) for r in services.store.list()}
+    workers = [
+        {"name": w["name"], "gpu": w.get("gpu"), "models": w.get("models", []), "loaded": [m["name"] for m in w.get("loaded", [])]}
+        for w in gateway.workers()
+    ]
+    return json_response({"models": jobs().queue_overview(waiting), "workers": workers})

@@ -1,0 +1,104 @@
+"""Repair batch jobs from SQL after lost messages, killed workers or a flushed Redis.
+
+Runs in every worker's heartbeat thread (every ``CORRAL_RECONCILE_INTERVAL`` seconds and at start-up); a Redis
+lock lets one worker sweep at a time.  It never runs an item itself: it only puts work back in the queue, and
+the claims in :mod:`workers.batch` make a re-enqueue that races the original message harmless.
+
+1. A chunk ``running`` on a worker whose heartbeat has expired: its unfinished items go back to ``pending`` and
+   the chunk is re-enqueued (the dead worker's unacked message may come back after the visibility timeout; it
+   will find the chunk taken and do nothing).
+2. A chunk ``queued`` whose Redis marker is gone (Redis flushed or restarted without persistence): re-enqueued.
+3. A job with no pending or running item that is not marked ended: completed.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import redis
+from celery import Celery
+from sqlalchemy import select, update
+
+from corral.protocol import WORKER_KEY_PATTERN, chunk_key
+from corral.settings import Settings
+from jobs.db import sessions
+from jobs.models import Chunk, Item, Job, utcnow
+from jobs.service import enqueue_chunks, finish_job_if_done
+
+log = logging.getLogger(__name__)
+LOCK_KEY = "corral:reconcile:lock"
+# A chunk committed but not yet marked (the submitter is between its commit and its enqueue) is left alone.
+GRACE = timedelta(seconds=10)
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, celery: Celery, client: redis.Redis, name: str) -> None:
+        self.settings = settings
+        self.celery = celery
+        self.redis = client
+        self.name = name
+        self.sessions = sessions(settings)
+
+    def live_workers(self) -> set[str]:
+        names = set()
+        for key in self.redis.scan_iter(match=WORKER_KEY_PATTERN, count=500):
+            names.add(key.decode().split(":", 2)[2])
+        return names
+
+    def sweep(self, *, startup: bool = False) -> int:
+        """One pass; returns how many chunks were re-enqueued.
+
+        At ``startup`` chunks recorded as running on this very worker name are orphans of its previous life
+        (a GPU worker keeps its name across restarts), whatever the heartbeat says.
+        """
+        ttl = max(2, int(self.settings.reconcile_interval * 2))
+        if not self.redis.set(LOCK_KEY, self.name, nx=True, ex=ttl):
+            return 0
+        try:
+            return self._sweep(startup)
+        finally:
+            if self.redis.get(LOCK_KEY) == self.name.encode():
+                self.redis.delete(LOCK_KEY)
+
+    def _sweep(self, startup: bool) -> int:
+        live = self.live_workers()
+        if startup:
+            live.discard(self.name)
+        requeue: list[tuple[str, str]] = []
+        now = utcnow()
+        with self.sessions() as session:
+            active_jobs = select(Job.id).where(Job.status.in_(("queued", "running")))
+            for chunk in session.scalars(select(Chunk).where(Chunk.state == "running", Chunk.job_id.in_(active_jobs))):
+                if chunk.worker in live:
+                    continue
+                log.warning("chunk %s was running on %s, which is gone; re-queueing it", chunk.id, chunk.worker)
+                session.execute(
+                    update(Item)
+                    .where(Item.chunk_id == chunk.id, Item.state == "running")
+                    .values(state="pending", claim=None)
+                )
+                session.execute(
+                    update(Chunk)
+                    .where(Chunk.id == chunk.id, Chunk.state == "running", Chunk.attempt == chunk.attempt)
+                    .values(state="queued", worker=None, attempt=None, enqueued_at=now)
+                )
+                requeue.append((chunk.id, chunk.model_digest))
+            queued = list(
+                session.execute(
+                    select(Chunk.id, Chunk.model_digest).where(
+                        Chunk.state == "queued", Chunk.enqueued_at < now - GRACE, Chunk.job_id.in_(active_jobs)
+                    )
+                )
+            )
+            for start in range(0, len(queued), 1000):
+                page = queued[start : start + 1000]
+                markers = self.redis.mget([chunk_key(cid) for cid, _ in page])
+                requeue.extend((cid, digest) for (cid, digest), marker in zip(page, markers) if marker is None)
+            for job_id in list(session.scalars(active_jobs)):
+                finish_job_if_done(session, job_id)
+            session.commit()
+        if requeue:
+            log.warning("re-enqueueing %d chunk(s) lost to dead workers or a flushed Redis", len(requeue))
+            enqueue_chunks(self.celery, self.redis, requeue)
+        return len(requeue)

@@ -1,0 +1,352 @@
+"""Batch jobs: submit, fan out, report, cancel, retry, delete.
+
+Submission writes the job, its items and its chunks in one transaction, commits, and only then enqueues one
+Celery message per chunk carrying nothing but the chunk id.  A validation error anywhere in the input rolls the
+whole transaction back: nothing half-created.  Job state is always computed from the item rows.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import redis
+from celery import Celery
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from corral.errors import BadRequest, Conflict, NotFound
+from corral.protocol import CHUNK_TASK, chunk_key, job_cancel_key, model_queue
+from corral.settings import Settings
+from corral.store import ModelStore
+from corral.timefmt import rfc3339
+from jobs.db import sessions
+from jobs.models import JOB_KINDS, JOB_STATUSES, TERMINAL_JOB_STATUSES, Chunk, Item, Job, utcnow
+
+INSERT_BATCH = 1000
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+def enqueue_chunks(celery: Celery, client: redis.Redis, chunks: Iterable[tuple[str, str]]) -> int:
+    """Send one message per (chunk id, model digest), marking each as queued in Redis."""
+    count = 0
+    pipe = client.pipeline(transaction=False)
+    for chunk_id, digest in chunks:
+        celery.send_task(CHUNK_TASK, args=[chunk_id], queue=model_queue(digest, "batch"))
+        pipe.set(chunk_key(chunk_id), b"1")
+        count += 1
+        if count % 500 == 0:
+            pipe.execute()
+    pipe.execute()
+    return count
+
+
+@dataclass
+class JobService:
+    """The job operations the HTTP API (and through it the CLI) offers."""
+
+    settings: Settings
+    store: ModelStore
+    celery: Celery
+    redis: redis.Redis
+
+    def _session(self) -> Session:
+        return sessions(self.settings)()
+
+    # -- submission -------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        *,
+        kind: str,
+        model: str,
+        items: Iterable[tuple[str | None, dict[str, Any]]],
+        options: dict[str, Any] | None = None,
+        chunk_size: int | None = None,
+        metadata: dict[str, Any] | None = None,
+        owner: str | None = None,
+    ) -> dict[str, Any]:
+        if kind not in JOB_KINDS:
+            raise BadRequest(f"kind must be one of {', '.join(JOB_KINDS)}, not {kind!r}")
+        if not model:
+            raise BadRequest("model is required")
+        record = self.store.get(model)
+        if kind != "embed" and "completion" not in record.capabilities:
+            raise BadRequest(f'"{model}" does not support {kind}')
+        size = chunk_size or self.settings.chunk_size
+        if not 1 <= size <= 10_000:
+            raise BadRequest("chunk_size must be between 1 and 10000")
+        job_id = new_id("job")
+        chunk_ids: list[str] = []
+        with self._session() as session:
+            session.add(
+                Job(
+                    id=job_id, kind=kind, model=model, model_digest=record.model_digest, options=options or {},
+                    status="queued", chunk_size=size, owner=owner, meta=metadata or {}, item_count=0,
+                )
+            )
+            session.flush()
+            rows: list[dict[str, Any]] = []
+            count = 0
+            for custom_id, body in items:
+                if count % size == 0:
+                    chunk_ids.append(new_id("chunk"))
+                    session.execute(
+                        insert(Chunk),
+                        [{"id": chunk_ids[-1], "job_id": job_id, "model_digest": record.model_digest,
+                          "seq": len(chunk_ids) - 1, "state": "queued", "enqueued_at": utcnow()}],
+                    )
+                rows.append({"job_id": job_id, "chunk_id": chunk_ids[-1], "seq": count, "custom_id": custom_id,
+                             "input": body, "state": "pending", "attempts": 0})
+                count += 1
+                if len(rows) >= INSERT_BATCH:
+                    session.execute(insert(Item), rows)
+                    rows = []
+            if rows:
+                session.execute(insert(Item), rows)
+            if count == 0:
+                session.rollback()
+                raise BadRequest("no items: the input is empty")
+            session.execute(update(Job).where(Job.id == job_id).values(item_count=count))
+            session.commit()
+        enqueue_chunks(self.celery, self.redis, ((c, record.model_digest) for c in chunk_ids))
+        return self.get(job_id)
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    def _job(self, session: Session, job_id: str, owner: str | None = None) -> Job:
+        job = session.get(Job, job_id)
+        if job is None or (owner is not None and job.owner != owner):
+            raise NotFound(f"job '{job_id}' not found")
+        return job
+
+    def get(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
+        with self._session() as session:
+            return self._view(session, self._job(session, job_id, owner))
+
+    def list(self, *, status: str | None = None, limit: int = 20, offset: int = 0, owner: str | None = None) -> dict[str, Any]:
+        if status is not None and status not in JOB_STATUSES:
+            raise BadRequest(f"status must be one of {', '.join(JOB_STATUSES)}")
+        limit = max(1, min(limit, 1000))
+        with self._session() as session:
+            query = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
+            if status:
+                query = query.where(Job.status == status)
+            if owner is not None:
+                query = query.where(Job.owner == owner)
+            jobs = list(session.scalars(query.offset(max(0, offset)).limit(limit + 1)))
+            return {"jobs": [self._view(session, j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+
+    def _view(self, session: Session, job: Job) -> dict[str, Any]:
+        counts = dict.fromkeys(("pending", "running", "succeeded", "failed", "cancelled"), 0)
+        for state, n in session.execute(
+            select(Item.state, func.count()).where(Item.job_id == job.id).group_by(Item.state)
+        ):
+            counts[state] = int(n)
+        prompt_tokens, completion_tokens = session.execute(
+            select(func.coalesce(func.sum(Item.prompt_tokens), 0), func.coalesce(func.sum(Item.completion_tokens), 0))
+            .where(Item.job_id == job.id)
+        ).one()
+        done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+        total = job.item_count
+        elapsed = None
+        if job.started_at is not None:
+            end = job.finished_at or utcnow()
+            elapsed = max((_aware(end) - _aware(job.started_at)).total_seconds(), 1e-6)
+        rate = done / elapsed if elapsed and done else None
+        view: dict[str, Any] = {
+            "id": job.id,
+            "object": "job",
+            "kind": job.kind,
+            "model": job.model,
+            "status": job.status,
+            "options": job.options,
+            "chunk_size": job.chunk_size,
+            "metadata": job.meta,
+            "counts": {"total": total, **counts},
+            "progress": round(done / total, 4) if total else 1.0,
+            "tokens": {"prompt": int(prompt_tokens), "completion": int(completion_tokens)},
+            "tokens_per_second": round(int(completion_tokens) / elapsed, 2) if elapsed else None,
+            "items_per_second": round(rate, 3) if rate else None,
+            "eta_seconds": round((total - done) / rate, 1) if rate and job.status == "running" else None,
+            "queue_position": None,
+            "error": job.error,
+            "created_at": rfc3339(_aware(job.created_at)),
+            "started_at": rfc3339(_aware(job.started_at)) if job.started_at else None,
+            "finished_at": rfc3339(_aware(job.finished_at)) if job.finished_at else None,
+        }
+        if job.status == "queued":
+            view["queue_position"] = self._queue_position(session, job)
+        return view
+
+    def _queue_position(self, session: Session, job: Job) -> int:
+        """Chunks of older jobs for the same model still waiting or running: how much is ahead of this job."""
+        return int(
+            session.scalar(
+                select(func.count())
+                .select_from(Chunk)
+                .join(Job, Job.id == Chunk.job_id)
+                .where(Chunk.model_digest == job.model_digest, Chunk.state != "done", Job.created_at < job.created_at)
+            )
+            or 0
+        )
+
+    def results(
+        self, job_id: str, *, offset: int = 0, limit: int | None = None, state: str | None = None, owner: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Result lines in input order (streamed from the database in pages)."""
+        with self._session() as session:
+            job = self._job(session, job_id, owner)
+            model, kind = job.model, job.kind
+        if state is not None and state not in ("pending", "running", "succeeded", "failed", "cancelled"):
+            raise BadRequest("state must be one of pending, running, succeeded, failed, cancelled")
+        return self._result_lines(job_id, model, kind, offset, limit, state)
+
+    def _result_lines(
+        self, job_id: str, model: str, kind: str, offset: int, limit: int | None, state: str | None
+    ) -> Iterator[dict[str, Any]]:
+        remaining = limit if limit is not None else None
+        last_seq = -1
+        skip = max(0, offset)
+        while remaining is None or remaining > 0:
+            page = 500 if remaining is None else min(500, remaining)
+            with self._session() as session:
+                query = select(Item).where(Item.job_id == job_id, Item.seq > last_seq).order_by(Item.seq)
+                if state:
+                    query = query.where(Item.state == state)
+                if skip:
+                    query = query.offset(skip)
+                    skip = 0
+                items = list(session.scalars(query.limit(page)))
+            if not items:
+                return
+            for item in items:
+                last_seq = item.seq
+                yield result_line(item, model, kind)
+            if remaining is not None:
+                remaining -= len(items)
+
+    # -- control ----------------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
+        with self._session() as session:
+            job = self._job(session, job_id, owner)
+            if job.status not in TERMINAL_JOB_STATUSES:
+                now = utcnow()
+                session.execute(update(Job).where(Job.id == job_id).values(status="cancelled", finished_at=now))
+                session.execute(
+                    update(Item).where(Item.job_id == job_id, Item.state == "pending").values(state="cancelled", finished_at=now)
+                )
+                session.commit()
+                self.redis.set(job_cancel_key(job_id), b"1", ex=24 * 3600)
+        return self.get(job_id, owner)
+
+    def retry(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
+        """Re-run the failed items only, in new chunks."""
+        with self._session() as session:
+            job = self._job(session, job_id, owner)
+            if job.status not in TERMINAL_JOB_STATUSES:
+                raise Conflict(f"job '{job_id}' is {job.status}; retry it once it has ended")
+            failed = list(session.scalars(select(Item.id).where(Item.job_id == job_id, Item.state == "failed").order_by(Item.seq)))
+            if not failed:
+                raise Conflict(f"job '{job_id}' has no failed items to retry")
+            base = int(session.scalar(select(func.coalesce(func.max(Chunk.seq), -1)).where(Chunk.job_id == job_id)) or -1) + 1
+            chunk_ids = []
+            for n, start in enumerate(range(0, len(failed), job.chunk_size)):
+                chunk_id = new_id("chunk")
+                chunk_ids.append(chunk_id)
+                session.add(Chunk(id=chunk_id, job_id=job_id, model_digest=job.model_digest, seq=base + n, state="queued"))
+                session.flush()
+                session.execute(
+                    update(Item)
+                    .where(Item.id.in_(failed[start : start + job.chunk_size]))
+                    .values(state="pending", chunk_id=chunk_id, error=None, output=None, claim=None, finished_at=None)
+                )
+            session.execute(update(Job).where(Job.id == job_id).values(status="queued", finished_at=None, error=None))
+            session.commit()
+            digest = job.model_digest
+        self.redis.delete(job_cancel_key(job_id))
+        enqueue_chunks(self.celery, self.redis, ((c, digest) for c in chunk_ids))
+        return self.get(job_id, owner)
+
+    def delete(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
+        with self._session() as session:
+            self._job(session, job_id, owner)
+            self.redis.set(job_cancel_key(job_id), b"1", ex=24 * 3600)
+            session.execute(delete(Item).where(Item.job_id == job_id))
+            session.execute(delete(Chunk).where(Chunk.job_id == job_id))
+            session.execute(delete(Job).where(Job.id == job_id))
+            session.commit()
+        return {"id": job_id, "object": "job", "deleted": True}
+
+    def queue_overview(self, waiting: dict[str, int]) -> list[dict[str, Any]]:
+        """Per model: interactive requests waiting (from Redis) and batch chunks queued/running (from SQL)."""
+        with self._session() as session:
+            rows = session.execute(
+                select(Chunk.model_digest, Chunk.state, func.count())
+                .where(Chunk.state != "done")
+                .group_by(Chunk.model_digest, Chunk.state)
+            ).all()
+        per: dict[str, dict[str, int]] = {}
+        for digest, state, n in rows:
+            per.setdefault(digest, {})[state] = int(n)
+        out = []
+        for record in self.store.list():
+            d = record.model_digest
+            if any(o["digest"] == d for o in out):
+                continue
+            out.append({
+                "model": record.name.display,
+                "digest": d,
+                "interactive_waiting": waiting.get(d, 0),
+                "batch_chunks_queued": per.get(d, {}).get("queued", 0),
+                "batch_chunks_running": per.get(d, {}).get("running", 0),
+            })
+        return out
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite returns naive datetimes for timezone-aware columns; they are UTC."""
+    from datetime import timezone
+
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def result_line(item: Item, model: str, kind: str) -> dict[str, Any]:
+    """One line of /api/jobs/{id}/results: the sync endpoint's non-stream body, or the error."""
+    response = item.output
+    if kind == "embed" and item.state == "succeeded" and item.embedding is not None and item.output is not None:
+        dims = int(item.output["dims"])
+        vectors = np.frombuffer(item.embedding, dtype="<f4").reshape(-1, dims)
+        response = {
+            "model": model,
+            "embeddings": [[float(f"{x:.9g}") for x in row] for row in vectors.tolist()],
+            "prompt_eval_count": item.output.get("prompt_eval_count", 0),
+        }
+    return {
+        "custom_id": item.custom_id,
+        "index": item.seq,
+        "state": item.state,
+        "response": response if item.state == "succeeded" else None,
+        "error": item.error,
+    }
+
+
+def finish_job_if_done(session: Session, job_id: str) -> None:
+    """Mark a job completed once no item is pending or running (no chord: the database decides)."""
+    open_items = session.scalar(
+        select(func.count()).select_from(Item).where(Item.job_id == job_id, Item.state.in_(("pending", "running")))
+    )
+    if not open_items:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+            .values(status="completed", finished_at=utcnow())
+        )

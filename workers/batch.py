@@ -1,0 +1,208 @@
+"""Run one chunk of a batch job: claim it, claim each item, run it, write the result exactly once.
+
+Every step is a conditional UPDATE, so a duplicated message (Redis redelivery, a reconciler re-enqueue racing
+a slow worker) can never run an item twice or overwrite a result:
+
+- the chunk: ``queued -> running`` with a fresh attempt token; a message that loses this race does nothing;
+- each item: ``pending -> running`` with the same token; its result is written only while the token matches.
+
+Items commit one by one, so a killed worker loses at most the item it was on, and progress is visible live.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import numpy as np
+from celery import Task, shared_task
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from corral.errors import CorralError
+from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, new_request_id
+from corral.wire import ollama_final
+from jobs.db import sessions
+from jobs.models import Chunk, Item, Job, utcnow
+from jobs.service import finish_job_if_done
+from workers.engine import LoadedModel
+from workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name=CHUNK_TASK, bind=True, acks_late=True, ignore_result=True)
+def run_chunk(self: Task, chunk_id: str) -> None:
+    """Run the items of one chunk (the message carries nothing but the chunk id)."""
+    from workers.tasks import runtime_of
+
+    ChunkRunner(runtime_of(self)).run(chunk_id)
+
+
+class ChunkRunner:
+    """Executes chunks inside a worker process, with the process's loaded models."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self.sessions = sessions(runtime.settings)
+
+    def run(self, chunk_id: str) -> None:
+        attempt = uuid.uuid4().hex
+        with self.sessions() as session:
+            claimed = session.execute(
+                update(Chunk)
+                .where(Chunk.id == chunk_id, Chunk.state == "queued")
+                .values(state="running", worker=self.runtime.name, attempt=attempt, started_at=utcnow())
+            ).rowcount
+            session.commit()
+            if not claimed:
+                log.info("chunk %s is not queued (duplicate delivery or deleted job); nothing to do", chunk_id)
+                return
+            chunk = session.get(Chunk, chunk_id)
+            job = session.get(Job, chunk.job_id) if chunk else None
+            if chunk is None or job is None:
+                return
+            if job.status in ("cancelled", "failed", "completed"):
+                self._close(session, chunk_id, attempt, job.id)
+                return
+            session.execute(
+                update(Job).where(Job.id == job.id, Job.status == "queued").values(status="running", started_at=utcnow())
+            )
+            session.commit()
+            item_ids = list(
+                session.scalars(select(Item.id).where(Item.chunk_id == chunk_id, Item.state == "pending").order_by(Item.seq))
+            )
+            job_id, kind, model_name, digest, options = job.id, job.kind, job.model, job.model_digest, dict(job.options)
+        try:
+            record = self.runtime.record_for(model_name, digest)
+        except CorralError as exc:
+            self._fail_job(job_id, f"model unavailable: {exc.message}")
+            self._close_chunk(chunk_id, attempt, job_id)
+            return
+        embedding = kind == "embed"
+        spec = self.runtime.load_spec(record, options, embedding=embedding)
+        keep_alive = self.runtime.settings.keep_alive
+        with self.runtime.registry.use(spec, record, model_name, keep_alive) as (model, _):
+            for item_id in item_ids:
+                if self._job_cancelled(job_id):
+                    break
+                self._run_item(model, item_id, attempt, job_id, kind, model_name, digest, options)
+        self._close_chunk(chunk_id, attempt, job_id)
+
+    # -- items ------------------------------------------------------------------------------------------
+
+    def _run_item(
+        self, model: LoadedModel, item_id: int, attempt: str, job_id: str, kind: str, name: str, digest: str,
+        options: dict[str, Any],
+    ) -> None:
+        with self.sessions() as session:
+            claimed = session.execute(
+                update(Item)
+                .where(Item.id == item_id, Item.state == "pending")
+                .values(state="running", claim=attempt, attempts=Item.attempts + 1, started_at=utcnow())
+            ).rowcount
+            session.commit()
+            if not claimed:
+                return
+            body = dict(session.get(Item, item_id).input)  # type: ignore[union-attr]
+        values: dict[str, Any]
+        try:
+            if kind == "embed":
+                values = self._embed(model, body)
+            else:
+                values = self._generate(model, body, kind, name, digest, options, job_id)
+            if values.pop("cancelled", False):
+                values = {"state": "cancelled", "error": "job cancelled while this item was running"}
+        except CorralError as exc:
+            values = {"state": "failed", "error": exc.message}
+        except Exception as exc:  # an item's failure never fails the job
+            log.exception("item %s failed", item_id)
+            values = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        with self.sessions() as session:
+            session.execute(
+                update(Item)
+                .where(Item.id == item_id, Item.claim == attempt, Item.state == "running")
+                .values(**values, claim=None, finished_at=utcnow())
+            )
+            session.commit()
+
+    def _generate(
+        self, model: LoadedModel, body: dict[str, Any], kind: str, name: str, digest: str, job_options: dict[str, Any],
+        job_id: str,
+    ) -> dict[str, Any]:
+        req = InferenceRequest(
+            request_id=new_request_id(), kind=kind, model=name, model_digest=digest,  # type: ignore[arg-type]
+            prompt=body.get("prompt"), system=body.get("system"), raw=bool(body.get("raw", False)),
+            context=body.get("context"), messages=body.get("messages"),
+            options={**job_options, **(body.get("options") or {})}, format=body.get("format"),
+        )
+        parts: list[str] = []
+        checks = {"n": 0}
+
+        def on_text(text: str) -> bool:
+            parts.append(text)
+            checks["n"] += 1
+            return checks["n"] % 16 == 0 and self._job_cancelled(job_id)
+
+        stats = self.runtime.generation(model, req, on_text=on_text, cancelled=lambda: self._job_cancelled(job_id))
+        if stats["done_reason"] == "cancelled":
+            return {"cancelled": True}
+        stats["total_duration"] = stats["prompt_eval_duration"] + stats["eval_duration"]
+        return {
+            "state": "succeeded",
+            "output": ollama_final(name, kind, stats, "".join(parts)),
+            "prompt_tokens": stats["prompt_eval_count"],
+            "completion_tokens": stats["eval_count"],
+        }
+
+    def _embed(self, model: LoadedModel, body: dict[str, Any]) -> dict[str, Any]:
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        vectors, count = model.embed(
+            inputs, truncate=bool(body.get("truncate", True)), normalize=True, dimensions=body.get("dimensions")
+        )
+        array = np.asarray(vectors, dtype="<f4")
+        return {
+            "state": "succeeded",
+            "embedding": array.tobytes(),
+            "output": {"dims": int(array.shape[1]), "count": int(array.shape[0]), "prompt_eval_count": count},
+            "prompt_tokens": count,
+            "completion_tokens": 0,
+        }
+
+    # -- bookkeeping ------------------------------------------------------------------------------------
+
+    def _job_cancelled(self, job_id: str) -> bool:
+        if self.runtime.redis.exists(job_cancel_key(job_id)):
+            return True
+        with self.sessions() as session:
+            status = session.scalar(select(Job.status).where(Job.id == job_id))
+        return status in (None, "cancelled", "failed")
+
+    def _fail_job(self, job_id: str, message: str) -> None:
+        with self.sessions() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_(("queued", "running")))
+                .values(status="failed", error=message, finished_at=utcnow())
+            )
+            session.commit()
+
+    def _close(self, session: Session, chunk_id: str, attempt: str, job_id: str) -> None:
+        now = utcnow()
+        session.execute(
+            update(Item)
+            .where(Item.chunk_id == chunk_id, Item.state == "pending")
+            .where(Item.job_id.in_(select(Job.id).where(Job.id == job_id, Job.status.in_(("cancelled", "failed")))))
+            .values(state="cancelled", finished_at=now)
+        )
+        session.execute(
+            update(Chunk).where(Chunk.id == chunk_id, Chunk.attempt == attempt).values(state="done", finished_at=now)
+        )
+        finish_job_if_done(session, job_id)
+        session.commit()
+        self.runtime.redis.delete(chunk_key(chunk_id))
+
+    def _close_chunk(self, chunk_id: str, attempt: str, job_id: str) -> None:
+        with self.sessions() as session:
+            self._close(session, chunk_id, attempt, job_id)
