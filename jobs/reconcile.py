@@ -28,8 +28,6 @@ from jobs.service import enqueue_chunks, finish_job_if_done
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "corral:reconcile:lock"
-# A chunk committed but not yet marked (the submitter is between its commit and its enqueue) is left alone.
-GRACE = timedelta(seconds=10)
 
 
 class Reconciler:
@@ -39,6 +37,8 @@ class Reconciler:
         self.redis = client
         self.name = name
         self.sessions = sessions(settings)
+        # A chunk committed but not yet marked (its submitter is between commit and enqueue) is left alone.
+        self.grace = timedelta(seconds=2 * settings.reconcile_interval)
 
     def live_workers(self) -> set[str]:
         names = set()
@@ -87,7 +87,7 @@ class Reconciler:
             queued = list(
                 session.execute(
                     select(Chunk.id, Chunk.model_digest).where(
-                        Chunk.state == "queued", Chunk.enqueued_at < now - GRACE, Chunk.job_id.in_(active_jobs)
+                        Chunk.state == "queued", Chunk.enqueued_at < now - self.grace, Chunk.job_id.in_(active_jobs)
                     )
                 )
             )

@@ -17,7 +17,7 @@ from flask.testing import FlaskClient
 from corral.launcher import free_port
 from corral.settings import Settings
 from corral.store import ModelStore, register_default_models
-from tests.stack import Stack, clean_redis, redis_server_for_tests
+from tests.stack import Stack, clean_redis, redis_server_for_tests, with_db
 
 MODEL = "smollm2"
 
@@ -106,3 +106,22 @@ def app(settings: Settings) -> Flask:
 @pytest.fixture()
 def client(app: Flask) -> FlaskClient:
     return app.test_client()
+
+
+@pytest.fixture()
+def isolated(settings: Settings, tmp_path: Path) -> Iterator[Stack]:
+    """A stack of its own: another Redis database and its own SQLite file, so killing its worker or flushing
+    its Redis cannot disturb the session's stack (whose reconciler would otherwise see the same jobs)."""
+    url = with_db(settings.redis, 1)
+    clean_redis(url)
+    own = make_settings(
+        tmp_path / "home", url, settings.models_path, heartbeat_ttl=2.0, queue_timeout=4.0,
+        database_url=f"sqlite:///{tmp_path / 'isolated.db'}", reconcile_interval=1.0, chunk_size=2,
+    )
+    fresh_database(own)
+    stack = Stack(own, tmp_path / "logs")
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        clean_redis(url)

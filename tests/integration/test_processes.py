@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,22 +15,8 @@ import pytest
 
 from corral.launcher import free_port, redis_reachable
 from corral.settings import Settings
-from tests.conftest import MODEL, make_settings
-from tests.stack import ROOT, Stack, clean_redis, wait_for, with_db
-
-
-@pytest.fixture()
-def isolated(settings: Settings, session_dir: Path, tmp_path: Path) -> Iterator[Stack]:
-    """A separate Redis database, so killing this stack's worker cannot disturb the session's."""
-    url = with_db(settings.redis, 1)
-    clean_redis(url)
-    own = make_settings(tmp_path / "home", url, settings.models_path, heartbeat_ttl=2.0, queue_timeout=4.0)
-    stack = Stack(own, tmp_path / "logs")
-    try:
-        yield stack
-    finally:
-        stack.stop()
-        clean_redis(url)
+from tests.conftest import MODEL
+from tests.stack import ROOT, Stack, wait_for
 
 
 @pytest.mark.slow
