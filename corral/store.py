@@ -193,10 +193,6 @@ def gguf_config(path: Path) -> dict[str, Any]:
     }
 
 
-def local_now() -> datetime:
-    return datetime.now(timezone.utc).astimezone()
-
-
 class ModelStore:
     """Blobs + manifests under one root directory."""
 

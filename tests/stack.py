@@ -16,7 +16,6 @@ import httpx
 import redis
 
 from corral.launcher import free_port, redis_reachable, start_private_redis
-from corral.protocol import worker_key
 from corral.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
