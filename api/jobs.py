@@ -13,6 +13,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request, stream_with_context
 
 from api.errors import dumps, json_response
+from api.schemas.ollama import decode_json
 from api.streaming import NDJSON_MIMETYPE
 from corral.errors import BadRequest
 from corral.options import parse_options
@@ -64,8 +65,6 @@ def submit() -> Response:
             items=validated(kind, lines),
         )
         return json_response(job, 202)
-    from api.schemas.ollama import decode_json
-
     body = decode_json(request.get_data())
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object with kind, model and items")

@@ -143,9 +143,9 @@ class ChunkRunner:
         def on_text(text: str) -> bool:
             parts.append(text)
             checks["n"] += 1
-            return checks["n"] % 16 == 0 and self._job_cancelled(job_id)
+            return checks["n"] % 16 == 0 and self._cancel_flagged(job_id)
 
-        stats = self.runtime.generation(model, req, on_text=on_text, cancelled=lambda: self._job_cancelled(job_id))
+        stats = self.runtime.generation(model, req, on_text=on_text, cancelled=lambda: self._cancel_flagged(job_id))
         if stats["done_reason"] == "cancelled":
             return {"cancelled": True}
         stats["total_duration"] = stats["prompt_eval_duration"] + stats["eval_duration"]
@@ -172,8 +172,13 @@ class ChunkRunner:
 
     # -- bookkeeping ------------------------------------------------------------------------------------
 
+    def _cancel_flagged(self, job_id: str) -> bool:
+        """Cheap check for the token loop: cancel() and delete() always set this Redis flag."""
+        return bool(self.runtime.redis.exists(job_cancel_key(job_id)))
+
     def _job_cancelled(self, job_id: str) -> bool:
-        if self.runtime.redis.exists(job_cancel_key(job_id)):
+        """Between items: the flag, then SQL (the truth, also after a flushed Redis lost the flag)."""
+        if self._cancel_flagged(job_id):
             return True
         with self.sessions() as session:
             status = session.scalar(select(Job.status).where(Job.id == job_id))
