@@ -20,12 +20,13 @@ from api.schemas.ollama import (
     EmbeddingsRequest,
     EmbedRequest,
     GenerateRequest,
+    PullRequest,
     ShowRequest,
     is_zero_keep_alive,
     parse_body,
 )
 from api.streaming import ndjson, prime
-from corral import OLLAMA_COMPAT_VERSION
+from corral import OLLAMA_COMPAT_VERSION, catalog
 from corral.errors import BadRequest, ModelNotFound
 from corral.store import ModelName, ModelRecord, read_gguf_metadata
 from corral.timefmt import rfc3339
@@ -231,3 +232,18 @@ def copy() -> Response:
             raise BadRequest(f'{label} "{value}" is invalid') from exc
     service().store.copy(req.source, req.destination)
     return Response(status=200)
+
+
+@bp.post("/api/pull")
+def pull() -> Response:
+    """Build a catalog model into the store (no network: see corral.catalog), with Ollama's progress lines."""
+    req = parse_body(PullRequest, request.get_data())
+    if not req.target:
+        raise BadRequest("model is required")
+    ModelName.parse(req.target)
+    steps = catalog.pull(service().store, req.target)
+    if req.stream is False:
+        for step in steps:
+            last = step
+        return json_response(last)
+    return ndjson(prime(steps), steps)

@@ -102,6 +102,16 @@ def parse_ollama_host(value: str) -> tuple[str, str, int]:
     return scheme, host, port
 
 
+def client_url(value: str) -> str:
+    """``OLLAMA_HOST``-style address -> base URL for a client (an unspecified bind address means this machine)."""
+    scheme, host, port = parse_ollama_host(value)
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
 class Settings(BaseSettings):
     """Configuration shared by the API, the workers, the launcher and the CLI."""
 
@@ -217,6 +227,17 @@ class Settings(BaseSettings):
         description="Seconds between a worker's sweeps for batch items lost to dead workers or a flushed Redis.",
     )
 
+    client_host: str | None = Field(
+        None,
+        validation_alias=AliasChoices("CORRAL_HOST", "client_host"),
+        description="Server the CLI talks to, `[scheme://]host[:port]`; default `OLLAMA_HOST`, else 127.0.0.1:11434.",
+    )
+    api_key: str | None = Field(
+        None,
+        validation_alias=AliasChoices("CORRAL_API_KEY", "api_key"),
+        description="API key the CLI sends as `Authorization: Bearer`.",
+    )
+
     @field_validator("keep_alive", mode="before")
     @classmethod
     def _keep_alive(cls, value: Any) -> float:
@@ -236,6 +257,11 @@ class Settings(BaseSettings):
         """(host, port) the API listens on."""
         _, host, port = parse_ollama_host(self.host)
         return host, port
+
+    @property
+    def server_url(self) -> str:
+        """Base URL the CLI connects to: `CORRAL_HOST`, else `OLLAMA_HOST`, with Ollama's parsing rules."""
+        return client_url(self.client_host or self.host)
 
     @property
     def models_path(self) -> Path:

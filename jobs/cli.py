@@ -7,34 +7,17 @@ model commands talk HTTP to a corral server, like the ``ollama`` CLI does.  The 
 
 from __future__ import annotations
 
+import re
 import sys
 
 import click
-from pydantic import ValidationError
 
 from corral.errors import CorralError
-from corral.settings import Settings
+from jobs import cli_jobs, cli_models
+from jobs.cli_common import Context, pass_ctx, with_client
+from jobs.client import CorralClient
 
-
-class Context:
-    """The CLI's context object: settings, built once from the environment."""
-
-    def __init__(self) -> None:
-        try:
-            self.settings = Settings()
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise click.ClickException(f"bad setting {first['loc'][0]}: {first['msg']}") from exc
-
-    def with_bind(self, host: str | None, port: int | None) -> Settings:
-        """Settings with ``--host``/``--port`` applied over ``OLLAMA_HOST``."""
-        if host is None and port is None:
-            return self.settings
-        current_host, current_port = self.settings.bind
-        return self.settings.model_copy(update={"host": f"{host or current_host}:{port or current_port}"})
-
-
-pass_ctx = click.make_pass_decorator(Context, ensure=True)
+JOB_ID = re.compile(r"^job_[0-9a-f]{24}$")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,6 +97,23 @@ def db_upgrade(ctx: Context, revision: str) -> None:
     except SQLAlchemyError as exc:
         raise click.ClickException(f"cannot migrate the database: {exc.__class__.__name__}: {exc.orig or exc}") from exc
     click.echo(f"database at {ctx.settings.database.split('@')[-1]} is at {revision}")
+
+
+for command in (*cli_jobs.COMMANDS, *cli_models.COMMANDS):
+    main.add_command(command)
+
+
+@main.command()
+@click.argument("targets", nargs=-1, required=True, metavar="JOB|MODEL...")
+@with_client
+def rm(client: CorralClient, targets: tuple[str, ...]) -> None:
+    """Delete jobs (ids like job_...) with their results, or models from the store."""
+    for target in targets:
+        if JOB_ID.match(target):
+            client.request("DELETE", f"/api/jobs/{target}")
+        else:
+            client.request("DELETE", "/api/delete", json={"model": target})
+        click.echo(f"deleted '{target}'")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from corral.store import ModelRecord
+from corral.errors import BadRequest
+from corral.store import ModelName, ModelRecord
 from corral.timefmt import local_from_epoch
 from workers.engine import LoadedModel, LoadSpec
 
@@ -113,8 +114,8 @@ class ModelRegistry:
             slots = list(self._slots.values())
         return [
             {
-                "name": slot.name,
-                "model": slot.name,
+                "name": _display(slot.name),
+                "model": _display(slot.name),
                 "size": slot.record.size,
                 "digest": slot.record.digest,
                 "details": slot.record.details(),
@@ -131,3 +132,11 @@ class ModelRegistry:
             specs = list(self._slots)
         for spec in specs:
             self._unload(spec)
+
+
+def _display(name: str) -> str:
+    """Ollama's /api/ps names models in their shortest canonical form (``smollm2:latest``)."""
+    try:
+        return ModelName.parse(name).display
+    except BadRequest:
+        return name

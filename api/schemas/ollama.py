@@ -177,6 +177,13 @@ class DeleteRequest(ShowRequest):
     """DELETE /api/delete."""
 
 
+class PullRequest(ShowRequest):
+    """POST /api/pull (``insecure``, ``username`` and ``password`` are accepted and ignored: nothing is fetched)."""
+
+    stream: bool | None = None
+    insecure: bool = False
+
+
 class CopyRequest(BaseModel):
     """POST /api/copy."""
 

@@ -170,16 +170,16 @@ def test_empty_prompt_loads_and_keep_alive_zero_unloads(base_url: str) -> None:
     r = httpx.post(base_url + "/api/generate", json={"model": MODEL}, timeout=60)
     assert r.json()["done_reason"] == "load" and r.json()["response"] == ""
     ps = httpx.get(base_url + "/api/ps").json()["models"]
-    entry = next(m for m in ps if m["name"] == MODEL)
+    entry = next(m for m in ps if m["name"] == MODEL + ":latest")
     assert entry["size"] > 0 and entry["size_vram"] == 0 and entry["context_length"] == 4096
     assert entry["expires_at"] > time.strftime("%Y")
     r = httpx.post(base_url + "/api/chat", json={"model": MODEL, "messages": [], "keep_alive": 0})
     assert r.json()["done_reason"] == "unload" and r.json()["message"] == {"role": "assistant", "content": ""}
-    wait_for(lambda: MODEL not in loaded(base_url), 10, "the model to unload")
+    wait_for(lambda: MODEL + ":latest" not in loaded(base_url), 10, "the model to unload")
     # keep_alive on a request sets the expiry /api/ps reports
     httpx.post(base_url + "/api/generate", json={"model": MODEL, "keep_alive": "1h"}, timeout=60)
-    wait_for(lambda: MODEL in loaded(base_url), 10, "the model to load")
-    entry = next(m for m in httpx.get(base_url + "/api/ps").json()["models"] if m["name"] == MODEL)
+    wait_for(lambda: MODEL + ":latest" in loaded(base_url), 10, "the model to load")
+    entry = next(m for m in httpx.get(base_url + "/api/ps").json()["models"] if m["name"] == MODEL + ":latest")
     hours_left = (time.mktime(time.strptime(entry["expires_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.mktime(time.gmtime())) / 3600
     assert 0.9 < hours_left < 1.1
 
@@ -220,3 +220,21 @@ def test_client_disconnect_stops_generation(base_url: str) -> None:
     assert quick.json()["eval_count"] == 4
     # 2000 tokens take ~25s on 2 cores; a stopped generation leaves the worker free at once.
     assert time.monotonic() - started < 8
+
+
+def test_pull_builds_catalog_models_and_refuses_unknown_ones_like_ollama(base_url: str) -> None:
+    lines = [json.loads(x) for x in httpx.post(base_url + "/api/pull", json={"model": "smollm2:135m"}, timeout=60).text.splitlines()]
+    assert [x["status"] for x in lines][0] == "pulling manifest" and lines[-1] == {"status": "success"}
+    layer = lines[1]
+    assert layer["status"] == f"pulling {layer['digest'][7:19]}" and layer["total"] == layer["completed"] > 0
+    r = httpx.post(base_url + "/api/pull", json={"model": "smollm2", "stream": False}, timeout=60)
+    assert r.status_code == 200 and r.json() == {"status": "success"}
+    r = httpx.post(base_url + "/api/pull", json={"model": "nope", "stream": False})
+    assert r.status_code == 500 and r.json() == {"error": "pull model manifest: file does not exist"}
+    r = httpx.post(base_url + "/api/pull", json={"model": "nope"})
+    assert r.status_code == 200
+    assert [json.loads(x) for x in r.text.splitlines()] == [
+        {"status": "pulling manifest"}, {"error": "pull model manifest: file does not exist"}
+    ]
+    assert httpx.post(base_url + "/api/pull", json={}).json() == {"error": "model is required"}
+    assert httpx.post(base_url + "/api/pull", json={"model": "../../etc"}).status_code == 400

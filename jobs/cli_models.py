@@ -1,0 +1,230 @@
+"""Ollama-style model commands: ``list``, ``ps``, ``show``, ``cp``, ``pull``, ``run`` (``rm`` lives in cli.py).
+
+Output follows the ``ollama`` CLI closely (same columns, same confirmations), so muscle memory carries over.
+``run`` streams tokens from ``/api/chat``; with no prompt on a terminal it is an interactive chat that keeps
+the conversation (``/bye`` ends it, ``/clear`` forgets it); with no prompt and piped stdin, stdin is the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+import click
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+from jobs.cli_common import columns, human_size, parse_pairs, stdout_is_tty, with_client
+from jobs.client import ClientError, CorralClient
+
+
+def _ago(stamp: str) -> str:
+    """``2024-05-01T10:00:00+02:00`` -> ``3 days ago`` (Ollama's MODIFIED column)."""
+    try:
+        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp
+    seconds = (datetime.now(timezone.utc) - moment).total_seconds()
+    for unit, size in (("year", 31_536_000), ("month", 2_592_000), ("week", 604_800), ("day", 86_400),
+                       ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n != 1 else ''} ago"
+    return "Less than a minute ago" if seconds >= 1 else "Less than a second ago"
+
+
+def _until(stamp: str) -> str:
+    try:
+        moment = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp
+    seconds = (moment - datetime.now(timezone.utc)).total_seconds()
+    if seconds > 10 * 365 * 86_400:
+        return "Forever"
+    if seconds <= 0:
+        return "Stopping..."
+    minutes = int(seconds // 60)
+    return f"{minutes} minutes from now" if minutes >= 2 else "About a minute from now" if minutes else "Less than a minute from now"
+
+
+@click.command("list")
+@with_client
+def list_models(client: CorralClient) -> None:
+    """List models in the server's store."""
+    table = [["NAME", "ID", "SIZE", "MODIFIED"]]
+    for model in client.request("GET", "/api/tags")["models"]:
+        table.append([model["name"], model["digest"][:12], human_size(model["size"]), _ago(model["modified_at"])])
+    click.echo(columns(table))
+
+
+@click.command()
+@with_client
+def ps(client: CorralClient) -> None:
+    """List loaded models, with the worker memory they use and when they unload."""
+    table = [["NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"]]
+    for model in client.request("GET", "/api/ps")["models"]:
+        size, vram = model.get("size", 0), model.get("size_vram", 0)
+        if not vram:
+            processor = "100% CPU"
+        elif vram >= size:
+            processor = "100% GPU"
+        else:
+            gpu = round(100 * vram / size)
+            processor = f"{100 - gpu}%/{gpu}% CPU/GPU"
+        table.append([model["name"], model["digest"][:12], human_size(size), processor,
+                      str(model.get("context_length", "")), _until(model["expires_at"])])
+    click.echo(columns(table))
+
+
+@click.command()
+@click.argument("model")
+@click.option("--json", "as_json", is_flag=True, help="Print the /api/show reply as JSON.")
+@click.option("--modelfile", is_flag=True, help="Print the Modelfile.")
+@click.option("--template", is_flag=True, help="Print the chat template.")
+@with_client
+def show(client: CorralClient, model: str, as_json: bool, modelfile: bool, template: bool) -> None:
+    """Show a model's architecture, size, context length and capabilities."""
+    info = client.request("POST", "/api/show", json={"model": model})
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    if modelfile or template:
+        click.echo(info.get("modelfile" if modelfile else "template", ""))
+        return
+    details, model_info = info.get("details") or {}, info.get("model_info") or {}
+    arch = model_info.get("general.architecture", details.get("family", ""))
+    rows = [
+        ["architecture", str(arch)],
+        ["parameters", str(details.get("parameter_size", ""))],
+        ["context length", str(model_info.get(f"{arch}.context_length", ""))],
+        ["embedding length", str(model_info.get(f"{arch}.embedding_length", ""))],
+        ["quantization", str(details.get("quantization_level", ""))],
+    ]
+    click.echo("  Model")
+    click.echo("\n".join("    " + line for line in columns([r for r in rows if r[1]]).splitlines()))
+    click.echo("\n  Capabilities")
+    for capability in info.get("capabilities") or []:
+        click.echo(f"    {capability}")
+
+
+@click.command()
+@click.argument("source")
+@click.argument("destination")
+@with_client
+def cp(client: CorralClient, source: str, destination: str) -> None:
+    """Copy a model under a new name (no data is copied)."""
+    client.request("POST", "/api/copy", json={"source": source, "destination": destination})
+    click.echo(f"copied '{source}' to '{destination}'")
+
+
+@click.command()
+@click.argument("model")
+@with_client
+def pull(client: CorralClient, model: str) -> None:
+    """Make a catalog model available: link or convert it from its installed package (no network)."""
+    steps = client.stream_json("POST", "/api/pull", json={"model": model, "stream": True})
+    if not stdout_is_tty():
+        for step in steps:
+            click.echo(step["status"])
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn()) as progress:
+        for step in steps:
+            if "total" in step:
+                progress.add_task(step["status"], total=step["total"], completed=step.get("completed", 0))
+            else:
+                progress.console.print(step["status"])
+
+
+@click.command()
+@click.argument("model")
+@click.argument("prompt", nargs=-1)
+@click.option("--format", "fmt", help='"json" or a JSON schema: constrain the output.')
+@click.option("--system", help="System message.")
+@click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE", help="Model option (repeatable).")
+@click.option("--keepalive", help="How long the model stays loaded afterwards, e.g. 5m, 0.")
+@click.option("--verbose", is_flag=True, help="Print timings after each reply.")
+@with_client
+def run(
+    client: CorralClient, model: str, prompt: tuple[str, ...], fmt: str | None, system: str | None,
+    options: tuple[str, ...], keepalive: str | None, verbose: bool,
+) -> None:
+    """Run a model: answer PROMPT, or chat interactively when no prompt is given."""
+    body: dict[str, Any] = {"model": model, "options": parse_pairs(options)}
+    if fmt:
+        try:
+            body["format"] = json.loads(fmt) if fmt.strip().startswith("{") else fmt
+        except json.JSONDecodeError as exc:
+            raise click.UsageError(f"--format is neither 'json' nor a JSON schema: {exc}") from exc
+    if keepalive is not None:
+        body["keep_alive"] = keepalive
+    info = client.request("POST", "/api/show", json={"model": model})
+    text = " ".join(prompt)
+    if not text and not sys.stdin.isatty():
+        text = sys.stdin.read()
+    if "embedding" in (info.get("capabilities") or []):
+        if not text:
+            raise click.UsageError("an embedding model needs input: corral run MODEL TEXT")
+        embed = {k: v for k, v in body.items() if k in ("model", "options", "keep_alive")}
+        reply = client.request("POST", "/api/embed", json={**embed, "input": text})
+        click.echo(json.dumps(reply["embeddings"][0]))
+        return
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    if text:
+        _reply(client, body, history + [{"role": "user", "content": text}], verbose)
+        return
+    _interactive(client, body, history, verbose)
+
+
+def _reply(client: CorralClient, body: dict[str, Any], messages: list[dict[str, str]], verbose: bool) -> str:
+    """Stream one assistant reply to stdout and return its text."""
+    parts: list[str] = []
+    final: dict[str, Any] = {}
+    for chunk in client.stream_json("POST", "/api/chat", json={**body, "messages": messages, "stream": True}):
+        piece = (chunk.get("message") or {}).get("content", "")
+        if piece:
+            parts.append(piece)
+            click.echo(piece, nl=False)
+        if chunk.get("done"):
+            final = chunk
+    click.echo("\n" if stdout_is_tty() else "")
+    if verbose and final:
+        seconds = final.get("eval_duration", 0) / 1e9
+        rate = final.get("eval_count", 0) / seconds if seconds else 0.0
+        click.echo(f"eval count: {final.get('eval_count', 0)} tokens, eval rate: {rate:.2f} tokens/s", err=True)
+    return "".join(parts)
+
+
+def _interactive(client: CorralClient, body: dict[str, Any], history: list[dict[str, str]], verbose: bool) -> None:
+    base = list(history)
+    click.echo("Type a message; /clear forgets the conversation, /bye (or Ctrl-D) ends it.", err=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo("")
+            return
+        command = line.strip()
+        if not command:
+            continue
+        if command in ("/bye", "/exit"):
+            return
+        if command == "/clear":
+            history = list(base)
+            click.echo("Cleared session context")
+            continue
+        history.append({"role": "user", "content": line})
+        try:
+            answer = _reply(client, body, history, verbose)
+        except KeyboardInterrupt:
+            click.echo("")
+            history.pop()
+            continue
+        except ClientError as exc:
+            click.echo(f"Error: {exc.message}", err=True)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": answer})
+
+
+COMMANDS = [list_models, ps, show, cp, pull, run]

@@ -1,0 +1,92 @@
+"""Write a job's result lines (``GET /api/jobs/{id}/results``) as JSONL, CSV or Parquet, streaming.
+
+Results arrive in input order as NDJSON; each writer consumes them one line at a time and keeps at most one
+row group in memory, so exporting a million-item job needs no more memory than exporting ten.  Embeddings are
+float lists in JSONL and CSV, a ``list<float32>`` column in Parquet, one row per vector.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
+
+FORMATS = ("jsonl", "csv", "parquet")
+ROW_GROUP = 2048
+TEXT_COLUMNS = ["custom_id", "index", "state", "text", "done_reason", "prompt_tokens", "completion_tokens", "error"]
+EMBED_COLUMNS = ["custom_id", "index", "vector_index", "state", "embedding", "prompt_tokens", "error"]
+
+
+class ExportError(Exception):
+    """The requested format cannot be written (e.g. Parquet without pyarrow)."""
+
+
+def rows(lines: Iterable[bytes], kind: str) -> Iterator[dict[str, Any]]:
+    """Flatten result lines to table rows: text jobs one row per item, embed jobs one row per vector."""
+    for raw in lines:
+        line = json.loads(raw)
+        response = line.get("response") or {}
+        base = {"custom_id": line.get("custom_id"), "index": line.get("index"), "state": line.get("state"),
+                "error": line.get("error")}
+        if kind == "embed":
+            vectors = response.get("embeddings") or [None]
+            for n, vector in enumerate(vectors):
+                yield {**base, "vector_index": n if vector is not None else None, "embedding": vector,
+                       "prompt_tokens": response.get("prompt_eval_count")}
+            continue
+        message = response.get("message") or {}
+        yield {**base, "text": response.get("response", message.get("content")), "done_reason": response.get("done_reason"),
+               "prompt_tokens": response.get("prompt_eval_count"), "completion_tokens": response.get("eval_count")}
+
+
+def write_jsonl(lines: Iterable[bytes], out: IO[bytes]) -> int:
+    count = 0
+    for line in lines:
+        out.write(line.rstrip(b"\n") + b"\n")
+        count += 1
+    return count
+
+
+def write_csv(lines: Iterable[bytes], kind: str, out: IO[str]) -> int:
+    header = EMBED_COLUMNS if kind == "embed" else TEXT_COLUMNS
+    writer = csv.DictWriter(out, fieldnames=header, extrasaction="ignore")
+    writer.writeheader()
+    count = 0
+    for row in rows(lines, kind):
+        if row.get("embedding") is not None:
+            row["embedding"] = json.dumps(row["embedding"])
+        writer.writerow(row)
+        count += 1
+    return count
+
+
+def write_parquet(lines: Iterable[bytes], kind: str, path: str) -> int:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ExportError("Parquet export needs pyarrow: pip install 'corral[parquet]'") from exc
+    if kind == "embed":
+        schema = pa.schema([
+            ("custom_id", pa.string()), ("index", pa.int64()), ("vector_index", pa.int32()), ("state", pa.string()),
+            ("embedding", pa.list_(pa.float32())), ("prompt_tokens", pa.int64()), ("error", pa.string()),
+        ])
+    else:
+        schema = pa.schema([
+            ("custom_id", pa.string()), ("index", pa.int64()), ("state", pa.string()), ("text", pa.string()),
+            ("done_reason", pa.string()), ("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64()),
+            ("error", pa.string()),
+        ])
+    count = 0
+    batch: list[dict[str, Any]] = []
+    with pq.ParquetWriter(path, schema) as writer:
+        for row in rows(lines, kind):
+            batch.append(row)
+            count += 1
+            if len(batch) >= ROW_GROUP:
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                batch = []
+        if batch or count == 0:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+    return count
