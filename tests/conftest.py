@@ -14,9 +14,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from corral.catalog import ensure_defaults
 from corral.launcher import free_port
 from corral.settings import Settings
-from corral.store import ModelStore, register_default_models
+from corral.store import ModelStore
 from tests.stack import Stack, clean_redis, redis_server_for_tests, with_db
 
 MODEL = "smollm2"
@@ -35,7 +36,7 @@ def redis_url(session_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def models_dir(session_dir: Path) -> Path:
     path = session_dir / "models"
-    register_default_models(ModelStore(path))
+    assert ensure_defaults(ModelStore(path)) == ["smollm2:135m", "all-minilm:l6-v2"]
     return path
 
 

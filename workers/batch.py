@@ -15,7 +15,6 @@ import logging
 import uuid
 from typing import Any
 
-import numpy as np
 from celery import Task, shared_task
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -26,7 +25,7 @@ from corral.wire import ollama_final
 from jobs.db import sessions
 from jobs.models import Chunk, Item, Job, utcnow
 from jobs.service import finish_job_if_done
-from workers.engine import LoadedModel
+from workers.engine import LoadedModel, finish_vectors
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -84,6 +83,10 @@ class ChunkRunner:
         spec = self.runtime.load_spec(record, options, embedding=embedding)
         keep_alive = self.runtime.settings.keep_alive
         with self.runtime.registry.use(spec, record, model_name, keep_alive) as (model, _):
+            if embedding:
+                if not self._job_cancelled(job_id):
+                    self._run_embed_items(model, item_ids, attempt)
+                item_ids = []
             for item_id in item_ids:
                 if self._job_cancelled(job_id):
                     break
@@ -108,10 +111,7 @@ class ChunkRunner:
             body = dict(session.get(Item, item_id).input)  # type: ignore[union-attr]
         values: dict[str, Any]
         try:
-            if kind == "embed":
-                values = self._embed(model, body)
-            else:
-                values = self._generate(model, body, kind, name, digest, options, job_id)
+            values = self._generate(model, body, kind, name, digest, options, job_id)
             if values.pop("cancelled", False):
                 values = {"state": "cancelled", "error": "job cancelled while this item was running"}
         except CorralError as exc:
@@ -156,19 +156,64 @@ class ChunkRunner:
             "completion_tokens": stats["eval_count"],
         }
 
-    def _embed(self, model: LoadedModel, body: dict[str, Any]) -> dict[str, Any]:
-        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        vectors, count = model.embed(
-            inputs, truncate=bool(body.get("truncate", True)), normalize=True, dimensions=body.get("dimensions")
-        )
-        array = np.asarray(vectors, dtype="<f4")
-        return {
-            "state": "succeeded",
-            "embedding": array.tobytes(),
-            "output": {"dims": int(array.shape[1]), "count": int(array.shape[0]), "prompt_eval_count": count},
-            "prompt_tokens": count,
-            "completion_tokens": 0,
-        }
+    def _run_embed_items(self, model: LoadedModel, item_ids: list[int], attempt: str) -> None:
+        """Embed a whole chunk at once: claim its items, pack every input into shared decodes, write back.
+
+        Packing many short inputs per ``llama_decode`` is what makes bulk embedding fast; per-item settings
+        (``truncate``, ``dimensions``) and per-item failures (an input too long with ``truncate: false``) are
+        kept apart, and each result is written only while this attempt's claim holds.
+        """
+        with self.sessions() as session:
+            session.execute(
+                update(Item)
+                .where(Item.id.in_(item_ids), Item.state == "pending")
+                .values(state="running", claim=attempt, attempts=Item.attempts + 1, started_at=utcnow())
+            )
+            session.commit()
+            claimed = session.execute(
+                select(Item.id, Item.input).where(Item.id.in_(item_ids), Item.claim == attempt, Item.state == "running")
+            ).all()
+        results: dict[int, dict[str, Any]] = {}
+        tokens: list[list[int]] = []
+        spans: list[tuple[int, int, int, dict[str, Any]]] = []  # (item id, first row, row count, body)
+        for item_id, body in claimed:
+            inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            try:
+                item_tokens = model.embed_tokens(inputs, truncate=bool(body.get("truncate", True)))
+            except CorralError as exc:
+                results[item_id] = {"state": "failed", "error": exc.message}
+                continue
+            spans.append((item_id, len(tokens), len(item_tokens), body))
+            tokens.extend(item_tokens)
+        try:
+            array = model.embed_array(tokens) if tokens else None
+        except CorralError as exc:
+            array = None
+            results.update({item_id: {"state": "failed", "error": exc.message} for item_id, *_ in spans})
+        if array is not None:
+            for item_id, first, count, body in spans:
+                try:
+                    vectors = finish_vectors(array[first : first + count], normalize=True, dimensions=body.get("dimensions"))
+                except CorralError as exc:
+                    results[item_id] = {"state": "failed", "error": exc.message}
+                    continue
+                n_tokens = sum(len(t) for t in tokens[first : first + count])
+                results[item_id] = {
+                    "state": "succeeded",
+                    "embedding": vectors.astype("<f4").tobytes(),
+                    "output": {"dims": int(vectors.shape[1]), "count": count, "prompt_eval_count": n_tokens},
+                    "prompt_tokens": n_tokens,
+                    "completion_tokens": 0,
+                }
+        now = utcnow()
+        with self.sessions() as session:
+            for item_id, values in results.items():
+                session.execute(
+                    update(Item)
+                    .where(Item.id == item_id, Item.claim == attempt, Item.state == "running")
+                    .values(**values, claim=None, finished_at=now)
+                )
+            session.commit()
 
     # -- bookkeeping ------------------------------------------------------------------------------------
 

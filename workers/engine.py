@@ -12,7 +12,6 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import math
 import os
 import random
 import time
@@ -20,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from corral.errors import BadRequest, ContextLengthExceeded, GenerationFailed
 
@@ -291,32 +292,85 @@ class LoadedModel:
 
     # -- embeddings -------------------------------------------------------------------------------------
 
+    def embed_tokens(self, inputs: list[str], *, truncate: bool) -> list[list[int]]:
+        """Tokenize inputs for embedding; longer than the context: cut (keeping the final [SEP]/EOS) or refuse."""
+        limit = self.n_ctx
+        eos = self.llm.token_eos()
+        out = []
+        for text in inputs:
+            tokens = list(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+            if len(tokens) > limit:
+                if not truncate:
+                    raise ContextLengthExceeded("the input length exceeds the context length")
+                tokens = tokens[: limit - 1] + tokens[-1:] if tokens[-1] == eos else tokens[:limit]
+            out.append(tokens)
+        return out
+
+    def embed_array(self, token_lists: list[list[int]]) -> np.ndarray:
+        """Pooled, unnormalised float32 vectors, one row per input, packing many inputs into each decode.
+
+        Inputs are sorted by length and packed up to ``n_batch`` tokens and ``n_seq_max`` sequences per
+        ``llama_decode`` (each its own sequence id, so pooling keeps them apart); rows come back in input order.
+        """
+        llama_cpp = self._llama_cpp
+        llm = self.llm
+        n_batch, n_embd = int(llm.n_batch), int(llm.n_embd())
+        n_seq_max = max(1, int(llm.context_params.n_seq_max))
+        out = np.empty((len(token_lists), n_embd), dtype=np.float32)
+        batch, ctx = llm._batch, llm._ctx
+        members: list[int] = []
+        used = 0
+
+        def flush() -> None:
+            ctx.kv_cache_clear()
+            ctx.decode(batch)
+            for seq, index in enumerate(members):
+                pointer = llama_cpp.llama_get_embeddings_seq(ctx.ctx, seq)
+                if not pointer:
+                    raise GenerationFailed("embedding failed: the model returned no pooled embedding")
+                out[index] = np.ctypeslib.as_array(pointer, shape=(n_embd,))
+            batch.reset()
+            members.clear()
+
+        batch.reset()
+        try:
+            for index in sorted(range(len(token_lists)), key=lambda i: len(token_lists[i])):
+                tokens = token_lists[index]
+                if members and (used + len(tokens) > n_batch or len(members) >= n_seq_max):
+                    flush()
+                    used = 0
+                batch.add_sequence(tokens, len(members), True)
+                members.append(index)
+                used += len(tokens)
+            if members:
+                flush()
+        except RuntimeError as exc:
+            raise GenerationFailed(f"embedding failed: {exc}") from exc
+        finally:
+            batch.reset()
+            ctx.kv_cache_clear()
+        return out
+
     def embed(
         self, inputs: list[str], *, truncate: bool, normalize: bool, dimensions: int | None
     ) -> tuple[list[list[float]], int]:
-        """Embed many inputs in packed batches; return (vectors, total prompt tokens)."""
-        limit = self.n_ctx
-        for text in inputs:
-            n = len(self.tokenize(text, add_bos=True))
-            if n > limit and not truncate:
-                raise ContextLengthExceeded("the input length exceeds the context length")
-        try:
-            vectors, count = self.llm.embed(inputs, normalize=False, truncate=True, return_count=True)
-        except (RuntimeError, ValueError) as exc:
-            raise GenerationFailed(f"embedding failed: {exc}") from exc
-        out: list[list[float]] = []
-        for vec in vectors:
-            values = [float(x) for x in vec]
-            if dimensions:
-                values = values[:dimensions]
-            if any(math.isnan(x) or math.isinf(x) for x in values):
-                raise BadRequest("embedding contains NaN or Inf values")
-            if normalize or dimensions:
-                norm = math.sqrt(sum(x * x for x in values)) or 1.0
-                values = [x / norm for x in values]
-            # float32 precision, printed as Go prints a float32 (9 significant digits at most)
-            out.append([float(f"{x:.9g}") for x in values])
-        return out, int(count)
+        """The sync endpoints' embeddings: lists of floats printed as Go prints float32; (vectors, tokens)."""
+        tokens = self.embed_tokens(inputs, truncate=truncate)
+        vectors = finish_vectors(self.embed_array(tokens), normalize=normalize, dimensions=dimensions)
+        # float32 precision, printed as Go prints a float32 (9 significant digits at most)
+        return [[float(f"{x:.9g}") for x in row] for row in vectors.tolist()], sum(len(t) for t in tokens)
+
+
+def finish_vectors(vectors: np.ndarray, *, normalize: bool, dimensions: int | None) -> np.ndarray:
+    """Cut to ``dimensions`` and L2-normalise (Ollama re-normalises after cutting); refuse NaN/Inf."""
+    if dimensions:
+        vectors = vectors[:, :dimensions]
+    if not np.isfinite(vectors).all():
+        raise BadRequest("embedding contains NaN or Inf values")
+    if normalize or dimensions:
+        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+        vectors = vectors / np.where(norms == 0, 1.0, norms)
+    return vectors.astype(np.float32, copy=False)
 
 
 def default_threads(configured: int) -> int:

@@ -9,10 +9,11 @@ from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
 
+from corral.catalog import ensure_defaults
 from corral.errors import CorralError
 from corral.protocol import model_queue
 from corral.settings import Settings
-from corral.store import ModelStore, register_default_models
+from corral.store import ModelStore
 
 
 def worker_name(gpu: int | None) -> str:
@@ -32,6 +33,24 @@ def queues_for(store: ModelStore, models: list[str] | None) -> tuple[list[str], 
     return queues, [r.name.display for r in records]
 
 
+STORE_SCAN_SECONDS = 3.0
+
+
+def _serve_new_models(app: Any, runtime: Any, store: ModelStore) -> None:
+    """Start consuming the queues of models pulled since start-up (a worker without ``--models`` serves all).
+
+    New queues are appended after the existing ones, so a new model's interactive queue is polled after the
+    older models' batch queues within one poll; restarting the worker restores the strict order.
+    """
+    queues, names = queues_for(store, None)
+    for queue in queues:
+        if queue not in runtime.queues:
+            app.control.add_consumer(queue, destination=[runtime.name], reply=False)
+            runtime.queues.append(queue)
+            logging.getLogger("corral.worker").info("now also consuming %s", queue)
+    runtime.models = names
+
+
 def run_worker(settings: Settings, *, gpu: int | None, models: list[str] | None, loglevel: str = "INFO") -> None:
     """Run a worker in the foreground until it is told to stop."""
     if gpu is not None:
@@ -39,7 +58,7 @@ def run_worker(settings: Settings, *, gpu: int | None, models: list[str] | None,
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = ModelStore(settings.models_path)
-    register_default_models(store)
+    ensure_defaults(store)
     queues, names = queues_for(store, models)
     if not queues:
         raise CorralError(f"no models to serve in {store.root}; pull one first")
@@ -59,6 +78,8 @@ def run_worker(settings: Settings, *, gpu: int | None, models: list[str] | None,
         app.corral_runtime = runtime  # type: ignore[attr-defined]
         reconciler = Reconciler(settings, app, runtime.redis, name)
         runtime.periodic.append((settings.reconcile_interval, reconciler.sweep))
+        if not models:
+            runtime.periodic.append((STORE_SCAN_SECONDS, lambda: _serve_new_models(app, runtime, store)))
         runtime.start()
         try:
             reconciler.sweep(startup=True)

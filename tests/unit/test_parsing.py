@@ -8,7 +8,13 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from corral.errors import BadRequest
-from corral.settings import Settings, parse_go_duration, parse_keep_alive, parse_ollama_host, parse_request_keep_alive
+from corral.settings import (
+    Settings,
+    parse_go_duration,
+    parse_keep_alive,
+    parse_ollama_host,
+    parse_request_keep_alive,
+)
 from corral.store import ModelName, human_number
 from corral.timefmt import rfc3339
 from workers.engine import StopMatcher
