@@ -104,10 +104,28 @@ def get_job(job_id: str) -> Response:
 @bp.get("/api/jobs/<job_id>/results")
 def results(job_id: str) -> Response:
     lines = jobs().results(
-        job_id, offset=_int_arg("offset", 0) or 0, limit=_int_arg("limit", None), state=request.args.get("state")
+        job_id, offset=_int_arg("offset", 0) or 0, limit=_int_arg("limit", None), state=request.args.get("state"),
+        include_input=request.args.get("include_input", "").lower() in ("1", "true", "yes"),
     )
     body = (dumps(line) + "\n" for line in lines)
     return Response(stream_with_context(body), mimetype=NDJSON_MIMETYPE)
+
+
+@bp.get("/api/jobs/<job_id>/search")
+def search(job_id: str) -> Response:
+    """Embed ``q`` with the job's model, return the ``k`` most similar stored chunks (cosine)."""
+    query = request.args.get("q", "")
+    if not query.strip():
+        raise BadRequest("q is required: the text to search for")
+    k = _int_arg("k", 5) or 5
+    if not 1 <= k <= 1000:
+        raise BadRequest("k must be between 1 and 1000")
+    model, _ = jobs().embed_job(job_id)
+    inference = current_app.extensions["corral"].inference
+    record = inference.model(model)
+    data, _ = inference.single(inference.request(record, model, "embed", inputs=[query], truncate=True))
+    hits = jobs().search(job_id, data["embeddings"][0], k)
+    return json_response({"model": model, "query": query, "results": hits})
 
 
 @bp.post("/api/jobs/<job_id>/cancel")

@@ -13,7 +13,7 @@ import sys
 import click
 
 from corral.errors import CorralError
-from jobs import cli_jobs, cli_models
+from jobs import cli_embed, cli_jobs, cli_models
 from jobs.cli_common import Context, pass_ctx, with_client
 from jobs.client import CorralClient
 
@@ -100,7 +100,7 @@ def db_upgrade(ctx: Context, revision: str) -> None:
     click.echo(f"database at {ctx.settings.database.split('@')[-1]} is at {revision}")
 
 
-for command in (*cli_jobs.COMMANDS, *cli_models.COMMANDS):
+for command in (*cli_jobs.COMMANDS, *cli_models.COMMANDS, *cli_embed.COMMANDS):
     main.add_command(command)
 
 

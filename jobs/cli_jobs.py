@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
 from jobs.cli_common import columns, parse_pairs, stdout_is_tty, with_client
 from jobs.client import CorralClient, file_chunks
-from jobs.export import FORMATS, ExportError, write_csv, write_jsonl, write_parquet
+from jobs.export import FORMATS, ExportError, write_csv, write_jsonl, write_npy, write_parquet
 
 EXIT_CODES = {"completed": 0, "failed": 3, "cancelled": 4}
 TERMINAL = tuple(EXIT_CODES)
@@ -149,12 +149,13 @@ def status(client: CorralClient, job_id: str, follow: bool, interval: float, as_
 def results(client: CorralClient, job_id: str, output: str | None, fmt: str, failed: bool) -> None:
     """Stream a job's results in input order (JSONL lines as GET /api/jobs/{id}/results sends them)."""
     kind = client.job(job_id)["kind"]
-    lines = client.results(job_id, state="failed" if failed else None)
+    # Embedding exports carry each vector's text; the JSONL stays exactly what the API sends.
+    lines = client.results(job_id, state="failed" if failed else None, include_input=kind == "embed" and fmt != "jsonl")
     try:
-        if fmt == "parquet":
+        if fmt in ("parquet", "npy"):
             if not output:
-                raise click.UsageError("--format parquet needs --output FILE")
-            count = write_parquet(lines, kind, output)
+                raise click.UsageError(f"--format {fmt} needs --output FILE")
+            count = (write_parquet if fmt == "parquet" else write_npy)(lines, kind, output)
         elif fmt == "csv":
             with (open(output, "w", newline="", encoding="utf-8") if output else _stdout_text()) as out:
                 count = write_csv(lines, kind, out)

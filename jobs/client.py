@@ -133,8 +133,10 @@ class CorralClient:
             params["status"] = status
         return self.request("GET", "/api/jobs", params=params)  # type: ignore[no-any-return]
 
-    def results(self, job_id: str, state: str | None = None) -> Iterator[bytes]:
-        params = {"state": state} if state else None
+    def results(self, job_id: str, state: str | None = None, include_input: bool = False) -> Iterator[bytes]:
+        params: dict[str, str] = {"state": state} if state else {}
+        if include_input:
+            params["include_input"] = "true"
         return self.stream_lines("GET", f"/api/jobs/{job_id}/results", params=params)
 
 

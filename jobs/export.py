@@ -12,10 +12,10 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-FORMATS = ("jsonl", "csv", "parquet")
+FORMATS = ("jsonl", "csv", "parquet", "npy")
 ROW_GROUP = 2048
 TEXT_COLUMNS = ["custom_id", "index", "state", "text", "done_reason", "prompt_tokens", "completion_tokens", "error"]
-EMBED_COLUMNS = ["custom_id", "index", "vector_index", "state", "embedding", "prompt_tokens", "error"]
+EMBED_COLUMNS = ["custom_id", "index", "vector_index", "state", "text", "metadata", "embedding", "prompt_tokens", "error"]
 
 
 class ExportError(Exception):
@@ -30,9 +30,13 @@ def rows(lines: Iterable[bytes], kind: str) -> Iterator[dict[str, Any]]:
         base = {"custom_id": line.get("custom_id"), "index": line.get("index"), "state": line.get("state"),
                 "error": line.get("error")}
         if kind == "embed":
+            inputs = (line.get("input") or {}).get("input")
+            texts = inputs if isinstance(inputs, list) else [inputs]
+            metadata = json.dumps(line["metadata"], ensure_ascii=False) if "metadata" in line else None
             vectors = response.get("embeddings") or [None]
             for n, vector in enumerate(vectors):
                 yield {**base, "vector_index": n if vector is not None else None, "embedding": vector,
+                       "text": texts[n] if n < len(texts) else None, "metadata": metadata,
                        "prompt_tokens": response.get("prompt_eval_count")}
             continue
         message = response.get("message") or {}
@@ -70,7 +74,8 @@ def write_parquet(lines: Iterable[bytes], kind: str, path: str) -> int:
     if kind == "embed":
         schema = pa.schema([
             ("custom_id", pa.string()), ("index", pa.int64()), ("vector_index", pa.int32()), ("state", pa.string()),
-            ("embedding", pa.list_(pa.float32())), ("prompt_tokens", pa.int64()), ("error", pa.string()),
+            ("text", pa.string()), ("metadata", pa.string()), ("embedding", pa.list_(pa.float32())),
+            ("prompt_tokens", pa.int64()), ("error", pa.string()),
         ])
     else:
         schema = pa.schema([
@@ -89,4 +94,43 @@ def write_parquet(lines: Iterable[bytes], kind: str, path: str) -> int:
                 batch = []
         if batch or count == 0:
             writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+    return count
+
+
+def write_npy(lines: Iterable[bytes], kind: str, path: str) -> int:
+    """Vectors as one float32 ``(rows, dims)`` ``.npy`` matrix, and their rows' metadata beside it as
+    ``<path>.meta.jsonl`` (custom_id, index, vector_index, text, metadata), row for row.
+
+    Rows are streamed to a scratch file first (the header needs the row count), so memory stays flat.
+    """
+    import os
+    import tempfile
+
+    import numpy as np
+
+    if kind != "embed":
+        raise ExportError("--format npy is for embedding jobs")
+    directory = os.path.dirname(os.path.abspath(path))
+    count, dims = 0, None
+    with tempfile.TemporaryFile(dir=directory) as scratch, open(f"{path}.meta.jsonl", "w", encoding="utf-8") as meta:
+        for row in rows(lines, kind):
+            vector = row.get("embedding")
+            if vector is None:
+                continue
+            if dims is None:
+                dims = len(vector)
+            elif len(vector) != dims:
+                raise ExportError(f"row {count}: {len(vector)} dimensions where earlier rows have {dims}")
+            scratch.write(np.asarray(vector, dtype="<f4").tobytes())
+            meta.write(json.dumps({k: row.get(k) for k in ("custom_id", "index", "vector_index", "text")}
+                                  | {"metadata": json.loads(row["metadata"]) if row.get("metadata") else None},
+                                  ensure_ascii=False) + "\n")
+            count += 1
+        scratch.seek(0)
+        with open(path, "wb") as out:
+            np.lib.format.write_array_header_1_0(
+                out, {"descr": "<f4", "fortran_order": False, "shape": (count, dims or 0)}
+            )
+            while piece := scratch.read(1 << 20):
+                out.write(piece)
     return count

@@ -1,7 +1,8 @@
 """Read and validate job input, one line at a time, so a million-line upload never sits in memory.
 
 Each line is one request body in the shape of the matching sync endpoint (``/api/generate``: ``prompt``;
-``/api/chat``: ``messages``; ``/api/embed``: ``input``) with an optional ``custom_id``.  Every error names
+``/api/chat``: ``messages``; ``/api/embed``: ``input``) with an optional ``custom_id`` and an optional ``metadata`` object, which comes back with the item's result
+(``corral embed`` keeps source path, chunk index and character offsets there).  Every error names
 the line, so a user can fix the file.
 """
 
@@ -79,6 +80,11 @@ def validate_item(kind: str, number: int, obj: Any) -> tuple[str | None, dict[st
         )
         if not ok:
             raise BadRequest(f'{where}: an embed item needs "input": a non-empty string or list of strings')
+    metadata = obj.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise BadRequest(f"{where}: metadata must be an object")
+        body["metadata"] = metadata
     if "options" in body:
         try:
             body["options"] = parse_options(body["options"])

@@ -199,7 +199,8 @@ class JobService:
         )
 
     def results(
-        self, job_id: str, *, offset: int = 0, limit: int | None = None, state: str | None = None, owner: str | None = None
+        self, job_id: str, *, offset: int = 0, limit: int | None = None, state: str | None = None,
+        owner: str | None = None, include_input: bool = False,
     ) -> Iterator[dict[str, Any]]:
         """Result lines in input order (streamed from the database in pages)."""
         with self._session() as session:
@@ -207,10 +208,11 @@ class JobService:
             model, kind = job.model, job.kind
         if state is not None and state not in ("pending", "running", "succeeded", "failed", "cancelled"):
             raise BadRequest("state must be one of pending, running, succeeded, failed, cancelled")
-        return self._result_lines(job_id, model, kind, offset, limit, state)
+        return self._result_lines(job_id, model, kind, offset, limit, state, include_input)
 
     def _result_lines(
-        self, job_id: str, model: str, kind: str, offset: int, limit: int | None, state: str | None
+        self, job_id: str, model: str, kind: str, offset: int, limit: int | None, state: str | None,
+        include_input: bool = False,
     ) -> Iterator[dict[str, Any]]:
         remaining = limit if limit is not None else None
         last_seq = -1
@@ -229,9 +231,70 @@ class JobService:
                 return
             for item in items:
                 last_seq = item.seq
-                yield result_line(item, model, kind)
+                yield result_line(item, model, kind, include_input)
             if remaining is not None:
                 remaining -= len(items)
+
+    def embed_job(self, job_id: str, owner: str | None = None) -> tuple[str, str]:
+        """(model, digest) of an embedding job, for search; other kinds have no vectors to search."""
+        with self._session() as session:
+            job = self._job(session, job_id, owner)
+            if job.kind != "embed":
+                raise BadRequest(f"job '{job_id}' is a {job.kind} job; only embed jobs can be searched")
+            return job.model, job.model_digest
+
+    def search(self, job_id: str, query: np.ndarray, k: int, owner: str | None = None) -> list[dict[str, Any]]:
+        """Top-k stored vectors by cosine similarity to ``query`` (a numpy scan over pages of the job's items).
+
+        Stored vectors are L2-normalised, so the dot product with the normalised query is the cosine.  Memory
+        stays at one page of vectors plus the running top k.
+        """
+        self.embed_job(job_id, owner)
+        k = max(1, min(k, 1000))
+        q = np.asarray(query, dtype=np.float32)
+        q = q / (np.linalg.norm(q) or 1.0)
+        best: list[tuple[float, int, int]] = []  # (score, item id, vector index)
+        last_seq = -1
+        while True:
+            with self._session() as session:
+                page = session.execute(
+                    select(Item.id, Item.seq, Item.embedding, Item.output)
+                    .where(Item.job_id == job_id, Item.state == "succeeded", Item.seq > last_seq)
+                    .order_by(Item.seq)
+                    .limit(2000)
+                ).all()
+            if not page:
+                break
+            last_seq = page[-1].seq
+            rows, owners = [], []
+            for item_id, _, blob, output in page:
+                if blob is None or not output or int(output["dims"]) != q.shape[0]:
+                    continue
+                vectors = np.frombuffer(blob, dtype="<f4").reshape(-1, q.shape[0])
+                rows.append(vectors)
+                owners.extend((item_id, n) for n in range(vectors.shape[0]))
+            if not rows:
+                continue
+            scores = np.concatenate(rows) @ q
+            top = np.argsort(-scores)[:k]
+            best.extend((float(scores[i]), *owners[i]) for i in top)
+            best = sorted(best, key=lambda b: -b[0])[:k]
+        if not best:
+            return []
+        with self._session() as session:
+            items = {i.id: i for i in session.scalars(select(Item).where(Item.id.in_([b[1] for b in best])))}
+            out = []
+            for score, item_id, n in best:
+                item = items[item_id]
+                body = item.input or {}
+                inputs = body.get("input")
+                text = inputs[n] if isinstance(inputs, list) else inputs
+                hit = {"custom_id": item.custom_id, "index": item.seq, "vector_index": n,
+                       "score": round(score, 6), "text": text}
+                if "metadata" in body:
+                    hit["metadata"] = body["metadata"]
+                out.append(hit)
+            return out
 
     # -- control ----------------------------------------------------------------------------------------
 
@@ -317,8 +380,9 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
-def result_line(item: Item, model: str, kind: str) -> dict[str, Any]:
-    """One line of /api/jobs/{id}/results: the sync endpoint's non-stream body, or the error."""
+def result_line(item: Item, model: str, kind: str, include_input: bool = False) -> dict[str, Any]:
+    """One line of /api/jobs/{id}/results: the sync endpoint's non-stream body, or the error, plus the item's
+    ``metadata`` when it had one and, on request, its ``input``."""
     response = item.output
     if kind == "embed" and item.state == "succeeded" and item.embedding is not None and item.output is not None:
         dims = int(item.output["dims"])
@@ -328,13 +392,19 @@ def result_line(item: Item, model: str, kind: str) -> dict[str, Any]:
             "embeddings": [[float(f"{x:.9g}") for x in row] for row in vectors.tolist()],
             "prompt_eval_count": item.output.get("prompt_eval_count", 0),
         }
-    return {
+    line = {
         "custom_id": item.custom_id,
         "index": item.seq,
         "state": item.state,
         "response": response if item.state == "succeeded" else None,
         "error": item.error,
     }
+    body = item.input or {}
+    if "metadata" in body:
+        line["metadata"] = body["metadata"]
+    if include_input:
+        line["input"] = {k: v for k, v in body.items() if k != "metadata"}
+    return line
 
 
 def finish_job_if_done(session: Session, job_id: str) -> None:
