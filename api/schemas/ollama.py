@@ -17,6 +17,7 @@ from corral.errors import BadRequest
 from corral.options import parse_options
 from corral.settings import parse_request_keep_alive
 
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

@@ -255,3 +255,29 @@ def test_run_without_prompt_is_an_interactive_chat_on_a_terminal(base_url: str) 
     assert os.waitstatus_to_exitcode(status) == 0
     reply = transcript.split(b"What is 2+2?", 1)[1].split(b">>> ")[0].strip()
     assert reply, transcript
+
+
+def test_status_watch_on_a_terminal_draws_a_progress_bar(base_url: str, tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "two.jsonl", [{"prompt": "Hi"}, {"prompt": "Bye"}])
+    job_id = cli(base_url, "submit", str(source), "--model", MODEL, *FAST).stdout.strip()
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, "-m", "jobs.cli", "status", job_id, "--watch", "--interval", "0.2"],
+                  _env(base_url))
+    screen = b""
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], 60)
+            assert ready, screen
+            try:
+                piece = os.read(fd, 4096)
+            except OSError:
+                break
+            if not piece:
+                break
+            screen += piece
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, screen
+    assert b"completed" in screen and b"2/2 done" in screen and b"\xe2\x94\x81" in screen  # rich's bar glyph

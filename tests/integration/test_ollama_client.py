@@ -30,7 +30,7 @@ def test_list_show_ps(oc: ollama.Client) -> None:
     assert shown.modelinfo["general.architecture"] == "llama"
     assert shown.details.family == "llama"
     oc.generate(model=MODEL, prompt="", keep_alive="5m")
-    assert MODEL in [m.model for m in oc.ps().models]
+    assert MODEL + ":latest" in [m.model for m in oc.ps().models]
 
 
 def test_unknown_model_raises_404_response_error(oc: ollama.Client) -> None:
