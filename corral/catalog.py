@@ -73,11 +73,6 @@ CATALOG: list[CatalogEntry] = [
 DEFAULT_MODELS = ("smollm2:135m", "all-minilm:l6-v2")
 
 
-def register(entry: CatalogEntry) -> None:
-    """Add an entry (used by modules that build models, e.g. the all-minilm converter)."""
-    CATALOG.append(entry)
-
-
 def find(name: str) -> CatalogEntry | None:
     parsed = ModelName.parse(name)
     for entry in CATALOG:

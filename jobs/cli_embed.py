@@ -18,7 +18,17 @@ import click
 from jobs.cli_common import parse_pairs, with_client
 from jobs.cli_jobs import EXIT_CODES, watch
 from jobs.client import ClientError, CorralClient
-from jobs.corpus import DEFAULT_GLOBS, TEXT_FIELDS, CorpusError, chunk_text, counter_for, documents, walk
+from jobs.corpus import (
+    DEFAULT_GLOBS,
+    TEXT_FIELDS,
+    CorpusError,
+    EstimateCounter,
+    WordPieceCounter,
+    chunk_text,
+    counter_for,
+    documents,
+    walk,
+)
 
 
 class _Stats:
@@ -28,7 +38,8 @@ class _Stats:
 
 
 def _items(
-    paths: list[Path], globs: tuple[str, ...], fields: tuple[str, ...], counter: object, chunk_tokens: int,
+    paths: list[Path], globs: tuple[str, ...], fields: tuple[str, ...], counter: EstimateCounter | WordPieceCounter,
+    chunk_tokens: int,
     overlap: int, known: dict[str, dict[str, str]], stats: _Stats,
 ) -> Iterator[bytes]:
     for path, root in walk(paths, globs):
@@ -40,7 +51,7 @@ def _items(
                     stats.skipped += 1
                     break
                 stats.files += 1
-            for n, chunk in enumerate(chunk_text(doc.text, counter, chunk_tokens, overlap)):  # type: ignore[arg-type]
+            for n, chunk in enumerate(chunk_text(doc.text, counter, chunk_tokens, overlap)):
                 stats.chunks += 1
                 item = {
                     "custom_id": f"{doc.source}#{n}",

@@ -25,10 +25,13 @@ EXIT_CODES = {"completed": 0, "failed": 3, "cancelled": 4}
 TERMINAL = tuple(EXIT_CODES)
 
 
+def _done(counts: dict[str, int]) -> int:
+    return counts["succeeded"] + counts["failed"] + counts["cancelled"]
+
+
 def _summary(job: dict[str, Any]) -> str:
     counts = job["counts"]
-    done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
-    parts = [f"{job['id']} {job['status']}", f"{done}/{counts['total']} done", f"{counts['failed']} failed"]
+    parts = [f"{job['id']} {job['status']}", f"{_done(counts)}/{counts['total']} done", f"{counts['failed']} failed"]
     if counts["cancelled"]:
         parts.append(f"{counts['cancelled']} cancelled")
     if job.get("tokens_per_second"):
@@ -80,7 +83,7 @@ def watch(client: CorralClient, job_id: str, interval: float) -> dict[str, Any]:
             if job.get("queue_position"):
                 eta = f"{job['queue_position']} chunks ahead"
             progress.update(
-                task, completed=counts["succeeded"] + counts["failed"] + counts["cancelled"], status=job["status"],
+                task, completed=_done(counts), status=job["status"],
                 failed=counts["failed"], rate=rate, eta=eta,
             )
             if job["status"] in TERMINAL:
@@ -203,28 +206,24 @@ def list_jobs(client: CorralClient, state: str | None, limit: int, as_json: bool
     table = [["ID", "STATUS", "KIND", "MODEL", "DONE", "FAILED", "CREATED"]]
     for job in reply["jobs"]:
         c = job["counts"]
-        done = c["succeeded"] + c["failed"] + c["cancelled"]
-        table.append([job["id"], job["status"], job["kind"], job["model"], f"{done}/{c['total']}", str(c["failed"]),
+        table.append([job["id"], job["status"], job["kind"], job["model"], f"{_done(c)}/{c['total']}", str(c["failed"]),
                       job["created_at"][:19].replace("T", " ")])
     click.echo(columns(table))
 
 
-@click.command()
-@click.argument("job_id", metavar="JOB")
-@with_client
-def cancel(client: CorralClient, job_id: str) -> None:
-    """Cancel a job: pending items stop; finished results stay."""
-    job = client.request("POST", f"/api/jobs/{job_id}/cancel")
-    click.echo(_summary(job))
+def _control(action: str, doc: str) -> click.Command:
+    """``corral cancel`` / ``corral retry``: POST /api/jobs/{id}/<action>, print the job's summary."""
+
+    @with_client
+    def command(client: CorralClient, job_id: str) -> None:
+        click.echo(_summary(client.request("POST", f"/api/jobs/{job_id}/{action}")))
+
+    command.__doc__ = doc
+    return click.command(action)(click.argument("job_id", metavar="JOB")(command))
 
 
-@click.command()
-@click.argument("job_id", metavar="JOB")
-@with_client
-def retry(client: CorralClient, job_id: str) -> None:
-    """Run a finished job's failed items again."""
-    job = client.request("POST", f"/api/jobs/{job_id}/retry")
-    click.echo(_summary(job))
+cancel = _control("cancel", "Cancel a job: pending items stop; finished results stay.")
+retry = _control("retry", "Run a finished job's failed items again.")
 
 
 COMMANDS = [submit, status, results, list_jobs, cancel, retry]

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import tempfile
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
+
+import numpy as np
 
 FORMATS = ("jsonl", "csv", "parquet", "npy")
 ROW_GROUP = 2048
@@ -103,11 +107,6 @@ def write_npy(lines: Iterable[bytes], kind: str, path: str) -> int:
 
     Rows are streamed to a scratch file first (the header needs the row count), so memory stays flat.
     """
-    import os
-    import tempfile
-
-    import numpy as np
-
     if kind != "embed":
         raise ExportError("--format npy is for embedding jobs")
     directory = os.path.dirname(os.path.abspath(path))

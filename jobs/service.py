@@ -243,13 +243,13 @@ class JobService:
                 raise BadRequest(f"job '{job_id}' is a {job.kind} job; only embed jobs can be searched")
             return job.model, job.model_digest
 
-    def search(self, job_id: str, query: np.ndarray, k: int, owner: str | None = None) -> list[dict[str, Any]]:
+    def search(self, job_id: str, query: np.ndarray, k: int) -> list[dict[str, Any]]:
         """Top-k stored vectors by cosine similarity to ``query`` (a numpy scan over pages of the job's items).
 
         Stored vectors are L2-normalised, so the dot product with the normalised query is the cosine.  Memory
-        stays at one page of vectors plus the running top k.
+        stays at one page of vectors plus the running top k.  The caller has checked the job with
+        :meth:`embed_job` (it needs the job's model to embed the query anyway).
         """
-        self.embed_job(job_id, owner)
         k = max(1, min(k, 1000))
         q = np.asarray(query, dtype=np.float32)
         q = q / (np.linalg.norm(q) or 1.0)

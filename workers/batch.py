@@ -86,11 +86,11 @@ class ChunkRunner:
             if embedding:
                 if not self._job_cancelled(job_id):
                     self._run_embed_items(model, item_ids, attempt)
-                item_ids = []
-            for item_id in item_ids:
-                if self._job_cancelled(job_id):
-                    break
-                self._run_item(model, item_id, attempt, job_id, kind, model_name, digest, options)
+            else:
+                for item_id in item_ids:
+                    if self._job_cancelled(job_id):
+                        break
+                    self._run_item(model, item_id, attempt, job_id, kind, model_name, digest, options)
         self._close_chunk(chunk_id, attempt, job_id)
 
     # -- items ------------------------------------------------------------------------------------------
