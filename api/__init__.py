@@ -1,4 +1,4 @@
-"""Flask front end: Ollama-shaped (and later OpenAI-shaped) HTTP API.  Never imports llama_cpp."""
+"""Flask front end: Ollama-shaped and OpenAI-shaped HTTP APIs over one set of services.  Never imports llama_cpp."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from api.inference import Inference
 from corral.protocol import redis_client
 from corral.settings import Settings
 from corral.store import ModelStore
+from jobs.batches import BatchService
+from jobs.files import FileStore
 from jobs.service import JobService
 
 __all__ = ["Services", "create_app"]
@@ -26,6 +28,8 @@ class Services:
     gateway: Gateway
     inference: Inference
     jobs: JobService
+    files: FileStore
+    batches: BatchService
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -33,6 +37,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api import errors, guards
     from api.jobs import bp as jobs_bp
     from api.ollama import bp as ollama_bp
+    from api.openai import bp as openai_bp
+    from api.openai_batch import bp as openai_batch_bp
     from workers.celery_app import make_celery
 
     settings = settings or Settings()
@@ -42,12 +48,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     client = redis_client(settings.redis)
     celery = make_celery(settings)
     gateway = Gateway(settings, client, celery)
+    jobs = JobService(settings, store, celery, client)
+    files = FileStore(settings)
     app.extensions["corral"] = Services(
-        settings, store, gateway, Inference(settings, store, gateway), JobService(settings, store, celery, client)
+        settings, store, gateway, Inference(settings, store, gateway), jobs, files, BatchService(store, jobs, files)
     )
     guards.init_app(app, settings)
     errors.init_app(app)
     app.register_blueprint(ollama_bp)
     app.register_blueprint(jobs_bp)
+    app.register_blueprint(openai_bp)
+    app.register_blueprint(openai_batch_bp)
     logging.getLogger(__name__).debug("API ready, model store %s", store.root)
     return app

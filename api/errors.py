@@ -1,8 +1,9 @@
-"""Error rendering, one handler per wire format, and the JSON response helper.
+"""Error rendering, one renderer per wire format, and the JSON response helper.
 
 Ollama's native routes answer ``{"error": "<message>"}`` with ``application/json; charset=utf-8``.  Routing
 errors keep Ollama's texts (``404 page not found``, ``405 method not allowed``) but in the same JSON shape,
-so no client ever sees HTML or a traceback.
+so no client ever sees HTML or a traceback.  Everything under ``/v1/`` answers OpenAI's
+``{"error": {"message", "type", "param", "code"}}`` instead, with the type each error class carries.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import json
 import logging
 from typing import Any
 
-from flask import Flask, Response
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from corral.errors import CorralError
+from corral.openai_wire import error_body
 
 log = logging.getLogger(__name__)
 JSON_MIMETYPE = "application/json; charset=utf-8"
@@ -32,21 +34,39 @@ def ollama_error(message: str, status: int) -> Response:
     return json_response({"error": message}, status)
 
 
+def openai_error(message: str, status: int, kind: str | None = None, param: str | None = None,
+                 code: str | None = None) -> Response:
+    if kind is None:
+        kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+    return Response(dumps(error_body(message, kind, param, code)), status=status, mimetype="application/json")
+
+
+def is_openai_path() -> bool:
+    return request.path.startswith("/v1/")
+
+
+def render_error(exc: CorralError) -> Response:
+    """A typed error in the wire shape of the route family that raised it."""
+    if is_openai_path():
+        return openai_error(exc.message, exc.status_code, exc.openai_type, exc.param, exc.code)
+    return ollama_error(exc.message, exc.status_code)
+
+
 _HTTP_TEXT = {404: "404 page not found", 405: "405 method not allowed"}
 
 
 def init_app(app: Flask) -> None:
-    """Register the Ollama-shaped handlers (the default for every route family without its own)."""
+    """Register the handlers: Ollama's shape by default, OpenAI's under ``/v1/``."""
 
     @app.errorhandler(CorralError)
     def _corral(exc: CorralError) -> Response:
-        return ollama_error(exc.message, exc.status_code)
+        return render_error(exc)
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
         status = exc.code or 500
         message = _HTTP_TEXT.get(status) or (exc.description or exc.name)
-        resp = ollama_error(message, status)
+        resp = openai_error(message, status) if is_openai_path() else ollama_error(message, status)
         if status == 405 and getattr(exc, "valid_methods", None):
             resp.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
         return resp
@@ -54,4 +74,5 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
-        return ollama_error(f"internal error: {type(exc).__name__}", 500)
+        message = f"internal error: {type(exc).__name__}"
+        return openai_error(message, 500) if is_openai_path() else ollama_error(message, 500)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from api.gateway import Gateway
-from corral.errors import GenerationFailed, ModelNotFound
+from corral.errors import BadRequest, GenerationFailed, ModelNotFound
 from corral.protocol import InferenceRequest, new_request_id
 from corral.settings import Settings
-from corral.store import ModelRecord, ModelStore
+from corral.store import ModelName, ModelRecord, ModelStore
 from corral.wire import ollama_chunk, ollama_final
 
 
@@ -35,6 +35,19 @@ class Inference:
             if not_found is None:
                 raise
             raise ModelNotFound(not_found.format(name=name)) from exc
+
+    def generation_model(
+        self, name: str, needed: str, *, think: bool | str | None = None, tools: bool = False
+    ) -> ModelRecord:
+        """Find a model for generate/chat and check it can do what the request asks (Ollama's messages)."""
+        record = self.model(name)
+        if "completion" not in record.capabilities:
+            raise BadRequest(f'"{name}" does not support {needed}')
+        if think not in (None, False):
+            raise BadRequest(f'"{name}" does not support thinking')
+        if tools and "tools" not in record.capabilities:
+            raise BadRequest(f"{ModelName.parse(name).display} does not support tools")
+        return record
 
     def request(self, record: ModelRecord, name: str, kind: str, **fields: Any) -> InferenceRequest:
         return InferenceRequest(

@@ -49,27 +49,16 @@ def version() -> Response:
     return json_response({"version": OLLAMA_COMPAT_VERSION})
 
 
-def _check_capability(record: ModelRecord, name: str, needed: str) -> None:
-    if "completion" not in record.capabilities:
-        raise BadRequest(f'"{name}" does not support {needed}')
-
-
-def _check_think(req: GenerateRequest | ChatRequest) -> None:
-    if req.think not in (None, False):
-        raise BadRequest(f'"{req.model}" does not support thinking')
-
-
 @bp.post("/api/generate")
 def generate() -> Response:
     req = parse_body(GenerateRequest, request.get_data())
     if not req.model:
         raise ModelNotFound("model '' not found")
     svc = service()
-    record = svc.model(req.model)
+    svc.model(req.model)
     if req.raw and (req.template or req.system or req.context):
         raise BadRequest("raw mode does not support template, system, or context")
-    _check_capability(record, req.model, "generate")
-    _check_think(req)
+    record = svc.generation_model(req.model, "generate", think=req.think)
     if req.suffix:
         raise BadRequest(f"{ModelName.parse(req.model).display} does not support insert")
     if not req.prompt:
@@ -90,11 +79,7 @@ def chat() -> Response:
     if not req.model:
         raise BadRequest("model is required")
     svc = service()
-    record = svc.model(req.model)
-    _check_capability(record, req.model, "chat")
-    _check_think(req)
-    if req.tools and "tools" not in record.capabilities:
-        raise BadRequest(f"{ModelName.parse(req.model).display} does not support tools")
+    record = svc.generation_model(req.model, "chat", think=req.think, tools=bool(req.tools))
     if not req.messages:
         return _load_or_unload(svc, record, req.model, req.keep_alive, "chat", req.options)
     job = svc.request(

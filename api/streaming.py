@@ -1,4 +1,4 @@
-"""NDJSON streaming for Ollama's routes.
+"""Streaming bodies: NDJSON for Ollama's routes, server-sent events for OpenAI's.
 
 One compact JSON object per line, flushed per chunk, no blank lines.  An error after the first byte becomes
 a final ``{"error": ...}`` line (the 200 status is already sent).  When the client disconnects, the WSGI
@@ -15,6 +15,7 @@ from flask import Response, stream_with_context
 
 from api.errors import dumps
 from corral.errors import CorralError
+from corral.openai_wire import error_body
 
 log = logging.getLogger(__name__)
 NDJSON_MIMETYPE = "application/x-ndjson"
@@ -43,4 +44,34 @@ def ndjson(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Response:
 
     resp = Response(stream_with_context(body()), mimetype=NDJSON_MIMETYPE)
     resp.headers["X-Accel-Buffering"] = "no"  # reverse proxies: do not buffer token streams
+    return resp
+
+
+SSE_MIMETYPE = "text/event-stream"
+
+
+def sse(events: Iterator[dict[str, Any]]) -> Response:
+    """OpenAI's server-sent events: ``data: <json>`` per event, then ``data: [DONE]``.
+
+    An error after the first byte becomes an ``error`` event (openai-python raises it as an APIError) and the
+    stream ends without ``[DONE]``.
+    """
+    def body() -> Iterator[str]:
+        try:
+            for event in events:
+                yield f"data: {dumps(event)}\n\n"
+            yield "data: [DONE]\n\n"
+        except CorralError as exc:
+            yield f"data: {dumps(error_body(exc.message, exc.openai_type, exc.param, exc.code))}\n\n"
+        except Exception as exc:  # never a traceback on the wire
+            log.exception("stream failed")
+            yield f"data: {dumps(error_body(f'internal error: {type(exc).__name__}', 'api_error'))}\n\n"
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+
+    resp = Response(stream_with_context(body()), mimetype=SSE_MIMETYPE)
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"
     return resp

@@ -226,6 +226,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CORRAL_RECONCILE_INTERVAL", "reconcile_interval"),
         description="Seconds between a worker's sweeps for batch items lost to dead workers or a flushed Redis.",
     )
+    upload_limit: int = Field(
+        1 << 30,
+        gt=0,
+        validation_alias=AliasChoices("CORRAL_UPLOAD_LIMIT", "upload_limit"),
+        description="Largest job upload or OpenAI file, in bytes (streamed to the database; default 1 GiB).",
+    )
 
     client_host: str | None = Field(
         None,

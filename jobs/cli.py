@@ -17,7 +17,7 @@ from jobs import cli_embed, cli_jobs, cli_models
 from jobs.cli_common import Context, pass_ctx, with_client
 from jobs.client import CorralClient
 
-JOB_ID = re.compile(r"^job_[0-9a-f]{24}$")
+JOB_ID = re.compile(r"^(job|batch)_[0-9a-f]{24}$")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -108,7 +108,7 @@ for command in (*cli_jobs.COMMANDS, *cli_models.COMMANDS, *cli_embed.COMMANDS):
 @click.argument("targets", nargs=-1, required=True, metavar="JOB|MODEL...")
 @with_client
 def rm(client: CorralClient, targets: tuple[str, ...]) -> None:
-    """Delete jobs (ids like job_...) with their results, or models from the store."""
+    """Delete jobs (ids like job_... or batch_...) with their results, or models from the store."""
     for target in targets:
         if JOB_ID.match(target):
             client.request("DELETE", f"/api/jobs/{target}")

@@ -1,4 +1,5 @@
-"""SQL tables of the batch-job domain: jobs, their items (one per input line) and the chunks that run them.
+"""SQL tables of the batch-job domain: jobs, their items (one per input line) and the chunks that run them,
+and the OpenAI Files API's files (stored in SQL in 1 MiB parts, so every API replica can serve them).
 
 SQL is the source of truth.  A Celery message only says "work on chunk X"; the chunk row says which items,
 who runs it and since when, so a lost message, a killed worker or a flushed Redis can always be repaired from
@@ -115,3 +116,34 @@ class Item(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+FILE_PURPOSES = ("batch", "batch_output", "assistants", "fine-tune", "vision", "user_data", "evals")
+
+
+class StoredFile(Base):
+    """An OpenAI file: an upload (content in :class:`FilePart` rows) or a batch's output/error file, whose
+    content is rendered from the job's items when read (``job_id`` + ``role`` set)."""
+
+    __tablename__ = "files"
+    __table_args__ = (UniqueConstraint("job_id", "role", name="uq_files_job_id_role"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(400))
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), nullable=True)
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class FilePart(Base):
+    """One piece of an uploaded file's bytes, in order."""
+
+    __tablename__ = "file_parts"
+
+    file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

@@ -72,7 +72,12 @@ class JobService:
         chunk_size: int | None = None,
         metadata: dict[str, Any] | None = None,
         owner: str | None = None,
+        job_id: str | None = None,
     ) -> dict[str, Any]:
+        """Write the job, its items and chunks in one transaction, commit, then enqueue the chunks.
+
+        ``job_id`` lets the OpenAI Batch API give the job its ``batch_...`` id.
+        """
         if kind not in JOB_KINDS:
             raise BadRequest(f"kind must be one of {', '.join(JOB_KINDS)}, not {kind!r}")
         if not model:
@@ -83,7 +88,7 @@ class JobService:
         size = chunk_size or self.settings.chunk_size
         if not 1 <= size <= 10_000:
             raise BadRequest("chunk_size must be between 1 and 10000")
-        job_id = new_id("job")
+        job_id = job_id or new_id("job")
         chunk_ids: list[str] = []
         with self._session() as session:
             session.add(
@@ -145,15 +150,7 @@ class JobService:
             return {"jobs": [self._view(session, j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
 
     def _view(self, session: Session, job: Job) -> dict[str, Any]:
-        counts = dict.fromkeys(("pending", "running", "succeeded", "failed", "cancelled"), 0)
-        for state, n in session.execute(
-            select(Item.state, func.count()).where(Item.job_id == job.id).group_by(Item.state)
-        ):
-            counts[state] = int(n)
-        prompt_tokens, completion_tokens = session.execute(
-            select(func.coalesce(func.sum(Item.prompt_tokens), 0), func.coalesce(func.sum(Item.completion_tokens), 0))
-            .where(Item.job_id == job.id)
-        ).one()
+        counts, (prompt_tokens, completion_tokens) = item_counts(session, job.id)
         done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
         total = job.item_count
         elapsed = None
@@ -405,6 +402,18 @@ def result_line(item: Item, model: str, kind: str, include_input: bool = False) 
     if include_input:
         line["input"] = {k: v for k, v in body.items() if k != "metadata"}
     return line
+
+
+def item_counts(session: Session, job_id: str) -> tuple[dict[str, int], tuple[int, int]]:
+    """Items per state, and (prompt, completion) token totals: the job's progress, computed from its rows."""
+    counts = dict.fromkeys(("pending", "running", "succeeded", "failed", "cancelled"), 0)
+    for state, n in session.execute(select(Item.state, func.count()).where(Item.job_id == job_id).group_by(Item.state)):
+        counts[state] = int(n)
+    prompt, completion = session.execute(
+        select(func.coalesce(func.sum(Item.prompt_tokens), 0), func.coalesce(func.sum(Item.completion_tokens), 0))
+        .where(Item.job_id == job_id)
+    ).one()
+    return counts, (int(prompt), int(completion))
 
 
 def finish_job_if_done(session: Session, job_id: str) -> None:

@@ -31,6 +31,11 @@ from workers.runtime import WorkerRuntime
 log = logging.getLogger(__name__)
 
 
+def failure(exc: CorralError) -> dict[str, Any]:
+    """An item's failed state; its HTTP status is kept for the OpenAI error file's ``response.status_code``."""
+    return {"state": "failed", "error": exc.message, "output": {"status_code": exc.status_code}}
+
+
 @shared_task(name=CHUNK_TASK, bind=True, acks_late=True, ignore_result=True)
 def run_chunk(self: Task, chunk_id: str) -> None:
     """Run the items of one chunk (the message carries nothing but the chunk id)."""
@@ -115,10 +120,10 @@ class ChunkRunner:
             if values.pop("cancelled", False):
                 values = {"state": "cancelled", "error": "job cancelled while this item was running"}
         except CorralError as exc:
-            values = {"state": "failed", "error": exc.message}
+            values = failure(exc)
         except Exception as exc:  # an item's failure never fails the job
             log.exception("item %s failed", item_id)
-            values = {"state": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            values = {"state": "failed", "error": f"{type(exc).__name__}: {exc}", "output": {"status_code": 500}}
         with self.sessions() as session:
             session.execute(
                 update(Item)
@@ -181,7 +186,7 @@ class ChunkRunner:
             try:
                 item_tokens = model.embed_tokens(inputs, truncate=bool(body.get("truncate", True)))
             except CorralError as exc:
-                results[item_id] = {"state": "failed", "error": exc.message}
+                results[item_id] = failure(exc)
                 continue
             spans.append((item_id, len(tokens), len(item_tokens), body))
             tokens.extend(item_tokens)
@@ -189,13 +194,13 @@ class ChunkRunner:
             array = model.embed_array(tokens) if tokens else None
         except CorralError as exc:
             array = None
-            results.update({item_id: {"state": "failed", "error": exc.message} for item_id, *_ in spans})
+            results.update({item_id: failure(exc) for item_id, *_ in spans})
         if array is not None:
             for item_id, first, count, body in spans:
                 try:
                     vectors = finish_vectors(array[first : first + count], normalize=True, dimensions=body.get("dimensions"))
                 except CorralError as exc:
-                    results[item_id] = {"state": "failed", "error": exc.message}
+                    results[item_id] = failure(exc)
                     continue
                 n_tokens = sum(len(t) for t in tokens[first : first + count])
                 results[item_id] = {

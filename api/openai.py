@@ -1,0 +1,177 @@
+"""OpenAI's sync routes (``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/models``).
+
+Each view parses the body with :mod:`corral.openai_wire`, runs the same native request an Ollama route would
+(same gateway, same workers, same queue), and reshapes the reply.  Errors render as OpenAI's error object
+(``api.errors`` picks the shape by path).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+
+from flask import Blueprint, Response, current_app, request
+
+from api.errors import json_response
+from api.inference import Inference, collect
+from api.schemas.ollama import decode_json
+from api.streaming import prime, sse
+from corral.errors import BadRequest, ModelNotFound
+from corral.openai_wire import (
+    FINGERPRINT,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    chat_completion,
+    completion_id,
+    embedding_list,
+    finish_reason,
+    model_object,
+    parse_request,
+    text_completion,
+    usage,
+)
+from corral.store import ModelName, ModelRecord
+
+bp = Blueprint("openai", __name__)
+EMBED_NOT_FOUND = 'model "{name}" not found, try pulling it first'
+
+
+def service() -> Inference:
+    return current_app.extensions["corral"].inference  # type: ignore[no-any-return]
+
+
+def _body(model: type[Any]) -> Any:
+    req = parse_request(model, decode_json(request.get_data()))
+    if not req.model:
+        raise BadRequest("model is required", param="model")
+    return req
+
+
+@bp.post("/v1/chat/completions")
+def chat_completions() -> Response:
+    req: ChatCompletionRequest = _body(ChatCompletionRequest)
+    svc = service()
+    record = svc.generation_model(req.model, "chat", think=req.think(), tools=bool(req.tools))
+    job = svc.request(
+        record, req.model, "chat", messages=req.native_messages(), options=req.native_options(),
+        format=req.native_format(), keep_alive=req.keep_alive,
+    )
+    chunks = svc.generation(job, "chat")
+    if not req.stream:
+        final = collect(chunks, "chat")
+        return json_response(
+            chat_completion(
+                req.model, final["message"]["content"], final.get("done_reason"),
+                int(final.get("prompt_eval_count", 0)), int(final.get("eval_count", 0)),
+            )
+        )
+    first = prime(chunks)
+    return sse(_stream_events("chat", req.model, req.include_usage, itertools.chain([first], chunks)))
+
+
+@bp.post("/v1/completions")
+def completions() -> Response:
+    req: CompletionRequest = _body(CompletionRequest)
+    svc = service()
+    record = svc.generation_model(req.model, "generate")
+    if req.suffix:
+        raise BadRequest(f"{ModelName.parse(req.model).display} does not support insert", param="suffix")
+    job = svc.request(
+        record, req.model, "generate", prompt=req.prompt, options=req.native_options(), keep_alive=req.keep_alive
+    )
+    chunks = svc.generation(job, "generate")
+    if not req.stream:
+        final = collect(chunks, "generate")
+        return json_response(
+            text_completion(
+                req.model, final["response"], final.get("done_reason"),
+                int(final.get("prompt_eval_count", 0)), int(final.get("eval_count", 0)),
+            )
+        )
+    first = prime(chunks)
+    return sse(_stream_events("generate", req.model, req.include_usage, itertools.chain([first], chunks)))
+
+
+def _stream_events(
+    shape: Literal["chat", "generate"], model: str, include_usage: bool, chunks: Iterator[dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """Native stream chunks -> OpenAI chunks: deltas, a finish chunk, the usage chunk when asked for."""
+    ident = completion_id("chatcmpl" if shape == "chat" else "cmpl")
+    created = int(time.time())
+    head = {
+        "id": ident,
+        "object": "chat.completion.chunk" if shape == "chat" else "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+    }
+    zero = {"usage": usage(0, 0)} if include_usage and shape == "generate" else {}
+
+    def choice(text: str | None, reason: str | None, first: bool) -> dict[str, Any]:
+        if shape == "generate":
+            return {"text": text or "", "index": 0, "finish_reason": reason}
+        delta: dict[str, Any] = {} if text is None else {"content": text}
+        if first:
+            delta = {"role": "assistant", "content": text or ""}
+        return {"index": 0, "delta": delta, "finish_reason": reason}
+
+    first = True
+    try:
+        for chunk in chunks:
+            if not chunk["done"]:
+                text = chunk["message"]["content"] if shape == "chat" else chunk["response"]
+                yield {**head, "choices": [choice(text, None, first)], **zero}
+                first = False
+                continue
+            reason = finish_reason(chunk.get("done_reason"))
+            if shape == "chat" and first:
+                yield {**head, "choices": [choice("", None, True)]}
+            yield {**head, "choices": [choice(None, reason, False)], **zero}
+            if include_usage:
+                counts = usage(int(chunk.get("prompt_eval_count", 0)), int(chunk.get("eval_count", 0)))
+                yield {**head, "choices": [], "usage": counts}
+            return
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+
+
+@bp.post("/v1/embeddings")
+def embeddings() -> Response:
+    req: EmbeddingRequest = _body(EmbeddingRequest)
+    inputs, encoding = req.inputs(), req.encoding()
+    svc = service()
+    record = svc.model(req.model, not_found=EMBED_NOT_FOUND)
+    job = svc.request(
+        record, req.model, "embed", inputs=inputs, truncate=True, dimensions=req.dimensions, options=req.options,
+        keep_alive=req.keep_alive,
+    )
+    data, _ = svc.single(job)
+    return json_response(embedding_list(req.model, data["embeddings"], encoding, int(data["prompt_eval_count"])))
+
+
+def _model_object(record: ModelRecord, ident: str | None = None) -> dict[str, Any]:
+    return model_object(ident or record.name.display, int(record.modified_at.timestamp()), record.name.namespace)
+
+
+@bp.get("/v1/models")
+def list_models() -> Response:
+    records = service().store.list()
+    return json_response({"object": "list", "data": [_model_object(r) for r in records] or None})
+
+
+@bp.get("/v1/models/<model>")
+def get_model(model: str) -> Response:
+    try:
+        record = service().store.get(model)
+    except (ModelNotFound, BadRequest) as exc:
+        try:
+            shown = ModelName.parse(model).display
+        except BadRequest:
+            shown = model
+        raise ModelNotFound(f"model '{shown}' not found") from exc
+    return json_response(_model_object(record, model))

@@ -1,0 +1,106 @@
+"""OpenAI's Files and Batches routes (``/v1/files``, ``/v1/batches``): thin views over :mod:`jobs.files` and
+:mod:`jobs.batches`.  Uploads stream into the database part by part; file content streams back out."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, request, stream_with_context
+
+from api.errors import json_response
+from api.schemas.ollama import decode_json
+from corral.errors import BadRequest
+from jobs.batches import BatchService
+from jobs.files import FileStore
+
+bp = Blueprint("openai_batch", __name__)
+
+
+def files() -> FileStore:
+    return current_app.extensions["corral"].files  # type: ignore[no-any-return]
+
+
+def batches() -> BatchService:
+    return current_app.extensions["corral"].batches  # type: ignore[no-any-return]
+
+
+def _int_arg(name: str, default: int) -> int:
+    value = request.args.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise BadRequest(f"{name} must be an integer", param=name) from exc
+
+
+@bp.post("/v1/files")
+def upload() -> Response:
+    if request.mimetype != "multipart/form-data":
+        raise BadRequest("expected a multipart/form-data upload with 'file' and 'purpose'")
+    upload = request.files.get("file")
+    if upload is None:
+        raise BadRequest("'file' is a required field", param="file")
+    purpose = request.form.get("purpose")
+    if not purpose:
+        raise BadRequest("'purpose' is a required field", param="purpose")
+    created = files().create(upload.stream, filename=upload.filename or "upload.jsonl", purpose=purpose)
+    return json_response(created)
+
+
+@bp.get("/v1/files")
+def list_files() -> Response:
+    return json_response(
+        files().list(
+            purpose=request.args.get("purpose") or None, limit=_int_arg("limit", 10000),
+            after=request.args.get("after") or None, order=request.args.get("order", "desc"),
+        )
+    )
+
+
+@bp.get("/v1/files/<file_id>")
+def get_file(file_id: str) -> Response:
+    return json_response(files().get(file_id))
+
+
+@bp.get("/v1/files/<file_id>/content")
+def file_content(file_id: str) -> Response:
+    job_id, role = files().source(file_id)
+    body = batches().render(job_id, role) if job_id and role else files().chunks(file_id)
+    return Response(stream_with_context(body), mimetype="application/octet-stream")
+
+
+@bp.delete("/v1/files/<file_id>")
+def delete_file(file_id: str) -> Response:
+    return json_response(files().delete(file_id))
+
+
+@bp.post("/v1/batches")
+def create_batch() -> Response:
+    body = decode_json(request.get_data())
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    for field in ("input_file_id", "endpoint", "completion_window"):
+        if not isinstance(body.get(field), str) or not body[field]:
+            raise BadRequest(f"'{field}' is a required string", param=field)
+    created = batches().create(
+        input_file_id=body["input_file_id"], endpoint=body["endpoint"],
+        completion_window=body["completion_window"], metadata=body.get("metadata"),
+    )
+    return json_response(created)
+
+
+@bp.get("/v1/batches")
+def list_batches() -> Response:
+    limit = _int_arg("limit", 20)
+    if not 1 <= limit <= 100:
+        raise BadRequest("limit must be between 1 and 100", param="limit")
+    return json_response(batches().list(after=request.args.get("after") or None, limit=limit))
+
+
+@bp.get("/v1/batches/<batch_id>")
+def get_batch(batch_id: str) -> Response:
+    return json_response(batches().get(batch_id))
+
+
+@bp.post("/v1/batches/<batch_id>/cancel")
+def cancel_batch(batch_id: str) -> Response:
+    return json_response(batches().cancel(batch_id))

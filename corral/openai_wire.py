@@ -1,0 +1,332 @@
+"""OpenAI's request and response shapes, and their translation to and from corral's native (Ollama) requests.
+
+Shared by the sync ``/v1`` routes and the OpenAI Batch API, so a batch line is turned into the same native
+request as the same body sent to ``/v1/chat/completions``, and its stored result is rendered into the same
+``chat.completion`` object.  Defaults follow Ollama's OpenAI layer (``temperature`` and ``top_p`` 1.0 when
+absent, ``max_tokens`` -> ``num_predict``); beyond Ollama, ``options`` and ``keep_alive`` in the body are
+honoured (explicit OpenAI fields win over ``options``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import time
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from corral.errors import BadRequest
+from corral.options import parse_options
+from corral.settings import parse_request_keep_alive
+
+FINGERPRINT = "fp_ollama"
+REASONING_EFFORTS = {"low", "medium", "high", "max", "minimal", "xhigh", "ultra", "none"}
+
+
+class _OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    options: dict[str, Any] = Field(default_factory=dict, description="Ollama runtime options (corral extension).")
+    keep_alive: float | None = Field(None, description="Seconds or a Go duration string (corral extension).")
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options(cls, value: Any) -> dict[str, Any]:
+        return parse_options(value)
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        try:
+            return parse_request_keep_alive(value)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class _Sampling(_OpenAIRequest):
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def native_options(self) -> dict[str, Any]:
+        """Ollama options: OpenAI's defaults, then the body's ``options``, then the explicit OpenAI fields."""
+        opts: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, **self.options}
+        explicit = {
+            "num_predict": self.max_tokens,
+            "seed": self.seed,
+            "temperature": self.temperature,
+            "top_p": self.top_p or None,
+            "frequency_penalty": self.frequency_penalty,
+            "presence_penalty": self.presence_penalty,
+        }
+        opts.update({k: v for k, v in explicit.items() if v is not None})
+        if self.stop is not None:
+            opts["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        return opts
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}]},
+    )
+
+    messages: list[dict[str, Any]] = Field(default_factory=list)
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    reasoning_effort: str | None = None
+    reasoning: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+    def native_messages(self) -> list[dict[str, Any]]:
+        if not self.messages:
+            raise BadRequest("[] is too short - 'messages'", param="messages")
+        out: list[dict[str, Any]] = []
+        for message in self.messages:
+            out.extend(_native_message(message))
+        return out
+
+    def native_format(self) -> str | dict[str, Any] | None:
+        fmt = self.response_format
+        if not fmt:
+            return None
+        kind = fmt.get("type")
+        if kind == "json_object":
+            return "json"
+        if kind == "json_schema":
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise BadRequest("response_format.json_schema.schema must be an object", param="response_format")
+            return schema
+        if kind in (None, "text"):
+            return None
+        raise BadRequest(f"invalid response_format type: {kind}", param="response_format")
+
+    def think(self) -> bool | str | None:
+        effort = self.reasoning_effort or (self.reasoning or {}).get("effort")
+        if effort is None:
+            return None
+        if effort not in REASONING_EFFORTS:
+            raise BadRequest(f"invalid reasoning value: '{effort}' (must be \"low\", \"medium\", \"high\", or \"none\")")
+        return False if effort == "none" else effort
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions (``prompt`` is a string only, as in Ollama)."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"model": "smollm2", "prompt": "Once"}]})
+
+    prompt: str = ""
+    suffix: str | None = None
+    stop: Any = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for s in value:
+                if not isinstance(s, str):
+                    raise BadRequest(f"invalid type for 'stop' field: {_go_kind(s)}", param="stop")
+        elif value is not None and not isinstance(value, str):
+            raise BadRequest(f"invalid type for 'stop' field: {_go_kind(value)}", param="stop")
+        return value
+
+
+class EmbeddingRequest(_OpenAIRequest):
+    """POST /v1/embeddings."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"model": "all-minilm", "input": "hi"}]})
+
+    input: Any = None
+    encoding_format: str = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+    def inputs(self) -> list[str]:
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and value and all(isinstance(x, str) for x in value):
+            return list(value)
+        raise BadRequest("invalid input", param="input")
+
+    def encoding(self) -> Literal["float", "base64"]:
+        fmt = (self.encoding_format or "float").lower()
+        if fmt not in ("float", "base64"):
+            raise BadRequest(
+                f"Invalid value for 'encoding_format' = {self.encoding_format}. Supported values: ['float', 'base64'].",
+                param="encoding_format",
+            )
+        return fmt  # type: ignore[return-value]
+
+
+def _go_kind(value: Any) -> str:
+    return {bool: "bool", int: "float64", float: "float64", dict: "map[string]interface {}"}.get(type(value), "string")
+
+
+def _native_message(message: Any) -> list[dict[str, Any]]:
+    """One OpenAI message -> one or more native messages (each content part becomes its own, same role)."""
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadRequest("invalid message: each message needs a string 'role'", param="messages")
+    role = message["role"].lower()
+    content = message.get("content")
+    base: dict[str, Any] = {"role": role}
+    if role == "tool":
+        name = message.get("name") or message.get("tool_call_id")
+        if name:
+            base["name"] = name
+    if message.get("tool_calls"):
+        base["tool_calls"] = [_native_tool_call(c) for c in message["tool_calls"]]
+    if content is None or isinstance(content, str):
+        return [{**base, "content": content or ""}]
+    if not isinstance(content, list):
+        raise BadRequest("invalid message content type", param="messages")
+    out = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            out.append({**base, "content": str(part.get("text", ""))})
+        elif kind == "image_url":
+            ref = part.get("image_url")
+            url = ref.get("url", "") if isinstance(ref, dict) else str(ref or "")
+            if url.startswith(("http://", "https://")):
+                raise BadRequest("image URLs are not currently supported, please use base64 encoded data instead")
+            if not url.startswith("data:"):
+                raise BadRequest("invalid image input")
+            raise BadRequest("this model does not support image input")
+        elif kind == "input_audio":
+            raise BadRequest("this model does not support audio input")
+        else:
+            raise BadRequest(f"invalid message part type: {kind}", param="messages")
+    return out
+
+
+def _native_tool_call(call: Any) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        raise BadRequest("invalid tool call", param="messages")
+    arguments = function.get("arguments") or "{}"
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError as exc:
+        raise BadRequest("invalid tool call arguments", param="messages") from exc
+    return {"function": {"name": function.get("name", ""), "arguments": parsed}}
+
+
+def parse_request(model: type[_OpenAIRequest], data: Any) -> Any:
+    """Validate a decoded body; pydantic's complaint becomes a 400 naming the field."""
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or None
+        raise BadRequest(f"invalid value for '{field}': {err['msg']}", param=field) from exc
+
+
+# -- responses ------------------------------------------------------------------------------------------
+
+
+def completion_id(prefix: Literal["chatcmpl", "cmpl"]) -> str:
+    return f"{prefix}-{random.randrange(999)}"
+
+
+def finish_reason(done_reason: str | None) -> str:
+    return "length" if done_reason == "length" else "stop"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+def chat_completion(
+    model: str, text: str, done_reason: str | None, prompt_tokens: int, completion_tokens: int,
+    *, created: int | None = None, ident: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": ident or completion_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(done_reason)}
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def text_completion(
+    model: str, text: str, done_reason: str | None, prompt_tokens: int, completion_tokens: int,
+    *, created: int | None = None, ident: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": ident or completion_id("cmpl"),
+        "object": "text_completion",
+        "created": created or int(time.time()),
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": [{"text": text, "index": 0, "finish_reason": finish_reason(done_reason)}],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def embedding_list(
+    model: str, vectors: list[list[float]] | np.ndarray, encoding: str, prompt_tokens: int
+) -> dict[str, Any]:
+    data = []
+    for index, vector in enumerate(vectors):
+        if encoding == "base64":
+            value: Any = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        else:
+            value = [float(f"{x:.9g}") for x in (vector.tolist() if isinstance(vector, np.ndarray) else vector)]
+        data.append({"object": "embedding", "embedding": value, "index": index})
+    return {
+        "object": "list",
+        "data": data,
+        "model": model,
+        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+    }
+
+
+def model_object(ident: str, created: int, owned_by: str) -> dict[str, Any]:
+    return {"id": ident, "object": "model", "created": created, "owned_by": owned_by}
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def from_native_final(kind: str, model: str, final: dict[str, Any], created: int) -> dict[str, Any]:
+    """A stored native result (the non-stream /api/chat or /api/generate body) as OpenAI's response body."""
+    prompt, completion = int(final.get("prompt_eval_count", 0)), int(final.get("eval_count", 0))
+    reason = final.get("done_reason")
+    if kind == "chat":
+        text = (final.get("message") or {}).get("content", "")
+        return chat_completion(model, text, reason, prompt, completion, created=created)
+    return text_completion(model, final.get("response", ""), reason, prompt, completion, created=created)
