@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app, request, send_file
 
 from api.errors import json_response
 from api.inference import Inference, collect, load_reply
@@ -232,3 +232,22 @@ def pull() -> Response:
             last = step
         return json_response(last)
     return ndjson(prime(steps), steps)
+
+
+@bp.route("/api/blobs/<digest>", methods=["GET", "HEAD"])
+def blob(digest: str) -> Response:
+    """HEAD: does the store have this blob (Ollama's 200/404).  GET (corral): stream it, so a worker on another
+    machine can pull a model by digest and check it against its sha256."""
+    store = service().store
+    path = store.blob_path(digest)
+    if not path.is_file():
+        return Response(status=404) if request.method == "HEAD" else json_response({"error": "blob not found"}, 404)
+    resp = send_file(path, mimetype="application/octet-stream", conditional=True, max_age=0)
+    resp.headers["Docker-Content-Digest"] = "sha256:" + path.name.split("-", 1)[1]
+    return resp
+
+
+@bp.get("/api/manifests/<path:name>")
+def manifest(name: str) -> Response:
+    """The manifest behind a model name (corral): which blobs a remote worker needs to serve it."""
+    return json_response(service().store.manifest(name))

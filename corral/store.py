@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -237,6 +238,29 @@ class ModelStore:
             os.replace(tmp_name, path)
         return digest
 
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).is_file()
+
+    def write_blob_stream(self, digest: str, chunks: Iterable[bytes]) -> Path:
+        """Store a blob streamed from elsewhere, checked against its sha256 before it becomes visible."""
+        path = self.blob_path(digest)
+        expected = path.name.split("-", 1)[1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+        h = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in chunks:
+                    h.update(chunk)
+                    fh.write(chunk)
+            if h.hexdigest() != expected:
+                raise BadRequest(f"digest mismatch for sha256:{expected}: received sha256:{h.hexdigest()}")
+            os.replace(tmp_name, path)
+        finally:
+            if os.path.exists(tmp_name):
+                os.unlink(tmp_name)
+        return path
+
     def _cached_digest(self, source: Path) -> str:
         """sha256 of a file, remembered by (path, size, mtime) so start-up does not re-hash 100 MB each time."""
         st = source.stat()
@@ -285,6 +309,21 @@ class ModelStore:
             self._write_manifest(name, manifest)
             records.append(self.get(text))
         return records
+
+    def manifest(self, text: str) -> dict[str, Any]:
+        """The manifest of a name (what ``GET /api/manifests/{name}`` serves to remote workers)."""
+        found = self._manifest(ModelName.parse(text))
+        if found is None:
+            raise ModelNotFound(f"model '{text}' not found")
+        return found
+
+    def write_manifest(self, text: str, manifest: dict[str, Any]) -> ModelRecord:
+        """Register a name for blobs already in the store (a pull from another corral server)."""
+        for ref in [manifest["config"], *manifest["layers"]]:
+            if not self.has_blob(ref["digest"]):
+                raise BadRequest(f"blob {ref['digest']} is missing")
+        self._write_manifest(ModelName.parse(text), manifest)
+        return self.get(text)
 
     def _write_manifest(self, name: ModelName, manifest: dict[str, Any]) -> None:
         path = name.manifest_path(self.root)

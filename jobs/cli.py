@@ -65,8 +65,13 @@ def serve(ctx: Context, host: str | None, port: int | None, migrate: bool) -> No
 @click.option("--gpu", type=int, help="GPU index to pin this worker to (sets CUDA_VISIBLE_DEVICES); CPU if omitted.")
 @click.option("--models", help="Comma-separated models to serve (default: every model in the store).")
 @click.option("--loglevel", default="INFO", show_default=True)
+@click.option(
+    "--pull-from", metavar="URL",
+    help="Copy the models to serve from this corral API (by digest, sha256-checked) instead of the local packages; "
+    "for workers on machines that do not share the model store.",
+)
 @pass_ctx
-def worker(ctx: Context, gpu: int | None, models: str | None, loglevel: str) -> None:
+def worker(ctx: Context, gpu: int | None, models: str | None, loglevel: str, pull_from: str | None) -> None:
     """Run one Celery worker process serving the given models."""
     from workers.main import run_worker
 
@@ -74,7 +79,7 @@ def worker(ctx: Context, gpu: int | None, models: str | None, loglevel: str) -> 
         raise click.ClickException("REDIS_URL is not set (use `corral up` to run everything with a private Redis)")
     names = [m.strip() for m in models.split(",") if m.strip()] if models else None
     try:
-        run_worker(ctx.settings, gpu=gpu, models=names, loglevel=loglevel.upper())
+        run_worker(ctx.settings, gpu=gpu, models=names, loglevel=loglevel.upper(), pull_from=pull_from)
     except CorralError as exc:
         raise click.ClickException(exc.message) from exc
 

@@ -51,14 +51,23 @@ def _serve_new_models(app: Any, runtime: Any, store: ModelStore) -> None:
     runtime.models = names
 
 
-def run_worker(settings: Settings, *, gpu: int | None, models: list[str] | None, loglevel: str = "INFO") -> None:
+def run_worker(
+    settings: Settings, *, gpu: int | None, models: list[str] | None, loglevel: str = "INFO",
+    pull_from: str | None = None,
+) -> None:
     """Run a worker in the foreground until it is told to stop."""
     if gpu is not None:
         # Must happen before llama_cpp (and so CUDA) is first imported in this process.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = ModelStore(settings.models_path)
-    ensure_defaults(store)
+    if pull_from:
+        from corral.remote import pull_from_server
+
+        pulled = pull_from_server(store, pull_from, models, api_key=settings.api_key)
+        logging.getLogger("corral.worker").info("models from %s: %s", pull_from, ", ".join(pulled))
+    else:
+        ensure_defaults(store)
     queues, names = queues_for(store, models)
     if not queues:
         raise CorralError(f"no models to serve in {store.root}; pull one first")

@@ -84,6 +84,7 @@ class WorkerRuntime:
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "gpu": self.gpu,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "queues": self.queues,
             "models": self.models,
             "started_at": self.started_at,

@@ -79,3 +79,20 @@ def test_api_restarted_mid_job(isolated: Stack) -> None:
     api.stop()
     isolated.start_api()
     assert_exactly_once(isolated, job_id)
+
+
+def test_sigterm_finishes_the_current_chunk_so_a_rolling_restart_runs_nothing_twice(isolated: Stack) -> None:
+    first = isolated.start_worker()
+    isolated.start_api()
+    job_id = start_job(isolated)
+    assert first.stop(signal.SIGTERM, timeout=60) == 0, first.output()  # Celery's warm/soft shutdown
+    assert "shutdown" in first.output().lower()
+    with sessions(isolated.settings)() as session:
+        states = list(session.scalars(select(Item.state).where(Item.job_id == job_id)))
+    assert "running" not in states, "SIGTERM must not leave an item half-run"
+    assert states.count("succeeded") < ITEMS, "the SIGTERM must land mid-job"
+    isolated.start_worker()
+    assert_exactly_once(isolated, job_id)
+    with sessions(isolated.settings)() as session:
+        attempts = list(session.scalars(select(Item.attempts).where(Item.job_id == job_id)))
+    assert attempts == [1] * ITEMS  # unlike a kill, a graceful stop re-runs nothing
