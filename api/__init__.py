@@ -14,6 +14,7 @@ from corral.settings import Settings
 from corral.store import ModelStore
 from jobs.batches import BatchService
 from jobs.files import FileStore
+from jobs.keys import KeyStore
 from jobs.service import JobService
 
 __all__ = ["Services", "create_app"]
@@ -34,7 +35,7 @@ class Services:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Create and configure the API application."""
-    from api import errors, guards
+    from api import auth, errors, guards
     from api.jobs import bp as jobs_bp
     from api.ollama import bp as ollama_bp
     from api.openai import bp as openai_bp
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings, store, gateway, Inference(settings, store, gateway), jobs, files, BatchService(store, jobs, files)
     )
     guards.init_app(app, settings)
+    auth.init_app(app, settings, KeyStore(settings))
     errors.init_app(app)
     app.register_blueprint(ollama_bp)
     app.register_blueprint(jobs_bp)

@@ -52,7 +52,7 @@ def render_error(exc: CorralError) -> Response:
     return ollama_error(exc.message, exc.status_code)
 
 
-_HTTP_TEXT = {404: "404 page not found", 405: "405 method not allowed"}
+_HTTP_TEXT = {404: "404 page not found", 405: "405 method not allowed", 413: "request body too large"}
 
 
 def init_app(app: Flask) -> None:

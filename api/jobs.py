@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request, stream_with_context
 
+from api.auth import creator, owner
 from api.errors import dumps, json_response
 from api.schemas.ollama import decode_json
 from api.streaming import NDJSON_MIMETYPE
@@ -63,6 +64,7 @@ def submit() -> Response:
             chunk_size=_int_arg("chunk_size", None),
             metadata=metadata if isinstance(metadata, dict) else None,
             items=validated(kind, lines),
+            owner=creator(),
         )
         return json_response(job, 202)
     body = decode_json(request.get_data())
@@ -85,6 +87,7 @@ def submit() -> Response:
         chunk_size=chunk_size,
         metadata=metadata,
         items=validated(str(kind), enumerate(items, start=1)),
+        owner=creator(),
     )
     return json_response(job, 202)
 
@@ -92,20 +95,23 @@ def submit() -> Response:
 @bp.get("/api/jobs")
 def list_jobs() -> Response:
     return json_response(
-        jobs().list(status=request.args.get("status"), limit=_int_arg("limit", 20) or 20, offset=_int_arg("offset", 0) or 0)
+        jobs().list(
+            status=request.args.get("status"), limit=_int_arg("limit", 20) or 20, offset=_int_arg("offset", 0) or 0,
+            owner=owner(),
+        )
     )
 
 
 @bp.get("/api/jobs/<job_id>")
 def get_job(job_id: str) -> Response:
-    return json_response(jobs().get(job_id))
+    return json_response(jobs().get(job_id, owner()))
 
 
 @bp.get("/api/jobs/<job_id>/results")
 def results(job_id: str) -> Response:
     lines = jobs().results(
         job_id, offset=_int_arg("offset", 0) or 0, limit=_int_arg("limit", None), state=request.args.get("state"),
-        include_input=request.args.get("include_input", "").lower() in ("1", "true", "yes"),
+        include_input=request.args.get("include_input", "").lower() in ("1", "true", "yes"), owner=owner(),
     )
     body = (dumps(line) + "\n" for line in lines)
     return Response(stream_with_context(body), mimetype=NDJSON_MIMETYPE)
@@ -120,7 +126,7 @@ def search(job_id: str) -> Response:
     k = _int_arg("k", 5) or 5
     if not 1 <= k <= 1000:
         raise BadRequest("k must be between 1 and 1000")
-    model, _ = jobs().embed_job(job_id)
+    model, _ = jobs().embed_job(job_id, owner())
     inference = current_app.extensions["corral"].inference
     record = inference.model(model)
     data, _ = inference.single(inference.request(record, model, "embed", inputs=[query], truncate=True))
@@ -130,17 +136,17 @@ def search(job_id: str) -> Response:
 
 @bp.post("/api/jobs/<job_id>/cancel")
 def cancel(job_id: str) -> Response:
-    return json_response(jobs().cancel(job_id))
+    return json_response(jobs().cancel(job_id, owner()))
 
 
 @bp.post("/api/jobs/<job_id>/retry")
 def retry(job_id: str) -> Response:
-    return json_response(jobs().retry(job_id))
+    return json_response(jobs().retry(job_id, owner()))
 
 
 @bp.delete("/api/jobs/<job_id>")
 def delete(job_id: str) -> Response:
-    return json_response(jobs().delete(job_id))
+    return json_response(jobs().delete(job_id, owner()))
 
 
 @bp.get("/api/queue")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, request, stream_with_context
 
+from api.auth import creator, owner
 from api.errors import json_response
 from api.schemas.ollama import decode_json
 from corral.errors import BadRequest
@@ -42,7 +43,7 @@ def upload() -> Response:
     purpose = request.form.get("purpose")
     if not purpose:
         raise BadRequest("'purpose' is a required field", param="purpose")
-    created = files().create(upload.stream, filename=upload.filename or "upload.jsonl", purpose=purpose)
+    created = files().create(upload.stream, filename=upload.filename or "upload.jsonl", purpose=purpose, owner=creator())
     return json_response(created)
 
 
@@ -51,26 +52,26 @@ def list_files() -> Response:
     return json_response(
         files().list(
             purpose=request.args.get("purpose") or None, limit=_int_arg("limit", 10000),
-            after=request.args.get("after") or None, order=request.args.get("order", "desc"),
+            after=request.args.get("after") or None, order=request.args.get("order", "desc"), owner=owner(),
         )
     )
 
 
 @bp.get("/v1/files/<file_id>")
 def get_file(file_id: str) -> Response:
-    return json_response(files().get(file_id))
+    return json_response(files().get(file_id, owner()))
 
 
 @bp.get("/v1/files/<file_id>/content")
 def file_content(file_id: str) -> Response:
-    job_id, role = files().source(file_id)
+    job_id, role = files().source(file_id, owner())
     body = batches().render(job_id, role) if job_id and role else files().chunks(file_id)
     return Response(stream_with_context(body), mimetype="application/octet-stream")
 
 
 @bp.delete("/v1/files/<file_id>")
 def delete_file(file_id: str) -> Response:
-    return json_response(files().delete(file_id))
+    return json_response(files().delete(file_id, owner()))
 
 
 @bp.post("/v1/batches")
@@ -83,7 +84,7 @@ def create_batch() -> Response:
             raise BadRequest(f"'{field}' is a required string", param=field)
     created = batches().create(
         input_file_id=body["input_file_id"], endpoint=body["endpoint"],
-        completion_window=body["completion_window"], metadata=body.get("metadata"),
+        completion_window=body["completion_window"], metadata=body.get("metadata"), owner=creator(),
     )
     return json_response(created)
 
@@ -93,14 +94,14 @@ def list_batches() -> Response:
     limit = _int_arg("limit", 20)
     if not 1 <= limit <= 100:
         raise BadRequest("limit must be between 1 and 100", param="limit")
-    return json_response(batches().list(after=request.args.get("after") or None, limit=limit))
+    return json_response(batches().list(after=request.args.get("after") or None, limit=limit, owner=owner()))
 
 
 @bp.get("/v1/batches/<batch_id>")
 def get_batch(batch_id: str) -> Response:
-    return json_response(batches().get(batch_id))
+    return json_response(batches().get(batch_id, owner()))
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")
 def cancel_batch(batch_id: str) -> Response:
-    return json_response(batches().cancel(batch_id))
+    return json_response(batches().cancel(batch_id, owner()))

@@ -5,6 +5,7 @@
     CorralError (500)
     ├── BadRequest (400)
     │   └── ContextLengthExceeded (400)
+    ├── Unauthorized (401)
     ├── NotFound (404)
     │   └── ModelNotFound (404)
     ├── Conflict (409)
@@ -48,6 +49,14 @@ class ContextLengthExceeded(BadRequest):
     """An input does not fit the model's context and the client asked not to truncate."""
 
     code = "context_length_exceeded"
+
+
+class Unauthorized(CorralError):
+    """API keys are required and the request has none, or an unknown or revoked one."""
+
+    status_code = 401
+    openai_type = "invalid_request_error"
+    code = "invalid_api_key"
 
 
 class NotFound(CorralError):
@@ -102,6 +111,7 @@ class WorkerUnavailable(CorralError):
 
 _BY_STATUS: dict[int, type[CorralError]] = {
     400: BadRequest,
+    401: Unauthorized,
     404: NotFound,
     409: Conflict,
     413: PayloadTooLarge,

@@ -232,6 +232,17 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CORRAL_UPLOAD_LIMIT", "upload_limit"),
         description="Largest job upload or OpenAI file, in bytes (streamed to the database; default 1 GiB).",
     )
+    max_body: int = Field(
+        32 << 20,
+        gt=0,
+        validation_alias=AliasChoices("CORRAL_MAX_BODY", "max_body"),
+        description="Largest request body on the sync routes, in bytes (default 32 MiB); uploads use CORRAL_UPLOAD_LIMIT.",
+    )
+    require_api_key: bool = Field(
+        False,
+        validation_alias=AliasChoices("CORRAL_REQUIRE_API_KEY", "require_api_key"),
+        description="Require `Authorization: Bearer <key>` on every route but `/` (keys from `corral keys create`).",
+    )
 
     client_host: str | None = Field(
         None,

@@ -38,6 +38,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
     )
     if settings.models_dir:
         env["OLLAMA_MODELS"] = str(settings.models_dir)
+    if settings.require_api_key:
+        env["CORRAL_REQUIRE_API_KEY"] = "1"
+    env["CORRAL_MAX_BODY"] = str(settings.max_body)
     return env
 
 

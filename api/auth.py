@@ -1,0 +1,57 @@
+"""API keys and body limits, checked before any view runs.
+
+With ``CORRAL_REQUIRE_API_KEY=1`` every route but ``/`` (the liveness probe) needs ``Authorization: Bearer
+<key>`` (ollama-python sends ``OLLAMA_API_KEY`` this way, openai-python its ``api_key``); a missing, unknown or
+revoked key is a 401 in the route family's error shape.  Views ask :func:`owner` whose jobs, batches and files
+the caller may see (``None``: all of them) and :func:`creator` whom to stamp as owner of what it creates.
+
+Body limits: ``CORRAL_MAX_BODY`` on the sync routes; job and file uploads, which are streamed into the
+database, get ``CORRAL_UPLOAD_LIMIT`` instead.  Over the limit is a 413, before the body is read.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, g, request
+
+from corral.errors import Unauthorized
+from corral.settings import Settings
+from jobs.keys import KeyStore, Principal
+
+UPLOAD_ROUTES = {("POST", "/api/jobs"), ("POST", "/v1/files")}
+OPEN_ROUTES = {"/"}
+
+
+def init_app(app: Flask, settings: Settings, keys: KeyStore) -> None:
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body
+
+    @app.before_request
+    def _limits_and_key() -> None:
+        if (request.method, request.path) in UPLOAD_ROUTES:
+            request.max_content_length = settings.upload_limit
+        g.principal = None
+        if not settings.require_api_key or request.path in OPEN_ROUTES or request.method == "OPTIONS":
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+        principal = keys.check(key.strip())
+        if principal is None:
+            raise Unauthorized("invalid API key")
+        g.principal = principal
+
+
+def principal() -> Principal | None:
+    return g.get("principal")
+
+
+def owner() -> str | None:
+    """Whose resources the caller sees: its own key id, or None (keys off, or an admin key) for all."""
+    who = principal()
+    return None if who is None or who.admin else who.key_id
+
+
+def creator() -> str | None:
+    """Whom new jobs, batches and files belong to: the calling key (None when keys are off)."""
+    who = principal()
+    return who.key_id if who else None
