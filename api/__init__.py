@@ -35,7 +35,7 @@ class Services:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Create and configure the API application."""
-    from api import auth, errors, guards
+    from api import auth, errors, guards, metrics
     from api.jobs import bp as jobs_bp
     from api.ollama import bp as ollama_bp
     from api.openai import bp as openai_bp
@@ -57,6 +57,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     guards.init_app(app, settings)
     auth.init_app(app, settings, KeyStore(settings))
     errors.init_app(app)
+    metrics.init_app(app)
+    app.register_blueprint(metrics.bp)
     app.register_blueprint(ollama_bp)
     app.register_blueprint(jobs_bp)
     app.register_blueprint(openai_bp)

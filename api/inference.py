@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from api.gateway import Gateway
+from api.metrics import observe_first_token, observe_tokens
 from corral.errors import BadRequest, GenerationFailed, ModelNotFound
 from corral.protocol import InferenceRequest, new_request_id
 from corral.settings import Settings
@@ -80,6 +81,7 @@ class Inference:
         """Yield Ollama stream chunks for a generate or chat request."""
         started = time.perf_counter_ns()
         waited = 0
+        first = True
         events = self.gateway.run(req)
         try:
             for event in events:
@@ -88,11 +90,15 @@ class Inference:
                     continue
                 event.raise_if_error()
                 if event.kind == "delta":
+                    if first:
+                        observe_first_token(req.model, (time.perf_counter_ns() - started) / 1e9)
+                        first = False
                     yield ollama_chunk(req.model, shape, event.data["c"], done=False)
                 elif event.kind == "done":
                     stats = dict(event.data)
                     stats["total_duration"] = time.perf_counter_ns() - started
                     stats["load_duration"] = waited + int(stats.get("load_duration", 0))
+                    observe_tokens(req.model, int(stats.get("eval_count", 0)))
                     yield ollama_final(req.model, shape, stats)
                     return
         finally:
