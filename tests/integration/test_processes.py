@@ -91,3 +91,28 @@ def test_corral_up_runs_everything_with_a_private_redis_and_stops_on_ctrl_c(
     assert not redis_reachable(url), "the private Redis must stop with corral up"
     with pytest.raises(httpx.ConnectError):
         httpx.get(base, timeout=2)
+
+
+@pytest.mark.slow
+def test_max_queue_bounds_waiting_requests_with_ollamas_503(isolated: Stack) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    # No worker yet: every request waits in the model's queue, which OLLAMA_MAX_QUEUE=1 bounds.
+    isolated.settings = isolated.settings.model_copy(update={"max_queue": 1, "queue_timeout": 60.0})
+    isolated.start_api()
+    url = isolated.base_url + "/api/generate"
+    short = {"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}}
+
+    def waiting() -> int:
+        return sum(int(isolated.redis.zcard(k)) for k in isolated.redis.scan_iter(match="corral:waiting:*"))
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.post, url, json=short, timeout=120)
+        wait_for(lambda: waiting() == 1, 20, "the first request to wait")
+        refused = httpx.post(url, json=short, timeout=30)
+        assert refused.status_code == 503
+        assert refused.json() == {"error": "server busy, please try again.  maximum pending requests exceeded"}
+        assert waiting() == 1  # the refused request did not take a place in the queue
+        isolated.start_worker()
+        assert first.result().status_code == 200
+    assert waiting() == 0

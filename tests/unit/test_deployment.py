@@ -5,6 +5,7 @@ every setting corral reads."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -25,9 +26,11 @@ def compose_binary() -> Path:
 
 
 def config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Resolve the stack with only ``env`` set (the caller's REDIS_URL etc. must not leak into ``${...}``)."""
     return subprocess.run(
         [str(compose_binary()), "-f", str(COMPOSE), *args, "config", "--format", "json"],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True, text=True, timeout=60,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"), **(env or {})},
     )
 
 
@@ -69,6 +72,13 @@ def test_services_of_the_stack(stack: dict[str, Any]) -> None:
         assert env["OLLAMA_MODELS"] == "/models"
         assert any(v["target"] == "/models" and v["source"] == "models" for v in services[name]["volumes"])
     assert {"models", "postgres", "redis"} <= set(stack["volumes"])
+
+
+def test_env_overrides_reach_every_corral_service() -> None:
+    external = "postgresql+psycopg://corral:pw@db.internal:5432/corral"
+    resolved = json.loads(config(env={"DATABASE_URL": external, "POSTGRES_PASSWORD": "pw"}).stdout)["services"]
+    assert {resolved[s]["environment"]["DATABASE_URL"] for s in ("api", "migrate", "worker-gpu0")} == {external}
+    assert resolved["postgres"]["environment"]["POSTGRES_PASSWORD"] == "pw"
 
 
 def test_worker_profile_is_off_by_default() -> None:
