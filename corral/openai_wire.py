@@ -19,34 +19,14 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral.errors import BadRequest
-from corral.options import parse_options
-from corral.settings import parse_request_keep_alive
+from corral.options import RuntimeRequest
 
 FINGERPRINT = "fp_ollama"
 REASONING_EFFORTS = {"low", "medium", "high", "max", "minimal", "xhigh", "ultra", "none"}
 
 
-class _OpenAIRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = ""
-    options: dict[str, Any] = Field(default_factory=dict, description="Ollama runtime options (corral extension).")
-    keep_alive: float | None = Field(None, description="Seconds or a Go duration string (corral extension).")
-
-    @field_validator("options", mode="before")
-    @classmethod
-    def _options(cls, value: Any) -> dict[str, Any]:
-        return parse_options(value)
-
-    @field_validator("keep_alive", mode="before")
-    @classmethod
-    def _keep_alive(cls, value: Any) -> float | None:
-        if value is None:
-            return None
-        try:
-            return parse_request_keep_alive(value)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from exc
+class _OpenAIRequest(RuntimeRequest):
+    """OpenAI bodies take Ollama's ``options`` and ``keep_alive`` too (corral's extension)."""
 
 
 class StreamOptions(BaseModel):

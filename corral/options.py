@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from corral.errors import BadRequest
+from corral.settings import parse_request_keep_alive
 
 # Ollama's runtime options and the JSON type each must have (api/types.go Options + Runner).
 OPTION_TYPES: dict[str, str] = {
@@ -54,3 +57,29 @@ def parse_options(raw: Any) -> dict[str, Any]:
         else:
             raise BadRequest(f'option "{key}" must be of type {kind}')
     return out
+
+
+class RuntimeRequest(BaseModel):
+    """Fields every model request takes, in Ollama's and (as corral's extension) OpenAI's bodies alike:
+    ``model``, ``options`` type-checked as Ollama does, ``keep_alive`` as seconds or a Go duration."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = ""
+    options: dict[str, Any] = Field(default_factory=dict, description="Runtime options (Ollama's `options`).")
+    keep_alive: float | None = Field(None, description="Seconds, or a Go duration string; 0 unloads.")
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options(cls, value: Any) -> dict[str, Any]:
+        return parse_options(value)
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        try:
+            return parse_request_keep_alive(value)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from exc

@@ -38,7 +38,7 @@ from corral.openai_wire import (
 )
 from corral.store import ModelStore
 from jobs.db import sessions
-from jobs.files import FileStore, epoch
+from jobs.files import FileStore, cursor_page, epoch
 from jobs.ingest import MAX_LINE_BYTES
 from jobs.models import Item, Job, StoredFile, utcnow
 from jobs.service import JobService, item_counts
@@ -244,13 +244,7 @@ class BatchService:
                 )
             rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
             data = [self._view(session, job) for job in rows[:limit]]
-        return {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": len(rows) > limit,
-        }
+        return cursor_page(data, has_more=len(rows) > limit)
 
     def cancel(self, ident: str, owner: str | None = None) -> dict[str, Any]:
         with self._session() as session:

@@ -36,6 +36,17 @@ def epoch(moment: datetime | None) -> int | None:
     return int((moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp())
 
 
+def cursor_page(data: list[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:
+    """OpenAI's list object for cursor paging (``after`` = the last id of the previous page)."""
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
 def file_object(row: StoredFile) -> dict[str, Any]:
     return {
         "id": row.id,
@@ -134,14 +145,7 @@ class FileStore:
                     )
             query = query.order_by(*(k.desc() for k in key) if order == "desc" else key)
             rows = list(session.scalars(query.limit(limit + 1)))
-        data = [file_object(r) for r in rows[:limit]]
-        return {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": len(rows) > limit,
-        }
+        return cursor_page([file_object(r) for r in rows[:limit]], has_more=len(rows) > limit)
 
     def delete(self, file_id: str, owner: str | None = None) -> dict[str, Any]:
         """Drop an upload's bytes; a generated file keeps a tombstone so its batch does not make it again."""

@@ -14,31 +14,11 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from corral.errors import BadRequest
-from corral.options import parse_options
-from corral.settings import parse_request_keep_alive
+from corral.options import RuntimeRequest
 
 
-class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = ""
-    options: dict[str, Any] = Field(default_factory=dict, description="Runtime options (Ollama's `options`).")
-    keep_alive: float | None = Field(None, description="Seconds, or a Go duration string; 0 unloads.")
-
-    @field_validator("options", mode="before")
-    @classmethod
-    def _options(cls, value: Any) -> dict[str, Any]:
-        return parse_options(value)
-
-    @field_validator("keep_alive", mode="before")
-    @classmethod
-    def _keep_alive(cls, value: Any) -> float | None:
-        if value is None:
-            return None
-        try:
-            return parse_request_keep_alive(value)
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from exc
+class _Request(RuntimeRequest):
+    """Ollama's request fields shared by every model route."""
 
 
 def _check_format(value: Any) -> Any:

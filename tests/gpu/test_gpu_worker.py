@@ -18,8 +18,6 @@ from corral.settings import Settings
 from tests.conftest import MODEL, fresh_database, make_settings
 from tests.stack import Stack, clean_redis, with_db
 
-pytestmark = pytest.mark.gpu
-
 
 def _gpu_ready() -> str | None:
     if shutil.which("nvidia-smi") is None:
@@ -33,11 +31,12 @@ def _gpu_ready() -> str | None:
     return None
 
 
+WHY_NOT = _gpu_ready()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")]
+
+
 @pytest.fixture(scope="module")
 def gpu_stack(tmp_path_factory: pytest.TempPathFactory, settings: Settings) -> Stack:
-    reason = _gpu_ready()
-    if reason:
-        pytest.skip(reason)
     home = tmp_path_factory.mktemp("gpu")
     url = with_db(settings.redis, 3)
     clean_redis(url)
