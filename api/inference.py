@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from flask import current_app
+
 from api.gateway import Gateway
 from api.metrics import observe_first_token, observe_tokens
 from corral.errors import BadRequest, GenerationFailed, ModelNotFound
@@ -18,6 +20,14 @@ from corral.protocol import InferenceRequest, new_request_id
 from corral.settings import Settings
 from corral.store import ModelName, ModelRecord, ModelStore
 from corral.wire import ollama_chunk, ollama_final
+
+# Ollama's embed routes word a missing model differently from generate/chat; clients match on it.
+EMBED_NOT_FOUND = 'model "{name}" not found, try pulling it first'
+
+
+def service() -> Inference:
+    """The app's inference service (what the Ollama and OpenAI views share)."""
+    return current_app.extensions["corral"].inference  # type: ignore[no-any-return]
 
 
 @dataclass

@@ -14,7 +14,7 @@ from flask import Blueprint, Response, current_app, request, stream_with_context
 
 from api.auth import creator, owner
 from api.errors import dumps, json_response
-from api.schemas.ollama import decode_json
+from api.schemas.ollama import decode_json, query_int
 from api.streaming import NDJSON_MIMETYPE
 from corral.errors import BadRequest
 from corral.options import parse_options
@@ -27,16 +27,6 @@ STREAMED_TYPES = {"application/x-ndjson", "application/jsonl", "application/x-js
 
 def jobs() -> JobService:
     return current_app.extensions["corral"].jobs  # type: ignore[no-any-return]
-
-
-def _int_arg(name: str, default: int | None) -> int | None:
-    value = request.args.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise BadRequest(f"{name} must be an integer") from exc
 
 
 def _json_arg(name: str) -> Any:
@@ -61,7 +51,7 @@ def submit() -> Response:
             kind=kind,
             model=request.args.get("model", ""),
             options=parse_options(_json_arg("options")),
-            chunk_size=_int_arg("chunk_size", None),
+            chunk_size=query_int("chunk_size", None),
             metadata=metadata if isinstance(metadata, dict) else None,
             items=validated(kind, lines),
             owner=creator(),
@@ -96,7 +86,7 @@ def submit() -> Response:
 def list_jobs() -> Response:
     return json_response(
         jobs().list(
-            status=request.args.get("status"), limit=_int_arg("limit", 20) or 20, offset=_int_arg("offset", 0) or 0,
+            status=request.args.get("status"), limit=query_int("limit", 20) or 20, offset=query_int("offset", 0) or 0,
             owner=owner(),
         )
     )
@@ -110,7 +100,7 @@ def get_job(job_id: str) -> Response:
 @bp.get("/api/jobs/<job_id>/results")
 def results(job_id: str) -> Response:
     lines = jobs().results(
-        job_id, offset=_int_arg("offset", 0) or 0, limit=_int_arg("limit", None), state=request.args.get("state"),
+        job_id, offset=query_int("offset", 0) or 0, limit=query_int("limit", None), state=request.args.get("state"),
         include_input=request.args.get("include_input", "").lower() in ("1", "true", "yes"), owner=owner(),
     )
     body = (dumps(line) + "\n" for line in lines)
@@ -123,7 +113,7 @@ def search(job_id: str) -> Response:
     query = request.args.get("q", "")
     if not query.strip():
         raise BadRequest("q is required: the text to search for")
-    k = _int_arg("k", 5) or 5
+    k = query_int("k", 5) or 5
     if not 1 <= k <= 1000:
         raise BadRequest("k must be between 1 and 1000")
     model, _ = jobs().embed_job(job_id, owner())

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request, send_file
+from flask import Blueprint, Response, request, send_file
 
 from api.errors import json_response
-from api.inference import Inference, collect, load_reply
+from api.inference import EMBED_NOT_FOUND, Inference, collect, load_reply, service
 from api.schemas.ollama import (
     ChatRequest,
     CopyRequest,
@@ -32,11 +32,6 @@ from corral.store import ModelName, ModelRecord, read_gguf_metadata
 from corral.timefmt import rfc3339
 
 bp = Blueprint("ollama", __name__)
-EMBED_NOT_FOUND = 'model "{name}" not found, try pulling it first'
-
-
-def service() -> Inference:
-    return current_app.extensions["corral"].inference  # type: ignore[no-any-return]
 
 
 @bp.route("/", methods=["GET", "HEAD"])

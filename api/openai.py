@@ -12,10 +12,10 @@ import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, request
 
 from api.errors import json_response
-from api.inference import Inference, collect
+from api.inference import EMBED_NOT_FOUND, collect, service
 from api.schemas.ollama import decode_json
 from api.streaming import prime, sse
 from corral.errors import BadRequest, ModelNotFound
@@ -36,11 +36,6 @@ from corral.openai_wire import (
 from corral.store import ModelName, ModelRecord
 
 bp = Blueprint("openai", __name__)
-EMBED_NOT_FOUND = 'model "{name}" not found, try pulling it first'
-
-
-def service() -> Inference:
-    return current_app.extensions["corral"].inference  # type: ignore[no-any-return]
 
 
 def _body(model: type[Any]) -> Any:

@@ -7,7 +7,7 @@ from flask import Blueprint, Response, current_app, request, stream_with_context
 
 from api.auth import creator, owner
 from api.errors import json_response
-from api.schemas.ollama import decode_json
+from api.schemas.ollama import decode_json, query_int
 from corral.errors import BadRequest
 from jobs.batches import BatchService
 from jobs.files import FileStore
@@ -21,16 +21,6 @@ def files() -> FileStore:
 
 def batches() -> BatchService:
     return current_app.extensions["corral"].batches  # type: ignore[no-any-return]
-
-
-def _int_arg(name: str, default: int) -> int:
-    value = request.args.get(name)
-    if value in (None, ""):
-        return default
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise BadRequest(f"{name} must be an integer", param=name) from exc
 
 
 @bp.post("/v1/files")
@@ -51,7 +41,7 @@ def upload() -> Response:
 def list_files() -> Response:
     return json_response(
         files().list(
-            purpose=request.args.get("purpose") or None, limit=_int_arg("limit", 10000),
+            purpose=request.args.get("purpose") or None, limit=int(query_int("limit", 10000) or 0),
             after=request.args.get("after") or None, order=request.args.get("order", "desc"), owner=owner(),
         )
     )
@@ -91,8 +81,8 @@ def create_batch() -> Response:
 
 @bp.get("/v1/batches")
 def list_batches() -> Response:
-    limit = _int_arg("limit", 20)
-    if not 1 <= limit <= 100:
+    limit = query_int("limit", 20)
+    if limit is None or not 1 <= limit <= 100:
         raise BadRequest("limit must be between 1 and 100", param="limit")
     return json_response(batches().list(after=request.args.get("after") or None, limit=limit, owner=owner()))
 

@@ -198,6 +198,19 @@ def decode_json(raw: bytes) -> Any:
         raise BadRequest(f"invalid character '{char}' {exc.msg[0].lower()}{exc.msg[1:]}") from exc
 
 
+def query_int(name: str, default: int | None) -> int | None:
+    """An integer query parameter (absent or empty: ``default``); anything else is a 400 naming it."""
+    from flask import request
+
+    value = request.args.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise BadRequest(f"{name} must be an integer", param=name) from exc
+
+
 def parse_body(model: type[M], raw: bytes) -> M:
     """Decode and validate a JSON body into ``model``; a JSON ``null`` body is an empty request."""
     data = decode_json(raw)
