@@ -25,12 +25,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from corral.catalog import ensure_defaults  # noqa: E402
-from corral.launcher import free_port, redis_reachable, start_private_redis  # noqa: E402
-from corral.settings import Settings  # noqa: E402
-from corral.store import ModelStore  # noqa: E402
+from common import corral_stack, model_path, print_table  # noqa: E402
 
 WORDS = (
     "the of and to in is was for on that with as by at from his her an were are which this be has had not "
@@ -79,21 +76,7 @@ def bench_engine(model: Path, texts: list[str], threads: int) -> float:
 
 
 def bench_jobs(home: Path, texts: list[str], chunk_size: int) -> float:
-    from tests.stack import Stack
-
-    redis_url = os.environ.get("REDIS_URL")
-    private = None
-    if not (redis_url and redis_reachable(redis_url)):
-        private, redis_url = start_private_redis(home / "redis")
-    settings = Settings(home=home, redis_url=redis_url, models_dir=home / "models", host=f"127.0.0.1:{free_port()}",
-                        database_url=f"sqlite:///{home / 'bench.db'}")
-    from jobs.db import upgrade
-
-    upgrade(settings)
-    stack = Stack(settings, home / "logs")
-    try:
-        stack.start_worker()
-        stack.start_api()
+    with corral_stack(home) as stack:
         url = stack.base_url
         httpx.post(url + "/api/embed", json={"model": "all-minilm", "input": ["warm up"]}, timeout=120)
         body = "".join(json.dumps({"input": t}) + "\n" for t in texts).encode()
@@ -108,10 +91,6 @@ def bench_jobs(home: Path, texts: list[str], chunk_size: int) -> float:
         elapsed = time.perf_counter() - started
         assert state["counts"]["succeeded"] == len(texts), state
         return len(texts) / elapsed
-    finally:
-        stack.stop()
-        if private is not None:
-            private.terminate()
 
 
 def main() -> None:
@@ -124,23 +103,20 @@ def main() -> None:
     texts = corpus(args.chunks, args.tokens)
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         home = Path(tmp)
-        store = ModelStore(home / "models")
-        ensure_defaults(store)
-        model = store.blob_path(store.get("all-minilm").model_digest)
+        model = model_path(home, "all-minilm")
         single, packed = bench_loop(model, texts, args.threads)
         engine = bench_engine(model, texts, args.threads)
         jobs = bench_jobs(home, texts, args.chunk_size)
     rows = [
-        ("Llama.embed loop, one chunk per call (baseline)", single),
-        ("Llama.embed(list of 256), in-process", packed),
-        ("corral engine packer (flash attn, 256 tok/decode), in-process", engine),
-        (f"corral embed job end to end (chunk_size {args.chunk_size})", jobs),
+        ["Llama.embed loop, one chunk per call (baseline)", single, f"{1:.2f}x"],
+        ["Llama.embed(list of 256), in-process", packed, f"{packed / single:.2f}x"],
+        ["corral engine packer (flash attn, 256 tok/decode), in-process", engine, f"{engine / single:.2f}x"],
+        [f"corral embed job end to end (chunk_size {args.chunk_size})", jobs, f"{jobs / single:.2f}x"],
     ]
-    print(f"\n{args.chunks} chunks of ~{args.tokens} tokens, all-minilm f16, {args.threads} threads\n")
-    print(f"| {'path':<62} | {'chunks/s':>9} | {'vs baseline':>11} |")
-    print(f"|{'-' * 64}|{'-' * 11}|{'-' * 13}|")
-    for name, rate in rows:
-        print(f"| {name:<62} | {rate:>9.1f} | {rate / single:>10.2f}x |")
+    print_table(
+        f"{args.chunks} chunks of ~{args.tokens} tokens, all-minilm f16, {args.threads} threads",
+        ["path", "chunks/s", "vs baseline"], rows,
+    )
 
 
 if __name__ == "__main__":

@@ -138,11 +138,14 @@ class Settings(BaseSettings):
         description="How long a model stays loaded after a request; duration or seconds, negative = forever.",
     )
     num_parallel: int = Field(
-        1,
-        ge=1,
+        0,
+        ge=0,
         le=256,
         validation_alias=AliasChoices("OLLAMA_NUM_PARALLEL", "num_parallel"),
-        description="Parallel sequences per loaded model in a worker.",
+        description=(
+            "Sequences one loaded chat model decodes together (continuous batching slots); each gets num_ctx "
+            "tokens of KV cache. 0 = auto: 8, fewer when their KV cache would pass 2 GiB."
+        ),
     )
     max_queue: int = Field(
         512,

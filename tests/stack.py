@@ -34,10 +34,13 @@ def settings_env(settings: Settings) -> dict[str, str]:
         CORRAL_CHUNK_SIZE=str(settings.chunk_size),
         CORRAL_RECONCILE_INTERVAL=str(settings.reconcile_interval),
         OLLAMA_MAX_QUEUE=str(settings.max_queue),
+        OLLAMA_NUM_PARALLEL=str(settings.num_parallel),
         PYTHONUNBUFFERED="1",
     )
     if settings.models_dir:
         env["OLLAMA_MODELS"] = str(settings.models_dir)
+    if settings.context_length:
+        env["OLLAMA_CONTEXT_LENGTH"] = str(settings.context_length)
     if settings.require_api_key:
         env["CORRAL_REQUIRE_API_KEY"] = "1"
     env["CORRAL_MAX_BODY"] = str(settings.max_body)

@@ -4,9 +4,15 @@ Every step is a conditional UPDATE, so a duplicated message (Redis redelivery, a
 a slow worker) can never run an item twice or overwrite a result:
 
 - the chunk: ``queued -> running`` with a fresh attempt token; a message that loses this race does nothing;
-- each item: ``pending -> running`` with the same token; its result is written only while the token matches.
+- its items: ``pending -> running`` with the same token; a result is written only while the token matches.
 
-Items commit one by one, so a killed worker loses at most the item it was on, and progress is visible live.
+All of a chunk's prompts go into the model's decode loop at once (continuous batching; interactive requests
+still take free slots first), and each result commits as soon as it is read, so progress is visible live and a
+killed worker loses only the chunk's unfinished items, which the reconciler puts back to ``pending``.
+
+A worker runs at most :data:`~workers.runtime.CHUNKS_PER_WORKER` chunks at a time and does not even fetch
+another chunk message meanwhile (:mod:`workers.queue_gate`): the rest of its task threads stay free for
+interactive requests, and queued chunks stay in Redis for whichever worker frees up first.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from corral.wire import ollama_final
 from jobs.db import sessions
 from jobs.models import Chunk, Item, Job, utcnow
 from jobs.service import finish_job_if_done
+from workers.decode_loop import SequenceHandle
 from workers.engine import LoadedModel, finish_vectors
 from workers.runtime import WorkerRuntime
 
@@ -41,7 +48,10 @@ def run_chunk(self: Task, chunk_id: str) -> None:
     """Run the items of one chunk (the message carries nothing but the chunk id)."""
     from workers.tasks import runtime_of
 
-    ChunkRunner(runtime_of(self)).run(chunk_id)
+    runtime = runtime_of(self)
+    with runtime.chunk_slots:  # the queue gate keeps this from waiting; the semaphore makes sure
+        ChunkRunner(runtime).run(chunk_id)
+
 
 
 class ChunkRunner:
@@ -91,39 +101,30 @@ class ChunkRunner:
             if embedding:
                 if not self._job_cancelled(job_id):
                     self._run_embed_items(model, item_ids, attempt)
-            else:
-                for item_id in item_ids:
-                    if self._job_cancelled(job_id):
-                        break
-                    self._run_item(model, item_id, attempt, job_id, kind, model_name, digest, options)
+            elif not self._job_cancelled(job_id):
+                self._run_generate_items(model, item_ids, attempt, job_id, kind, model_name, digest, options)
         self._close_chunk(chunk_id, attempt, job_id)
 
     # -- items ------------------------------------------------------------------------------------------
 
-    def _run_item(
-        self, model: LoadedModel, item_id: int, attempt: str, job_id: str, kind: str, name: str, digest: str,
-        options: dict[str, Any],
-    ) -> None:
+    def _claim(self, item_ids: list[int], attempt: str) -> list[tuple[int, dict[str, Any]]]:
+        """Mark the chunk's pending items running under ``attempt``; return (id, input) of those claimed."""
         with self.sessions() as session:
-            claimed = session.execute(
+            session.execute(
                 update(Item)
-                .where(Item.id == item_id, Item.state == "pending")
+                .where(Item.id.in_(item_ids), Item.state == "pending")
                 .values(state="running", claim=attempt, attempts=Item.attempts + 1, started_at=utcnow())
-            ).rowcount
+            )
             session.commit()
-            if not claimed:
-                return
-            body = dict(session.get(Item, item_id).input)  # type: ignore[union-attr]
-        values: dict[str, Any]
-        try:
-            values = self._generate(model, body, kind, name, digest, options, job_id)
-            if values.pop("cancelled", False):
-                values = {"state": "cancelled", "error": "job cancelled while this item was running"}
-        except CorralError as exc:
-            values = failure(exc)
-        except Exception as exc:  # an item's failure never fails the job
-            log.exception("item %s failed", item_id)
-            values = {"state": "failed", "error": f"{type(exc).__name__}: {exc}", "output": {"status_code": 500}}
+            rows = session.execute(
+                select(Item.id, Item.input)
+                .where(Item.id.in_(item_ids), Item.claim == attempt, Item.state == "running")
+                .order_by(Item.seq)
+            ).all()
+        return [(item_id, dict(body)) for item_id, body in rows]
+
+    def _write(self, item_id: int, attempt: str, values: dict[str, Any]) -> None:
+        """Store one item's result, only while this attempt's claim holds."""
         with self.sessions() as session:
             session.execute(
                 update(Item)
@@ -132,34 +133,59 @@ class ChunkRunner:
             )
             session.commit()
 
-    def _generate(
-        self, model: LoadedModel, body: dict[str, Any], kind: str, name: str, digest: str, job_options: dict[str, Any],
-        job_id: str,
-    ) -> dict[str, Any]:
-        req = InferenceRequest(
-            request_id=new_request_id(), kind=kind, model=name, model_digest=digest,  # type: ignore[arg-type]
-            prompt=body.get("prompt"), system=body.get("system"), raw=bool(body.get("raw", False)),
-            context=body.get("context"), messages=body.get("messages"),
-            options={**job_options, **(body.get("options") or {})}, format=body.get("format"),
-        )
-        parts: list[str] = []
-        checks = {"n": 0}
+    def _run_generate_items(
+        self, model: LoadedModel, item_ids: list[int], attempt: str, job_id: str, kind: str, name: str, digest: str,
+        options: dict[str, Any],
+    ) -> None:
+        """Queue every prompt of the chunk in the decode loop, then collect and store them in input order."""
+        running: list[tuple[int, InferenceRequest, SequenceHandle]] = []
+        for item_id, body in self._claim(item_ids, attempt):
+            req = InferenceRequest(
+                request_id=new_request_id(), kind=kind, model=name, model_digest=digest,  # type: ignore[arg-type]
+                prompt=body.get("prompt"), system=body.get("system"), raw=bool(body.get("raw", False)),
+                context=body.get("context"), messages=body.get("messages"),
+                options={**options, **(body.get("options") or {})}, format=body.get("format"),
+            )
+            try:
+                running.append((item_id, req, self.runtime.start_generation(model, req, interactive=False)))
+            except CorralError as exc:
+                self._write(item_id, attempt, failure(exc))
+        stopping = False
+        for item_id, req, handle in running:
+            if stopping:
+                handle.cancel()
+            parts: list[str] = []
+            checks = {"n": 0}
 
-        def on_text(text: str) -> bool:
-            parts.append(text)
-            checks["n"] += 1
-            return checks["n"] % 16 == 0 and self._cancel_flagged(job_id)
+            def on_text(text: str) -> bool:
+                parts.append(text)
+                checks["n"] += 1
+                return checks["n"] % 16 == 0 and self._cancel_flagged(job_id)
 
-        stats = self.runtime.generation(model, req, on_text=on_text, cancelled=lambda: self._cancel_flagged(job_id))
-        if stats["done_reason"] == "cancelled":
-            return {"cancelled": True}
-        stats["total_duration"] = stats["prompt_eval_duration"] + stats["eval_duration"]
-        return {
-            "state": "succeeded",
-            "output": ollama_final(name, kind, stats, "".join(parts)),
-            "prompt_tokens": stats["prompt_eval_count"],
-            "completion_tokens": stats["eval_count"],
-        }
+            values: dict[str, Any]
+            try:
+                result = handle.stream(on_text, lambda: self._cancel_flagged(job_id))
+                if result.done_reason == "cancelled":
+                    values = {"state": "cancelled", "error": "job cancelled while this item was running"}
+                else:
+                    stats = self.runtime.generation_stats(req, result)
+                    stats["total_duration"] = stats["prompt_eval_duration"] + stats["eval_duration"]
+                    values = {
+                        "state": "succeeded",
+                        "output": ollama_final(name, kind, stats, "".join(parts)),
+                        "prompt_tokens": stats["prompt_eval_count"],
+                        "completion_tokens": stats["eval_count"],
+                    }
+            except CorralError as exc:
+                values = failure(exc)
+            except Exception as exc:  # an item's failure never fails the job
+                log.exception("item %s failed", item_id)
+                values = {"state": "failed", "error": f"{type(exc).__name__}: {exc}", "output": {"status_code": 500}}
+            if values["state"] == "cancelled" and not stopping:
+                stopping = True
+                for _, _, other in running:
+                    other.cancel()
+            self._write(item_id, attempt, values)
 
     def _run_embed_items(self, model: LoadedModel, item_ids: list[int], attempt: str) -> None:
         """Embed a whole chunk at once: claim its items, pack every input into shared decodes, write back.
@@ -168,16 +194,7 @@ class ChunkRunner:
         (``truncate``, ``dimensions``) and per-item failures (an input too long with ``truncate: false``) are
         kept apart, and each result is written only while this attempt's claim holds.
         """
-        with self.sessions() as session:
-            session.execute(
-                update(Item)
-                .where(Item.id.in_(item_ids), Item.state == "pending")
-                .values(state="running", claim=attempt, attempts=Item.attempts + 1, started_at=utcnow())
-            )
-            session.commit()
-            claimed = session.execute(
-                select(Item.id, Item.input).where(Item.id.in_(item_ids), Item.claim == attempt, Item.state == "running")
-            ).all()
+        claimed = self._claim(item_ids, attempt)
         results: dict[int, dict[str, Any]] = {}
         tokens: list[list[int]] = []
         spans: list[tuple[int, int, int, dict[str, Any]]] = []  # (item id, first row, row count, body)

@@ -1,28 +1,28 @@
-"""The one place that calls llama_cpp: load a GGUF, generate token by token, embed.
+"""Where llama_cpp is used (with workers/decode_loop.py): load a GGUF, prepare prompts, generate, embed.
 
-Generation drives ``Llama.generate`` directly rather than ``create_completion`` so that this module owns what
-Ollama's wire format needs: exact prompt/eval token counts and nanosecond timings, stop strings held back until
-they can no longer match, ``done_reason`` ("stop" or "length"), and a cancellation check between tokens (a
-client that disconnects stops its generation).  llama_cpp failures become :mod:`corral.errors` types here and
-nowhere else.
+Generation runs in the model's :class:`~workers.decode_loop.DecodeLoop` (continuous batching: many sequences
+per ``llama_decode``) rather than ``create_completion``, so that corral owns what Ollama's wire format needs:
+exact prompt/eval token counts and nanosecond timings, stop strings held back until they can no longer match,
+``done_reason`` ("stop" or "length"), and a cancellation check between tokens (a client that disconnects stops
+its generation).  llama_cpp failures become :mod:`corral.errors` types here and nowhere else.
 """
 
 from __future__ import annotations
 
-import codecs
 import json
 import logging
 import os
-import random
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from corral.errors import BadRequest, ContextLengthExceeded, GenerationFailed
+from workers.decode_loop import DecodeLoop, GenerationResult, SequenceHandle, SequenceRequest
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +42,6 @@ DEFAULT_SAMPLING: dict[str, Any] = {
 }
 
 
-@dataclass
-class GenerationResult:
-    """What the final Ollama chunk reports about one generation."""
-
-    done_reason: str
-    prompt_eval_count: int
-    prompt_eval_duration: int
-    eval_count: int
-    eval_duration: int
-    context: list[int] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class LoadSpec:
     """Load-time parameters: two requests with the same spec share one loaded model."""
@@ -64,39 +52,14 @@ class LoadSpec:
     n_gpu_layers: int
     n_threads: int
     pooling_mean: bool = False
-
-
-class StopMatcher:
-    """Holds back text that might be the start of a stop string, so a stop is never half-emitted."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add text; return (text safe to emit, whether a stop string was hit)."""
-        self.pending += text
-        hit = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if hit >= 0:
-            out, self.pending = self.pending[:hit], ""
-            return out, True
-        hold = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(stop[:n]):
-                    hold = max(hold, n)
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
+    parallel: int = 0  # decode slots (OLLAMA_NUM_PARALLEL); 0 = auto (see parallel_slots)
 
 
 class LoadedModel:
-    """A llama.cpp model + context.  Not thread-safe: the registry gives it to one request at a time."""
+    """A llama.cpp model with its decode loop (chat models) or its embedding context (embedding loads).
+
+    Thread-safe: generations go through the decode loop, embedding decodes take ``_embed_lock``.
+    """
 
     def __init__(self, spec: LoadSpec) -> None:
         import llama_cpp  # deferred: CUDA_VISIBLE_DEVICES must be set before this import
@@ -120,11 +83,25 @@ class LoadedModel:
             if spec.pooling_mean:
                 kwargs["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
         else:
-            kwargs.update(n_batch=min(512, spec.n_ctx))
+            # This context only serves the tokenizer; the decode loop makes the real one with one KV stream per
+            # slot.
+            kwargs.update(n_ctx=64, n_batch=64)
         try:
             self.llm = llama_cpp.Llama(**kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             raise GenerationFailed(f"failed to load model: {exc}") from exc
+        self._embed_lock = threading.Lock()
+        self.loop: DecodeLoop | None = None
+        if not spec.embedding:
+            slots = parallel_slots(spec.parallel, kv_bytes_per_token(llama_cpp, self.llm.model), spec.n_ctx)
+            try:
+                self.loop = DecodeLoop(
+                    self.llm, slots=slots, n_ctx_per_slot=spec.n_ctx, n_batch=min(512, spec.n_ctx * slots),
+                    n_threads=spec.n_threads,
+                )
+            except GenerationFailed:
+                self.llm.close()
+                raise
         self.load_duration = int((time.perf_counter() - started) * 1e9)
         self._llama_cpp = llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -145,11 +122,14 @@ class LoadedModel:
         )
 
     def close(self) -> None:
+        if self.loop is not None:
+            self.loop.close()
         self.llm.close()
 
     @property
     def n_ctx(self) -> int:
-        return int(self.llm.n_ctx())
+        """Context per sequence (``num_ctx``)."""
+        return self.spec.n_ctx if self.loop is not None else int(self.llm.n_ctx())
 
     # -- prompts ----------------------------------------------------------------------------------------
 
@@ -175,6 +155,38 @@ class LoadedModel:
 
     # -- generation -------------------------------------------------------------------------------------
 
+    def start(
+        self,
+        prompt: list[int],
+        options: dict[str, Any],
+        *,
+        stops: list[str],
+        fmt: str | dict[str, Any] | None,
+        interactive: bool,
+    ) -> SequenceHandle:
+        """Queue a generation in the decode loop: until EOG, a stop string, ``num_predict`` or the context end.
+
+        Errors in the request itself (a bad ``format``) raise here, before anything is queued.
+        """
+        if self.loop is None:
+            raise BadRequest("this model is loaded for embeddings only")
+        opts = {**DEFAULT_SAMPLING, **{k: v for k, v in options.items() if v is not None}}
+        prompt = self._fit_prompt(prompt or [self.llm.token_bos()], int(opts["num_keep"]))
+        num_predict = int(opts["num_predict"])
+        limit = self.n_ctx - len(prompt)
+        if num_predict >= 0:
+            limit = min(limit, num_predict)
+        request = SequenceRequest(
+            prompt=prompt,
+            limit=limit,
+            sampling=opts,
+            seed=int(opts.get("seed", -1)),
+            grammar=self._grammar(fmt),
+            stops=list(opts.get("stop") or []) + stops,
+            interactive=interactive,
+        )
+        return self.loop.submit(request)
+
     def generate(
         self,
         prompt: list[int],
@@ -184,91 +196,12 @@ class LoadedModel:
         fmt: str | dict[str, Any] | None,
         on_text: Callable[[str], bool],
         cancelled: Callable[[], bool],
+        interactive: bool = True,
     ) -> GenerationResult:
-        """Sample until EOG, a stop string, ``num_predict`` or the context end.
-
-        ``on_text`` receives each piece of text and returns True when the client has gone; ``cancelled`` is
-        asked when no text was emitted for a while (held back by a stop-string prefix).
-        """
-        llama_cpp = self._llama_cpp
-        opts = {**DEFAULT_SAMPLING, **{k: v for k, v in options.items() if v is not None}}
-        n_ctx = self.n_ctx
-        prompt = self._fit_prompt(prompt, int(opts["num_keep"]))
-        seed = int(opts.get("seed", -1))
-        self.llm.set_seed(seed if seed >= 0 else random.getrandbits(31))
-        grammar = self._grammar(fmt)
-        num_predict = int(opts["num_predict"])
-        limit = n_ctx - len(prompt)
-        if num_predict >= 0:
-            limit = min(limit, num_predict)
-        matcher = StopMatcher(list(opts.get("stop") or []) + stops)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        generated: list[int] = []
-        done_reason = "length"
-        started = time.perf_counter_ns()
-        first_token_at = started
-        quiet = 0
-        if limit <= 0:
-            return GenerationResult("length", len(prompt), 0, 0, 0, prompt)
-        # Evaluate the whole prompt every time.  Reusing a cached prefix changes the batch shape of the
-        # prompt's last step, which changes logits in the last bits and so greedy outputs: temperature 0
-        # must give the same text for the same request.
-        self.llm.reset()
-        try:
-            tokens = self.llm.generate(
-                prompt,
-                top_k=int(opts["top_k"]),
-                top_p=float(opts["top_p"]),
-                min_p=float(opts["min_p"]),
-                typical_p=float(opts["typical_p"]),
-                temp=float(opts["temperature"]),
-                repeat_penalty=float(opts["repeat_penalty"]),
-                frequency_penalty=float(opts["frequency_penalty"]),
-                presence_penalty=float(opts["presence_penalty"]),
-                grammar=grammar,
-                reset=True,
-            )
-            for token in tokens:
-                if not generated:
-                    first_token_at = time.perf_counter_ns()
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    done_reason = "stop"
-                    break
-                previous = generated[-8:] if generated else prompt[-8:]
-                generated.append(token)
-                piece = bytes(self.llm.detokenize([token], prev_tokens=previous))
-                text, hit = matcher.feed(decoder.decode(piece))
-                gone = on_text(text) if text else False
-                if not text:
-                    quiet += 1
-                    if quiet % 4 == 0:
-                        gone = cancelled()
-                if gone:
-                    done_reason = "cancelled"
-                    break
-                if hit:
-                    done_reason = "stop_string"
-                    break
-                if len(generated) >= limit:
-                    break
-            else:
-                done_reason = "stop"
-        except (RuntimeError, ValueError) as exc:
-            raise GenerationFailed(f"generation failed: {exc}") from exc
-        if done_reason not in ("cancelled", "stop_string"):
-            tail = matcher.flush() + decoder.decode(b"", final=True)
-            if tail:
-                on_text(tail)
-        done_reason = "stop" if done_reason == "stop_string" else done_reason
-        ended = time.perf_counter_ns()
-        return GenerationResult(
-            done_reason=done_reason,
-            prompt_eval_count=len(prompt),
-            prompt_eval_duration=max(first_token_at - started, 1),
-            eval_count=len(generated),
-            eval_duration=max(ended - first_token_at, 1),
-            context=prompt + generated,
-        )
+        """Generate and block until done; ``on_text`` gets each piece of text and returns True when the
+        client has gone, ``cancelled`` is asked while no text comes."""
+        handle = self.start(prompt, options, stops=stops, fmt=fmt, interactive=interactive)
+        return handle.stream(on_text, cancelled)
 
     def _fit_prompt(self, prompt: list[int], num_keep: int) -> list[int]:
         """Keep a prompt inside the context as llama.cpp does: the first ``num_keep`` tokens and the tail."""
@@ -336,6 +269,7 @@ class LoadedModel:
             batch.reset()
             members.clear()
 
+        self._embed_lock.acquire()
         batch.reset()
         try:
             for index in sorted(range(len(token_lists)), key=lambda i: len(token_lists[i])):
@@ -353,6 +287,7 @@ class LoadedModel:
         finally:
             batch.reset()
             ctx.kv_cache_clear()
+            self._embed_lock.release()
         return out
 
     def embed(
@@ -378,6 +313,26 @@ def finish_vectors(vectors: np.ndarray, *, normalize: bool, dimensions: int | No
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors = vectors / np.where(norms == 0, 1.0, norms)
     return vectors.astype(np.float32, copy=False)
+
+
+AUTO_SLOTS = 8
+AUTO_KV_BUDGET = 2 << 30  # bytes of KV cache the automatic slot count may take
+
+
+def kv_bytes_per_token(llama_cpp: Any, model: Any) -> int:
+    """f16 K and V bytes one token takes in the cache, from the model's shape."""
+    n_head = max(1, int(llama_cpp.llama_model_n_head(model)))
+    n_head_kv = int(llama_cpp.llama_model_n_head_kv(model)) or n_head
+    n_embd_kv = int(llama_cpp.llama_model_n_embd(model)) * n_head_kv // n_head
+    return int(llama_cpp.llama_model_n_layer(model)) * 2 * n_embd_kv * 2
+
+
+def parallel_slots(configured: int, kv_per_token: int, n_ctx: int) -> int:
+    """OLLAMA_NUM_PARALLEL when set; else up to 8 slots, fewer when their KV cache would pass 2 GiB."""
+    if configured > 0:
+        return configured
+    per_slot = max(1, kv_per_token * n_ctx)
+    return max(1, min(AUTO_SLOTS, AUTO_KV_BUDGET // per_slot))
 
 
 def default_threads(configured: int) -> int:

@@ -74,10 +74,14 @@ def run_worker(
     from workers.celery_app import make_celery
 
     app = make_celery(settings)
+    from workers import queue_gate
+    from workers.runtime import CHUNKS_PER_WORKER
+
+    queue_gate.install(app, CHUNKS_PER_WORKER)
     import workers.batch  # noqa: F401  (registers the chunk task)
     import workers.tasks  # noqa: F401  (registers the interactive task)
     from jobs.reconcile import Reconciler
-    from workers.runtime import WorkerRuntime
+    from workers.runtime import WorkerRuntime, task_threads
 
     name = worker_name(gpu)
 
@@ -105,8 +109,10 @@ def run_worker(
     app.worker_main(
         [
             "worker",
-            "--pool=solo",
-            "--concurrency=1",
+            # Threads: interactive requests to one model run at once and meet in its decode loop, which is the
+            # only owner of the llama.cpp context; llama.cpp releases the GIL while it computes.
+            "--pool=threads",
+            f"--concurrency={task_threads(settings.num_parallel)}",
             f"--hostname={name}",
             f"--queues={','.join(queues)}",
             "--without-gossip",

@@ -3,8 +3,9 @@
 One registry per worker process, created lazily (never at import, never in the prefork parent).  Requests take
 a model through :meth:`ModelRegistry.use`, which loads it on first use, evicts the least recently used model
 past ``OLLAMA_MAX_LOADED_MODELS``, and afterwards sets its expiry from ``keep_alive`` (0 unloads at once).
-A llama.cpp context is not thread-safe, so one request at a time holds the run lock; the heartbeat thread
-only reads a snapshot and unloads models nobody is using.
+Requests run on a thread pool: a chat model's decode loop is the single owner of its llama.cpp context and
+batches the requests that use it (workers/decode_loop.py), an embedding model serialises its own decodes, and
+the registry counts users so that nothing unloads a model a request holds.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Slot:
     name: str
     loaded_at: float
     expires_at: float
+    users: int = 0
 
 
 class ModelRegistry:
@@ -44,65 +46,84 @@ class ModelRegistry:
         self.max_loaded = max_loaded
         self.gpu = gpu
         self._slots: OrderedDict[LoadSpec, Slot] = OrderedDict()
-        self._meta = threading.Lock()  # guards _slots; held briefly
-        self._run = threading.RLock()  # held while a request uses a model
+        self._meta = threading.Condition()  # guards _slots and users; notified when a model becomes idle
+        self._loading = threading.Lock()  # one load (and eviction) at a time
 
     @contextmanager
     def use(self, spec: LoadSpec, record: ModelRecord, name: str, keep_alive: float) -> Iterator[tuple[LoadedModel, int]]:
-        """Yield (model, load nanoseconds: 0 when it was already loaded) for one request."""
-        with self._run:
+        """Yield (model, load nanoseconds: 0 when it was already loaded) for one request.
+
+        Many requests may use one model at once (its decode loop batches them); a model is unloaded only when
+        no request uses it.
+        """
+        load_ns = 0
+        slot = self._take(spec)
+        if slot is None:
+            with self._loading:
+                slot = self._take(spec)  # another thread may have loaded it meanwhile
+                if slot is None:
+                    self._make_room()
+                    model = LoadedModel(spec)
+                    load_ns = model.load_duration
+                    slot = Slot(spec, model, record, name, time.time(), math.inf, users=1)
+                    log.info("loaded %s (%s) in %.2fs", name, spec.path.name, load_ns / 1e9)
+                    with self._meta:
+                        self._slots[spec] = slot
+        with self._meta:
+            self._slots.move_to_end(spec)
+            slot.name, slot.record, slot.expires_at = name, record, math.inf
+        try:
+            yield slot.model, load_ns
+        finally:
+            doomed = False
             with self._meta:
-                slot = self._slots.get(spec)
-            load_ns = 0
-            if slot is None:
-                self._make_room()
-                model = LoadedModel(spec)
-                load_ns = model.load_duration
-                slot = Slot(spec, model, record, name, time.time(), math.inf)
-                log.info("loaded %s (%s) in %.2fs", name, spec.path.name, load_ns / 1e9)
-            with self._meta:
-                self._slots[spec] = slot
-                self._slots.move_to_end(spec)
-                slot.name, slot.record, slot.expires_at = name, record, math.inf
-            try:
-                yield slot.model, load_ns
-            finally:
-                if keep_alive <= 0:
-                    self._unload(spec)
-                else:
-                    slot.expires_at = time.time() + keep_alive
+                slot.users -= 1
+                if slot.users == 0:
+                    slot.expires_at = time.time() + max(keep_alive, 0.0)
+                    doomed = keep_alive <= 0
+                    self._meta.notify_all()
+            if doomed:
+                self._unload(spec, only_idle=True)
+
+    def _take(self, spec: LoadSpec) -> Slot | None:
+        with self._meta:
+            slot = self._slots.get(spec)
+            if slot is not None:
+                slot.users += 1
+            return slot
 
     def _make_room(self) -> None:
+        """Unload least recently used idle models until one more fits; wait while all are busy."""
         while True:
             with self._meta:
                 if len(self._slots) < self.max_loaded:
                     return
-                oldest = next(iter(self._slots))
-            self._unload(oldest)
+                idle = [spec for spec, slot in self._slots.items() if slot.users == 0]
+                if not idle:
+                    self._meta.wait(timeout=1.0)
+                    continue
+            self._unload(idle[0], only_idle=True)
 
-    def _unload(self, spec: LoadSpec) -> None:
+    def _unload(self, spec: LoadSpec, *, only_idle: bool = False) -> None:
         with self._meta:
-            slot = self._slots.pop(spec, None)
-        if slot is not None:
-            slot.model.close()
-            log.info("unloaded %s", slot.name)
+            slot = self._slots.get(spec)
+            if slot is None or (only_idle and slot.users > 0):
+                return
+            del self._slots[spec]
+        slot.model.close()
+        log.info("unloaded %s", slot.name)
 
     def sweep(self, now: float, unload_orders: dict[str, float]) -> None:
-        """Unload expired models and those ordered unloaded (``keep_alive: 0``) after they were loaded."""
-        if not self._run.acquire(blocking=False):
-            return  # a request is running; try again at the next beat
-        try:
-            with self._meta:
-                doomed = [
-                    spec
-                    for spec, slot in self._slots.items()
-                    if slot.expires_at <= now
-                    or unload_orders.get(slot.record.model_digest, 0.0) >= slot.loaded_at
-                ]
-            for spec in doomed:
-                self._unload(spec)
-        finally:
-            self._run.release()
+        """Unload idle models that expired or were ordered unloaded (``keep_alive: 0``) after they loaded."""
+        with self._meta:
+            doomed = [
+                spec
+                for spec, slot in self._slots.items()
+                if slot.users == 0
+                and (slot.expires_at <= now or unload_orders.get(slot.record.model_digest, 0.0) >= slot.loaded_at)
+            ]
+        for spec in doomed:
+            self._unload(spec, only_idle=True)
 
     def loaded_digests(self) -> set[str]:
         with self._meta:

@@ -21,10 +21,20 @@ from corral.errors import BadRequest, ModelNotFound
 from corral.protocol import InferenceRequest, StreamWriter, redis_client, unload_key, worker_key
 from corral.settings import Settings
 from corral.store import ModelRecord, ModelStore
+from workers.decode_loop import GenerationResult, SequenceHandle
 from workers.engine import LoadedModel, LoadSpec, default_threads
 from workers.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
+
+# Batch chunks one worker runs at once: two, so the next chunk's prompts fill the decode slots that the last
+# one's stragglers leave idle.  The worker's other task threads stay free for interactive requests.
+CHUNKS_PER_WORKER = 2
+
+
+def task_threads(num_parallel: int) -> int:
+    """Celery threads per worker: every decode slot can stream an interactive request, plus the chunk runners."""
+    return max(num_parallel or 8, 1) + CHUNKS_PER_WORKER + 1
 
 
 class WorkerRuntime:
@@ -40,6 +50,7 @@ class WorkerRuntime:
         self.redis = redis_client(settings.redis)
         self.registry = ModelRegistry(max_loaded=settings.loaded_model_limit, gpu=gpu is not None)
         self.started_at = time.time()
+        self.chunk_slots = threading.BoundedSemaphore(CHUNKS_PER_WORKER)
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         # Extra work for each beat (the batch-job reconciler registers itself here).
@@ -121,6 +132,7 @@ class WorkerRuntime:
             n_gpu_layers=n_gpu,
             n_threads=int(options.get("num_thread") or default_threads(self.settings.worker_threads)),
             pooling_mean=embedding and not record.is_embedding,
+            parallel=self.settings.num_parallel,
         )
 
     def execute(self, req: InferenceRequest, writer: StreamWriter) -> None:
@@ -143,10 +155,8 @@ class WorkerRuntime:
         )
         writer.emit("result", {"embeddings": vectors, "prompt_eval_count": count, "load_duration": load_ns})
 
-    def generation(
-        self, model: LoadedModel, req: InferenceRequest, on_text: Callable[[str], bool], cancelled: Callable[[], bool]
-    ) -> dict[str, Any]:
-        """Run a generate/chat request on a loaded model; return the final chunk's stats."""
+    def start_generation(self, model: LoadedModel, req: InferenceRequest, *, interactive: bool) -> SequenceHandle:
+        """Render the prompt and queue the request in the model's decode loop (raises on a bad request)."""
         stops: list[str] = []
         if req.kind == "chat":
             prompt, stops = model.chat_prompt(req.messages or [])
@@ -159,7 +169,11 @@ class WorkerRuntime:
             prompt, stops = model.chat_prompt(messages)
             if req.context:
                 prompt = list(req.context) + prompt
-        result = model.generate(prompt, req.options, stops=stops, fmt=req.format, on_text=on_text, cancelled=cancelled)
+        return model.start(prompt, req.options, stops=stops, fmt=req.format, interactive=interactive)
+
+    @staticmethod
+    def generation_stats(req: InferenceRequest, result: GenerationResult) -> dict[str, Any]:
+        """The final chunk's stats for a finished generation."""
         stats: dict[str, Any] = {
             "done_reason": result.done_reason,
             "prompt_eval_count": result.prompt_eval_count,
@@ -172,9 +186,9 @@ class WorkerRuntime:
         return stats
 
     def _generate(self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter, load_ns: int) -> None:
-        stats = self.generation(
-            model, req, on_text=lambda text: writer.emit("delta", {"c": text}), cancelled=writer.cancelled
-        )
+        handle = self.start_generation(model, req, interactive=True)
+        result = handle.stream(lambda text: writer.emit("delta", {"c": text}), writer.cancelled)
+        stats = self.generation_stats(req, result)
         if stats["done_reason"] == "cancelled":
             log.info("request %s cancelled by its client after %d tokens", req.request_id, stats["eval_count"])
         writer.emit("done", {**stats, "load_duration": load_ns})

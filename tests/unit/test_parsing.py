@@ -17,7 +17,7 @@ from corral.settings import (
 )
 from corral.store import ModelName, human_number
 from corral.timefmt import rfc3339
-from workers.engine import StopMatcher
+from workers.decode_loop import StopMatcher
 
 
 @pytest.mark.parametrize(
@@ -109,3 +109,14 @@ def test_timestamps_are_rfc3339nano() -> None:
     assert rfc3339(moment.replace(microsecond=500000)) == "2023-08-04T19:22:45.5Z"
     west = moment.astimezone(timezone(timedelta(hours=-7)))
     assert rfc3339(west) == "2023-08-04T12:22:45.499127-07:00"
+
+
+def test_decode_slots_follow_ollama_num_parallel_or_fit_the_kv_budget() -> None:
+    from workers.engine import parallel_slots
+
+    smollm2 = 30 * 2 * 192 * 2  # layers x (K, V) x KV width x f16 bytes
+    assert parallel_slots(0, smollm2, 4096) == 8
+    assert parallel_slots(3, smollm2, 4096) == 3  # OLLAMA_NUM_PARALLEL wins
+    llama_8b = 32 * 2 * 1024 * 2
+    assert parallel_slots(0, llama_8b, 8192) == 2  # 1 GiB of cache per slot
+    assert parallel_slots(0, llama_8b, 131072) == 1  # never zero

@@ -1,0 +1,181 @@
+"""Batch generation throughput: a corral batch job vs llama-cpp-python in-process, sequential and batched.
+
+    .venv/bin/python bench/batch_generate.py [--prompts 64] [--tokens 64] [--slots 8]
+
+Every row generates ``--tokens`` new tokens (greedy) for the same ``--prompts`` continuation prompts ("Once
+upon a time, ..." so the instruct model keeps going) with SmolLM2-135M Q4_1 and counts the tokens really
+generated (a story may end early):
+1. a sequential ``Llama.create_completion`` loop in this process (the baseline);
+2. the raw batched decode in this process: one ``llama_batch`` with ``--slots`` sequences per
+   ``llama_decode``, greedy sampling, no stop strings or text: the engine's ceiling at that slot count;
+3. corral's decode loop (workers/decode_loop.py) in this process: the job system minus SQL, Celery and HTTP;
+4. a corral batch job end to end: JSON upload -> SQL -> Celery chunks -> a real worker process with
+   ``OLLAMA_NUM_PARALLEL=--slots`` -> results in SQL, timed from the upload to the job's completion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import corral_stack, model_path, print_table  # noqa: E402
+
+SUBJECTS = (
+    "a dragon|a small robot|the old lighthouse keeper|a lost cat|two brothers|a clockmaker|the last tree|"
+    "a shy wizard|a river|an astronaut|the baker's daughter|a pirate ship|a snowman|a village|the moon|a young fox"
+).split("|")
+PLACES = ["in a valley", "by the sea", "in the city", "on a mountain"]
+N_CTX = 2048
+
+
+def prompts(n: int) -> list[str]:
+    combos = [f"Once upon a time, {s} {p}" for p in PLACES for s in SUBJECTS]
+    return [combos[i % len(combos)] + ("," if i < len(combos) else f", day {i}") for i in range(n)]
+
+
+def bench_sequential(model: Path, texts: list[str], tokens: int, threads: int) -> float:
+    from llama_cpp import Llama
+
+    llm = Llama(str(model), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm.create_completion(texts[0], max_tokens=4, temperature=0)  # warm up
+    started, produced = time.perf_counter(), 0
+    for text in texts:
+        produced += llm.create_completion(text, max_tokens=tokens, temperature=0)["usage"]["completion_tokens"]
+    rate = produced / (time.perf_counter() - started)
+    llm.close()
+    return rate
+
+
+def bench_raw_batched(model: Path, texts: list[str], tokens: int, threads: int, slots: int) -> float:
+    """The low-level API as its examples use it: ``slots`` sequences per decode, refilled as they end."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(model), n_ctx=64, n_threads=threads, verbose=False)  # model + tokenizer only
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = N_CTX * slots, 512, 512, slots
+    params.n_threads = params.n_threads_batch = threads
+    params.kv_unified = False
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    ctx = llama_cpp.llama_init_from_model(llm.model, params)
+    memory = llama_cpp.llama_get_memory(ctx)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    batch = llama_cpp.llama_batch_init(512, 0, 1)
+    samplers = []
+    for _ in range(slots):
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        samplers.append(chain)
+    waiting = [list(llm.tokenize(t.encode(), add_bos=True)) for t in texts]
+    active: dict[int, dict] = {}
+    started, produced = time.perf_counter(), 0
+    while waiting or active:
+        for slot in range(slots):
+            if slot not in active and waiting:
+                llama_cpp.llama_memory_seq_rm(memory, slot, -1, -1)
+                active[slot] = {"todo": waiting.pop(0), "pos": 0, "n": 0}
+        batch.n_tokens = 0
+        rows = []
+        for slot, seq in active.items():
+            for k, token in enumerate(seq["todo"]):
+                j = batch.n_tokens
+                batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, seq["pos"] + k, 1
+                batch.seq_id[j][0], batch.logits[j] = slot, k == len(seq["todo"]) - 1
+                batch.n_tokens += 1
+            seq["pos"] += len(seq["todo"])
+            rows.append((slot, batch.n_tokens - 1))
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        for slot, row in rows:
+            token = llama_cpp.llama_sampler_sample(samplers[slot], ctx, row)
+            seq = active[slot]
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                del active[slot]
+                continue
+            seq["n"] += 1
+            produced += 1
+            seq["todo"] = [token]
+            if seq["n"] >= tokens:
+                del active[slot]
+    rate = produced / (time.perf_counter() - started)
+    for chain in samplers:
+        llama_cpp.llama_sampler_free(chain)
+    llama_cpp.llama_batch_free(batch)
+    llama_cpp.llama_free(ctx)
+    llm.close()
+    return rate
+
+
+def bench_decode_loop(model: Path, texts: list[str], tokens: int, threads: int, slots: int) -> float:
+    from workers.engine import LoadedModel, LoadSpec
+
+    engine = LoadedModel(LoadSpec(path=model, embedding=False, n_ctx=N_CTX, n_gpu_layers=0, n_threads=threads,
+                                  parallel=slots))
+    options = {"temperature": 0, "num_predict": tokens}
+    started = time.perf_counter()
+    handles = [engine.start(engine.raw_prompt(t), options, stops=[], fmt=None, interactive=False) for t in texts]
+    produced = sum(h.stream(lambda _: False, lambda: False).eval_count for h in handles)
+    rate = produced / (time.perf_counter() - started)
+    engine.close()
+    return rate
+
+
+def bench_job(home: Path, texts: list[str], tokens: int, slots: int) -> float:
+    with corral_stack(home, num_parallel=slots, context_length=N_CTX) as stack:
+        url = stack.base_url
+        httpx.post(url + "/api/generate", json={"model": "smollm2", "prompt": "Hi", "stream": False,
+                                                "options": {"num_predict": 2}}, timeout=120)
+        body = {"model": "smollm2", "kind": "generate", "options": {"temperature": 0, "num_predict": tokens},
+                "items": [{"custom_id": str(i), "prompt": t, "raw": True} for i, t in enumerate(texts)]}
+        started = time.perf_counter()
+        job = httpx.post(url + "/api/jobs", json=body, timeout=600).json()
+        while True:
+            state = httpx.get(f"{url}/api/jobs/{job['id']}").json()
+            if state["status"] in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.1)
+        elapsed = time.perf_counter() - started
+        assert state["counts"]["succeeded"] == len(texts), state
+        results = httpx.get(f"{url}/api/jobs/{job['id']}/results", timeout=60).text.splitlines()
+        import json
+
+        produced = sum(json.loads(line)["response"]["eval_count"] for line in results)
+        return produced / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    texts = prompts(args.prompts)
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
+        home = Path(tmp)
+        model = model_path(home, "smollm2")
+        sequential = bench_sequential(model, texts, args.tokens, args.threads)
+        raw = bench_raw_batched(model, texts, args.tokens, args.threads, args.slots)
+        loop = bench_decode_loop(model, texts, args.tokens, args.threads, args.slots)
+        job = bench_job(home, texts, args.tokens, args.slots)
+    rows = [
+        ["create_completion loop, in-process (baseline)", sequential, "1.00x", f"{sequential / raw:.2f}x"],
+        [f"raw batched llama_decode, {args.slots} slots, in-process", raw, f"{raw / sequential:.2f}x", "1.00x"],
+        [f"corral decode loop, {args.slots} slots, in-process", loop, f"{loop / sequential:.2f}x", f"{loop / raw:.2f}x"],
+        [f"corral batch job end to end, {args.slots} slots", job, f"{job / sequential:.2f}x", f"{job / raw:.2f}x"],
+    ]
+    print_table(
+        f"{args.prompts} prompts x {args.tokens} new tokens, SmolLM2-135M Q4_1, {args.threads} threads",
+        ["path", "tok/s", "vs sequential", "vs raw batched"], rows,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""What the benchmarks share: a real corral stack in a temporary home, the default models, and the table."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from corral.catalog import ensure_defaults  # noqa: E402
+from corral.launcher import free_port, redis_reachable, start_private_redis  # noqa: E402
+from corral.settings import Settings  # noqa: E402
+from corral.store import ModelStore  # noqa: E402
+
+
+def model_path(home: Path, name: str) -> Path:
+    """The GGUF of one of the default models, set up (linked or converted) in ``home``'s model store."""
+    store = ModelStore(home / "models")
+    ensure_defaults(store)
+    return store.blob_path(store.get(name).model_digest)
+
+
+@contextmanager
+def corral_stack(home: Path, **settings: Any) -> Iterator[Any]:
+    """A real API server and worker process (Redis from REDIS_URL or a private one; SQLite in ``home``)."""
+    from jobs.db import upgrade
+    from tests.stack import Stack
+
+    redis_url = os.environ.get("REDIS_URL")
+    private = None
+    if not (redis_url and redis_reachable(redis_url)):
+        private, redis_url = start_private_redis(home / "redis")
+    values: dict[str, Any] = {
+        "home": home, "redis_url": redis_url, "models_dir": home / "models",
+        "host": f"127.0.0.1:{free_port()}", "database_url": f"sqlite:///{home / 'bench.db'}", **settings,
+    }
+    config = Settings(**values)
+    upgrade(config)
+    stack = Stack(config, home / "logs")
+    try:
+        stack.start_worker()
+        stack.start_api()
+        yield stack
+    finally:
+        stack.stop()
+        if private is not None:
+            private.terminate()
+
+
+def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
+    """A Markdown table, as pasted into bench/README.md and the issue notes."""
+    cells = [[h for h in headers]] + [[f"{c:.1f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    print(f"\n{title}\n")
+    for n, row in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
