@@ -51,6 +51,18 @@ def corral_stack(home: Path, **settings: Any) -> Iterator[Any]:
             private.terminate()
 
 
+def wait_for_job(client: Any, job_id: str, poll: float = 0.5) -> dict[str, Any]:
+    """Poll a job until it ends, with one persistent client (a fresh httpx client per poll builds an SSL
+    context each time: at 10 polls/s that took half a core from the worker on a 2-core machine)."""
+    import time
+
+    while True:
+        state: dict[str, Any] = client.get(f"/api/jobs/{job_id}").json()
+        if state["status"] in ("completed", "failed", "cancelled"):
+            return state
+        time.sleep(poll)
+
+
 def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
     """A Markdown table, as pasted into bench/README.md and the issue notes."""
     cells = [[h for h in headers]] + [[f"{c:.1f}" if isinstance(c, float) else str(c) for c in row] for row in rows]

@@ -27,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import corral_stack, model_path, print_table  # noqa: E402
+from common import corral_stack, model_path, print_table, wait_for_job  # noqa: E402
 
 WORDS = (
     "the of and to in is was for on that with as by at from his her an were are which this be has had not "
@@ -76,18 +76,13 @@ def bench_engine(model: Path, texts: list[str], threads: int) -> float:
 
 
 def bench_jobs(home: Path, texts: list[str], chunk_size: int) -> float:
-    with corral_stack(home) as stack:
-        url = stack.base_url
-        httpx.post(url + "/api/embed", json={"model": "all-minilm", "input": ["warm up"]}, timeout=120)
+    with corral_stack(home) as stack, httpx.Client(base_url=stack.base_url, timeout=600) as client:
+        client.post("/api/embed", json={"model": "all-minilm", "input": ["warm up"]})
         body = "".join(json.dumps({"input": t}) + "\n" for t in texts).encode()
         started = time.perf_counter()
-        job = httpx.post(url + "/api/jobs", params={"kind": "embed", "model": "all-minilm", "chunk_size": chunk_size},
-                         content=body, headers={"Content-Type": "application/x-ndjson"}, timeout=600).json()
-        while True:
-            state = httpx.get(f"{url}/api/jobs/{job['id']}").json()
-            if state["status"] in ("completed", "failed", "cancelled"):
-                break
-            time.sleep(0.2)
+        job = client.post("/api/jobs", params={"kind": "embed", "model": "all-minilm", "chunk_size": chunk_size},
+                          content=body, headers={"Content-Type": "application/x-ndjson"}).json()
+        state = wait_for_job(client, job["id"], poll=0.25)
         elapsed = time.perf_counter() - started
         assert state["counts"]["succeeded"] == len(texts), state
         return len(texts) / elapsed
