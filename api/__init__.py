@@ -35,7 +35,7 @@ class Services:
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Create and configure the API application."""
-    from api import auth, errors, guards, metrics
+    from api import auth, errors, guards, metrics, openapi
     from api.jobs import bp as jobs_bp
     from api.ollama import bp as ollama_bp
     from api.openai import bp as openai_bp
@@ -63,5 +63,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(jobs_bp)
     app.register_blueprint(openai_bp)
     app.register_blueprint(openai_batch_bp)
+    app.register_blueprint(openapi.bp)
     logging.getLogger(__name__).debug("API ready, model store %s", store.root)
     return app

@@ -14,6 +14,9 @@ from flask import Blueprint, Response, current_app, request, stream_with_context
 
 from api.auth import creator, owner
 from api.errors import dumps, json_response
+from api.openapi import NDJSON, documented
+from api.schemas import responses as R
+from api.schemas.jobs import JobSubmission
 from api.schemas.ollama import decode_json, query_int
 from api.streaming import NDJSON_MIMETYPE
 from corral.errors import BadRequest
@@ -40,6 +43,7 @@ def _json_arg(name: str) -> Any:
 
 
 @bp.post("/api/jobs")
+@documented(body=JobSubmission, response=R.JobView, status=202, upload=NDJSON, query=(("kind", "string"), ("model", "string"), ("chunk_size", "integer"), ("options", "string"), ("metadata", "string")))
 def submit() -> Response:
     if request.mimetype in STREAMED_TYPES:
         kind = request.args.get("kind", "generate")
@@ -83,6 +87,7 @@ def submit() -> Response:
 
 
 @bp.get("/api/jobs")
+@documented(response=R.JobList, query=(("status", "string"), ("limit", "integer"), ("offset", "integer")))
 def list_jobs() -> Response:
     return json_response(
         jobs().list(
@@ -93,11 +98,13 @@ def list_jobs() -> Response:
 
 
 @bp.get("/api/jobs/<job_id>")
+@documented(response=R.JobView)
 def get_job(job_id: str) -> Response:
     return json_response(jobs().get(job_id, owner()))
 
 
 @bp.get("/api/jobs/<job_id>/results")
+@documented(stream=NDJSON, query=(("offset", "integer"), ("limit", "integer"), ("state", "string"), ("include_input", "string")))
 def results(job_id: str) -> Response:
     lines = jobs().results(
         job_id, offset=query_int("offset", 0) or 0, limit=query_int("limit", None), state=request.args.get("state"),
@@ -108,6 +115,7 @@ def results(job_id: str) -> Response:
 
 
 @bp.get("/api/jobs/<job_id>/search")
+@documented(response=R.SearchResults, query=(("q", "string"), ("k", "integer")))
 def search(job_id: str) -> Response:
     """Embed ``q`` with the job's model, return the ``k`` most similar stored chunks (cosine)."""
     query = request.args.get("q", "")
@@ -125,21 +133,25 @@ def search(job_id: str) -> Response:
 
 
 @bp.post("/api/jobs/<job_id>/cancel")
+@documented(response=R.JobView)
 def cancel(job_id: str) -> Response:
     return json_response(jobs().cancel(job_id, owner()))
 
 
 @bp.post("/api/jobs/<job_id>/retry")
+@documented(response=R.JobView)
 def retry(job_id: str) -> Response:
     return json_response(jobs().retry(job_id, owner()))
 
 
 @bp.delete("/api/jobs/<job_id>")
+@documented(response=R.Deleted)
 def delete(job_id: str) -> Response:
     return json_response(jobs().delete(job_id, owner()))
 
 
 @bp.get("/api/queue")
+@documented(response=R.Queue)
 def queue() -> Response:
     services = current_app.extensions["corral"]
     gateway = services.gateway

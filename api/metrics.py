@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
+from api.openapi import documented
 from jobs.db import sessions
 from jobs.models import Chunk, Item
 
@@ -108,6 +109,7 @@ def observe_tokens(model: str, count: int) -> None:
 
 
 @bp.get("/metrics")
+@documented(summary="Prometheus metrics.", media="text/plain")
 def scrape() -> Response:
     metrics: Metrics = current_app.extensions["corral_metrics"]
     return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)

@@ -13,6 +13,8 @@ from flask import Blueprint, Response, request, send_file
 
 from api.errors import json_response
 from api.inference import EMBED_NOT_FOUND, Inference, collect, load_reply, service
+from api.openapi import NDJSON, documented
+from api.schemas import responses as R
 from api.schemas.ollama import (
     ChatRequest,
     CopyRequest,
@@ -35,16 +37,19 @@ bp = Blueprint("ollama", __name__)
 
 
 @bp.route("/", methods=["GET", "HEAD"])
+@documented(summary="Liveness: `Ollama is running`.", media="text/plain")
 def root() -> Response:
     return Response("Ollama is running", mimetype="text/plain; charset=utf-8")
 
 
 @bp.route("/api/version", methods=["GET", "HEAD"])
+@documented(response=R.Version)
 def version() -> Response:
     return json_response({"version": OLLAMA_COMPAT_VERSION})
 
 
 @bp.post("/api/generate")
+@documented(body=GenerateRequest, response=R.GenerateChunk, stream=NDJSON, stream_item=R.GenerateChunk)
 def generate() -> Response:
     req = parse_body(GenerateRequest, request.get_data())
     if not req.model:
@@ -69,6 +74,7 @@ def generate() -> Response:
 
 
 @bp.post("/api/chat")
+@documented(body=ChatRequest, response=R.ChatChunk, stream=NDJSON, stream_item=R.ChatChunk)
 def chat() -> Response:
     req = parse_body(ChatRequest, request.get_data())
     if not req.model:
@@ -98,6 +104,7 @@ def _load_or_unload(
 
 
 @bp.post("/api/embed")
+@documented(body=EmbedRequest, response=R.Embed)
 def embed() -> Response:
     req = parse_body(EmbedRequest, request.get_data())
     if not req.model:
@@ -121,6 +128,7 @@ def embed() -> Response:
 
 
 @bp.post("/api/embeddings")
+@documented(body=EmbeddingsRequest, response=R.Embeddings)
 def embeddings() -> Response:
     req = parse_body(EmbeddingsRequest, request.get_data())
     if not req.model:
@@ -151,11 +159,13 @@ def _list_entry(record: ModelRecord) -> dict[str, Any]:
 
 
 @bp.route("/api/tags", methods=["GET", "HEAD"])
+@documented(response=R.Tags)
 def tags() -> Response:
     return json_response({"models": [_list_entry(r) for r in service().store.list()]})
 
 
 @bp.post("/api/show")
+@documented(body=ShowRequest, response=R.Show)
 def show() -> Response:
     req = parse_body(ShowRequest, request.get_data())
     if not req.target:
@@ -179,6 +189,7 @@ def show() -> Response:
 
 
 @bp.get("/api/ps")
+@documented(response=R.Running)
 def ps() -> Response:
     models = []
     for worker in service().gateway.workers():
@@ -190,6 +201,7 @@ def ps() -> Response:
 
 
 @bp.delete("/api/delete")
+@documented(body=DeleteRequest)
 def delete() -> Response:
     req = parse_body(DeleteRequest, request.get_data())
     if not req.target:
@@ -203,6 +215,7 @@ def delete() -> Response:
 
 
 @bp.post("/api/copy")
+@documented(body=CopyRequest)
 def copy() -> Response:
     req = parse_body(CopyRequest, request.get_data())
     for label, value in (("source", req.source), ("destination", req.destination)):
@@ -215,6 +228,7 @@ def copy() -> Response:
 
 
 @bp.post("/api/pull")
+@documented(body=PullRequest, response=R.Progress, stream=NDJSON, stream_item=R.Progress)
 def pull() -> Response:
     """Build a catalog model into the store (no network: see corral.catalog), with Ollama's progress lines."""
     req = parse_body(PullRequest, request.get_data())
@@ -230,6 +244,7 @@ def pull() -> Response:
 
 
 @bp.route("/api/blobs/<digest>", methods=["GET", "HEAD"])
+@documented(media="application/octet-stream")
 def blob(digest: str) -> Response:
     """HEAD: does the store have this blob (Ollama's 200/404).  GET (corral): stream it, so a worker on another
     machine can pull a model by digest and check it against its sha256."""
@@ -243,6 +258,7 @@ def blob(digest: str) -> Response:
 
 
 @bp.get("/api/manifests/<path:name>")
+@documented(summary="The manifest behind a model name.")
 def manifest(name: str) -> Response:
     """The manifest behind a model name (corral): which blobs a remote worker needs to serve it."""
     return json_response(service().store.manifest(name))

@@ -16,6 +16,8 @@ from flask import Blueprint, Response, request
 
 from api.errors import json_response
 from api.inference import EMBED_NOT_FOUND, collect, service
+from api.openapi import SSE, documented
+from api.schemas import responses as R
 from api.schemas.ollama import decode_json
 from api.streaming import prime, sse
 from corral.errors import BadRequest, ModelNotFound
@@ -46,6 +48,7 @@ def _body(model: type[Any]) -> Any:
 
 
 @bp.post("/v1/chat/completions")
+@documented(body=ChatCompletionRequest, response=R.ChatCompletion, stream=SSE)
 def chat_completions() -> Response:
     req: ChatCompletionRequest = _body(ChatCompletionRequest)
     svc = service()
@@ -68,6 +71,7 @@ def chat_completions() -> Response:
 
 
 @bp.post("/v1/completions")
+@documented(body=CompletionRequest, response=R.Completion, stream=SSE)
 def completions() -> Response:
     req: CompletionRequest = _body(CompletionRequest)
     svc = service()
@@ -136,6 +140,7 @@ def _stream_events(
 
 
 @bp.post("/v1/embeddings")
+@documented(body=EmbeddingRequest, response=R.EmbeddingList)
 def embeddings() -> Response:
     req: EmbeddingRequest = _body(EmbeddingRequest)
     inputs, encoding = req.inputs(), req.encoding()
@@ -154,12 +159,14 @@ def _model_object(record: ModelRecord, ident: str | None = None) -> dict[str, An
 
 
 @bp.get("/v1/models")
+@documented(response=R.ModelList)
 def list_models() -> Response:
     records = service().store.list()
     return json_response({"object": "list", "data": [_model_object(r) for r in records] or None})
 
 
 @bp.get("/v1/models/<model>")
+@documented(response=R.ModelObject)
 def get_model(model: str) -> Response:
     try:
         record = service().store.get(model)

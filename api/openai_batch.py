@@ -7,6 +7,9 @@ from flask import Blueprint, Response, current_app, request, stream_with_context
 
 from api.auth import creator, owner
 from api.errors import json_response
+from api.openapi import documented
+from api.schemas import responses as R
+from api.schemas.jobs import BatchRequest
 from api.schemas.ollama import decode_json, query_int
 from corral.errors import BadRequest
 from jobs.batches import BatchService
@@ -24,6 +27,7 @@ def batches() -> BatchService:
 
 
 @bp.post("/v1/files")
+@documented(body=R.FileUpload, upload="multipart", response=R.FileObject)
 def upload() -> Response:
     if request.mimetype != "multipart/form-data":
         raise BadRequest("expected a multipart/form-data upload with 'file' and 'purpose'")
@@ -38,6 +42,7 @@ def upload() -> Response:
 
 
 @bp.get("/v1/files")
+@documented(response=R.FileList, query=(("purpose", "string"), ("limit", "integer"), ("after", "string"), ("order", "string")))
 def list_files() -> Response:
     return json_response(
         files().list(
@@ -48,11 +53,13 @@ def list_files() -> Response:
 
 
 @bp.get("/v1/files/<file_id>")
+@documented(response=R.FileObject)
 def get_file(file_id: str) -> Response:
     return json_response(files().get(file_id, owner()))
 
 
 @bp.get("/v1/files/<file_id>/content")
+@documented(media="application/octet-stream")
 def file_content(file_id: str) -> Response:
     job_id, role = files().source(file_id, owner())
     body = batches().render(job_id, role) if job_id and role else files().chunks(file_id)
@@ -60,11 +67,13 @@ def file_content(file_id: str) -> Response:
 
 
 @bp.delete("/v1/files/<file_id>")
+@documented(response=R.FileDeleted)
 def delete_file(file_id: str) -> Response:
     return json_response(files().delete(file_id, owner()))
 
 
 @bp.post("/v1/batches")
+@documented(body=BatchRequest, response=R.Batch)
 def create_batch() -> Response:
     body = decode_json(request.get_data())
     if not isinstance(body, dict):
@@ -80,6 +89,7 @@ def create_batch() -> Response:
 
 
 @bp.get("/v1/batches")
+@documented(response=R.BatchList, query=(("limit", "integer"), ("after", "string")))
 def list_batches() -> Response:
     limit = query_int("limit", 20)
     if limit is None or not 1 <= limit <= 100:
@@ -88,10 +98,12 @@ def list_batches() -> Response:
 
 
 @bp.get("/v1/batches/<batch_id>")
+@documented(response=R.Batch)
 def get_batch(batch_id: str) -> Response:
     return json_response(batches().get(batch_id, owner()))
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")
+@documented(response=R.Batch)
 def cancel_batch(batch_id: str) -> Response:
     return json_response(batches().cancel(batch_id, owner()))

@@ -1,0 +1,244 @@
+"""Response schemas, for the OpenAPI document (api/openapi.py) and the schemathesis test that checks replies.
+
+Views build their replies as dicts in the exact wire shapes of the reference; these models describe those
+shapes: the fields clients rely on, with their types and nullability.  ``extra="allow"`` because Ollama and
+OpenAI both add fields over time and clients must ignore unknown ones; a reply that lacks a field listed here,
+or carries one with the wrong type, fails the schemathesis run.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+
+
+class OllamaError(BaseModel):
+    """Every Ollama-family error: ``{"error": "..."}``."""
+
+    error: str
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | int | None
+
+
+class OpenAIError(BaseModel):
+    """Every ``/v1/`` error."""
+
+    error: OpenAIErrorDetail
+
+
+# -- Ollama ---------------------------------------------------------------------------------------------------
+
+
+class Version(_Open):
+    version: str
+
+
+class ModelDetails(_Open):
+    format: str
+    family: str
+    parameter_size: str
+    quantization_level: str
+
+
+class ModelEntry(_Open):
+    name: str
+    model: str
+    size: int
+    digest: str
+    details: ModelDetails
+
+
+class Tags(_Open):
+    models: list[ModelEntry]
+
+
+class RunningModel(ModelEntry):
+    expires_at: str
+    size_vram: int
+
+
+class Running(_Open):
+    models: list[RunningModel]
+
+
+class Show(_Open):
+    details: ModelDetails
+    model_info: dict[str, Any]
+    capabilities: list[str]
+
+
+class GenerateChunk(_Open):
+    model: str
+    created_at: str
+    response: str
+    done: bool
+
+
+class ChatMessage(_Open):
+    role: str
+    content: str
+
+
+class ChatChunk(_Open):
+    model: str
+    created_at: str
+    message: ChatMessage
+    done: bool
+
+
+class Embed(_Open):
+    model: str
+    embeddings: list[list[float]]
+
+
+class Embeddings(_Open):
+    embedding: list[float]
+
+
+class Progress(_Open):
+    status: str
+
+
+# -- jobs -------------------------------------------------------------------------------------------------------
+
+
+class JobCounts(BaseModel):
+    total: int
+    pending: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+
+
+class JobView(_Open):
+    id: str
+    object: Literal["job"]
+    kind: str
+    model: str
+    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    counts: JobCounts
+    progress: float
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+
+
+class JobList(_Open):
+    jobs: list[JobView]
+    has_more: bool
+
+
+class Deleted(_Open):
+    id: str
+    object: str
+    deleted: bool
+
+
+class SearchResults(_Open):
+    model: str
+    query: str
+    results: list[dict[str, Any]]
+
+
+class Queue(_Open):
+    models: list[dict[str, Any]]
+    workers: list[dict[str, Any]]
+
+
+# -- OpenAI -----------------------------------------------------------------------------------------------------
+
+
+class ModelObject(_Open):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(_Open):
+    object: Literal["list"]
+    data: list[ModelObject] | None
+
+
+class ChatCompletion(_Open):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+    usage: dict[str, int]
+
+
+class Completion(_Open):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[dict[str, Any]]
+
+
+class EmbeddingList(_Open):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    model: str
+    usage: dict[str, int]
+
+
+class FileObject(_Open):
+    id: str
+    object: Literal["file"]
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+
+
+class FileList(_Open):
+    object: Literal["list"]
+    data: list[FileObject]
+    has_more: bool
+
+
+class FileDeleted(_Open):
+    id: str
+    object: Literal["file"]
+    deleted: bool
+
+
+class Batch(_Open):
+    id: str
+    object: Literal["batch"]
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    status: str
+    created_at: int
+    request_counts: dict[str, int]
+
+
+class BatchList(_Open):
+    object: Literal["list"]
+    data: list[Batch]
+    has_more: bool
+
+
+class FileUpload(BaseModel):
+    """``POST /v1/files`` multipart form."""
+
+    file: bytes
+    purpose: str

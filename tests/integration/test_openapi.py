@@ -1,0 +1,90 @@
+"""``/openapi.json`` covers every route, and schemathesis finds no server error and no off-schema reply in it.
+
+The fuzzing runs against a stack of its own (its own SQLite file and Redis database, an API server and a worker
+with the real models, whose examples in the schemas reach them), so the files and jobs it creates cannot
+disturb the other tests.  ``num_ctx`` defaults to 256 there, so a generated request with a huge
+``num_predict`` still ends within seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from corral.settings import Settings
+from tests.conftest import fresh_database, make_settings
+from tests.stack import Stack, clean_redis, with_db
+
+pytestmark = pytest.mark.slow
+EXAMPLES_PER_OPERATION = 20
+MIN_CASES = 500
+
+
+@pytest.fixture(scope="module")
+def fuzz_stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    home = tmp_path_factory.mktemp("fuzz")
+    url = with_db(settings.redis, 3)
+    clean_redis(url)
+    own = make_settings(home, url, settings.models_path, database_url=f"sqlite:///{home / 'fuzz.db'}",
+                        context_length=256)
+    fresh_database(own)
+    stack = Stack(own, home / "logs")
+    try:
+        stack.start_worker()
+        stack.start_api()
+        yield stack
+    finally:
+        stack.stop()
+        clean_redis(url)
+
+
+def test_the_document_lists_every_route_with_its_schemas(fuzz_stack: Stack) -> None:
+    from api import create_app
+
+    doc = httpx.get(fuzz_stack.base_url + "/openapi.json", timeout=30).json()
+    assert doc["openapi"].startswith("3.")
+    app = create_app(fuzz_stack.settings)
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint == "static":
+            continue
+        path = re.sub(r"<(?:[a-z]+:)?([a-z_]+)>", r"{\1}", rule.rule)
+        for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
+            assert method.lower() in doc["paths"].get(path, {}), f"{method} {path} is missing"
+    chat = doc["paths"]["/api/chat"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ChatRequest"}
+    assert "messages" in doc["components"]["schemas"]["ChatRequest"]["properties"]
+    errors = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["default"]["content"]["application/json"]
+    assert errors["schema"] == {"$ref": "#/components/schemas/OpenAIError"}
+    assert doc["paths"]["/api/tags"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Tags"
+    }
+
+
+def test_schemathesis_finds_no_server_error_and_no_reply_off_its_schema(fuzz_stack: Stack) -> None:
+    """Property-based requests to every operation: 0 responses 5xx, every reply valid against its schema."""
+    cmd = [
+        sys.executable, "-m", "schemathesis.cli", "run", fuzz_stack.base_url + "/openapi.json",
+        "--url", fuzz_stack.base_url,
+        "--checks", "not_a_server_error,response_schema_conformance",
+        "--max-examples", str(EXAMPLES_PER_OPERATION),
+        "--phases", "examples,coverage,fuzzing",
+        "--seed", "1",
+        "--workers", "2",
+        "--request-timeout", "30",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "NO_COLOR": "1"})
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-8000:]
+    cases = sum(int(n) for n in re.findall(r"(\d+) generated", output)) or _cases_from(output)
+    assert cases >= MIN_CASES, output[-3000:]
+
+
+def _cases_from(output: str) -> int:
+    match = re.search(r"Test cases:\s*\n?\s*(\d+)", output) or re.search(r"(\d+) test cases", output)
+    return int(match.group(1)) if match else 0
