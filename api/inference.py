@@ -104,6 +104,10 @@ class Inference:
                         observe_first_token(req.model, (time.perf_counter_ns() - started) / 1e9)
                         first = False
                     yield ollama_chunk(req.model, shape, event.data["c"], done=False)
+                elif event.kind == "tools":
+                    chunk = ollama_chunk(req.model, shape, "", done=False)
+                    chunk["message"]["tool_calls"] = event.data["tool_calls"]
+                    yield chunk
                 elif event.kind == "done":
                     stats = dict(event.data)
                     stats["total_duration"] = time.perf_counter_ns() - started
@@ -118,12 +122,17 @@ class Inference:
 def collect(chunks: Iterator[dict[str, Any]], shape: Literal["generate", "chat"]) -> dict[str, Any]:
     """Fold a stream into the single non-stream object: text concatenated, final chunk's metrics."""
     parts: list[str] = []
+    calls: list[dict[str, Any]] = []
     final: dict[str, Any] = {}
     for chunk in chunks:
         parts.append(chunk["message"]["content"] if shape == "chat" else chunk["response"])
+        if shape == "chat":
+            calls.extend(chunk["message"].get("tool_calls") or [])
         final = chunk
     if shape == "chat":
         final["message"] = {"role": "assistant", "content": "".join(parts)}
+        if calls:
+            final["message"]["tool_calls"] = calls
     else:
         final["response"] = "".join(parts)
     return final

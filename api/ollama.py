@@ -84,7 +84,7 @@ def chat() -> Response:
     if not req.messages:
         return _load_or_unload(svc, record, req.model, req.keep_alive, "chat", req.options)
     job = svc.request(
-        record, req.model, "chat", messages=[m.for_template() for m in req.messages],
+        record, req.model, "chat", messages=[m.for_template() for m in req.messages], tools=req.tools or None,
         options=req.options, format=req.format, keep_alive=req.keep_alive,
     )
     chunks = svc.generation(job, "chat")

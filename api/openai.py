@@ -36,6 +36,7 @@ from corral.openai_wire import (
     usage,
 )
 from corral.store import ModelName, ModelRecord
+from corral.toolcalls import openai_tool_calls
 
 bp = Blueprint("openai", __name__)
 
@@ -55,7 +56,7 @@ def chat_completions() -> Response:
     record = svc.generation_model(req.model, "chat", think=req.think(), tools=bool(req.tools))
     job = svc.request(
         record, req.model, "chat", messages=req.native_messages(), options=req.native_options(),
-        format=req.native_format(), keep_alive=req.keep_alive,
+        format=req.native_format(), keep_alive=req.keep_alive, tools=req.tools or None,
     )
     chunks = svc.generation(job, "chat")
     if not req.stream:
@@ -64,6 +65,7 @@ def chat_completions() -> Response:
             chat_completion(
                 req.model, final["message"]["content"], final.get("done_reason"),
                 int(final.get("prompt_eval_count", 0)), int(final.get("eval_count", 0)),
+                tool_calls=final["message"].get("tool_calls"),
             )
         )
     first = prime(chunks)
@@ -118,14 +120,24 @@ def _stream_events(
         return {"index": 0, "delta": delta, "finish_reason": reason}
 
     first = True
+    called = False
     try:
         for chunk in chunks:
+            calls = chunk["message"].get("tool_calls") if shape == "chat" else None
+            if calls:
+                if first:
+                    yield {**head, "choices": [choice("", None, True)]}
+                    first = False
+                called = True
+                delta = {"tool_calls": openai_tool_calls(calls)}
+                yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                continue
             if not chunk["done"]:
                 text = chunk["message"]["content"] if shape == "chat" else chunk["response"]
                 yield {**head, "choices": [choice(text, None, first)], **zero}
                 first = False
                 continue
-            reason = finish_reason(chunk.get("done_reason"))
+            reason = finish_reason(chunk.get("done_reason"), called)
             if shape == "chat" and first:
                 yield {**head, "choices": [choice("", None, True)]}
             yield {**head, "choices": [choice(None, reason, False)], **zero}

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from corral.errors import BadRequest
 from corral.options import RuntimeRequest
+from corral.toolcalls import openai_tool_calls
 
 FINGERPRINT = "fp_ollama"
 REASONING_EFFORTS = {"low", "medium", "high", "max", "minimal", "xhigh", "ultra", "none"}
@@ -236,7 +237,9 @@ def completion_id(prefix: Literal["chatcmpl", "cmpl"]) -> str:
     return f"{prefix}-{random.randrange(999)}"
 
 
-def finish_reason(done_reason: str | None) -> str:
+def finish_reason(done_reason: str | None, tool_calls: bool = False) -> str:
+    if tool_calls:
+        return "tool_calls"
     return "length" if done_reason == "length" else "stop"
 
 
@@ -246,17 +249,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def chat_completion(
     model: str, text: str, done_reason: str | None, prompt_tokens: int, completion_tokens: int,
-    *, created: int | None = None, ident: str | None = None,
+    *, created: int | None = None, ident: str | None = None, tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if tool_calls:
+        message["tool_calls"] = openai_tool_calls(tool_calls)
     return {
         "id": ident or completion_id("chatcmpl"),
         "object": "chat.completion",
         "created": created or int(time.time()),
         "model": model,
         "system_fingerprint": FINGERPRINT,
-        "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason(done_reason)}
-        ],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(done_reason, bool(tool_calls))}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -307,6 +311,9 @@ def from_native_final(kind: str, model: str, final: dict[str, Any], created: int
     prompt, completion = int(final.get("prompt_eval_count", 0)), int(final.get("eval_count", 0))
     reason = final.get("done_reason")
     if kind == "chat":
-        text = (final.get("message") or {}).get("content", "")
-        return chat_completion(model, text, reason, prompt, completion, created=created)
+        message = final.get("message") or {}
+        return chat_completion(
+            model, message.get("content", ""), reason, prompt, completion, created=created,
+            tool_calls=message.get("tool_calls"),
+        )
     return text_completion(model, final.get("response", ""), reason, prompt, completion, created=created)

@@ -89,6 +89,7 @@ class InferenceRequest(BaseModel):
     raw: bool = False
     context: list[int] | None = None
     messages: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
     inputs: list[str] | None = None
     truncate: bool = True
     normalize: bool = True
@@ -116,7 +117,7 @@ class InferenceRequest(BaseModel):
 class StreamEvent:
     """One entry of a reply stream."""
 
-    kind: Literal["start", "delta", "done", "result", "error"]
+    kind: Literal["start", "delta", "tools", "done", "result", "error"]
     data: dict[str, Any]
     received_at: float
 

@@ -35,6 +35,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         CORRAL_RECONCILE_INTERVAL=str(settings.reconcile_interval),
         OLLAMA_MAX_QUEUE=str(settings.max_queue),
         OLLAMA_NUM_PARALLEL=str(settings.num_parallel),
+        CORRAL_API_THREADS=str(settings.api_threads),
         PYTHONUNBUFFERED="1",
     )
     if settings.models_dir:

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from corral.errors import CorralError
 from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, new_request_id
+from corral.toolcalls import parse_tool_calls, tool_names
 from corral.wire import ollama_final
 from jobs.db import sessions
 from jobs.models import Chunk, Item, Job, utcnow
@@ -143,7 +144,7 @@ class ChunkRunner:
             req = InferenceRequest(
                 request_id=new_request_id(), kind=kind, model=name, model_digest=digest,  # type: ignore[arg-type]
                 prompt=body.get("prompt"), system=body.get("system"), raw=bool(body.get("raw", False)),
-                context=body.get("context"), messages=body.get("messages"),
+                context=body.get("context"), messages=body.get("messages"), tools=body.get("tools") or None,
                 options={**options, **(body.get("options") or {})}, format=body.get("format"),
             )
             try:
@@ -170,9 +171,13 @@ class ChunkRunner:
                 else:
                     stats = self.runtime.generation_stats(req, result)
                     stats["total_duration"] = stats["prompt_eval_duration"] + stats["eval_duration"]
+                    output = ollama_final(name, kind, stats, "".join(parts))
+                    calls = parse_tool_calls("".join(parts), tool_names(req.tools)) if req.tools else []
+                    if calls:
+                        output["message"] = {"role": "assistant", "content": "", "tool_calls": calls}
                     values = {
                         "state": "succeeded",
-                        "output": ollama_final(name, kind, stats, "".join(parts)),
+                        "output": output,
                         "prompt_tokens": stats["prompt_eval_count"],
                         "completion_tokens": stats["eval_count"],
                     }

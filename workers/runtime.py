@@ -21,6 +21,7 @@ from corral.errors import BadRequest, ModelNotFound
 from corral.protocol import InferenceRequest, StreamWriter, redis_client, unload_key, worker_key
 from corral.settings import Settings
 from corral.store import ModelRecord, ModelStore
+from corral.toolcalls import could_be_call, parse_tool_calls, tool_names
 from workers.decode_loop import GenerationResult, SequenceHandle
 from workers.engine import LoadedModel, LoadSpec, default_threads
 from workers.registry import ModelRegistry
@@ -159,7 +160,7 @@ class WorkerRuntime:
         """Render the prompt and queue the request in the model's decode loop (raises on a bad request)."""
         stops: list[str] = []
         if req.kind == "chat":
-            prompt, stops = model.chat_prompt(req.messages or [])
+            prompt, stops = model.chat_prompt(req.messages or [], req.tools)
         elif req.raw:
             prompt = model.raw_prompt(req.prompt or "")
         else:
@@ -187,8 +188,48 @@ class WorkerRuntime:
 
     def _generate(self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter, load_ns: int) -> None:
         handle = self.start_generation(model, req, interactive=True)
-        result = handle.stream(lambda text: writer.emit("delta", {"c": text}), writer.cancelled)
+        if req.tools:
+            held = ToolCallHold(tool_names(req.tools), lambda text: writer.emit("delta", {"c": text}))
+            result = handle.stream(held.feed, writer.cancelled)
+            calls, text = held.finish()
+            if calls:
+                writer.emit("tools", {"tool_calls": calls})
+            elif text:
+                writer.emit("delta", {"c": text})
+        else:
+            result = handle.stream(lambda text: writer.emit("delta", {"c": text}), writer.cancelled)
         stats = self.generation_stats(req, result)
         if stats["done_reason"] == "cancelled":
             log.info("request %s cancelled by its client after %d tokens", req.request_id, stats["eval_count"])
         writer.emit("done", {**stats, "load_duration": load_ns})
+
+
+class ToolCallHold:
+    """Streams a reply to a request with tools, except while it may still be a tool call (then it is held).
+
+    A reply that starts like a call is kept until the end and parsed; one that starts as prose is passed on
+    as it comes, like any other reply.
+    """
+
+    def __init__(self, names: set[str], emit: Callable[[str], bool]) -> None:
+        self.names = names
+        self.emit = emit
+        self.held = ""
+        self.streaming = False
+
+    def feed(self, text: str) -> bool:
+        if self.streaming:
+            return self.emit(text)
+        self.held += text
+        if could_be_call(self.held):
+            return False
+        self.streaming = True
+        text, self.held = self.held, ""
+        return self.emit(text)
+
+    def finish(self) -> tuple[list[dict[str, Any]], str]:
+        """(tool calls, text still held): calls when the whole held reply parses as calls, else the text."""
+        if self.streaming or not self.held:
+            return [], ""
+        calls = parse_tool_calls(self.held, self.names)
+        return (calls, "") if calls else ([], self.held)
