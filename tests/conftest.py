@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,23 @@ def fresh_database(settings: Settings) -> None:
         with engine.begin() as conn:
             conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     upgrade(settings)
+
+
+@contextmanager
+def own_stack(settings: Settings, home: Path, redis_db: int, **overrides: object) -> Iterator[Stack]:
+    """A worker and an API server of their own: another Redis database and SQLite file, settings overridden."""
+    url = with_db(settings.redis, redis_db)
+    clean_redis(url)
+    own = make_settings(home, url, settings.models_path, database_url=f"sqlite:///{home / 'own.db'}", **overrides)
+    fresh_database(own)
+    stack = Stack(own, home / "logs")
+    try:
+        stack.start_worker()
+        stack.start_api()
+        yield stack
+    finally:
+        stack.stop()
+        clean_redis(url)
 
 
 @pytest.fixture(scope="session")

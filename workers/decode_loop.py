@@ -197,11 +197,6 @@ class DecodeLoop:
             self._cond.notify()
         return handle
 
-    def busy(self) -> int:
-        """Sequences waiting or running (the registry keeps a busy model loaded)."""
-        with self._cond:
-            return len(self._waiting) + len(self._active)
-
     def close(self) -> None:
         with self._cond:
             self._closed = True

@@ -15,8 +15,8 @@ import httpx
 import pytest
 
 from corral.settings import Settings
-from tests.conftest import MODEL, fresh_database, make_settings
-from tests.stack import Stack, clean_redis, wait_for, with_db
+from tests.conftest import MODEL, own_stack
+from tests.stack import Stack, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -30,21 +30,8 @@ GREEDY = {"temperature": 0, "num_predict": 32}
 
 @pytest.fixture(scope="module")
 def wide(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("wide")
-    url = with_db(settings.redis, 2)
-    clean_redis(url)
-    own = make_settings(
-        home, url, settings.models_path, num_parallel=16, database_url=f"sqlite:///{home / 'wide.db'}",
-    )
-    fresh_database(own)
-    stack = Stack(own, home / "logs")
-    try:
-        stack.start_worker()
-        stack.start_api()
+    with own_stack(settings, tmp_path_factory.mktemp("wide"), 2, num_parallel=16) as stack:
         yield stack
-    finally:
-        stack.stop()
-        clean_redis(url)
 
 
 def generate(base_url: str, prompt: str, **options: Any) -> dict:

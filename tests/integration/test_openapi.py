@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from corral.settings import Settings
-from tests.conftest import fresh_database, make_settings
-from tests.stack import Stack, clean_redis, with_db
+from tests.conftest import own_stack
+from tests.stack import Stack
 
 pytestmark = pytest.mark.slow
 EXAMPLES_PER_OPERATION = 20
@@ -28,20 +28,8 @@ MIN_CASES = 500
 
 @pytest.fixture(scope="module")
 def fuzz_stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    home = tmp_path_factory.mktemp("fuzz")
-    url = with_db(settings.redis, 3)
-    clean_redis(url)
-    own = make_settings(home, url, settings.models_path, database_url=f"sqlite:///{home / 'fuzz.db'}",
-                        context_length=256)
-    fresh_database(own)
-    stack = Stack(own, home / "logs")
-    try:
-        stack.start_worker()
-        stack.start_api()
+    with own_stack(settings, tmp_path_factory.mktemp("fuzz"), 3, context_length=256) as stack:
         yield stack
-    finally:
-        stack.stop()
-        clean_redis(url)
 
 
 def test_the_document_lists_every_route_with_its_schemas(fuzz_stack: Stack) -> None:
