@@ -40,13 +40,10 @@ def corral_stack(home: Path, **settings: Any) -> Iterator[Any]:
     }
     config = Settings(**values)
     upgrade(config)
-    stack = Stack(config, home / "logs")
     try:
-        stack.start_worker()
-        stack.start_api()
-        yield stack
+        with Stack(config, home / "logs").running() as stack:
+            yield stack
     finally:
-        stack.stop()
         if private is not None:
             private.terminate()
 

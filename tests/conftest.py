@@ -79,13 +79,10 @@ def own_stack(settings: Settings, home: Path, redis_db: int, **overrides: object
     clean_redis(url)
     own = make_settings(home, url, settings.models_path, database_url=f"sqlite:///{home / 'own.db'}", **overrides)
     fresh_database(own)
-    stack = Stack(own, home / "logs")
     try:
-        stack.start_worker()
-        stack.start_api()
-        yield stack
+        with Stack(own, home / "logs").running() as stack:
+            yield stack
     finally:
-        stack.stop()
         clean_redis(url)
 
 
@@ -100,13 +97,8 @@ def settings(session_dir: Path, redis_url: str, models_dir: Path) -> Settings:
 @pytest.fixture(scope="session")
 def stack(settings: Settings, session_dir: Path) -> Iterator[Stack]:
     """One worker and one API server for the whole session."""
-    s = Stack(settings, session_dir / "logs")
-    try:
-        s.start_worker()
-        s.start_api()
+    with Stack(settings, session_dir / "logs").running() as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="session")

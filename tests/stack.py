@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +145,16 @@ class Stack:
         for proc in reversed(self.procs):
             proc.stop()
         self.procs.clear()
+
+    @contextmanager
+    def running(self) -> Iterator[Stack]:
+        """A worker and an API server, stopped on the way out."""
+        try:
+            self.start_worker()
+            self.start_api()
+            yield self
+        finally:
+            self.stop()
 
 
 def redis_server_for_tests(data_dir: Path) -> Iterator[str]:
