@@ -8,6 +8,7 @@ the line, so a user can fix the file.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
@@ -23,8 +24,17 @@ ITEM_FIELDS = {
 }
 
 
+def buffered(stream: IO[bytes]) -> IO[bytes]:
+    """A buffered view of a raw request stream: ``readline`` on werkzeug's unbuffered input reads one byte per
+    call (measured: 5.2 s for a 1.5 MB upload, 1.5 million reads)."""
+    if isinstance(stream, io.BufferedIOBase):
+        return stream
+    return io.BufferedReader(stream, 1 << 16)  # type: ignore[arg-type]
+
+
 def read_jsonl(stream: IO[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, Any]]:
     """Yield (line number, decoded JSON) for each non-blank line of a JSONL stream."""
+    stream = buffered(stream)
     number = 0
     while True:
         line = stream.readline(max_line + 1)
@@ -43,6 +53,7 @@ def read_jsonl(stream: IO[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tu
 
 def text_lines(stream: IO[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, Any]]:
     """Plain text: each non-blank line is a prompt (``corral submit --lines``)."""
+    stream = buffered(stream)
     for number, raw in enumerate(iter(lambda: stream.readline(max_line + 1), b""), start=1):
         if len(raw) > max_line:
             raise PayloadTooLarge(f"line {number}: longer than {max_line} bytes")
