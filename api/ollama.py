@@ -173,7 +173,9 @@ def show() -> Response:
     svc = service()
     display = ModelName.parse(req.target).display
     record = svc.model(req.target, not_found=f"model '{display}' not found")
-    model_info, _ = read_gguf_metadata(record.model_path, with_arrays=req.verbose)
+    model_info = None if req.verbose else record.config.get("model_info")
+    if model_info is None:  # verbose, or a model registered before the config blob kept model_info
+        model_info, _ = read_gguf_metadata(record.model_path, with_arrays=req.verbose)
     template = str(model_info.get("tokenizer.chat_template", ""))
     return json_response(
         {
