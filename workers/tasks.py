@@ -27,10 +27,9 @@ def interactive(self: Task, payload: dict[str, Any]) -> None:
     runtime = runtime_of(self)
     req = InferenceRequest.from_payload(payload)
     writer = StreamWriter(runtime.redis, req.request_id, runtime.settings.stream_ttl)
-    if writer.cancelled():
+    if writer.emit("start", {"worker": runtime.name}):  # one round trip: the event, and "was it cancelled?"
         log.info("request %s was cancelled while queued; skipping", req.request_id)
         return
-    writer.emit("start", {"worker": runtime.name})
     try:
         runtime.execute(req, writer)
     except CorralError as exc:
