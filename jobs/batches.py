@@ -2,12 +2,14 @@
 listed by ``corral jobs``), created from an uploaded JSONL file.
 
 Creation validates every line first (``custom_id`` unique, ``method`` POST, ``url`` equal to the batch's
-endpoint, one model, a body the sync route would accept, no ``stream``); any problem fails the batch with
+endpoint, one model, a body the sync route would accept, no ``stream``, ``tools`` only for a tools model); any problem fails the batch with
 ``errors.data[].line`` and no work is queued.  A valid file becomes job items holding the same native request
 the sync route would run (:mod:`corral.openai_wire`), so results match the sync endpoints.
 
 Status mapping (the job's status stays the truth): queued/running -> ``in_progress``; completed ->
-``completed``; failed -> ``failed``; cancelled -> ``cancelling`` while an item still runs, then ``cancelled``.
+``completed``; failed -> ``failed``; cancelled -> ``cancelling`` while an item still runs, then ``cancelled``;
+expired (the reconciler stops a batch still unfinished 24h after creation) -> ``finalizing`` while a stopped
+item winds down, then ``expired``, with the unfinished requests in the error file as ``batch_expired``.
 Output and error files appear when the batch ends, in OpenAI's line format and in input order; their content
 is rendered from the items on read.
 """
@@ -98,9 +100,9 @@ def _native_body(endpoint: str, body: dict[str, Any]) -> tuple[str, dict[str, An
         chat: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
         if chat.think() not in (None, False):
             raise BadRequest("reasoning is not supported by this model", param="reasoning_effort")
-        if chat.tools:
-            raise BadRequest("tools are not supported in batches yet", param="tools")
         native: dict[str, Any] = {"messages": chat.native_messages(), "options": chat.native_options()}
+        if chat.tools:
+            native["tools"] = chat.tools
         fmt = chat.native_format()
         if fmt is not None:
             native["format"] = fmt
@@ -151,23 +153,25 @@ class BatchService:
                 "metadata": metadata or {}, "errors": None}
         kind = ENDPOINT_KINDS[endpoint]
         ident = batch_id()
-        model, errors, count = self._validate(input_file_id, endpoint)
+        model, errors, count, tools_line = self._validate(input_file_id, endpoint)
         if not errors and count == 0:
             errors = [{"code": "empty_file", "line": None, "message": "the input file has no requests", "param": None}]
         if not errors:
-            errors = self._check_model(model, kind)
+            errors = self._check_model(model, kind, tools_line)
         if errors:
             return self._failed(ident, kind, model, info, errors, owner)
         items = ((custom_id, native) for custom_id, _, native in self._parsed(input_file_id, endpoint))
-        self.jobs.submit(kind=kind, model=model, items=items, metadata={"openai_batch": info}, owner=owner, job_id=ident)
+        self.jobs.submit(kind=kind, model=model, items=items, metadata={"openai_batch": info}, owner=owner, job_id=ident,
+                         expires_at=utcnow() + WINDOW)
         return self.get(ident, owner)
 
-    def _validate(self, file_id: str, endpoint: str) -> tuple[str, list[dict[str, Any]], int]:
-        """Every line checked before anything runs: (model, errors, request count)."""
+    def _validate(self, file_id: str, endpoint: str) -> tuple[str, list[dict[str, Any]], int, int | None]:
+        """Every line checked before anything runs: (model, errors, request count, first line with tools)."""
         errors: list[dict[str, Any]] = []
         seen: set[str] = set()
         model = ""
         count = 0
+        tools_line: int | None = None
 
         def error(number: int, code: str, message: str, param: str | None) -> None:
             if len(errors) < MAX_ERRORS:
@@ -176,10 +180,12 @@ class BatchService:
         for number, raw in self.files.lines(file_id, MAX_LINE_BYTES):
             count += 1
             try:
-                custom_id, line_model, _ = parse_line(endpoint, raw)
+                custom_id, line_model, native = parse_line(endpoint, raw)
             except LineError as exc:
                 error(number, exc.code, exc.message, exc.param)
                 continue
+            if tools_line is None and native.get("tools"):
+                tools_line = number
             if custom_id in seen:
                 error(number, "duplicate_custom_id", f"custom_id '{custom_id}' is used more than once", "custom_id")
             seen.add(custom_id)
@@ -188,9 +194,9 @@ class BatchService:
             elif line_model != model:
                 error(number, "mismatched_model", f"every request in a batch must use the same model ({model!r})",
                       "body.model")
-        return model, errors, count
+        return model, errors, count, tools_line
 
-    def _check_model(self, model: str, kind: str) -> list[dict[str, Any]]:
+    def _check_model(self, model: str, kind: str, tools_line: int | None) -> list[dict[str, Any]]:
         try:
             record = self.store.get(model)
         except CorralError:
@@ -198,6 +204,9 @@ class BatchService:
         if kind != "embed" and "completion" not in record.capabilities:
             return [{"code": "invalid_request", "line": 1, "message": f'"{model}" does not support {kind}',
                      "param": "body.model"}]
+        if tools_line is not None and "tools" not in record.capabilities:
+            return [{"code": "invalid_request", "line": tools_line, "message": f'"{model}" does not support tools',
+                     "param": "body.tools"}]
         return []
 
     def _parsed(self, file_id: str, endpoint: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -258,9 +267,11 @@ class BatchService:
         status = {"queued": "in_progress", "running": "in_progress"}.get(job.status, job.status)
         if job.status == "cancelled" and counts["running"]:
             status = "cancelling"
+        elif job.status == "expired" and counts["running"]:
+            status = "finalizing"
         ended = epoch(job.finished_at)
         output_id = error_id = None
-        if status in ("completed", "cancelled"):
+        if status in ("completed", "cancelled", "expired"):
             output_id, error_id = self._result_files(session, job, counts)
         errors = info.get("errors")
         return {
@@ -276,11 +287,11 @@ class BatchService:
             "error_file_id": error_id,
             "created_at": epoch(job.created_at),
             "in_progress_at": epoch(job.created_at) if job.status != "failed" else None,
-            "expires_at": epoch(job.created_at + WINDOW),
-            "finalizing_at": ended if status == "completed" else None,
+            "expires_at": epoch(job.expires_at or job.created_at + WINDOW),
+            "finalizing_at": ended if status in ("completed", "finalizing") else None,
             "completed_at": ended if status == "completed" else None,
             "failed_at": ended if status == "failed" else None,
-            "expired_at": None,
+            "expired_at": ended if status in ("finalizing", "expired") else None,
             "cancelling_at": ended if status in ("cancelling", "cancelled") else None,
             "cancelled_at": ended if status == "cancelled" else None,
             "request_counts": {"total": job.item_count, "completed": counts["succeeded"], "failed": counts["failed"]},
@@ -326,7 +337,7 @@ class BatchService:
             job = session.get(Job, job_id)
             if job is None:
                 return
-            kind, model = job.kind, job.model
+            kind, model, expired = job.kind, job.model, job.status == "expired"
         states = ("succeeded",) if role == "output" else ("failed", "cancelled")
         last = -1
         while True:
@@ -339,13 +350,17 @@ class BatchService:
                 return
             for item in page:
                 last = item.seq
-                yield (json.dumps(_output_line(job_id, kind, model, item), separators=(",", ":")) + "\n").encode()
+                yield (json.dumps(_output_line(job_id, kind, model, item, expired), separators=(",", ":")) + "\n").encode()
 
 
-def _output_line(job_id: str, kind: str, model: str, item: Item) -> dict[str, Any]:
+def _output_line(job_id: str, kind: str, model: str, item: Item, expired: bool = False) -> dict[str, Any]:
     ident = f"batch_req_{job_id.removeprefix('batch_')}{item.seq:08x}"
     request_id = f"req_{job_id.removeprefix('batch_')}{item.seq:08x}"
     line: dict[str, Any] = {"id": ident, "custom_id": item.custom_id, "response": None, "error": None}
+    if item.state == "cancelled" and expired:
+        line["error"] = {"code": "batch_expired",
+                         "message": "This request could not be executed before the completion window expired."}
+        return line
     if item.state == "cancelled":
         line["error"] = {"code": "batch_cancelled", "message": "This request was cancelled before it completed."}
         return line

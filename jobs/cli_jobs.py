@@ -3,7 +3,7 @@
 Uploads stream from the file (or stdin) in 1 MiB pieces with chunked transfer encoding, so a multi-GB JSONL
 never sits in memory on either side.  ``status --watch`` polls ``GET /api/jobs/{id}``: a ``rich`` progress bar
 on a terminal, one plain line per change otherwise.  Exit codes of ``status``/``submit --wait``: 0 completed,
-3 failed, 4 cancelled (1 is an error, 2 a usage mistake, as everywhere in Click).
+3 failed, 4 cancelled, 5 expired (1 is an error, 2 a usage mistake, as everywhere in Click).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 from jobs.cli_common import columns, parse_pairs, stdout_is_tty, with_client
 from jobs.client import CorralClient, file_chunks
 from jobs.export import FORMATS, ExportError, write_csv, write_jsonl, write_npy, write_parquet
+from jobs.models import JOB_STATUSES
 
-EXIT_CODES = {"completed": 0, "failed": 3, "cancelled": 4}
+EXIT_CODES = {"completed": 0, "failed": 3, "cancelled": 4, "expired": 5}
 TERMINAL = tuple(EXIT_CODES)
 
 
@@ -103,7 +104,7 @@ def watch(client: CorralClient, job_id: str, interval: float) -> dict[str, Any]:
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE", help="Model option for every item (repeatable).")
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), help="Items per worker task (default: the server's).")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Free-form job metadata (repeatable).")
-@click.option("--wait", is_flag=True, help="Watch the job until it ends; exit 0 completed, 3 failed, 4 cancelled.")
+@click.option("--wait", is_flag=True, help="Watch the job until it ends; exit 0 completed, 3 failed, 4 cancelled, 5 expired.")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between polls with --wait.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job object as JSON instead of its id.")
 @with_client
@@ -134,7 +135,7 @@ def submit(
 @click.option("--json", "as_json", is_flag=True, help="Print the job object as JSON.")
 @with_client
 def status(client: CorralClient, job_id: str, follow: bool, interval: float, as_json: bool) -> None:
-    """Show a job's progress; exit 0 completed, 3 failed, 4 cancelled (0 while it is still going)."""
+    """Show a job's progress; exit 0 completed, 3 failed, 4 cancelled, 5 expired (0 while it is still going)."""
     job = watch(client, job_id, interval) if follow else client.job(job_id)
     if as_json:
         click.echo(json.dumps(job, indent=2))
@@ -193,7 +194,7 @@ def _stdout_text() -> _Unclosed:
 
 
 @click.command("jobs")
-@click.option("--status", "state", type=click.Choice(["queued", "running", "completed", "failed", "cancelled"]))
+@click.option("--status", "state", type=click.Choice(list(JOB_STATUSES)))
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 @with_client

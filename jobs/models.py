@@ -36,8 +36,10 @@ NAMING_CONVENTION = {
 }
 
 JOB_KINDS = ("generate", "chat", "embed")
-JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled")
-TERMINAL_JOB_STATUSES = ("completed", "failed", "cancelled")
+JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "expired")
+TERMINAL_JOB_STATUSES = ("completed", "failed", "cancelled", "expired")
+# A job that stopped early: its pending items were cancelled, a running one stops between tokens.
+STOPPED_JOB_STATUSES = ("cancelled", "failed", "expired")
 ITEM_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 CHUNK_STATES = ("queued", "running", "done")
 
@@ -70,6 +72,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # The end of an OpenAI batch's completion window: the reconciler expires what is unfinished by then.
+    expires_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
 
 
 class Chunk(Base):

@@ -9,6 +9,8 @@ the claims in :mod:`workers.batch` make a re-enqueue that races the original mes
    will find the chunk taken and do nothing).
 2. A chunk ``queued`` whose Redis marker is gone (Redis flushed or restarted without persistence): re-enqueued.
 3. A job with no pending or running item that is not marked ended: completed.
+4. A job past its ``expires_at`` (an OpenAI batch's 24h window): expired; its running items stop between
+   tokens (the same Redis flag as a cancel) and what finished stays in the output file.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import redis
 from celery import Celery
 from sqlalchemy import select, update
 
-from corral.protocol import WORKER_KEY_PATTERN, chunk_key
+from corral.protocol import WORKER_KEY_PATTERN, chunk_key, job_cancel_key
 from corral.settings import Settings
 from jobs.db import sessions
 from jobs.models import Chunk, Item, Job, utcnow
-from jobs.service import enqueue_chunks, finish_job_if_done
+from jobs.service import enqueue_chunks, expire_overdue, finish_job_if_done
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "corral:reconcile:lock"
@@ -68,6 +70,11 @@ class Reconciler:
         requeue: list[tuple[str, str]] = []
         now = utcnow()
         with self.sessions() as session:
+            expired = expire_overdue(session)
+            session.commit()
+            for job_id in expired:
+                log.warning("job %s passed its completion window unfinished; expired", job_id)
+                self.redis.set(job_cancel_key(job_id), b"1", ex=24 * 3600)
             active_jobs = select(Job.id).where(Job.status.in_(("queued", "running")))
             for chunk in session.scalars(select(Chunk).where(Chunk.state == "running", Chunk.job_id.in_(active_jobs))):
                 if chunk.worker in live:

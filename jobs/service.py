@@ -73,10 +73,12 @@ class JobService:
         metadata: dict[str, Any] | None = None,
         owner: str | None = None,
         job_id: str | None = None,
+        expires_at: datetime | None = None,
     ) -> dict[str, Any]:
         """Write the job, its items and chunks in one transaction, commit, then enqueue the chunks.
 
-        ``job_id`` lets the OpenAI Batch API give the job its ``batch_...`` id.
+        ``job_id`` lets the OpenAI Batch API give the job its ``batch_...`` id; ``expires_at`` is its window's
+        end (the reconciler expires what is unfinished by then).
         """
         if kind not in JOB_KINDS:
             raise BadRequest(f"kind must be one of {', '.join(JOB_KINDS)}, not {kind!r}")
@@ -95,6 +97,7 @@ class JobService:
                 Job(
                     id=job_id, kind=kind, model=model, model_digest=record.model_digest, options=options or {},
                     status="queued", chunk_size=size, owner=owner, meta=metadata or {}, item_count=0,
+                    expires_at=expires_at,
                 )
             )
             session.flush()
@@ -178,6 +181,7 @@ class JobService:
             "created_at": rfc3339(_aware(job.created_at)),
             "started_at": rfc3339(_aware(job.started_at)) if job.started_at else None,
             "finished_at": rfc3339(_aware(job.finished_at)) if job.finished_at else None,
+            "expires_at": rfc3339(_aware(job.expires_at)) if job.expires_at else None,
         }
         if job.status == "queued":
             view["queue_position"] = self._queue_position(session, job)
@@ -297,15 +301,11 @@ class JobService:
 
     def cancel(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
         with self._session() as session:
-            job = self._job(session, job_id, owner)
-            if job.status not in TERMINAL_JOB_STATUSES:
-                now = utcnow()
-                session.execute(update(Job).where(Job.id == job_id).values(status="cancelled", finished_at=now))
-                session.execute(
-                    update(Item).where(Item.job_id == job_id, Item.state == "pending").values(state="cancelled", finished_at=now)
-                )
-                session.commit()
-                self.redis.set(job_cancel_key(job_id), b"1", ex=24 * 3600)
+            self._job(session, job_id, owner)
+            stopped = stop_job(session, job_id, "cancelled")
+            session.commit()
+        if stopped:
+            self.redis.set(job_cancel_key(job_id), b"1", ex=24 * 3600)
         return self.get(job_id, owner)
 
     def retry(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
@@ -414,6 +414,28 @@ def item_counts(session: Session, job_id: str) -> tuple[dict[str, int], tuple[in
         .where(Item.job_id == job_id)
     ).one()
     return counts, (int(prompt), int(completion))
+
+
+def stop_job(session: Session, job_id: str, status: str) -> bool:
+    """End an unfinished job early (``cancelled`` or ``expired``): its pending items become cancelled; the
+    caller then sets the Redis flag that stops a running item between tokens.  False if it had already ended."""
+    now = utcnow()
+    stopped = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(("queued", "running"))).values(status=status, finished_at=now)
+    ).rowcount
+    if stopped:
+        session.execute(
+            update(Item).where(Item.job_id == job_id, Item.state == "pending").values(state="cancelled", finished_at=now)
+        )
+    return bool(stopped)
+
+
+def expire_overdue(session: Session) -> list[str]:
+    """Stop every unfinished job whose window has passed (status ``expired``); return their ids."""
+    overdue = list(session.scalars(
+        select(Job.id).where(Job.status.in_(("queued", "running")), Job.expires_at.is_not(None), Job.expires_at < utcnow())
+    ))
+    return [job_id for job_id in overdue if stop_job(session, job_id, "expired")]
 
 
 def finish_job_if_done(session: Session, job_id: str) -> None:

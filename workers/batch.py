@@ -30,7 +30,7 @@ from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_
 from corral.toolcalls import parse_tool_calls, tool_names
 from corral.wire import ollama_final
 from jobs.db import sessions
-from jobs.models import Chunk, Item, Job, utcnow
+from jobs.models import STOPPED_JOB_STATUSES, TERMINAL_JOB_STATUSES, Chunk, Item, Job, utcnow
 from jobs.service import finish_job_if_done
 from workers.decode_loop import SequenceHandle
 from workers.engine import LoadedModel, finish_vectors
@@ -78,7 +78,7 @@ class ChunkRunner:
             job = session.get(Job, chunk.job_id) if chunk else None
             if chunk is None or job is None:
                 return
-            if job.status in ("cancelled", "failed", "completed"):
+            if job.status in TERMINAL_JOB_STATUSES:
                 self._close(session, chunk_id, attempt, job.id)
                 return
             session.execute(
@@ -167,7 +167,7 @@ class ChunkRunner:
             try:
                 result = handle.stream(on_text, lambda: self._cancel_flagged(job_id))
                 if result.done_reason == "cancelled":
-                    values = {"state": "cancelled", "error": "job cancelled while this item was running"}
+                    values = {"state": "cancelled", "error": "the job was stopped (cancelled or expired) while this item was running"}
                 else:
                     stats = self.runtime.generation_stats(req, result)
                     stats["total_duration"] = stats["prompt_eval_duration"] + stats["eval_duration"]
@@ -254,7 +254,7 @@ class ChunkRunner:
             return True
         with self.sessions() as session:
             status = session.scalar(select(Job.status).where(Job.id == job_id))
-        return status in (None, "cancelled", "failed")
+        return status is None or status in STOPPED_JOB_STATUSES
 
     def _fail_job(self, job_id: str, message: str) -> None:
         with self.sessions() as session:
@@ -270,7 +270,7 @@ class ChunkRunner:
         session.execute(
             update(Item)
             .where(Item.chunk_id == chunk_id, Item.state == "pending")
-            .where(Item.job_id.in_(select(Job.id).where(Job.id == job_id, Job.status.in_(("cancelled", "failed")))))
+            .where(Item.job_id.in_(select(Job.id).where(Job.id == job_id, Job.status.in_(STOPPED_JOB_STATUSES))))
             .values(state="cancelled", finished_at=now)
         )
         session.execute(

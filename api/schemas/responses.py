@@ -129,7 +129,7 @@ class JobView(_Open):
     object: Literal["job"]
     kind: str
     model: str
-    status: Literal["queued", "running", "completed", "failed", "cancelled"]
+    status: Literal["queued", "running", "completed", "failed", "cancelled", "expired"]
     counts: JobCounts
     progress: float
     created_at: str

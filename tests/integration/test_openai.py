@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -13,7 +14,11 @@ import numpy as np
 import openai
 import pytest
 from openai import OpenAI
+from sqlalchemy import update
 
+from corral.settings import Settings
+from jobs.db import sessions
+from jobs.models import Job, utcnow
 from tests.conftest import MODEL
 from tests.stack import wait_for
 
@@ -328,3 +333,27 @@ def test_file_listing_and_bad_uploads(oai: OpenAI, base_url: str) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "file"
     assert httpx.get(base_url + "/v1/files/file-nope").status_code == 404
     assert httpx.get(base_url + "/v1/batches/batch_nope").json()["error"]["type"] == "not_found_error"
+
+
+def test_a_batch_past_its_window_expires_with_partial_results(oai: OpenAI, base_url: str, settings: Settings) -> None:
+    lines = [chat_line(f"x{i}", f"Write a long story about the color {i}.", max_tokens=48) for i in range(16)]
+    batch = oai.batches.create(input_file_id=upload(oai, lines), endpoint="/v1/chat/completions", completion_window="24h")
+    assert abs(batch.expires_at - batch.created_at - 24 * 3600) <= 1  # type: ignore[operator]
+    wait_for(lambda: httpx.get(f"{base_url}/api/jobs/{batch.id}").json()["counts"]["succeeded"] >= 1, 180,
+             "the first request to finish", interval=0.2)
+    # 24 hours pass: move the window's end into the past (the reconciler in the worker does the rest).
+    with sessions(settings)() as session:
+        session.execute(update(Job).where(Job.id == batch.id).values(expires_at=utcnow() - timedelta(seconds=1)))
+        session.commit()
+    done = wait_batch(oai, batch.id, timeout=60)
+    assert done.status == "expired" and done.expired_at and done.completed_at is None
+    counts = done.request_counts
+    assert 1 <= counts.completed < 16  # type: ignore[union-attr]
+    out = jsonl(oai.files.content(done.output_file_id).text)
+    err = jsonl(oai.files.content(done.error_file_id).text)
+    assert len(out) == counts.completed and len(out) + len(err) == 16  # type: ignore[union-attr]
+    assert all(x["response"]["status_code"] == 200 for x in out)
+    assert {x["error"]["code"] for x in err} == {"batch_expired"} and all(x["response"] is None for x in err)
+    job = httpx.get(f"{base_url}/api/jobs/{batch.id}").json()
+    assert job["status"] == "expired" and job["expires_at"]
+    assert httpx.get(f"{base_url}/api/jobs", params={"status": "expired"}).json()["jobs"][0]["id"] == batch.id

@@ -130,3 +130,33 @@ def test_openai_client_gets_tool_calls_and_finish_reason(base_url: str, tools_mo
     names = [c.function.name for ch in chunks for c in (ch.choices[0].delta.tool_calls or []) if ch.choices]
     assert names == ["get_weather"]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_openai_batch_lines_with_tools_come_back_as_calls(base_url: str, tools_model: str) -> None:
+    client = OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+    shape = {"type": "json_schema", "json_schema": {"name": "call", "schema": CALL_SHAPE}}
+
+    def line(custom_id: str, model: str, **body: object) -> dict:
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                "body": {"model": model, "messages": ASK, "tools": [WEATHER], "temperature": 0, "max_tokens": 64, **body}}
+
+    def batch_of(*lines: dict) -> str:
+        data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+        upload = client.files.create(file=("tools.jsonl", data), purpose="batch")
+        return client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                     completion_window="24h").id
+
+    ident = batch_of(line("call", tools_model, response_format=shape), line("prose", tools_model, messages=[{"role": "user", "content": "Say hello."}]))
+    wait_for(lambda: client.batches.retrieve(ident).status == "completed", 180, "the tools batch")
+    out = {x["custom_id"]: x["response"]["body"]["choices"][0]
+           for x in map(json.loads, client.files.content(client.batches.retrieve(ident).output_file_id).text.splitlines())}
+    assert out["call"]["finish_reason"] == "tool_calls"
+    call = out["call"]["message"]["tool_calls"][0]
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+    assert "city" in json.loads(call["function"]["arguments"])
+    assert out["prose"]["finish_reason"] in ("stop", "length") and out["prose"]["message"]["content"]
+    # a model without the tools capability fails the batch at the first line that offers tools
+    refused = client.batches.retrieve(batch_of(line("a", "smollm2", tools=None), line("b", "smollm2")))
+    assert refused.status == "failed"
+    error = refused.errors.data[0]  # type: ignore[union-attr]
+    assert error.line == 2 and error.param == "body.tools" and "does not support tools" in (error.message or "")
