@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import textwrap
 from pathlib import Path
 
 import httpx
@@ -115,3 +117,55 @@ def test_search_mistakes_are_clear(base_url: str) -> None:
     assert r.status_code == 404
     bad = cli(base_url, "embed", "/nonexistent/path")
     assert bad.exit_code == 2 and "does not exist" in bad.stderr
+
+
+def make_pdf(pages: list[str]) -> bytes:
+    """A minimal PDF written by hand (Helvetica text, one content stream per page): no PDF library needed to
+    make the fixture, so what is tested is corral reading it through pypdf."""
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        f"<< /Type /Pages /Kids [{' '.join(f'{4 + 2 * i} 0 R' for i in range(len(pages)))}] /Count {len(pages)} >>".encode(),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    for i, text in enumerate(pages):
+        stream = ("BT /F1 11 Tf 14 TL 50 740 Td " + " ".join(f"({line}) Tj T*" for line in textwrap.wrap(text, 80))
+                  + " ET").encode("latin-1")
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents {5 + 2 * i} 0 R "
+                       "/Resources << /Font << /F1 3 0 R >> >> >>".encode())
+        objects.append(f"<< /Length {len(stream)} >>\nstream\n".encode() + stream + b"\nendstream")
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{offset:010d} 00000 n \n".encode() for offset in offsets)
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)
+
+
+def test_pdf_pages_are_read_chunked_and_searchable(base_url: str, tmp_path: Path) -> None:
+    from pypdf import PdfReader
+
+    docs = tmp_path / "pdfs"
+    docs.mkdir()
+    pdf = make_pdf(["Volcanoes erupt molten rock called lava, and ash clouds can ground aircraft. " * 4,
+                    "Glaciers carve deep valleys over thousands of years as the ice slowly flows downhill. " * 4])
+    (docs / "atlas.pdf").write_bytes(pdf)
+    (docs / "garden.md").write_text(GARDEN * 3)
+    run = cli(base_url, "embed", str(docs), "--glob", "*.pdf", "--chunk-tokens", "48", "--overlap", "8", "--wait")
+    assert run.exit_code == 0, run.output
+    assert "1 files" in run.stderr
+    job_id = run.stdout.splitlines()[0]
+    lines = [json.loads(x) for x in httpx.get(f"{base_url}/api/jobs/{job_id}/results",
+                                              params={"include_input": "true"}).text.splitlines()]
+    assert {line["metadata"]["source"] for line in lines} == {"atlas.pdf"} and len(lines) > 2
+    text = "\n\n".join(page.extract_text() for page in PdfReader(io.BytesIO(pdf)).pages)
+    for line in lines:  # offsets point into the PDF's extracted text
+        assert text[line["metadata"]["start"] : line["metadata"]["end"]] == line["input"]["input"]
+    assert any("Glaciers" in line["input"]["input"] for line in lines)
+    hits = httpx.get(f"{base_url}/api/jobs/{job_id}/search", params={"q": "ice flowing down a mountain", "k": 1}).json()
+    best = hits["results"][0]
+    assert "ice" in best["text"] and "lava" not in best["text"]
+    assert best["metadata"]["start"] > text.index("Glaciers") - 40  # from the second page
