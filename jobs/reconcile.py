@@ -7,7 +7,9 @@ the claims in :mod:`workers.batch` make a re-enqueue that races the original mes
 1. A chunk ``running`` on a worker whose heartbeat has expired: its unfinished items go back to ``pending`` and
    the chunk is re-enqueued (the dead worker's unacked message may come back after the visibility timeout; it
    will find the chunk taken and do nothing).
-2. A chunk ``queued`` whose Redis marker is gone (Redis flushed or restarted without persistence): re-enqueued.
+2. A chunk ``queued`` whose Redis marker is gone (Redis flushed or restarted without persistence), or names a
+   worker that is gone (it had received the message but died before claiming the chunk; its copy of the
+   message waits in the broker's unacked set until the visibility timeout): re-enqueued.
 3. A job with no pending or running item that is not marked ended: completed.
 4. A job past its ``expires_at`` (an OpenAI batch's 24h window): expired; its running items stop between
    tokens (the same Redis flag as a cancel) and what finished stays in the output file.
@@ -26,7 +28,7 @@ from corral.protocol import WORKER_KEY_PATTERN, chunk_key, job_cancel_key
 from corral.settings import Settings
 from jobs.db import sessions
 from jobs.models import Chunk, Item, Job, utcnow
-from jobs.service import enqueue_chunks, expire_overdue, finish_job_if_done
+from jobs.service import QUEUED_MARKER, enqueue_chunks, expire_overdue, finish_job_if_done
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "corral:reconcile:lock"
@@ -101,11 +103,22 @@ class Reconciler:
             for start in range(0, len(queued), 1000):
                 page = queued[start : start + 1000]
                 markers = self.redis.mget([chunk_key(cid) for cid, _ in page])
-                requeue.extend((cid, digest) for (cid, digest), marker in zip(page, markers) if marker is None)
+                requeue.extend(
+                    (cid, digest) for (cid, digest), marker in zip(page, markers) if not _held_by_the_living(marker, live)
+                )
             for job_id in list(session.scalars(active_jobs)):
                 finish_job_if_done(session, job_id)
             session.commit()
         if requeue:
             log.warning("re-enqueueing %d chunk(s) lost to dead workers or a flushed Redis", len(requeue))
+            self.redis.delete(*[chunk_key(cid) for cid, _ in requeue])  # the dead workers' names go
             enqueue_chunks(self.celery, self.redis, requeue)
         return len(requeue)
+
+
+def _held_by_the_living(marker: bytes | None, live: set[str]) -> bool:
+    """A queued chunk's marker: ``1`` while its message waits in the queue, a worker's name once that worker
+    has received it (:func:`workers.batch.mark_received`); no marker: Redis lost the message."""
+    if marker is None:
+        return False
+    return marker == QUEUED_MARKER or marker.decode() in live

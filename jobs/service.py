@@ -28,6 +28,7 @@ from jobs.db import sessions
 from jobs.models import JOB_KINDS, JOB_STATUSES, TERMINAL_JOB_STATUSES, Chunk, Item, Job, utcnow
 
 INSERT_BATCH = 1000
+QUEUED_MARKER = b"1"  # a chunk's Redis marker while its message waits in the queue (then: the receiving worker)
 
 
 def new_id(prefix: str) -> str:
@@ -35,12 +36,15 @@ def new_id(prefix: str) -> str:
 
 
 def enqueue_chunks(celery: Celery, client: redis.Redis, chunks: Iterable[tuple[str, str]]) -> int:
-    """Send one message per (chunk id, model digest), marking each as queued in Redis."""
+    """Send one message per (chunk id, model digest), marking each as queued in Redis.
+
+    The mark is set only where none is: a worker that already received the message has written its name there.
+    """
     count = 0
     pipe = client.pipeline(transaction=False)
     for chunk_id, digest in chunks:
         celery.send_task(CHUNK_TASK, args=[chunk_id], queue=model_queue(digest, "batch"))
-        pipe.set(chunk_key(chunk_id), b"1")
+        pipe.set(chunk_key(chunk_id), QUEUED_MARKER, nx=True)
         count += 1
         if count % 500 == 0:
             pipe.execute()

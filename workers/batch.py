@@ -55,6 +55,14 @@ def run_chunk(self: Task, chunk_id: str) -> None:
 
 
 
+def mark_received(runtime: WorkerRuntime, request: Any) -> None:
+    """On receipt of a chunk message (Celery's ``task_received``, before the chunk is claimed): write this
+    worker's name into the chunk's marker, so that if the worker dies before claiming it the reconciler knows
+    the message died with it (the broker would only give it back after the visibility timeout)."""
+    if request.name == CHUNK_TASK and request.args:
+        runtime.redis.set(chunk_key(str(request.args[0])), runtime.name)
+
+
 class ChunkRunner:
     """Executes chunks inside a worker process, with the process's loaded models."""
 

@@ -7,7 +7,7 @@ import os
 import socket
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import task_received, worker_ready, worker_shutdown
 
 from corral.catalog import ensure_defaults
 from corral.errors import CorralError
@@ -99,6 +99,12 @@ def run_worker(
         except Exception:  # a database hiccup must not keep the worker from serving chat
             logging.getLogger("corral.worker").exception("start-up reconcile failed")
         logging.getLogger("corral.worker").info("worker %s serving %s", name, ", ".join(names))
+
+    @task_received.connect(weak=False)
+    def _received(request: Any, **_: Any) -> None:
+        runtime = getattr(app, "corral_runtime", None)
+        if runtime is not None:
+            workers.batch.mark_received(runtime, request)
 
     @worker_shutdown.connect(weak=False)
     def _shutdown(**_: Any) -> None:

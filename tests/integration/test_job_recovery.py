@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import signal
 
@@ -10,10 +11,12 @@ import pytest
 import redis
 from sqlalchemy import select
 
+from corral.protocol import chunk_key, model_queue
 from jobs.db import sessions
-from jobs.models import Item
+from jobs.models import Item, Job
 from tests.conftest import MODEL
 from tests.stack import Stack, wait_for
+from workers.runtime import CHUNKS_PER_WORKER
 
 pytestmark = pytest.mark.slow
 ITEMS = 14
@@ -57,11 +60,48 @@ def test_worker_killed_mid_job_then_a_new_worker_finishes_it(isolated: Stack) ->
     job_id = start_job(isolated)
     first.stop(signal.SIGKILL)
     assert counts(isolated, job_id)["succeeded"] < ITEMS, "the kill must land mid-job"
+    with sessions(isolated.settings)() as session:
+        in_flight = set(session.scalars(select(Item.custom_id).where(Item.job_id == job_id, Item.state == "running")))
+    # A worker decodes every item of its running chunks at once (continuous batching), up to CHUNKS_PER_WORKER.
+    assert len(in_flight) <= CHUNKS_PER_WORKER * 2
     isolated.start_worker()
     assert_exactly_once(isolated, job_id)
     with sessions(isolated.settings)() as session:
-        attempts = list(session.scalars(select(Item.attempts).where(Item.job_id == job_id)))
-    assert max(attempts) <= 2 and sum(attempts) <= ITEMS + 1  # at most the item in flight ran twice
+        attempts = dict(session.execute(select(Item.custom_id, Item.attempts).where(Item.job_id == job_id)).tuples().all())
+    # Only the items in flight at the kill ran again, and only once more; everything finished stayed finished.
+    assert max(attempts.values()) <= 2
+    assert {custom_id for custom_id, n in attempts.items() if n == 2} <= in_flight
+
+
+def test_a_chunk_message_taken_by_a_worker_that_died_before_claiming_it_is_requeued(isolated: Stack) -> None:
+    """The narrow window a kill can hit: a worker has taken a chunk's message (it sits in the broker's unacked
+    set until the visibility timeout, hours) but has not claimed the chunk in SQL yet.  Made exact here: with
+    no worker running, one chunk message is taken off the queue and its marker given a worker that is gone,
+    as that worker's receipt would have left it."""
+    isolated.start_api()
+    body = {"kind": "generate", "model": MODEL, "chunk_size": 2, "options": {"num_predict": 4, "temperature": 0},
+            "items": [{"custom_id": f"item-{i}", "prompt": f"Describe the number {i}."} for i in range(ITEMS)]}
+    job_id = httpx.post(isolated.base_url + "/api/jobs", json=body, timeout=60).json()["id"]
+    with sessions(isolated.settings)() as session:
+        digest = session.scalars(select(Job.model_digest).where(Job.id == job_id)).one()
+    raw = isolated.redis.rpop(model_queue(digest, "batch"))
+    assert raw is not None
+    chunk_id = ast.literal_eval(json.loads(raw)["headers"]["argsrepr"])[0]
+    isolated.redis.set(chunk_key(chunk_id), b"cpu-999@gone")
+    isolated.start_worker()
+    job = wait_for_job_end(isolated, job_id)
+    assert job["counts"]["succeeded"] == ITEMS, job
+
+
+def wait_for_job_end(stack: Stack, job_id: str) -> dict:
+    state: dict = {}
+
+    def ended() -> bool:
+        state.update(httpx.get(f"{stack.base_url}/api/jobs/{job_id}", timeout=30).json())
+        return state["status"] in ("completed", "failed", "cancelled")
+
+    wait_for(ended, 120, "the job to end", interval=0.5)
+    return state
 
 
 def test_redis_flushed_mid_job(isolated: Stack) -> None:
