@@ -67,7 +67,8 @@ def test_worker_killed_mid_job_then_a_new_worker_finishes_it(isolated: Stack) ->
     isolated.start_worker()
     assert_exactly_once(isolated, job_id)
     with sessions(isolated.settings)() as session:
-        attempts = dict(session.execute(select(Item.custom_id, Item.attempts).where(Item.job_id == job_id)).tuples().all())
+        rows = session.execute(select(Item.custom_id, Item.attempts).where(Item.job_id == job_id)).all()
+    attempts = {custom_id: n for custom_id, n in rows}
     # Only the items in flight at the kill ran again, and only once more; everything finished stayed finished.
     assert max(attempts.values()) <= 2
     assert {custom_id for custom_id, n in attempts.items() if n == 2} <= in_flight
