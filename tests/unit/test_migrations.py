@@ -16,20 +16,16 @@ from corral.settings import Settings
 from jobs.db import upgrade
 from jobs.models import Base
 
-
-def _urls(tmp_path: Path) -> list[str]:
-    urls = [f"sqlite:///{tmp_path / 'migrated.db'}"]
-    if os.environ.get("TEST_DATABASE_URL", "").startswith("postgresql"):
-        urls.append(os.environ["TEST_DATABASE_URL"])
-    return urls
+POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "")
+NO_POSTGRES = not POSTGRES_URL.startswith("postgresql")
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+@pytest.mark.parametrize(
+    "backend",
+    ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(NO_POSTGRES, reason="TEST_DATABASE_URL is not PostgreSQL"))],
+)
 def test_migrations_match_the_models(tmp_path: Path, backend: str) -> None:
-    urls = [u for u in _urls(tmp_path) if u.startswith(backend)]
-    if not urls:
-        pytest.skip("TEST_DATABASE_URL is not a PostgreSQL database")
-    url = urls[0]
+    url = POSTGRES_URL if backend == "postgresql" else f"sqlite:///{tmp_path / 'migrated.db'}"
     schema = None
     engine = create_engine(url)
     if backend == "postgresql":  # a schema of our own, so the shared test database is left alone
@@ -46,5 +42,5 @@ def test_migrations_match_the_models(tmp_path: Path, backend: str) -> None:
     finally:
         engine.dispose()
         if schema:
-            with create_engine(_urls(tmp_path)[-1]).begin() as conn:
+            with create_engine(POSTGRES_URL).begin() as conn:
                 conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
