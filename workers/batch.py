@@ -54,7 +54,6 @@ def run_chunk(self: Task, chunk_id: str) -> None:
         ChunkRunner(runtime).run(chunk_id)
 
 
-
 def mark_received(runtime: WorkerRuntime, request: Any) -> None:
     """On receipt of a chunk message (Celery's ``task_received``, before the chunk is claimed): write this
     worker's name into the chunk's marker, so that if the worker dies before claiming it the reconciler knows
