@@ -64,8 +64,12 @@ def unload_key(model_digest: str) -> str:
 
 
 def chunk_key(chunk_id: str) -> str:
-    """Present while a chunk's Celery message is believed to be queued; a flushed Redis loses it."""
+    """Present while a chunk's Celery message is believed to be queued; a flushed Redis loses it.  Its value is
+    :data:`QUEUED_MARKER` while the message waits in the queue, then the name of the worker that received it."""
     return f"{KEY_PREFIX}chunk:{chunk_id}"
+
+
+QUEUED_MARKER = b"1"
 
 
 def job_cancel_key(job_id: str) -> str:

@@ -24,11 +24,11 @@ import redis
 from celery import Celery
 from sqlalchemy import select, update
 
-from corral.protocol import WORKER_KEY_PATTERN, chunk_key, job_cancel_key
+from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, job_cancel_key
 from corral.settings import Settings
 from jobs.db import sessions
 from jobs.models import Chunk, Item, Job, utcnow
-from jobs.service import QUEUED_MARKER, enqueue_chunks, expire_overdue, finish_job_if_done
+from jobs.service import enqueue_chunks, expire_overdue, finish_job_if_done
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "corral:reconcile:lock"

@@ -20,7 +20,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from corral.errors import BadRequest, Conflict, NotFound
-from corral.protocol import CHUNK_TASK, chunk_key, job_cancel_key, model_queue
+from corral.protocol import CHUNK_TASK, QUEUED_MARKER, chunk_key, job_cancel_key, model_queue
 from corral.settings import Settings
 from corral.store import ModelStore
 from corral.timefmt import rfc3339
@@ -28,7 +28,6 @@ from jobs.db import sessions
 from jobs.models import JOB_KINDS, JOB_STATUSES, TERMINAL_JOB_STATUSES, Chunk, Item, Job, utcnow
 
 INSERT_BATCH = 1000
-QUEUED_MARKER = b"1"  # a chunk's Redis marker while its message waits in the queue (then: the receiving worker)
 
 
 def new_id(prefix: str) -> str:
