@@ -129,7 +129,8 @@ def bench_decode_loop(model: Path, texts: list[str], tokens: int, threads: int, 
     rates = []
     for _ in range(repeat):
         started = time.perf_counter()
-        handles = [engine.start(engine.raw_prompt(t), options, stops=[], fmt=None, interactive=False) for t in texts]
+        handles = [engine.start(engine.raw_prompt(t), options, stops=[], fmt=None, interactive=False, stream=False)
+                   for t in texts]
         produced = sum(h.stream(lambda _: False, lambda: False).eval_count for h in handles)
         rates.append(produced / (time.perf_counter() - started))
     engine.close()

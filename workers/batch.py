@@ -7,8 +7,10 @@ a slow worker) can never run an item twice or overwrite a result:
 - its items: ``pending -> running`` with the same token; a result is written only while the token matches.
 
 All of a chunk's prompts go into the model's decode loop at once (continuous batching; interactive requests
-still take free slots first), and each result commits as soon as it is read, so progress is visible live and a
-killed worker loses only the chunk's unfinished items, which the reconciler puts back to ``pending``.
+still take free slots first), unstreamed: each item's text comes in one piece when it ends, so the task thread
+sleeps instead of waking per token beside the decode threads.  Each result commits as soon as it is read, so
+progress is visible live and a killed worker loses only the chunk's unfinished items, which the reconciler puts
+back to ``pending``.
 
 A worker runs at most :data:`~workers.runtime.CHUNKS_PER_WORKER` chunks at a time and does not even fetch
 another chunk message meanwhile (:mod:`workers.queue_gate`): the rest of its task threads stay free for
@@ -155,24 +157,23 @@ class ChunkRunner:
                 options={**options, **(body.get("options") or {})}, format=body.get("format"),
             )
             try:
-                running.append((item_id, req, self.runtime.start_generation(model, req, interactive=False)))
+                handle = self.runtime.start_generation(model, req, interactive=False, stream=False)
+                running.append((item_id, req, handle))
             except CorralError as exc:
                 self._write(item_id, attempt, failure(exc))
         stopping = False
         for item_id, req, handle in running:
             if stopping:
                 handle.cancel()
-            parts: list[str] = []
-            checks = {"n": 0}
+            parts: list[str] = []  # the item's text, handed over in one piece when it ends (not streamed)
 
-            def on_text(text: str) -> bool:
+            def keep(text: str) -> bool:
                 parts.append(text)
-                checks["n"] += 1
-                return checks["n"] % 16 == 0 and self._cancel_flagged(job_id)
+                return False  # whether to stop is asked of the Redis flag while the item runs (POLL_SECONDS)
 
             values: dict[str, Any]
             try:
-                result = handle.stream(on_text, lambda: self._cancel_flagged(job_id))
+                result = handle.stream(keep, lambda: self._cancel_flagged(job_id))
                 if result.done_reason == "cancelled":
                     values = {"state": "cancelled", "error": "the job was stopped (cancelled or expired) while this item was running"}
                 else:

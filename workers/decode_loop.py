@@ -64,6 +64,10 @@ class SequenceRequest:
     grammar: Any  # llama_cpp.llama_grammar.LlamaGrammar | None
     stops: list[str]
     interactive: bool
+    # False: the text comes to the caller in one piece when the sequence ends.  A batch item needs no tokens
+    # as they come, and each hand-over wakes a waiting thread that then competes with llama_decode's threads
+    # for the cores (measured on 2 cores: ~10% fewer tokens/s with 64 streamed sequences).
+    stream: bool = True
 
 
 class StopMatcher:
@@ -143,6 +147,7 @@ class _Active:
     first_token_at: int = 0
     matcher: StopMatcher = field(default_factory=lambda: StopMatcher([]))
     decoder: Any = None
+    held: list[str] = field(default_factory=list)  # the text of a sequence that is not streamed
 
 
 class DecodeLoop:
@@ -350,7 +355,10 @@ class DecodeLoop:
         piece = bytes(self.llm.detokenize([token], prev_tokens=previous))
         text, hit = active.matcher.feed(active.decoder.decode(piece))
         if text:
-            active.handle.events.put(("text", text))
+            if active.handle.request.stream:
+                active.handle.events.put(("text", text))
+            else:
+                active.held.append(text)
         if hit:
             self._end(active, reason="stop", flush=False)
         elif len(active.generated) >= active.handle.request.limit:
@@ -369,9 +377,9 @@ class DecodeLoop:
             handle.events.put(("error", error))
             return
         if flush and reason != "cancelled":
-            tail = active.matcher.flush() + active.decoder.decode(b"", final=True)
-            if tail:
-                handle.events.put(("text", tail))
+            active.held.append(active.matcher.flush() + active.decoder.decode(b"", final=True))
+        if any(active.held):
+            handle.events.put(("text", "".join(active.held)))
         ended = time.perf_counter_ns()
         first = active.first_token_at or ended
         prompt = handle.request.prompt

@@ -163,10 +163,12 @@ class LoadedModel:
         stops: list[str],
         fmt: str | dict[str, Any] | None,
         interactive: bool,
+        stream: bool = True,
     ) -> SequenceHandle:
         """Queue a generation in the decode loop: until EOG, a stop string, ``num_predict`` or the context end.
 
-        Errors in the request itself (a bad ``format``) raise here, before anything is queued.
+        Errors in the request itself (a bad ``format``) raise here, before anything is queued.  ``stream=False``:
+        the text comes in one piece at the end (batch items).
         """
         if self.loop is None:
             raise BadRequest("this model is loaded for embeddings only")
@@ -184,6 +186,7 @@ class LoadedModel:
             grammar=self._grammar(fmt),
             stops=list(opts.get("stop") or []) + stops,
             interactive=interactive,
+            stream=stream,
         )
         return self.loop.submit(request)
 

@@ -156,8 +156,11 @@ class WorkerRuntime:
         )
         writer.emit("result", {"embeddings": vectors, "prompt_eval_count": count, "load_duration": load_ns})
 
-    def start_generation(self, model: LoadedModel, req: InferenceRequest, *, interactive: bool) -> SequenceHandle:
-        """Render the prompt and queue the request in the model's decode loop (raises on a bad request)."""
+    def start_generation(
+        self, model: LoadedModel, req: InferenceRequest, *, interactive: bool, stream: bool = True
+    ) -> SequenceHandle:
+        """Render the prompt and queue the request in the model's decode loop (raises on a bad request);
+        ``stream=False`` hands the text over in one piece at the end."""
         stops: list[str] = []
         if req.kind == "chat":
             prompt, stops = model.chat_prompt(req.messages or [], req.tools)
@@ -170,7 +173,7 @@ class WorkerRuntime:
             prompt, stops = model.chat_prompt(messages)
             if req.context:
                 prompt = list(req.context) + prompt
-        return model.start(prompt, req.options, stops=stops, fmt=req.format, interactive=interactive)
+        return model.start(prompt, req.options, stops=stops, fmt=req.format, interactive=interactive, stream=stream)
 
     @staticmethod
     def generation_stats(req: InferenceRequest, result: GenerationResult) -> dict[str, Any]:
