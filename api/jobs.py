@@ -128,8 +128,8 @@ def search(job_id: str) -> Response:
     inference = current_app.extensions["corral"].inference
     record = inference.model(model)
     data, _ = inference.single(inference.request(record, model, "embed", inputs=[query], truncate=True))
-    hits = jobs().search(job_id, data["embeddings"][0], k)
-    return json_response({"model": model, "query": query, "results": hits})
+    backend, hits = jobs().search(job_id, data["embeddings"][0], k)
+    return json_response({"model": model, "query": query, "results": hits, "backend": backend})
 
 
 @bp.post("/api/jobs/<job_id>/cancel")

@@ -76,10 +76,16 @@ def alembic_config(settings: Settings) -> Any:
 
 
 def upgrade(settings: Settings, revision: str = "head") -> None:
-    """Apply migrations up to ``revision`` (``corral db upgrade``; also run by ``corral up``/``serve``)."""
+    """Apply migrations up to ``revision`` (``corral db upgrade``; also run by ``corral up``/``serve``), then
+    set up the pgvector search index where the database offers the extension (:mod:`jobs.search`)."""
     from alembic import command
+
+    from jobs.search import ensure_vector_index
 
     url = settings.database
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
     command.upgrade(alembic_config(settings), revision)
+    if revision == "head":
+        with engine_for(url).begin() as conn:
+            ensure_vector_index(conn)

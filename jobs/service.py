@@ -26,6 +26,7 @@ from corral.store import ModelStore
 from corral.timefmt import rfc3339
 from jobs.db import sessions
 from jobs.models import JOB_KINDS, JOB_STATUSES, TERMINAL_JOB_STATUSES, Chunk, Item, Job, utcnow
+from jobs.search import hydrate, top_k
 
 INSERT_BATCH = 1000
 
@@ -247,58 +248,15 @@ class JobService:
                 raise BadRequest(f"job '{job_id}' is a {job.kind} job; only embed jobs can be searched")
             return job.model, job.model_digest
 
-    def search(self, job_id: str, query: np.ndarray, k: int) -> list[dict[str, Any]]:
-        """Top-k stored vectors by cosine similarity to ``query`` (a numpy scan over pages of the job's items).
-
-        Stored vectors are L2-normalised, so the dot product with the normalised query is the cosine.  Memory
-        stays at one page of vectors plus the running top k.  The caller has checked the job with
-        :meth:`embed_job` (it needs the job's model to embed the query anyway).
-        """
-        k = max(1, min(k, 1000))
-        q = np.asarray(query, dtype=np.float32)
-        q = q / (np.linalg.norm(q) or 1.0)
-        best: list[tuple[float, int, int]] = []  # (score, item id, vector index)
-        last_seq = -1
-        while True:
-            with self._session() as session:
-                page = session.execute(
-                    select(Item.id, Item.seq, Item.embedding, Item.output)
-                    .where(Item.job_id == job_id, Item.state == "succeeded", Item.seq > last_seq)
-                    .order_by(Item.seq)
-                    .limit(2000)
-                ).all()
-            if not page:
-                break
-            last_seq = page[-1].seq
-            rows, owners = [], []
-            for item_id, _, blob, output in page:
-                if blob is None or not output or int(output["dims"]) != q.shape[0]:
-                    continue
-                vectors = np.frombuffer(blob, dtype="<f4").reshape(-1, q.shape[0])
-                rows.append(vectors)
-                owners.extend((item_id, n) for n in range(vectors.shape[0]))
-            if not rows:
-                continue
-            scores = np.concatenate(rows) @ q
-            top = np.argsort(-scores)[:k]
-            best.extend((float(scores[i]), *owners[i]) for i in top)
-            best = sorted(best, key=lambda b: -b[0])[:k]
-        if not best:
-            return []
+    def search(self, job_id: str, query: np.ndarray, k: int) -> tuple[str, list[dict[str, Any]]]:
+        """(backend, the top-k stored chunks by cosine similarity to ``query``): pgvector where the database has
+        it, a numpy scan elsewhere (:mod:`jobs.search`).  The caller has checked the job with :meth:`embed_job`
+        (it needs the job's model to embed the query anyway)."""
+        backend, hits = top_k(self._session, job_id, query, max(1, min(k, 1000)))
+        if not hits:
+            return backend, []
         with self._session() as session:
-            items = {i.id: i for i in session.scalars(select(Item).where(Item.id.in_([b[1] for b in best])))}
-            out = []
-            for score, item_id, n in best:
-                item = items[item_id]
-                body = item.input or {}
-                inputs = body.get("input")
-                text = inputs[n] if isinstance(inputs, list) else inputs
-                hit = {"custom_id": item.custom_id, "index": item.seq, "vector_index": n,
-                       "score": round(score, 6), "text": text}
-                if "metadata" in body:
-                    hit["metadata"] = body["metadata"]
-                out.append(hit)
-            return out
+            return backend, hydrate(session, hits)
 
     # -- control ----------------------------------------------------------------------------------------
 

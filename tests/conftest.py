@@ -6,6 +6,7 @@ Database: ``TEST_DATABASE_URL`` (PostgreSQL in CI), else SQLite in the session's
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from corral.store import ModelStore
 from tests.stack import Stack, clean_redis, redis_server_for_tests, with_db
 
 MODEL = "smollm2"
+HAVE_PGSERVER = importlib.util.find_spec("pgserver") is not None
 
 
 @pytest.fixture(scope="session")
@@ -63,9 +65,12 @@ def fresh_database(settings: Settings) -> None:
 
     from jobs.db import engine_for, upgrade
     from jobs.models import Base
+    from jobs.search import VECTOR_TABLE
 
     if not settings.database.startswith("sqlite"):
         engine = engine_for(settings.database)
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE IF EXISTS {VECTOR_TABLE}"))  # pgvector's index of job_items, if any
         Base.metadata.drop_all(engine)
         with engine.begin() as conn:
             conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
@@ -77,13 +82,30 @@ def own_stack(settings: Settings, home: Path, redis_db: int, **overrides: object
     """A worker and an API server of their own: another Redis database and SQLite file, settings overridden."""
     url = with_db(settings.redis, redis_db)
     clean_redis(url)
-    own = make_settings(home, url, settings.models_path, database_url=f"sqlite:///{home / 'own.db'}", **overrides)
+    own = make_settings(home, url, settings.models_path, **{"database_url": f"sqlite:///{home / 'own.db'}", **overrides})
     fresh_database(own)
     try:
         with Stack(own, home / "logs").running() as stack:
             yield stack
     finally:
         clean_redis(url)
+
+
+@pytest.fixture(scope="session")
+def pgvector_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A private PostgreSQL 16 with the pgvector extension, from the ``pgserver`` package (tests that use it are
+    skipped where it is not installed: see HAVE_PGSERVER)."""
+    import pgserver
+
+    from jobs.db import engine_for
+
+    server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+    url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        yield url
+    finally:
+        engine_for(url).dispose()
+        server.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -153,6 +153,7 @@ class SearchResults(_Open):
     model: str
     query: str
     results: list[dict[str, Any]]
+    backend: Literal["pgvector", "numpy"]  # what ranked the vectors
 
 
 class Queue(_Open):

@@ -15,19 +15,39 @@ from sqlalchemy import create_engine, text
 from corral.settings import Settings
 from jobs.db import upgrade
 from jobs.models import Base
+from jobs.search import VECTOR_TABLE
+from tests.conftest import HAVE_PGSERVER
 
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "")
 NO_POSTGRES = not POSTGRES_URL.startswith("postgresql")
 
 
+def not_the_vector_index(name: str | None, type_: str, parent: dict[str, str | None]) -> bool:
+    """``item_vectors`` is pgvector's search index, made beside the migrations where the extension exists."""
+    return not (type_ == "table" and name == VECTOR_TABLE)
+
+
 @pytest.mark.parametrize(
     "backend",
-    ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(NO_POSTGRES, reason="TEST_DATABASE_URL is not PostgreSQL"))],
+    [
+        "sqlite",
+        pytest.param("postgresql", marks=pytest.mark.skipif(NO_POSTGRES, reason="TEST_DATABASE_URL is not PostgreSQL")),
+        pytest.param("pgvector", marks=pytest.mark.skipif(not HAVE_PGSERVER, reason="pgserver is not installed")),
+    ],
 )
-def test_migrations_match_the_models(tmp_path: Path, backend: str) -> None:
-    url = POSTGRES_URL if backend == "postgresql" else f"sqlite:///{tmp_path / 'migrated.db'}"
+def test_migrations_match_the_models(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
+    url = {
+        "sqlite": f"sqlite:///{tmp_path / 'migrated.db'}",
+        "postgresql": POSTGRES_URL,
+        "pgvector": request.getfixturevalue("pgvector_url") if backend == "pgvector" else "",
+    }[backend]
     schema = None
     engine = create_engine(url)
+    if backend == "pgvector":  # the private server's own database: start from nothing
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TABLE IF EXISTS {VECTOR_TABLE}"))
+            Base.metadata.drop_all(conn)
+            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
     if backend == "postgresql":  # a schema of our own, so the shared test database is left alone
         schema = f"migrations_{os.getpid()}"
         with engine.begin() as conn:
@@ -37,8 +57,15 @@ def test_migrations_match_the_models(tmp_path: Path, backend: str) -> None:
     try:
         upgrade(Settings(home=tmp_path, database_url=url))
         with engine.connect() as conn:
-            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+            context = MigrationContext.configure(conn, opts={"include_name": not_the_vector_index})
+            diff = compare_metadata(context, Base.metadata)
+            postgres = conn.dialect.name == "postgresql"
+            indexed = postgres and conn.scalar(text(f"SELECT to_regclass('{VECTOR_TABLE}')"))
+            pgvector = postgres and conn.scalar(text("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"))
         assert diff == []
+        assert bool(indexed) == bool(pgvector)  # the search index exists exactly where pgvector does
+        if backend == "pgvector":
+            assert pgvector
     finally:
         engine.dispose()
         if schema:
