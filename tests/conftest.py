@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+from sqlalchemy import Engine
 
 from corral.catalog import ensure_defaults
 from corral.launcher import free_port
@@ -61,20 +62,24 @@ def make_settings(home: Path, redis_url: str, models_dir: Path, **overrides: obj
 
 def fresh_database(settings: Settings) -> None:
     """Drop whatever an earlier run left in a shared test database, then apply the migrations."""
+    from jobs.db import engine_for, upgrade
+
+    if not settings.database.startswith("sqlite"):
+        drop_everything(engine_for(settings.database))
+    upgrade(settings)
+
+
+def drop_everything(engine: Engine) -> None:
+    """Empty a database of corral's tables: pgvector's index of job_items (if any), the models', Alembic's."""
     from sqlalchemy import text
 
-    from jobs.db import engine_for, upgrade
     from jobs.models import Base
     from jobs.search import VECTOR_TABLE
 
-    if not settings.database.startswith("sqlite"):
-        engine = engine_for(settings.database)
-        with engine.begin() as conn:
-            conn.execute(text(f"DROP TABLE IF EXISTS {VECTOR_TABLE}"))  # pgvector's index of job_items, if any
-        Base.metadata.drop_all(engine)
-        with engine.begin() as conn:
-            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-    upgrade(settings)
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {VECTOR_TABLE}"))
+        Base.metadata.drop_all(conn)
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
 
 
 @contextmanager

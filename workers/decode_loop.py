@@ -66,7 +66,7 @@ class SequenceRequest:
     interactive: bool
     # False: the text comes to the caller in one piece when the sequence ends.  A batch item needs no tokens
     # as they come, and each hand-over wakes a waiting thread that then competes with llama_decode's threads
-    # for the cores (measured on 2 cores: ~10% fewer tokens/s with 64 streamed sequences).
+    # for the cores (measured on 2 cores, 64 sequences: ~5% more tokens/s unstreamed; bench/README.md).
     stream: bool = True
 
 

@@ -15,6 +15,7 @@ from corral.protocol import chunk_key, model_queue
 from jobs.db import sessions
 from jobs.models import Item, Job
 from tests.conftest import MODEL
+from tests.integration.test_jobs import wait_done
 from tests.stack import Stack, wait_for
 from workers.runtime import CHUNKS_PER_WORKER
 
@@ -90,19 +91,8 @@ def test_a_chunk_message_taken_by_a_worker_that_died_before_claiming_it_is_reque
     chunk_id = ast.literal_eval(json.loads(raw)["headers"]["argsrepr"])[0]
     isolated.redis.set(chunk_key(chunk_id), b"cpu-999@gone")
     isolated.start_worker()
-    job = wait_for_job_end(isolated, job_id)
+    job = wait_done(isolated.base_url, job_id, timeout=120)
     assert job["counts"]["succeeded"] == ITEMS, job
-
-
-def wait_for_job_end(stack: Stack, job_id: str) -> dict:
-    state: dict = {}
-
-    def ended() -> bool:
-        state.update(httpx.get(f"{stack.base_url}/api/jobs/{job_id}", timeout=30).json())
-        return state["status"] in ("completed", "failed", "cancelled")
-
-    wait_for(ended, 120, "the job to end", interval=0.5)
-    return state
 
 
 def test_redis_flushed_mid_job(isolated: Stack) -> None:

@@ -16,7 +16,7 @@ from corral.settings import Settings
 from jobs.db import upgrade
 from jobs.models import Base
 from jobs.search import VECTOR_TABLE
-from tests.conftest import HAVE_PGSERVER
+from tests.conftest import HAVE_PGSERVER, drop_everything
 
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "")
 NO_POSTGRES = not POSTGRES_URL.startswith("postgresql")
@@ -36,18 +36,16 @@ def not_the_vector_index(name: str | None, type_: str, parent: dict[str, str | N
     ],
 )
 def test_migrations_match_the_models(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> None:
-    url = {
-        "sqlite": f"sqlite:///{tmp_path / 'migrated.db'}",
-        "postgresql": POSTGRES_URL,
-        "pgvector": request.getfixturevalue("pgvector_url") if backend == "pgvector" else "",
-    }[backend]
+    if backend == "pgvector":
+        url = request.getfixturevalue("pgvector_url")
+    elif backend == "postgresql":
+        url = POSTGRES_URL
+    else:
+        url = f"sqlite:///{tmp_path / 'migrated.db'}"
     schema = None
     engine = create_engine(url)
     if backend == "pgvector":  # the private server's own database: start from nothing
-        with engine.begin() as conn:
-            conn.execute(text(f"DROP TABLE IF EXISTS {VECTOR_TABLE}"))
-            Base.metadata.drop_all(conn)
-            conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        drop_everything(engine)
     if backend == "postgresql":  # a schema of our own, so the shared test database is left alone
         schema = f"migrations_{os.getpid()}"
         with engine.begin() as conn:
