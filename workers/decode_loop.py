@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.errors import CorralError, GenerationFailed
+from workers import compute
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +336,7 @@ class DecodeLoop:
             part, active.todo = active.todo[:budget], active.todo[budget:]
             add(active, part, not active.todo)
             budget -= len(part)
-        rc = llama_cpp.llama_decode(self._ctx, batch)
+        rc = compute.run(llama_cpp.llama_decode, self._ctx, batch)  # always the same thread (workers/compute.py)
         if rc != 0:
             raise GenerationFailed(f"generation failed: llama_decode returned {rc}")
         now = time.perf_counter_ns()

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from corral.errors import BadRequest, ContextLengthExceeded, GenerationFailed
+from workers import compute
 from workers.decode_loop import DecodeLoop, GenerationResult, SequenceHandle, SequenceRequest
 
 log = logging.getLogger(__name__)
@@ -263,7 +264,7 @@ class LoadedModel:
 
         def flush() -> None:
             ctx.kv_cache_clear()
-            ctx.decode(batch)
+            compute.run(ctx.decode, batch)  # always the same thread (workers/compute.py)
             for seq, index in enumerate(members):
                 pointer = llama_cpp.llama_get_embeddings_seq(ctx.ctx, seq)
                 if not pointer:
