@@ -29,6 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import corral_stack, model_path, print_table, wait_for_job  # noqa: E402
 
+from workers import compute  # noqa: E402
+
 WORDS = (
     "the of and to in is was for on that with as by at from his her an were are which this be has had not "
     "system model data river mountain history music science energy market policy city language network "
@@ -99,7 +101,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         home = Path(tmp)
         model = model_path(home, "all-minilm")
-        single, packed = bench_loop(model, texts, args.threads)
+        # on corral's compute thread, like the engine's decodes: one OpenMP master per process
+        # (workers/compute.py), else whichever row runs second is throttled by libgomp.
+        single, packed = compute.run(bench_loop, model, texts, args.threads)
         engine = bench_engine(model, texts, args.threads)
         jobs = bench_jobs(home, texts, args.chunk_size)
     rows = [
