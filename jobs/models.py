@@ -101,7 +101,8 @@ class Item(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "seq", name="uq_job_items_job_id_seq"),
         UniqueConstraint("job_id", "custom_id", name="uq_job_items_job_id_custom_id"),
-        Index("ix_job_items_job_id_state", "job_id", "state"),
+        # covering for job progress (item_counts): counts per state and token sums never read the rows
+        Index("ix_job_items_progress", "job_id", "state", "prompt_tokens", "completion_tokens"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
