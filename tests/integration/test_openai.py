@@ -336,7 +336,10 @@ def test_file_listing_and_bad_uploads(oai: OpenAI, base_url: str) -> None:
 
 
 def test_a_batch_past_its_window_expires_with_partial_results(oai: OpenAI, base_url: str, settings: Settings) -> None:
-    lines = [chat_line(f"x{i}", f"Write a long story about the color {i}.", max_tokens=48) for i in range(16)]
+    # One short request, so that one finishes soon; the rest long enough (about 7000 tokens in all) that the batch
+    # cannot complete within the reconciler's 2 s between the window's end and its next pass.
+    lines = [chat_line("x0", "Name a color.", max_tokens=8)]
+    lines += [chat_line(f"x{i}", f"Write a long story about the color {i}.", max_tokens=480) for i in range(1, 16)]
     batch = oai.batches.create(input_file_id=upload(oai, lines), endpoint="/v1/chat/completions", completion_window="24h")
     assert abs(batch.expires_at - batch.created_at - 24 * 3600) <= 1  # type: ignore[operator]
     wait_for(lambda: httpx.get(f"{base_url}/api/jobs/{batch.id}").json()["counts"]["succeeded"] >= 1, 180,
