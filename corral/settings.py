@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
@@ -209,6 +209,15 @@ class Settings(BaseSettings):
         ge=0,
         validation_alias=AliasChoices("CORRAL_WORKER_THREADS", "worker_threads"),
         description="CPU threads llama.cpp uses per model; 0 = all cores.",
+    )
+    cpu_weights: Literal["auto", "native", "q8_0"] = Field(
+        "auto",
+        validation_alias=AliasChoices("CORRAL_CPU_WEIGHTS", "cpu_weights"),
+        description=(
+            "Weights a CPU worker decodes chat models with: `auto` = a Q8_0 copy (made once under the model "
+            "store) of Q4_1/Q5_1 models when it runs several slots, where llama.cpp batches Q8_0 faster; "
+            "`native` = always the model's own; `q8_0` = a Q8_0 copy of every model quantized below 8 bits."
+        ),
     )
     chunk_size: int = Field(
         16,

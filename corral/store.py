@@ -1,7 +1,8 @@
 """The on-disk model store, laid out as Ollama lays out ``OLLAMA_MODELS``.
 
 ``blobs/sha256-<hex>`` holds content-addressed files (a GGUF, a small JSON config) and
-``manifests/<host>/<namespace>/<model>/<tag>`` names them.  The API reads it to list, show, copy and delete
+``manifests/<host>/<namespace>/<model>/<tag>`` names them; ``derived/`` holds copies workers make of a blob
+(workers/weights.py), removed with it.  The API reads it to list, show, copy and delete
 models; workers read it to find the GGUF a queue is about.  A model's GGUF facts (family, parameter count,
 quantization, context length) are read once, when it is registered, into the config blob, so listing never
 opens a GGUF.  Blobs may be symbolic links: the default model is linked from its Python package rather than
@@ -418,6 +419,10 @@ class ModelStore:
         for blob in (self.root / "blobs").glob("sha256-*"):
             if blob.name not in used:
                 blob.unlink(missing_ok=True)
+        # Copies workers made of a blob (workers/weights.py: "<blob name>.<weights>.gguf") go with it.
+        for derived in (self.root / "derived").glob("sha256-*"):
+            if derived.name.split(".", 1)[0] not in used:
+                derived.unlink(missing_ok=True)
 
     def find_by_model_digest(self, model_digest: str) -> ModelRecord | None:
         for record in self.list():

@@ -37,6 +37,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         OLLAMA_MAX_QUEUE=str(settings.max_queue),
         OLLAMA_NUM_PARALLEL=str(settings.num_parallel),
         CORRAL_API_THREADS=str(settings.api_threads),
+        CORRAL_CPU_WEIGHTS=settings.cpu_weights,
         PYTHONUNBUFFERED="1",
     )
     if settings.models_dir:

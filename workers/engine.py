@@ -1,4 +1,4 @@
-"""Where llama_cpp is used (with workers/decode_loop.py): load a GGUF, prepare prompts, generate, embed.
+"""Where llama_cpp is used (with workers/decode_loop.py and workers/weights.py): load a GGUF, prepare prompts, generate, embed.
 
 Generation runs in the model's :class:`~workers.decode_loop.DecodeLoop` (continuous batching: many sequences
 per ``llama_decode``) rather than ``create_completion``, so that corral owns what Ollama's wire format needs:
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from corral.errors import BadRequest, ContextLengthExceeded, GenerationFailed
-from workers import compute
+from workers import compute, weights
 from workers.decode_loop import DecodeLoop, GenerationResult, SequenceHandle, SequenceRequest
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class LoadSpec:
     n_threads: int
     pooling_mean: bool = False
     parallel: int = 0  # decode slots (OLLAMA_NUM_PARALLEL); 0 = auto (see parallel_slots)
+    weights: str = "native"  # "q8_0": decode from a Q8_0 copy of the file (workers/weights.py)
 
 
 class LoadedModel:
@@ -67,8 +68,9 @@ class LoadedModel:
 
         self.spec = spec
         started = time.perf_counter()
+        self.path = weights.prepare(spec.path, spec.weights, threads=spec.n_threads)
         kwargs: dict[str, Any] = {
-            "model_path": str(spec.path),
+            "model_path": str(self.path),
             "n_ctx": spec.n_ctx,
             "n_gpu_layers": spec.n_gpu_layers,
             "n_threads": spec.n_threads,

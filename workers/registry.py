@@ -66,7 +66,7 @@ class ModelRegistry:
                     model = LoadedModel(spec)
                     load_ns = model.load_duration
                     slot = Slot(spec, model, record, name, time.time(), math.inf, users=1)
-                    log.info("loaded %s (%s) in %.2fs", name, spec.path.name, load_ns / 1e9)
+                    log.info("loaded %s (%s) in %.2fs", name, model.path.name, load_ns / 1e9)
                     with self._meta:
                         self._slots[spec] = slot
         with self._meta:

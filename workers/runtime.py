@@ -25,6 +25,7 @@ from corral.toolcalls import could_be_call, parse_tool_calls, tool_names
 from workers.decode_loop import GenerationResult, SequenceHandle
 from workers.engine import LoadedModel, LoadSpec, default_threads
 from workers.registry import ModelRegistry
+from workers.weights import choose_weights
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,10 @@ class WorkerRuntime:
             n_ctx = min(n_ctx, train_ctx)
         n_ctx = max(n_ctx, 4)
         n_gpu = int(options.get("num_gpu", -1)) if self.gpu is not None else 0
+        weights = choose_weights(
+            self.settings.cpu_weights, str(record.config.get("file_type") or "unknown"), on_cpu=n_gpu == 0,
+            parallel=self.settings.num_parallel, embedding=embedding,
+        )
         return LoadSpec(
             path=self.store.blob_path(record.model_digest),
             embedding=embedding,
@@ -134,6 +139,7 @@ class WorkerRuntime:
             n_threads=int(options.get("num_thread") or default_threads(self.settings.worker_threads)),
             pooling_mean=embedding and not record.is_embedding,
             parallel=self.settings.num_parallel,
+            weights=weights,
         )
 
     def execute(self, req: InferenceRequest, writer: StreamWriter) -> None:

@@ -1,0 +1,101 @@
+"""Which weights a CPU worker decodes with: the model's own, or a Q8_0 copy made once beside the store.
+
+On the CPU, llama.cpp multiplies a batch of many sequences' tokens by Q8_0 (and F16, Q4_0) weights with tiled
+kernels (llamafile's tinyBLAS) that load each weight block once for the whole batch; for Q4_1 and Q5_1 it has
+no such kernel and runs one dot product per weight row per token, so a decode step costs almost linearly more
+with every sequence in it.  Continuous batching (workers/decode_loop.py) lives on that step, so for those two
+types a CPU worker with several slots decodes from a Q8_0 copy of the weights instead.  Measured on the
+project's 2-core VM with SmolLM2-135M (bench/README.md): a step of 8 sequences 26.9 -> 17.8 ms, prompt
+prefill 2.4 -> 1.5 ms per token, one sequence unchanged (6.4 vs 6.7 ms).
+
+Q8_0 has 255 levels per block of 32 against Q4_1's 16 and Q5_1's 32, so the copy stays close to the
+weights; measured, it is as faithful to them as the native kernels are (which round activations to 8 bits):
+against an F16 dequantization of SmolLM2's Q4_1 weights, the Q8_0 copy and the native Q4_1 kernels have a
+mean next-token KL of 0.0048 and 0.0049 and pick its next token 96.7% and 97.2% of the time.  Greedy
+outputs can still part from a native Q4_1 run after some tokens (as they can between llama.cpp backends);
+``CORRAL_CPU_WEIGHTS=native`` keeps the model's own weights.  The copy costs disk and memory (Q8_0 is 8.5
+bits per weight against Q4_1's 5), which is why ``auto`` leaves one-slot workers and other types alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from corral.errors import GenerationFailed
+
+log = logging.getLogger(__name__)
+
+CpuWeights = Literal["auto", "native", "q8_0"]
+
+# File types (the store's config "file_type") with no batched CPU matmul kernel in llama.cpp, where a Q8_0
+# copy is measured to be faster from two sequences per step on.
+AUTO_TYPES = frozenset({"Q4_1", "Q5_1"})
+# File types a forced q8_0 leaves alone: already Q8_0, or wider (a Q8_0 copy would lose precision).
+KEEP_TYPES = frozenset({"Q8_0", "F16", "BF16", "F32", "unknown"})
+LLAMA_FTYPE_MOSTLY_Q8_0 = 7
+
+
+def choose_weights(mode: CpuWeights, file_type: str, *, on_cpu: bool, parallel: int, embedding: bool) -> str:
+    """``"q8_0"`` when this load should decode from a Q8_0 copy, else ``"native"``.
+
+    ``parallel`` is the configured slot count (0 = auto, which means several slots for any model that fits).
+    """
+    if not on_cpu or mode == "native" or file_type in KEEP_TYPES:
+        return "native"
+    if mode == "q8_0":
+        return "q8_0"
+    if embedding or parallel == 1 or file_type not in AUTO_TYPES:
+        return "native"
+    return "q8_0"
+
+
+def derived_path(source: Path, weights: str) -> Path:
+    """Where the copy of a store blob lives: ``<store>/derived/<blob name>.<weights>.gguf``.
+
+    The name starts with the blob's digest, so the store prunes it together with its blob.
+    """
+    return source.parent.parent / "derived" / f"{source.name}.{weights}.gguf"
+
+
+def prepare(source: Path, weights: str, *, threads: int) -> Path:
+    """The GGUF to load for ``weights``: ``source`` itself, or its Q8_0 copy, made on first use.
+
+    Made into a temporary file and renamed into place, so workers sharing a store never load a half-written
+    copy (two that race both quantize; the second rename wins with identical bytes).
+    """
+    if weights == "native":
+        return source
+    if weights != "q8_0":
+        raise ValueError(f"unknown weights {weights!r}")
+    target = derived_path(source, weights)
+    if target.is_file():
+        return target
+    import llama_cpp  # deferred: CUDA_VISIBLE_DEVICES must be set before this import
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:  # a read-only or full store: slower batches, but the model still serves
+        log.warning("cannot write a Q8_0 copy of %s (%s); decoding its own weights", source.name, exc)
+        return source
+    os.close(fd)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = LLAMA_FTYPE_MOSTLY_Q8_0
+    params.allow_requantize = True
+    params.nthread = max(1, threads)
+    try:
+        rc = llama_cpp.llama_model_quantize(
+            str(source).encode(), tmp_name.encode(), ctypes.byref(params)
+        )
+        if rc != 0:
+            raise GenerationFailed(f"failed to make the Q8_0 copy of {source.name} (llama_model_quantize: {rc})")
+        os.replace(tmp_name, target)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    log.info("made %s (Q8_0 weights for batched CPU decoding)", target)
+    return target
