@@ -14,6 +14,8 @@ generated (a story may end early); each row is the best of ``--repeat`` runs:
 3. corral's decode loop (workers/decode_loop.py) in this process: the job system minus SQL, Celery and HTTP;
 4. a corral batch job end to end: JSON upload -> SQL -> Celery chunks -> a real worker process with
    ``OLLAMA_NUM_PARALLEL=--slots`` -> results in SQL, timed from the upload to the job's completion.
+Rows 2-4 decode from the weights a CPU worker with ``--cpu-weights`` loads (the default ``auto``: a Q8_0 copy
+of the Q4_1 file, workers/weights.py); rows 1 and 1b always run the Q4_1 file as pulled.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import corral_stack, model_path, print_table, wait_for_job  # noqa: E402
 
 from workers import compute  # noqa: E402
+from workers.weights import choose_weights, prepare  # noqa: E402
 
 SUBJECTS = (
     "a dragon|a small robot|the old lighthouse keeper|a lost cat|two brothers|a clockmaker|the last tree|"
@@ -127,11 +130,13 @@ def raw_batched_once(model: Path, texts: list[str], tokens: int, threads: int, s
     return rate
 
 
-def bench_decode_loop(model: Path, texts: list[str], tokens: int, threads: int, slots: int, repeat: int) -> float:
+def bench_decode_loop(
+    model: Path, texts: list[str], tokens: int, threads: int, slots: int, repeat: int, weights: str
+) -> float:
     from workers.engine import LoadedModel, LoadSpec
 
     engine = LoadedModel(LoadSpec(path=model, embedding=False, n_ctx=N_CTX, n_gpu_layers=0, n_threads=threads,
-                                  parallel=slots))
+                                  parallel=slots, weights=weights))
     options = {"temperature": 0, "num_predict": tokens}
     rates = []
     for _ in range(repeat):
@@ -144,8 +149,8 @@ def bench_decode_loop(model: Path, texts: list[str], tokens: int, threads: int, 
     return max(rates)
 
 
-def bench_job(home: Path, texts: list[str], tokens: int, slots: int, repeat: int) -> float:
-    with corral_stack(home, num_parallel=slots, context_length=N_CTX) as stack, \
+def bench_job(home: Path, texts: list[str], tokens: int, slots: int, repeat: int, cpu_weights: str) -> float:
+    with corral_stack(home, num_parallel=slots, context_length=N_CTX, cpu_weights=cpu_weights) as stack, \
             httpx.Client(base_url=stack.base_url, timeout=600) as client:
         client.post("/api/generate", json={"model": "smollm2", "prompt": "Hi", "stream": False,
                                            "options": {"num_predict": 2}})
@@ -170,26 +175,31 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; the best is reported (noisy VMs)")
+    parser.add_argument("--cpu-weights", choices=["auto", "native", "q8_0"], default="auto",
+                        help="CORRAL_CPU_WEIGHTS of the job's worker; the raw and decode-loop rows use the same file")
     args = parser.parse_args()
     texts = prompts(args.prompts)
+    weights = choose_weights(args.cpu_weights, "Q4_1", on_cpu=True, parallel=args.slots, embedding=False)
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         home = Path(tmp)
         model = model_path(home, "smollm2")
+        batched_model = prepare(model, weights, threads=args.threads)  # what a worker with these settings loads
         # llama-cpp-python's own rows decode on corral's compute thread too: one OpenMP master per process
         # (workers/compute.py), else whichever row runs second is throttled by libgomp.
         plain = compute.run(bench_sequential, model, texts, args.tokens, None, args.repeat)
         sequential = compute.run(bench_sequential, model, texts, args.tokens, args.threads, args.repeat)
-        raw = compute.run(bench_raw_batched, model, texts, args.tokens, args.threads, args.slots, args.repeat)
-        loop = bench_decode_loop(model, texts, args.tokens, args.threads, args.slots, args.repeat)
-        job = bench_job(home, texts, args.tokens, args.slots, args.repeat)
+        raw = compute.run(bench_raw_batched, batched_model, texts, args.tokens, args.threads, args.slots, args.repeat)
+        loop = bench_decode_loop(model, texts, args.tokens, args.threads, args.slots, args.repeat, weights)
+        job = bench_job(home, texts, args.tokens, args.slots, args.repeat, args.cpu_weights)
+    label = "Q8_0 copy" if weights == "q8_0" else "Q4_1"
     rows = [
         [name, rate, f"{rate / plain:.2f}x", f"{rate / sequential:.2f}x", f"{rate / raw:.2f}x"]
         for name, rate in [
             ("create_completion loop, llama-cpp-python defaults (baseline)", plain),
             (f"create_completion loop, {args.threads} decode threads", sequential),
-            (f"raw batched llama_decode, {args.slots} slots, in-process", raw),
-            (f"corral decode loop, {args.slots} slots, in-process", loop),
-            (f"corral batch job end to end, {args.slots} slots", job),
+            (f"raw batched llama_decode, {args.slots} slots, in-process, {label}", raw),
+            (f"corral decode loop, {args.slots} slots, in-process, {label}", loop),
+            (f"corral batch job end to end, {args.slots} slots, {label}", job),
         ]
     ]
     print_table(

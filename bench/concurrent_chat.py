@@ -1,6 +1,6 @@
 """Concurrent streaming chat: 8 clients at once vs the same 8 requests one after another, through corral.
 
-    .venv/bin/python bench/concurrent_chat.py [--clients 8] [--tokens 64] [--slots 8]
+    .venv/bin/python bench/concurrent_chat.py [--clients 8] [--tokens 64] [--slots 8] [--cpu-weights auto]
 
 Starts a real API server and worker (``OLLAMA_NUM_PARALLEL=--slots``), warms the model, then sends
 ``--clients`` streaming ``/api/chat`` requests (greedy, ``num_predict=--tokens``) one after another and then all
@@ -57,13 +57,15 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--cpu-weights", choices=["auto", "native", "q8_0"], default="auto",
+                        help="the worker's CORRAL_CPU_WEIGHTS (auto: a Q8_0 copy of the Q4_1 model)")
     args = parser.parse_args()
     topics = [TOPICS[i % len(TOPICS)] for i in range(args.clients)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         home = Path(tmp)
         model_path(home, "smollm2")
-        with corral_stack(home, num_parallel=args.slots) as stack:
+        with corral_stack(home, num_parallel=args.slots, cpu_weights=args.cpu_weights) as stack:
             url = stack.base_url
             chat(url, "warming up", 4)
             started = time.perf_counter()
@@ -80,7 +82,8 @@ def main() -> None:
         ttft = [t * 1000 for t, _ in results]
         rows.append([name, rate, percentile(ttft, 50), percentile(ttft, 95), f"{rate / sequential_rate:.2f}x"])
     print_table(
-        f"{args.clients} streaming /api/chat clients x {args.tokens} tokens, {args.slots} slots, SmolLM2-135M Q4_1",
+        f"{args.clients} streaming /api/chat clients x {args.tokens} tokens, {args.slots} slots, SmolLM2-135M Q4_1, "
+        f"CORRAL_CPU_WEIGHTS={args.cpu_weights}",
         ["requests", "aggregate tok/s", "TTFT p50 ms", "TTFT p95 ms", "vs one after another"], rows,
     )
 
