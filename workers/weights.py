@@ -5,13 +5,13 @@ kernels (llamafile's tinyBLAS) that load each weight block once for the whole ba
 no such kernel and runs one dot product per weight row per token, so a decode step costs almost linearly more
 with every sequence in it.  Continuous batching (workers/decode_loop.py) lives on that step, so for those two
 types a CPU worker with several slots decodes from a Q8_0 copy of the weights instead.  Measured on the
-project's 2-core VM with SmolLM2-135M (bench/README.md): a step of 8 sequences 26.9 -> 17.8 ms, prompt
-prefill 2.4 -> 1.5 ms per token, one sequence unchanged (6.4 vs 6.7 ms).
+project's 2-core VM with SmolLM2-135M (bench/cpu_weights.py): a step of 8 sequences 25.0 -> 18.0 ms, prompt
+prefill 2.4 -> 1.6 ms per token, one sequence unchanged (6.0 vs 6.1 ms).
 
 Q8_0 has 255 levels per block of 32 against Q4_1's 16 and Q5_1's 32, so the copy stays close to the
 weights; measured, it is as faithful to them as the native kernels are (which round activations to 8 bits):
 against an F16 dequantization of SmolLM2's Q4_1 weights, the Q8_0 copy and the native Q4_1 kernels have a
-mean next-token KL of 0.0048 and 0.0049 and pick its next token 96.7% and 97.2% of the time.  Greedy
+mean next-token KL of 0.0043 and 0.0048 and pick its next token 96.3% and 96.7% of the time.  Greedy
 outputs can still part from a native Q4_1 run after some tokens (as they can between llama.cpp backends);
 ``CORRAL_CPU_WEIGHTS=native`` keeps the model's own weights.  The copy costs disk and memory (Q8_0 is 8.5
 bits per weight against Q4_1's 5), which is why ``auto`` leaves one-slot workers and other types alone.
