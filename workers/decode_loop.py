@@ -9,7 +9,13 @@ idle (on 2 CPU cores, 8 sequences decoded together make ~2.5x the tokens per sec
    sequences still in prefill, up to ``n_batch`` tokens in all (chunked prefill: a long prompt is fed over
    several steps, so the other streams keep producing tokens while it loads);
 3. decodes once and samples each sequence with its own sampler chain (its temperature, top-k/p, penalties,
-   seed and grammar), applies its stop strings and token limit, and frees the slot's KV cells when it ends.
+   seed and grammar), applies its stop strings and token limit, and frees the slot when it ends.
+
+A slot keeps the KV cells of its last sequence (prompt and generated tokens) after it ends, and a new
+sequence goes to the free slot whose cells share the longest prefix with its prompt, so only the rest of the
+prompt is decoded, as Ollama's runner and llama.cpp's server reuse their slots' caches.  A chat's next turn
+(the whole conversation sent again) then prefills only the new messages, and requests that share a system
+prompt or few-shot examples prefill them once per slot.  ``prompt_eval_count`` still counts the whole prompt.
 
 The KV cache is not unified (each slot has its own stream of ``num_ctx`` cells) and flash attention is on: a
 sequence's attention then reads exactly the cells it would read alone, in the same order, which keeps greedy
@@ -142,7 +148,7 @@ class _Active:
     slot: int
     sampler: Any
     todo: list[int]  # prompt tokens not yet decoded, then the one sampled token to feed next
-    pos: int = 0
+    pos: int = 0  # the position of todo[0]: tokens before it are in the slot's KV cells
     generated: list[int] = field(default_factory=list)
     started: int = 0
     first_token_at: int = 0
@@ -186,6 +192,9 @@ class DecodeLoop:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._waiting: list[SequenceHandle] = []
         self._active: dict[int, _Active] = {}
+        # Per slot, the tokens whose KV cells it holds (positions 0..n-1), and when it was last given out.
+        self._cached: list[list[int]] = [[] for _ in range(slots)]
+        self._last_used = [0] * slots
         self._cond = threading.Condition()
         self._closed = False
         self._order = itertools.count()
@@ -239,13 +248,22 @@ class DecodeLoop:
             handle.events.put(("error", GenerationFailed("model unloaded before the request ran")))
 
     def _admit(self) -> list[tuple[SequenceHandle, int]]:
-        """Give free slots to waiting sequences: interactive first, then in arrival order (lock held)."""
+        """Give free slots to waiting sequences: interactive first, then in arrival order (lock held).
+
+        Each takes the free slot whose cached tokens share the longest prefix with its prompt; on a tie (no
+        shared prefix, say) the slot used least recently, so the caches of recent conversations live longest.
+        """
         free = [s for s in range(self.slots) if s not in self._active]
         if not free or not self._waiting:
             return []
         self._waiting.sort(key=lambda h: (not h.request.interactive, h.order))
         chosen, self._waiting = self._waiting[: len(free)], self._waiting[len(free) :]
-        return list(zip(chosen, free))
+        admitted = []
+        for handle in chosen:
+            slot = max(free, key=lambda s: (common_prefix(self._cached[s], handle.request.prompt), -self._last_used[s]))
+            free.remove(slot)
+            admitted.append((handle, slot))
+        return admitted
 
     def _start(self, handle: SequenceHandle, slot: int) -> None:
         req = handle.request
@@ -261,9 +279,15 @@ class DecodeLoop:
         except Exception as exc:
             handle.events.put(("error", GenerationFailed(f"generation failed: {exc}")))
             return
-        self._llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        # Keep the cells of the shared prefix; at least the prompt's last token is decoded again, for its logits.
+        keep = min(common_prefix(self._cached[slot], req.prompt), len(req.prompt) - 1)
+        if not self._llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1):
+            keep = 0  # the cache cannot drop a tail (llama.cpp refuses for some memory types): start over
+            self._llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        del self._cached[slot][keep:]
+        self._last_used[slot] = handle.order + 1
         self._active[slot] = _Active(
-            handle=handle, slot=slot, sampler=sampler, todo=list(req.prompt), started=now,
+            handle=handle, slot=slot, sampler=sampler, todo=list(req.prompt[keep:]), pos=keep, started=now,
             matcher=StopMatcher(req.stops), decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"),
         )
 
@@ -318,6 +342,7 @@ class DecodeLoop:
                 batch.logits[j] = last and k == len(tokens) - 1
                 batch.n_tokens += 1
             active.pos += len(tokens)
+            self._cached[active.slot].extend(tokens)
             if last:
                 sampling.append((active, batch.n_tokens - 1))
 
@@ -368,13 +393,16 @@ class DecodeLoop:
             active.todo = [token]
 
     def _end(self, active: _Active, *, reason: str = "", error: CorralError | None = None, flush: bool = True) -> None:
-        """Free the slot (its KV cells and sampler) and hand the caller its result."""
+        """Free the slot (its sampler; its KV cells stay, for the next prompt that shares their prefix) and
+        hand the caller its result."""
         llama_cpp = self._llama_cpp
         self._active.pop(active.slot, None)
-        llama_cpp.llama_memory_seq_rm(self._memory, active.slot, -1, -1)
         llama_cpp.llama_sampler_free(active.sampler)
         handle = active.handle
         if error is not None:
+            # A failed decode may have left any of the batch's cells half-written: this slot starts afresh.
+            llama_cpp.llama_memory_seq_rm(self._memory, active.slot, -1, -1)
+            self._cached[active.slot] = []
             handle.events.put(("error", error))
             return
         if flush and reason != "cancelled":
@@ -395,3 +423,12 @@ class DecodeLoop:
                 context=prompt + active.generated,
             ),
         ))
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
