@@ -100,7 +100,7 @@ def raw_batched_once(model: Path, texts: list[str], tokens: int, threads: int, s
                 active[slot] = {"todo": waiting.pop(0), "pos": 0, "n": 0}
         batch.n_tokens = 0
         rows = []
-        for slot, seq in active.items():
+        for slot, seq in sorted(active.items()):  # slot order: one micro-batch per step (see DecodeLoop._step)
             for k, token in enumerate(seq["todo"]):
                 j = batch.n_tokens
                 batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, seq["pos"] + k, 1

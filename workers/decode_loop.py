@@ -7,7 +7,9 @@ idle (on 2 CPU cores, 8 sequences decoded together make ~2.5x the tokens per sec
 1. admits waiting sequences into free slots (interactive before batch, then first come first served);
 2. builds one ``llama_batch``: the last sampled token of every generating sequence, then prompt tokens of
    sequences still in prefill, up to ``n_batch`` tokens in all (chunked prefill: a long prompt is fed over
-   several steps, so the other streams keep producing tokens while it loads);
+   several steps, so the other streams keep producing tokens while it loads), in slot order, with a throwaway
+   token in a short gap of idle slots: with one KV stream per slot, llama.cpp makes one pass over the weights
+   per run of consecutive sequence ids, so a batch in arrival order cost up to 2.3x per step (measured);
 3. decodes once and samples each sequence with its own sampler chain (its temperature, top-k/p, penalties,
    seed and grammar), applies its stop strings and token limit, and frees the slot when it ends.
 
@@ -46,6 +48,7 @@ from workers import compute
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25  # how often a quiet stream asks whether its client is still there
+MAX_GAP_FILL = 2  # widest run of idle slots a step fills with throwaway tokens (see DecodeLoop._gap_fillers)
 
 
 @dataclass
@@ -192,9 +195,8 @@ class DecodeLoop:
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._waiting: list[SequenceHandle] = []
         self._active: dict[int, _Active] = {}
-        # Per slot, the tokens whose KV cells it holds (positions 0..n-1), and when it was last given out.
+        # Per slot, the tokens whose KV cells it holds (positions 0..n-1).
         self._cached: list[list[int]] = [[] for _ in range(slots)]
-        self._last_used = [0] * slots
         self._cond = threading.Condition()
         self._closed = False
         self._order = itertools.count()
@@ -251,7 +253,7 @@ class DecodeLoop:
         """Give free slots to waiting sequences: interactive first, then in arrival order (lock held).
 
         Each takes the free slot whose cached tokens share the longest prefix with its prompt; on a tie (no
-        shared prefix, say) the slot used least recently, so the caches of recent conversations live longest.
+        shared prefix, say) the lowest, which keeps the busy slots one consecutive run (see ``_step``).
         """
         free = [s for s in range(self.slots) if s not in self._active]
         if not free or not self._waiting:
@@ -260,7 +262,7 @@ class DecodeLoop:
         chosen, self._waiting = self._waiting[: len(free)], self._waiting[len(free) :]
         admitted = []
         for handle in chosen:
-            slot = max(free, key=lambda s: (common_prefix(self._cached[s], handle.request.prompt), -self._last_used[s]))
+            slot = max(free, key=lambda s: (common_prefix(self._cached[s], handle.request.prompt), -s))
             free.remove(slot)
             admitted.append((handle, slot))
         return admitted
@@ -285,7 +287,6 @@ class DecodeLoop:
             keep = 0  # the cache cannot drop a tail (llama.cpp refuses for some memory types): start over
             self._llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
         del self._cached[slot][keep:]
-        self._last_used[slot] = handle.order + 1
         self._active[slot] = _Active(
             handle=handle, slot=slot, sampler=sampler, todo=list(req.prompt[keep:]), pos=keep, started=now,
             matcher=StopMatcher(req.stops), decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"),
@@ -351,17 +352,33 @@ class DecodeLoop:
             (a for a in self._active.values() if not a.first_token_at),
             key=lambda a: (not a.handle.request.interactive, a.handle.order),
         )
+        parts: dict[int, tuple[_Active, list[int], bool]] = {}
         for active in generating:
-            add(active, active.todo, True)
+            parts[active.slot] = (active, active.todo, True)
             active.todo = []
-        budget = self.n_batch - batch.n_tokens
+        budget = self.n_batch - len(generating)
         for active in prefilling:
             if budget <= 0:
                 break
             part, active.todo = active.todo[:budget], active.todo[budget:]
-            add(active, part, not active.todo)
+            parts[active.slot] = (active, part, not active.todo)
             budget -= len(part)
-        rc = compute.run(llama_cpp.llama_decode, self._ctx, batch)  # always the same thread (workers/compute.py)
+        fillers = self._gap_fillers(sorted(parts), room=budget)
+        # In slot order: llama.cpp puts a run of consecutive sequence ids, in the order they first appear, into
+        # one micro-batch (one pass over the weights); any other order or gap splits the step into several.
+        for slot in sorted([*parts, *fillers]):
+            if slot in parts:
+                add(*parts[slot])
+            else:
+                j = batch.n_tokens
+                batch.token[j], batch.pos[j], batch.n_seq_id[j] = 0, len(self._cached[slot]), 1
+                batch.seq_id[j][0], batch.logits[j] = slot, False
+                batch.n_tokens += 1
+        try:
+            rc = compute.run(llama_cpp.llama_decode, self._ctx, batch)  # always the same thread (workers/compute.py)
+        finally:
+            for slot in fillers:  # the filler's cell goes; the slot's cached prefix stays
+                llama_cpp.llama_memory_seq_rm(self._memory, slot, len(self._cached[slot]), -1)
         if rc != 0:
             raise GenerationFailed(f"generation failed: llama_decode returned {rc}")
         now = time.perf_counter_ns()
@@ -370,6 +387,21 @@ class DecodeLoop:
             if not active.first_token_at:
                 active.first_token_at = now
             self._accept(active, token)
+
+    def _gap_fillers(self, slots: list[int], room: int) -> list[int]:
+        """Idle slots worth one throwaway token each so that the step's sequences form one consecutive run.
+
+        A gap of idle slots between two sequences in the batch would cost a second pass over the weights;
+        a filler token costs a column of the batched matmul.  Measured on 2 CPU cores (bench/cpu_weights.py):
+        a step of n tokens takes about 6 + 1.5 n ms, so filling pays for gaps up to MAX_GAP_FILL slots wide.
+        """
+        fillers: list[int] = []
+        for low, high in zip(slots, slots[1:]):
+            gap = list(range(low + 1, high))
+            if gap and len(gap) <= MAX_GAP_FILL and len(fillers) + len(gap) <= room:
+                if not any(s in self._active for s in gap):
+                    fillers.extend(gap)
+        return fillers
 
     def _accept(self, active: _Active, token: int) -> None:
         """Apply one sampled token: end of generation, text and stop strings, the token limit."""

@@ -96,3 +96,71 @@ def test_a_shorter_prompt_sharing_a_cached_prefix_still_gets_its_own_answer(warm
     once, _, _ = answer(warm, messages)
     again, _, _ = answer(warm, messages)  # the whole prompt is cached: its last token is decoded again
     assert once == again and once
+
+
+@pytest.fixture()
+def decoded_batches(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, bool]]]:
+    """(sequence id, wants logits) of every token of every real ``llama_decode`` batch."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as bindings
+
+    batches: list[list[tuple[int, bool]]] = []
+    real = bindings.llama_decode
+
+    def recording(ctx: Any, batch: Any) -> int:
+        batches.append([(int(batch.seq_id[j][0]), bool(batch.logits[j])) for j in range(batch.n_tokens)])
+        return int(real(ctx, batch))
+
+    monkeypatch.setattr(bindings, "llama_decode", recording)
+    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    return batches
+
+
+def test_a_slot_that_ends_early_leaves_no_gap_and_changes_no_neighbour(
+    models_dir: Path, decoded_batches: list[list[tuple[int, bool]]]
+) -> None:
+    """llama.cpp decodes one consecutive run of sequence ids per pass over the weights, so the loop keeps every
+    step's sequences in slot order and fills a short gap (here: the middle of three slots, ended early) with a
+    throwaway token; that token must not change what the neighbours generate nor stay in the slot's cache."""
+    prompts = ["Once upon a time, a dragon", "The river ran past the mill", "In the year 3000, the city"]
+    limits = [24, 3, 24]
+
+    def run(model: LoadedModel, together: bool) -> list[str]:
+        def start(text: str, limit: int) -> Any:
+            return model.start(model.raw_prompt(text), {"temperature": 0, "num_predict": limit}, stops=[], fmt=None,
+                               interactive=True, stream=False)
+
+        def text_of(handle: Any) -> str:
+            pieces: list[str] = []
+            handle.stream(lambda t: pieces.append(t) and False, lambda: False)
+            return "".join(pieces)
+
+        if together:
+            handles = [start(t, n) for t, n in zip(prompts, limits)]
+            return [text_of(h) for h in handles]
+        return [text_of(start(t, n)) for t, n in zip(prompts, limits)]
+
+    store = ModelStore(models_dir)
+    path = store.blob_path(store.get("smollm2").model_digest)
+    spec = LoadSpec(path=path, embedding=False, n_ctx=256, n_gpu_layers=0, n_threads=2, parallel=3, weights="q8_0")
+    model = LoadedModel(spec)
+    try:
+        together = run(model, together=True)
+        steps = list(decoded_batches)
+        # and the middle slot's cache is still exactly its own: the same prompt again gives the same text
+        again = run(model, together=False)[1]
+    finally:
+        model.close()
+    alone_model = LoadedModel(spec)
+    try:
+        alone = run(alone_model, together=False)
+    finally:
+        alone_model.close()
+
+    assert together == alone and again == alone[1]
+    filled = [b for b in steps if (1, False) in b and not any(s == 1 and wants for s, wants in b)
+              and {0, 2} <= {s for s, _ in b}]
+    assert filled, "slot 1 ended early but no step filled its gap"
+    for batch in steps:
+        first_seen = list(dict.fromkeys(s for s, _ in batch))
+        assert first_seen == list(range(first_seen[0], first_seen[0] + len(first_seen))), first_seen
