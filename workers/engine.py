@@ -1,4 +1,4 @@
-"""Where llama_cpp is used (with workers/decode_loop.py and workers/weights.py): load a GGUF, prepare prompts, generate, embed.
+"""Where llama_cpp is used (with decode_loop.py and weights.py): load a GGUF, prepare prompts, generate, embed.
 
 Generation runs in the model's :class:`~workers.decode_loop.DecodeLoop` (continuous batching: many sequences
 per ``llama_decode``) rather than ``create_completion``, so that corral owns what Ollama's wire format needs:
