@@ -162,7 +162,6 @@ class _Active:
     slot: int
     sampler: Any
     todo: list[int]  # prompt tokens not yet decoded, then the one sampled token to feed next
-    pos: int = 0  # the position of todo[0]: tokens before it are in the slot's KV cells
     generated: list[int] = field(default_factory=list)
     started: int = 0
     first_token_at: int = 0
@@ -307,7 +306,7 @@ class DecodeLoop:
             self._llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
         del self._cached[slot][keep:]
         self._active[slot] = _Active(
-            handle=handle, slot=slot, sampler=sampler, todo=list(req.prompt[keep:]), pos=keep, started=now,
+            handle=handle, slot=slot, sampler=sampler, todo=list(req.prompt[keep:]), started=now,
             matcher=StopMatcher(req.stops), decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"),
         )
 
@@ -363,16 +362,16 @@ class DecodeLoop:
         sampling: list[tuple[_Active, int]] = []
 
         def add(active: _Active, tokens: list[int], last: bool) -> None:
+            cached = self._cached[active.slot]  # its KV cells: the next token goes at position len(cached)
             for k, token in enumerate(tokens):
                 j = batch.n_tokens
                 batch.token[j] = token
-                batch.pos[j] = active.pos + k
+                batch.pos[j] = len(cached) + k
                 batch.n_seq_id[j] = 1
                 batch.seq_id[j][0] = active.slot
                 batch.logits[j] = last and k == len(tokens) - 1
                 batch.n_tokens += 1
-            active.pos += len(tokens)
-            self._cached[active.slot].extend(tokens)
+            cached.extend(tokens)
             if last:
                 sampling.append((active, batch.n_tokens - 1))
 
