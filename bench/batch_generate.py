@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 import httpx
 
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import corral_stack, model_path, print_table, wait_for_job  # noqa: E402
 
+from corral.settings import CpuWeights  # noqa: E402
 from workers import compute  # noqa: E402
 from workers.weights import choose_weights, prepare  # noqa: E402
 
@@ -175,7 +177,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--repeat", type=int, default=3, help="runs per row; the best is reported (noisy VMs)")
-    parser.add_argument("--cpu-weights", choices=["auto", "native", "q8_0"], default="auto",
+    parser.add_argument("--cpu-weights", choices=get_args(CpuWeights), default="auto",
                         help="CORRAL_CPU_WEIGHTS of the job's worker; the raw and decode-loop rows use the same file")
     args = parser.parse_args()
     texts = prompts(args.prompts)

@@ -18,12 +18,15 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import get_args
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import corral_stack, model_path, print_table  # noqa: E402
+
+from corral.settings import CpuWeights  # noqa: E402
 
 TOPICS = ["a dragon who collects teapots", "a robot learning to paint", "a lighthouse keeper's last night",
           "a cat that runs a bakery", "two brothers building a boat", "a clockmaker who stops time",
@@ -57,7 +60,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--cpu-weights", choices=["auto", "native", "q8_0"], default="auto",
+    parser.add_argument("--cpu-weights", choices=get_args(CpuWeights), default="auto",
                         help="the worker's CORRAL_CPU_WEIGHTS (auto: a Q8_0 copy of the Q4_1 model)")
     args = parser.parse_args()
     topics = [TOPICS[i % len(TOPICS)] for i in range(args.clients)]

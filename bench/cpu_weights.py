@@ -12,7 +12,6 @@ and their 48-token greedy continuations (the F16 row is the reference itself).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 import tempfile
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import model_path, print_table  # noqa: E402  (also puts the repository on sys.path)
 
-from workers.weights import prepare  # noqa: E402
+from workers.weights import prepare, quantize  # noqa: E402
 
 PROMPTS = ["Once upon a time, a dragon", "The capital of France is", "def fibonacci(n):", "In 1969, astronauts",
            "Photosynthesis is the process", "My favourite recipe for pancakes", "The stock market fell because",
@@ -33,16 +32,6 @@ PROMPTS = ["Once upon a time, a dragon", "The capital of France is", "def fibona
            "Dear hiring manager, I am writing", "Ten tips for better sleep: 1.", "The cat sat on the",
            "SELECT name FROM", "Water boils at", "The history of Rome begins"]
 PREFILL, SIZES, MAX_SEQ = 40, (1, 8, 16), 16
-
-
-def f16_copy(source: Path, target: Path, threads: int) -> Path:
-    import llama_cpp
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_F16, True, threads
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params)) != 0:
-        raise RuntimeError("F16 copy failed")
-    return target
 
 
 def step_costs(path: Path, threads: int) -> list[float]:
@@ -119,7 +108,8 @@ def main() -> None:
         home = Path(tmp)
         native = model_path(home, "smollm2")
         q8 = prepare(native, "q8_0", threads=args.threads)
-        f16 = f16_copy(native, home / "f16.gguf", args.threads)
+        f16 = home / "f16.gguf"
+        quantize(native, f16, llama_cpp.LLAMA_FTYPE_MOSTLY_F16, threads=args.threads)
         files = [("Q4_1 (as pulled)", native), ("Q8_0 copy (CORRAL_CPU_WEIGHTS=auto)", q8), ("F16 copy", f16)]
 
         reader = llama_cpp.Llama(str(native), n_ctx=256, n_threads=args.threads, verbose=False)

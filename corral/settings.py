@@ -112,6 +112,10 @@ def client_url(value: str) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+# What CPU workers decode chat models with (workers/weights.py explains the choice).
+CpuWeights = Literal["auto", "native", "q8_0"]
+
+
 class Settings(BaseSettings):
     """Configuration shared by the API, the workers, the launcher and the CLI."""
 
@@ -210,7 +214,7 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CORRAL_WORKER_THREADS", "worker_threads"),
         description="CPU threads llama.cpp uses per model; 0 = all cores.",
     )
-    cpu_weights: Literal["auto", "native", "q8_0"] = Field(
+    cpu_weights: CpuWeights = Field(
         "auto",
         validation_alias=AliasChoices("CORRAL_CPU_WEIGHTS", "cpu_weights"),
         description=(

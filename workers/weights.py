@@ -24,20 +24,17 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
 
 from corral.errors import GenerationFailed
+from corral.settings import CpuWeights
 
 log = logging.getLogger(__name__)
-
-CpuWeights = Literal["auto", "native", "q8_0"]
 
 # File types (the store's config "file_type") with no batched CPU matmul kernel in llama.cpp, where a Q8_0
 # copy is measured to be faster from two sequences per step on.
 AUTO_TYPES = frozenset({"Q4_1", "Q5_1"})
 # File types a forced q8_0 leaves alone: already Q8_0, or wider (a Q8_0 copy would lose precision).
 KEEP_TYPES = frozenset({"Q8_0", "F16", "BF16", "F32", "unknown"})
-LLAMA_FTYPE_MOSTLY_Q8_0 = 7
 
 
 def choose_weights(mode: CpuWeights, file_type: str, *, on_cpu: bool, parallel: int, embedding: bool) -> str:
@@ -84,18 +81,23 @@ def prepare(source: Path, weights: str, *, threads: int) -> Path:
         log.warning("cannot write a Q8_0 copy of %s (%s); decoding its own weights", source.name, exc)
         return source
     os.close(fd)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPE_MOSTLY_Q8_0
-    params.allow_requantize = True
-    params.nthread = max(1, threads)
     try:
-        rc = llama_cpp.llama_model_quantize(
-            str(source).encode(), tmp_name.encode(), ctypes.byref(params)
-        )
-        if rc != 0:
-            raise GenerationFailed(f"failed to make the Q8_0 copy of {source.name} (llama_model_quantize: {rc})")
+        quantize(source, Path(tmp_name), llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, threads=threads)
         os.replace(tmp_name, target)
     finally:
         Path(tmp_name).unlink(missing_ok=True)
     log.info("made %s (Q8_0 weights for batched CPU decoding)", target)
     return target
+
+
+def quantize(source: Path, target: Path, ftype: int, *, threads: int) -> None:
+    """Write ``source``'s weights as llama.cpp file type ``ftype`` (requantizing quantized ones) to ``target``."""
+    import llama_cpp  # deferred: CUDA_VISIBLE_DEVICES must be set before this import
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.nthread = max(1, threads)
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise GenerationFailed(f"failed to requantize {source.name} (llama_model_quantize returned {rc})")
