@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from flask import Flask
@@ -163,3 +164,24 @@ def isolated(settings: Settings, tmp_path: Path) -> Iterator[Stack]:
     finally:
         stack.stop()
         clean_redis(url)
+
+
+@pytest.fixture()
+def spy_llama_decode(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[Any], None]], None]:
+    """Install ``record(batch)`` in front of every real ``llama_decode`` of this process (the call still runs,
+    on the caller's thread), for tests that check what a worker's loops hand llama.cpp."""
+
+    def install(record: Callable[[Any], None]) -> None:
+        import llama_cpp
+        import llama_cpp.llama_cpp as bindings
+
+        real = bindings.llama_decode
+
+        def spying(ctx: Any, batch: Any) -> int:
+            record(batch)
+            return int(real(ctx, batch))
+
+        monkeypatch.setattr(bindings, "llama_decode", spying)
+        monkeypatch.setattr(llama_cpp, "llama_decode", spying)
+
+    return install

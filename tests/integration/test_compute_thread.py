@@ -9,7 +9,7 @@ worker must guarantee is that Celery task threads (embeddings) and decode-loop t
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,20 +25,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture()
-def decode_threads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def decode_threads(spy_llama_decode: Callable[[Callable[[Any], None]], None]) -> list[int]:
     """Record the thread of every real ``llama_decode`` call (the call itself still runs)."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as bindings
-
     seen: list[int] = []
-    real = bindings.llama_decode
-
-    def recording(ctx: Any, batch: Any) -> int:
-        seen.append(threading.get_ident())
-        return int(real(ctx, batch))
-
-    monkeypatch.setattr(bindings, "llama_decode", recording)
-    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    spy_llama_decode(lambda batch: seen.append(threading.get_ident()))
     return seen
 
 

@@ -11,7 +11,7 @@ llama.cpp decodes is counted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +31,10 @@ def beginning(text: str, words: int = 5) -> list[str]:
 
 
 @pytest.fixture()
-def decoded_tokens(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def decoded_tokens(spy_llama_decode: Callable[[Callable[[Any], None]], None]) -> list[int]:
     """The size of every real ``llama_decode`` batch (the call itself still runs)."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as bindings
-
     sizes: list[int] = []
-    real = bindings.llama_decode
-
-    def counting(ctx: Any, batch: Any) -> int:
-        sizes.append(int(batch.n_tokens))
-        return int(real(ctx, batch))
-
-    monkeypatch.setattr(bindings, "llama_decode", counting)
-    monkeypatch.setattr(llama_cpp, "llama_decode", counting)
+    spy_llama_decode(lambda batch: sizes.append(int(batch.n_tokens)))
     return sizes
 
 
@@ -107,20 +97,10 @@ def test_a_shorter_prompt_sharing_a_cached_prefix_still_gets_its_own_answer(warm
 
 
 @pytest.fixture()
-def decoded_batches(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[int, bool]]]:
+def decoded_batches(spy_llama_decode: Callable[[Callable[[Any], None]], None]) -> list[list[tuple[int, bool]]]:
     """(sequence id, wants logits) of every token of every real ``llama_decode`` batch."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as bindings
-
     batches: list[list[tuple[int, bool]]] = []
-    real = bindings.llama_decode
-
-    def recording(ctx: Any, batch: Any) -> int:
-        batches.append([(int(batch.seq_id[j][0]), bool(batch.logits[j])) for j in range(batch.n_tokens)])
-        return int(real(ctx, batch))
-
-    monkeypatch.setattr(bindings, "llama_decode", recording)
-    monkeypatch.setattr(llama_cpp, "llama_decode", recording)
+    spy_llama_decode(lambda b: batches.append([(int(b.seq_id[j][0]), bool(b.logits[j])) for j in range(b.n_tokens)]))
     return batches
 
 
