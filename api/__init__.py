@@ -9,7 +9,7 @@ from flask import Flask
 
 from api.gateway import Gateway
 from api.inference import Inference
-from corral.protocol import redis_client
+from corral.broker import Broker
 from corral.settings import Settings
 from corral.store import ModelStore
 from jobs.batches import BatchService
@@ -40,16 +40,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.ollama import bp as ollama_bp
     from api.openai import bp as openai_bp
     from api.openai_batch import bp as openai_batch_bp
-    from workers.celery_app import make_celery
 
     settings = settings or Settings()
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
     store = ModelStore(settings.models_path)
-    client = redis_client(settings.redis)
-    celery = make_celery(settings)
-    gateway = Gateway(settings, client, celery)
-    jobs = JobService(settings, store, celery, client)
+    broker = Broker(settings)  # Redis and Celery are made on first use
+    gateway = Gateway(settings, broker)
+    jobs = JobService(settings, store, broker)
     files = FileStore(settings)
     app.extensions["corral"] = Services(
         settings, store, gateway, Inference(settings, store, gateway), jobs, files, BatchService(store, jobs, files)

@@ -42,7 +42,8 @@ def init_app(app: Flask, settings: Settings, keys: KeyStore) -> None:
 
 
 def principal() -> Principal | None:
-    return g.get("principal")
+    found: Principal | None = g.get("principal")
+    return found
 
 
 def owner() -> str | None:

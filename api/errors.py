@@ -16,7 +16,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from corral.errors import CorralError
-from corral.openai_wire import error_body
+from corral.wire.openai import error_body
 
 log = logging.getLogger(__name__)
 JSON_MIMETYPE = "application/json; charset=utf-8"

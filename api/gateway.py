@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 import redis
 from celery import Celery
 
+from corral.broker import Broker
 from corral.errors import QueueFull
 from corral.protocol import (
     INTERACTIVE_TASK,
@@ -31,12 +32,19 @@ from corral.settings import Settings
 class Gateway:
     """Dispatch interactive requests to the model's queue and follow their replies."""
 
-    def __init__(self, settings: Settings, client: redis.Redis, celery: Celery) -> None:
+    def __init__(self, settings: Settings, broker: Broker) -> None:
         self.settings = settings
-        self.redis = client
-        self.celery = celery
+        self.broker = broker
 
-    def run(self, req: InferenceRequest) -> Iterator[StreamEvent]:
+    @property
+    def redis(self) -> redis.Redis:
+        return self.broker.redis
+
+    @property
+    def celery(self) -> Celery:
+        return self.broker.celery
+
+    def run(self, req: InferenceRequest) -> Generator[StreamEvent, None, None]:
         """Enqueue ``req`` and yield its reply events until the terminal one.
 
         Closing the iterator early (the client disconnected) tells the worker to stop.

@@ -19,7 +19,7 @@ from corral.errors import BadRequest, GenerationFailed, ModelNotFound
 from corral.protocol import InferenceRequest, new_request_id
 from corral.settings import Settings
 from corral.store import ModelName, ModelRecord, ModelStore
-from corral.wire import ollama_chunk, ollama_final
+from corral.wire.ollama import ollama_chunk, ollama_final
 
 # Ollama's embed routes word a missing model differently from generate/chat; clients match on it.
 EMBED_NOT_FOUND = 'model "{name}" not found, try pulling it first'

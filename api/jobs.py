@@ -7,20 +7,18 @@ line straight into the database, so its size is bounded by disk, not memory.
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
 from flask import Blueprint, Response, current_app, request, stream_with_context
 
 from api.auth import creator, owner
 from api.errors import dumps, json_response
 from api.openapi import NDJSON, documented
-from api.schemas import responses as R
-from api.schemas.jobs import JobSubmission
-from api.schemas.ollama import decode_json, query_int
+from api.params import query_int, query_json
 from api.streaming import NDJSON_MIMETYPE
 from corral.errors import BadRequest
 from corral.options import parse_options
+from corral.wire import responses as R
+from corral.wire.jobs import JobSubmission, parse
+from corral.wire.ollama import decode_json
 from jobs.ingest import read_jsonl, text_lines, validated
 from jobs.service import JobService
 
@@ -32,55 +30,37 @@ def jobs() -> JobService:
     return current_app.extensions["corral"].jobs  # type: ignore[no-any-return]
 
 
-def _json_arg(name: str) -> Any:
-    value = request.args.get(name)
-    if not value:
-        return None
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise BadRequest(f"{name} must be JSON") from exc
-
-
 @bp.post("/api/jobs")
-@documented(body=JobSubmission, response=R.JobView, status=202, upload=NDJSON, query=(("kind", "string"), ("model", "string"), ("chunk_size", "integer"), ("options", "string"), ("metadata", "string")))
+@documented(
+    body=JobSubmission, response=R.JobView, status=202, upload=NDJSON,
+    query=(("kind", "string"), ("model", "string"), ("chunk_size", "integer"), ("options", "string"), ("metadata", "string")),
+)
 def submit() -> Response:
     if request.mimetype in STREAMED_TYPES:
         kind = request.args.get("kind", "generate")
         if request.mimetype == "text/plain" and kind != "generate":
             raise BadRequest("plain-text uploads are prompts: use kind=generate")
         lines = text_lines(request.stream) if request.mimetype == "text/plain" else read_jsonl(request.stream)
-        metadata = _json_arg("metadata")
+        metadata = query_json("metadata")
         job = jobs().submit(
             kind=kind,
             model=request.args.get("model", ""),
-            options=parse_options(_json_arg("options")),
+            options=parse_options(query_json("options")),
             chunk_size=query_int("chunk_size", None),
             metadata=metadata if isinstance(metadata, dict) else None,
             items=validated(kind, lines),
             owner=creator(),
         )
         return json_response(job, 202)
-    body = decode_json(request.get_data())
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object with kind, model and items")
-    kind = body.get("kind", "generate")
-    items = body.get("items")
-    if not isinstance(items, list):
-        raise BadRequest('"items" must be a list of request bodies')
-    chunk_size = body.get("chunk_size")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)):
-        raise BadRequest("chunk_size must be an integer")
-    metadata = body.get("metadata")
-    if metadata is not None and not isinstance(metadata, dict):
-        raise BadRequest("metadata must be an object")
+    body: JobSubmission = parse(JobSubmission, decode_json(request.get_data()),
+                                what="the body (a JSON object with kind, model and items)")
     job = jobs().submit(
-        kind=str(kind),
-        model=str(body.get("model") or ""),
-        options=parse_options(body.get("options")),
-        chunk_size=chunk_size,
-        metadata=metadata,
-        items=validated(str(kind), enumerate(items, start=1)),
+        kind=body.kind,
+        model=body.model,
+        options=parse_options(body.options),
+        chunk_size=body.chunk_size,
+        metadata=body.metadata,
+        items=validated(body.kind, enumerate(body.items, start=1)),
         owner=creator(),
     )
     return json_response(job, 202)
@@ -157,7 +137,8 @@ def queue() -> Response:
     gateway = services.gateway
     waiting = {r.model_digest: gateway.waiting(r.model_digest) for r in services.store.list()}
     workers = [
-        {"name": w["name"], "gpu": w.get("gpu"), "models": w.get("models", []), "loaded": [m["name"] for m in w.get("loaded", [])]}
+        {"name": w["name"], "gpu": w.get("gpu"), "models": w.get("models", []),
+         "loaded": [m["name"] for m in w.get("loaded", [])]}
         for w in gateway.workers()
     ]
     return json_response({"models": jobs().queue_overview(waiting), "workers": workers})

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 
 from api.openapi import documented
 from jobs.db import sessions
-from jobs.models import Chunk, Item
+from jobs.models import Chunk, ChunkState, Item, ItemState
 
 bp = Blueprint("metrics", __name__)
 
@@ -57,7 +57,7 @@ class StateCollector(Collector):
             waiting.add_metric([name, "interactive", "waiting"], services.gateway.waiting(digest))
         with sessions(services.settings)() as session:
             chunks = session.execute(
-                select(Chunk.model_digest, Chunk.state, func.count()).where(Chunk.state != "done")
+                select(Chunk.model_digest, Chunk.state, func.count()).where(Chunk.state != ChunkState.DONE)
                 .group_by(Chunk.model_digest, Chunk.state)
             ).all()
             items = session.execute(select(Item.state, func.count()).group_by(Item.state)).all()
@@ -65,7 +65,7 @@ class StateCollector(Collector):
             waiting.add_metric([records.get(digest, digest[:12]), "batch", state], int(n))
         yield waiting
         by_state = GaugeMetricFamily("corral_job_items", "Batch-job items by state", labels=["state"])
-        counts = dict.fromkeys(("pending", "running", "succeeded", "failed", "cancelled"), 0)
+        counts = dict.fromkeys(ItemState.ALL, 0)
         counts.update({state: int(n) for state, n in items})
         for state, n in counts.items():
             by_state.add_metric([state], n)

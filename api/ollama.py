@@ -14,8 +14,13 @@ from flask import Blueprint, Response, request, send_file
 from api.errors import json_response
 from api.inference import EMBED_NOT_FOUND, Inference, collect, load_reply, service
 from api.openapi import NDJSON, documented
-from api.schemas import responses as R
-from api.schemas.ollama import (
+from api.streaming import ndjson, prime
+from corral import OLLAMA_COMPAT_VERSION, catalog
+from corral.errors import BadRequest, ModelNotFound
+from corral.store import ModelName, ModelRecord, read_gguf_metadata
+from corral.timefmt import rfc3339
+from corral.wire import responses as R
+from corral.wire.ollama import (
     ChatRequest,
     CopyRequest,
     DeleteRequest,
@@ -27,11 +32,6 @@ from api.schemas.ollama import (
     is_zero_keep_alive,
     parse_body,
 )
-from api.streaming import ndjson, prime
-from corral import OLLAMA_COMPAT_VERSION, catalog
-from corral.errors import BadRequest, ModelNotFound
-from corral.store import ModelName, ModelRecord, read_gguf_metadata
-from corral.timefmt import rfc3339
 
 bp = Blueprint("ollama", __name__)
 

@@ -1,42 +1,37 @@
 """OpenAI's sync routes (``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, ``/v1/models``).
 
-Each view parses the body with :mod:`corral.openai_wire`, runs the same native request an Ollama route would
-(same gateway, same workers, same queue), and reshapes the reply.  Errors render as OpenAI's error object
+Each view parses the body with :mod:`corral.wire.openai`, runs the same native request an Ollama route would
+(same gateway, same workers, same queue), and reshapes the reply (streams through
+:func:`corral.wire.openai.stream_chunks`).  Errors render as OpenAI's error object
 (``api.errors`` picks the shape by path).
 """
 
 from __future__ import annotations
 
 import itertools
-import time
-from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 from flask import Blueprint, Response, request
 
 from api.errors import json_response
 from api.inference import EMBED_NOT_FOUND, collect, service
 from api.openapi import SSE, documented
-from api.schemas import responses as R
-from api.schemas.ollama import decode_json
 from api.streaming import prime, sse
 from corral.errors import BadRequest, ModelNotFound
-from corral.openai_wire import (
-    FINGERPRINT,
+from corral.store import ModelName, ModelRecord
+from corral.wire import responses as R
+from corral.wire.ollama import decode_json
+from corral.wire.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
     chat_completion,
-    completion_id,
     embedding_list,
-    finish_reason,
     model_object,
     parse_request,
+    stream_chunks,
     text_completion,
-    usage,
 )
-from corral.store import ModelName, ModelRecord
-from corral.toolcalls import openai_tool_calls
 
 bp = Blueprint("openai", __name__)
 
@@ -69,7 +64,7 @@ def chat_completions() -> Response:
             )
         )
     first = prime(chunks)
-    return sse(_stream_events("chat", req.model, req.include_usage, itertools.chain([first], chunks)))
+    return sse(stream_chunks("chat", req.model, req.include_usage, itertools.chain([first], chunks)))
 
 
 @bp.post("/v1/completions")
@@ -93,62 +88,7 @@ def completions() -> Response:
             )
         )
     first = prime(chunks)
-    return sse(_stream_events("generate", req.model, req.include_usage, itertools.chain([first], chunks)))
-
-
-def _stream_events(
-    shape: Literal["chat", "generate"], model: str, include_usage: bool, chunks: Iterator[dict[str, Any]]
-) -> Iterator[dict[str, Any]]:
-    """Native stream chunks -> OpenAI chunks: deltas, a finish chunk, the usage chunk when asked for."""
-    ident = completion_id("chatcmpl" if shape == "chat" else "cmpl")
-    created = int(time.time())
-    head = {
-        "id": ident,
-        "object": "chat.completion.chunk" if shape == "chat" else "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": FINGERPRINT,
-    }
-    zero = {"usage": usage(0, 0)} if include_usage and shape == "generate" else {}
-
-    def choice(text: str | None, reason: str | None, first: bool) -> dict[str, Any]:
-        if shape == "generate":
-            return {"text": text or "", "index": 0, "finish_reason": reason}
-        delta: dict[str, Any] = {} if text is None else {"content": text}
-        if first:
-            delta = {"role": "assistant", "content": text or ""}
-        return {"index": 0, "delta": delta, "finish_reason": reason}
-
-    first = True
-    called = False
-    try:
-        for chunk in chunks:
-            calls = chunk["message"].get("tool_calls") if shape == "chat" else None
-            if calls:
-                if first:
-                    yield {**head, "choices": [choice("", None, True)]}
-                    first = False
-                called = True
-                delta = {"tool_calls": openai_tool_calls(calls)}
-                yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-                continue
-            if not chunk["done"]:
-                text = chunk["message"]["content"] if shape == "chat" else chunk["response"]
-                yield {**head, "choices": [choice(text, None, first)], **zero}
-                first = False
-                continue
-            reason = finish_reason(chunk.get("done_reason"), called)
-            if shape == "chat" and first:
-                yield {**head, "choices": [choice("", None, True)]}
-            yield {**head, "choices": [choice(None, reason, False)], **zero}
-            if include_usage:
-                counts = usage(int(chunk.get("prompt_eval_count", 0)), int(chunk.get("eval_count", 0)))
-                yield {**head, "choices": [], "usage": counts}
-            return
-    finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
+    return sse(stream_chunks("generate", req.model, req.include_usage, itertools.chain([first], chunks)))
 
 
 @bp.post("/v1/embeddings")

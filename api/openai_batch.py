@@ -8,10 +8,11 @@ from flask import Blueprint, Response, current_app, request, stream_with_context
 from api.auth import creator, owner
 from api.errors import json_response
 from api.openapi import documented
-from api.schemas import responses as R
-from api.schemas.jobs import BatchRequest
-from api.schemas.ollama import decode_json, query_int
+from api.params import query_int
 from corral.errors import BadRequest
+from corral.wire import responses as R
+from corral.wire.jobs import BatchRequest, parse
+from corral.wire.ollama import decode_json
 from jobs.batches import BatchService
 from jobs.files import FileStore
 
@@ -75,15 +76,10 @@ def delete_file(file_id: str) -> Response:
 @bp.post("/v1/batches")
 @documented(body=BatchRequest, response=R.Batch)
 def create_batch() -> Response:
-    body = decode_json(request.get_data())
-    if not isinstance(body, dict):
-        raise BadRequest("the request body must be a JSON object")
-    for field in ("input_file_id", "endpoint", "completion_window"):
-        if not isinstance(body.get(field), str) or not body[field]:
-            raise BadRequest(f"'{field}' is a required string", param=field)
+    body: BatchRequest = parse(BatchRequest, decode_json(request.get_data()))
     created = batches().create(
-        input_file_id=body["input_file_id"], endpoint=body["endpoint"],
-        completion_window=body["completion_window"], metadata=body.get("metadata"), owner=creator(),
+        input_file_id=body.input_file_id, endpoint=body.endpoint, completion_window=body.completion_window,
+        metadata=body.metadata, owner=creator(),
     )
     return json_response(created)
 

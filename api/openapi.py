@@ -2,7 +2,7 @@
 
 Nothing here is written by hand per route: the paths and methods come from Flask's URL map, and each view
 names its request and response models with :func:`documented` (the same pydantic classes that parse the
-requests; the response models in :mod:`api.schemas.responses`).  A route that declares nothing still appears,
+requests; the response models in :mod:`corral.wire.responses`).  A route that declares nothing still appears,
 with its path parameters and the error shape of its family, so the document covers every route.  The test
 suite runs schemathesis against a live server from this document (tests/integration/test_openapi.py).
 """
@@ -18,8 +18,8 @@ from flask import Blueprint, Flask, Response, current_app
 from pydantic import BaseModel
 
 from api.errors import json_response
-from api.schemas.responses import OllamaError, OpenAIError
 from corral import __version__
+from corral.wire.responses import OllamaError, OpenAIError
 
 bp = Blueprint("openapi", __name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -61,6 +61,8 @@ class _Builder:
         for name, sub in schema.pop("$defs", {}).items():
             self.components.setdefault(name, sub)
         self.components.setdefault(model.__name__, schema)
+        for other in getattr(model, "documented_with", ()):  # schemas its own schema refers to by name
+            self.ref(other, mode)
         return {"$ref": f"#/components/schemas/{model.__name__}"}
 
     def operation(self, rule: Any, method: str, doc: Doc) -> dict[str, Any]:
@@ -72,7 +74,9 @@ class _Builder:
         ] + [{"name": name, "in": "query", "required": False, "schema": {"type": kind}} for name, kind in doc.query]
         op: dict[str, Any] = {
             "operationId": f"{method.lower()}_{rule.endpoint.replace('.', '_')}",
-            "summary": doc.summary or (current_app.view_functions[rule.endpoint].__doc__ or "").strip().split("\n")[0] or f"{method} {rule.rule}",
+            "summary": doc.summary
+            or (current_app.view_functions[rule.endpoint].__doc__ or "").strip().split("\n")[0]
+            or f"{method} {rule.rule}",
             "tags": ["openai" if openai else rule.endpoint.split(".")[0]],
             "responses": {"default": {"description": "error", "content": {"application/json": {"schema": error}}}},
         }

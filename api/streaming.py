@@ -15,7 +15,7 @@ from flask import Response, stream_with_context
 
 from api.errors import dumps
 from corral.errors import CorralError
-from corral.openai_wire import error_body
+from corral.wire.openai import error_body
 
 log = logging.getLogger(__name__)
 NDJSON_MIMETYPE = "application/x-ndjson"

@@ -33,11 +33,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import corral_stack, model_path, print_table, wait_for_job  # noqa: E402
+from common import corral_stack, model_path, print_table, wait_for_job
 
-from corral.settings import CpuWeights  # noqa: E402
-from workers import compute  # noqa: E402
-from workers.weights import choose_weights, prepare  # noqa: E402
+from corral.settings import CpuWeights
+from workers import compute
+from workers.weights import choose_weights, prepare
 
 SUBJECTS = (
     "a dragon|a small robot|the old lighthouse keeper|a lost cat|two brothers|a clockmaker|the last tree|"

@@ -11,10 +11,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from corral.catalog import ensure_defaults  # noqa: E402
-from corral.launcher import free_port, redis_reachable, start_private_redis  # noqa: E402
-from corral.settings import Settings  # noqa: E402
-from corral.store import ModelStore  # noqa: E402
+from cli.launcher import free_port, redis_reachable, start_private_redis
+from corral.catalog import ensure_defaults
+from corral.settings import Settings
+from corral.store import ModelStore
 
 
 def model_path(home: Path, name: str) -> Path:
@@ -28,7 +28,7 @@ def model_path(home: Path, name: str) -> Path:
 def corral_stack(home: Path, **settings: Any) -> Iterator[Any]:
     """A real API server and worker process (Redis from REDIS_URL or a private one; SQLite in ``home``)."""
     from jobs.db import upgrade
-    from tests.stack import Stack
+    from tests.helpers import Stack
 
     redis_url = os.environ.get("REDIS_URL")
     private = None

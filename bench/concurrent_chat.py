@@ -24,9 +24,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import corral_stack, model_path, print_table  # noqa: E402
+from common import corral_stack, model_path, print_table
 
-from corral.settings import CpuWeights  # noqa: E402
+from corral.settings import CpuWeights
 
 TOPICS = ["a dragon who collects teapots", "a robot learning to paint", "a lighthouse keeper's last night",
           "a cat that runs a bakery", "two brothers building a boat", "a clockmaker who stops time",

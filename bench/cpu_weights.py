@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import model_path, print_table  # noqa: E402  (also puts the repository on sys.path)
+from common import model_path, print_table
 
-from workers.weights import prepare, quantize  # noqa: E402
+from workers.weights import prepare, quantize
 
 PROMPTS = ["Once upon a time, a dragon", "The capital of France is", "def fibonacci(n):", "In 1969, astronauts",
            "Photosynthesis is the process", "My favourite recipe for pancakes", "The stock market fell because",

@@ -27,9 +27,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import corral_stack, model_path, print_table, wait_for_job  # noqa: E402
+from common import corral_stack, model_path, print_table, wait_for_job
 
-from workers import compute  # noqa: E402
+from workers import compute
 
 WORDS = (
     "the of and to in is was for on that with as by at from his her an were are which this be has had not "

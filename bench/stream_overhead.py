@@ -28,7 +28,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import corral_stack, model_path, print_table  # noqa: E402
+from common import corral_stack, model_path, print_table
 
 PROMPT = "Why is the sky blue?"
 

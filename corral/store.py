@@ -172,9 +172,10 @@ def gguf_config(path: Path) -> dict[str, Any]:
     kv, params = read_gguf_metadata(path)
     arch = str(kv.get("general.architecture", ""))
     file_type = kv.get("general.file_type")
+    quant: str
     try:
-        quant = gguf.LlamaFileType(int(file_type)).name.replace("MOSTLY_", "").replace("ALL_", "")
-    except (TypeError, ValueError):
+        quant = gguf.LlamaFileType(int(file_type)).name.replace("MOSTLY_", "").replace("ALL_", "")  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # no file type (None) or one this gguf does not know
         quant = "unknown"
     embedding = arch in EMBEDDING_ARCHITECTURES or f"{arch}.pooling_type" in kv
     template = str(kv.get("tokenizer.chat_template") or "")

@@ -72,11 +72,11 @@ def parse_tool_calls(text: str, names: set[str]) -> list[dict[str, Any]]:
         candidates = _objects(body)
     else:
         return []
-    calls = []
+    calls: list[dict[str, Any]] = []
     for value in candidates:
         if not isinstance(value, dict):
             return []
-        function = value.get("function") if isinstance(value.get("function"), dict) else value
+        function: dict[str, Any] = value["function"] if isinstance(value.get("function"), dict) else value
         name = function.get("name")
         arguments = function.get("arguments", function.get("parameters", {}))
         if isinstance(arguments, str):

@@ -1,1 +1,3 @@
-"""The batch-job domain: SQL models, submission, fan-out, status, results, and the `corral` CLI."""
+"""The batch-job domain: SQL models, submission, fan-out, the job/chunk/item state machine, status, results,
+the OpenAI Files and Batches services, API keys and vector search.  Imported by the API, the workers and the CLI;
+imports only :mod:`corral`."""

@@ -2,9 +2,10 @@
 listed by ``corral jobs``), created from an uploaded JSONL file.
 
 Creation validates every line first (``custom_id`` unique, ``method`` POST, ``url`` equal to the batch's
-endpoint, one model, a body the sync route would accept, no ``stream``, ``tools`` only for a tools model); any problem fails the batch with
+endpoint, one model, a body the sync route would accept, no ``stream``, ``tools`` only for a tools model);
+any problem fails the batch with
 ``errors.data[].line`` and no work is queued.  A valid file becomes job items holding the same native request
-the sync route would run (:mod:`corral.openai_wire`), so results match the sync endpoints.
+the sync route would run (:mod:`corral.wire.openai`), so results match the sync endpoints.
 
 Status mapping (the job's status stays the truth): queued/running -> ``in_progress``; completed ->
 ``completed``; failed -> ``failed``; cancelled -> ``cancelling`` while an item still runs, then ``cancelled``;
@@ -29,7 +30,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from corral.errors import BadRequest, CorralError, NotFound
-from corral.openai_wire import (
+from corral.store import ModelStore
+from corral.wire.openai import (
     ChatCompletionRequest,
     CompletionRequest,
     EmbeddingRequest,
@@ -38,11 +40,10 @@ from corral.openai_wire import (
     from_native_final,
     parse_request,
 )
-from corral.store import ModelStore
 from jobs.db import sessions
 from jobs.files import FileStore, cursor_page, epoch
 from jobs.ingest import MAX_LINE_BYTES
-from jobs.models import Item, Job, StoredFile, utcnow
+from jobs.models import Item, ItemState, Job, JobStatus, StoredFile, utcnow
 from jobs.service import JobService, item_counts
 
 ENDPOINT_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "generate", "/v1/embeddings": "embed"}
@@ -220,7 +221,7 @@ class BatchService:
         now = utcnow()
         with self._session() as session:
             session.add(Job(
-                id=ident, kind=kind, model=model or "", model_digest="", options={}, status="failed", item_count=0,
+                id=ident, kind=kind, model=model or "", model_digest="", options={}, status=JobStatus.FAILED, item_count=0,
                 chunk_size=1, owner=owner, meta={"openai_batch": info}, error=f"input file failed validation: "
                 f"{len(errors)} error(s), first on line {errors[0]['line']}: {errors[0]['message']}",
                 created_at=now, finished_at=now,
@@ -264,10 +265,10 @@ class BatchService:
     def _view(self, session: Session, job: Job) -> dict[str, Any]:
         info = job.meta["openai_batch"]
         counts, (prompt_tokens, completion_tokens) = item_counts(session, job.id)
-        status = {"queued": "in_progress", "running": "in_progress"}.get(job.status, job.status)
-        if job.status == "cancelled" and counts["running"]:
+        status = dict.fromkeys(JobStatus.ACTIVE, "in_progress").get(job.status, job.status)
+        if job.status == JobStatus.CANCELLED and counts[ItemState.RUNNING]:
             status = "cancelling"
-        elif job.status == "expired" and counts["running"]:
+        elif job.status == JobStatus.EXPIRED and counts[ItemState.RUNNING]:
             status = "finalizing"
         ended = epoch(job.finished_at)
         output_id = error_id = None
@@ -286,7 +287,7 @@ class BatchService:
             "output_file_id": output_id,
             "error_file_id": error_id,
             "created_at": epoch(job.created_at),
-            "in_progress_at": epoch(job.created_at) if job.status != "failed" else None,
+            "in_progress_at": epoch(job.created_at) if job.status != JobStatus.FAILED else None,
             "expires_at": epoch(job.expires_at or job.created_at + WINDOW),
             "finalizing_at": ended if status in ("completed", "finalizing") else None,
             "completed_at": ended if status == "completed" else None,
@@ -337,8 +338,8 @@ class BatchService:
             job = session.get(Job, job_id)
             if job is None:
                 return
-            kind, model, expired = job.kind, job.model, job.status == "expired"
-        states = ("succeeded",) if role == "output" else ("failed", "cancelled")
+            kind, model, expired = job.kind, job.model, job.status == JobStatus.EXPIRED
+        states = (ItemState.SUCCEEDED,) if role == "output" else (ItemState.FAILED, ItemState.CANCELLED)
         last = -1
         while True:
             with self._session() as session:
@@ -357,14 +358,14 @@ def _output_line(job_id: str, kind: str, model: str, item: Item, expired: bool =
     ident = f"batch_req_{job_id.removeprefix('batch_')}{item.seq:08x}"
     request_id = f"req_{job_id.removeprefix('batch_')}{item.seq:08x}"
     line: dict[str, Any] = {"id": ident, "custom_id": item.custom_id, "response": None, "error": None}
-    if item.state == "cancelled" and expired:
+    if item.state == ItemState.CANCELLED and expired:
         line["error"] = {"code": "batch_expired",
                          "message": "This request could not be executed before the completion window expired."}
         return line
-    if item.state == "cancelled":
+    if item.state == ItemState.CANCELLED:
         line["error"] = {"code": "batch_cancelled", "message": "This request was cancelled before it completed."}
         return line
-    if item.state == "failed":
+    if item.state == ItemState.FAILED:
         status = int((item.output or {}).get("status_code", 500))
         kind_name = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
         line["response"] = {"status_code": status, "request_id": request_id,

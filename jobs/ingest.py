@@ -1,9 +1,10 @@
 """Read and validate job input, one line at a time, so a million-line upload never sits in memory.
 
 Each line is one request body in the shape of the matching sync endpoint (``/api/generate``: ``prompt``;
-``/api/chat``: ``messages``; ``/api/embed``: ``input``) with an optional ``custom_id`` and an optional ``metadata`` object, which comes back with the item's result
-(``corral embed`` keeps source path, chunk index and character offsets there).  Every error names
-the line, so a user can fix the file.
+``/api/chat``: ``messages``; ``/api/embed``: ``input``), checked by its kind's model in :mod:`corral.wire.jobs`, with an
+optional ``custom_id`` and an optional ``metadata`` object, which comes back with the item's result (``corral
+embed`` keeps source path, chunk index and character offsets there).  Every error names the line, so a user
+can fix the file.
 """
 
 from __future__ import annotations
@@ -13,15 +14,14 @@ import json
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
+from pydantic import ValidationError
+
 from corral.errors import BadRequest, PayloadTooLarge
 from corral.options import parse_options
+from corral.wire.jobs import ITEM_MODELS, problem
+from corral.wire.ollama import check_format
 
 MAX_LINE_BYTES = 1 << 20
-ITEM_FIELDS = {
-    "generate": ("prompt", "system", "raw", "format", "options", "context"),
-    "chat": ("messages", "format", "options", "tools"),
-    "embed": ("input", "truncate", "dimensions", "options"),
-}
 
 
 def buffered(stream: IO[bytes]) -> IO[bytes]:
@@ -29,7 +29,7 @@ def buffered(stream: IO[bytes]) -> IO[bytes]:
     call (measured: 5.2 s for a 1.5 MB upload, 1.5 million reads)."""
     if isinstance(stream, io.BufferedIOBase):
         return stream
-    return io.BufferedReader(stream, 1 << 16)  # type: ignore[arg-type]
+    return io.BufferedReader(stream, 1 << 16)  # type: ignore[type-var]
 
 
 def read_jsonl(stream: IO[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, Any]]:
@@ -63,45 +63,29 @@ def text_lines(stream: IO[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tu
 
 
 def validate_item(kind: str, number: int, obj: Any) -> tuple[str | None, dict[str, Any]]:
-    """Check one line against the job's kind; return (custom_id, the stored request body)."""
+    """Check one line with its kind's item model (:mod:`corral.wire.jobs`); return (custom_id, the stored body)."""
     where = f"line {number}"
     if not isinstance(obj, dict):
         raise BadRequest(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    custom_id = obj.get("custom_id")
-    if custom_id is not None and not isinstance(custom_id, str):
-        raise BadRequest(f"{where}: custom_id must be a string")
-    if custom_id is not None and len(custom_id) > 512:
-        raise BadRequest(f"{where}: custom_id is longer than 512 characters")
-    body = {k: obj[k] for k in ITEM_FIELDS[kind] if k in obj and obj[k] is not None}
-    if kind == "generate":
-        if not isinstance(body.get("prompt"), str) or not body["prompt"]:
-            raise BadRequest(f'{where}: a generate item needs a non-empty "prompt" string')
-    elif kind == "chat":
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content", ""), str)
-            for m in messages
-        ):
-            raise BadRequest(f'{where}: a chat item needs "messages": [{{"role": ..., "content": ...}}, ...]')
-        body["messages"] = [{"role": m["role"].lower(), "content": m.get("content", "")} for m in messages]
-    else:
-        value = body.get("input")
-        ok = isinstance(value, str) and value or (
-            isinstance(value, list) and value and all(isinstance(x, str) for x in value)
-        )
-        if not ok:
-            raise BadRequest(f'{where}: an embed item needs "input": a non-empty string or list of strings')
-    metadata = obj.get("metadata")
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise BadRequest(f"{where}: metadata must be an object")
-        body["metadata"] = metadata
+    model = ITEM_MODELS[kind]
+    try:
+        item = model.model_validate(obj)
+    except ValidationError as exc:
+        raise BadRequest(f"{where}: {problem(exc)[0]}") from exc
+    body = {k: v for k, v in item.model_dump(include=set(model.stored_fields())).items() if v is not None}
+    if "format" in body:
+        try:
+            body["format"] = check_format(body["format"])
+        except BadRequest as exc:
+            raise BadRequest(f"{where}: {exc.message}") from exc
+        if body["format"] is None:
+            del body["format"]
     if "options" in body:
         try:
             body["options"] = parse_options(body["options"])
         except BadRequest as exc:
             raise BadRequest(f"{where}: {exc.message}") from exc
-    return custom_id, body
+    return item.custom_id, body
 
 
 def validated(kind: str, lines: Iterable[tuple[int, Any]]) -> Iterator[tuple[str | None, dict[str, Any]]]:

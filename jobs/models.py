@@ -3,7 +3,8 @@ and the OpenAI Files API's files (stored in SQL in 1 MiB parts, so every API rep
 
 SQL is the source of truth.  A Celery message only says "work on chunk X"; the chunk row says which items,
 who runs it and since when, so a lost message, a killed worker or a flushed Redis can always be repaired from
-here (see :mod:`jobs.reconcile`).  Constraint names follow a naming convention so Alembic migrations are
+here (see :mod:`jobs.reconcile`).  The state names are the constants below; :mod:`jobs.transitions` is the
+only code that changes them.  Constraint names follow a naming convention so Alembic migrations are
 stable across SQLite and PostgreSQL.
 """
 
@@ -35,13 +36,42 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_KINDS = ("generate", "chat", "embed")
-JOB_STATUSES = ("queued", "running", "completed", "failed", "cancelled", "expired")
-TERMINAL_JOB_STATUSES = ("completed", "failed", "cancelled", "expired")
-# A job that stopped early: its pending items were cancelled, a running one stops between tokens.
-STOPPED_JOB_STATUSES = ("cancelled", "failed", "expired")
-ITEM_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
-CHUNK_STATES = ("queued", "running", "done")
+class JobStatus:
+    """``jobs.status``.  Only :mod:`jobs.transitions` moves a job from one to another."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+    ALL = (QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, EXPIRED)
+    ACTIVE = (QUEUED, RUNNING)
+    TERMINAL = (COMPLETED, FAILED, CANCELLED, EXPIRED)
+    # A job that stopped early: its pending items were cancelled, a running one stops between tokens.
+    STOPPED = (CANCELLED, FAILED, EXPIRED)
+
+
+class ItemState:
+    """``job_items.state``: pending -> running (claimed) -> succeeded | failed | cancelled."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    ALL = (PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+    OPEN = (PENDING, RUNNING)
+    FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+
+class ChunkState:
+    """``job_chunks.state``: queued (a message is on its way) -> running (claimed by a worker) -> done."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    ALL = (QUEUED, RUNNING, DONE)
 
 
 def utcnow() -> datetime:
@@ -63,7 +93,7 @@ class Job(Base):
     model: Mapped[str] = mapped_column(String(400))
     model_digest: Mapped[str] = mapped_column(String(64))
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
     item_count: Mapped[int] = mapped_column(Integer, default=0)
     chunk_size: Mapped[int] = mapped_column(Integer)
     owner: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
@@ -86,7 +116,7 @@ class Chunk(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     model_digest: Mapped[str] = mapped_column(String(64))
     seq: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), default="queued")
+    state: Mapped[str] = mapped_column(String(16), default=ChunkState.QUEUED)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     attempt: Mapped[str | None] = mapped_column(String(40), nullable=True)
     enqueued_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -111,7 +141,7 @@ class Item(Base):
     seq: Mapped[int] = mapped_column(Integer)
     custom_id: Mapped[str | None] = mapped_column(String(512), nullable=True)
     input: Mapped[dict[str, Any]] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[str] = mapped_column(String(16), default=ItemState.PENDING)
     output: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     embedding: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -1,8 +1,8 @@
 """Repair batch jobs from SQL after lost messages, killed workers or a flushed Redis.
 
 Runs in every worker's heartbeat thread (every ``CORRAL_RECONCILE_INTERVAL`` seconds and at start-up); a Redis
-lock lets one worker sweep at a time.  It never runs an item itself: it only puts work back in the queue, and
-the claims in :mod:`workers.batch` make a re-enqueue that races the original message harmless.
+lock lets one worker sweep at a time.  It never runs an item itself: it only puts work back in the queue
+(through :mod:`jobs.transitions`), and the claims there make a re-enqueue that races the original message harmless.
 
 1. A chunk ``running`` on a worker whose heartbeat has expired: its unfinished items go back to ``pending`` and
    the chunk is re-enqueued (the dead worker's unacked message may come back after the visibility timeout; it
@@ -22,13 +22,13 @@ from datetime import timedelta
 
 import redis
 from celery import Celery
-from sqlalchemy import select, update
 
 from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, job_cancel_key
 from corral.settings import Settings
+from jobs import transitions
 from jobs.db import sessions
-from jobs.models import Chunk, Item, Job, utcnow
-from jobs.service import enqueue_chunks, expire_overdue, finish_job_if_done
+from jobs.models import utcnow
+from jobs.service import enqueue_chunks
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "corral:reconcile:lock"
@@ -72,42 +72,25 @@ class Reconciler:
         requeue: list[tuple[str, str]] = []
         now = utcnow()
         with self.sessions() as session:
-            expired = expire_overdue(session)
+            expired = transitions.expire_overdue(session)
             session.commit()
             for job_id in expired:
                 log.warning("job %s passed its completion window unfinished; expired", job_id)
                 self.redis.set(job_cancel_key(job_id), b"1", ex=24 * 3600)
-            active_jobs = select(Job.id).where(Job.status.in_(("queued", "running")))
-            for chunk in session.scalars(select(Chunk).where(Chunk.state == "running", Chunk.job_id.in_(active_jobs))):
+            for chunk in transitions.running_chunks(session):
                 if chunk.worker in live:
                     continue
                 log.warning("chunk %s was running on %s, which is gone; re-queueing it", chunk.id, chunk.worker)
-                session.execute(
-                    update(Item)
-                    .where(Item.chunk_id == chunk.id, Item.state == "running")
-                    .values(state="pending", claim=None)
-                )
-                session.execute(
-                    update(Chunk)
-                    .where(Chunk.id == chunk.id, Chunk.state == "running", Chunk.attempt == chunk.attempt)
-                    .values(state="queued", worker=None, attempt=None, enqueued_at=now)
-                )
-                requeue.append((chunk.id, chunk.model_digest))
-            queued = list(
-                session.execute(
-                    select(Chunk.id, Chunk.model_digest).where(
-                        Chunk.state == "queued", Chunk.enqueued_at < now - self.grace, Chunk.job_id.in_(active_jobs)
-                    )
-                )
-            )
+                if transitions.requeue_orphan(session, chunk.id, chunk.attempt):
+                    requeue.append((chunk.id, chunk.model_digest))
+            queued = transitions.queued_chunks(session, now - self.grace)
             for start in range(0, len(queued), 1000):
                 page = queued[start : start + 1000]
                 markers = self.redis.mget([chunk_key(cid) for cid, _ in page])
                 requeue.extend(
                     (cid, digest) for (cid, digest), marker in zip(page, markers) if not _held_by_the_living(marker, live)
                 )
-            for job_id in list(session.scalars(active_jobs)):
-                finish_job_if_done(session, job_id)
+            transitions.finish_done_jobs(session)
             session.commit()
         if requeue:
             log.warning("re-enqueueing %d chunk(s) lost to dead workers or a flushed Redis", len(requeue))

@@ -23,7 +23,7 @@ from sqlalchemy import Connection, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from jobs.models import Item
+from jobs.models import Item, ItemState
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +98,15 @@ def numpy_top_k(sessions: Callable[[], Session], job_id: str, q: np.ndarray, k: 
         with sessions() as session:
             page = session.execute(
                 select(Item.id, Item.seq, Item.embedding, Item.output)
-                .where(Item.job_id == job_id, Item.state == "succeeded", Item.seq > last_seq)
+                .where(Item.job_id == job_id, Item.state == ItemState.SUCCEEDED, Item.seq > last_seq)
                 .order_by(Item.seq)
                 .limit(PAGE)
             ).all()
         if not page:
             return best
         last_seq = page[-1].seq
-        rows, owners = [], []
+        rows: list[np.ndarray] = []
+        owners: list[tuple[int, int]] = []
         for item_id, _, blob, output in page:
             vectors = _vectors(blob, output, q.shape[0])
             if vectors is not None:
@@ -126,12 +127,12 @@ def sync_vector_index(sessions: Callable[[], Session], job_id: str) -> int:
         with sessions() as session:
             page = session.execute(
                 select(Item.id, Item.embedding, Item.output)
-                .where(Item.job_id == job_id, Item.state == "succeeded", Item.embedding.is_not(None))
+                .where(Item.job_id == job_id, Item.state == ItemState.SUCCEEDED, Item.embedding.is_not(None))
                 .where(text(f"NOT EXISTS (SELECT 1 FROM {VECTOR_TABLE} v WHERE v.item_id = job_items.id)"))
                 .order_by(Item.seq)
                 .limit(PAGE)
             ).all()
-            rows = []
+            rows: list[dict[str, Any]] = []
             for item_id, blob, output in page:
                 vectors = _vectors(blob, output, int((output or {}).get("dims") or 0))
                 if vectors is not None:

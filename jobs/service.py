@@ -7,6 +7,7 @@ whole transaction back: nothing half-created.  Job state is always computed from
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -19,14 +20,17 @@ from celery import Celery
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from corral.broker import Broker
 from corral.errors import BadRequest, Conflict, NotFound
 from corral.protocol import CHUNK_TASK, QUEUED_MARKER, chunk_key, job_cancel_key, model_queue
 from corral.settings import Settings
 from corral.store import ModelStore
 from corral.timefmt import rfc3339
+from corral.wire.jobs import JOB_KINDS
 from jobs.db import sessions
-from jobs.models import JOB_KINDS, JOB_STATUSES, TERMINAL_JOB_STATUSES, Chunk, Item, Job, utcnow
+from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcnow
 from jobs.search import hydrate, top_k
+from jobs.transitions import requeue_failed, stop_job
 
 INSERT_BATCH = 1000
 
@@ -58,8 +62,15 @@ class JobService:
 
     settings: Settings
     store: ModelStore
-    celery: Celery
-    redis: redis.Redis
+    broker: Broker
+
+    @property
+    def redis(self) -> redis.Redis:
+        return self.broker.redis
+
+    @property
+    def celery(self) -> Celery:
+        return self.broker.celery
 
     def _session(self) -> Session:
         return sessions(self.settings)()
@@ -100,7 +111,7 @@ class JobService:
             session.add(
                 Job(
                     id=job_id, kind=kind, model=model, model_digest=record.model_digest, options=options or {},
-                    status="queued", chunk_size=size, owner=owner, meta=metadata or {}, item_count=0,
+                    status=JobStatus.QUEUED, chunk_size=size, owner=owner, meta=metadata or {}, item_count=0,
                     expires_at=expires_at,
                 )
             )
@@ -113,10 +124,10 @@ class JobService:
                     session.execute(
                         insert(Chunk),
                         [{"id": chunk_ids[-1], "job_id": job_id, "model_digest": record.model_digest,
-                          "seq": len(chunk_ids) - 1, "state": "queued", "enqueued_at": utcnow()}],
+                          "seq": len(chunk_ids) - 1, "state": ChunkState.QUEUED, "enqueued_at": utcnow()}],
                     )
                 rows.append({"job_id": job_id, "chunk_id": chunk_ids[-1], "seq": count, "custom_id": custom_id,
-                             "input": body, "state": "pending", "attempts": 0})
+                             "input": body, "state": ItemState.PENDING, "attempts": 0})
                 count += 1
                 if len(rows) >= INSERT_BATCH:
                     session.execute(insert(Item), rows)
@@ -144,8 +155,8 @@ class JobService:
             return self._view(session, self._job(session, job_id, owner))
 
     def list(self, *, status: str | None = None, limit: int = 20, offset: int = 0, owner: str | None = None) -> dict[str, Any]:
-        if status is not None and status not in JOB_STATUSES:
-            raise BadRequest(f"status must be one of {', '.join(JOB_STATUSES)}")
+        if status is not None and status not in JobStatus.ALL:
+            raise BadRequest(f"status must be one of {', '.join(JobStatus.ALL)}")
         limit = max(1, min(limit, 1000))
         with self._session() as session:
             query = select(Job).order_by(Job.created_at.desc(), Job.id.desc())
@@ -158,7 +169,7 @@ class JobService:
 
     def _view(self, session: Session, job: Job) -> dict[str, Any]:
         counts, (prompt_tokens, completion_tokens) = item_counts(session, job.id)
-        done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+        done = sum(counts[state] for state in ItemState.FINISHED)
         total = job.item_count
         elapsed = None
         if job.started_at is not None:
@@ -179,7 +190,7 @@ class JobService:
             "tokens": {"prompt": int(prompt_tokens), "completion": int(completion_tokens)},
             "tokens_per_second": round(int(completion_tokens) / elapsed, 2) if elapsed else None,
             "items_per_second": round(rate, 3) if rate else None,
-            "eta_seconds": round((total - done) / rate, 1) if rate and job.status == "running" else None,
+            "eta_seconds": round((total - done) / rate, 1) if rate and job.status == JobStatus.RUNNING else None,
             "queue_position": None,
             "error": job.error,
             "created_at": rfc3339(_aware(job.created_at)),
@@ -187,7 +198,7 @@ class JobService:
             "finished_at": rfc3339(_aware(job.finished_at)) if job.finished_at else None,
             "expires_at": rfc3339(_aware(job.expires_at)) if job.expires_at else None,
         }
-        if job.status == "queued":
+        if job.status == JobStatus.QUEUED:
             view["queue_position"] = self._queue_position(session, job)
         return view
 
@@ -198,7 +209,8 @@ class JobService:
                 select(func.count())
                 .select_from(Chunk)
                 .join(Job, Job.id == Chunk.job_id)
-                .where(Chunk.model_digest == job.model_digest, Chunk.state != "done", Job.created_at < job.created_at)
+                .where(Chunk.model_digest == job.model_digest, Chunk.state != ChunkState.DONE,
+                       Job.created_at < job.created_at)
             )
             or 0
         )
@@ -211,8 +223,8 @@ class JobService:
         with self._session() as session:
             job = self._job(session, job_id, owner)
             model, kind = job.model, job.kind
-        if state is not None and state not in ("pending", "running", "succeeded", "failed", "cancelled"):
-            raise BadRequest("state must be one of pending, running, succeeded, failed, cancelled")
+        if state is not None and state not in ItemState.ALL:
+            raise BadRequest(f"state must be one of {', '.join(ItemState.ALL)}")
         return self._result_lines(job_id, model, kind, offset, limit, state, include_input)
 
     def _result_lines(
@@ -248,7 +260,7 @@ class JobService:
                 raise BadRequest(f"job '{job_id}' is a {job.kind} job; only embed jobs can be searched")
             return job.model, job.model_digest
 
-    def search(self, job_id: str, query: np.ndarray, k: int) -> tuple[str, list[dict[str, Any]]]:
+    def search(self, job_id: str, query: np.ndarray, k: int) -> tuple[str, builtins.list[dict[str, Any]]]:
         """(backend, the top-k stored chunks by cosine similarity to ``query``): pgvector where the database has
         it, a numpy scan elsewhere (:mod:`jobs.search`).  The caller has checked the job with :meth:`embed_job`
         (it needs the job's model to embed the query anyway)."""
@@ -263,7 +275,7 @@ class JobService:
     def cancel(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
         with self._session() as session:
             self._job(session, job_id, owner)
-            stopped = stop_job(session, job_id, "cancelled")
+            stopped = stop_job(session, job_id, JobStatus.CANCELLED)
             session.commit()
         if stopped:
             self.redis.set(job_cancel_key(job_id), b"1", ex=24 * 3600)
@@ -273,24 +285,11 @@ class JobService:
         """Re-run the failed items only, in new chunks."""
         with self._session() as session:
             job = self._job(session, job_id, owner)
-            if job.status not in TERMINAL_JOB_STATUSES:
+            if job.status not in JobStatus.TERMINAL:
                 raise Conflict(f"job '{job_id}' is {job.status}; retry it once it has ended")
-            failed = list(session.scalars(select(Item.id).where(Item.job_id == job_id, Item.state == "failed").order_by(Item.seq)))
-            if not failed:
+            chunk_ids = requeue_failed(session, job, lambda: new_id("chunk"))
+            if not chunk_ids:
                 raise Conflict(f"job '{job_id}' has no failed items to retry")
-            base = int(session.scalar(select(func.coalesce(func.max(Chunk.seq), -1)).where(Chunk.job_id == job_id)) or -1) + 1
-            chunk_ids = []
-            for n, start in enumerate(range(0, len(failed), job.chunk_size)):
-                chunk_id = new_id("chunk")
-                chunk_ids.append(chunk_id)
-                session.add(Chunk(id=chunk_id, job_id=job_id, model_digest=job.model_digest, seq=base + n, state="queued"))
-                session.flush()
-                session.execute(
-                    update(Item)
-                    .where(Item.id.in_(failed[start : start + job.chunk_size]))
-                    .values(state="pending", chunk_id=chunk_id, error=None, output=None, claim=None, finished_at=None)
-                )
-            session.execute(update(Job).where(Job.id == job_id).values(status="queued", finished_at=None, error=None))
             session.commit()
             digest = job.model_digest
         self.redis.delete(job_cancel_key(job_id))
@@ -307,18 +306,18 @@ class JobService:
             session.commit()
         return {"id": job_id, "object": "job", "deleted": True}
 
-    def queue_overview(self, waiting: dict[str, int]) -> list[dict[str, Any]]:
+    def queue_overview(self, waiting: dict[str, int]) -> builtins.list[dict[str, Any]]:
         """Per model: interactive requests waiting (from Redis) and batch chunks queued/running (from SQL)."""
         with self._session() as session:
             rows = session.execute(
                 select(Chunk.model_digest, Chunk.state, func.count())
-                .where(Chunk.state != "done")
+                .where(Chunk.state != ChunkState.DONE)
                 .group_by(Chunk.model_digest, Chunk.state)
             ).all()
         per: dict[str, dict[str, int]] = {}
         for digest, state, n in rows:
             per.setdefault(digest, {})[state] = int(n)
-        out = []
+        out: builtins.list[dict[str, Any]] = []
         for record in self.store.list():
             d = record.model_digest
             if any(o["digest"] == d for o in out):
@@ -327,8 +326,8 @@ class JobService:
                 "model": record.name.display,
                 "digest": d,
                 "interactive_waiting": waiting.get(d, 0),
-                "batch_chunks_queued": per.get(d, {}).get("queued", 0),
-                "batch_chunks_running": per.get(d, {}).get("running", 0),
+                "batch_chunks_queued": per.get(d, {}).get(ChunkState.QUEUED, 0),
+                "batch_chunks_running": per.get(d, {}).get(ChunkState.RUNNING, 0),
             })
         return out
 
@@ -342,7 +341,7 @@ def result_line(item: Item, model: str, kind: str, include_input: bool = False) 
     """One line of /api/jobs/{id}/results: the sync endpoint's non-stream body, or the error, plus the item's
     ``metadata`` when it had one and, on request, its ``input``."""
     response = item.output
-    if kind == "embed" and item.state == "succeeded" and item.embedding is not None and item.output is not None:
+    if kind == "embed" and item.state == ItemState.SUCCEEDED and item.embedding is not None and item.output is not None:
         dims = int(item.output["dims"])
         vectors = np.frombuffer(item.embedding, dtype="<f4").reshape(-1, dims)
         response = {
@@ -354,7 +353,7 @@ def result_line(item: Item, model: str, kind: str, include_input: bool = False) 
         "custom_id": item.custom_id,
         "index": item.seq,
         "state": item.state,
-        "response": response if item.state == "succeeded" else None,
+        "response": response if item.state == ItemState.SUCCEEDED else None,
         "error": item.error,
     }
     body = item.input or {}
@@ -367,46 +366,11 @@ def result_line(item: Item, model: str, kind: str, include_input: bool = False) 
 
 def item_counts(session: Session, job_id: str) -> tuple[dict[str, int], tuple[int, int]]:
     """Items per state, and (prompt, completion) token totals: the job's progress, computed from its rows."""
-    counts = dict.fromkeys(("pending", "running", "succeeded", "failed", "cancelled"), 0)
+    counts = dict.fromkeys(ItemState.ALL, 0)
     for state, n in session.execute(select(Item.state, func.count()).where(Item.job_id == job_id).group_by(Item.state)):
         counts[state] = int(n)
     prompt, completion = session.execute(
         select(func.coalesce(func.sum(Item.prompt_tokens), 0), func.coalesce(func.sum(Item.completion_tokens), 0))
         .where(Item.job_id == job_id)
     ).one()
-    return counts, (int(prompt), int(completion))
-
-
-def stop_job(session: Session, job_id: str, status: str) -> bool:
-    """End an unfinished job early (``cancelled`` or ``expired``): its pending items become cancelled; the
-    caller then sets the Redis flag that stops a running item between tokens.  False if it had already ended."""
-    now = utcnow()
-    stopped = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(("queued", "running"))).values(status=status, finished_at=now)
-    ).rowcount
-    if stopped:
-        session.execute(
-            update(Item).where(Item.job_id == job_id, Item.state == "pending").values(state="cancelled", finished_at=now)
-        )
-    return bool(stopped)
-
-
-def expire_overdue(session: Session) -> list[str]:
-    """Stop every unfinished job whose window has passed (status ``expired``); return their ids."""
-    overdue = list(session.scalars(
-        select(Job.id).where(Job.status.in_(("queued", "running")), Job.expires_at.is_not(None), Job.expires_at < utcnow())
-    ))
-    return [job_id for job_id in overdue if stop_job(session, job_id, "expired")]
-
-
-def finish_job_if_done(session: Session, job_id: str) -> None:
-    """Mark a job completed once no item is pending or running (no chord: the database decides)."""
-    open_items = session.scalar(
-        select(func.count()).select_from(Item).where(Item.job_id == job_id, Item.state.in_(("pending", "running")))
-    )
-    if not open_items:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.in_(("queued", "running")))
-            .values(status="completed", finished_at=utcnow())
-        )
+    return counts, (int(prompt or 0), int(completion or 0))

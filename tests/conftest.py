@@ -6,26 +6,18 @@ Database: ``TEST_DATABASE_URL`` (PostgreSQL in CI), else SQLite in the session's
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from sqlalchemy import Engine
 
 from corral.catalog import ensure_defaults
-from corral.launcher import free_port
 from corral.settings import Settings
 from corral.store import ModelStore
-from tests.stack import Stack, clean_redis, redis_server_for_tests, with_db
-
-MODEL = "smollm2"
-HAVE_PGSERVER = importlib.util.find_spec("pgserver") is not None
+from tests.helpers import Stack, clean_redis, fresh_database, make_settings, redis_server_for_tests, with_db
 
 
 @pytest.fixture(scope="session")
@@ -43,58 +35,6 @@ def models_dir(session_dir: Path) -> Path:
     path = session_dir / "models"
     assert ensure_defaults(ModelStore(path)) == ["smollm2:135m", "all-minilm:l6-v2"]
     return path
-
-
-def make_settings(home: Path, redis_url: str, models_dir: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {
-        "home": home,
-        "redis_url": redis_url,
-        "models_dir": models_dir,
-        "host": f"127.0.0.1:{free_port()}",
-        "database_url": os.environ.get("TEST_DATABASE_URL") or f"sqlite:///{home / 'corral.db'}",
-        "heartbeat_ttl": 3.0,
-        "queue_timeout": 120.0,
-        "reconcile_interval": 2.0,
-        "chunk_size": 4,
-    }
-    values.update(overrides)
-    return Settings(**values)  # type: ignore[arg-type]
-
-
-def fresh_database(settings: Settings) -> None:
-    """Drop whatever an earlier run left in a shared test database, then apply the migrations."""
-    from jobs.db import engine_for, upgrade
-
-    if not settings.database.startswith("sqlite"):
-        drop_everything(engine_for(settings.database))
-    upgrade(settings)
-
-
-def drop_everything(engine: Engine) -> None:
-    """Empty a database of corral's tables: pgvector's index of job_items (if any), the models', Alembic's."""
-    from sqlalchemy import text
-
-    from jobs.models import Base
-    from jobs.search import VECTOR_TABLE
-
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP TABLE IF EXISTS {VECTOR_TABLE}"))
-        Base.metadata.drop_all(conn)
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
-
-
-@contextmanager
-def own_stack(settings: Settings, home: Path, redis_db: int, **overrides: object) -> Iterator[Stack]:
-    """A worker and an API server of their own: another Redis database and SQLite file, settings overridden."""
-    url = with_db(settings.redis, redis_db)
-    clean_redis(url)
-    own = make_settings(home, url, settings.models_path, **{"database_url": f"sqlite:///{home / 'own.db'}", **overrides})
-    fresh_database(own)
-    try:
-        with Stack(own, home / "logs").running() as stack:
-            yield stack
-    finally:
-        clean_redis(url)
 
 
 @pytest.fixture(scope="session")

@@ -151,7 +151,8 @@ class SequenceHandle:
             elif kind == "error":
                 raise value
             else:
-                return value  # type: ignore[no-any-return]
+                result: GenerationResult = value
+                return result
 
 
 @dataclass

@@ -71,15 +71,15 @@ def run_worker(
     queues, names = queues_for(store, models)
     if not queues:
         raise CorralError(f"no models to serve in {store.root}; pull one first")
-    from workers.celery_app import make_celery
+    from corral.broker import make_celery
 
     app = make_celery(settings)
     from workers import queue_gate
     from workers.runtime import CHUNKS_PER_WORKER
 
     queue_gate.install(app, CHUNKS_PER_WORKER)
-    import workers.batch  # noqa: F401  (registers the chunk task)
-    import workers.tasks  # noqa: F401  (registers the interactive task)
+    import workers.batch
+    import workers.tasks
     from jobs.reconcile import Reconciler
     from workers.runtime import WorkerRuntime, task_threads
 
@@ -88,7 +88,7 @@ def run_worker(
     @worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         runtime = WorkerRuntime(settings, name, gpu=gpu, queues=queues, models=names)
-        app.corral_runtime = runtime  # type: ignore[attr-defined]
+        app.corral_runtime = runtime
         reconciler = Reconciler(settings, app, runtime.redis, name)
         runtime.periodic.append((settings.reconcile_interval, reconciler.sweep))
         if not models:

@@ -56,7 +56,7 @@ class WorkerRuntime:
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         # Extra work for each beat (the batch-job reconciler registers itself here).
-        self.periodic: list[tuple[float, Callable[[], None]]] = []
+        self.periodic: list[tuple[float, Callable[[], object]]] = []
 
     # -- lifecycle --------------------------------------------------------------------------------------
 

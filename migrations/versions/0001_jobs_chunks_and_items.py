@@ -1,7 +1,7 @@
 """jobs, chunks and items
 
 Revision ID: 0001
-Revises: 
+Revises:
 Create Date: 2026-11-22 00:30:04.013857
 """
 

@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 from corral.settings import Settings
-from tests.conftest import MODEL, fresh_database, make_settings
-from tests.stack import Stack, clean_redis, with_db
+from tests.helpers import MODEL, Stack, clean_redis, fresh_database, make_settings, with_db
 
 
 def _gpu_ready() -> str | None:

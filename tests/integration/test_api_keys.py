@@ -15,10 +15,9 @@ import ollama
 import openai
 import pytest
 
-from corral.launcher import free_port
+from cli.launcher import free_port
 from corral.settings import Settings
-from tests.conftest import MODEL
-from tests.stack import ROOT, Stack, settings_env, wait_for
+from tests.helpers import MODEL, ROOT, Stack, settings_env, wait_for
 
 LIMIT = 1 << 20  # CORRAL_MAX_BODY for this server: 1 MiB
 
@@ -34,7 +33,7 @@ def keyed(settings: Settings, stack: Stack, tmp_path_factory: pytest.TempPathFac
 
 
 def corral(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], env=settings_env(settings), cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "cli", *args], env=settings_env(settings), cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
 
 

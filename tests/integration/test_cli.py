@@ -16,27 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 
-from corral.launcher import free_port
-from jobs.cli import main
-from tests.conftest import MODEL
-from tests.stack import wait_for
+from cli.launcher import free_port
+from cli.main import main
+from tests.helpers import MODEL, cli, no_traceback, wait_for, write_jsonl
 
 FAST = ["-o", "num_predict=4", "-o", "temperature=0", "-o", "seed=1"]
-
-
-def cli(base_url: str, *args: str, input: str | bytes | None = None) -> Result:
-    return CliRunner().invoke(main, [*args, "--host", base_url], input=input, catch_exceptions=False)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def no_traceback(result: Result) -> None:
-    assert "Traceback" not in result.output and "Traceback" not in result.stderr
 
 
 def test_submit_wait_then_results_in_every_format(base_url: str, tmp_path: Path) -> None:
@@ -78,7 +64,8 @@ def test_submit_wait_then_results_in_every_format(base_url: str, tmp_path: Path)
 
 
 def test_embed_results_are_float_lists_and_parquet_vector_columns(base_url: str, tmp_path: Path) -> None:
-    source = write_jsonl(tmp_path / "docs.jsonl", [{"custom_id": "a", "input": "alpha"}, {"custom_id": "b", "input": ["beta", "gamma"]}])
+    rows = [{"custom_id": "a", "input": "alpha"}, {"custom_id": "b", "input": ["beta", "gamma"]}]
+    source = write_jsonl(tmp_path / "docs.jsonl", rows)
     done = cli(base_url, "submit", str(source), "--model", MODEL, "--kind", "embed", "--wait", "--json")
     assert done.exit_code == 0, done.output
     job = json.loads(_first_json(done.stdout))
@@ -209,16 +196,17 @@ def _env(base_url: str) -> dict[str, str]:
 
 
 def test_real_process_submits_from_stdin_and_waits(base_url: str) -> None:
-    body = "".join(json.dumps({"custom_id": f"s{i}", "messages": [{"role": "user", "content": f"Hi {i}"}]}) + "\n" for i in range(3))
+    chats = [{"custom_id": f"s{i}", "messages": [{"role": "user", "content": f"Hi {i}"}]} for i in range(3)]
+    body = "".join(json.dumps(chat) + "\n" for chat in chats)
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "submit", "-", "--model", MODEL, "--kind", "chat", *FAST, "--wait",
+        [sys.executable, "-m", "cli", "submit", "-", "--model", MODEL, "--kind", "chat", *FAST, "--wait",
          "--interval", "0.2"],
         input=body, capture_output=True, text=True, env=_env(base_url), timeout=180,
     )
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.splitlines()[0]
     assert proc.stdout.splitlines()[-1].startswith(f"{job_id} completed, 3/3 done, 0 failed")
-    out = subprocess.run([sys.executable, "-m", "jobs.cli", "results", job_id], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "cli", "results", job_id], capture_output=True, text=True,
                          env=_env(base_url), timeout=60)
     lines = [json.loads(x) for x in out.stdout.splitlines()]
     assert [x["custom_id"] for x in lines] == ["s0", "s1", "s2"]
@@ -228,7 +216,7 @@ def test_real_process_submits_from_stdin_and_waits(base_url: str) -> None:
 def test_run_without_prompt_is_an_interactive_chat_on_a_terminal(base_url: str) -> None:
     pid, fd = pty.fork()
     if pid == 0:  # child: the CLI on a pseudo-terminal
-        os.execve(sys.executable, [sys.executable, "-m", "jobs.cli", "run", MODEL, *FAST], _env(base_url))
+        os.execve(sys.executable, [sys.executable, "-m", "cli", "run", MODEL, *FAST], _env(base_url))
     transcript = b""
 
     def read_until(marker: bytes, timeout: float = 60) -> None:
@@ -262,7 +250,7 @@ def test_status_watch_on_a_terminal_draws_a_progress_bar(base_url: str, tmp_path
     job_id = cli(base_url, "submit", str(source), "--model", MODEL, *FAST).stdout.strip()
     pid, fd = pty.fork()
     if pid == 0:
-        os.execve(sys.executable, [sys.executable, "-m", "jobs.cli", "status", job_id, "--watch", "--interval", "0.2"],
+        os.execve(sys.executable, [sys.executable, "-m", "cli", "status", job_id, "--watch", "--interval", "0.2"],
                   _env(base_url))
     screen = b""
     try:

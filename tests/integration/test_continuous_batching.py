@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 from corral.settings import Settings
-from tests.conftest import MODEL, own_stack
-from tests.stack import Stack, wait_for
+from tests.helpers import MODEL, Stack, own_stack, wait_for
 
 pytestmark = pytest.mark.slow
 

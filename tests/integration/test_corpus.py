@@ -11,13 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from jobs.corpus import EstimateCounter, WordPieceCounter, chunk_text, counter_for, html_text
-from tests.integration.test_cli import cli
-from tests.integration.test_jobs import submit, wait_done
-
-ROCKETS = ("Rockets carry satellites to orbit. The launch vehicle burns liquid oxygen and kerosene, and its first "
-           "stage lands back on a barge so it can fly again. ")
-GARDEN = "Tomatoes need full sun, rich soil and steady watering; prune the suckers and stake the vines. "
+from cli.corpus import EstimateCounter, WordPieceCounter, chunk_text, counter_for, html_text
+from tests.helpers import GARDEN, ROCKETS, cli, make_corpus, submit, wait_done
 
 
 @pytest.fixture(scope="module")
@@ -46,19 +41,6 @@ def test_html_text_drops_scripts_and_keeps_blocks() -> None:
     assert html_text("<h1>Title</h1><script>var x=1;</script><p>One &amp; two</p>") == "Title\n\nOne & two"
 
 
-def make_corpus(root: Path) -> Path:
-    docs = root / "docs"
-    (docs / "sub").mkdir(parents=True)
-    (docs / "rockets.md").write_text("# Rockets\n\n" + ROCKETS * 8)
-    (docs / "garden.txt").write_text(GARDEN * 3)
-    (docs / "sub" / "page.html").write_text("<html><script>alert(1)</script><p>Sourdough bread needs a lively starter.</p></html>")
-    (docs / "sub" / "notes.jsonl").write_text(
-        json.dumps({"text": "Jupiter is the largest planet."}) + "\n" + json.dumps({"content": "Cats sleep a lot."}) + "\n"
-    )
-    (docs / "ignored.bin").write_bytes(b"\x00\x01")
-    return docs
-
-
 def test_embed_a_folder_search_it_and_skip_unchanged_files(base_url: str, tmp_path: Path) -> None:
     docs = make_corpus(tmp_path)
     manifest = tmp_path / "manifest.json"
@@ -67,7 +49,8 @@ def test_embed_a_folder_search_it_and_skip_unchanged_files(base_url: str, tmp_pa
     job_id = run.stdout.splitlines()[0]
     assert "4 files, 11 chunks" in run.stderr and "0 unchanged files skipped" in run.stderr
 
-    lines = [json.loads(x) for x in httpx.get(f"{base_url}/api/jobs/{job_id}/results", params={"include_input": "true"}).text.splitlines()]
+    reply = httpx.get(f"{base_url}/api/jobs/{job_id}/results", params={"include_input": "true"})
+    lines = [json.loads(x) for x in reply.text.splitlines()]
     sources = {line["metadata"]["source"] for line in lines}
     assert sources == {"rockets.md", "garden.txt", "sub/page.html", "sub/notes.jsonl#1", "sub/notes.jsonl#2"}
     rocket_chunks = [line for line in lines if line["metadata"]["source"] == "rockets.md"]

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 
 from corral.convert_bert import convert, packaged_minilm
-from tests.integration.test_jobs import results, submit, wait_done
+from tests.helpers import results, submit, wait_done
 
 MINILM = "all-minilm"
 REFERENCE = Path(__file__).parent.parent / "fixtures" / "minilm_reference.json"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flask.testing import FlaskClient
 
-from tests.conftest import MODEL
+from tests.helpers import MODEL
 
 
 def error_of(resp) -> tuple[int, str]:  # type: ignore[no-untyped-def]

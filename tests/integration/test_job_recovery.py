@@ -14,9 +14,7 @@ from sqlalchemy import select
 from corral.protocol import chunk_key, model_queue
 from jobs.db import sessions
 from jobs.models import Item, Job
-from tests.conftest import MODEL
-from tests.integration.test_jobs import wait_done
-from tests.stack import Stack, wait_for
+from tests.helpers import MODEL, Stack, wait_done, wait_for
 from workers.runtime import CHUNKS_PER_WORKER
 
 pytestmark = pytest.mark.slow

@@ -6,42 +6,13 @@ import json
 import math
 import threading
 import time
-from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import MODEL
-from tests.stack import wait_for
+from tests.helpers import MODEL, job_count, results, submit, wait_done, wait_for
 
 FAST = {"num_predict": 6, "temperature": 0, "seed": 1}
-
-
-def submit(base_url: str, **body: Any) -> dict:
-    r = httpx.post(base_url + "/api/jobs", json={"model": MODEL, **body}, timeout=60)
-    assert r.status_code == 202, r.text
-    return r.json()
-
-
-def wait_done(base_url: str, job_id: str, timeout: float = 180) -> dict:
-    state: dict = {}
-
-    def ended() -> bool:
-        state.update(httpx.get(f"{base_url}/api/jobs/{job_id}").json())
-        return state["status"] in ("completed", "failed", "cancelled")
-
-    wait_for(ended, timeout, f"job {job_id} to end", interval=0.3)
-    return state
-
-
-def results(base_url: str, job_id: str, **params: Any) -> list[dict]:
-    r = httpx.get(f"{base_url}/api/jobs/{job_id}/results", params=params, timeout=60)
-    assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
-    return [json.loads(line) for line in r.text.splitlines()]
-
-
-def job_count(base_url: str) -> int:
-    return len(httpx.get(base_url + "/api/jobs", params={"limit": 1000}).json()["jobs"])
 
 
 def test_generate_job_runs_every_item_once_in_input_order(base_url: str) -> None:
@@ -151,7 +122,8 @@ def test_cancel_stops_a_job_and_delete_removes_it(base_url: str) -> None:
          "line 2: expected a JSON object, got int"),
         ({"kind": "generate", "model": MODEL, "items": [{"custom_id": "a", "prompt": "x"}, {"custom_id": "a", "prompt": "y"}]},
          400, 'line 2: duplicate custom_id "a"'),
-        ({"kind": "sing", "model": MODEL, "items": [{"prompt": "x"}]}, 400, "kind must be one of generate, chat, embed, not 'sing'"),
+        ({"kind": "sing", "model": MODEL, "items": [{"prompt": "x"}]}, 400,
+         "kind must be one of generate, chat, embed, not 'sing'"),
     ],
 )
 def test_bad_job_input_is_rejected_and_creates_nothing(base_url: str, body: dict, status: int, message: str) -> None:

@@ -9,8 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import MODEL
-from tests.stack import wait_for
+from tests.helpers import MODEL, wait_for
 
 GREEDY = {"temperature": 0, "seed": 42}
 
@@ -223,7 +222,8 @@ def test_client_disconnect_stops_generation(base_url: str) -> None:
 
 
 def test_pull_builds_catalog_models_and_refuses_unknown_ones_like_ollama(base_url: str) -> None:
-    lines = [json.loads(x) for x in httpx.post(base_url + "/api/pull", json={"model": "smollm2:135m"}, timeout=60).text.splitlines()]
+    reply = httpx.post(base_url + "/api/pull", json={"model": "smollm2:135m"}, timeout=60)
+    lines = [json.loads(x) for x in reply.text.splitlines()]
     assert [x["status"] for x in lines][0] == "pulling manifest" and lines[-1] == {"status": "success"}
     layer = next(x for x in lines if "digest" in x)
     assert layer["status"] == f"pulling {layer['digest'][7:19]}" and layer["total"] == layer["completed"] > 0

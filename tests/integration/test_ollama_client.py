@@ -5,7 +5,7 @@ from __future__ import annotations
 import ollama
 import pytest
 
-from tests.conftest import MODEL
+from tests.helpers import MODEL
 
 
 @pytest.fixture()

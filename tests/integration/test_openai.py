@@ -19,8 +19,7 @@ from sqlalchemy import update
 from corral.settings import Settings
 from jobs.db import sessions
 from jobs.models import Job, utcnow
-from tests.conftest import MODEL
-from tests.stack import wait_for
+from tests.helpers import MODEL, wait_for
 
 MINILM = "all-minilm"
 GREEDY: dict[str, Any] = {"temperature": 0, "seed": 7, "max_tokens": 12}

@@ -18,8 +18,7 @@ import httpx
 import pytest
 
 from corral.settings import Settings
-from tests.conftest import own_stack
-from tests.stack import Stack
+from tests.helpers import Stack, own_stack
 
 pytestmark = pytest.mark.slow
 EXAMPLES_PER_OPERATION = 20

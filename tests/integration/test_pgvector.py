@@ -20,10 +20,7 @@ from sqlalchemy.orm import sessionmaker
 from corral.settings import Settings
 from jobs.db import engine_for
 from jobs.search import VECTOR_TABLE, numpy_top_k
-from tests.conftest import HAVE_PGSERVER, own_stack
-from tests.integration.test_cli import cli
-from tests.integration.test_corpus import make_corpus
-from tests.stack import Stack
+from tests.helpers import HAVE_PGSERVER, Stack, cli, make_corpus, own_stack
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from corral.launcher import free_port, redis_reachable
+from cli.launcher import free_port, redis_reachable
 from corral.settings import Settings
-from tests.conftest import MODEL
-from tests.stack import ROOT, Stack, wait_for
+from tests.helpers import MODEL, ROOT, Stack, wait_for
 
 
 @pytest.mark.slow
@@ -60,7 +59,7 @@ def test_corral_up_runs_everything_with_a_private_redis_and_stops_on_ctrl_c(
     env.update(CORRAL_HOME=str(tmp_path / "home"), OLLAMA_MODELS=str(settings.models_path), REDIS_URL=dead_redis)
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.cli", "up", "--port", str(port)],
+        [sys.executable, "-m", "cli", "up", "--port", str(port)],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"

@@ -174,7 +174,7 @@ def test_concurrent_prompts_with_one_system_prompt_prefill_it_once(
         texts = []
         for h in handles:
             pieces: list[str] = []
-            h.stream(lambda t: pieces.append(t) and False, lambda: False)
+            h.stream(lambda t, pieces=pieces: pieces.append(t) and False, lambda: False)
             texts.append("".join(pieces))
         return texts
 

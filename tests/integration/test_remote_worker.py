@@ -14,8 +14,7 @@ from corral.errors import BadRequest
 from corral.remote import pull_from_server
 from corral.settings import Settings
 from corral.store import ModelStore
-from tests.conftest import MODEL, fresh_database, make_settings
-from tests.stack import Stack, clean_redis, with_db
+from tests.helpers import MODEL, Stack, clean_redis, fresh_database, make_settings, with_db
 
 MINILM = "all-minilm"
 

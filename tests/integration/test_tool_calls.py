@@ -19,7 +19,7 @@ from openai import OpenAI
 
 from corral.settings import Settings
 from corral.store import ModelStore, packaged_smollm2
-from tests.stack import Stack, wait_for
+from tests.helpers import Stack, wait_for
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-tools"
@@ -146,7 +146,8 @@ def test_openai_batch_lines_with_tools_come_back_as_calls(base_url: str, tools_m
         return client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
                                      completion_window="24h").id
 
-    ident = batch_of(line("call", tools_model, response_format=shape), line("prose", tools_model, messages=[{"role": "user", "content": "Say hello."}]))
+    prose = line("prose", tools_model, messages=[{"role": "user", "content": "Say hello."}])
+    ident = batch_of(line("call", tools_model, response_format=shape), prose)
     wait_for(lambda: client.batches.retrieve(ident).status == "completed", 180, "the tools batch")
     out = {x["custom_id"]: x["response"]["body"]["choices"][0]
            for x in map(json.loads, client.files.content(client.batches.retrieve(ident).output_file_id).text.splitlines())}

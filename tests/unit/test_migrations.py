@@ -16,7 +16,7 @@ from corral.settings import Settings
 from jobs.db import upgrade
 from jobs.models import Base
 from jobs.search import VECTOR_TABLE
-from tests.conftest import HAVE_PGSERVER, drop_everything
+from tests.helpers import HAVE_PGSERVER, drop_everything
 
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "")
 NO_POSTGRES = not POSTGRES_URL.startswith("postgresql")

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import click
 
-from jobs.cli_common import parse_pairs, with_client
-from jobs.cli_jobs import EXIT_CODES, watch
-from jobs.client import ClientError, CorralClient
-from jobs.corpus import (
+from cli.client import ClientError, CorralClient
+from cli.common import parse_pairs, with_client
+from cli.corpus import (
     DEFAULT_GLOBS,
     TEXT_FIELDS,
     CorpusError,
@@ -29,6 +28,7 @@ from jobs.corpus import (
     documents,
     walk,
 )
+from cli.jobs import EXIT_CODES, watch
 
 
 class _Stats:
@@ -81,9 +81,11 @@ def _buffered(lines: Iterator[bytes], size: int = 1 << 20) -> Iterator[bytes]:
 @click.option("--model", "-m", default="all-minilm", show_default=True, help="Embedding model.")
 @click.option("--chunk-tokens", type=click.IntRange(8, 8192), default=256, show_default=True, help="Tokens per chunk.")
 @click.option("--overlap", type=click.IntRange(0, 4096), default=32, show_default=True, help="Tokens shared by neighbours.")
-@click.option("--glob", "globs", multiple=True, help=f"File patterns in folders (repeatable) [default: {' '.join(DEFAULT_GLOBS)}].")
+@click.option("--glob", "globs", multiple=True,
+              help=f"File patterns in folders (repeatable) [default: {' '.join(DEFAULT_GLOBS)}].")
 @click.option("--field", "fields", multiple=True, help=f"JSON/JSONL text fields (repeatable) [default: {' '.join(TEXT_FIELDS)}].")
-@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), help="Skip files unchanged since the run that wrote this file.")
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path),
+              help="Skip files unchanged since the run that wrote this file.")
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), default=64, show_default=True, help="Items per worker task.")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Job metadata (repeatable).")
 @click.option("--wait", is_flag=True, help="Watch the job until it ends.")
@@ -109,7 +111,8 @@ def embed(
     stats = _Stats()
     items = _items(list(paths), tuple(globs) or DEFAULT_GLOBS, tuple(fields) or TEXT_FIELDS, counter, chunk_tokens,
                    overlap, known, stats)
-    meta = {"corpus": [str(p) for p in paths], "chunk_tokens": chunk_tokens, "overlap": overlap, **parse_pairs(metadata, "metadata")}
+    meta = {"corpus": [str(p) for p in paths], "chunk_tokens": chunk_tokens, "overlap": overlap,
+            **parse_pairs(metadata, "metadata")}
     try:
         job = client.submit_stream(
             _buffered(items), content_type="application/x-ndjson",

@@ -1,4 +1,5 @@
-"""Ollama's native request shapes (api/types.go), as pydantic models.
+"""Ollama's native wire format: request shapes (api/types.go) as pydantic models, and the reply objects
+(stream chunks and final replies) built in one place for the API's streams and the batch results alike.
 
 Unknown fields are ignored, as Go's decoder ignores them.  Validation failures are turned into Ollama's own
 messages (``json: cannot unmarshal number into Go struct field GenerateRequest.prompt of type string``,
@@ -15,13 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from corral.errors import BadRequest
 from corral.options import RuntimeRequest
+from corral.timefmt import utc_now
 
 
 class _Request(RuntimeRequest):
     """Ollama's request fields shared by every model route."""
 
 
-def _check_format(value: Any) -> Any:
+def check_format(value: Any) -> Any:
     if value is None or value == "" or value == "json" or isinstance(value, dict):
         return value or None
     raw = json.dumps(value)
@@ -40,7 +42,7 @@ class _Generation(_Request):
     @field_validator("format", mode="before")
     @classmethod
     def _format(cls, value: Any) -> Any:
-        return _check_format(value)
+        return check_format(value)
 
     @field_validator("top_logprobs")
     @classmethod
@@ -198,19 +200,6 @@ def decode_json(raw: bytes) -> Any:
         raise BadRequest(f"invalid character '{char}' {exc.msg[0].lower()}{exc.msg[1:]}") from exc
 
 
-def query_int(name: str, default: int | None) -> int | None:
-    """An integer query parameter (absent or empty: ``default``); anything else is a 400 naming it."""
-    from flask import request
-
-    value = request.args.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError as exc:
-        raise BadRequest(f"{name} must be an integer", param=name) from exc
-
-
 def parse_body(model: type[M], raw: bytes) -> M:
     """Decode and validate a JSON body into ``model``; a JSON ``null`` body is an empty request."""
     data = decode_json(raw)
@@ -245,3 +234,33 @@ def _go_message(exc: ValidationError, struct: str, data: dict[str, Any]) -> str:
 
 def is_zero_keep_alive(value: float | None) -> bool:
     return value is not None and not math.isinf(value) and value == 0
+
+
+# -- replies -------------------------------------------------------------------------------------------------
+
+METRICS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")
+
+
+def ollama_chunk(model: str, shape: str, text: str, *, done: bool) -> dict[str, Any]:
+    """An intermediate chunk of /api/generate (``response``) or /api/chat (``message``)."""
+    chunk: dict[str, Any] = {"model": model, "created_at": utc_now()}
+    if shape == "chat":
+        chunk["message"] = {"role": "assistant", "content": text}
+    else:
+        chunk["response"] = text
+    chunk["done"] = done
+    return chunk
+
+
+def ollama_final(model: str, shape: str, stats: dict[str, Any], text: str = "") -> dict[str, Any]:
+    """The final chunk (``text`` empty) or the whole non-stream reply (``text`` = everything generated)."""
+    chunk = ollama_chunk(model, shape, text, done=True)
+    reason = stats.get("done_reason")
+    if reason and reason != "cancelled":
+        chunk["done_reason"] = reason
+    if shape == "generate" and stats.get("context"):
+        chunk["context"] = stats["context"]
+    for key in METRICS:
+        if stats.get(key):  # Go's omitempty: zero metrics are left out
+            chunk[key] = int(stats[key])
+    return chunk

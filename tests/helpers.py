@@ -1,7 +1,10 @@
-"""Real processes for the tests: a Redis, a worker, an API server, each a subprocess like in production."""
+"""Test helpers: settings and databases for a test stack, real processes (a Redis, a worker, an API server, each
+a subprocess as in production), and the HTTP and CLI calls many tests make.  Fixtures live in conftest.py and
+use these; test modules import from here, never from conftest or from each other."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -12,11 +15,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
+from click.testing import CliRunner, Result
+from sqlalchemy import Engine
 
-from corral.launcher import free_port, redis_reachable, start_private_redis
+from cli.launcher import free_port, redis_reachable, start_private_redis
+from cli.main import main
 from corral.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +100,7 @@ class Stack:
         log = self.logs / f"{name}-{len(self.procs)}.log"
         fh = open(log, "wb")
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jobs.cli", *args],
+            [sys.executable, "-m", "cli", *args],
             env=settings_env(self.settings),
             stdout=fh,
             stderr=subprocess.STDOUT,
@@ -185,3 +192,127 @@ def clean_redis(url: str) -> None:
     keys = list(client.scan_iter(match="corral*")) + list(client.scan_iter(match="_kombu*"))
     if keys:
         client.delete(*keys)
+
+
+# -- settings and databases ------------------------------------------------------------------------------------
+
+MODEL = "smollm2"
+HAVE_PGSERVER = importlib.util.find_spec("pgserver") is not None
+
+
+def make_settings(home: Path, redis_url: str, models_dir: Path, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "home": home,
+        "redis_url": redis_url,
+        "models_dir": models_dir,
+        "host": f"127.0.0.1:{free_port()}",
+        "database_url": os.environ.get("TEST_DATABASE_URL") or f"sqlite:///{home / 'corral.db'}",
+        "heartbeat_ttl": 3.0,
+        "queue_timeout": 120.0,
+        "reconcile_interval": 2.0,
+        "chunk_size": 4,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def fresh_database(settings: Settings) -> None:
+    """Drop whatever an earlier run left in a shared test database, then apply the migrations."""
+    from jobs.db import engine_for, upgrade
+
+    if not settings.database.startswith("sqlite"):
+        drop_everything(engine_for(settings.database))
+    upgrade(settings)
+
+
+def drop_everything(engine: Engine) -> None:
+    """Empty a database of corral's tables: pgvector's index of job_items (if any), the models', Alembic's."""
+    from sqlalchemy import text
+
+    from jobs.models import Base
+    from jobs.search import VECTOR_TABLE
+
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {VECTOR_TABLE}"))
+        Base.metadata.drop_all(conn)
+        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+
+
+@contextmanager
+def own_stack(settings: Settings, home: Path, redis_db: int, **overrides: object) -> Iterator[Stack]:
+    """A worker and an API server of their own: another Redis database and SQLite file, settings overridden."""
+    url = with_db(settings.redis, redis_db)
+    clean_redis(url)
+    own = make_settings(home, url, settings.models_path, **{"database_url": f"sqlite:///{home / 'own.db'}", **overrides})
+    fresh_database(own)
+    try:
+        with Stack(own, home / "logs").running() as stack:
+            yield stack
+    finally:
+        clean_redis(url)
+
+
+# -- jobs over HTTP --------------------------------------------------------------------------------------------
+
+def submit(base_url: str, **body: Any) -> dict:
+    r = httpx.post(base_url + "/api/jobs", json={"model": MODEL, **body}, timeout=60)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def wait_done(base_url: str, job_id: str, timeout: float = 180) -> dict:
+    state: dict = {}
+
+    def ended() -> bool:
+        state.update(httpx.get(f"{base_url}/api/jobs/{job_id}").json())
+        return state["status"] in ("completed", "failed", "cancelled")
+
+    wait_for(ended, timeout, f"job {job_id} to end", interval=0.3)
+    return state
+
+
+def results(base_url: str, job_id: str, **params: Any) -> list[dict]:
+    r = httpx.get(f"{base_url}/api/jobs/{job_id}/results", params=params, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-ndjson"
+    return [json.loads(line) for line in r.text.splitlines()]
+
+
+def job_count(base_url: str) -> int:
+    return len(httpx.get(base_url + "/api/jobs", params={"limit": 1000}).json()["jobs"])
+
+
+# -- the CLI in-process ---------------------------------------------------------------------------------------
+
+def cli(base_url: str, *args: str, input: str | bytes | None = None) -> Result:
+    return CliRunner().invoke(main, [*args, "--host", base_url], input=input, catch_exceptions=False)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def no_traceback(result: Result) -> None:
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+
+
+# -- a small corpus -------------------------------------------------------------------------------------------
+
+ROCKETS = ("Rockets carry satellites to orbit. The launch vehicle burns liquid oxygen and kerosene, and its first "
+           "stage lands back on a barge so it can fly again. ")
+GARDEN = "Tomatoes need full sun, rich soil and steady watering; prune the suckers and stake the vines. "
+
+
+def make_corpus(root: Path) -> Path:
+    docs = root / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "rockets.md").write_text("# Rockets\n\n" + ROCKETS * 8)
+    (docs / "garden.txt").write_text(GARDEN * 3)
+    (docs / "sub" / "page.html").write_text(
+        "<html><script>alert(1)</script><p>Sourdough bread needs a lively starter.</p></html>"
+    )
+    (docs / "sub" / "notes.jsonl").write_text(
+        json.dumps({"text": "Jupiter is the largest planet."}) + "\n" + json.dumps({"content": "Cats sleep a lot."}) + "\n"
+    )
+    (docs / "ignored.bin").write_bytes(b"\x00\x01")
+    return docs

@@ -2,7 +2,8 @@
 
 Shared by the sync ``/v1`` routes and the OpenAI Batch API, so a batch line is turned into the same native
 request as the same body sent to ``/v1/chat/completions``, and its stored result is rendered into the same
-``chat.completion`` object.  Defaults follow Ollama's OpenAI layer (``temperature`` and ``top_p`` 1.0 when
+``chat.completion`` object; :func:`stream_chunks` turns a native token stream into OpenAI's stream chunks.
+Defaults follow Ollama's OpenAI layer (``temperature`` and ``top_p`` 1.0 when
 absent, ``max_tokens`` -> ``num_predict``); beyond Ollama, ``options`` and ``keep_alive`` in the body are
 honoured (explicit OpenAI fields win over ``options``).
 """
@@ -13,6 +14,7 @@ import base64
 import json
 import random
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -244,7 +246,8 @@ def finish_reason(done_reason: str | None, tool_calls: bool = False) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    total = prompt_tokens + completion_tokens
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
 
 
 def chat_completion(
@@ -317,3 +320,58 @@ def from_native_final(kind: str, model: str, final: dict[str, Any], created: int
             tool_calls=message.get("tool_calls"),
         )
     return text_completion(model, final.get("response", ""), reason, prompt, completion, created=created)
+
+
+def stream_chunks(
+    shape: Literal["chat", "generate"], model: str, include_usage: bool, chunks: Iterator[dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """Native stream chunks -> OpenAI chunks: deltas, a finish chunk, the usage chunk when asked for."""
+    ident = completion_id("chatcmpl" if shape == "chat" else "cmpl")
+    created = int(time.time())
+    head = {
+        "id": ident,
+        "object": "chat.completion.chunk" if shape == "chat" else "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+    }
+    zero = {"usage": usage(0, 0)} if include_usage and shape == "generate" else {}
+
+    def choice(text: str | None, reason: str | None, first: bool) -> dict[str, Any]:
+        if shape == "generate":
+            return {"text": text or "", "index": 0, "finish_reason": reason}
+        delta: dict[str, Any] = {} if text is None else {"content": text}
+        if first:
+            delta = {"role": "assistant", "content": text or ""}
+        return {"index": 0, "delta": delta, "finish_reason": reason}
+
+    first = True
+    called = False
+    try:
+        for chunk in chunks:
+            calls = chunk["message"].get("tool_calls") if shape == "chat" else None
+            if calls:
+                if first:
+                    yield {**head, "choices": [choice("", None, True)]}
+                    first = False
+                called = True
+                delta = {"tool_calls": openai_tool_calls(calls)}
+                yield {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+                continue
+            if not chunk["done"]:
+                text = chunk["message"]["content"] if shape == "chat" else chunk["response"]
+                yield {**head, "choices": [choice(text, None, first)], **zero}
+                first = False
+                continue
+            reason = finish_reason(chunk.get("done_reason"), called)
+            if shape == "chat" and first:
+                yield {**head, "choices": [choice("", None, True)]}
+            yield {**head, "choices": [choice(None, reason, False)], **zero}
+            if include_usage:
+                counts = usage(int(chunk.get("prompt_eval_count", 0)), int(chunk.get("eval_count", 0)))
+                yield {**head, "choices": [], "usage": counts}
+            return
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()

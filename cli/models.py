@@ -15,8 +15,8 @@ from typing import Any
 import click
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
-from jobs.cli_common import columns, human_size, parse_pairs, stdout_is_tty, with_client
-from jobs.client import ClientError, CorralClient
+from cli.client import ClientError, CorralClient
+from cli.common import columns, human_size, parse_pairs, stdout_is_tty, with_client
 
 
 def _ago(stamp: str) -> str:
@@ -45,7 +45,9 @@ def _until(stamp: str) -> str:
     if seconds <= 0:
         return "Stopping..."
     minutes = int(seconds // 60)
-    return f"{minutes} minutes from now" if minutes >= 2 else "About a minute from now" if minutes else "Less than a minute from now"
+    if minutes >= 2:
+        return f"{minutes} minutes from now"
+    return "About a minute from now" if minutes else "Less than a minute from now"
 
 
 @click.command("list")

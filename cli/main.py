@@ -13,10 +13,12 @@ from typing import Any
 
 import click
 
+from cli import embed as cli_embed
+from cli import jobs as cli_jobs
+from cli import models as cli_models
+from cli.client import CorralClient
+from cli.common import Context, columns, pass_ctx, with_client
 from corral.errors import CorralError
-from jobs import cli_embed, cli_jobs, cli_models
-from jobs.cli_common import Context, columns, pass_ctx, with_client
-from jobs.client import CorralClient
 
 JOB_ID = re.compile(r"^(job|batch)_[0-9a-f]{24}$")
 
@@ -33,7 +35,7 @@ def main() -> None:
 @pass_ctx
 def up(ctx: Context, host: str | None, port: int | None) -> None:
     """Run everything on this machine: Redis (private if needed), the API and one worker."""
-    from corral.launcher import up as run_up
+    from cli.launcher import up as run_up
 
     try:
         sys.exit(run_up(ctx.with_bind(host, port)))
@@ -49,8 +51,8 @@ def up(ctx: Context, host: str | None, port: int | None) -> None:
 def serve(ctx: Context, host: str | None, port: int | None, migrate: bool) -> None:
     """Run the API server only (needs REDIS_URL and at least one worker)."""
     from api.server import serve as run_serve
+    from cli.launcher import migrate as migrate_database
     from corral.catalog import ensure_defaults
-    from corral.launcher import _migrate
     from corral.store import ModelStore
 
     settings = ctx.with_bind(host, port)
@@ -58,7 +60,7 @@ def serve(ctx: Context, host: str | None, port: int | None, migrate: bool) -> No
         raise click.ClickException("REDIS_URL is not set (use `corral up` to run everything with a private Redis)")
     ensure_defaults(ModelStore(settings.models_path))
     if migrate:
-        _migrate(settings)
+        migrate_database(settings)
     run_serve(settings)
 
 
@@ -102,7 +104,8 @@ def db_upgrade(ctx: Context, revision: str) -> None:
     try:
         upgrade(ctx.settings, revision)
     except SQLAlchemyError as exc:
-        raise click.ClickException(f"cannot migrate the database: {exc.__class__.__name__}: {exc.orig or exc}") from exc
+        reason = getattr(exc, "orig", None) or exc
+        raise click.ClickException(f"cannot migrate the database: {exc.__class__.__name__}: {reason}") from exc
     click.echo(f"database at {ctx.settings.database.split('@')[-1]} is at {revision}")
 
 
@@ -120,7 +123,8 @@ def _key_store(ctx: Context) -> Any:
     try:
         upgrade(ctx.settings)
     except SQLAlchemyError as exc:
-        raise click.ClickException(f"cannot open the database: {exc.__class__.__name__}: {exc.orig or exc}") from exc
+        reason = getattr(exc, "orig", None) or exc
+        raise click.ClickException(f"cannot open the database: {exc.__class__.__name__}: {reason}") from exc
     return KeyStore(ctx.settings)
 
 
@@ -179,6 +183,3 @@ def rm(client: CorralClient, targets: tuple[str, ...]) -> None:
             client.request("DELETE", "/api/delete", json={"model": target})
         click.echo(f"deleted '{target}'")
 
-
-if __name__ == "__main__":
-    main()

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import click
 from pydantic import ValidationError
 
+from cli.client import ClientError, CorralClient
 from corral.settings import Settings, client_url
-from jobs.client import ClientError, CorralClient
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -72,14 +72,12 @@ def reporting() -> Iterator[None]:
 def with_client(func: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator: pass a connected client (built from --host/--api-key) as ``client`` and report its errors."""
 
-    @client_options
-    @pass_ctx
-    @functools.wraps(func)
-    def wrapper(ctx: Context, server: str | None, api_key: str | None, **kwargs: Any) -> Any:
+    def wrapper(ctx: Context, /, server: str | None, api_key: str | None, **kwargs: Any) -> Any:
         with reporting(), ctx.client(server, api_key) as client:
             return func(client, **kwargs)
 
-    return wrapper
+    functools.update_wrapper(wrapper, func)  # click reads the command's name and help from it
+    return client_options(pass_ctx(wrapper))
 
 
 def parse_pairs(pairs: tuple[str, ...], what: str = "option") -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Build the Celery app from settings.  The API uses the same builder, only to send messages.
+"""Build the Celery app from settings: the broker side both the API (which only sends messages) and the workers
+(which consume them) share, so neither imports the other.
 
 Choices, each from Celery's docs on long GPU tasks with a Redis broker (see shared/reference):
 - ``worker_prefetch_multiplier=1``: a worker reserves no more than it runs, so an interactive message is never
@@ -12,8 +13,12 @@ Choices, each from Celery's docs on long GPU tasks with a Redis broker (see shar
 
 from __future__ import annotations
 
+from functools import cached_property
+
+import redis
 from celery import Celery
 
+from corral.protocol import redis_client
 from corral.settings import Settings
 
 
@@ -41,6 +46,24 @@ def make_celery(settings: Settings) -> Celery:
         worker_soft_shutdown_timeout=30.0,
         worker_enable_soft_shutdown_on_idle=False,
     )
-    app.corral_settings = settings  # type: ignore[attr-defined]
     app.set_default()
     return app
+
+
+class Broker:
+    """One process's Redis client and Celery app, each made on first use.
+
+    The API's services hold this instead of the two objects, so an app built by ``create_app`` touches neither
+    until a request queues work or reads a stream: the API tests of validation, listings and CORS need no Redis.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis_client(self.settings.redis)
+
+    @cached_property
+    def celery(self) -> Celery:
+        return make_celery(self.settings)

@@ -1,0 +1,33 @@
+"""Query parameters of the corral-native routes (``/api/jobs``, ``/v1/files``, ``/v1/batches``), read with the
+same 400s everywhere: a parameter that does not parse names itself."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import request
+
+from corral.errors import BadRequest
+
+
+def query_int(name: str, default: int | None) -> int | None:
+    """An integer query parameter (absent or empty: ``default``); anything else is a 400 naming it."""
+    value = request.args.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as exc:
+        raise BadRequest(f"{name} must be an integer", param=name) from exc
+
+
+def query_json(name: str) -> Any:
+    """A query parameter holding JSON (``options``, ``metadata`` of a JSONL upload); absent or empty: None."""
+    value = request.args.get(name)
+    if not value:
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"{name} must be JSON") from exc

@@ -1,0 +1,143 @@
+"""corral's own batch wire format: the bodies of ``POST /api/jobs`` and ``POST /v1/batches``, and one job item
+(one input line) per kind.
+
+These models are what the views and :mod:`jobs.ingest` validate with, and what ``/openapi.json`` shows.  A job's
+lines are checked one at a time (an upload is streamed into the database, and every error must name its line),
+so :class:`JobSubmission` leaves its ``items`` to the per-kind item models; the document shows them as the items'
+schema all the same.  Errors become one-line messages (:func:`problem`) that the views raise as 400s.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+
+from corral.errors import BadRequest
+
+JOB_KINDS = ("generate", "chat", "embed")
+
+
+class _Item(BaseModel):
+    """Fields every job line may carry beside its request body."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    custom_id: str | None = Field(None, max_length=512, description="Unique within the job; echoed in results.")
+    metadata: dict[str, Any] | None = Field(None, description="Stored with the item and returned with its result.")
+    options: dict[str, Any] | None = None
+
+    @classmethod
+    def stored_fields(cls) -> tuple[str, ...]:
+        """The request-body fields kept for the worker (the rest of the line is ignored, as Ollama ignores it)."""
+        return tuple(name for name in cls.model_fields if name != "custom_id")
+
+
+class GenerateItem(_Item):
+    """One ``/api/generate`` body."""
+
+    prompt: str = Field(None, validate_default=True)  # absent: the validator says so
+    system: str | None = None
+    raw: bool | None = None
+    format: Any = None
+    context: list[int] | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt(cls, value: Any) -> Any:
+        if not isinstance(value, str) or not value:
+            raise ValueError('a generate item needs a non-empty "prompt" string')
+        return value
+
+
+class ChatItem(_Item):
+    """One ``/api/chat`` body; each message keeps its role (lower-cased, as Ollama does) and content."""
+
+    messages: list[dict[str, Any]] = Field(None, validate_default=True)
+    format: Any = None
+    tools: list[dict[str, Any]] | None = None
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _messages(cls, value: Any) -> Any:
+        if not isinstance(value, list) or not value or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content", ""), str)
+            for m in value
+        ):
+            raise ValueError('a chat item needs "messages": [{"role": ..., "content": ...}, ...]')
+        return [{"role": m["role"].lower(), "content": m.get("content", "")} for m in value]
+
+
+class EmbedItem(_Item):
+    """One ``/api/embed`` body."""
+
+    input: str | list[str] = Field(None, validate_default=True)
+    truncate: bool | None = None
+    dimensions: int | None = Field(None, ge=1)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input(cls, value: Any) -> Any:
+        ok = (isinstance(value, str) and value) or (
+            isinstance(value, list) and value and all(isinstance(x, str) for x in value)
+        )
+        if not ok:
+            raise ValueError('an embed item needs "input": a non-empty string or list of strings')
+        return value
+
+
+ITEM_MODELS: dict[str, type[_Item]] = {"generate": GenerateItem, "chat": ChatItem, "embed": EmbedItem}
+
+# The document shows the items as what they are: any of the three kinds' bodies.
+_ITEMS_SCHEMA = {
+    "type": "array",
+    "items": {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in ITEM_MODELS.values()]},
+}
+
+
+class JobSubmission(BaseModel):
+    """``POST /api/jobs`` as JSON (or as a JSONL upload of items with these fields as query parameters)."""
+
+    model_config = ConfigDict(extra="ignore")
+    # api/openapi.py puts these in the document's components, where the items' schema refers to them
+    documented_with: ClassVar[tuple[type[BaseModel], ...]] = tuple(ITEM_MODELS.values())
+
+    kind: str = Field("generate", description="generate, chat or embed", json_schema_extra={"enum": list(JOB_KINDS)})
+    model: str = ""
+    items: Annotated[list[Any], WithJsonSchema(_ITEMS_SCHEMA)]
+    options: dict[str, Any] | None = None
+    chunk_size: int | None = Field(None, ge=1, le=10_000)
+    metadata: dict[str, Any] | None = None
+
+
+class BatchRequest(BaseModel):
+    """``POST /v1/batches``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    input_file_id: str = Field(min_length=1)
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    completion_window: Literal["24h"]
+    metadata: dict[str, str] | None = None
+
+
+def problem(exc: ValidationError) -> tuple[str, str | None]:
+    """(message, field) for the first error: a validator's own words, else ``field: pydantic's words``."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or None
+    if err["type"] == "value_error":
+        return str(err.get("ctx", {}).get("error", err["msg"])), field
+    if err["type"] == "missing":
+        return f"{field} is required", field
+    return f"{field}: {err['msg']}", field
+
+
+def parse(model: type[BaseModel], data: Any, *, what: str = "the request body") -> Any:
+    """Validate a decoded JSON body with ``model``; a failure is a 400 naming the field (OpenAI's ``param``)."""
+    if not isinstance(data, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        message, field = problem(exc)
+        raise BadRequest(message, param=field) from exc

@@ -1,0 +1,309 @@
+"""Every change of a job's, chunk's or item's state: the batch state machine, in one place.
+
+The submitter (:mod:`jobs.service`), the worker that runs chunks (:mod:`workers.batch`) and the reconciler
+(:mod:`jobs.reconcile`) call these functions and never write a state column themselves.  Each transition is one
+conditional ``UPDATE`` whose ``WHERE`` names the state it leaves, so two processes racing for the same row (a
+duplicated message, a reconciler re-enqueue beside a slow worker, a cancel beside a finishing chunk) cannot both
+win, and the loser learns it from the row count.  The rules:
+
+- a chunk is claimed ``queued -> running`` with a fresh attempt token; only one claim of a delivery wins;
+- its items are claimed ``pending -> running`` under the same token, and a result is written only while that
+  claim holds (state ``running`` and the same token), so no result is written twice or over another's;
+- a job is ``completed`` once no item is pending or running; a stopped job (cancelled, expired, failed) is never
+  reopened except by :func:`requeue_failed` (retry);
+- stopping a job cancels its pending items; a running item is stopped by the caller's Redis flag between tokens.
+
+Functions take an open :class:`~sqlalchemy.orm.Session` and leave the commit to the caller, which commits before
+it enqueues anything (SQL first, then the message).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Table, bindparam, func, select, update
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.dml import Update
+
+from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcnow
+
+# The columns a finished item's result sets (besides its state's bookkeeping).
+RESULT_COLUMNS = ("state", "error", "output", "embedding", "prompt_tokens", "completion_tokens")
+
+
+@dataclass(frozen=True)
+class ClaimedChunk:
+    """What a worker needs to run a chunk it has just claimed."""
+
+    chunk_id: str
+    attempt: str
+    job_id: str
+    job_status: str
+    kind: str
+    model: str
+    model_digest: str
+    options: dict[str, Any]
+
+
+# -- chunks ---------------------------------------------------------------------------------------------------
+
+
+def claim_chunk(session: Session, chunk_id: str, worker: str, attempt: str) -> ClaimedChunk | None:
+    """``queued -> running`` for ``worker`` under ``attempt``; None when the chunk is not queued (a duplicate
+    delivery, a chunk already taken, a deleted job)."""
+    claimed = _changed(
+        session,
+        update(Chunk)
+        .where(Chunk.id == chunk_id, Chunk.state == ChunkState.QUEUED)
+        .values(state=ChunkState.RUNNING, worker=worker, attempt=attempt, started_at=utcnow())
+    )
+    if not claimed:
+        return None
+    row = session.execute(
+        select(Job.id, Job.status, Job.kind, Job.model, Job.model_digest, Job.options)
+        .join(Chunk, Chunk.job_id == Job.id)
+        .where(Chunk.id == chunk_id)
+    ).one_or_none()
+    if row is None:
+        return None
+    job_id, status, kind, model, digest, options = row
+    return ClaimedChunk(chunk_id, attempt, job_id, status, kind, model, digest, dict(options or {}))
+
+
+def start_job(session: Session, job_id: str) -> None:
+    """``queued -> running`` when its first chunk starts (a job already running or ended stays as it is)."""
+    _changed(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.RUNNING, started_at=utcnow())
+    )
+
+
+def close_chunk(session: Session, chunk_id: str, attempt: str, job_id: str) -> None:
+    """``running -> done`` for the attempt that holds the chunk.  Pending items left in it belong to a stopped
+    job and become cancelled; the job completes if that was its last open work."""
+    now = utcnow()
+    stopped = select(Job.id).where(Job.id == job_id, Job.status.in_(JobStatus.STOPPED))
+    _changed(
+        session,
+        update(Item)
+        .where(Item.chunk_id == chunk_id, Item.state == ItemState.PENDING, Item.job_id.in_(stopped))
+        .values(state=ItemState.CANCELLED, finished_at=now)
+    )
+    _changed(
+        session,
+        update(Chunk)
+        .where(Chunk.id == chunk_id, Chunk.attempt == attempt)
+        .values(state=ChunkState.DONE, finished_at=now)
+    )
+    finish_job_if_done(session, job_id)
+
+
+def requeue_orphan(session: Session, chunk_id: str, attempt: str | None) -> bool:
+    """A chunk whose worker died while running ``attempt``: its unfinished items go back to ``pending`` and the
+    chunk to ``queued`` (the caller enqueues it again).  False when the chunk moved on since the caller saw that
+    attempt (it finished, or another worker claimed it anew)."""
+    moved = _changed(
+        session,
+        update(Chunk)
+        .where(Chunk.id == chunk_id, Chunk.state == ChunkState.RUNNING, Chunk.attempt == attempt)
+        .values(state=ChunkState.QUEUED, worker=None, attempt=None, enqueued_at=utcnow())
+    )
+    if moved:
+        _changed(
+            session,
+            update(Item)
+            .where(Item.chunk_id == chunk_id, Item.state == ItemState.RUNNING)
+            .values(state=ItemState.PENDING, claim=None)
+        )
+    return bool(moved)
+
+
+def running_chunks(session: Session) -> list[Chunk]:
+    """Chunks claimed by some worker, of jobs still active: the reconciler checks their workers are alive."""
+    return list(session.scalars(
+        select(Chunk).where(Chunk.state == ChunkState.RUNNING, Chunk.job_id.in_(_active_jobs()))
+    ))
+
+
+def queued_chunks(session: Session, enqueued_before: Any) -> list[tuple[str, str]]:
+    """(chunk id, model digest) of active jobs' chunks queued before ``enqueued_before``."""
+    rows = session.execute(
+        select(Chunk.id, Chunk.model_digest).where(
+            Chunk.state == ChunkState.QUEUED, Chunk.enqueued_at < enqueued_before, Chunk.job_id.in_(_active_jobs())
+        )
+    )
+    return [(chunk_id, digest) for chunk_id, digest in rows]
+
+
+# -- items ----------------------------------------------------------------------------------------------------
+
+
+def pending_items(session: Session, chunk_id: str) -> list[int]:
+    """The ids of a chunk's items still to run, in input order."""
+    return list(session.scalars(
+        select(Item.id).where(Item.chunk_id == chunk_id, Item.state == ItemState.PENDING).order_by(Item.seq)
+    ))
+
+
+def claim_items(session: Session, item_ids: list[int], attempt: str) -> list[tuple[int, dict[str, Any]]]:
+    """``pending -> running`` under ``attempt`` (counting the attempt); (id, input) of those this attempt holds,
+    in input order."""
+    _changed(
+        session,
+        update(Item)
+        .where(Item.id.in_(item_ids), Item.state == ItemState.PENDING)
+        .values(state=ItemState.RUNNING, claim=attempt, attempts=Item.attempts + 1, started_at=utcnow())
+    )
+    rows = session.execute(
+        select(Item.id, Item.input)
+        .where(Item.id.in_(item_ids), Item.claim == attempt, Item.state == ItemState.RUNNING)
+        .order_by(Item.seq)
+    ).all()
+    return [(item_id, dict(body)) for item_id, body in rows]
+
+
+def write_result(session: Session, item_id: int, attempt: str, values: dict[str, Any]) -> bool:
+    """Store one item's result (``values``: its final state and result columns) only while ``attempt``'s claim
+    holds; False when it does not (the item was re-queued or stopped, and the result is dropped)."""
+    return bool(_changed(
+        session,
+        update(Item)
+        .where(Item.id == item_id, Item.claim == attempt, Item.state == ItemState.RUNNING)
+        .values(**values, claim=None, finished_at=utcnow())
+    ))
+
+
+def write_results(session: Session, attempt: str, results: dict[int, dict[str, Any]]) -> None:
+    """:func:`write_result` for many items in one ``executemany``.
+
+    One UPDATE statement per item cost ~1.4 ms of CPU each on SQLite (175 ms per embed chunk of 128), taken from
+    llama.cpp's threads on a small machine while the next chunk decodes.
+    """
+    if not results:
+        return
+    table = cast(Table, Item.__table__)
+    stmt = (
+        update(table)
+        .where(table.c.id == bindparam("item_id"), table.c.claim == attempt, table.c.state == ItemState.RUNNING)
+        .values(
+            claim=None, finished_at=utcnow(),
+            **{c: bindparam(f"new_{c}", type_=table.c[c].type) for c in RESULT_COLUMNS},
+        )
+    )
+    rows = [
+        {"item_id": item_id, **{f"new_{c}": values.get(c) for c in RESULT_COLUMNS}}
+        for item_id, values in results.items()
+    ]
+    session.execute(stmt, rows)
+
+
+# -- jobs -----------------------------------------------------------------------------------------------------
+
+
+def job_stopped(session: Session, job_id: str) -> bool:
+    """Whether a job is gone or has stopped early (its remaining items must not run)."""
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return status is None or status in JobStatus.STOPPED
+
+
+def stop_job(session: Session, job_id: str, status: str) -> bool:
+    """End an unfinished job early (``cancelled`` or ``expired``): its pending items become cancelled; the
+    caller then sets the Redis flag that stops a running item between tokens.  False if it had already ended."""
+    now = utcnow()
+    stopped = _changed(
+        session,
+        update(Job).where(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE)).values(status=status, finished_at=now)
+    )
+    if stopped:
+        _changed(
+            session,
+            update(Item)
+            .where(Item.job_id == job_id, Item.state == ItemState.PENDING)
+            .values(state=ItemState.CANCELLED, finished_at=now)
+        )
+    return bool(stopped)
+
+
+def fail_job(session: Session, job_id: str, message: str) -> bool:
+    """The whole job cannot run (its model is gone): ``failed`` with ``message``; False if it had ended."""
+    return bool(_changed(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE))
+        .values(status=JobStatus.FAILED, error=message, finished_at=utcnow())
+    ))
+
+
+def expire_overdue(session: Session) -> list[str]:
+    """Stop every unfinished job whose window has passed (status ``expired``); return their ids."""
+    overdue = list(session.scalars(
+        select(Job.id).where(
+            Job.status.in_(JobStatus.ACTIVE), Job.expires_at.is_not(None), Job.expires_at < utcnow()
+        )
+    ))
+    return [job_id for job_id in overdue if stop_job(session, job_id, JobStatus.EXPIRED)]
+
+
+def finish_job_if_done(session: Session, job_id: str) -> bool:
+    """Mark a job completed once no item is pending or running (no chord: the database decides)."""
+    open_items = session.scalar(
+        select(func.count()).select_from(Item).where(Item.job_id == job_id, Item.state.in_(ItemState.OPEN))
+    )
+    if open_items:
+        return False
+    return bool(_changed(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE))
+        .values(status=JobStatus.COMPLETED, finished_at=utcnow())
+    ))
+
+
+def finish_done_jobs(session: Session) -> None:
+    """:func:`finish_job_if_done` for every active job (the reconciler's safety net)."""
+    for job_id in list(session.scalars(_active_jobs())):
+        finish_job_if_done(session, job_id)
+
+
+def requeue_failed(session: Session, job: Job, new_chunk_id: Callable[[], str]) -> list[str]:
+    """Retry: a job's failed items go back to ``pending`` in new chunks and the job to ``queued``; returns the new
+    chunk ids (the caller enqueues them after the commit).  Only an ended job can be retried."""
+    failed = list(session.scalars(
+        select(Item.id).where(Item.job_id == job.id, Item.state == ItemState.FAILED).order_by(Item.seq)
+    ))
+    if not failed:
+        return []
+    base = int(session.scalar(select(func.coalesce(func.max(Chunk.seq), -1)).where(Chunk.job_id == job.id)) or -1) + 1
+    chunk_ids = []
+    for n, start in enumerate(range(0, len(failed), job.chunk_size)):
+        chunk_id = new_chunk_id()
+        chunk_ids.append(chunk_id)
+        session.add(Chunk(id=chunk_id, job_id=job.id, model_digest=job.model_digest, seq=base + n,
+                          state=ChunkState.QUEUED))
+        session.flush()
+        _changed(
+            session,
+            update(Item)
+            .where(Item.id.in_(failed[start : start + job.chunk_size]), Item.state == ItemState.FAILED)
+            .values(state=ItemState.PENDING, chunk_id=chunk_id, error=None, output=None, claim=None, finished_at=None)
+        )
+    _changed(
+        session,
+        update(Job).where(Job.id == job.id).values(status=JobStatus.QUEUED, finished_at=None, error=None)
+    )
+    return chunk_ids
+
+
+def _active_jobs() -> Any:
+    return select(Job.id).where(Job.status.in_(JobStatus.ACTIVE))
+
+
+
+def _changed(session: Session, statement: Update) -> int:
+    """Run a conditional UPDATE; how many rows it changed (how a racing caller learns whether it won)."""
+    result = cast(CursorResult[Any], session.execute(statement))
+    return int(result.rowcount)
