@@ -19,13 +19,24 @@ else
 endif
 STAMP := $(VENV)/.installed-$(VARIANT)
 
-.PHONY: run test install clean
+.PHONY: run test check lint install clean
 
 run: $(STAMP)
 	$(BIN)/corral up
 
-test: $(STAMP)
+# The whole suite (the CI command): lint, then unit, API and integration tests with real processes.
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# While editing, under a minute: lint, then the tiers that start no process (tests/unit, tests/api).
+check: lint
+	$(BIN)/python -m pytest tests/unit tests/api -q $(PYTEST_ARGS)
+
+# The layer contract (import-linter), ruff and mypy --strict, as configured in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/lint-imports
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 install: $(STAMP)
 

@@ -61,6 +61,13 @@ class Inference:
         return record
 
     def request(self, record: ModelRecord, name: str, kind: str, **fields: Any) -> InferenceRequest:
+        cap = self.settings.max_predict
+        if cap and kind in ("generate", "chat"):
+            options = dict(fields.get("options") or {})
+            wanted = options.get("num_predict")
+            if not isinstance(wanted, int) or wanted < 0 or wanted > cap:
+                options["num_predict"] = cap  # CORRAL_MAX_PREDICT: no sync request generates more
+            fields["options"] = options
         return InferenceRequest(
             request_id=new_request_id(), kind=kind, model=name, model_digest=record.model_digest, **fields
         )

@@ -60,9 +60,10 @@ class _Builder:
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)  # type: ignore[arg-type]
         for name, sub in schema.pop("$defs", {}).items():
             self.components.setdefault(name, sub)
+        hook = getattr(model, "openapi_schema", None)  # a model that refers to others by name in its schema
+        if hook is not None:
+            schema = hook(schema, lambda other: self.ref(other, mode))
         self.components.setdefault(model.__name__, schema)
-        for other in getattr(model, "documented_with", ()):  # schemas its own schema refers to by name
-            self.ref(other, mode)
         return {"$ref": f"#/components/schemas/{model.__name__}"}
 
     def operation(self, rule: Any, method: str, doc: Doc) -> dict[str, Any]:

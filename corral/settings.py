@@ -253,6 +253,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CORRAL_MAX_BODY", "max_body"),
         description="Largest request body on the sync routes, in bytes (default 32 MiB); uploads use CORRAL_UPLOAD_LIMIT.",
     )
+    max_predict: int = Field(
+        0,
+        ge=0,
+        validation_alias=AliasChoices("CORRAL_MAX_PREDICT", "max_predict"),
+        description="Most tokens one sync request may generate (a larger or unlimited num_predict is lowered to it); "
+        "0: no cap beyond the context, as in Ollama.",
+    )
     require_api_key: bool = Field(
         False,
         validation_alias=AliasChoices("CORRAL_REQUIRE_API_KEY", "require_api_key"),

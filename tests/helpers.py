@@ -54,6 +54,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
     if settings.require_api_key:
         env["CORRAL_REQUIRE_API_KEY"] = "1"
     env["CORRAL_MAX_BODY"] = str(settings.max_body)
+    env["CORRAL_MAX_PREDICT"] = str(settings.max_predict)
     return env
 
 
@@ -200,7 +201,7 @@ MODEL = "smollm2"
 HAVE_PGSERVER = importlib.util.find_spec("pgserver") is not None
 
 
-def make_settings(home: Path, redis_url: str, models_dir: Path, **overrides: object) -> Settings:
+def make_settings(home: Path, redis_url: str | None, models_dir: Path, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "home": home,
         "redis_url": redis_url,
@@ -265,7 +266,7 @@ def wait_done(base_url: str, job_id: str, timeout: float = 180) -> dict:
 
     def ended() -> bool:
         state.update(httpx.get(f"{base_url}/api/jobs/{job_id}").json())
-        return state["status"] in ("completed", "failed", "cancelled")
+        return state["status"] in ("completed", "failed", "cancelled", "expired")
 
     wait_for(ended, timeout, f"job {job_id} to end", interval=0.3)
     return state

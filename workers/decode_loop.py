@@ -50,16 +50,11 @@ from typing import Any
 
 from corral.errors import CorralError, GenerationFailed
 from workers import compute
+from workers.slots import common_prefix, donor, gap_fillers, pick_slot, worth_copying
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25  # how often a quiet stream asks whether its client is still there
-# Copying another slot's KV stream (all num_ctx cells of it) pays for itself when the prefix it brings is at
-# least this long: measured on 2 CPU cores with SmolLM2 and num_ctx 4096, copying a stream costs 6 ms, as much
-# as prefilling 5 tokens; asking for 16 and 1 token per 256 cells of context keeps a margin at any size.
-MIN_COPY_TOKENS = 16
-COPY_CTX_PER_TOKEN = 256
-MAX_GAP_FILL = 2  # widest run of idle slots a step fills with throwaway tokens (see DecodeLoop._gap_fillers)
 
 
 @dataclass
@@ -273,7 +268,7 @@ class DecodeLoop:
         chosen, self._waiting = self._waiting[: len(free)], self._waiting[len(free) :]
         admitted = []
         for handle in chosen:
-            slot = max(free, key=lambda s: (common_prefix(self._cached[s], handle.request.prompt), -s))
+            slot = pick_slot(free, self._cached, handle.request.prompt)
             free.remove(slot)
             admitted.append((handle, slot))
         return admitted
@@ -295,12 +290,12 @@ class DecodeLoop:
         # Keep the cells of the shared prefix; at least the prompt's last token is decoded again, for its logits.
         limit = len(req.prompt) - 1
         keep = min(common_prefix(self._cached[slot], req.prompt), limit)
-        donor, shared = self._donor(slot, req.prompt)
-        if min(shared, limit) - keep >= max(MIN_COPY_TOKENS, self.n_ctx // COPY_CTX_PER_TOKEN):
+        source, shared = donor(slot, self._cached, req.prompt)
+        if worth_copying(min(shared, limit) - keep, self.n_ctx):
             # Another slot holds a longer prefix (the same system prompt, say): copy its stream, which llama.cpp
             # does for whole streams only (at the next decode, before anything else is computed).
-            self._llama_cpp.llama_memory_seq_cp(self._memory, donor, slot, -1, -1)
-            self._cached[slot] = list(self._cached[donor])
+            self._llama_cpp.llama_memory_seq_cp(self._memory, source, slot, -1, -1)
+            self._cached[slot] = list(self._cached[source])
             keep = min(shared, limit)
         if not self._llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1):
             keep = 0  # the cache cannot drop a tail (llama.cpp refuses for some memory types): start over
@@ -310,16 +305,6 @@ class DecodeLoop:
             handle=handle, slot=slot, sampler=sampler, todo=list(req.prompt[keep:]), started=now,
             matcher=StopMatcher(req.stops), decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"),
         )
-
-    def _donor(self, slot: int, prompt: list[int]) -> tuple[int, int]:
-        """The other slot whose cached tokens share the longest prefix with ``prompt``, and how long it is."""
-        best, length = -1, 0
-        for other in range(self.slots):
-            if other != slot and self._cached[other]:
-                shared = common_prefix(self._cached[other], prompt)
-                if shared > length:
-                    best, length = other, shared
-        return best, length
 
     def _sampler(self, req: SequenceRequest) -> Any:
         """The same chain llama-cpp-python's ``Llama.generate`` builds, one per sequence."""
@@ -392,7 +377,7 @@ class DecodeLoop:
             part, active.todo = active.todo[:budget], active.todo[budget:]
             parts[active.slot] = (active, part, not active.todo)
             budget -= len(part)
-        fillers = self._gap_fillers(sorted(parts), room=budget)
+        fillers = gap_fillers(sorted(parts), budget, self._active)
         # In slot order: llama.cpp puts a run of consecutive sequence ids, in the order they first appear, into
         # one micro-batch (one pass over the weights); any other order or gap splits the step into several.
         for slot in sorted([*parts, *fillers]):
@@ -416,21 +401,6 @@ class DecodeLoop:
             if not active.first_token_at:
                 active.first_token_at = now
             self._accept(active, token)
-
-    def _gap_fillers(self, slots: list[int], room: int) -> list[int]:
-        """Idle slots worth one throwaway token each so that the step's sequences form one consecutive run.
-
-        A gap of idle slots between two sequences in the batch would cost a second pass over the weights;
-        a filler token costs a column of the batched matmul.  Measured on 2 CPU cores (bench/cpu_weights.py):
-        a step costs about 6 ms plus 1.5-2 ms per token, so filling pays for gaps up to MAX_GAP_FILL wide.
-        """
-        fillers: list[int] = []
-        for low, high in zip(slots, slots[1:]):
-            gap = list(range(low + 1, high))
-            if gap and len(gap) <= MAX_GAP_FILL and len(fillers) + len(gap) <= room:
-                if not any(s in self._active for s in gap):
-                    fillers.extend(gap)
-        return fillers
 
     def _accept(self, active: _Active, token: int) -> None:
         """Apply one sampled token: end of generation, text and stop strings, the token limit."""
@@ -485,11 +455,3 @@ class DecodeLoop:
             ),
         ))
 
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

@@ -45,17 +45,6 @@ def new_key(settings: Settings, name: str, *extra: str) -> str:
     return key
 
 
-def test_keys_required_on_every_route_but_root(keyed: Stack) -> None:
-    url = keyed.base_url
-    assert httpx.get(url + "/").status_code == 200  # liveness stays open
-    r = httpx.get(url + "/api/tags")
-    assert r.status_code == 401 and r.json() == {"error": "missing API key: send 'Authorization: Bearer <key>'"}
-    r = httpx.get(url + "/v1/models", headers={"Authorization": "Bearer corral-wrong"})
-    assert r.status_code == 401
-    assert r.json()["error"] == {"message": "invalid API key", "type": "invalid_request_error", "param": None,
-                                 "code": "invalid_api_key"}
-    r = httpx.get(url + "/api/jobs", headers={"Authorization": "Basic abc"})
-    assert r.status_code == 401
 
 
 def test_clients_send_their_keys(keyed: Stack, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,19 +106,6 @@ def test_revoked_key_stops_working(keyed: Stack, settings: Settings) -> None:
     assert corral(settings, "keys", "create", "alice-dup").stderr.strip() == "Error: a key named 'alice-dup' already exists"
 
 
-def test_body_limits(keyed: Stack, settings: Settings) -> None:
-    headers = {"Authorization": f"Bearer {new_key(settings, 'limits')}", "Content-Type": "application/json"}
-    big = json.dumps({"model": MODEL, "prompt": "x" * (LIMIT + 10)})
-    r = httpx.post(keyed.base_url + "/api/generate", content=big, headers=headers)
-    assert r.status_code == 413 and r.json() == {"error": "request body too large"}
-    r = httpx.post(keyed.base_url + "/v1/completions", content=big, headers=headers)
-    assert r.status_code == 413 and r.json()["error"]["message"] == "request body too large"
-    # uploads are streamed into the database and have their own (larger) limit: a 1.5 MiB upload is read to
-    # its end (here: to its bad last line), not refused for size
-    lines = "".join(json.dumps({"prompt": "p" * 1000}) + "\n" for _ in range(1500)) + "{bad\n"
-    r = httpx.post(keyed.base_url + f"/api/jobs?kind=generate&model={MODEL}", content=lines.encode(),
-                   headers={**headers, "Content-Type": "application/x-ndjson"})
-    assert r.status_code == 400 and r.json()["error"].startswith("line 1501: not valid JSON")
 
 
 def test_keys_cli_needs_a_database(tmp_path: Path, settings: Settings) -> None:

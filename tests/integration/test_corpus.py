@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from cli.corpus import EstimateCounter, WordPieceCounter, chunk_text, counter_for, html_text
+from cli.corpus import EstimateCounter, WordPieceCounter, chunk_text, counter_for
 from tests.helpers import GARDEN, ROCKETS, cli, make_corpus, submit, wait_done
 
 
@@ -37,8 +37,6 @@ def test_chunks_respect_the_token_budget_overlap_and_offsets(base_url: str, word
     assert all(c.tokens >= 1 for c in chunk_text("x " * 10, EstimateCounter(), 8, 0))
 
 
-def test_html_text_drops_scripts_and_keeps_blocks() -> None:
-    assert html_text("<h1>Title</h1><script>var x=1;</script><p>One &amp; two</p>") == "Title\n\nOne & two"
 
 
 def test_embed_a_folder_search_it_and_skip_unchanged_files(base_url: str, tmp_path: Path) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import threading
-import time
+from typing import Any
 
 import httpx
 import pytest
 
-from tests.helpers import MODEL, job_count, results, submit, wait_done, wait_for
+from tests.helpers import MODEL, results, submit, wait_done, wait_for
 
 FAST = {"num_predict": 6, "temperature": 0, "seed": 1}
 
@@ -101,50 +101,22 @@ def test_cancel_stops_a_job_and_delete_removes_it(base_url: str) -> None:
         items=[{"prompt": f"Tell me about topic {i}."} for i in range(20)],
     )
     cancelled = httpx.post(f"{base_url}/api/jobs/{job['id']}/cancel").json()
-    assert cancelled["status"] == "cancelled"
-    time.sleep(3)
-    after = httpx.get(f"{base_url}/api/jobs/{job['id']}").json()
-    assert after["status"] == "cancelled"
-    assert after["counts"]["cancelled"] >= 15 and after["counts"]["pending"] == 0 and after["counts"]["running"] == 0
+    assert cancelled["status"] == "cancelled" and cancelled["counts"]["pending"] == 0
+    # the items that were running stop between tokens; wait for that, however long a busy machine takes
+    state: dict[str, Any] = {}
+
+    def settled() -> bool:
+        state.update(httpx.get(f"{base_url}/api/jobs/{job['id']}").json())
+        return state["counts"]["running"] == 0
+
+    wait_for(settled, 120, "the cancelled job's running items to stop", interval=0.2)
+    assert state["status"] == "cancelled"
+    assert state["counts"]["cancelled"] >= 15 and state["counts"]["pending"] == 0
     assert httpx.delete(f"{base_url}/api/jobs/{job['id']}").json()["deleted"] is True
     r = httpx.get(f"{base_url}/api/jobs/{job['id']}")
     assert (r.status_code, r.json()) == (404, {"error": f"job '{job['id']}' not found"})
 
 
-@pytest.mark.parametrize(
-    ("body", "status", "message"),
-    [
-        ({"kind": "generate", "model": "nope", "items": [{"prompt": "x"}]}, 404, "model 'nope' not found"),
-        ({"kind": "generate", "model": MODEL, "items": []}, 400, "no items: the input is empty"),
-        ({"kind": "generate", "model": MODEL, "items": [{"prompt": "a"}, {"messages": []}]}, 400,
-         'line 2: a generate item needs a non-empty "prompt" string'),
-        ({"kind": "chat", "model": MODEL, "items": [{"messages": [{"role": "user", "content": "x"}]}, 5]}, 400,
-         "line 2: expected a JSON object, got int"),
-        ({"kind": "generate", "model": MODEL, "items": [{"custom_id": "a", "prompt": "x"}, {"custom_id": "a", "prompt": "y"}]},
-         400, 'line 2: duplicate custom_id "a"'),
-        ({"kind": "sing", "model": MODEL, "items": [{"prompt": "x"}]}, 400,
-         "kind must be one of generate, chat, embed, not 'sing'"),
-    ],
-)
-def test_bad_job_input_is_rejected_and_creates_nothing(base_url: str, body: dict, status: int, message: str) -> None:
-    before = job_count(base_url)
-    r = httpx.post(base_url + "/api/jobs", json=body)
-    assert (r.status_code, r.json()) == (status, {"error": message})
-    assert job_count(base_url) == before
-
-
-def test_bad_jsonl_lines_name_the_line(base_url: str) -> None:
-    before = job_count(base_url)
-    headers = {"Content-Type": "application/x-ndjson"}
-    params = {"kind": "generate", "model": MODEL}
-    r = httpx.post(base_url + "/api/jobs", params=params, headers=headers, content=b'{"prompt": "a"}\n{not json\n')
-    assert r.status_code == 400 and r.json()["error"].startswith("line 2: not valid JSON")
-    r = httpx.post(base_url + "/api/jobs", params=params, headers=headers, content=b"")
-    assert (r.status_code, r.json()) == (400, {"error": "no items: the input is empty"})
-    huge = b'{"prompt": "a"}\n{"prompt": "' + b"x" * (10 << 20) + b'"}\n'
-    r = httpx.post(base_url + "/api/jobs", params=params, headers=headers, content=huge, timeout=60)
-    assert (r.status_code, r.json()) == (413, {"error": "line 2: longer than 1048576 bytes"})
-    assert job_count(base_url) == before
 
 
 def test_queue_shows_waiting_chunks(base_url: str) -> None:
@@ -158,28 +130,37 @@ def test_queue_shows_waiting_chunks(base_url: str) -> None:
 
 
 def test_chat_goes_ahead_of_a_running_batch_job(base_url: str) -> None:
-    """With a 24-chunk job queued, a chat's first token comes within about one chunk's time."""
+    """With a 24-chunk job queued, a chat's first token comes before more than the chunks already running end.
+
+    Measured in the job's own progress, not in seconds, so a slow or busy machine cannot fail it: the worker runs
+    at most two chunks (of two items) at a time, so a chat that waited for the queue to drain would see dozens
+    of items finish first.
+    """
     job = submit(
         base_url, kind="generate", chunk_size=2, options={"num_predict": 30},
         items=[{"prompt": f"Write about {i}."} for i in range(48)],
     )
-    wait_for(lambda: httpx.get(f"{base_url}/api/jobs/{job['id']}").json()["counts"]["succeeded"] >= 2, 60, "the job to start")
-    chunk_started = time.monotonic()
-    first_token: list[float] = []
+
+    def finished() -> int:
+        counts = httpx.get(f"{base_url}/api/jobs/{job['id']}").json()["counts"]
+        return int(counts["succeeded"] + counts["failed"])
+
+    wait_for(lambda: finished() >= 2, 120, "the job to start")
+    before = finished()
+    at_first_token: list[int] = []
 
     def chat() -> None:
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "options": {"num_predict": 5}}
-        with httpx.stream("POST", base_url + "/api/chat", json=body, timeout=120) as r:
+        with httpx.stream("POST", base_url + "/api/chat", json=body, timeout=300) as r:
             for _ in r.iter_lines():
-                first_token.append(time.monotonic())
+                at_first_token.append(finished())
                 break
 
     thread = threading.Thread(target=chat)
     thread.start()
-    thread.join(120)
-    ttft = first_token[0] - chunk_started
-    # one chunk = 2 items x 30 tokens, about 1.5s here; the whole job would take over 30s
-    assert ttft < 6, f"chat waited {ttft:.1f}s behind batch work"
-    remaining = httpx.get(f"{base_url}/api/jobs/{job['id']}").json()["counts"]["pending"]
-    assert remaining > 10, "the chat must not have waited for the job to drain"
+    thread.join(300)
+    assert at_first_token, "the chat got no token"
+    # the chunks running when the chat arrived (two, of two items each) may end first, and the next two while the
+    # progress is read; a chat that queued behind the job would see up to 46
+    assert at_first_token[0] - before <= 8, f"{at_first_token[0] - before} batch items finished before the chat's first token"
     httpx.post(f"{base_url}/api/jobs/{job['id']}/cancel")

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from corral.store import ModelStore
-from workers.decode_loop import common_prefix
 from workers.engine import LoadedModel, LoadSpec
+from workers.slots import common_prefix
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Error shapes and statuses from the reference, CORS and the Host check.  In-process app, no worker needed."""
+"""Error shapes and statuses from the reference, CORS and the Host check, on the in-process app."""
 
 from __future__ import annotations
 

@@ -1,0 +1,84 @@
+"""Job and batch bodies checked at the door, on the in-process app: a bad body or line is a 400 (or 413) that
+names the line, and nothing is stored.  Nothing here reaches a worker, or Redis: submission enqueues only after
+every line passed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from tests.helpers import MODEL
+
+
+def job_count(client: FlaskClient) -> int:
+    return len(client.get("/api/jobs", query_string={"limit": 1000}).get_json()["jobs"])
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"kind": "generate", "model": "nope", "items": [{"prompt": "x"}]}, 404, "model 'nope' not found"),
+        ({"kind": "generate", "model": MODEL, "items": []}, 400, "no items: the input is empty"),
+        ({"kind": "generate", "model": MODEL, "items": [{"prompt": "a"}, {"messages": []}]}, 400,
+         'line 2: a generate item needs a non-empty "prompt" string'),
+        ({"kind": "chat", "model": MODEL, "items": [{"messages": [{"role": "user", "content": "x"}]}, 5]}, 400,
+         "line 2: expected a JSON object, got int"),
+        ({"kind": "generate", "model": MODEL, "items": [{"custom_id": "a", "prompt": "x"}, {"custom_id": "a", "prompt": "y"}]},
+         400, 'line 2: duplicate custom_id "a"'),
+        ({"kind": "sing", "model": MODEL, "items": [{"prompt": "x"}]}, 400,
+         "kind must be one of generate, chat, embed, not 'sing'"),
+        # every field the worker reads is typed at the door, so no stored line can make the worker raise
+        ({"model": MODEL, "items": [{"prompt": "b", "system": 1}]}, 400, "line 1: system: Input should be a valid string"),
+        ({"model": MODEL, "items": [{"prompt": "b", "format": "xml"}]}, 400,
+         'line 1: invalid format: "\\"xml\\""; expected "json" or a valid JSON Schema object'),
+        ({"model": MODEL, "items": [{"prompt": "b", "options": {"top_k": "many"}}]}, 400,
+         'line 1: option "top_k" must be of type integer'),
+        ({"kind": "embed", "model": "all-minilm", "items": [{"input": "a", "dimensions": 0}]}, 400,
+         "line 1: dimensions: Input should be greater than or equal to 1"),
+        ({"model": MODEL, "items": [{"prompt": "a"}], "chunk_size": "big"}, 400,
+         "chunk_size: Input should be a valid integer, unable to parse string as an integer"),
+        ({"model": MODEL, "items": [{"prompt": "a"}], "metadata": [1]}, 400, "metadata: Input should be a valid dictionary"),
+        ({"model": MODEL, "items": {"prompt": "a"}}, 400, "items: Input should be a valid list"),
+        ({"model": MODEL}, 400, "items is required"),
+    ],
+)
+def test_bad_job_input_is_rejected_and_creates_nothing(
+    client: FlaskClient, body: dict[str, Any], status: int, message: str
+) -> None:
+    before = job_count(client)
+    r = client.post("/api/jobs", json=body)
+    assert (r.status_code, r.get_json()) == (status, {"error": message})
+    assert job_count(client) == before
+
+
+def test_bad_jsonl_lines_name_the_line(client: FlaskClient) -> None:
+    before = job_count(client)
+    headers = {"Content-Type": "application/x-ndjson"}
+    params = {"kind": "generate", "model": MODEL}
+    r = client.post("/api/jobs", query_string=params, headers=headers, data=b'{"prompt": "a"}\n{not json\n')
+    assert r.status_code == 400 and r.get_json()["error"].startswith("line 2: not valid JSON")
+    r = client.post("/api/jobs", query_string=params, headers=headers, data=b"")
+    assert (r.status_code, r.get_json()) == (400, {"error": "no items: the input is empty"})
+    huge = b'{"prompt": "a"}\n{"prompt": "' + b"x" * (10 << 20) + b'"}\n'
+    r = client.post("/api/jobs", query_string=params, headers=headers, data=huge)
+    assert (r.status_code, r.get_json()) == (413, {"error": "line 2: longer than 1048576 bytes"})
+    assert job_count(client) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"endpoint": "/v1/chat/completions", "completion_window": "24h"}, "input_file_id"),
+        ({"input_file_id": "file-x", "endpoint": "/v1/moderations", "completion_window": "24h"}, "endpoint"),
+        ({"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "completion_window": "1h"}, "completion_window"),
+        ({"input_file_id": "file-x", "endpoint": "/v1/completions", "completion_window": "24h", "metadata": {"a": 1}},
+         "metadata.a"),
+    ],
+)
+def test_bad_batch_bodies_name_their_field(client: FlaskClient, body: dict[str, Any], param: str) -> None:
+    r = client.post("/v1/batches", json=body)
+    assert r.status_code == 400
+    error = r.get_json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]

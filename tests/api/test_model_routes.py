@@ -1,0 +1,41 @@
+"""Model facts from the store (root, version, tags, show), on the in-process app: no worker is involved."""
+
+from __future__ import annotations
+
+from flask.testing import FlaskClient
+
+from tests.helpers import MODEL
+
+
+def test_root_and_version(client: FlaskClient) -> None:
+    r = client.get("/")
+    assert r.status_code == 200 and r.text == "Ollama is running"
+    assert r.headers["content-type"].startswith("text/plain")
+    assert client.head("/").status_code == 200
+    v = client.get("/api/version").get_json()
+    assert set(v) == {"version"} and v["version"].count(".") == 2
+
+
+def test_tags_lists_default_model_with_gguf_facts(client: FlaskClient) -> None:
+    models = client.get("/api/tags").get_json()["models"]
+    by_name = {m["name"]: m for m in models}
+    assert {"smollm2:135m", "smollm2:latest"} <= set(by_name)
+    m = by_name["smollm2:135m"]
+    assert m["model"] == "smollm2:135m"
+    assert len(m["digest"]) == 64 and m["size"] > 90_000_000
+    assert m["details"]["family"] == "llama"
+    assert m["details"]["format"] == "gguf"
+    assert m["details"]["quantization_level"] == "Q4_1"
+    assert m["details"]["parameter_size"].endswith("M")
+    assert m["modified_at"][:4].isdigit()
+
+
+def test_show_has_model_info(client: FlaskClient) -> None:
+    body = client.post("/api/show", json={"model": MODEL}).get_json()
+    assert body["model_info"]["general.architecture"] == "llama"
+    assert body["model_info"]["tokenizer.ggml.tokens"] == []  # arrays elided unless verbose
+    assert "completion" in body["capabilities"]
+    assert body["details"]["quantization_level"] == "Q4_1"
+    assert "im_start" in body["template"]
+    r = client.post("/api/show", json={"model": "nope"})
+    assert r.status_code == 404 and r.get_json() == {"error": "model 'nope:latest' not found"}
