@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from flask import Flask
 
 from api.gateway import Gateway
 from api.inference import Inference
+from api.services import Services
 from corral.broker import Broker
 from corral.settings import Settings
 from corral.store import ModelStore
@@ -19,18 +19,6 @@ from jobs.service import JobService
 
 __all__ = ["Services", "create_app"]
 
-
-@dataclass
-class Services:
-    """What the views reach through ``current_app.extensions["corral"]``."""
-
-    settings: Settings
-    store: ModelStore
-    gateway: Gateway
-    inference: Inference
-    jobs: JobService
-    files: FileStore
-    batches: BatchService
 
 
 def create_app(settings: Settings | None = None) -> Flask:

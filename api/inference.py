@@ -7,27 +7,21 @@ Views call these functions; they resolve the model (with each route's own not-fo
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Generator, Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
 from typing import Any, Literal
-
-from flask import current_app
 
 from api.gateway import Gateway
 from api.metrics import observe_first_token, observe_tokens
 from corral.errors import BadRequest, GenerationFailed, ModelNotFound
-from corral.protocol import InferenceRequest, new_request_id
+from corral.protocol import InferenceRequest, StreamEvent, new_request_id
 from corral.settings import Settings
 from corral.store import ModelName, ModelRecord, ModelStore
-from corral.wire.ollama import ollama_chunk, ollama_final
+from corral.wire.ollama import is_zero_keep_alive, ollama_chunk, ollama_final
 
 # Ollama's embed routes word a missing model differently from generate/chat; clients match on it.
 EMBED_NOT_FOUND = 'model "{name}" not found, try pulling it first'
-
-
-def service() -> Inference:
-    """The app's inference service (what the Ollama and OpenAI views share)."""
-    return current_app.extensions["corral"].inference  # type: ignore[no-any-return]
 
 
 @dataclass
@@ -72,43 +66,32 @@ class Inference:
             request_id=new_request_id(), kind=kind, model=name, model_digest=record.model_digest, **fields
         )
 
+    def load_or_unload(
+        self, record: ModelRecord, name: str, keep_alive: float | None, options: dict[str, Any] | None
+    ) -> Literal["load", "unload"]:
+        """An empty prompt or input: load the model (``keep_alive`` as given), or unload it for ``keep_alive: 0``."""
+        if is_zero_keep_alive(keep_alive):
+            self.gateway.order_unload(record.model_digest)
+            return "unload"
+        self.single(self.request(record, name, "load", options=options, keep_alive=keep_alive))
+        return "load"
+
     def single(self, req: InferenceRequest) -> tuple[dict[str, Any], dict[str, int]]:
         """Run a request whose reply is one result event (embed, load); return (data, timing metrics)."""
-        started = time.perf_counter_ns()
-        waited = 0
-        events = self.gateway.run(req)
-        try:
-            for event in events:
-                if event.kind == "start":
-                    waited = time.perf_counter_ns() - started
-                    continue
-                event.raise_if_error()
+        with closing(self._replies(req)) as replies:
+            for event, clock in replies:
                 if event.kind == "result":
-                    data = event.data
-                    timing = {
-                        "total_duration": time.perf_counter_ns() - started,
-                        "load_duration": waited + int(data.get("load_duration", 0)),
-                    }
-                    return data, timing
-        finally:
-            events.close()
+                    return event.data, clock.metrics(int(event.data.get("load_duration", 0)))
         raise GenerationFailed("the worker ended the request without a result")
 
     def generation(self, req: InferenceRequest, shape: Literal["generate", "chat"]) -> Iterator[dict[str, Any]]:
-        """Yield Ollama stream chunks for a generate or chat request."""
-        started = time.perf_counter_ns()
-        waited = 0
+        """Yield Ollama stream chunks for a generate or chat request (closing it tells the worker to stop)."""
         first = True
-        events = self.gateway.run(req)
-        try:
-            for event in events:
-                if event.kind == "start":
-                    waited = time.perf_counter_ns() - started
-                    continue
-                event.raise_if_error()
+        with closing(self._replies(req)) as replies:
+            for event, clock in replies:
                 if event.kind == "delta":
                     if first:
-                        observe_first_token(req.model, (time.perf_counter_ns() - started) / 1e9)
+                        observe_first_token(req.model, clock.elapsed() / 1e9)
                         first = False
                     yield ollama_chunk(req.model, shape, event.data["c"], done=False)
                 elif event.kind == "tools":
@@ -116,14 +99,40 @@ class Inference:
                     chunk["message"]["tool_calls"] = event.data["tool_calls"]
                     yield chunk
                 elif event.kind == "done":
-                    stats = dict(event.data)
-                    stats["total_duration"] = time.perf_counter_ns() - started
-                    stats["load_duration"] = waited + int(stats.get("load_duration", 0))
+                    stats = {**event.data, **clock.metrics(int(event.data.get("load_duration", 0)))}
                     observe_tokens(req.model, int(stats.get("eval_count", 0)))
                     yield ollama_final(req.model, shape, stats)
                     return
+
+    def _replies(self, req: InferenceRequest) -> Generator[tuple[StreamEvent, _Clock], None, None]:
+        """The request's reply events after ``start`` (which only times the wait for a worker), each with the
+        request's clock; a worker's error is raised.  Closing this closes the stream, which stops the worker."""
+        clock = _Clock()
+        events = self.gateway.run(req)
+        try:
+            for event in events:
+                if event.kind == "start":
+                    clock.waited = clock.elapsed()
+                    continue
+                event.raise_if_error()
+                yield event, clock
         finally:
             events.close()
+
+
+@dataclass
+class _Clock:
+    """A request's timing, as Ollama reports it: ``total_duration`` from arrival, ``load_duration`` the wait for
+    a worker plus the worker's own model load (nanoseconds)."""
+
+    started: int = field(default_factory=time.perf_counter_ns)
+    waited: int = 0
+
+    def elapsed(self) -> int:
+        return time.perf_counter_ns() - self.started
+
+    def metrics(self, worker_load_ns: int) -> dict[str, int]:
+        return {"total_duration": self.elapsed(), "load_duration": self.waited + worker_load_ns}
 
 
 def collect(chunks: Iterator[dict[str, Any]], shape: Literal["generate", "chat"]) -> dict[str, Any]:

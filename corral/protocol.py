@@ -4,7 +4,7 @@ The API never calls worker code.  It sends a Celery message (task name + a small
 queue and reads the reply from a Redis Stream, one per request::
 
     API                          Redis                               worker
-    XADD? no: send_task  ---->   corral.<digest>.interactive  ---->  runs the request
+    send_task (Celery)   ---->   corral.<digest>.interactive  ---->  runs the request
     XREAD BLOCK <----------      corral:stream:<request id>   <----  XADD start / delta... / done | error
     SET corral:cancel:<id> -->   (client went away)           ---->  checked between tokens: stop
 
@@ -123,7 +123,6 @@ class StreamEvent:
 
     kind: Literal["start", "delta", "tools", "done", "result", "error"]
     data: dict[str, Any]
-    received_at: float
 
     @property
     def terminal(self) -> bool:
@@ -190,7 +189,6 @@ class StreamReader:
                 event = StreamEvent(
                     kind=_text(fields[b"e"]),  # type: ignore[arg-type]
                     data=json.loads(fields[b"d"]),
-                    received_at=time.monotonic(),
                 )
                 if event.kind == "start":
                     self.worker = str(event.data.get("worker"))

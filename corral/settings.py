@@ -289,6 +289,27 @@ class Settings(BaseSettings):
             return [o.strip() for o in value.split(",") if o.strip()]
         return list(value or [])
 
+    def environment(self) -> dict[str, str]:
+        """The environment variables (each field's first alias) that make another process build these same
+        settings: what ``corral up`` hands its API and worker, and the tests their stacks.  Unset fields
+        (None) are left out, so the child's defaults apply to them too."""
+        env: dict[str, str] = {}
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            alias = field.validation_alias
+            if value is None or not isinstance(alias, AliasChoices):
+                continue
+            if isinstance(value, bool):
+                text = "1" if value else "0"
+            elif isinstance(value, list):
+                text = ",".join(str(v) for v in value)
+            elif isinstance(value, float) and math.isinf(value):
+                text = "-1"  # keep_alive: forever
+            else:
+                text = str(value)
+            env[str(alias.choices[0])] = text
+        return env
+
     # -- derived values ---------------------------------------------------------------------------------
 
     @property

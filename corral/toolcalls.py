@@ -1,8 +1,8 @@
 """Tool calls in model output: when to hold text back, and how to read calls out of it.
 
 Ollama renders ``tools`` into the prompt with the model's own template and parses the model's reply for calls.
-Models write calls in a few well-known forms; this module reads all of them, and only names a request
-declared count as calls (anything else stays text):
+Models write calls in a few well-known forms; this module reads all of them, and counts a call only when it
+names a tool the request declared (anything else stays text):
 
 - Hermes/Qwen: ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (one or more);
 - Mistral: ``[TOOL_CALLS] [{"name": ..., "arguments": {...}}]``;

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +48,6 @@ def _make_engine(url: str) -> Engine:
 
 def sessions(settings: Settings) -> sessionmaker[Session]:
     return sessionmaker(engine_for(settings.database), expire_on_commit=False)
-
-
-@contextmanager
-def session_scope(settings: Settings) -> Iterator[Session]:
-    """A session that commits on success and rolls back on any error."""
-    session = sessions(settings)()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def alembic_config(settings: Settings) -> Any:

@@ -6,6 +6,9 @@ Database: ``TEST_DATABASE_URL`` (PostgreSQL in CI), else SQLite in the session's
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,15 @@ from flask.testing import FlaskClient
 from corral.catalog import ensure_defaults
 from corral.settings import Settings
 from corral.store import ModelStore
-from tests.helpers import Stack, clean_redis, fresh_database, make_settings, redis_server_for_tests, with_db
+from tests.helpers import (
+    Stack,
+    child_processes,
+    clean_redis,
+    fresh_database,
+    make_settings,
+    redis_server_for_tests,
+    with_db,
+)
 
 
 @pytest.fixture(scope="session")
@@ -125,3 +136,15 @@ def spy_llama_decode(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[Any
         monkeypatch.setattr(llama_cpp, "llama_decode", spying)
 
     return install
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Every process a test started (workers, API servers, Redis, `corral up`) must be gone once the fixtures are
+    torn down, pass or fail: one left behind fails the run, and is killed."""
+    left = child_processes(os.getpid())
+    if left:
+        for pid, _ in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        print("\nprocesses left running by the tests (killed):\n" + "\n".join(f"  {pid} {cmd}" for pid, cmd in left))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

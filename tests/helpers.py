@@ -22,7 +22,7 @@ import redis
 from click.testing import CliRunner, Result
 from sqlalchemy import Engine
 
-from cli.launcher import free_port, redis_reachable, start_private_redis
+from cli.launcher import die_with_parent, free_port, redis_reachable, start_private_redis, stop
 from cli.main import main
 from corral.settings import Settings
 
@@ -30,31 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a child process build the same settings."""
+    """The environment that makes a child process build the same settings (none of this one's own)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "CORRAL_"))}
-    env.update(
-        CORRAL_HOME=str(settings.home),
-        REDIS_URL=settings.redis,
-        OLLAMA_HOST=settings.host,
-        DATABASE_URL=settings.database,
-        CORRAL_HEARTBEAT_TTL=str(settings.heartbeat_ttl),
-        CORRAL_QUEUE_TIMEOUT=str(settings.queue_timeout),
-        CORRAL_CHUNK_SIZE=str(settings.chunk_size),
-        CORRAL_RECONCILE_INTERVAL=str(settings.reconcile_interval),
-        OLLAMA_MAX_QUEUE=str(settings.max_queue),
-        OLLAMA_NUM_PARALLEL=str(settings.num_parallel),
-        CORRAL_API_THREADS=str(settings.api_threads),
-        CORRAL_CPU_WEIGHTS=settings.cpu_weights,
-        PYTHONUNBUFFERED="1",
-    )
-    if settings.models_dir:
-        env["OLLAMA_MODELS"] = str(settings.models_dir)
-    if settings.context_length:
-        env["OLLAMA_CONTEXT_LENGTH"] = str(settings.context_length)
-    if settings.require_api_key:
-        env["CORRAL_REQUIRE_API_KEY"] = "1"
-    env["CORRAL_MAX_BODY"] = str(settings.max_body)
-    env["CORRAL_MAX_PREDICT"] = str(settings.max_predict)
+    env.update(settings.environment(), PYTHONUNBUFFERED="1")
     return env
 
 
@@ -107,6 +85,7 @@ class Stack:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         p = Proc(proc, log)
         self.procs.append(p)
@@ -166,6 +145,20 @@ class Stack:
             self.stop()
 
 
+def child_processes(parent: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live processes whose parent is ``parent`` (Linux /proc; elsewhere none)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == parent and fields[0] != "Z":
+                cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append((int(stat.parent.name), cmdline.strip()))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
 def redis_server_for_tests(data_dir: Path) -> Iterator[str]:
     """The running Redis named by REDIS_URL, or a private one for the session."""
     url = os.environ.get("REDIS_URL")
@@ -174,12 +167,11 @@ def redis_server_for_tests(data_dir: Path) -> Iterator[str]:
             raise RuntimeError(f"REDIS_URL={url} does not answer")
         yield url
         return
-    proc, url = start_private_redis(data_dir, free_port())
+    proc, url = start_private_redis(data_dir, free_port(), persist=False)
     try:
         yield url
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc, "redis", timeout=10)
 
 
 def with_db(url: str, db: int) -> str:

@@ -153,9 +153,6 @@ class LoadedModel:
     def raw_prompt(self, prompt: str) -> list[int]:
         return self.tokenize(prompt, add_bos=True)
 
-    def detokenize(self, tokens: list[int]) -> str:
-        return bytes(self.llm.detokenize(tokens)).decode("utf-8", errors="replace")
-
     # -- generation -------------------------------------------------------------------------------------
 
     def start(

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.launcher import free_port, redis_reachable
+from cli.launcher import die_with_parent, free_port, redis_reachable
 from corral.settings import Settings
 from tests.helpers import MODEL, ROOT, Stack, wait_for
 
@@ -60,7 +60,7 @@ def test_corral_up_runs_everything_with_a_private_redis_and_stops_on_ctrl_c(
     log = open(tmp_path / "up.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "cli", "up", "--port", str(port)],
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -85,7 +85,11 @@ def test_corral_up_runs_everything_with_a_private_redis_and_stops_on_ctrl_c(
         assert (tmp_path / "home" / "redis" / "redis.log").exists()
     finally:
         proc.send_signal(signal.SIGINT)
-        code = proc.wait(60)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
     assert code == 0, (tmp_path / "up.log").read_text()
     assert not redis_reachable(url), "the private Redis must stop with corral up"
     with pytest.raises(httpx.ConnectError):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +122,18 @@ def test_decode_slots_follow_ollama_num_parallel_or_fit_the_kv_budget() -> None:
     llama_8b = 32 * 2 * 1024 * 2
     assert parallel_slots(0, llama_8b, 8192) == 2  # 1 GiB of cache per slot
     assert parallel_slots(0, llama_8b, 131072) == 1  # never zero
+
+
+def test_settings_travel_to_a_child_process_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Settings.environment()`` is what `corral up` and the tests hand their children: it must rebuild the
+    same settings there, whatever was set here."""
+    original = Settings(
+        home=Path("/tmp/corral-home"), host="0.0.0.0:8080", keep_alive=-1, origins=["https://a.example", "app://*"],
+        require_api_key=True, chunk_size=3, redis_url="redis://127.0.0.1:1/2", max_predict=7, cpu_weights="native",
+    )
+    for name in list(os.environ):
+        if name.startswith(("OLLAMA_", "CORRAL_")) or name in ("REDIS_URL", "DATABASE_URL"):
+            monkeypatch.delenv(name)
+    for name, value in original.environment().items():
+        monkeypatch.setenv(name, value)
+    assert Settings() == original
