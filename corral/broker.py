@@ -67,3 +67,59 @@ class Broker:
     @cached_property
     def celery(self) -> Celery:
         return make_celery(self.settings)
+
+
+# -- taking a stopped job's chunk messages out of the broker ---------------------------------------------------
+
+# Each chunk message carries its job's id in this header (beside the chunk id the task reads), so the messages
+# of a cancelled, expired or deleted job can leave the queue they share with every other job of the model.
+JOB_HEADER = "corral_job"
+# kombu's Redis transport keeps a queue as one list per priority step, named ``queue``, ``queue\x06\x163``, ...
+KOMBU_PRIORITY_SEP = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+
+# One pass over each list, oldest message first, keeping every message not of the job in its order (popped
+# from the tail, pushed on a temporary list's head, which is then renamed back).  Atomic, so a worker's BRPOP
+# and a submitter's LPUSH see the list either before or after.  A substring test picks candidates cheaply; the
+# JSON header decides.
+_PURGE_SCRIPT = """
+local job = ARGV[1]
+local header = ARGV[2]
+local removed = 0
+for i = 1, #KEYS, 2 do
+  local list, scratch = KEYS[i], KEYS[i + 1]
+  redis.call('DEL', scratch)
+  local kept = 0
+  while true do
+    local message = redis.call('RPOP', list)
+    if not message then break end
+    local drop = false
+    if string.find(message, job, 1, true) then
+      local ok, decoded = pcall(cjson.decode, message)
+      drop = ok and type(decoded) == 'table' and type(decoded['headers']) == 'table'
+        and decoded['headers'][header] == job
+    end
+    if drop then
+      removed = removed + 1
+    else
+      redis.call('LPUSH', scratch, message)
+      kept = kept + 1
+    end
+  end
+  if kept > 0 then redis.call('RENAME', scratch, list) end
+end
+return removed
+"""
+
+
+def queue_lists(queue: str) -> list[str]:
+    """The Redis lists kombu keeps ``queue``'s messages in, one per priority step."""
+    return [queue if step == 0 else f"{queue}{KOMBU_PRIORITY_SEP}{step}" for step in KOMBU_PRIORITY_STEPS]
+
+
+def purge_job_messages(client: redis.Redis, queue: str, job_id: str) -> int:
+    """Remove every message of ``job_id`` from ``queue`` (other jobs' messages keep their order); how many."""
+    keys: list[str] = []
+    for name in queue_lists(queue):
+        keys += [name, f"corral:purging:{name}"]
+    return int(client.eval(_PURGE_SCRIPT, len(keys), *keys, job_id, JOB_HEADER))

@@ -7,28 +7,34 @@ lock lets one worker sweep at a time.  It never runs an item itself: it only put
 1. A chunk ``running`` on a worker whose heartbeat has expired: its unfinished items go back to ``pending`` and
    the chunk is re-enqueued (the dead worker's unacked message may come back after the visibility timeout; it
    will find the chunk taken and do nothing).
-2. A chunk ``queued`` whose Redis marker is gone (Redis flushed or restarted without persistence), or names a
-   worker that is gone (it had received the message but died before claiming the chunk; its copy of the
-   message waits in the broker's unacked set until the visibility timeout): re-enqueued.
+2. A chunk ``queued`` whose Redis marker is gone (Redis flushed or restarted without persistence; not a chunk
+   whose submitter is still sending its job's messages), or names a worker that is gone (it had received the
+   message but died before claiming the chunk; its copy of the message waits in the broker's unacked set until
+   the visibility timeout): re-enqueued.
 3. A job with no pending or running item that is not marked ended: completed.
 4. A job past its ``expires_at`` (an OpenAI batch's 24h window): expired; its running items stop between
-   tokens (the same Redis flag as a cancel) and what finished stays in the output file.
+   tokens (the same Redis flag as a cancel), its queued chunk messages leave the broker
+   (:mod:`jobs.queueing`), and what finished stays in the output file.
+5. A stop noted in Redis whose purge did not finish (the API process died between its commit and its purge):
+   its chunk messages are taken out of the broker now.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
 import redis
 from celery import Celery
+from sqlalchemy.orm import Session
 
-from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, job_cancel_key
+from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key
 from corral.settings import Settings
-from jobs import transitions
+from jobs import queueing, transitions
 from jobs.db import sessions
 from jobs.models import utcnow
-from jobs.service import enqueue_chunks
+from jobs.queueing import enqueue_chunks
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "corral:reconcile:lock"
@@ -69,34 +75,46 @@ class Reconciler:
         live = self.live_workers()
         if startup:
             live.discard(self.name)
-        requeue: list[tuple[str, str]] = []
+        requeue: list[tuple[str, str, str]] = []
         now = utcnow()
         with self.sessions() as session:
             expired = transitions.expire_overdue(session)
+            for job_id, digest in expired:
+                queueing.will_stop(self.redis, job_id, digest)
             session.commit()
-            for job_id in expired:
+            for job_id, digest in expired:
                 log.warning("job %s passed its completion window unfinished; expired", job_id)
-                self.redis.set(job_cancel_key(job_id), b"1", ex=24 * 3600)
+                queueing.stopped(self.redis, job_id, digest, transitions.chunk_ids(session, job_id))
+            self._finish_purges(session)
             for chunk in transitions.running_chunks(session):
                 if chunk.worker in live:
                     continue
                 log.warning("chunk %s was running on %s, which is gone; re-queueing it", chunk.id, chunk.worker)
                 if transitions.requeue_orphan(session, chunk.id, chunk.attempt):
-                    requeue.append((chunk.id, chunk.model_digest))
+                    requeue.append((chunk.id, chunk.model_digest, chunk.job_id))
             queued = transitions.queued_chunks(session, now - self.grace)
+            busy = queueing.sending(self.redis, {job_id for _, _, job_id in queued})
+            queued = [entry for entry in queued if entry[2] not in busy]  # their submitter is still sending
             for start in range(0, len(queued), 1000):
                 page = queued[start : start + 1000]
-                markers = self.redis.mget([chunk_key(cid) for cid, _ in page])
-                requeue.extend(
-                    (cid, digest) for (cid, digest), marker in zip(page, markers) if not _held_by_the_living(marker, live)
-                )
+                markers = self.redis.mget([chunk_key(cid) for cid, _, _ in page])
+                requeue.extend(entry for entry, marker in zip(page, markers) if not _held_by_the_living(marker, live))
             transitions.finish_done_jobs(session)
             session.commit()
         if requeue:
             log.warning("re-enqueueing %d chunk(s) lost to dead workers or a flushed Redis", len(requeue))
-            self.redis.delete(*[chunk_key(cid) for cid, _ in requeue])  # the dead workers' names go
+            self.redis.delete(*[chunk_key(cid) for cid, _, _ in requeue])  # the dead workers' names go
             enqueue_chunks(self.celery, self.redis, requeue)
         return len(requeue)
+
+    def _finish_purges(self, session: Session) -> None:
+        """Stops noted in Redis whose messages may still be queued (the API process that stopped the job died
+        between its commit and its purge): purge them now.  A note whose job is still active never committed."""
+        for job_id, (digest, since) in queueing.pending_purges(self.redis).items():
+            if transitions.job_stopped(session, job_id):
+                queueing.stopped(self.redis, job_id, digest, transitions.chunk_ids(session, job_id))
+            elif time.time() - since > self.grace.total_seconds():
+                queueing.forget_purge(self.redis, job_id)
 
 
 def _held_by_the_living(marker: bytes | None, live: set[str]) -> bool:

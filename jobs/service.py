@@ -22,13 +22,15 @@ from sqlalchemy.orm import Session
 
 from corral.broker import Broker
 from corral.errors import BadRequest, Conflict, NotFound
-from corral.protocol import CHUNK_TASK, QUEUED_MARKER, chunk_key, job_cancel_key, model_queue
+from corral.protocol import job_cancel_key
 from corral.settings import Settings
 from corral.store import ModelStore
 from corral.timefmt import rfc3339
 from corral.wire.jobs import JOB_KINDS
+from jobs import queueing, transitions
 from jobs.db import sessions
 from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcnow
+from jobs.queueing import enqueue_chunks
 from jobs.search import hydrate, top_k
 from jobs.transitions import requeue_failed, stop_job
 
@@ -37,23 +39,6 @@ INSERT_BATCH = 1000
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
-
-
-def enqueue_chunks(celery: Celery, client: redis.Redis, chunks: Iterable[tuple[str, str]]) -> int:
-    """Send one message per (chunk id, model digest), marking each as queued in Redis.
-
-    The mark is set only where none is: a worker that already received the message has written its name there.
-    """
-    count = 0
-    pipe = client.pipeline(transaction=False)
-    for chunk_id, digest in chunks:
-        celery.send_task(CHUNK_TASK, args=[chunk_id], queue=model_queue(digest, "batch"))
-        pipe.set(chunk_key(chunk_id), QUEUED_MARKER, nx=True)
-        count += 1
-        if count % 500 == 0:
-            pipe.execute()
-    pipe.execute()
-    return count
 
 
 @dataclass
@@ -139,7 +124,8 @@ class JobService:
                 raise BadRequest("no items: the input is empty")
             session.execute(update(Job).where(Job.id == job_id).values(item_count=count))
             session.commit()
-        enqueue_chunks(self.celery, self.redis, ((c, record.model_digest) for c in chunk_ids))
+        digest = record.model_digest
+        enqueue_chunks(self.celery, self.redis, ((c, digest, job_id) for c in chunk_ids), stop_if_cancelled=True)
         return self.get(job_id)
 
     # -- reading ----------------------------------------------------------------------------------------
@@ -273,12 +259,18 @@ class JobService:
     # -- control ----------------------------------------------------------------------------------------
 
     def cancel(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
+        """Items not yet run become cancelled, a running one stops between tokens, and the job's queued chunk
+        messages leave the broker, so the jobs queued behind it do not wait for them."""
         with self._session() as session:
-            self._job(session, job_id, owner)
+            digest = self._job(session, job_id, owner).model_digest
+            queueing.will_stop(self.redis, job_id, digest)
             stopped = stop_job(session, job_id, JobStatus.CANCELLED)
+            chunks = transitions.chunk_ids(session, job_id) if stopped else []
             session.commit()
         if stopped:
-            self.redis.set(job_cancel_key(job_id), b"1", ex=24 * 3600)
+            queueing.stopped(self.redis, job_id, digest, chunks)
+        else:
+            queueing.forget_purge(self.redis, job_id)
         return self.get(job_id, owner)
 
     def retry(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
@@ -293,17 +285,20 @@ class JobService:
             session.commit()
             digest = job.model_digest
         self.redis.delete(job_cancel_key(job_id))
-        enqueue_chunks(self.celery, self.redis, ((c, digest) for c in chunk_ids))
+        enqueue_chunks(self.celery, self.redis, ((c, digest, job_id) for c in chunk_ids))
         return self.get(job_id, owner)
 
     def delete(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
+        """The job and its results go; like a cancel, its running item stops and its queued messages leave."""
         with self._session() as session:
-            self._job(session, job_id, owner)
-            self.redis.set(job_cancel_key(job_id), b"1", ex=24 * 3600)
+            digest = self._job(session, job_id, owner).model_digest
+            queueing.will_stop(self.redis, job_id, digest)
+            chunks = transitions.chunk_ids(session, job_id)
             session.execute(delete(Item).where(Item.job_id == job_id))
             session.execute(delete(Chunk).where(Chunk.job_id == job_id))
             session.execute(delete(Job).where(Job.id == job_id))
             session.commit()
+        queueing.stopped(self.redis, job_id, digest, chunks)
         return {"id": job_id, "object": "job", "deleted": True}
 
     def queue_overview(self, waiting: dict[str, int]) -> builtins.list[dict[str, Any]]:

@@ -129,14 +129,19 @@ def running_chunks(session: Session) -> list[Chunk]:
     ))
 
 
-def queued_chunks(session: Session, enqueued_before: Any) -> list[tuple[str, str]]:
-    """(chunk id, model digest) of active jobs' chunks queued before ``enqueued_before``."""
+def queued_chunks(session: Session, enqueued_before: Any) -> list[tuple[str, str, str]]:
+    """(chunk id, model digest, job id) of active jobs' chunks queued before ``enqueued_before``."""
     rows = session.execute(
-        select(Chunk.id, Chunk.model_digest).where(
+        select(Chunk.id, Chunk.model_digest, Chunk.job_id).where(
             Chunk.state == ChunkState.QUEUED, Chunk.enqueued_at < enqueued_before, Chunk.job_id.in_(_active_jobs())
         )
     )
-    return [(chunk_id, digest) for chunk_id, digest in rows]
+    return [(chunk_id, digest, job_id) for chunk_id, digest, job_id in rows]
+
+
+def chunk_ids(session: Session, job_id: str) -> list[str]:
+    """Every chunk of a job (whose Redis markers go when it stops)."""
+    return list(session.scalars(select(Chunk.id).where(Chunk.job_id == job_id)))
 
 
 # -- items ----------------------------------------------------------------------------------------------------
@@ -211,8 +216,10 @@ def job_stopped(session: Session, job_id: str) -> bool:
 
 
 def stop_job(session: Session, job_id: str, status: str) -> bool:
-    """End an unfinished job early (``cancelled`` or ``expired``): its pending items become cancelled; the
-    caller then sets the Redis flag that stops a running item between tokens.  False if it had already ended."""
+    """End an unfinished job early (``cancelled`` or ``expired``): its pending items become cancelled and its
+    queued chunks done, so no worker runs them and no queue count includes them; the caller then sets the Redis
+    flag that stops a running item between tokens and takes the chunks' messages out of the broker
+    (:func:`jobs.queueing.stopped`).  False if it had already ended."""
     now = utcnow()
     stopped = _changed(
         session,
@@ -224,6 +231,12 @@ def stop_job(session: Session, job_id: str, status: str) -> bool:
             update(Item)
             .where(Item.job_id == job_id, Item.state == ItemState.PENDING)
             .values(state=ItemState.CANCELLED, finished_at=now)
+        )
+        _changed(
+            session,
+            update(Chunk)
+            .where(Chunk.job_id == job_id, Chunk.state == ChunkState.QUEUED)
+            .values(state=ChunkState.DONE, finished_at=now),
         )
     return bool(stopped)
 
@@ -238,14 +251,14 @@ def fail_job(session: Session, job_id: str, message: str) -> bool:
     ))
 
 
-def expire_overdue(session: Session) -> list[str]:
-    """Stop every unfinished job whose window has passed (status ``expired``); return their ids."""
-    overdue = list(session.scalars(
-        select(Job.id).where(
+def expire_overdue(session: Session) -> list[tuple[str, str]]:
+    """Stop every unfinished job whose window has passed (status ``expired``); (job id, model digest) of each."""
+    overdue = session.execute(
+        select(Job.id, Job.model_digest).where(
             Job.status.in_(JobStatus.ACTIVE), Job.expires_at.is_not(None), Job.expires_at < utcnow()
         )
-    ))
-    return [job_id for job_id in overdue if stop_job(session, job_id, JobStatus.EXPIRED)]
+    ).all()
+    return [(job_id, digest) for job_id, digest in overdue if stop_job(session, job_id, JobStatus.EXPIRED)]
 
 
 def finish_job_if_done(session: Session, job_id: str) -> bool:

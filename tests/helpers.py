@@ -204,6 +204,10 @@ def make_settings(home: Path, redis_url: str | None, models_dir: Path, **overrid
         "queue_timeout": 120.0,
         "reconcile_interval": 2.0,
         "chunk_size": 4,
+        # One llama.cpp thread per worker: two threads spin at each step's barrier, and on a busy machine (another
+        # build beside the suite) a descheduled peer made a step ~5x slower and a 400-token test stream time
+        # out; one thread is ~10% slower on an idle machine and never stalls.
+        "worker_threads": 1,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

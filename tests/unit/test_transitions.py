@@ -124,6 +124,9 @@ def test_stopping_cancels_pending_items_and_a_stopped_job_stays_stopped(session:
     session.commit()
     assert states(session, job_id) == ["running", "cancelled", "cancelled", "cancelled"]
     assert transitions.job_stopped(session, job_id)
+    # its chunks are out of the queue counts, and a late message for one finds nothing to claim
+    assert {c.state for c in session.scalars(select(Chunk).where(Chunk.job_id == job_id))} == {ChunkState.DONE}
+    assert transitions.claim_chunk(session, chunk, "w", "late") is None
     # the running item's result may still land; the job does not reopen or complete
     transitions.write_result(session, ids[0], "a1", succeed())
     transitions.finish_job_if_done(session, job_id)
@@ -135,7 +138,7 @@ def test_only_overdue_unfinished_jobs_expire(session: Session) -> None:
     overdue, _ = make_job(session, expires_at=utcnow() - timedelta(seconds=1))
     later, _ = make_job(session, expires_at=utcnow() + timedelta(hours=1))
     no_window, _ = make_job(session)
-    assert transitions.expire_overdue(session) == [overdue]
+    assert transitions.expire_overdue(session) == [(overdue, "d")]
     session.commit()
     assert [job_status(session, j) for j in (overdue, later, no_window)] == ["expired", "queued", "queued"]
     assert states(session, overdue) == ["cancelled"] * 4
