@@ -2,7 +2,8 @@
 
 With ``CORRAL_REQUIRE_API_KEY=1`` every route but ``/`` (the liveness probe) needs ``Authorization: Bearer
 <key>`` (ollama-python sends ``OLLAMA_API_KEY`` this way, openai-python its ``api_key``); a missing, unknown or
-revoked key is a 401 in the route family's error shape.  Views ask :func:`owner` whose jobs, batches and files
+revoked key is a 401 in the route family's error shape, and changing the shared models with a key that is not
+an admin's is a 403 (:func:`require_admin`).  Views ask :func:`owner` whose jobs, batches and files
 the caller may see (``None``: all of them) and :func:`creator` whom to stamp as owner of what it creates.
 
 Body limits: ``CORRAL_MAX_BODY`` on the sync routes; job and file uploads, which are streamed into the
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 from flask import Flask, g, request
 
-from corral.errors import Unauthorized
+from corral.errors import Forbidden, PayloadTooLarge, Unauthorized
 from corral.settings import Settings
 from jobs.keys import KeyStore, Principal
 
 UPLOAD_ROUTES = {("POST", "/api/jobs"), ("POST", "/v1/files")}
+# A JSON job body is parsed whole, so it keeps the sync limit; larger jobs are streamed as JSONL.
+JSON_TYPES = {"application/json", ""}
 OPEN_ROUTES = {"/"}
 
 
@@ -26,8 +29,13 @@ def init_app(app: Flask, settings: Settings, keys: KeyStore) -> None:
 
     @app.before_request
     def _limits_and_key() -> None:
-        if (request.method, request.path) in UPLOAD_ROUTES:
+        if (request.method, request.path) in UPLOAD_ROUTES and request.mimetype not in JSON_TYPES:
             request.max_content_length = settings.upload_limit
+        elif request.path == "/api/jobs" and (request.content_length or 0) > settings.max_body:
+            raise PayloadTooLarge(
+                f"a JSON job body may be at most {settings.max_body} bytes: upload larger jobs as JSONL "
+                "(Content-Type: application/x-ndjson, one request body per line; `corral submit` does this)"
+            )
         g.principal = None
         if not settings.require_api_key or request.path in OPEN_ROUTES or request.method == "OPTIONS":
             return
@@ -44,6 +52,14 @@ def init_app(app: Flask, settings: Settings, keys: KeyStore) -> None:
 def principal() -> Principal | None:
     found: Principal | None = g.get("principal")
     return found
+
+
+def require_admin(what: str) -> None:
+    """With keys required, only an admin key may change what every user shares: the models (create, copy,
+    delete, pull, push) and which of them are loaded (unloading with ``keep_alive: 0``)."""
+    who = principal()
+    if who is not None and not who.admin:
+        raise Forbidden(f"{what} needs an admin key: models are shared by every user of this server")
 
 
 def owner() -> str | None:

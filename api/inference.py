@@ -12,6 +12,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from api.auth import require_admin
 from api.gateway import Gateway
 from api.metrics import observe_first_token, observe_tokens
 from corral.errors import BadRequest, GenerationFailed, ModelNotFound
@@ -55,6 +56,8 @@ class Inference:
         return record
 
     def request(self, record: ModelRecord, name: str, kind: str, **fields: Any) -> InferenceRequest:
+        if is_zero_keep_alive(fields.get("keep_alive")):
+            require_admin("unloading a model (keep_alive: 0)")
         cap = self.settings.max_predict
         if cap and kind in ("generate", "chat"):
             options = dict(fields.get("options") or {})
@@ -71,6 +74,7 @@ class Inference:
     ) -> Literal["load", "unload"]:
         """An empty prompt or input: load the model (``keep_alive`` as given), or unload it for ``keep_alive: 0``."""
         if is_zero_keep_alive(keep_alive):
+            require_admin("unloading a model (keep_alive: 0)")
             self.gateway.order_unload(record.model_digest)
             return "unload"
         self.single(self.request(record, name, "load", options=options, keep_alive=keep_alive))

@@ -11,6 +11,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request, send_file
 
+from api.auth import require_admin
 from api.errors import json_response
 from api.inference import EMBED_NOT_FOUND, Inference, collect, load_reply
 from api.openapi import NDJSON, documented
@@ -31,6 +32,7 @@ from corral.wire.ollama import (
     GenerateRequest,
     PullRequest,
     ShowRequest,
+    check_context,
     parse_body,
 )
 
@@ -60,6 +62,7 @@ def generate() -> Response:
     if req.raw and (req.template or req.system or req.context):
         raise BadRequest("raw mode does not support template, system, or context")
     record = svc.generation_model(req.model, "generate", think=req.think)
+    check_context(req.context, int(record.config.get("vocab_size") or 0))
     if req.suffix:
         raise BadRequest(f"{ModelName.parse(req.model).display} does not support insert")
     if not req.prompt:
@@ -200,6 +203,7 @@ def ps() -> Response:
 @documented(body=DeleteRequest)
 def delete() -> Response:
     req = parse_body(DeleteRequest, request.get_data())
+    require_admin("deleting a model")
     if not req.target:
         raise BadRequest("model is required")
     try:
@@ -214,6 +218,7 @@ def delete() -> Response:
 @documented(body=CopyRequest)
 def copy() -> Response:
     req = parse_body(CopyRequest, request.get_data())
+    require_admin("copying a model")
     for label, value in (("source", req.source), ("destination", req.destination)):
         try:
             ModelName.parse(value)
@@ -228,6 +233,7 @@ def copy() -> Response:
 def pull() -> Response:
     """Build a catalog model into the store (no network: see corral.catalog), with Ollama's progress lines."""
     req = parse_body(PullRequest, request.get_data())
+    require_admin("pulling a model")
     if not req.target:
         raise BadRequest("model is required")
     ModelName.parse(req.target)

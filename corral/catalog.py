@@ -95,11 +95,12 @@ def pull(store: ModelStore, name: str) -> Iterator[dict[str, Any]]:
     yield {"status": f"preparing {entry.description}"}
     path, link = entry.source(store)
     size = path.stat().st_size
-    digest = store.add_blob_file(path, link=link)
-    yield {"status": f"pulling {digest[:12]}", "digest": f"sha256:{digest}", "total": size, "completed": size}
-    yield {"status": "verifying sha256 digest"}
-    yield {"status": "writing manifest"}
-    store.register_gguf(entry.names(), path, link=link)
+    with store.writing():  # the blob and the manifest naming it, with no blob sweep between them
+        digest = store.add_blob_file(path, link=link)
+        yield {"status": f"pulling {digest[:12]}", "digest": f"sha256:{digest}", "total": size, "completed": size}
+        yield {"status": "verifying sha256 digest"}
+        yield {"status": "writing manifest"}
+        store.register_gguf(entry.names(), path, link=link)
     yield {"status": "success"}
 
 

@@ -6,6 +6,7 @@
     ├── BadRequest (400)
     │   └── ContextLengthExceeded (400)
     ├── Unauthorized (401)
+    ├── Forbidden (403)
     ├── NotFound (404)
     │   └── ModelNotFound (404)
     ├── Conflict (409)
@@ -57,6 +58,14 @@ class Unauthorized(CorralError):
     status_code = 401
     openai_type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class Forbidden(CorralError):
+    """The key is valid but may not do this (changing the models everyone shares needs an admin key)."""
+
+    status_code = 403
+    openai_type = "permission_error"
+    code = "insufficient_permissions"
 
 
 class NotFound(CorralError):

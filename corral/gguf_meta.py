@@ -21,6 +21,9 @@ def human_number(n: int) -> str:
     return str(n)
 
 
+VOCAB_SIZE_KEY = "tokenizer.ggml.tokens.length"
+
+
 def read_gguf_metadata(path: Path, *, with_arrays: bool = False) -> tuple[dict[str, Any], int]:
     """Return (key/value metadata, parameter count) of a GGUF file.
 
@@ -37,6 +40,8 @@ def read_gguf_metadata(path: Path, *, with_arrays: bool = False) -> tuple[dict[s
         is_array = field.types and field.types[0] == gguf.GGUFValueType.ARRAY
         if is_array and not with_arrays:
             kv[name] = []
+            if name == "tokenizer.ggml.tokens":
+                kv[VOCAB_SIZE_KEY] = len(field.data)  # the length is all the API needs (to bound token ids)
             continue
         try:
             value = field.contents()
@@ -74,6 +79,7 @@ def gguf_config(path: Path) -> dict[str, Any]:
         "context_length": int(kv.get(f"{arch}.context_length") or 0),
         "embedding_length": int(kv.get(f"{arch}.embedding_length") or 0),
         "pooling_type": kv.get(f"{arch}.pooling_type"),
+        "vocab_size": int(kv.pop(VOCAB_SIZE_KEY, 0)),
         "capabilities": capabilities,
         # /api/show's model_info (arrays elided): parsing a GGUF's header takes seconds (SmolLM2's 49k-token
         # vocabulary: ~4.5 s on 2 cores), so it is read here, once, not on every request.

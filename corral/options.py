@@ -1,7 +1,13 @@
-"""Ollama's runtime ``options``: which keys exist and which JSON type each must have."""
+"""Ollama's runtime ``options``: which keys exist, which JSON type each must have, and the range each must be in.
+
+Every option reaches llama.cpp in a worker that other requests share, so each is bounded here, at the API (and
+at job submission, line by line): ``repeat_last_n: 2147483647`` sized an 8 GiB buffer per sequence,
+``num_thread: 2000`` made the worker exit.  Ollama itself checks types only; the ranges are corral's.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -34,8 +40,41 @@ OPTION_TYPES: dict[str, str] = {
 }
 
 
+MAX_CONTEXT = 1 << 17  # 131072 tokens: the longest context of today's open models
+# Inclusive bounds of each numeric option (num_thread is also clamped to the worker's own cores there).
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "num_ctx": (1, MAX_CONTEXT),
+    "num_batch": (1, 8192),
+    "num_gpu": (-1, 1024),
+    "main_gpu": (0, 64),
+    "num_thread": (0, 256),
+    "num_keep": (-1, MAX_CONTEXT),
+    "seed": (-(1 << 63), (1 << 63) - 1),
+    "num_predict": (-2, MAX_CONTEXT),
+    "top_k": (0, 1 << 20),
+    "repeat_last_n": (-1, MAX_CONTEXT),
+    "draft_num_predict": (0, 1024),
+    "top_p": (0, 1),
+    "min_p": (0, 1),
+    "typical_p": (0, 1),
+    "temperature": (0, 100),
+    "repeat_penalty": (0, 100),
+    "presence_penalty": (-100, 100),
+    "frequency_penalty": (-100, 100),
+}
+MAX_STOPS = 16  # stop strings are matched against every generated token in the model's shared decode thread
+MAX_STOP_LENGTH = 256
+
+
+def _check_range(key: str, value: float) -> None:
+    low, high = OPTION_RANGES.get(key, (-math.inf, math.inf))
+    if not (math.isfinite(value) and low <= value <= high):
+        shown = [str(int(b)) if float(b).is_integer() else str(b) for b in (low, high)]
+        raise BadRequest(f'option "{key}" must be between {shown[0]} and {shown[1]}')
+
+
 def parse_options(raw: Any) -> dict[str, Any]:
-    """Validate ``options`` the way Ollama does: known keys type-checked, unknown keys ignored."""
+    """Validate ``options`` the way Ollama does (known keys type-checked, unknown keys ignored), and bound each."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -46,13 +85,17 @@ def parse_options(raw: Any) -> dict[str, Any]:
         if kind is None or value is None:
             continue  # Ollama logs and ignores unknown (often legacy) keys
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if kind == "integer" and number:
+        if kind == "integer" and number and (isinstance(value, int) or math.isfinite(value)):
+            _check_range(key, value)
             out[key] = int(value)
         elif kind == "float32" and number:
+            _check_range(key, value)
             out[key] = float(value)
         elif kind == "boolean" and isinstance(value, bool):
             out[key] = value
         elif kind == "an array of strings" and isinstance(value, list) and all(isinstance(s, str) for s in value):
+            if len(value) > MAX_STOPS or any(len(s) > MAX_STOP_LENGTH for s in value):
+                raise BadRequest(f'option "{key}" takes at most {MAX_STOPS} strings of at most {MAX_STOP_LENGTH} characters')
             out[key] = value
         else:
             raise BadRequest(f'option "{key}" must be of type {kind}')

@@ -37,16 +37,17 @@ def pull_from_server(
             if reply.status_code == 404:
                 raise ModelNotFound(f"model '{name}' not found on {base_url}")
             manifest = _json(reply, f"read the manifest of {name}")
-            for ref in [manifest["config"], *manifest["layers"]]:
-                digest = ref["digest"]
-                if store.has_blob(digest):
-                    continue
-                say(f"pulling {digest[:19]} ({int(ref.get('size', 0)) / 1e6:.1f} MB) for {name} from {base_url}")
-                with http.stream("GET", f"/api/blobs/{digest}") as stream:
-                    if stream.status_code != 200:
-                        raise CorralError(f"cannot fetch blob {digest} from {base_url}: HTTP {stream.status_code}")
-                    store.write_blob_stream(digest, stream.iter_bytes(1 << 20))
-            store.write_manifest(name, manifest)
+            with store.writing():  # a delete's blob sweep waits until the manifest names these blobs
+                for ref in [manifest["config"], *manifest["layers"]]:
+                    digest = ref["digest"]
+                    if store.has_blob(digest):
+                        continue
+                    say(f"pulling {digest[:19]} ({int(ref.get('size', 0)) / 1e6:.1f} MB) for {name} from {base_url}")
+                    with http.stream("GET", f"/api/blobs/{digest}") as stream:
+                        if stream.status_code != 200:
+                            raise CorralError(f"cannot fetch blob {digest} from {base_url}: HTTP {stream.status_code}")
+                        store.write_blob_stream(digest, stream.iter_bytes(1 << 20))
+                store.write_manifest(name, manifest)
             pulled.append(name)
         return pulled
     except httpx.HTTPError as exc:

@@ -11,13 +11,15 @@ copied (100 MB saved per install).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -133,6 +135,23 @@ class ModelStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
+    @contextmanager
+    def _lock(self, *, exclusive: bool) -> Iterator[None]:
+        """The store's lock file (``flock``, so the API's and every worker's processes share it)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a+b") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def writing(self) -> AbstractContextManager[None]:
+        """Hold this while adding blobs and the manifest that names them (a pull, a create, a copy): a delete's
+        sweep of unused blobs waits for it, so it never removes a blob whose manifest is not written yet.
+        Writers do not wait for each other."""
+        return self._lock(exclusive=False)
+
     # -- blobs ------------------------------------------------------------------------------------------
 
     def blob_path(self, digest: str) -> Path:
@@ -222,6 +241,10 @@ class ModelStore:
 
     def register_gguf(self, names: list[str], gguf_path: Path, *, link: bool = False) -> list[ModelRecord]:
         """Add a GGUF under one or more names (idempotent: unchanged files cost a stat, not a hash)."""
+        with self.writing():
+            return self._register_gguf(names, gguf_path, link=link)
+
+    def _register_gguf(self, names: list[str], gguf_path: Path, *, link: bool) -> list[ModelRecord]:
         digest = self.add_blob_file(gguf_path, link=link)
         blob = self.blob_path(digest)
         records = []
@@ -252,10 +275,11 @@ class ModelStore:
 
     def write_manifest(self, text: str, manifest: dict[str, Any]) -> ModelRecord:
         """Register a name for blobs already in the store (a pull from another corral server)."""
-        for ref in [manifest["config"], *manifest["layers"]]:
-            if not self.has_blob(ref["digest"]):
-                raise BadRequest(f"blob {ref['digest']} is missing")
-        self._write_manifest(ModelName.parse(text), manifest)
+        with self.writing():
+            for ref in [manifest["config"], *manifest["layers"]]:
+                if not self.has_blob(ref["digest"]):
+                    raise BadRequest(f"blob {ref['digest']} is missing")
+            self._write_manifest(ModelName.parse(text), manifest)
         return self.get(text)
 
     def _write_manifest(self, name: ModelName, manifest: dict[str, Any]) -> None:
@@ -317,24 +341,26 @@ class ModelStore:
 
     def copy(self, source: str, destination: str) -> None:
         src_name, dst_name = ModelName.parse(source), ModelName.parse(destination)
-        manifest = self._manifest(src_name)
-        if manifest is None:
-            raise ModelNotFound(f'model "{source}" not found')
-        self._write_manifest(dst_name, manifest)
+        with self.writing():
+            manifest = self._manifest(src_name)
+            if manifest is None:
+                raise ModelNotFound(f'model "{source}" not found')
+            self._write_manifest(dst_name, manifest)
 
     def delete(self, text: str) -> None:
         """Remove a name, and every blob no remaining manifest refers to."""
         name = ModelName.parse(text)
         path = name.manifest_path(self.root)
-        if not path.is_file():
-            raise ModelNotFound(f"model '{text}' not found")
-        path.unlink()
-        for parent in (path.parent, path.parent.parent, path.parent.parent.parent):
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-        self._prune_blobs()
+        with self._lock(exclusive=True):  # no pull or create is between its blobs and its manifest
+            if not path.is_file():
+                raise ModelNotFound(f"model '{text}' not found")
+            path.unlink()
+            for parent in (path.parent, path.parent.parent, path.parent.parent.parent):
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+            self._prune_blobs()
 
     def _prune_blobs(self) -> None:
         used: set[str] = set()

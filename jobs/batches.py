@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from corral.errors import BadRequest, CorralError, NotFound
 from corral.store import ModelStore
+from corral.wire.ollama import parse_json
 from corral.wire.openai import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -68,9 +69,11 @@ def parse_line(endpoint: str, raw: bytes) -> tuple[str, str, dict[str, Any]]:
     if len(raw) > MAX_LINE_BYTES:
         raise LineError("line_too_long", f"the line is longer than {MAX_LINE_BYTES} bytes")
     try:
-        obj = json.loads(raw)
+        obj = parse_json(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise LineError("invalid_json_line", f"this line is not valid JSON: {exc}") from exc
+    except BadRequest as exc:
+        raise LineError("invalid_json_line", exc.message) from exc
     if not isinstance(obj, dict):
         raise LineError("invalid_json_line", "each line must be a JSON object")
     custom_id = obj.get("custom_id")

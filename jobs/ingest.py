@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from corral.errors import BadRequest, PayloadTooLarge
 from corral.options import parse_options
 from corral.wire.jobs import ITEM_MODELS, problem
-from corral.wire.ollama import check_format
+from corral.wire.ollama import check_format, parse_json
 
 MAX_LINE_BYTES = 1 << 20
 
@@ -46,9 +46,12 @@ def read_jsonl(stream: IO[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tu
         if not line.strip():
             continue
         try:
-            yield number, json.loads(line)
+            value = parse_json(line)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise BadRequest(f"line {number}: not valid JSON ({exc})") from exc
+        except BadRequest as exc:
+            raise BadRequest(f"line {number}: {exc.message}") from exc
+        yield number, value
 
 
 def text_lines(stream: IO[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, Any]]:

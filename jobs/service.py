@@ -27,6 +27,7 @@ from corral.settings import Settings
 from corral.store import ModelStore
 from corral.timefmt import rfc3339
 from corral.wire.jobs import JOB_KINDS
+from corral.wire.ollama import check_context
 from jobs import queueing, transitions
 from jobs.db import sessions
 from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcnow
@@ -35,6 +36,8 @@ from jobs.search import hydrate, top_k
 from jobs.transitions import requeue_failed, stop_job
 
 INSERT_BATCH = 1000
+# Each chunk is one Celery message and one Redis marker: a million one-item chunks would be a million of each.
+MAX_CHUNKS = 100_000
 
 
 def new_id(prefix: str) -> str:
@@ -103,8 +106,19 @@ class JobService:
             session.flush()
             rows: list[dict[str, Any]] = []
             count = 0
+            vocab = int(record.config.get("vocab_size") or 0)
             for custom_id, body in items:
+                if kind == "generate" and body.get("context"):
+                    try:
+                        check_context(body["context"], vocab)
+                    except BadRequest as exc:
+                        raise BadRequest(f"item {count + 1}: {exc.message}") from exc
                 if count % size == 0:
+                    if len(chunk_ids) == MAX_CHUNKS:
+                        raise BadRequest(
+                            f"a job may have at most {MAX_CHUNKS} chunks: use a chunk_size above {size} for more "
+                            f"than {MAX_CHUNKS * size} items"
+                        )
                     chunk_ids.append(new_id("chunk"))
                     session.execute(
                         insert(Chunk),

@@ -29,6 +29,8 @@ from sqlalchemy.sql.dml import Update
 
 from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcnow
 
+# How many times an item is claimed before a worker crash or a raising task fails it for good.
+MAX_ATTEMPTS = 3
 # The columns a finished item's result sets (besides its state's bookkeeping).
 RESULT_COLUMNS = ("state", "error", "output", "embedding", "prompt_tokens", "completion_tokens")
 
@@ -103,9 +105,10 @@ def close_chunk(session: Session, chunk_id: str, attempt: str, job_id: str) -> N
 
 
 def requeue_orphan(session: Session, chunk_id: str, attempt: str | None) -> bool:
-    """A chunk whose worker died while running ``attempt``: its unfinished items go back to ``pending`` and the
-    chunk to ``queued`` (the caller enqueues it again).  False when the chunk moved on since the caller saw that
-    attempt (it finished, or another worker claimed it anew)."""
+    """A chunk whose worker died while running ``attempt``: its unfinished items go back to ``pending``, except
+    those that had already been tried :data:`MAX_ATTEMPTS` times (an item that crashes every worker that runs it
+    is failed, never claimed again), and the chunk to ``queued`` (the caller enqueues it again).  False when the
+    chunk moved on since the caller saw that attempt (it finished, or another worker claimed it anew)."""
     moved = _changed(
         session,
         update(Chunk)
@@ -113,13 +116,45 @@ def requeue_orphan(session: Session, chunk_id: str, attempt: str | None) -> bool
         .values(state=ChunkState.QUEUED, worker=None, attempt=None, enqueued_at=utcnow())
     )
     if moved:
+        running = (Item.chunk_id == chunk_id, Item.state == ItemState.RUNNING)
         _changed(
             session,
-            update(Item)
-            .where(Item.chunk_id == chunk_id, Item.state == ItemState.RUNNING)
-            .values(state=ItemState.PENDING, claim=None)
+            update(Item).where(*running, Item.attempts >= MAX_ATTEMPTS)
+            .values(state=ItemState.FAILED, claim=None, finished_at=utcnow(), output={"status_code": 500},
+                    error=f"the worker running this item stopped (a crash or a kill) {MAX_ATTEMPTS} times; "
+                    "it is not tried again"),
         )
+        _changed(session, update(Item).where(*running).values(state=ItemState.PENDING, claim=None))
     return bool(moved)
+
+
+def release_chunk(session: Session, chunk_id: str, attempt: str, job_id: str, error: str) -> bool:
+    """A chunk whose run raised: let it go at once instead of leaving it ``running`` until its worker dies.
+
+    Its unfinished items (claimed by ``attempt``, or not claimed yet, which counts as a try) go back to
+    ``pending``, or to ``failed`` with ``error`` once tried :data:`MAX_ATTEMPTS` times.  True when some are pending:
+    the chunk is ``queued`` again and the caller enqueues it; else the chunk is done (and the job perhaps too).
+    """
+    now = utcnow()
+    mine = (Item.chunk_id == chunk_id, Item.state == ItemState.RUNNING, Item.claim == attempt)
+    unclaimed = (Item.chunk_id == chunk_id, Item.state == ItemState.PENDING)
+    _changed(session, update(Item).where(*unclaimed).values(attempts=Item.attempts + 1))
+    failed = {"state": ItemState.FAILED, "claim": None, "finished_at": now, "output": {"status_code": 500},
+              "error": f"failed {MAX_ATTEMPTS} times: {error}"}
+    for where in (mine, unclaimed):
+        _changed(session, update(Item).where(*where, Item.attempts >= MAX_ATTEMPTS).values(**failed))
+    _changed(session, update(Item).where(*mine).values(state=ItemState.PENDING, claim=None))
+    retry = bool(session.scalar(select(func.count()).select_from(Item).where(*unclaimed)))
+    _changed(
+        session,
+        update(Chunk)
+        .where(Chunk.id == chunk_id, Chunk.attempt == attempt)
+        .values(**({"state": ChunkState.QUEUED, "worker": None, "attempt": None, "enqueued_at": now} if retry
+                   else {"state": ChunkState.DONE, "finished_at": now})),
+    )
+    if not retry:
+        finish_job_if_done(session, job_id)
+    return retry
 
 
 def running_chunks(session: Session) -> list[Chunk]:

@@ -23,7 +23,7 @@ import logging
 import uuid
 from typing import Any
 
-from celery import Task, shared_task
+from celery import Celery, Task, shared_task
 
 from corral.errors import CorralError
 from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, new_request_id
@@ -32,6 +32,7 @@ from corral.wire.ollama import ollama_final
 from jobs import transitions
 from jobs.db import sessions
 from jobs.models import ItemState, JobStatus
+from jobs.queueing import enqueue_chunks
 from jobs.transitions import ClaimedChunk
 from workers.decode_loop import SequenceHandle
 from workers.engine import LoadedModel, finish_vectors
@@ -53,7 +54,7 @@ def run_chunk(self: Task, chunk_id: str) -> None:
 
     runtime = runtime_of(self)
     with runtime.chunk_slots:  # the queue gate keeps this from waiting; the semaphore makes sure
-        ChunkRunner(runtime).run(chunk_id)
+        ChunkRunner(runtime, self.app).run(chunk_id)
 
 
 def mark_received(runtime: WorkerRuntime, request: Any) -> None:
@@ -67,8 +68,9 @@ def mark_received(runtime: WorkerRuntime, request: Any) -> None:
 class ChunkRunner:
     """Executes chunks inside a worker process, with the process's loaded models."""
 
-    def __init__(self, runtime: WorkerRuntime) -> None:
+    def __init__(self, runtime: WorkerRuntime, celery: Celery) -> None:
         self.runtime = runtime
+        self.celery = celery
         self.sessions = sessions(runtime.settings)
 
     def run(self, chunk_id: str) -> None:
@@ -86,6 +88,13 @@ class ChunkRunner:
             session.commit()
             item_ids = transitions.pending_items(session, chunk_id)
         try:
+            self._run(chunk, item_ids)
+        except Exception as exc:  # never leave the chunk `running` while this worker lives on
+            log.exception("chunk %s failed; releasing it", chunk_id)
+            self._release(chunk, f"{type(exc).__name__}: {exc}")
+
+    def _run(self, chunk: ClaimedChunk, item_ids: list[int]) -> None:
+        try:
             record = self.runtime.record_for(chunk.model, chunk.model_digest)
         except CorralError as exc:
             with self.sessions() as session:
@@ -99,10 +108,19 @@ class ChunkRunner:
         with self.runtime.registry.use(spec, record, chunk.model, keep_alive) as (model, _):
             if not self._job_cancelled(chunk.job_id):
                 if embedding:
-                    self._run_embed_items(model, item_ids, attempt)
+                    self._run_embed_items(model, item_ids, chunk.attempt)
                 else:
                     self._run_generate_items(model, item_ids, chunk)
         self._close_chunk(chunk)
+
+    def _release(self, chunk: ClaimedChunk, error: str) -> None:
+        """Put the chunk's unfinished items back (failed after their last try) and the chunk in the queue again."""
+        with self.sessions() as session:
+            retry = transitions.release_chunk(session, chunk.chunk_id, chunk.attempt, chunk.job_id, error)
+            session.commit()
+        self.runtime.redis.delete(chunk_key(chunk.chunk_id))
+        if retry:
+            enqueue_chunks(self.celery, self.runtime.redis, [(chunk.chunk_id, chunk.model_digest, chunk.job_id)])
 
     # -- items ------------------------------------------------------------------------------------------
 

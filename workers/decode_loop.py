@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from corral.errors import CorralError, GenerationFailed
+from corral.errors import BadRequest, CorralError, GenerationFailed
 from workers import compute
 from workers.slots import common_prefix, donor, gap_fillers, pick_slot, worth_copying
 
@@ -281,6 +281,12 @@ class DecodeLoop:
             return
         if req.limit <= 0:
             handle.events.put(("done", GenerationResult("length", len(req.prompt), 0, 0, 0, req.prompt)))
+            return
+        bad = next((token for token in req.prompt if not 0 <= token < self._n_vocab), None)
+        if bad is not None:  # llama_decode would fail the whole step, every other sequence in it included
+            handle.events.put(("error", BadRequest(
+                f"invalid context: token id {bad} is outside the model's vocabulary (0 to {self._n_vocab - 1})"
+            )))
             return
         try:
             sampler = self._sampler(req)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral.errors import BadRequest
+from corral.wire.ollama import MAX_EMBED_INPUTS
 
 JOB_KINDS = ("generate", "chat", "embed")
 
@@ -84,6 +85,8 @@ class EmbedItem(_Item):
         )
         if not ok:
             raise ValueError('an embed item needs "input": a non-empty string or list of strings')
+        if isinstance(value, list) and len(value) > MAX_EMBED_INPUTS:
+            raise ValueError(f"an embed item takes at most {MAX_EMBED_INPUTS} inputs")
         return value
 
 

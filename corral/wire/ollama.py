@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,11 +24,61 @@ class _Request(RuntimeRequest):
     """Ollama's request fields shared by every model route."""
 
 
+# What a `format` JSON Schema may ask of llama.cpp's grammar.  A repetition bound becomes a nesting of optional
+# groups as deep as the bound when the schema is turned into a grammar (measured with SmolLM2: maxLength 3000
+# no longer compiles, 20000 crashed the worker with SIGSEGV), so each bound, and their sum, is capped, and so
+# are the schema's size and depth.
+MAX_SCHEMA_REPEAT = 1000
+MAX_SCHEMA_EXPANSION = 4000
+MAX_SCHEMA_BYTES = 64 << 10
+MAX_SCHEMA_DEPTH = 32
+_BOUNDS = ("maxLength", "minLength", "maxItems", "minItems", "maxProperties", "minProperties")
+_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
 def check_format(value: Any) -> Any:
-    if value is None or value == "" or value == "json" or isinstance(value, dict):
+    """``format``: absent, ``"json"``, or a JSON Schema within the grammar budget above (400 otherwise)."""
+    if value is None or value == "" or value == "json":
         return value or None
+    if isinstance(value, dict):
+        check_schema_budget(value)
+        return value
     raw = json.dumps(value)
     raise BadRequest(f'invalid format: {json.dumps(raw)}; expected "json" or a valid JSON Schema object')
+
+
+def check_schema_budget(schema: dict[str, Any]) -> None:
+    """Refuse a JSON Schema whose grammar would be too large or too deep for llama.cpp to build safely."""
+    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+        raise BadRequest(f"invalid format: the JSON Schema is larger than {MAX_SCHEMA_BYTES} bytes")
+    expansion = 0
+    stack: list[tuple[Any, int]] = [(schema, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise BadRequest(f"invalid format: the JSON Schema is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+        if isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        repeats: list[int] = []
+        for key in _BOUNDS:
+            bound = node.get(key)
+            if isinstance(bound, (int, float)) and not isinstance(bound, bool):
+                repeats.append(int(bound) if bound < 1 << 62 else 1 << 62)
+        pattern = node.get("pattern")
+        if isinstance(pattern, str):
+            repeats += [int(n) for m in _QUANTIFIER.finditer(pattern) for n in m.groups() if n]
+        for count in repeats:
+            if count > MAX_SCHEMA_REPEAT:
+                raise BadRequest(
+                    f"invalid format: a repetition bound of {count} is above the {MAX_SCHEMA_REPEAT} the grammar supports"
+                )
+            expansion += count
+        if expansion > MAX_SCHEMA_EXPANSION:
+            raise BadRequest(f"invalid format: the JSON Schema's repetition bounds add up to more than {MAX_SCHEMA_EXPANSION}")
+        stack.extend((child, depth + 1) for child in node.values() if isinstance(child, (dict, list)))
 
 
 class _Generation(_Request):
@@ -127,6 +178,7 @@ class EmbedRequest(_Request):
             self.input = ""
         elif not (isinstance(value, str) or (isinstance(value, list) and all(isinstance(x, str) for x in value))):
             raise BadRequest("invalid input type")
+        check_embed_count(value)
         return self
 
     @property
@@ -181,12 +233,52 @@ _JSON_KINDS = {str: "string", bool: "bool", int: "number", float: "number", list
 M = TypeVar("M", bound=BaseModel)
 
 
+MAX_JSON_DEPTH = 64
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"invalid character '{name[0]}' looking for beginning of value")
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """``json.loads`` as Go's decoder sees JSON: no NaN or Infinity, text that is valid UTF-8 (a lone surrogate
+    such as ``"\\ud800"`` is refused, so no stored value can break a later reply), and at most
+    :data:`MAX_JSON_DEPTH` levels of nesting.  Raises :class:`json.JSONDecodeError`, :class:`UnicodeError` or
+    :class:`~corral.errors.BadRequest`."""
+    try:
+        value = json.loads(raw, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise BadRequest(f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels") from exc
+    except ValueError as exc:
+        if isinstance(exc, (json.JSONDecodeError, UnicodeError)):
+            raise
+        raise BadRequest(str(exc)) from exc
+    _check_value(value)
+    return value
+
+
+def _check_value(value: Any) -> None:
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise BadRequest("invalid string in JSON: a lone surrogate (\\ud800-\\udfff) is not valid UTF-8") from exc
+        elif isinstance(item, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise BadRequest(f"the JSON is nested deeper than {MAX_JSON_DEPTH} levels")
+            children = list(item.keys()) + list(item.values()) if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
 def decode_json(raw: bytes) -> Any:
     """Decode a request body with Ollama's errors: empty -> "missing request body", bad JSON -> Go's words."""
     if not raw.strip():
         raise BadRequest("missing request body")
     try:
-        return json.loads(raw)
+        return parse_json(raw)
     except UnicodeDecodeError as exc:
         raise BadRequest("invalid character in request body") from exc
     except json.JSONDecodeError as exc:
@@ -230,6 +322,22 @@ def _go_message(exc: ValidationError, struct: str, data: dict[str, Any]) -> str:
     if err["type"] in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
         return f"invalid value for {loc}: {err['msg']}"
     return f"json: cannot unmarshal {kind} into Go struct field {struct}.{loc} of type {go_type}"
+
+
+MAX_EMBED_INPUTS = 2048  # inputs per embedding request or job line (OpenAI's limit too); the worker packs them
+
+
+def check_embed_count(value: Any) -> None:
+    if isinstance(value, list) and len(value) > MAX_EMBED_INPUTS:
+        raise BadRequest(f"too many inputs: {len(value)}; at most {MAX_EMBED_INPUTS} per request (use a job for more)")
+
+
+def check_context(context: list[int] | None, vocab_size: int) -> None:
+    """``context`` token ids must be inside the model's vocabulary (0 when unknown: the worker checks then)."""
+    if context and vocab_size:
+        bad = next((t for t in context if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise BadRequest(f"invalid context: token id {bad} is outside the model's vocabulary (0 to {vocab_size - 1})")
 
 
 def is_zero_keep_alive(value: float | None) -> bool:

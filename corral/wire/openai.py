@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from corral.errors import BadRequest
 from corral.options import RuntimeRequest
 from corral.toolcalls import openai_tool_calls
+from corral.wire.ollama import check_embed_count, check_schema_budget
 
 FINGERPRINT = "fp_ollama"
 REASONING_EFFORTS = {"low", "medium", "high", "max", "minimal", "xhigh", "ultra", "none"}
@@ -105,6 +106,10 @@ class ChatCompletionRequest(_Sampling):
             schema = (fmt.get("json_schema") or {}).get("schema")
             if not isinstance(schema, dict):
                 raise BadRequest("response_format.json_schema.schema must be an object", param="response_format")
+            try:
+                check_schema_budget(schema)
+            except BadRequest as exc:
+                raise BadRequest(exc.message, param="response_format") from exc
             return schema
         if kind in (None, "text"):
             return None
@@ -154,6 +159,10 @@ class EmbeddingRequest(_OpenAIRequest):
         if isinstance(value, str):
             return [value]
         if isinstance(value, list) and value and all(isinstance(x, str) for x in value):
+            try:
+                check_embed_count(value)
+            except BadRequest as exc:
+                raise BadRequest(exc.message, param="input") from exc
             return list(value)
         raise BadRequest("invalid input", param="input")
 

@@ -36,7 +36,7 @@ def config(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 
 @pytest.fixture(scope="module")
 def stack() -> dict[str, Any]:
-    result = config("--profile", "cpu")
+    result = config("--profile", "cpu", "--profile", "flower", env={"FLOWER_BASIC_AUTH": "ops:secret"})
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)  # type: ignore[no-any-return]
 
@@ -65,7 +65,11 @@ def test_services_of_the_stack(stack: dict[str, Any]) -> None:
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert services["worker-cpu"]["profiles"] == ["cpu"] and services["worker-cpu"]["command"] == ["worker"]
-    assert "flower" in services["flower"]["command"]
+    flower = services["flower"]
+    assert "flower" in flower["command"] and flower["profiles"] == ["flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == "ops:secret"  # users' prompts stay behind a login
+    assert [p["host_ip"] for p in flower["ports"]] == ["127.0.0.1"]  # and off the network
+    assert "flower" not in json.loads(config().stdout)["services"]  # and only when asked for
     for name in ("api", "migrate", "worker-gpu0", "worker-cpu"):
         env = services[name]["environment"]
         assert env["REDIS_URL"] == "redis://redis:6379/0" and env["DATABASE_URL"].startswith("postgresql+psycopg://")

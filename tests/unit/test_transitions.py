@@ -180,3 +180,41 @@ def test_retry_reopens_only_failed_items_in_new_chunks(session: Session) -> None
     assert states(session, job_id) == ["succeeded", "pending"]
     assert transitions.pending_items(session, new[0]) == [second]
     assert transitions.requeue_failed(session, job, lambda: "unused") == []  # nothing failed any more
+
+
+def test_a_chunk_whose_task_raised_is_released_at_once_and_fails_after_its_last_try(session: Session) -> None:
+    job_id, [chunk] = make_job(session, items=2, chunk_size=2)
+    for n in range(1, transitions.MAX_ATTEMPTS + 1):
+        assert transitions.claim_chunk(session, chunk, "w", f"a{n}") is not None
+        transitions.claim_items(session, transitions.pending_items(session, chunk), f"a{n}")
+        retry = transitions.release_chunk(session, chunk, f"a{n}", job_id, "ValidationError: boom")
+        session.commit()
+        if n < transitions.MAX_ATTEMPTS:
+            assert retry and states(session, job_id) == ["pending", "pending"]  # back in the queue at once
+            assert session.get(Chunk, chunk).state == ChunkState.QUEUED  # type: ignore[union-attr]
+    assert not retry and states(session, job_id) == ["failed", "failed"]
+    item = session.scalars(select(Item).where(Item.job_id == job_id)).first()
+    assert item is not None and item.error == "failed 3 times: ValidationError: boom"
+    assert job_status(session, job_id) == JobStatus.COMPLETED  # item failures do not fail the job
+
+
+def test_a_task_that_raised_before_claiming_counts_a_try_too(session: Session) -> None:
+    job_id, [chunk] = make_job(session, items=1, chunk_size=1)
+    for n in range(transitions.MAX_ATTEMPTS):
+        transitions.claim_chunk(session, chunk, "w", f"a{n}")
+        transitions.release_chunk(session, chunk, f"a{n}", job_id, "OperationalError: database is locked")
+        session.commit()
+    assert states(session, job_id) == ["failed"]
+
+
+def test_an_item_that_kills_its_worker_every_time_is_failed_not_claimed_again(session: Session) -> None:
+    job_id, [chunk] = make_job(session, items=1, chunk_size=1)
+    for n in range(transitions.MAX_ATTEMPTS):
+        transitions.claim_chunk(session, chunk, "doomed", f"a{n}")
+        transitions.claim_items(session, transitions.pending_items(session, chunk), f"a{n}")
+        session.commit()
+        assert transitions.requeue_orphan(session, chunk, f"a{n}")  # the worker died (SIGSEGV)
+        session.commit()
+    assert states(session, job_id) == ["failed"]
+    assert "stopped (a crash or a kill) 3 times" in (session.scalars(select(Item.error)).first() or "")
+    assert transitions.pending_items(session, chunk) == []
