@@ -32,3 +32,5 @@ def query_json(name: str) -> Any:
         return parse_json(value)
     except (json.JSONDecodeError, UnicodeError) as exc:
         raise BadRequest(f"{name} must be JSON") from exc
+    except BadRequest as exc:
+        raise BadRequest(f"{name}: {exc.message}", param=name) from exc

@@ -72,6 +72,12 @@ def chunk_key(chunk_id: str) -> str:
 QUEUED_MARKER = b"1"
 
 
+def suspect_key(chunk_id: str) -> str:
+    """Set when a chunk is re-queued because its worker died running it: the next worker runs it alone, so a
+    request that crashes workers takes no other chunk's items down with it again."""
+    return f"{KEY_PREFIX}suspect:{chunk_id}"
+
+
 def job_cancel_key(job_id: str) -> str:
     """Set when a job is cancelled, so a running chunk stops between tokens (SQL stays the truth)."""
     return f"{KEY_PREFIX}jobcancel:{job_id}"

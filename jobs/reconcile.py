@@ -6,7 +6,8 @@ lock lets one worker sweep at a time.  It never runs an item itself: it only put
 
 1. A chunk ``running`` on a worker whose heartbeat has expired: its unfinished items go back to ``pending`` and
    the chunk is re-enqueued (the dead worker's unacked message may come back after the visibility timeout; it
-   will find the chunk taken and do nothing).
+   will find the chunk taken and do nothing), marked as a suspect: the next worker runs it alone, so an item
+   that crashes workers fails on its own (after three tries) instead of taking other items with it each time.
 2. A chunk ``queued`` whose Redis marker is gone (Redis flushed or restarted without persistence; not a chunk
    whose submitter is still sending its job's messages), or names a worker that is gone (it had received the
    message but died before claiming the chunk; its copy of the message waits in the broker's unacked set until
@@ -29,7 +30,7 @@ import redis
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key
+from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, suspect_key
 from corral.settings import Settings
 from jobs import queueing, transitions
 from jobs.db import sessions
@@ -92,6 +93,7 @@ class Reconciler:
                 log.warning("chunk %s was running on %s, which is gone; re-queueing it", chunk.id, chunk.worker)
                 if transitions.requeue_orphan(session, chunk.id, chunk.attempt):
                     requeue.append((chunk.id, chunk.model_digest, chunk.job_id))
+                    self.redis.set(suspect_key(chunk.id), b"1", ex=24 * 3600)
             queued = transitions.queued_chunks(session, now - self.grace)
             busy = queueing.sending(self.redis, {job_id for _, _, job_id in queued})
             queued = [entry for entry in queued if entry[2] not in busy]  # their submitter is still sending

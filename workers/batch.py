@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 import uuid
+from contextlib import ExitStack
 from typing import Any
 
 from celery import Celery, Task, shared_task
 
 from corral.errors import CorralError
-from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, new_request_id
+from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, new_request_id, suspect_key
 from corral.toolcalls import parse_tool_calls, tool_names
 from corral.wire.ollama import ollama_final
 from jobs import transitions
@@ -36,7 +37,7 @@ from jobs.queueing import enqueue_chunks
 from jobs.transitions import ClaimedChunk
 from workers.decode_loop import SequenceHandle
 from workers.engine import LoadedModel, finish_vectors
-from workers.runtime import WorkerRuntime
+from workers.runtime import CHUNKS_PER_WORKER, WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,15 @@ def run_chunk(self: Task, chunk_id: str) -> None:
     from workers.tasks import runtime_of
 
     runtime = runtime_of(self)
-    with runtime.chunk_slots:  # the queue gate keeps this from waiting; the semaphore makes sure
+    if not runtime.redis.exists(suspect_key(chunk_id)):
+        with runtime.chunk_slots:  # the queue gate keeps this from waiting; the semaphore makes sure
+            ChunkRunner(runtime, self.app).run(chunk_id)
+        return
+    # Its last worker died running it: run it alone (one suspect at a time, all chunk slots held), so if one of
+    # its items crashes this worker too, no other chunk's items go down with it.
+    with runtime.solo_chunk, ExitStack() as slots:
+        for _ in range(CHUNKS_PER_WORKER):
+            slots.enter_context(runtime.chunk_slots)
         ChunkRunner(runtime, self.app).run(chunk_id)
 
 
@@ -118,7 +127,7 @@ class ChunkRunner:
         with self.sessions() as session:
             retry = transitions.release_chunk(session, chunk.chunk_id, chunk.attempt, chunk.job_id, error)
             session.commit()
-        self.runtime.redis.delete(chunk_key(chunk.chunk_id))
+        self.runtime.redis.delete(chunk_key(chunk.chunk_id), suspect_key(chunk.chunk_id))
         if retry:
             enqueue_chunks(self.celery, self.runtime.redis, [(chunk.chunk_id, chunk.model_digest, chunk.job_id)])
 
@@ -256,4 +265,4 @@ class ChunkRunner:
         with self.sessions() as session:
             transitions.close_chunk(session, chunk.chunk_id, chunk.attempt, chunk.job_id)
             session.commit()
-        self.runtime.redis.delete(chunk_key(chunk.chunk_id))
+        self.runtime.redis.delete(chunk_key(chunk.chunk_id), suspect_key(chunk.chunk_id))

@@ -53,6 +53,7 @@ class WorkerRuntime:
         self.registry = ModelRegistry(max_loaded=settings.loaded_model_limit, gpu=gpu is not None)
         self.started_at = time.time()
         self.chunk_slots = threading.BoundedSemaphore(CHUNKS_PER_WORKER)
+        self.solo_chunk = threading.Lock()  # one suspect chunk at a time runs alone (workers/batch.py)
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
         # Extra work for each beat (the batch-job reconciler registers itself here).
@@ -136,7 +137,9 @@ class WorkerRuntime:
             embedding=embedding,
             n_ctx=n_ctx,
             n_gpu_layers=n_gpu,
-            n_threads=int(options.get("num_thread") or default_threads(self.settings.worker_threads)),
+            # a request's num_thread (bounded at the API) never asks for more threads than this machine has cores
+            n_threads=min(int(options.get("num_thread") or default_threads(self.settings.worker_threads)),
+                          os.cpu_count() or 1),
             pooling_mean=embedding and not record.is_embedding,
             parallel=self.settings.num_parallel,
             weights=weights,

@@ -8,6 +8,7 @@ disturb the other tests.  ``num_ctx`` defaults to 256 there and ``CORRAL_MAX_PRE
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -63,3 +64,42 @@ def test_schemathesis_finds_no_server_error_and_no_reply_off_its_schema(fuzz_sta
 def _cases_from(output: str) -> int:
     match = re.search(r"Test cases:\s*\n?\s*(\d+)", output) or re.search(r"(\d+) test cases", output)
     return int(match.group(1)) if match else 0
+
+
+def edge_requests() -> list[tuple[str, dict[str, object]]]:
+    """Each option at both ends of its range and just past them, format schemas at and past the grammar
+    budget, context ids at and past the vocabulary's ends: what reaches llama.cpp in a shared worker."""
+    from corral.options import OPTION_RANGES
+
+    base = {"model": "smollm2", "prompt": "Hi", "stream": False}
+    cases: list[tuple[str, dict[str, object]]] = []
+    for key, (low, high) in OPTION_RANGES.items():
+        step = 1 if key not in ("top_p", "min_p", "typical_p", "temperature", "repeat_penalty", "presence_penalty",
+                                "frequency_penalty") else 0.5
+        for value in (low, high, low - step, high + step):
+            number = int(value) if step == 1 else float(value)
+            cases.append(("/api/generate", {**base, "options": {"num_predict": 2, key: number}}))
+    for bound in (1000, 1001, 20000):
+        cases.append(("/api/generate", {**base, "format": {"type": "string", "maxLength": bound},
+                                        "options": {"num_predict": 4}}))
+    cases.append(("/api/chat", {"model": "smollm2", "stream": False, "messages": [{"role": "user", "content": "Hi"}],
+                                "format": {"type": "array", "items": {"type": "integer"}, "maxItems": 100000}}))
+    for ids in ([0], [49151], [49152], [-1], [2**31]):
+        cases.append(("/api/generate", {**base, "context": ids, "options": {"num_predict": 2}}))
+    return cases
+
+
+def test_edge_values_get_answers_and_never_take_the_worker_down(fuzz_stack: Stack) -> None:
+    """Every edge value is either served or refused with a 4xx; the worker that served the first request still
+    serves the last (no crash, no exit), and an ordinary request still works."""
+    workers = set(fuzz_stack.worker_names())
+    seen: list[tuple[int, str]] = []
+    for path, body in edge_requests():
+        r = httpx.post(fuzz_stack.base_url + path, json=body, timeout=300)
+        assert r.status_code < 500, (path, body, r.status_code, r.text)
+        seen.append((r.status_code, json.dumps(body)[:80]))
+    assert set(fuzz_stack.worker_names()) == workers, "the worker died (or was replaced) during the edge values"
+    assert {code for code, _ in seen} == {200, 400}, seen
+    ok = httpx.post(fuzz_stack.base_url + "/api/generate", timeout=120,
+                    json={"model": "smollm2", "prompt": "Hi", "stream": False, "options": {"num_predict": 3}})
+    assert ok.status_code == 200 and ok.json()["eval_count"] == 3

@@ -138,3 +138,16 @@ def test_settings_travel_to_a_child_process_through_the_environment(monkeypatch:
     for name, value in original.environment().items():
         monkeypatch.setenv(name, value)
     assert Settings() == original
+
+
+def test_a_schema_within_the_grammar_budget_passes_at_any_allowed_depth() -> None:
+    from jobs.ingest import validate_item
+
+    schema: dict[str, object] = {"type": "string", "maxLength": 1000}
+    for _ in range(10):
+        schema = {"type": "object", "properties": {"x": schema}}
+    assert validate_item("generate", 1, {"prompt": "x", "format": schema})[1]["format"] == schema
+    for _ in range(30):
+        schema = {"type": "object", "properties": {"x": schema}}
+    with pytest.raises(BadRequest, match="nested deeper than 32 levels"):
+        validate_item("generate", 1, {"prompt": "x", "format": schema})
