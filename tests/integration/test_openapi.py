@@ -92,6 +92,9 @@ def edge_requests() -> list[tuple[str, dict[str, object]]]:
 def test_edge_values_get_answers_and_never_take_the_worker_down(fuzz_stack: Stack) -> None:
     """Every edge value is either served or refused with a 4xx; the worker that served the first request still
     serves the last (no crash, no exit), and an ordinary request still works."""
+    # the property-based run may have deleted or copied over the model (its examples name it): put it back
+    pulled = httpx.post(fuzz_stack.base_url + "/api/pull", json={"model": "smollm2", "stream": False}, timeout=300)
+    assert pulled.json() == {"status": "success"}
     workers = set(fuzz_stack.worker_names())
     seen: list[tuple[int, str]] = []
     for path, body in edge_requests():
