@@ -51,7 +51,7 @@ def enqueue_chunks(
         for chunk_id, digest, job_id in chunks:
             if job_id not in sent:
                 sent[job_id] = (digest, [])
-                client.set(_sending_key(job_id), b"1", ex=SENDING_TTL)
+                will_send(client, job_id)
             celery.send_task(CHUNK_TASK, args=[chunk_id], queue=model_queue(digest, "batch"),
                              headers={JOB_HEADER: job_id})
             pipe.set(chunk_key(chunk_id), QUEUED_MARKER, nx=True)
@@ -73,6 +73,12 @@ def enqueue_chunks(
         if flag is not None:
             stopped(client, job_id, digest, chunk_ids)
     return count
+
+
+def will_send(client: redis.Redis, job_id: str) -> None:
+    """Before the commit of chunks this process is about to send: from the commit on, the reconciler must not
+    take their missing markers for lost messages (a big job's rows commit seconds before its last message)."""
+    client.set(_sending_key(job_id), b"1", ex=SENDING_TTL)
 
 
 def sending(client: redis.Redis, job_ids: Iterable[str]) -> set[str]:

@@ -137,6 +137,7 @@ class JobService:
                 session.rollback()
                 raise BadRequest("no items: the input is empty")
             session.execute(update(Job).where(Job.id == job_id).values(item_count=count))
+            queueing.will_send(self.redis, job_id)
             session.commit()
         digest = record.model_digest
         enqueue_chunks(self.celery, self.redis, ((c, digest, job_id) for c in chunk_ids), stop_if_cancelled=True)
@@ -296,6 +297,7 @@ class JobService:
             chunk_ids = requeue_failed(session, job, lambda: new_id("chunk"))
             if not chunk_ids:
                 raise Conflict(f"job '{job_id}' has no failed items to retry")
+            queueing.will_send(self.redis, job_id)
             session.commit()
             digest = job.model_digest
         self.redis.delete(job_cancel_key(job_id))

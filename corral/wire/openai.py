@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral.errors import BadRequest
-from corral.options import RuntimeRequest
+from corral.options import RuntimeRequest, parse_options
 from corral.toolcalls import openai_tool_calls
 from corral.wire.ollama import check_embed_count, check_schema_budget
 
@@ -68,7 +68,7 @@ class _Sampling(_OpenAIRequest):
         opts.update({k: v for k, v in explicit.items() if v is not None})
         if self.stop is not None:
             opts["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        return opts
+        return parse_options(opts)  # the OpenAI fields get the same bounds as Ollama's options
 
 
 class ChatCompletionRequest(_Sampling):

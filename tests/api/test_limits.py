@@ -141,3 +141,9 @@ def test_only_an_admin_key_changes_the_shared_models(
     r = client.open(path, method=method, json=body, headers={"Authorization": f"Bearer {user}"})
     assert r.status_code == 403 and "needs an admin key" in r.get_json()["error"]
     assert client.get("/api/tags", headers={"Authorization": f"Bearer {user}"}).status_code == 200
+
+
+def test_openai_sampling_fields_get_the_same_bounds(client: FlaskClient) -> None:
+    for field, value in (("temperature", 1e9), ("top_p", 2), ("max_tokens", -5), ("stop", ["s"] * 20)):
+        r = client.post("/v1/chat/completions", json={**CHAT, field: value})
+        assert r.status_code == 400 and r.get_json()["error"]["type"] == "invalid_request_error", (field, r.get_json())
