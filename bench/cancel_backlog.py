@@ -67,8 +67,9 @@ def main() -> None:
             stopped = time.monotonic() - started
             after, position = small_job(client)
             chunks = -(-args.lines // args.chunk_size)
+            done = {"cancel": "cancelled", "delete": "deleted"}[args.stop]
             print_table(
-                f"A {args.lines:,}-line job ({chunks:,} chunks) {args.stop}ed, then a 32-item job",
+                f"A {args.lines:,}-line job ({chunks:,} chunks) {done}, then a 32-item job",
                 ["step", "seconds"],
                 [["submit the big job (JSONL upload, SQLite)", submitted],
                  [f"{args.stop} it (messages leave the queue)", stopped],
