@@ -11,9 +11,6 @@ import time
 from collections.abc import Generator
 from typing import Any
 
-import redis
-from celery import Celery
-
 from corral.broker import Broker
 from corral.errors import QueueFull
 from corral.protocol import (
@@ -36,13 +33,6 @@ class Gateway:
         self.settings = settings
         self.broker = broker
 
-    @property
-    def redis(self) -> redis.Redis:
-        return self.broker.redis
-
-    @property
-    def celery(self) -> Celery:
-        return self.broker.celery
 
     def run(self, req: InferenceRequest) -> Generator[StreamEvent, None, None]:
         """Enqueue ``req`` and yield its reply events until the terminal one.
@@ -51,10 +41,10 @@ class Gateway:
         """
         key = waiting_key(req.model_digest)
         self._enter_queue(key, req.request_id)
-        reader = StreamReader(self.redis, req.request_id, queue_timeout=self.settings.queue_timeout)
+        reader = StreamReader(self.broker.redis, req.request_id, queue_timeout=self.settings.queue_timeout)
         finished = False
         try:
-            self.celery.send_task(
+            self.broker.celery.send_task(
                 INTERACTIVE_TASK,
                 args=[req.payload()],
                 queue=model_queue(req.model_digest, "interactive"),
@@ -62,36 +52,36 @@ class Gateway:
             )
             for event in reader.events():
                 if event.kind == "start":
-                    self.redis.zrem(key, req.request_id)
+                    self.broker.redis.zrem(key, req.request_id)
                 yield event
             finished = True
         finally:
-            self.redis.zrem(key, req.request_id)
+            self.broker.redis.zrem(key, req.request_id)
             if not finished:
                 reader.cancel()
 
     def _enter_queue(self, key: str, request_id: str) -> None:
         now = time.time()
-        pipe = self.redis.pipeline()
+        pipe = self.broker.redis.pipeline()
         pipe.zremrangebyscore(key, 0, now - self.settings.queue_timeout)  # requests whose API died
         pipe.zadd(key, {request_id: now})
         pipe.zcard(key)
         pipe.expire(key, int(self.settings.queue_timeout * 2) + 1)
         depth = pipe.execute()[2]
         if depth > self.settings.max_queue:
-            self.redis.zrem(key, request_id)
+            self.broker.redis.zrem(key, request_id)
             raise QueueFull()
 
     def waiting(self, model_digest: str) -> int:
-        return int(self.redis.zcard(waiting_key(model_digest)))
+        return int(self.broker.redis.zcard(waiting_key(model_digest)))
 
     def order_unload(self, model_digest: str) -> None:
         """Tell every worker to drop this model now (``keep_alive: 0`` with an empty prompt)."""
-        self.redis.set(unload_key(model_digest), repr(time.time()), ex=3600)
+        self.broker.redis.set(unload_key(model_digest), repr(time.time()), ex=3600)
 
     def workers(self) -> list[dict[str, Any]]:
         """Heartbeat states of the live workers."""
-        keys = list(self.redis.scan_iter(match=WORKER_KEY_PATTERN, count=500))
+        keys = list(self.broker.redis.scan_iter(match=WORKER_KEY_PATTERN, count=500))
         if not keys:
             return []
-        return [json.loads(v) for v in self.redis.mget(keys) if v is not None]
+        return [json.loads(v) for v in self.broker.redis.mget(keys) if v is not None]

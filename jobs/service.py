@@ -15,8 +15,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-import redis
-from celery import Celery
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
@@ -52,13 +50,6 @@ class JobService:
     store: ModelStore
     broker: Broker
 
-    @property
-    def redis(self) -> redis.Redis:
-        return self.broker.redis
-
-    @property
-    def celery(self) -> Celery:
-        return self.broker.celery
 
     def _session(self) -> Session:
         return sessions(self.settings)()
@@ -137,10 +128,10 @@ class JobService:
                 session.rollback()
                 raise BadRequest("no items: the input is empty")
             session.execute(update(Job).where(Job.id == job_id).values(item_count=count))
-            queueing.will_send(self.redis, job_id)
+            queueing.will_send(self.broker.redis, job_id)
             session.commit()
         digest = record.model_digest
-        enqueue_chunks(self.celery, self.redis, ((c, digest, job_id) for c in chunk_ids), stop_if_cancelled=True)
+        enqueue_chunks(self.broker.celery, self.broker.redis, ((c, digest, job_id) for c in chunk_ids), stop_if_cancelled=True)
         return self.get(job_id)
 
     # -- reading ----------------------------------------------------------------------------------------
@@ -278,14 +269,14 @@ class JobService:
         messages leave the broker, so the jobs queued behind it do not wait for them."""
         with self._session() as session:
             digest = self._job(session, job_id, owner).model_digest
-            queueing.will_stop(self.redis, job_id, digest)
+            queueing.will_stop(self.broker.redis, job_id, digest)
             stopped = stop_job(session, job_id, JobStatus.CANCELLED)
             chunks = transitions.chunk_ids(session, job_id) if stopped else []
             session.commit()
         if stopped:
-            queueing.stopped(self.redis, job_id, digest, chunks)
+            queueing.stopped(self.broker.redis, job_id, digest, chunks)
         else:
-            queueing.forget_purge(self.redis, job_id)
+            queueing.forget_purge(self.broker.redis, job_id)
         return self.get(job_id, owner)
 
     def retry(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
@@ -297,24 +288,24 @@ class JobService:
             chunk_ids = requeue_failed(session, job, lambda: new_id("chunk"))
             if not chunk_ids:
                 raise Conflict(f"job '{job_id}' has no failed items to retry")
-            queueing.will_send(self.redis, job_id)
+            queueing.will_send(self.broker.redis, job_id)
             session.commit()
             digest = job.model_digest
-        self.redis.delete(job_cancel_key(job_id))
-        enqueue_chunks(self.celery, self.redis, ((c, digest, job_id) for c in chunk_ids))
+        self.broker.redis.delete(job_cancel_key(job_id))
+        enqueue_chunks(self.broker.celery, self.broker.redis, ((c, digest, job_id) for c in chunk_ids))
         return self.get(job_id, owner)
 
     def delete(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
         """The job and its results go; like a cancel, its running item stops and its queued messages leave."""
         with self._session() as session:
             digest = self._job(session, job_id, owner).model_digest
-            queueing.will_stop(self.redis, job_id, digest)
+            queueing.will_stop(self.broker.redis, job_id, digest)
             chunks = transitions.chunk_ids(session, job_id)
             session.execute(delete(Item).where(Item.job_id == job_id))
             session.execute(delete(Chunk).where(Chunk.job_id == job_id))
             session.execute(delete(Job).where(Job.id == job_id))
             session.commit()
-        queueing.stopped(self.redis, job_id, digest, chunks)
+        queueing.stopped(self.broker.redis, job_id, digest, chunks)
         return {"id": job_id, "object": "job", "deleted": True}
 
     def queue_overview(self, waiting: dict[str, int]) -> builtins.list[dict[str, Any]]:
