@@ -7,7 +7,8 @@ an admin's is a 403 (:func:`require_admin`).  Views ask :func:`owner` whose jobs
 the caller may see (``None``: all of them) and :func:`creator` whom to stamp as owner of what it creates.
 
 Body limits: ``CORRAL_MAX_BODY`` on the sync routes; job and file uploads, which are streamed into the
-database, get ``CORRAL_UPLOAD_LIMIT`` instead.  Over the limit is a 413, before the body is read.
+database, get ``CORRAL_UPLOAD_LIMIT`` instead, and blob uploads (model files, streamed to disk) none.  Over the
+limit is a 413, before the body is read.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ def init_app(app: Flask, settings: Settings, keys: KeyStore) -> None:
     def _limits_and_key() -> None:
         if (request.method, request.path) in UPLOAD_ROUTES and request.mimetype not in JSON_TYPES:
             request.max_content_length = settings.upload_limit
+        elif request.method == "POST" and request.path.startswith("/api/blobs/"):
+            request.max_content_length = 1 << 62  # a model file: streamed to disk, checked against its digest
         elif request.path == "/api/jobs" and (request.content_length or 0) > settings.max_body:
             raise PayloadTooLarge(
                 f"a JSON job body may be at most {settings.max_body} bytes: upload larger jobs as JSONL "

@@ -16,6 +16,7 @@ from api.auth import require_admin
 from api.gateway import Gateway
 from api.metrics import observe_first_token, observe_tokens
 from corral.errors import BadRequest, GenerationFailed, ModelNotFound
+from corral.modelfile import apply_layers
 from corral.protocol import InferenceRequest, StreamEvent, new_request_id
 from corral.settings import Settings
 from corral.store import ModelName, ModelRecord, ModelStore
@@ -58,6 +59,7 @@ class Inference:
     def request(self, record: ModelRecord, name: str, kind: str, **fields: Any) -> InferenceRequest:
         if is_zero_keep_alive(fields.get("keep_alive")):
             require_admin("unloading a model (keep_alive: 0)")
+        fields = apply_layers(record, kind, fields)  # the model's SYSTEM, PARAMETER and MESSAGE layers
         cap = self.settings.max_predict
         if cap and kind in ("generate", "chat"):
             options = dict(fields.get("options") or {})

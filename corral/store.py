@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,10 @@ from corral.gguf_meta import gguf_config
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
 DEFAULT_TAG = "latest"
-MODEL_MEDIA_TYPE = "application/vnd.ollama.image.model"
+LAYER_MEDIA_PREFIX = "application/vnd.ollama.image."
+MODEL_MEDIA_TYPE = LAYER_MEDIA_PREFIX + "model"
+# Layers that hold a few bytes of text or JSON each, read with the manifest.
+TEXT_LAYERS = ("system", "params", "messages", "license", "template")
 CONFIG_MEDIA_TYPE = "application/vnd.docker.container.image.v1+json"
 MANIFEST_MEDIA_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
 
@@ -99,6 +102,9 @@ class ModelRecord:
     size: int
     modified_at: datetime
     config: dict[str, Any]
+    # The text of the model's small layers by kind ("system", "params", "messages", "license", "template"),
+    # as `ollama create` writes them: what a request gets by default (corral/modelfile.py applies them).
+    extras: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def capabilities(self) -> list[str]:
@@ -160,7 +166,7 @@ class ModelStore:
             raise BadRequest("invalid digest format")
         return self.root / "blobs" / f"sha256-{m.group(1)}"
 
-    def _write_blob_bytes(self, data: bytes) -> tuple[str, int]:
+    def write_blob_bytes(self, data: bytes) -> tuple[str, int]:
         digest = hashlib.sha256(data).hexdigest()
         path = self.blob_path(digest)
         if not path.exists():
@@ -255,7 +261,7 @@ class ModelStore:
                 records.append(self.get(text))
                 continue
             config = gguf_config(blob)
-            config_digest, config_size = self._write_blob_bytes(json.dumps(config, sort_keys=True).encode())
+            config_digest, config_size = self.write_blob_bytes(json.dumps(config, sort_keys=True).encode())
             manifest = {
                 "schemaVersion": 2,
                 "mediaType": MANIFEST_MEDIA_TYPE,
@@ -297,6 +303,11 @@ class ModelStore:
         raw = path.read_bytes()
         manifest = json.loads(raw)
         layer = next(x for x in manifest["layers"] if x["mediaType"] == MODEL_MEDIA_TYPE)
+        extras: dict[str, list[str]] = {}
+        for ref in manifest["layers"]:
+            kind = ref["mediaType"].rsplit(".", 1)[-1]
+            if ref["mediaType"].startswith(LAYER_MEDIA_PREFIX) and kind in TEXT_LAYERS:
+                extras.setdefault(kind, []).append(self.blob_path(ref["digest"]).read_text(errors="replace"))
         config_ref = manifest["config"]
         config = json.loads(self.blob_path(config_ref["digest"]).read_bytes())
         size = int(config_ref["size"]) + sum(int(x["size"]) for x in manifest["layers"])
@@ -309,6 +320,7 @@ class ModelStore:
             size=size,
             modified_at=mtime,
             config=config,
+            extras=extras,
         )
 
     def get(self, text: str) -> ModelRecord:

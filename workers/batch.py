@@ -27,7 +27,9 @@ from typing import Any
 from celery import Celery, Task, shared_task
 
 from corral.errors import CorralError
+from corral.modelfile import apply_layers
 from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, new_request_id, suspect_key
+from corral.store import ModelRecord
 from corral.toolcalls import parse_tool_calls, tool_names
 from corral.wire.ollama import ollama_final
 from jobs import transitions
@@ -119,7 +121,7 @@ class ChunkRunner:
                 if embedding:
                     self._run_embed_items(model, item_ids, chunk.attempt)
                 else:
-                    self._run_generate_items(model, item_ids, chunk)
+                    self._run_generate_items(model, record, item_ids, chunk)
         self._close_chunk(chunk)
 
     def _release(self, chunk: ClaimedChunk, error: str) -> None:
@@ -144,18 +146,20 @@ class ChunkRunner:
             transitions.write_result(session, item_id, attempt, values)
             session.commit()
 
-    def _run_generate_items(self, model: LoadedModel, item_ids: list[int], chunk: ClaimedChunk) -> None:
+    def _run_generate_items(
+        self, model: LoadedModel, record: ModelRecord, item_ids: list[int], chunk: ClaimedChunk
+    ) -> None:
         """Queue every prompt of the chunk in the decode loop, then collect and store them in input order."""
         attempt, job_id, kind, name = chunk.attempt, chunk.job_id, chunk.kind, chunk.model
         digest, options = chunk.model_digest, chunk.options
         running: list[tuple[int, InferenceRequest, SequenceHandle]] = []
         for item_id, body in self._claim(item_ids, attempt):
-            req = InferenceRequest(
-                request_id=new_request_id(), kind=kind, model=name, model_digest=digest,
-                prompt=body.get("prompt"), system=body.get("system"), raw=bool(body.get("raw", False)),
-                context=body.get("context"), messages=body.get("messages"), tools=body.get("tools") or None,
-                options={**options, **(body.get("options") or {})}, format=body.get("format"),
-            )
+            fields = apply_layers(record, kind, {  # the model's layers, as the sync route applies them
+                "prompt": body.get("prompt"), "system": body.get("system"), "raw": bool(body.get("raw", False)),
+                "context": body.get("context"), "messages": body.get("messages"), "tools": body.get("tools") or None,
+                "options": {**options, **(body.get("options") or {})}, "format": body.get("format"),
+            })
+            req = InferenceRequest(request_id=new_request_id(), kind=kind, model=name, model_digest=digest, **fields)
             try:
                 handle = self.runtime.start_generation(model, req, interactive=False, stream=False)
                 running.append((item_id, req, handle))

@@ -219,6 +219,28 @@ class PullRequest(ShowRequest):
     insecure: bool = False
 
 
+class CreateRequest(ShowRequest):
+    """POST /api/create: a new model from a GGUF blob (``files``) or an existing model (``from``), with the
+    layers that change its behaviour."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"model": "house", "from": "smollm2", "system": "Answer in French.",
+                                         "parameters": {"temperature": 0.2}}]},
+    )
+
+    from_: str = Field("", alias="from")
+    files: dict[str, str] | None = None
+    adapters: dict[str, str] | None = None
+    template: str | None = None
+    license: str | list[str] | None = None
+    system: str | None = None
+    parameters: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None
+    quantize: str | None = None
+    stream: bool | None = None
+
+
 class CopyRequest(BaseModel):
     """POST /api/copy."""
 

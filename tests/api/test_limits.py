@@ -127,6 +127,8 @@ def test_a_job_has_at_most_max_chunks(client: FlaskClient, monkeypatch: pytest.M
         ("POST", "/api/copy", {"source": MODEL, "destination": "mine"}),
         ("DELETE", "/api/delete", {"model": MODEL}),
         ("POST", "/api/pull", {"model": "smollm2"}),
+        ("POST", "/api/create", {"model": "mine", "from": MODEL}),
+        ("POST", "/api/blobs/sha256:" + "0" * 64, {}),
         ("POST", "/api/generate", {"model": MODEL, "keep_alive": 0}),
         ("POST", "/api/embed", {"model": "all-minilm", "keep_alive": 0}),
         ("POST", "/api/chat", {**CHAT, "keep_alive": 0}),

@@ -19,15 +19,15 @@ def manifest(config: tuple[str, int], layer: tuple[str, int]) -> dict[str, Any]:
 
 def test_a_delete_waits_for_a_pull_between_its_blobs_and_its_manifest(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
-    old = store._write_blob_bytes(b"model a")
-    store.write_manifest("a", manifest(store._write_blob_bytes(b'{"a": 1}'), old))
+    old = store.write_blob_bytes(b"model a")
+    store.write_manifest("a", manifest(store.write_blob_bytes(b'{"a": 1}'), old))
     between, release = threading.Event(), threading.Event()
     pulled: dict[str, tuple[str, int]] = {}
 
     def pull() -> None:
         with store.writing():
-            pulled["config"] = store._write_blob_bytes(b'{"b": 1}')
-            pulled["layer"] = store._write_blob_bytes(b"model b")
+            pulled["config"] = store.write_blob_bytes(b'{"b": 1}')
+            pulled["layer"] = store.write_blob_bytes(b"model b")
             between.set()  # the blobs are in, no manifest names them yet
             release.wait(30)
             store.write_manifest("b", manifest(pulled["config"], pulled["layer"]))

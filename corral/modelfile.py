@@ -1,0 +1,247 @@
+"""What a model's small layers say (Ollama's Modelfile: SYSTEM, PARAMETER, MESSAGE, LICENSE), applied to requests,
+written as layers by ``/api/create`` and shown back as a Modelfile by ``/api/show``.
+
+The layers change behaviour, as in Ollama: ``system`` is the default system prompt (a request's own system
+prompt wins), ``params`` the default options (a request's own options win; ``stop`` is a list), ``messages`` a
+conversation put before every chat's messages.  Both the API (interactive requests) and the workers (job items)
+apply them with :func:`apply_layers`, so a job line behaves as the same body sent to the sync route.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from corral.errors import BadRequest
+from corral.gguf_meta import gguf_config
+from corral.options import parse_options
+from corral.store import (
+    CONFIG_MEDIA_TYPE,
+    LAYER_MEDIA_PREFIX,
+    MANIFEST_MEDIA_TYPE,
+    MODEL_MEDIA_TYPE,
+    ModelName,
+    ModelRecord,
+    ModelStore,
+)
+
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+
+
+def system_of(record: ModelRecord) -> str | None:
+    texts = record.extras.get("system")
+    return texts[-1] if texts else None
+
+
+def params_of(record: ModelRecord) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    for text in record.extras.get("params", []):
+        try:
+            merged.update(json.loads(text))
+        except (ValueError, TypeError):
+            continue  # a layer this server cannot read changes nothing
+    return merged
+
+
+def messages_of(record: ModelRecord) -> list[dict[str, Any]]:
+    for text in reversed(record.extras.get("messages", [])):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(value, list):
+            return [m for m in value if isinstance(m, dict)]
+    return []
+
+
+def licenses_of(record: ModelRecord) -> list[str]:
+    return list(record.extras.get("license", []))
+
+
+def apply_layers(record: ModelRecord, kind: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """A generate or chat request's fields with the model's defaults under them (the request's own win)."""
+    if kind not in ("generate", "chat") or not record.extras:
+        return fields
+    out = dict(fields)
+    params = params_of(record)
+    if params:
+        out["options"] = {**params, **(fields.get("options") or {})}
+    system = system_of(record)
+    if kind == "generate":
+        if system and not fields.get("system") and not fields.get("raw"):
+            out["system"] = system
+    else:
+        messages = list(fields.get("messages") or [])
+        if system and not any(m.get("role") == "system" for m in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        prefix = messages_of(record)
+        if prefix:
+            at = 1 if messages and messages[0].get("role") == "system" else 0
+            messages = [*messages[:at], *prefix, *messages[at:]]
+        out["messages"] = messages
+    return out
+
+
+# -- layers from an /api/create request ---------------------------------------------------------------------
+
+
+def check_parameters(parameters: Any) -> dict[str, Any]:
+    """``parameters`` of /api/create: Ollama's options, with the same types and ranges as a request's."""
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("parameters must be an object of options")
+    stop = parameters.get("stop")
+    if isinstance(stop, str):
+        parameters = {**parameters, "stop": [stop]}
+    return parse_options(parameters)
+
+
+def check_messages(messages: Any) -> list[dict[str, str]]:
+    if messages is None:
+        return []
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and m.get("role") in MESSAGE_ROLES and isinstance(m.get("content", ""), str) for m in messages
+    ):
+        raise BadRequest(f"messages must be a list of {{role, content}} with a role among {', '.join(MESSAGE_ROLES)}")
+    return [{"role": m["role"], "content": m.get("content", "")} for m in messages]
+
+
+# -- a Modelfile that recreates the model, for /api/show ------------------------------------------------------
+
+
+def _quoted(text: str) -> str:
+    return f'"""{text}"""' if "\n" in text or '"' in text else f'"{text}"'
+
+
+def parameters_text(params: dict[str, Any]) -> str:
+    """Ollama's ``parameters`` field of /api/show: one ``key value`` line per value (a list: one per item)."""
+    lines = []
+    for key, value in params.items():
+        for item in value if isinstance(value, list) else [value]:
+            shown = json.dumps(item) if isinstance(item, str) else str(item).lower() if isinstance(item, bool) else item
+            lines.append(f"{key:<30} {shown}")
+    return "\n".join(lines)
+
+
+def modelfile_text(record: ModelRecord, template: str) -> str:
+    """A Modelfile that recreates ``record`` with `corral create` (or `ollama create`)."""
+    lines = ["# Modelfile generated by corral", "# To build a new Modelfile based on this, replace FROM with:",
+             f"# FROM {record.name.display}", "", f"FROM {record.model_path}"]
+    if template:
+        lines.append(f"TEMPLATE {_quoted(template)}")
+    system = system_of(record)
+    if system is not None:
+        lines.append(f"SYSTEM {_quoted(system)}")
+    for key, value in params_of(record).items():
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"PARAMETER {key} {json.dumps(item) if isinstance(item, str) else item}")
+    for message in messages_of(record):
+        lines.append(f"MESSAGE {message.get('role')} {_quoted(str(message.get('content', '')))}")
+    for text in licenses_of(record):
+        lines.append(f"LICENSE {_quoted(text)}")
+    return "\n".join(lines) + "\n"
+
+
+# -- /api/create ----------------------------------------------------------------------------------------------
+
+GGUF_MAGIC = b"GGUF"
+
+
+def _relative(filename: str) -> None:
+    parts = filename.replace("\\", "/").split("/")
+    if filename.startswith(("/", "\\")) or ".." in parts or (len(filename) > 1 and filename[1] == ":"):
+        raise BadRequest("file path must be relative")
+
+
+def create_model(
+    store: ModelStore, name: str, *, base: str = "", files: dict[str, str] | None = None, system: str | None = None,
+    parameters: dict[str, Any] | None = None, messages: list[dict[str, Any]] | None = None,
+    license: str | list[str] | None = None, template: str | None = None, adapters: dict[str, str] | None = None,
+    quantize: str | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Check a create request whole (raising :class:`BadRequest` and writing nothing on any problem), then
+    return the steps that write it, as Ollama's progress objects.  The new layers and the manifest are written
+    under the store's lock, so a delete's sweep of unused blobs cannot take them."""
+    try:
+        ModelName.parse(name)
+    except BadRequest as exc:
+        raise BadRequest("invalid model name") from exc
+    if quantize:
+        raise BadRequest(f"quantize {quantize!r}: corral does not quantize yet; quantize with llama.cpp's "
+                         "llama-quantize and create the model from its output")
+    if adapters:
+        raise BadRequest("adapters (LoRA) are not supported yet")
+    if template is not None:
+        raise BadRequest("TEMPLATE is not supported yet: corral renders the chat template inside the GGUF")
+    if not base and not files:
+        raise BadRequest("neither 'from' or 'files' was specified")
+    options = check_parameters(parameters)
+    prefix = check_messages(messages)
+    licenses = [license] if isinstance(license, str) else list(license or [])
+    if files:
+        ggufs = []
+        for filename, digest in files.items():
+            _relative(filename)
+            path = store.blob_path(digest)
+            if not path.is_file():
+                raise BadRequest(f"blob {digest} not found: upload it first (POST /api/blobs/{digest})")
+            if filename.lower().endswith(".gguf"):
+                ggufs.append(path)
+        if len(ggufs) != 1:
+            raise BadRequest("files must hold exactly one .gguf file (safetensors are not converted yet)")
+        with open(ggufs[0], "rb") as fh:
+            if fh.read(4) != GGUF_MAGIC:
+                raise BadRequest(f"{ggufs[0].name} is not a GGUF file")
+        try:
+            config = gguf_config(ggufs[0])
+        except Exception as exc:  # the gguf reader's many ways to say "this file is broken"
+            raise BadRequest(f"the GGUF file could not be read: {type(exc).__name__}: {exc}") from exc
+        model_layer = {"mediaType": MODEL_MEDIA_TYPE, "digest": "sha256:" + ggufs[0].name.split("-", 1)[1],
+                       "size": ggufs[0].stat().st_size}
+        kept: list[dict[str, Any]] = [model_layer]
+        config_bytes = json.dumps(config, sort_keys=True).encode()
+    else:
+        source = store.manifest(base)
+        kept = list(source["layers"])
+        config_bytes = store.blob_path(source["config"]["digest"]).read_bytes()
+    new: dict[str, list[bytes]] = {}
+    if system is not None:
+        new["system"] = [system.encode()]
+    if options:
+        new["params"] = [json.dumps(options).encode()]
+    if prefix:
+        new["messages"] = [json.dumps(prefix).encode()]
+    if licenses:
+        new["license"] = [text.encode() for text in licenses]
+    return _write_model(store, name, kept, config_bytes, new, parsed=bool(files))
+
+
+def _write_model(
+    store: ModelStore, name: str, kept: list[dict[str, Any]], config_bytes: bytes, new: dict[str, list[bytes]],
+    *, parsed: bool,
+) -> Iterator[dict[str, Any]]:
+    yield {"status": "reading model metadata"}
+    if parsed:
+        yield {"status": "parsing GGUF"}
+    with store.writing():
+        layers = [ref for ref in kept if ref["mediaType"].rsplit(".", 1)[-1] not in new]
+        for ref in layers:
+            yield {"status": f"using existing layer {ref['digest']}"}
+        for kind, blobs in new.items():
+            for data in blobs:
+                existed = store.has_blob(hashlib.sha256(data).hexdigest())
+                digest, size = store.write_blob_bytes(data)
+                yield {"status": f"{'using existing' if existed else 'creating new'} layer sha256:{digest}"}
+                layers.append({"mediaType": LAYER_MEDIA_PREFIX + kind, "digest": f"sha256:{digest}", "size": size})
+        config_digest, config_size = store.write_blob_bytes(config_bytes)
+        yield {"status": "writing manifest"}
+        store.write_manifest(name, {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_MEDIA_TYPE,
+            "config": {"mediaType": CONFIG_MEDIA_TYPE, "digest": f"sha256:{config_digest}", "size": config_size},
+            "layers": layers,
+        })
+    yield {"status": "success"}

@@ -1,0 +1,115 @@
+"""``POST /api/blobs/:digest`` and ``POST /api/create`` on the in-process app: layers written in Ollama's manifest
+format, shown back by /api/show, and every bad request a 400 that leaves the store as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from corral.settings import Settings
+from corral.store import ModelStore
+from tests.helpers import MODEL
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def create(client: FlaskClient, **body: Any) -> Any:
+    return client.post("/api/create", json={"stream": False, **body})
+
+
+def manifests(settings: Settings) -> set[str]:
+    root = settings.models_path / "manifests"
+    return {str(p.relative_to(root)) for p in root.glob("*/*/*/*")}
+
+
+def test_blobs_upload_checked_against_their_digest(client: FlaskClient, settings: Settings) -> None:
+    data = b"a small blob " * 1000
+    digest = digest_of(data)
+    assert client.head(f"/api/blobs/{digest}").status_code == 404
+    bad = client.post(f"/api/blobs/{digest_of(b'other')}", data=data)
+    assert bad.status_code == 400 and "digest mismatch" in bad.get_json()["error"]
+    assert not list((settings.models_path / "blobs").glob(".partial-*"))  # nothing left behind
+    assert client.post(f"/api/blobs/{digest}", data=data).status_code == 201
+    assert client.head(f"/api/blobs/{digest}").status_code == 200
+    assert client.post(f"/api/blobs/{digest}", data=data).status_code == 200  # already there
+    assert client.post("/api/blobs/sha256:nothex", data=data).get_json() == {"error": "invalid digest format"}
+
+
+def test_a_model_created_from_another_carries_its_layers(client: FlaskClient) -> None:
+    r = create(client, model="house-assistant", **{"from": MODEL}, system="You answer in French.",
+               parameters={"temperature": 0.2, "num_predict": 7, "stop": ["<|im_end|>", "###"]},
+               messages=[{"role": "user", "content": "Bonjour"}, {"role": "assistant", "content": "Salut !"}],
+               license="MIT")
+    assert (r.status_code, r.get_json()) == (200, {"status": "success"})
+    shown = client.post("/api/show", json={"model": "house-assistant"}).get_json()
+    assert shown["system"] == "You answer in French." and shown["license"] == "MIT"
+    assert shown["messages"] == [{"role": "user", "content": "Bonjour"}, {"role": "assistant", "content": "Salut !"}]
+    assert shown["parameters"].splitlines()[0].split() == ["temperature", "0.2"]
+    assert [line.split()[1] for line in shown["parameters"].splitlines() if line.startswith("stop")] == ['"<|im_end|>"', '"###"']
+    modelfile = shown["modelfile"]
+    assert "\nSYSTEM \"You answer in French.\"\n" in modelfile and "\nPARAMETER num_predict 7\n" in modelfile
+    assert "\nMESSAGE assistant \"Salut !\"\n" in modelfile and "\nLICENSE \"MIT\"\n" in modelfile
+    base = client.post("/api/show", json={"model": MODEL}).get_json()
+    assert shown["details"] == base["details"] and shown["capabilities"] == base["capabilities"]
+    tags = {m["name"]: m for m in client.get("/api/tags").get_json()["models"]}
+    assert tags["house-assistant:latest"]["details"]["family"] == "llama"
+
+
+def test_progress_lines_as_ollama_sends_them(client: FlaskClient) -> None:
+    r = client.post("/api/create", json={"model": "streamed", "from": MODEL, "system": "Be brief."})
+    lines = [json.loads(line) for line in r.get_data(as_text=True).splitlines()]
+    statuses = [line["status"] for line in lines]
+    assert statuses[0] == "reading model metadata" and statuses[-2:] == ["writing manifest", "success"]
+    assert any(s.startswith("using existing layer sha256:") for s in statuses)
+    assert any(s.startswith(("creating new layer sha256:", "using existing layer sha256:")) for s in statuses[1:-2])
+
+
+def test_a_model_created_from_an_uploaded_gguf(client: FlaskClient, settings: Settings, tmp_path: Path) -> None:
+    store = ModelStore(settings.models_path)
+    gguf = store.get(MODEL).model_path.read_bytes()  # a copy of SmolLM2, as a client would upload it
+    digest = digest_of(gguf)
+    assert client.post(f"/api/blobs/{digest}", data=gguf).status_code in (200, 201)
+    r = create(client, model="uploaded:v1", files={"smollm2.gguf": digest}, system="Hello.")
+    assert (r.status_code, r.get_json()) == (200, {"status": "success"})
+    assert client.post("/api/show", json={"model": "uploaded:v1"}).get_json()["details"]["quantization_level"] == "Q4_1"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"model": "../x", "from": MODEL}, "invalid model name"),
+        ({"model": "a"}, "neither 'from' or 'files' was specified"),
+        ({"model": "a", "files": {"/etc/x.gguf": "sha256:" + "0" * 64}}, "file path must be relative"),
+        ({"model": "a", "files": {"../x.gguf": "sha256:" + "0" * 64}}, "file path must be relative"),
+        ({"model": "a", "files": {"x.gguf": "sha256:"}}, "invalid digest format"),
+        ({"model": "a", "files": {"x.gguf": "sha256:" + "0" * 64}}, "blob sha256:" + "0" * 64 + " not found"),
+        ({"model": "a", "from": "nope"}, "model 'nope' not found"),
+        ({"model": "a", "from": MODEL, "parameters": {"top_p": 5}}, 'option "top_p" must be between 0 and 1'),
+        ({"model": "a", "from": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "messages must be a list"),
+        ({"model": "a", "from": MODEL, "template": "{{ .Prompt }}"}, "TEMPLATE is not supported yet"),
+        ({"model": "a", "from": MODEL, "quantize": "q4_K_M"}, "quantize 'q4_K_M': corral does not quantize yet"),
+    ],
+)
+def test_bad_creates_are_400s_and_write_nothing(
+    client: FlaskClient, settings: Settings, body: dict[str, Any], message: str
+) -> None:
+    before = manifests(settings)
+    r = create(client, **body)
+    assert r.status_code in (400, 404) and r.get_json()["error"].startswith(message), r.get_json()
+    assert manifests(settings) == before
+
+
+def test_a_blob_that_is_not_a_gguf_is_refused(client: FlaskClient, settings: Settings) -> None:
+    data = b"not a model at all"
+    client.post(f"/api/blobs/{digest_of(data)}", data=data)
+    before = manifests(settings)
+    r = create(client, model="notgguf", files={"model.gguf": digest_of(data)})
+    assert r.status_code == 400 and "is not a GGUF file" in r.get_json()["error"]
+    assert manifests(settings) == before
