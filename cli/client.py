@@ -95,6 +95,11 @@ class CorralClient:
             except ValueError as exc:
                 raise ClientError(f"the server at {self.base_url} sent a reply that is not JSON") from exc
 
+    def head(self, path: str) -> int:
+        """The status of a HEAD request (200 or 404 for a blob)."""
+        with self._guard():
+            return int(self._http.head(path).status_code)
+
     def stream_lines(self, method: str, path: str, *, read_timeout: float | None = None, **kwargs: Any) -> Iterator[bytes]:
         """Yield the raw NDJSON lines of a streaming response; an ``{"error"}`` line is left to the caller."""
         with self._guard():

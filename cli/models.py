@@ -1,4 +1,5 @@
-"""Ollama-style model commands: ``list``, ``ps``, ``show``, ``cp``, ``pull``, ``run`` (``rm`` lives in cli.py).
+"""Ollama-style model commands: ``list``, ``ps``, ``show``, ``create``, ``cp``, ``pull``, ``run`` (``rm`` lives in
+cli/main.py).
 
 Output follows the ``ollama`` CLI closely (same columns, same confirmations), so muscle memory carries over.
 ``run`` streams tokens from ``/api/chat``; with no prompt on a terminal it is an interactive chat that keeps
@@ -7,16 +8,22 @@ the conversation (``/bye`` ends it, ``/clear`` forgets it); with no prompt and p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
+from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import click
+import httpx
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
 
 from cli.client import ClientError, CorralClient
 from cli.common import columns, human_size, parse_pairs, stdout_is_tty, with_client
+from corral.errors import BadRequest
+from corral.modelfile import create_body, parse_modelfile
 
 
 def _ago(stamp: str) -> str:
@@ -82,17 +89,20 @@ def ps(client: CorralClient) -> None:
 @click.command()
 @click.argument("model")
 @click.option("--json", "as_json", is_flag=True, help="Print the /api/show reply as JSON.")
-@click.option("--modelfile", is_flag=True, help="Print the Modelfile.")
-@click.option("--template", is_flag=True, help="Print the chat template.")
+@click.option("--modelfile", "part", flag_value="modelfile", help="Print the Modelfile that recreates it.")
+@click.option("--parameters", "part", flag_value="parameters", help="Print its default parameters.")
+@click.option("--system", "part", flag_value="system", help="Print its system prompt.")
+@click.option("--template", "part", flag_value="template", help="Print its chat template.")
+@click.option("--license", "part", flag_value="license", help="Print its license.")
 @with_client
-def show(client: CorralClient, model: str, as_json: bool, modelfile: bool, template: bool) -> None:
-    """Show a model's architecture, size, context length and capabilities."""
+def show(client: CorralClient, model: str, as_json: bool, part: str | None) -> None:
+    """Show a model's architecture, size, context length and capabilities (or one part of it)."""
     info = client.request("POST", "/api/show", json={"model": model})
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    if modelfile or template:
-        click.echo(info.get("modelfile" if modelfile else "template", ""))
+    if part:
+        click.echo(info.get(part) or "")
         return
     details, model_info = info.get("details") or {}, info.get("model_info") or {}
     arch = model_info.get("general.architecture", details.get("family", ""))
@@ -108,6 +118,52 @@ def show(client: CorralClient, model: str, as_json: bool, modelfile: bool, templ
     click.echo("\n  Capabilities")
     for capability in info.get("capabilities") or []:
         click.echo(f"    {capability}")
+
+
+@click.command()
+@click.argument("name")
+@click.option("-f", "--file", "modelfile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              default="Modelfile", show_default=True, help="The Modelfile to read.")
+@click.option("-q", "--quantize", help="Quantize the model's weights to this type (e.g. q8_0).")
+@with_client
+def create(client: CorralClient, name: str, modelfile: Path, quantize: str | None) -> None:
+    """Create a model from a Modelfile (FROM a GGUF file or a model; SYSTEM, PARAMETER, MESSAGE, LICENSE)."""
+    try:
+        body = create_body(parse_modelfile(modelfile.read_text()))
+    except BadRequest as exc:
+        raise click.ClickException(f"{modelfile}: {exc.message}") from exc
+    source = (modelfile.parent / body["from"]).expanduser()
+    if source.is_file():  # FROM a local GGUF: upload it unless the server has it already
+        del body["from"]
+        body["files"] = {source.name: upload_blob(client, source)}
+    if quantize:
+        body["quantize"] = quantize
+    for step in client.stream_json("POST", "/api/create", json={"model": name, "stream": True, **body}):
+        click.echo(step["status"], err=step["status"] != "success")
+    click.echo(f"created '{name}'")
+
+
+def upload_blob(client: CorralClient, path: Path) -> str:
+    """Upload ``path`` as a blob when the server lacks it (HEAD first); its digest either way."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    digest = f"sha256:{h.hexdigest()}"
+    if client.head(f"/api/blobs/{digest}") == 200:
+        return digest
+    size = path.stat().st_size
+
+    def chunks() -> Iterator[bytes]:
+        with open(path, "rb") as fh, Progress(TextColumn(f"uploading {path.name}"), BarColumn(), DownloadColumn(),
+                                              disable=not stdout_is_tty()) as progress:
+            task = progress.add_task("upload", total=size)
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                progress.advance(task, len(block))
+                yield block
+
+    client.request("POST", f"/api/blobs/{digest}", content=chunks(), timeout=httpx.Timeout(None, connect=10.0))
+    return digest
 
 
 @click.command()
@@ -229,4 +285,4 @@ def _interactive(client: CorralClient, body: dict[str, Any], history: list[dict[
         history.append({"role": "assistant", "content": answer})
 
 
-COMMANDS = [list_models, ps, show, cp, pull, run]
+COMMANDS = [list_models, ps, show, create, cp, pull, run]

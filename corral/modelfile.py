@@ -245,3 +245,112 @@ def _write_model(
             "layers": layers,
         })
     yield {"status": "success"}
+
+
+# -- reading a Modelfile (`corral create -f`) ------------------------------------------------------------------
+
+COMMANDS = ("FROM", "ADAPTER", "TEMPLATE", "SYSTEM", "PARAMETER", "MESSAGE", "LICENSE")
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """(COMMAND, argument) pairs of a Modelfile, as Ollama's parser reads it: one command a line, ``#``
+    comments, arguments bare, in ``"..."`` or across lines in ``\"\"\"...\"\"\"``.  Raises :class:`BadRequest`."""
+    commands: list[tuple[str, str]] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        command = word.upper()
+        if command not in COMMANDS:
+            raise BadRequest(f'line {i}: unknown command "{word}" (expected one of {", ".join(COMMANDS)})')
+        rest = rest.strip()
+        if command in ("PARAMETER", "MESSAGE"):
+            key, _, value = rest.partition(" ")
+            value, i = _argument(value.strip(), lines, i)
+            if not key or not value:
+                raise BadRequest(f"line {i}: {command} needs a name and a value")
+            commands.append((command, f"{key} {value}"))
+            continue
+        value, i = _argument(rest, lines, i)
+        if not value and command != "SYSTEM":
+            raise BadRequest(f"line {i}: {command} needs an argument")
+        commands.append((command, value))
+    return commands
+
+
+def _argument(rest: str, lines: list[str], i: int) -> tuple[str, int]:
+    """One argument that starts on the current line; (its text, the index of the next line to read)."""
+    if rest.startswith('"""'):
+        body = rest[3:]
+        if body.endswith('"""') and len(body) >= 3:
+            return body[:-3], i
+        parts = [body]
+        while i < len(lines):
+            line = lines[i]
+            i += 1
+            if line.rstrip().endswith('"""'):
+                parts.append(line.rstrip()[:-3])
+                return "\n".join(parts).strip("\n"), i
+            parts.append(line)
+        raise BadRequest('unterminated """ in the Modelfile')
+    if len(rest) >= 2 and rest.startswith('"') and rest.endswith('"'):
+        return rest[1:-1].replace('\\"', '"'), i
+    return rest, i
+
+
+def _parameter_value(key: str, value: str) -> Any:
+    from corral.options import OPTION_TYPES
+
+    kind = OPTION_TYPES.get(key)
+    try:
+        if kind == "integer":
+            return int(value)
+        if kind == "float32":
+            return float(value)
+        if kind == "boolean":
+            return value.lower() in ("true", "1", "yes")
+    except ValueError as exc:
+        raise BadRequest(f'PARAMETER {key}: "{value}" must be of type {kind}') from exc
+    return value
+
+
+def create_body(commands: list[tuple[str, str]]) -> dict[str, Any]:
+    """The /api/create body for parsed Modelfile commands, with ``from`` as written (a model, or a file the
+    caller uploads and replaces with ``files``)."""
+    body: dict[str, Any] = {}
+    parameters: dict[str, Any] = {}
+    messages: list[dict[str, str]] = []
+    licenses: list[str] = []
+    for command, value in commands:
+        if command == "FROM":
+            body["from"] = value
+        elif command == "ADAPTER":
+            body.setdefault("adapters", {})[value] = value
+        elif command == "TEMPLATE":
+            body["template"] = value
+        elif command == "SYSTEM":
+            body["system"] = value
+        elif command == "PARAMETER":
+            key, _, raw = value.partition(" ")
+            if key == "stop":
+                parameters.setdefault("stop", []).append(raw)
+            else:
+                parameters[key] = _parameter_value(key, raw)
+        elif command == "MESSAGE":
+            role, _, content = value.partition(" ")
+            messages.append({"role": role, "content": content})
+        else:
+            licenses.append(value)
+    if "from" not in body:
+        raise BadRequest("the Modelfile has no FROM line")
+    if parameters:
+        body["parameters"] = parameters
+    if messages:
+        body["messages"] = messages
+    if licenses:
+        body["license"] = licenses
+    return body
