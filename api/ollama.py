@@ -17,7 +17,7 @@ from api.inference import EMBED_NOT_FOUND, Inference, collect, load_reply
 from api.openapi import NDJSON, documented
 from api.services import services
 from api.streaming import ndjson, prime
-from corral import OLLAMA_COMPAT_VERSION, catalog
+from corral import OLLAMA_COMPAT_VERSION, catalog, registry
 from corral.errors import BadRequest, ModelNotFound
 from corral.gguf_meta import read_gguf_metadata
 from corral.modelfile import create_model, licenses_of, messages_of, modelfile_text, parameters_text, params_of, system_of
@@ -239,13 +239,18 @@ def copy() -> Response:
 @bp.post("/api/pull")
 @documented(body=PullRequest, response=R.Progress, stream=NDJSON, stream_item=R.Progress)
 def pull() -> Response:
-    """Build a catalog model into the store (no network: see corral.catalog), with Ollama's progress lines."""
+    """Fetch a model from its registry (Ollama's, another host, or hf.co), or build one of the two default models
+    from its installed package (no network), with Ollama's progress lines."""
     req = parse_body(PullRequest, request.get_data())
     require_admin("pulling a model")
     if not req.target:
         raise BadRequest("model is required")
     ModelName.parse(req.target)
-    steps = catalog.pull(services().inference.store, req.target)
+    store = services().inference.store
+    if catalog.find(req.target) is not None:
+        steps = catalog.pull(store, req.target)
+    else:
+        steps = registry.pull(store, req.target, insecure=req.insecure)
     if req.stream is False:
         for step in steps:
             last = step

@@ -178,18 +178,28 @@ def cp(client: CorralClient, source: str, destination: str) -> None:
 
 @click.command()
 @click.argument("model")
+@click.option("--insecure", is_flag=True, help="Use plain http to the registry (a local or private one).")
 @with_client
-def pull(client: CorralClient, model: str) -> None:
-    """Make a catalog model available: link or convert it from its installed package (no network)."""
-    steps = client.stream_json("POST", "/api/pull", json={"model": model, "stream": True})
+def pull(client: CorralClient, model: str, insecure: bool) -> None:
+    """Pull a model from its registry (Ollama's, another host, hf.co/...), or build a default model from its
+    installed package; a download that was interrupted resumes."""
+    body = {"model": model, "stream": True, "insecure": insecure}
+    steps = client.stream_json("POST", "/api/pull", json=body, read_timeout=None)
     if not stdout_is_tty():
+        shown: set[str] = set()
         for step in steps:
-            click.echo(step["status"])
+            if step["status"] not in shown:  # one line per step, not per progress report
+                shown.add(step["status"])
+                click.echo(step["status"])
         return
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn()) as progress:
+        bars: dict[str, Any] = {}
         for step in steps:
             if "total" in step:
-                progress.add_task(step["status"], total=step["total"], completed=step.get("completed", 0))
+                digest = step.get("digest", step["status"])
+                if digest not in bars:
+                    bars[digest] = progress.add_task(step["status"], total=step["total"])
+                progress.update(bars[digest], completed=step.get("completed", 0))
             else:
                 progress.console.print(step["status"])
 

@@ -213,7 +213,7 @@ class DeleteRequest(ShowRequest):
 
 
 class PullRequest(ShowRequest):
-    """POST /api/pull (``insecure``, ``username`` and ``password`` are accepted and ignored: nothing is fetched)."""
+    """POST /api/pull (``insecure``: plain http to the registry, as in Ollama)."""
 
     stream: bool | None = None
     insecure: bool = False
