@@ -16,7 +16,7 @@ from api.auth import require_admin
 from api.gateway import Gateway
 from api.metrics import observe_first_token, observe_tokens
 from corral.errors import BadRequest, GenerationFailed, ModelNotFound
-from corral.modelfile import apply_layers
+from corral.modelfile import apply_layers, render_template
 from corral.protocol import InferenceRequest, StreamEvent, new_request_id
 from corral.settings import Settings
 from corral.store import ModelName, ModelRecord, ModelStore
@@ -60,6 +60,7 @@ class Inference:
         if is_zero_keep_alive(fields.get("keep_alive")):
             require_admin("unloading a model (keep_alive: 0)")
         fields = apply_layers(record, kind, fields)  # the model's SYSTEM, PARAMETER and MESSAGE layers
+        kind, fields = render_template(record, kind, fields)  # and its TEMPLATE, when it has one
         cap = self.settings.max_predict
         if cap and kind in ("generate", "chat"):
             options = dict(fields.get("options") or {})

@@ -20,7 +20,16 @@ from api.streaming import ndjson, prime
 from corral import OLLAMA_COMPAT_VERSION, catalog, registry
 from corral.errors import BadRequest, ModelNotFound
 from corral.gguf_meta import read_gguf_metadata
-from corral.modelfile import create_model, licenses_of, messages_of, modelfile_text, parameters_text, params_of, system_of
+from corral.modelfile import (
+    create_model,
+    licenses_of,
+    messages_of,
+    modelfile_text,
+    parameters_text,
+    params_of,
+    system_of,
+    template_of,
+)
 from corral.store import ModelName, ModelRecord
 from corral.timefmt import rfc3339
 from corral.wire import responses as R
@@ -175,10 +184,10 @@ def show() -> Response:
     model_info = None if req.verbose else record.config.get("model_info")
     if model_info is None:  # verbose, or a model registered before the config blob kept model_info
         model_info, _ = read_gguf_metadata(record.model_path, with_arrays=req.verbose)
-    template = str(model_info.get("tokenizer.chat_template", ""))
+    template = template_of(record) or str(model_info.get("tokenizer.chat_template", ""))
     shown: dict[str, Any] = {
         "license": "\n".join(licenses_of(record)) or None,
-        "modelfile": modelfile_text(record, ""),
+        "modelfile": modelfile_text(record),
         "parameters": parameters_text(params_of(record)),
         "template": template,
         "system": system_of(record),

@@ -240,7 +240,8 @@ def own_stack(settings: Settings, home: Path, redis_db: int, **overrides: object
     """A worker and an API server of their own: another Redis database and SQLite file, settings overridden."""
     url = with_db(settings.redis, redis_db)
     clean_redis(url)
-    own = make_settings(home, url, settings.models_path, **{"database_url": f"sqlite:///{home / 'own.db'}", **overrides})
+    models = Path(str(overrides.pop("models_dir", settings.models_path)))
+    own = make_settings(home, url, models, **{"database_url": f"sqlite:///{home / 'own.db'}", **overrides})
     fresh_database(own)
     try:
         with Stack(own, home / "logs").running() as stack:

@@ -27,7 +27,7 @@ from typing import Any
 from celery import Celery, Task, shared_task
 
 from corral.errors import CorralError
-from corral.modelfile import apply_layers
+from corral.modelfile import apply_layers, render_template
 from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, new_request_id, suspect_key
 from corral.store import ModelRecord
 from corral.toolcalls import parse_tool_calls, tool_names
@@ -159,7 +159,9 @@ class ChunkRunner:
                 "context": body.get("context"), "messages": body.get("messages"), "tools": body.get("tools") or None,
                 "options": {**options, **(body.get("options") or {})}, "format": body.get("format"),
             })
-            req = InferenceRequest(request_id=new_request_id(), kind=kind, model=name, model_digest=digest, **fields)
+            request_kind, fields = render_template(record, kind, fields)  # a TEMPLATE layer: a raw prompt
+            req = InferenceRequest(request_id=new_request_id(), kind=request_kind, model=name, model_digest=digest,
+                                   **fields)
             try:
                 handle = self.runtime.start_generation(model, req, interactive=False, stream=False)
                 running.append((item_id, req, handle))

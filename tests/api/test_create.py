@@ -93,7 +93,9 @@ def test_a_model_created_from_an_uploaded_gguf(client: FlaskClient, settings: Se
         ({"model": "a", "from": "nope"}, "model 'nope' not found"),
         ({"model": "a", "from": MODEL, "parameters": {"top_p": 5}}, 'option "top_p" must be between 0 and 1'),
         ({"model": "a", "from": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "messages must be a list"),
-        ({"model": "a", "from": MODEL, "template": "{{ .Prompt }}"}, "TEMPLATE is not supported yet"),
+        ({"model": "a", "from": MODEL, "template": "{{ range .Messages }}{{ upper .Content }}{{ end }}"},
+         'template: function "upper" not defined'),
+        ({"model": "a", "from": MODEL, "template": "{{ if .System }}no end"}, "template: unexpected EOF"),
         ({"model": "a", "from": MODEL, "quantize": "q4_K_M"}, "quantize 'q4_K_M': corral does not quantize yet"),
     ],
 )
@@ -113,3 +115,14 @@ def test_a_blob_that_is_not_a_gguf_is_refused(client: FlaskClient, settings: Set
     r = create(client, model="notgguf", files={"model.gguf": digest_of(data)})
     assert r.status_code == 400 and "is not a GGUF file" in r.get_json()["error"]
     assert manifests(settings) == before
+
+
+def test_a_template_layer_is_kept_and_decides_the_tools_capability(client: FlaskClient) -> None:
+    template = "{{ range .Tools }}{{ json . }}{{ end }}{{ range .Messages }}{{ .Role }}: {{ .Content }}\n{{ end }}"
+    assert create(client, model="templated", **{"from": MODEL}, template=template).get_json() == {"status": "success"}
+    shown = client.post("/api/show", json={"model": "templated"}).get_json()
+    assert shown["template"] == template and "tools" in shown["capabilities"]
+    assert 'TEMPLATE """{{ range .Tools }}' in shown["modelfile"]
+    plain = "{{ .Prompt }}"
+    create(client, model="untooled", **{"from": "templated"}, template=plain)
+    assert "tools" not in client.post("/api/show", json={"model": "untooled"}).get_json()["capabilities"]

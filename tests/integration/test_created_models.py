@@ -47,3 +47,20 @@ def test_a_batch_job_on_a_created_model_gets_its_layers_too(base_url: str) -> No
     done = wait_done(base_url, job["id"])
     assert done["counts"]["succeeded"] == 2
     assert [line["response"]["eval_count"] for line in results(base_url, job["id"])] == [2, 2]
+
+
+# SmolLM2's own chat template (the GGUF's Jinja), written as an Ollama TEMPLATE: with a system message given,
+# both render the same prompt.
+CHATML = "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+
+
+def test_a_template_layer_renders_the_prompt(base_url: str) -> None:
+    create(base_url, model="chatml", **{"from": MODEL}, template=CHATML)
+    messages = [{"role": "system", "content": "Be brief."}, *CHAT]
+    ours = chat(base_url, "chatml", messages=messages, options={"num_predict": 8, "temperature": 0})
+    gguf = chat(base_url, MODEL, messages=messages, options={"num_predict": 8, "temperature": 0})
+    assert abs(ours["prompt_eval_count"] - gguf["prompt_eval_count"]) <= 1  # the same prompt (BOS aside)
+    assert ours["message"]["content"].split()[:3] == gguf["message"]["content"].split()[:3]
+    create(base_url, model="chatml-odd", **{"from": MODEL}, template="{{ .Prompt }}")  # an older, bare template
+    odd = chat(base_url, "chatml-odd", messages=CHAT, options={"num_predict": 2})
+    assert odd["prompt_eval_count"] < gguf["prompt_eval_count"]  # just the question: the template decided

@@ -1,0 +1,93 @@
+"""The Go-template subset of corral/gotemplate.py, on templates written the way Ollama's library writes them."""
+
+from __future__ import annotations
+
+import pytest
+
+from corral.gotemplate import TemplateError, parse, render
+
+CHATML = """{{- if .Messages }}
+{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 -}}
+<|im_start|>{{ .Role }}
+{{ .Content }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- if and (ne .Role "assistant") $last }}<|im_end|>
+<|im_start|>assistant
+{{ end }}
+{{- end }}
+{{- else }}
+{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}{{ if .Prompt }}<|im_start|>user
+{{ .Prompt }}<|im_end|>
+{{ end }}<|im_start|>assistant
+{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
+
+
+def test_chatml_with_messages() -> None:
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                {"role": "user", "content": "Name a colour."}]
+    assert render(parse(CHATML), {"Messages": messages, "System": "Be brief.", "Prompt": "", "Response": ""}) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        "Hello!<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_chatml_legacy_prompt_and_response() -> None:
+    out = render(parse(CHATML), {"Messages": [], "System": "", "Prompt": "Why?", "Response": ""})
+    assert out == "<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_tools_and_tool_calls_as_llama3_templates_write_them() -> None:
+    template = (
+        '{{- range .Tools }}{"name": "{{ .Function.Name }}", "spec": {{ json .Function }}}\n{{ end }}'
+        "{{- range .Messages }}[{{ .Role }}]"
+        "{{- if .ToolCalls }}{{ range .ToolCalls }}call:{{ .Function.Name }}({{ json .Function.Arguments }}){{ end }}"
+        "{{- else if eq .Role \"tool\" }} result of {{ .ToolName }}: {{ .Content }}"
+        "{{- else }} {{ .Content }}{{ end }}\n{{ end }}"
+    )
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+    messages = [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "4 C", "tool_name": "weather"},
+    ]
+    assert render(parse(template), {"Tools": tools, "Messages": messages}) == (
+        '{"name": "weather", "spec": {"name":"weather","parameters":{"type":"object"}}}\n'
+        "[user] Weather in Oslo?\n"
+        '[assistant]call:weather({"city":"Oslo"})\n'
+        "[tool] result of weather: 4 C\n"
+    )
+
+
+def test_variables_with_break_continue_and_else() -> None:
+    template = ("{{ $n := 0 }}{{ range .Items }}{{ if eq . 2 }}{{ continue }}{{ end }}{{ if gt . 3 }}{{ break }}{{ end }}"
+                "{{ $n = . }}{{ . }},{{ else }}none{{ end }} last={{ $n }}{{ with .Missing }}x{{ else }} no{{ end }}")
+    assert render(parse(template), {"Items": [1, 2, 3, 4, 5]}) == "1,3, last=3 no"
+    assert render(parse(template), {"Items": []}) == "none last=0 no"
+
+
+def test_pipelines_literals_and_comments() -> None:
+    template = '{{/* a comment */}}{{ .Name | printf "%s!" }} {{ print "a" 1 true }} {{ index .Map "k" }} {{ len "abc" }}'
+    assert render(parse(template), {"Name": "Ada", "Map": {"k": "v"}}) == "Ada! a1true v 3"
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{{ if .X }}open", "has no {{end}}"),
+        ("{{ end }}", "unexpected {{end}}"),
+        ('{{ define "x" }}{{ end }}', "{{define}} is not supported"),
+        ('{{ template "x" . }}', "{{template}} is not supported"),
+        ("{{ upper .X }}", 'function "upper" not defined'),
+        ("{{ break }}", "{{break}} outside {{range}}"),
+        ("{{ .X ", "unclosed action"),
+    ],
+)
+def test_templates_outside_the_subset_are_refused_when_parsed(template: str, message: str) -> None:
+    with pytest.raises(TemplateError, match=message.replace("{", r"\{").replace("}", r"\}").replace("(", r"\(")):
+        parse(template)
