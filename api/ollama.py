@@ -259,7 +259,7 @@ def pull() -> Response:
     if catalog.find(req.target) is not None:
         steps = catalog.pull(store, req.target)
     else:
-        steps = registry.pull(store, req.target, insecure=req.insecure)
+        steps = registry.pull(store, req.target, insecure=req.insecure, hosts=services().settings.pull_hosts)
     if req.stream is False:
         for step in steps:
             last = step

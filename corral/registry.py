@@ -12,6 +12,7 @@ packaged catalog (:mod:`corral.catalog`), which needs no network.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import httpx
 
 from corral.catalog import PULL_NOT_FOUND, PullError
+from corral.errors import Forbidden
 from corral.gguf_meta import gguf_config
 from corral.store import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MODEL_MEDIA_TYPE, ModelName, ModelStore
 
@@ -38,9 +40,16 @@ def blob_url(name: ModelName, digest: str, *, insecure: bool) -> str:
     return f"{'http' if insecure else 'https'}://{name.host}/v2/{name.namespace}/{name.model}/blobs/{digest}"
 
 
-def pull(store: ModelStore, text: str, *, insecure: bool = False, client: httpx.Client | None = None) -> Iterator[dict[str, Any]]:
-    """Fetch ``text`` into ``store``, yielding Ollama's progress objects; raise :class:`PullError` on failure."""
+def pull(
+    store: ModelStore, text: str, *, insecure: bool = False, hosts: list[str] | None = None,
+    client: httpx.Client | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Fetch ``text`` into ``store``, yielding Ollama's progress objects; raise :class:`PullError` on failure.
+    ``hosts`` (``CORRAL_PULL_HOSTS``) are the registry hosts allowed, as glob patterns; a name elsewhere is a
+    403 before anything is sent."""
     name = ModelName.parse(text)
+    if hosts is not None and not any(fnmatch.fnmatchcase(name.host, pattern.lower()) for pattern in hosts):
+        raise Forbidden(f"pulling from {name.host} is not allowed on this server (CORRAL_PULL_HOSTS)")
     http = client or httpx.Client(follow_redirects=True, timeout=httpx.Timeout(60.0, connect=15.0),
                                   headers={"User-Agent": "corral (ollama-compatible)"})
     try:

@@ -260,6 +260,12 @@ class Settings(BaseSettings):
         description="Most tokens one sync request may generate (a larger or unlimited num_predict is lowered to it); "
         "0: no cap beyond the context, as in Ollama.",
     )
+    pull_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"],
+        validation_alias=AliasChoices("CORRAL_PULL_HOSTS", "pull_hosts"),
+        description="Registry hosts `pull` may fetch from (comma-separated, `*` wildcards; e.g. "
+        "`registry.ollama.ai,hf.co`); the packaged default models need none.",
+    )
     require_api_key: bool = Field(
         False,
         validation_alias=AliasChoices("CORRAL_REQUIRE_API_KEY", "require_api_key"),
@@ -282,7 +288,7 @@ class Settings(BaseSettings):
     def _keep_alive(cls, value: Any) -> float:
         return parse_keep_alive(value)
 
-    @field_validator("origins", mode="before")
+    @field_validator("origins", "pull_hosts", mode="before")
     @classmethod
     def _origins(cls, value: Any) -> list[str]:
         if isinstance(value, str):

@@ -320,7 +320,8 @@ class JobService:
         for digest, state, n in rows:
             per.setdefault(digest, {})[state] = int(n)
         out: builtins.list[dict[str, Any]] = []
-        for record in self.store.list():
+        # one entry per model file, named as it first came (models created from it share its queues)
+        for record in sorted(self.store.list(), key=lambda r: r.modified_at):
             d = record.model_digest
             if any(o["digest"] == d for o in out):
                 continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from corral.catalog import ensure_defaults
 from corral.settings import Settings
 from corral.store import ModelStore
 from tests.helpers import (
+    Registry,
     Stack,
     child_processes,
     clean_redis,
@@ -148,3 +150,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                 os.kill(pid, signal.SIGKILL)
         print("\nprocesses left running by the tests (killed):\n" + "\n".join(f"  {pid} {cmd}" for pid, cmd in left))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture()
+def local_registry() -> Iterator[Registry]:
+    """A model registry in Ollama's URL layout on 127.0.0.1: tests pull from it, never from a hub."""
+    served = Registry()
+    thread = threading.Thread(target=served.server.serve_forever, daemon=True)
+    thread.start()
+    yield served
+    served.server.shutdown()
+    served.server.server_close()

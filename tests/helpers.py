@@ -4,6 +4,7 @@ use these; test modules import from here, never from conftest or from each other
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from sqlalchemy import Engine
 from cli.launcher import die_with_parent, free_port, redis_reachable, start_private_redis, stop
 from cli.main import main
 from corral.settings import Settings
+from corral.store import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MODEL_MEDIA_TYPE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -208,6 +211,8 @@ def make_settings(home: Path, redis_url: str | None, models_dir: Path, **overrid
         # build beside the suite) a descheduled peer made a step ~5x slower and a 400-token test stream time
         # out; one thread is ~10% slower on an idle machine and never stalls.
         "worker_threads": 1,
+        # Tests pull only from registries they serve themselves (a fuzzed name must not reach the internet).
+        "pull_hosts": ["127.0.0.1:*", "localhost:*"],
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
@@ -314,3 +319,67 @@ def make_corpus(root: Path) -> Path:
     )
     (docs / "ignored.bin").write_bytes(b"\x00\x01")
     return docs
+
+
+# -- a model registry on 127.0.0.1 ----------------------------------------------------------------------------
+
+class Registry:
+    """Serves ``/v2/<namespace>/<model>/manifests/<tag>`` and ``.../blobs/<digest>``; can cut a blob short once."""
+
+    def __init__(self) -> None:
+        self.manifests: dict[str, bytes] = {}
+        self.blobs: dict[str, bytes] = {}
+        self.cut_after: dict[str, int] = {}  # digest -> bytes sent before the connection drops (once)
+        self.ranges: list[str] = []
+        registry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                parts = self.path.split("/")
+                if len(parts) == 6 and parts[4] == "manifests":
+                    body = registry.manifests.get("/".join(parts[2:4]) + ":" + parts[5])
+                    return self._send(200, body) if body else self._send(404, b'{"errors":[]}')
+                if len(parts) == 6 and parts[4] == "blobs" and parts[5] in registry.blobs:
+                    data, start = registry.blobs[parts[5]], 0
+                    if "Range" in self.headers:
+                        registry.ranges.append(self.headers["Range"])
+                        start = int(self.headers["Range"].split("=")[1].split("-")[0])
+                    self.send_response(206 if start else 200)
+                    self.send_header("Content-Length", str(len(data) - start))
+                    if start:
+                        self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                    self.end_headers()
+                    cut = registry.cut_after.pop(parts[5], None)
+                    self.wfile.write(data[start:cut] if cut else data[start:])
+                    if cut:
+                        self.close_connection = True
+                    return None
+                return self._send(404, b"{}")
+
+            def _send(self, status: int, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_port}"
+
+    def publish(self, name: str, model: bytes, **layers: bytes) -> dict[str, Any]:
+        """Serve ``name`` (namespace/model:tag) with a model layer and text layers (system=..., params=...)."""
+        def ref(media: str, data: bytes) -> dict[str, Any]:
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            self.blobs[digest] = data
+            return {"mediaType": media, "digest": digest, "size": len(data)}
+
+        manifest = {
+            "schemaVersion": 2, "mediaType": MANIFEST_MEDIA_TYPE,
+            "config": ref(CONFIG_MEDIA_TYPE, json.dumps({"model_format": "gguf", "model_family": "llama"}).encode()),
+            "layers": [ref(MODEL_MEDIA_TYPE, model)]
+            + [ref(f"application/vnd.ollama.image.{kind}", data) for kind, data in layers.items()],
+        }
+        self.manifests[name] = json.dumps(manifest).encode()
+        return manifest

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from cli.launcher import free_port
 from cli.main import main
-from tests.helpers import MODEL, cli, no_traceback, wait_for, write_jsonl
+from tests.helpers import MODEL, Registry, cli, no_traceback, wait_for, write_jsonl
 
 FAST = ["-o", "num_predict=4", "-o", "temperature=0", "-o", "seed=1"]
 
@@ -127,7 +127,7 @@ def test_cancel_makes_status_exit_4_and_keeps_finished_results(base_url: str, tm
     assert retry.exit_code == 1 and "no failed items" in retry.stderr
 
 
-def test_user_mistakes_give_one_line_and_non_zero_exit(base_url: str, tmp_path: Path) -> None:
+def test_user_mistakes_give_one_line_and_non_zero_exit(base_url: str, tmp_path: Path, local_registry: Registry) -> None:
     source = write_jsonl(tmp_path / "one.jsonl", [{"prompt": "hi"}])
     cases = [
         (["submit", str(source), "--model", MODEL, "-o", "temperature"], 1, "bad option 'temperature': expected KEY=VALUE"),
@@ -136,7 +136,8 @@ def test_user_mistakes_give_one_line_and_non_zero_exit(base_url: str, tmp_path: 
         (["status", "job_000000000000000000000000"], 1, "Error: job 'job_000000000000000000000000' not found"),
         (["show", "no-such-model"], 1, "Error: model 'no-such-model:latest' not found"),
         (["rm", "no-such-model"], 1, "Error: model 'no-such-model' not found"),
-        (["pull", "no-such-model"], 1, "Error: pull model manifest: file does not exist"),
+        (["pull", f"{local_registry.host}/library/no-such-model", "--insecure"], 1,
+         "Error: pull model manifest: file does not exist"),
     ]
     for args, code, message in cases:
         result = cli(base_url, *args)

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import MODEL, wait_for
+from tests.helpers import MODEL, Registry, wait_for
 
 GREEDY = {"temperature": 0, "seed": 42}
 
@@ -193,7 +193,7 @@ def test_client_disconnect_stops_generation(base_url: str) -> None:
     assert time.monotonic() - started < 8
 
 
-def test_pull_builds_catalog_models_and_refuses_unknown_ones_like_ollama(base_url: str) -> None:
+def test_pull_builds_catalog_models_and_refuses_unknown_ones_like_ollama(base_url: str, local_registry: Registry) -> None:
     reply = httpx.post(base_url + "/api/pull", json={"model": "smollm2:135m"}, timeout=60)
     lines = [json.loads(x) for x in reply.text.splitlines()]
     assert [x["status"] for x in lines][0] == "pulling manifest" and lines[-1] == {"status": "success"}
@@ -201,9 +201,10 @@ def test_pull_builds_catalog_models_and_refuses_unknown_ones_like_ollama(base_ur
     assert layer["status"] == f"pulling {layer['digest'][7:19]}" and layer["total"] == layer["completed"] > 0
     r = httpx.post(base_url + "/api/pull", json={"model": "smollm2", "stream": False}, timeout=60)
     assert r.status_code == 200 and r.json() == {"status": "success"}
-    r = httpx.post(base_url + "/api/pull", json={"model": "nope", "stream": False})
+    nope = f"{local_registry.host}/library/nope"  # a registry that does not have it (tests reach no hub)
+    r = httpx.post(base_url + "/api/pull", json={"model": nope, "stream": False, "insecure": True})
     assert r.status_code == 500 and r.json() == {"error": "pull model manifest: file does not exist"}
-    r = httpx.post(base_url + "/api/pull", json={"model": "nope"})
+    r = httpx.post(base_url + "/api/pull", json={"model": nope, "insecure": True})
     assert r.status_code == 200
     assert [json.loads(x) for x in r.text.splitlines()] == [
         {"status": "pulling manifest"}, {"error": "pull model manifest: file does not exist"}
