@@ -15,28 +15,8 @@ import pytest
 
 from corral.settings import Settings
 from corral.store import ModelStore
+from tests.helpers import CHATML_TEMPLATE as TEMPLATE
 from tests.helpers import MODEL, Stack, own_stack
-
-# The template of Ollama's library ChatML models, as `ollama show --template` prints it.
-TEMPLATE = """{{- if .Messages }}
-{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 -}}
-{{- if ne .Role "system" }}<|im_start|>{{ .Role }}
-{{ .Content }}<|im_end|>
-{{ end }}
-{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
-{{ end }}
-{{- end }}
-{{- else }}
-{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}{{ if .Prompt }}<|im_start|>user
-{{ .Prompt }}<|im_end|>
-{{ end }}<|im_start|>assistant
-{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
 
 
 def write_ollama_store(root: Path, gguf: bytes) -> None:

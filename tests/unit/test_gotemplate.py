@@ -5,27 +5,7 @@ from __future__ import annotations
 import pytest
 
 from corral.gotemplate import TemplateError, parse, render
-
-CHATML = """{{- if .Messages }}
-{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 -}}
-<|im_start|>{{ .Role }}
-{{ .Content }}{{ if not $last }}<|im_end|>
-{{ end }}
-{{- if and (ne .Role "assistant") $last }}<|im_end|>
-<|im_start|>assistant
-{{ end }}
-{{- end }}
-{{- else }}
-{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}{{ if .Prompt }}<|im_start|>user
-{{ .Prompt }}<|im_end|>
-{{ end }}<|im_start|>assistant
-{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
+from tests.helpers import CHATML_TEMPLATE as CHATML
 
 
 def test_chatml_with_messages() -> None:
