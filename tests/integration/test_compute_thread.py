@@ -35,7 +35,7 @@ def decode_threads(spy_llama_decode: Callable[[Callable[[Any], None]], None]) ->
 def load(models_dir: Path, name: str, *, embedding: bool) -> LoadedModel:
     store = ModelStore(models_dir)
     path = store.blob_path(store.get(name).model_digest)
-    return LoadedModel(LoadSpec(path=path, embedding=embedding, n_ctx=512, n_gpu_layers=0, n_threads=2, parallel=4))
+    return LoadedModel(LoadSpec(path=path, embedding=embedding, n_ctx=512, n_gpu_layers=0, n_threads=1, parallel=4))
 
 
 @pytest.fixture(scope="module")

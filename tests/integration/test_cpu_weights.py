@@ -56,7 +56,7 @@ def test_the_copy_is_made_once_loads_and_goes_with_its_model(models_dir: Path, t
     assert copy.stat().st_mtime_ns == made.st_mtime_ns and copy.stat().st_ino == made.st_ino, "made twice"
     assert [p.name for p in copy.parent.iterdir()] == [copy.name], "a temporary file was left behind"
 
-    model = LoadedModel(LoadSpec(path=blob, embedding=False, n_ctx=256, n_gpu_layers=0, n_threads=2, parallel=2,
+    model = LoadedModel(LoadSpec(path=blob, embedding=False, n_ctx=256, n_gpu_layers=0, n_threads=1, parallel=2,
                                  weights="q8_0"))
     try:
         assert model.path == copy

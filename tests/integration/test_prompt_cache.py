@@ -41,7 +41,7 @@ def decoded_tokens(spy_llama_decode: Callable[[Callable[[Any], None]], None]) ->
 def load(models_dir: Path) -> LoadedModel:
     store = ModelStore(models_dir)
     path = store.blob_path(store.get("smollm2").model_digest)
-    return LoadedModel(LoadSpec(path=path, embedding=False, n_ctx=1024, n_gpu_layers=0, n_threads=2, parallel=2,
+    return LoadedModel(LoadSpec(path=path, embedding=False, n_ctx=1024, n_gpu_layers=0, n_threads=1, parallel=2,
                                 weights="q8_0"))
 
 
@@ -130,7 +130,7 @@ def test_a_slot_that_ends_early_leaves_no_gap_and_changes_no_neighbour(
 
     store = ModelStore(models_dir)
     path = store.blob_path(store.get("smollm2").model_digest)
-    spec = LoadSpec(path=path, embedding=False, n_ctx=256, n_gpu_layers=0, n_threads=2, parallel=3, weights="q8_0")
+    spec = LoadSpec(path=path, embedding=False, n_ctx=256, n_gpu_layers=0, n_threads=1, parallel=3, weights="q8_0")
     model = LoadedModel(spec)
     try:
         together = run(model, together=True)
@@ -164,7 +164,7 @@ def test_concurrent_prompts_with_one_system_prompt_prefill_it_once(
     messages = [[system, {"role": "user", "content": q}] for q in questions]
     store = ModelStore(models_dir)
     path = store.blob_path(store.get("smollm2").model_digest)
-    spec = LoadSpec(path=path, embedding=False, n_ctx=1024, n_gpu_layers=0, n_threads=2, parallel=3, weights="q8_0")
+    spec = LoadSpec(path=path, embedding=False, n_ctx=1024, n_gpu_layers=0, n_threads=1, parallel=3, weights="q8_0")
 
     def ask_together(model: LoadedModel, batch: list[list[dict[str, str]]]) -> list[str]:
         handles = []
