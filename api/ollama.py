@@ -7,6 +7,7 @@ texts and statuses are Ollama's own, including its inconsistencies (``model 'x' 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, request, send_file
@@ -260,11 +261,19 @@ def pull() -> Response:
         steps = catalog.pull(store, req.target)
     else:
         steps = registry.pull(store, req.target, insecure=req.insecure, hosts=services().settings.pull_hosts)
-    if req.stream is False:
+    return _progress(steps, req.stream)
+
+
+def _progress(steps: Iterator[dict[str, Any]], stream: bool | None) -> Response:
+    """Ollama's progress replies (pull, create): NDJSON status lines, or with ``stream: false`` the last one.
+    The first step runs before the reply starts, so a failure there is its own HTTP status."""
+    first = prime(steps)
+    if stream is False:
+        last = first
         for step in steps:
             last = step
         return json_response(last)
-    return ndjson(prime(steps), steps)
+    return ndjson(first, steps)
 
 
 @bp.post("/api/blobs/<digest>")
@@ -295,13 +304,7 @@ def create() -> Response:
         parameters=req.parameters, messages=req.messages, license=req.license, template=req.template,
         adapters=req.adapters, quantize=req.quantize,
     )
-    first = next(steps)
-    if req.stream is False:
-        last = first
-        for step in steps:
-            last = step
-        return json_response(last)
-    return ndjson(first, steps)
+    return _progress(steps, req.stream)
 
 
 @bp.route("/api/blobs/<digest>", methods=["GET", "HEAD"])

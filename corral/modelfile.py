@@ -168,12 +168,14 @@ def _quoted(text: str) -> str:
 
 def parameters_text(params: dict[str, Any]) -> str:
     """Ollama's ``parameters`` field of /api/show: one ``key value`` line per value (a list: one per item)."""
-    lines = []
+    return "\n".join(f"{key:<30} {shown}" for key, shown in _parameter_values(params))
+
+
+def _parameter_values(params: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(name, value as a Modelfile writes it) per value; a list (``stop``) gives one pair per item."""
     for key, value in params.items():
         for item in value if isinstance(value, list) else [value]:
-            shown = json.dumps(item) if isinstance(item, str) else str(item).lower() if isinstance(item, bool) else item
-            lines.append(f"{key:<30} {shown}")
-    return "\n".join(lines)
+            yield key, json.dumps(item) if isinstance(item, str) else str(item).lower() if isinstance(item, bool) else str(item)
 
 
 def modelfile_text(record: ModelRecord, template: str | None = None) -> str:
@@ -186,9 +188,7 @@ def modelfile_text(record: ModelRecord, template: str | None = None) -> str:
     system = system_of(record)
     if system is not None:
         lines.append(f"SYSTEM {_quoted(system)}")
-    for key, value in params_of(record).items():
-        for item in value if isinstance(value, list) else [value]:
-            lines.append(f"PARAMETER {key} {json.dumps(item) if isinstance(item, str) else item}")
+    lines += [f"PARAMETER {key} {shown}" for key, shown in _parameter_values(params_of(record))]
     for message in messages_of(record):
         lines.append(f"MESSAGE {message.get('role')} {_quoted(str(message.get('content', '')))}")
     for text in licenses_of(record):
