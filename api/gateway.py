@@ -8,18 +8,22 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from corral.broker import Broker
-from corral.errors import QueueFull
+from corral.errors import QueueFull, WorkerUnavailable
 from corral.protocol import (
+    BUILD_QUEUE,
+    BUILD_TASK,
     INTERACTIVE_TASK,
     WORKER_KEY_PATTERN,
+    BuildRequest,
     InferenceRequest,
     StreamEvent,
     StreamReader,
     model_queue,
+    new_request_id,
     unload_key,
     waiting_key,
 )
@@ -57,6 +61,41 @@ class Gateway:
             finished = True
         finally:
             self.broker.redis.zrem(key, req.request_id)
+            if not finished:
+                reader.cancel()
+
+    # -- /api/create's llama.cpp work (corral.modelfile.ModelBuilder) -------------------------------------------
+
+    def check(self, model_digest: str, adapters: list[str]) -> None:
+        """Have a worker load the GGUF blob and its adapters with llama.cpp; its refusal is a :class:`BadRequest`."""
+        req = BuildRequest(request_id=new_request_id(), op="check", model_digest=model_digest, adapters=adapters)
+        for _ in self._build(req):
+            pass
+
+    def quantize(self, model_digest: str, quant: str) -> Iterator[dict[str, Any]]:
+        """Have a worker quantize the GGUF blob: ``{"completed", "total"}`` tensors as it goes, then the new
+        blob's ``{"digest", "size"}``."""
+        req = BuildRequest(request_id=new_request_id(), op="quantize", model_digest=model_digest, quantize=quant)
+        for event in self._build(req):
+            yield event.data
+
+    def _build(self, req: BuildRequest) -> Generator[StreamEvent, None, None]:
+        reader = StreamReader(self.broker.redis, req.request_id, queue_timeout=self.settings.queue_timeout)
+        finished = False
+        try:
+            self.broker.celery.send_task(
+                BUILD_TASK, args=[req.model_dump()], queue=BUILD_QUEUE, expires=self.settings.queue_timeout
+            )
+            for event in reader.events():
+                if event.kind != "start":
+                    event.raise_if_error()
+                    yield event
+            finished = True
+        except WorkerUnavailable as exc:
+            raise WorkerUnavailable(
+                f"{exc.message} (checking and quantizing a model needs a worker that shares the model store)"
+            ) from exc
+        finally:
             if not finished:
                 reader.cancel()
 

@@ -294,15 +294,17 @@ def upload_blob(digest: str) -> Response:
 @bp.post("/api/create")
 @documented(body=CreateRequest, response=R.Progress, stream=NDJSON, stream_item=R.Progress)
 def create() -> Response:
-    """Create a model from a GGUF blob or an existing model, with SYSTEM, PARAMETER, MESSAGE and LICENSE layers."""
+    """Create a model from a GGUF blob or an existing model, with its layers (SYSTEM, PARAMETER, MESSAGE, LICENSE,
+    TEMPLATE, ADAPTER), quantized when asked; a worker loads new files with llama.cpp before anything is written."""
     req = parse_body(CreateRequest, request.get_data())
     require_admin("creating a model")
     if not req.target:
         raise BadRequest("model is required")
+    svc = services().inference
     steps = create_model(
-        services().inference.store, req.target, base=req.from_, files=req.files, system=req.system,
+        svc.store, req.target, base=req.from_, files=req.files, system=req.system,
         parameters=req.parameters, messages=req.messages, license=req.license, template=req.template,
-        adapters=req.adapters, quantize=req.quantize,
+        adapters=req.adapters, quantize=req.quantize, builder=svc.gateway,
     )
     return _progress(steps, req.stream)
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 import httpx
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
 
 from cli.client import ClientError, CorralClient
 from cli.common import columns, human_size, parse_pairs, stdout_is_tty, with_client
@@ -124,10 +124,11 @@ def show(client: CorralClient, model: str, as_json: bool, part: str | None) -> N
 @click.argument("name")
 @click.option("-f", "--file", "modelfile", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               default="Modelfile", show_default=True, help="The Modelfile to read.")
-@click.option("-q", "--quantize", help="Quantize the model's weights to this type (e.g. q8_0).")
+@click.option("-q", "--quantize", help="Quantize the weights to this type (q8_0, q4_K_M, ...) from F16, F32 or Q8_0.")
 @with_client
 def create(client: CorralClient, name: str, modelfile: Path, quantize: str | None) -> None:
-    """Create a model from a Modelfile (FROM a GGUF file or a model; SYSTEM, PARAMETER, MESSAGE, LICENSE)."""
+    """Create a model from a Modelfile (FROM a GGUF file or a model; ADAPTER, TEMPLATE, SYSTEM, PARAMETER,
+    MESSAGE, LICENSE), uploading local files the server lacks."""
     try:
         body = create_body(parse_modelfile(modelfile.read_text()))
     except BadRequest as exc:
@@ -136,10 +137,18 @@ def create(client: CorralClient, name: str, modelfile: Path, quantize: str | Non
     if source.is_file():  # FROM a local GGUF: upload it unless the server has it already
         del body["from"]
         body["files"] = {source.name: upload_blob(client, source)}
+    if body.get("adapters"):  # ADAPTER files: uploaded like FROM's
+        adapters = {}
+        for written in body["adapters"]:
+            path = (modelfile.parent / written).expanduser()
+            if not path.is_file():
+                raise click.ClickException(f"{modelfile}: ADAPTER {written}: no such file")
+            adapters[path.name] = upload_blob(client, path)
+        body["adapters"] = adapters
     if quantize:
         body["quantize"] = quantize
-    for step in client.stream_json("POST", "/api/create", json={"model": name, "stream": True, **body}):
-        click.echo(step["status"], err=step["status"] != "success")
+    steps = client.stream_json("POST", "/api/create", json={"model": name, "stream": True, **body}, read_timeout=None)
+    show_progress(steps, MofNCompleteColumn(), err=True)  # quantizing counts tensors
     click.echo(f"created '{name}'")
 
 
@@ -184,22 +193,28 @@ def pull(client: CorralClient, model: str, insecure: bool) -> None:
     """Pull a model from its registry (Ollama's, another host, hf.co/...), or build a default model from its
     installed package; a download that was interrupted resumes."""
     body = {"model": model, "stream": True, "insecure": insecure}
-    steps = client.stream_json("POST", "/api/pull", json=body, read_timeout=None)
+    show_progress(client.stream_json("POST", "/api/pull", json=body, read_timeout=None), DownloadColumn())
+
+
+def show_progress(steps: Iterator[dict[str, Any]], counter: ProgressColumn, *, err: bool = False) -> None:
+    """Ollama's progress lines (pull, create) on a terminal: a bar for each step that counts (with ``counter``:
+    bytes or tensors), a line for each other step.  Without a terminal: one line per step, not per report, on
+    stderr when ``err`` (all but the final ``success``)."""
     if not stdout_is_tty():
         shown: set[str] = set()
         for step in steps:
-            if step["status"] not in shown:  # one line per step, not per progress report
+            if step["status"] not in shown:
                 shown.add(step["status"])
-                click.echo(step["status"])
+                click.echo(step["status"], err=err and step["status"] != "success")
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn()) as progress:
+    with Progress(TextColumn("{task.description}"), BarColumn(), counter) as progress:
         bars: dict[str, Any] = {}
         for step in steps:
             if "total" in step:
-                digest = step.get("digest", step["status"])
-                if digest not in bars:
-                    bars[digest] = progress.add_task(step["status"], total=step["total"])
-                progress.update(bars[digest], completed=step.get("completed", 0))
+                key = step.get("digest", step["status"]) + step["status"]
+                if key not in bars:
+                    bars[key] = progress.add_task(step["status"], total=step["total"])
+                progress.update(bars[key], completed=step.get("completed", 0))
             else:
                 progress.console.print(step["status"])
 

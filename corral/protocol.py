@@ -29,6 +29,10 @@ from corral.errors import CorralError, WorkerUnavailable, error_for_status
 
 INTERACTIVE_TASK = "corral.interactive"
 CHUNK_TASK = "corral.run_chunk"
+BUILD_TASK = "corral.build_model"
+# Model building that needs llama.cpp (/api/create's load check and quantize): every worker that shares the
+# API's model store consumes it (one started with ``--pull-from`` keeps a copy of the store and does not).
+BUILD_QUEUE = "corral.build"
 STREAM_MAXLEN = 10_000
 KEY_PREFIX = "corral:"
 
@@ -123,11 +127,29 @@ class InferenceRequest(BaseModel):
         return req
 
 
+# The quantization types /api/create's ``quantize`` takes (llama.cpp's LLAMA_FTYPE_MOSTLY_<name>), and the file
+# types it quantizes from: Ollama's F16 and F32, plus BF16 and Q8_0 (requantized, as llama-quantize allows).
+QUANT_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M",
+               "Q5_K_S", "Q5_K_M", "Q6_K")
+QUANTIZABLE_FROM = ("F16", "F32", "BF16", "Q8_0")
+
+
+class BuildRequest(BaseModel):
+    """Payload of a build task: check that llama.cpp loads a GGUF blob with its LoRA adapter blobs, or quantize the
+    blob to ``quantize`` (a :data:`QUANT_TYPES` name).  Blobs are named by digest in the shared store."""
+
+    request_id: str
+    op: Literal["check", "quantize"]
+    model_digest: str
+    adapters: list[str] = Field(default_factory=list)
+    quantize: str | None = None
+
+
 @dataclass(frozen=True)
 class StreamEvent:
     """One entry of a reply stream."""
 
-    kind: Literal["start", "delta", "tools", "done", "result", "error"]
+    kind: Literal["start", "delta", "tools", "progress", "done", "result", "error"]
     data: dict[str, Any]
 
     @property

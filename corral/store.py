@@ -105,6 +105,8 @@ class ModelRecord:
     # The text of the model's small layers by kind ("system", "params", "messages", "license", "template"),
     # as `ollama create` writes them: what a request gets by default (corral/modelfile.py applies them).
     extras: dict[str, list[str]] = field(default_factory=dict)
+    # LoRA adapters (``ADAPTER``, ``application/vnd.ollama.image.adapter`` layers), applied on top of the GGUF.
+    adapter_paths: tuple[Path, ...] = ()
 
     @property
     def capabilities(self) -> list[str]:
@@ -304,10 +306,13 @@ class ModelStore:
         manifest = json.loads(raw)
         layer = next(x for x in manifest["layers"] if x["mediaType"] == MODEL_MEDIA_TYPE)
         extras: dict[str, list[str]] = {}
+        adapters: list[Path] = []
         for ref in manifest["layers"]:
             kind = ref["mediaType"].rsplit(".", 1)[-1]
             if ref["mediaType"].startswith(LAYER_MEDIA_PREFIX) and kind in TEXT_LAYERS:
                 extras.setdefault(kind, []).append(self.blob_path(ref["digest"]).read_text(errors="replace"))
+            elif ref["mediaType"] == LAYER_MEDIA_PREFIX + "adapter":
+                adapters.append(self.blob_path(ref["digest"]))
         config_ref = manifest["config"]
         config = json.loads(self.blob_path(config_ref["digest"]).read_bytes())
         size = int(config_ref["size"]) + sum(int(x["size"]) for x in manifest["layers"])
@@ -321,6 +326,7 @@ class ModelStore:
             modified_at=mtime,
             config=config,
             extras=extras,
+            adapter_paths=tuple(adapters),
         )
 
     def get(self, text: str) -> ModelRecord:

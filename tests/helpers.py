@@ -193,6 +193,7 @@ def clean_redis(url: str) -> None:
 # -- settings and databases ------------------------------------------------------------------------------------
 
 MODEL = "smollm2"
+EMBED_MODEL = "all-minilm"
 HAVE_PGSERVER = importlib.util.find_spec("pgserver") is not None
 
 

@@ -38,6 +38,7 @@ produced, so Redis writes and SQL never slow the loop.
 from __future__ import annotations
 
 import codecs
+import ctypes
 import itertools
 import logging
 import queue
@@ -169,7 +170,9 @@ class _Active:
 class DecodeLoop:
     """The single owner of one llama.cpp context; see the module docstring."""
 
-    def __init__(self, llm: Any, *, slots: int, n_ctx_per_slot: int, n_batch: int, n_threads: int) -> None:
+    def __init__(
+        self, llm: Any, *, slots: int, n_ctx_per_slot: int, n_batch: int, n_threads: int, adapters: list[Any] | None = None
+    ) -> None:
         import llama_cpp
         from llama_cpp import _internals
 
@@ -195,6 +198,12 @@ class DecodeLoop:
         except ValueError as exc:
             raise GenerationFailed(f"failed to create a context for {slots} slots: {exc}") from exc
         self._ctx = self._context.ctx
+        if adapters:  # a created model's LoRA adapters, on this context only (the base model's own stay clean)
+            try:
+                set_adapters(llama_cpp, self._ctx, adapters)
+            except GenerationFailed:
+                self._context.close()
+                raise
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
@@ -461,3 +470,10 @@ class DecodeLoop:
             ),
         ))
 
+
+def set_adapters(llama_cpp: Any, ctx: Any, adapters: list[Any]) -> None:
+    """Apply LoRA ``adapters`` (scale 1, as Ollama applies a Modelfile's ADAPTER) to a llama.cpp context."""
+    array = (llama_cpp.llama_adapter_lora_p_ctypes * len(adapters))(*adapters)
+    scales = (ctypes.c_float * len(adapters))(*([1.0] * len(adapters)))
+    if llama_cpp.llama_set_adapters_lora(ctx, array, len(adapters), scales):
+        raise GenerationFailed("failed to apply the model's LoRA adapters")

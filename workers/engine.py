@@ -23,7 +23,7 @@ import numpy as np
 
 from corral.errors import BadRequest, ContextLengthExceeded, GenerationFailed
 from workers import compute, weights
-from workers.decode_loop import DecodeLoop, GenerationResult, SequenceHandle, SequenceRequest
+from workers.decode_loop import DecodeLoop, GenerationResult, SequenceHandle, SequenceRequest, set_adapters
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class LoadSpec:
     pooling_mean: bool = False
     parallel: int = 0  # decode slots (OLLAMA_NUM_PARALLEL); 0 = auto (see parallel_slots)
     weights: str = "native"  # "q8_0": decode from a Q8_0 copy of the file (workers/weights.py)
+    adapters: tuple[Path, ...] = ()  # LoRA adapter GGUFs (a created model's ADAPTER layers), scale 1
 
 
 class LoadedModel:
@@ -95,20 +96,33 @@ class LoadedModel:
             raise GenerationFailed(f"failed to load model: {exc}") from exc
         self._embed_lock = threading.Lock()
         self.loop: DecodeLoop | None = None
-        if not spec.embedding:
-            slots = parallel_slots(spec.parallel, kv_bytes_per_token(llama_cpp, self.llm.model), spec.n_ctx)
-            try:
+        try:
+            adapters = self._load_adapters(llama_cpp, spec.adapters)
+            if spec.embedding and adapters:
+                set_adapters(llama_cpp, self.llm._ctx.ctx, adapters)
+            if not spec.embedding:
+                slots = parallel_slots(spec.parallel, kv_bytes_per_token(llama_cpp, self.llm.model), spec.n_ctx)
                 self.loop = DecodeLoop(
                     self.llm, slots=slots, n_ctx_per_slot=spec.n_ctx, n_batch=min(512, spec.n_ctx * slots),
-                    n_threads=spec.n_threads,
+                    n_threads=spec.n_threads, adapters=adapters,
                 )
-            except GenerationFailed:
-                self.llm.close()
-                raise
+        except GenerationFailed:
+            self.llm.close()
+            raise
         self.load_duration = int((time.perf_counter() - started) * 1e9)
         self._llama_cpp = llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self._formatter = self._make_formatter()
+
+    def _load_adapters(self, llama_cpp: Any, paths: tuple[Path, ...]) -> list[Any]:
+        """The model's LoRA adapters, loaded onto its weights (llama.cpp frees them with the model)."""
+        adapters = []
+        for path in paths:
+            adapter = llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode())
+            if not adapter:
+                raise GenerationFailed(f"failed to load the LoRA adapter {path.name}")
+            adapters.append(adapter)
+        return adapters
 
     def _make_formatter(self) -> Any:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -340,3 +354,4 @@ def parallel_slots(configured: int, kv_per_token: int, n_ctx: int) -> int:
 
 def default_threads(configured: int) -> int:
     return configured or os.cpu_count() or 1
+

@@ -11,7 +11,7 @@ from celery.signals import task_received, worker_ready, worker_shutdown
 
 from corral.catalog import ensure_defaults
 from corral.errors import CorralError
-from corral.protocol import model_queue
+from corral.protocol import BUILD_QUEUE, model_queue
 from corral.settings import Settings
 from corral.store import ModelStore
 
@@ -71,6 +71,8 @@ def run_worker(
     queues, names = queues_for(store, models)
     if not queues:
         raise CorralError(f"no models to serve in {store.root}; pull one first")
+    if not pull_from:  # this worker shares the API's store: it may check and quantize models for /api/create
+        queues.insert(sum(1 for q in queues if q.endswith(".interactive")), BUILD_QUEUE)
     from corral.broker import make_celery
 
     app = make_celery(settings)

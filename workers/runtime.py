@@ -143,6 +143,7 @@ class WorkerRuntime:
             pooling_mean=embedding and not record.is_embedding,
             parallel=self.settings.num_parallel,
             weights=weights,
+            adapters=record.adapter_paths,
         )
 
     def execute(self, req: InferenceRequest, writer: StreamWriter) -> None:

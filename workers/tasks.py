@@ -8,7 +8,9 @@ from typing import Any
 from celery import Task, shared_task
 
 from corral.errors import CorralError, GenerationFailed
-from corral.protocol import INTERACTIVE_TASK, InferenceRequest, StreamWriter
+from corral.protocol import BUILD_TASK, INTERACTIVE_TASK, BuildRequest, InferenceRequest, StreamWriter
+from workers.building import run_build
+from workers.engine import default_threads
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -36,4 +38,21 @@ def interactive(self: Task, payload: dict[str, Any]) -> None:
         writer.fail(exc)
     except Exception as exc:
         log.exception("request %s failed", req.request_id)
+        writer.fail(GenerationFailed(f"{type(exc).__name__}: {exc}"))
+
+
+@shared_task(name=BUILD_TASK, bind=True, acks_late=False, ignore_result=True)
+def build(self: Task, payload: dict[str, Any]) -> None:
+    """Check or quantize a GGUF for /api/create, streaming progress and the outcome to Redis."""
+    runtime = runtime_of(self)
+    req = BuildRequest.model_validate(payload)
+    writer = StreamWriter(runtime.redis, req.request_id, runtime.settings.stream_ttl)
+    if writer.emit("start", {"worker": runtime.name}):
+        return
+    try:
+        run_build(runtime.store, req, writer, threads=default_threads(runtime.settings.worker_threads))
+    except CorralError as exc:
+        writer.fail(exc)
+    except Exception as exc:
+        log.exception("build %s failed", req.request_id)
         writer.fail(GenerationFailed(f"{type(exc).__name__}: {exc}"))

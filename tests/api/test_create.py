@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 
 from corral.settings import Settings
-from corral.store import ModelStore
 from tests.helpers import MODEL
 
 
@@ -71,16 +69,6 @@ def test_progress_lines_as_ollama_sends_them(client: FlaskClient) -> None:
     assert any(s.startswith(("creating new layer sha256:", "using existing layer sha256:")) for s in statuses[1:-2])
 
 
-def test_a_model_created_from_an_uploaded_gguf(client: FlaskClient, settings: Settings, tmp_path: Path) -> None:
-    store = ModelStore(settings.models_path)
-    gguf = store.get(MODEL).model_path.read_bytes()  # a copy of SmolLM2, as a client would upload it
-    digest = digest_of(gguf)
-    assert client.post(f"/api/blobs/{digest}", data=gguf).status_code in (200, 201)
-    r = create(client, model="uploaded:v1", files={"smollm2.gguf": digest}, system="Hello.")
-    assert (r.status_code, r.get_json()) == (200, {"status": "success"})
-    assert client.post("/api/show", json={"model": "uploaded:v1"}).get_json()["details"]["quantization_level"] == "Q4_1"
-
-
 @pytest.mark.parametrize(
     ("body", "message"),
     [
@@ -96,7 +84,10 @@ def test_a_model_created_from_an_uploaded_gguf(client: FlaskClient, settings: Se
         ({"model": "a", "from": MODEL, "template": "{{ range .Messages }}{{ upper .Content }}{{ end }}"},
          'template: function "upper" not defined'),
         ({"model": "a", "from": MODEL, "template": "{{ if .System }}no end"}, "template: unexpected EOF"),
-        ({"model": "a", "from": MODEL, "quantize": "q4_K_M"}, "quantize 'q4_K_M': corral does not quantize yet"),
+        ({"model": "a", "from": MODEL, "quantize": "q4_K_M"}, "quantization is only supported for F16 and F32 models"),
+        ({"model": "a", "from": "all-minilm", "quantize": "q9"}, "unsupported quantization type q9"),
+        ({"model": "a", "from": MODEL, "adapters": {"../a.gguf": "sha256:" + "0" * 64}}, "file path must be relative"),
+        ({"model": "a", "from": MODEL, "adapters": {"a.gguf": "sha256:" + "0" * 64}}, "blob sha256:" + "0" * 64),
     ],
 )
 def test_bad_creates_are_400s_and_write_nothing(

@@ -1,5 +1,5 @@
-"""`corral create -f Modelfile` against a live server: a local GGUF is uploaded only when the server lacks it,
-the layers come back from `corral show`, and a Modelfile mistake is one clear line."""
+"""`corral create -f Modelfile` against a live server: a local GGUF (or ADAPTER) is uploaded only when the server
+lacks it, `-q` quantizes, the layers come back from `corral show`, and a mistake is one clear line."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import httpx
 
 from corral.settings import Settings
 from corral.store import ModelStore
-from tests.helpers import MODEL, cli, no_traceback
+from tests.ggufs import lora_adapter
+from tests.helpers import EMBED_MODEL, MODEL, cli, no_traceback
 
 
 def test_create_from_a_local_gguf_uploads_it_once(base_url: str, settings: Settings, tmp_path: Path) -> None:
@@ -51,3 +52,23 @@ def test_create_from_a_model_and_modelfile_mistakes(base_url: str, tmp_path: Pat
     missing = cli(base_url, "create", "broken", "-f", str(tmp_path / "Modelfile2"))
     assert missing.exit_code == 2  # click: the file does not exist
     httpx.request("DELETE", base_url + "/api/delete", json={"model": "greeter"})
+
+
+def test_create_with_an_adapter_file_and_quantize(base_url: str, settings: Settings, tmp_path: Path) -> None:
+    lora_adapter(ModelStore(settings.models_path).get(MODEL).model_path, tmp_path / "tone.gguf")
+    (tmp_path / "Modelfile").write_text(f"FROM {MODEL}\nADAPTER ./tone.gguf\n")
+    (tmp_path / "Embed").write_text(f"FROM {EMBED_MODEL}\n")
+    try:
+        made = cli(base_url, "create", "toned", "-f", str(tmp_path / "Modelfile"))
+        assert made.exit_code == 0, made.output
+        assert "\nADAPTER " in cli(base_url, "show", "toned", "--modelfile").stdout
+        small = cli(base_url, "create", "minilm-small", "-f", str(tmp_path / "Embed"), "-q", "q8_0")
+        assert small.exit_code == 0 and "quantizing F16 model to Q8_0" in small.stderr, small.output
+        shown = httpx.post(base_url + "/api/show", json={"model": "minilm-small"}).json()
+        assert shown["details"]["quantization_level"] == "Q8_0"
+        refused = cli(base_url, "create", "toned-q", "-f", str(tmp_path / "Modelfile"), "-q", "q8_0")
+        assert refused.exit_code == 1 and refused.stderr.startswith("Error: quantization is only supported for F16")
+        no_traceback(refused)
+    finally:
+        for name in ("toned", "minilm-small"):
+            httpx.request("DELETE", base_url + "/api/delete", json={"model": name})
