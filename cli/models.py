@@ -137,6 +137,11 @@ def create(client: CorralClient, name: str, modelfile: Path, quantize: str | Non
     if source.is_file():  # FROM a local GGUF: upload it unless the server has it already
         del body["from"]
         body["files"] = {source.name: upload_blob(client, source)}
+    elif source.is_dir():  # FROM a Hugging Face model directory: its weights, config and tokenizer files
+        del body["from"]
+        body["files"] = {path.relative_to(source).as_posix(): upload_blob(client, path) for path in model_files(source)}
+        if not body["files"]:
+            raise click.ClickException(f"{source}: no .safetensors or .gguf files in this directory")
     if body.get("adapters"):  # ADAPTER files: uploaded like FROM's
         adapters = {}
         for written in body["adapters"]:
@@ -150,6 +155,14 @@ def create(client: CorralClient, name: str, modelfile: Path, quantize: str | Non
     steps = client.stream_json("POST", "/api/create", json={"model": name, "stream": True, **body}, read_timeout=None)
     show_progress(steps, MofNCompleteColumn(), err=True)  # quantizing counts tensors
     click.echo(f"created '{name}'")
+
+
+# The files of a Hugging Face model directory that a conversion reads (not README.md, ONNX exports, ...).
+MODEL_FILE_PATTERNS = ("*.safetensors", "*.gguf", "*.json", "vocab.txt", "tokenizer.model", "*/config.json")
+
+
+def model_files(directory: Path) -> list[Path]:
+    return sorted({path for pattern in MODEL_FILE_PATTERNS for path in directory.glob(pattern) if path.is_file()})
 
 
 def upload_blob(client: CorralClient, path: Path) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from corral.store import (
     ModelName,
     ModelRecord,
     ModelStore,
+    sha256_file,
 )
 
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
@@ -242,7 +244,8 @@ def create_model(
     prefix = check_messages(messages)
     licenses = [license] if isinstance(license, str) else list(license or [])
     if files:
-        gguf = _files_gguf(store, files)
+        gguf = _files_gguf(store, files, name)
+        converted = not any(filename.lower().endswith(".gguf") for filename in files)
         config = _read_config(gguf)
         model_layer: dict[str, Any] = {"mediaType": MODEL_MEDIA_TYPE, "digest": "sha256:" + gguf.name.split("-", 1)[1],
                        "size": gguf.stat().st_size}
@@ -252,6 +255,7 @@ def create_model(
         kept = list(source["layers"])
         config = json.loads(store.blob_path(source["config"]["digest"]).read_bytes())
         model_layer = next(ref for ref in kept if ref["mediaType"] == MODEL_MEDIA_TYPE)
+        converted = False
     quant = _quant_type(quantize, str(config.get("file_type") or "unknown")) if quantize else None
     adapter_layers = [_adapter_layer(store, filename, digest, config) for filename, digest in (adapters or {}).items()]
     if files or adapter_layers:  # llama.cpp must load it: fail now, not at the first chat
@@ -279,23 +283,59 @@ def create_model(
         new["license"] = [text.encode() for text in licenses]
     if adapter_layers:
         kept = [ref for ref in kept if not ref["mediaType"].endswith(".adapter")] + adapter_layers
-    return _write_model(store, name, kept, config, new, parsed=bool(files),
+    read = ("converting model", "parsing GGUF") if converted else ("parsing GGUF",) if files else ()
+    return _write_model(store, name, kept, config, new, read=read,
                         quantize=(builder, quant) if quant and builder else None)
 
 
-def _files_gguf(store: ModelStore, files: dict[str, str]) -> Path:
-    """The one GGUF blob among ``files``, checked to be there and to be a GGUF."""
-    ggufs = []
+def _files_gguf(store: ModelStore, files: dict[str, str], name: str) -> Path:
+    """The GGUF blob that ``files`` holds, or the GGUF converted from the Hugging Face model they hold (its
+    ``.safetensors``, ``config.json`` and tokenizer files), added to the store."""
+    paths: dict[str, Path] = {}
     for filename, digest in files.items():
         _relative(filename)
         path = store.blob_path(digest)
         if not path.is_file():
             raise BadRequest(f"blob {digest} not found: upload it first (POST /api/blobs/{digest})")
-        if filename.lower().endswith(".gguf"):
-            ggufs.append(path)
-    if len(ggufs) != 1:
-        raise BadRequest("files must hold exactly one .gguf file (safetensors are not converted yet)")
-    return ggufs[0]
+        paths[filename] = path
+    ggufs = [path for filename, path in paths.items() if filename.lower().endswith(".gguf")]
+    if len(ggufs) == 1:
+        return ggufs[0]
+    if ggufs:
+        raise BadRequest("files must hold exactly one .gguf file")
+    if any(filename.endswith(".safetensors") for filename in paths):
+        return _convert_safetensors(store, paths, name)
+    raise BadRequest("files must hold a .gguf file, or a Hugging Face model's .safetensors with its config.json")
+
+
+def _convert_safetensors(store: ModelStore, paths: dict[str, Path], name: str) -> Path:
+    """Convert uploaded safetensors to an F16 GGUF in the store: BERT sentence-embedding models, with corral's
+    converter (corral/convert_bert.py, the one that makes the default all-minilm); other architectures get a
+    400 that says how to convert them."""
+    from corral.convert_bert import ConversionError, convert
+
+    with tempfile.TemporaryDirectory(dir=store.root, prefix=".convert-") as tmp:
+        source = Path(tmp)
+        for filename, path in paths.items():
+            (source / filename).parent.mkdir(parents=True, exist_ok=True)
+            (source / filename).symlink_to(path)
+        try:
+            config = json.loads((source / "config.json").read_text())
+        except FileNotFoundError as exc:
+            raise BadRequest("files hold safetensors without their config.json") from exc
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise BadRequest(f"config.json is not valid JSON: {exc}") from exc
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        if kind != "bert":
+            raise BadRequest(f"corral converts safetensors of BERT embedding models only, and this is {kind!r}: "
+                             "convert it with llama.cpp's convert_hf_to_gguf.py and create the model from the GGUF")
+        output = source / "model.gguf"
+        try:
+            convert(source, output, name=ModelName.parse(name).model)
+        except (ConversionError, OSError, KeyError, ValueError) as exc:
+            raise BadRequest(f"converting the safetensors failed: {exc}") from exc
+        digest = store.add_blob_file(output, digest=sha256_file(output))
+    return store.blob_path(digest)
 
 
 def _read_config(gguf: Path) -> dict[str, Any]:
@@ -336,12 +376,15 @@ def _adapter_layer(store: ModelStore, filename: str, digest: str, config: dict[s
 
 def _write_model(
     store: ModelStore, name: str, kept: list[dict[str, Any]], config: dict[str, Any], new: dict[str, list[bytes]],
-    *, parsed: bool, quantize: tuple[ModelBuilder, str] | None,
+    *, read: tuple[str, ...], quantize: tuple[ModelBuilder, str] | None,
 ) -> Iterator[dict[str, Any]]:
     yield {"status": "reading model metadata"}
-    if parsed:
-        yield {"status": "parsing GGUF"}
+    for status in read:
+        yield {"status": status}
     with store.writing():
+        for ref in kept:  # a delete's sweep may have taken a blob that no manifest named yet (an upload)
+            if not store.has_blob(ref["digest"]):
+                raise BadRequest(f"blob {ref['digest']} was removed while the model was created; try again")
         if quantize is not None:  # under the lock: the new blob has no manifest yet, a delete must not sweep it
             kept, config = yield from _quantized(store, quantize, kept, config)
         layers = [ref for ref in kept if ref["mediaType"].rsplit(".", 1)[-1] not in new]

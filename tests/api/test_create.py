@@ -117,3 +117,15 @@ def test_a_template_layer_is_kept_and_decides_the_tools_capability(client: Flask
     plain = "{{ .Prompt }}"
     create(client, model="untooled", **{"from": "templated"}, template=plain)
     assert "tools" not in client.post("/api/show", json={"model": "untooled"}).get_json()["capabilities"]
+
+
+def test_safetensors_of_an_architecture_corral_does_not_convert(client: FlaskClient, settings: Settings) -> None:
+    config, weights = b'{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}', b"not really weights"
+    for data in (config, weights):
+        client.post(f"/api/blobs/{digest_of(data)}", data=data)
+    before = manifests(settings)
+    r = create(client, model="llama-st", files={"config.json": digest_of(config), "model.safetensors": digest_of(weights)})
+    assert r.status_code == 400 and r.get_json()["error"].startswith(
+        "corral converts safetensors of BERT embedding models only, and this is 'llama'"), r.get_json()
+    assert manifests(settings) == before
+    assert not list(settings.models_path.glob(".convert-*"))

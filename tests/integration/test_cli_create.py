@@ -6,7 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import numpy as np
 
+from corral.convert_bert import packaged_minilm
 from corral.settings import Settings
 from corral.store import ModelStore
 from tests.ggufs import lora_adapter
@@ -72,3 +74,22 @@ def test_create_with_an_adapter_file_and_quantize(base_url: str, settings: Setti
     finally:
         for name in ("toned", "minilm-small"):
             httpx.request("DELETE", base_url + "/api/delete", json={"model": name})
+
+
+def test_create_from_a_safetensors_directory_converts_it(base_url: str, tmp_path: Path) -> None:
+    source = packaged_minilm()
+    assert source is not None
+    (tmp_path / "Modelfile").write_text(f"FROM {source}\n")
+    try:
+        made = cli(base_url, "create", "minilm-converted", "-f", str(tmp_path / "Modelfile"))
+        assert made.exit_code == 0 and "converting model" in made.stderr, made.output
+        shown = httpx.post(base_url + "/api/show", json={"model": "minilm-converted"}).json()
+        assert shown["details"]["family"] == "bert" and shown["capabilities"] == ["embedding"]
+        texts = ["A converted model.", "Das gleiche Modell."]
+        ours, packaged = (
+            httpx.post(base_url + "/api/embed", json={"model": m, "input": texts}, timeout=60).json()["embeddings"]
+            for m in ("minilm-converted", EMBED_MODEL)
+        )
+        assert np.allclose(ours, packaged, atol=1e-6)  # the same weights as the default model's conversion
+    finally:
+        httpx.request("DELETE", base_url + "/api/delete", json={"model": "minilm-converted"})
