@@ -110,9 +110,8 @@ def _blob(
         elif reply.status_code != 206:
             raise PullError(f"pull {digest}: {reply.status_code}")
         completed, last = start, 0.0
-        with open(partial, "r+b" if start else "wb") as fh:
+        with open(partial, "r+b" if start else "wb") as fh:  # "wb" starts the file over
             fh.seek(start)
-            fh.truncate()
             for chunk in reply.iter_bytes(CHUNK):
                 fh.write(chunk)
                 completed += len(chunk)

@@ -67,6 +67,27 @@ def test_an_interrupted_pull_registers_nothing_and_resumes_where_it_stopped(
     assert not partial.exists() and client.post("/api/show", json={"model": name}).status_code == 200
 
 
+def test_a_disk_that_fills_mid_pull_is_an_error_and_the_next_pull_completes(
+    client: FlaskClient, local_registry: Registry, gguf: bytes, settings: Settings
+) -> None:
+    manifest = local_registry.publish("library/full:latest", variant(gguf, 5))
+    digest = manifest["layers"][0]["digest"]
+    store = ModelStore(settings.models_path)
+    partial = store.blob_path(digest).with_name(f"sha256-{digest[7:]}-partial")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.symlink_to("/dev/full")  # every write to the download fails as on a full disk (ENOSPC)
+    name = f"{local_registry.host}/library/full"
+    before = sorted(p.name for p in (settings.models_path / "blobs").iterdir())
+    lines = pull(client, name)
+    assert lines[-1] == {"error": "pull failed: No space left on device"}
+    assert client.post("/api/show", json={"model": name}).status_code == 404  # nothing registered
+    assert sorted(p.name for p in (settings.models_path / "blobs").iterdir()) == before  # nothing else written
+    assert client.post("/api/show", json={"model": MODEL}).status_code == 200  # the store is still whole
+    partial.unlink()  # space again
+    assert pull(client, name)[-1] == {"status": "success"}
+    assert client.post("/api/show", json={"model": name}).status_code == 200
+
+
 def test_a_corrupt_blob_is_refused_and_not_kept(
     client: FlaskClient, local_registry: Registry, gguf: bytes, settings: Settings
 ) -> None:
