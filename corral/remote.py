@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import httpx
 
-from corral.errors import CorralError, ModelNotFound
+from corral.errors import BadRequest, CorralError, ModelNotFound
 from corral.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -23,14 +23,16 @@ def pull_from_server(
     store: ModelStore, base_url: str, names: list[str] | None = None, *, api_key: str | None = None,
     client: httpx.Client | None = None, progress: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Copy ``names`` (default: every model the server lists) into ``store``; return the names copied."""
+    """Copy ``names`` into ``store``, or by default every model the server lists that this store lacks or holds
+    in another version (a worker's periodic sync); return the names copied."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     own = client is None
     http = client or httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=httpx.Timeout(30, read=300))
     say = progress or log.info
     try:
         if names is None:
-            names = [m["name"] for m in _json(http.get("/api/tags"), "list models")["models"]]
+            listed = _json(http.get("/api/tags"), "list models")["models"]
+            names = [m["name"] for m in listed if _local_digest(store, m["name"]) != m.get("digest")]
         pulled = []
         for name in names:
             reply = http.get(f"/api/manifests/{name}")
@@ -55,6 +57,13 @@ def pull_from_server(
     finally:
         if own:
             http.close()
+
+
+def _local_digest(store: ModelStore, name: str) -> str | None:
+    try:
+        return store.get(name).digest
+    except (ModelNotFound, BadRequest):
+        return None
 
 
 def _json(reply: httpx.Response, what: str) -> dict:  # type: ignore[type-arg]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 from typing import Any
 
 from celery.signals import task_received, worker_ready, worker_shutdown
@@ -51,6 +53,25 @@ def _serve_new_models(app: Any, runtime: Any, store: ModelStore) -> None:
     runtime.models = names
 
 
+SYNC_SECONDS = 10.0
+
+
+def _sync_from(store: ModelStore, url: str, settings: Settings, runtime: Any) -> None:
+    """Copy the models the API has created or pulled since start-up (a ``--pull-from`` worker without
+    ``--models``).  Its own thread: a large copy must not hold up the heartbeat."""
+    from corral.remote import pull_from_server
+
+    log = logging.getLogger("corral.worker")
+    while not runtime.stopping():
+        time.sleep(SYNC_SECONDS)
+        try:
+            copied = pull_from_server(store, url, None, api_key=settings.api_key)
+            if copied:
+                log.info("copied from %s: %s", url, ", ".join(copied))
+        except Exception as exc:  # the API restarting, say: try again at the next round
+            log.warning("cannot sync models from %s: %s", url, exc)
+
+
 def run_worker(
     settings: Settings, *, gpu: int | None, models: list[str] | None, loglevel: str = "INFO",
     pull_from: str | None = None,
@@ -90,11 +111,15 @@ def run_worker(
     @worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         runtime = WorkerRuntime(settings, name, gpu=gpu, queues=queues, models=names)
+        runtime.pull_from = pull_from
         app.corral_runtime = runtime
         reconciler = Reconciler(settings, app, runtime.redis, name)
         runtime.periodic.append((settings.reconcile_interval, reconciler.sweep))
         if not models:
             runtime.periodic.append((STORE_SCAN_SECONDS, lambda: _serve_new_models(app, runtime, store)))
+            if pull_from:  # and the store scan finds what the API has created or pulled since
+                threading.Thread(target=_sync_from, args=(store, pull_from, settings, runtime), daemon=True,
+                                 name="corral-pull-from").start()
         runtime.start()
         try:
             reconciler.sweep(startup=True)

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from corral.errors import BadRequest, ModelNotFound
+from corral.errors import BadRequest, CorralError, ModelNotFound
 from corral.protocol import InferenceRequest, StreamWriter, redis_client, unload_key, worker_key
 from corral.settings import Settings
 from corral.store import ModelRecord, ModelStore
@@ -48,6 +48,7 @@ class WorkerRuntime:
         self.gpu = gpu
         self.queues = queues
         self.models = models
+        self.pull_from: str | None = None  # the API this worker copies models from (corral worker --pull-from)
         self.store = ModelStore(settings.models_path)
         self.redis = redis_client(settings.redis)
         self.registry = ModelRegistry(max_loaded=settings.loaded_model_limit, gpu=gpu is not None)
@@ -65,6 +66,9 @@ class WorkerRuntime:
         self.beat()
         self._beat = threading.Thread(target=self._beat_loop, name="corral-heartbeat", daemon=True)
         self._beat.start()
+
+    def stopping(self) -> bool:
+        return self._stop.is_set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -110,12 +114,25 @@ class WorkerRuntime:
     # -- requests ---------------------------------------------------------------------------------------
 
     def record_for(self, name: str, model_digest: str) -> ModelRecord:
+        """The model a request names, as this worker's store has it.  A worker with ``--pull-from`` copies a model
+        it lacks first: one created from a model it serves shares that model's queue, and may bring layers
+        (an adapter) that the request needs."""
         try:
             record = self.store.get(name)
             if record.model_digest == model_digest:
                 return record
         except (ModelNotFound, BadRequest):
             pass
+        if self.pull_from:
+            from corral.remote import pull_from_server
+
+            try:
+                pull_from_server(self.store, self.pull_from, [name], api_key=self.settings.api_key)
+                record = self.store.get(name)
+                if record.model_digest == model_digest:
+                    return record
+            except CorralError as exc:
+                log.warning("cannot copy %s from %s: %s", name, self.pull_from, exc)
         found = self.store.find_by_model_digest(model_digest)
         if found is None:
             raise ModelNotFound(f"model '{name}' not found")

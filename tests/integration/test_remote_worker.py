@@ -14,6 +14,7 @@ from corral.errors import BadRequest
 from corral.remote import pull_from_server
 from corral.settings import Settings
 from corral.store import ModelStore
+from tests.ggufs import lora_adapter
 from tests.helpers import MODEL, Stack, clean_redis, fresh_database, make_settings, with_db
 
 MINILM = "all-minilm"
@@ -90,3 +91,52 @@ def test_worker_with_an_empty_store_pulls_from_the_api_and_serves(
         stack.stop()
         clean_redis(url)
         shutil.rmtree(tmp_path / "remote-models", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_remote_worker_copies_models_created_after_it_started(
+    base_url: str, settings: Settings, tmp_path: Path
+) -> None:
+    """An API with the model store, and a worker elsewhere (`--pull-from`, no `--models`) with its own copy: a
+    model created later from one it serves (with a LoRA adapter layer) is copied when first asked for, and a model
+    with new weights (quantized) is copied by the worker's sync and served."""
+    url = with_db(settings.redis, 3)
+    clean_redis(url)
+    remote = make_settings(tmp_path / "home", url, tmp_path / "remote-models", database_url=f"sqlite:///{tmp_path / 'r.db'}")
+    fresh_database(remote)
+    front = Stack(remote.model_copy(update={"models_dir": settings.models_path}), tmp_path / "front-logs")
+    worker = Stack(remote, tmp_path / "logs")
+    lora = upload_file(base_url, lora_adapter(ModelStore(settings.models_path).get(MODEL).model_path, tmp_path / "lora.gguf"))
+    body = {"messages": [{"role": "user", "content": "Name three colours."}], "stream": False,
+            "options": {"temperature": 0, "num_predict": 12}}
+    try:
+        worker.start_worker("--pull-from", base_url, timeout=120)
+        front.start_api()
+        plain = httpx.post(front.base_url + "/api/chat", json={"model": MODEL, **body}, timeout=120).json()
+        # Created through the session's API, whose worker does the llama.cpp checks; served here by the remote one.
+        for created in ({"model": "remote-lora", "from": MODEL, "adapters": {"lora.gguf": lora}},
+                        {"model": "remote-q8", "from": MINILM, "quantize": "q8_0"}):
+            r = httpx.post(base_url + "/api/create", json={"stream": False, **created}, timeout=300)
+            assert r.json() == {"status": "success"}, r.text
+        tuned = httpx.post(front.base_url + "/api/chat", json={"model": "remote-lora", **body}, timeout=120).json()
+        assert tuned["message"]["content"] != plain["message"]["content"]  # the adapter came along
+        remote_store = ModelStore(remote.models_path)
+        assert remote_store.get("remote-lora").adapter_paths[0].is_file()
+        embedded = httpx.post(front.base_url + "/api/embed", json={"model": "remote-q8", "input": ["hello"]},
+                              timeout=120)  # a new digest: waits in its queue until the sync has copied it
+        assert embedded.status_code == 200, embedded.text
+        assert remote_store.get("remote-q8").config["file_type"] == "Q8_0"
+    finally:
+        front.stop()
+        worker.stop()
+        for name in ("remote-lora", "remote-q8"):
+            httpx.request("DELETE", base_url + "/api/delete", json={"model": name})
+        clean_redis(url)
+        shutil.rmtree(tmp_path / "remote-models", ignore_errors=True)
+
+
+def upload_file(base_url: str, path: Path) -> str:
+    data = path.read_bytes()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    assert httpx.post(f"{base_url}/api/blobs/{digest}", content=data, timeout=60).status_code in (200, 201)
+    return digest
