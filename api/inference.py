@@ -15,7 +15,7 @@ from typing import Any, Literal
 from api.auth import require_admin
 from api.gateway import Gateway
 from api.metrics import observe_first_token, observe_tokens
-from corral.errors import BadRequest, GenerationFailed, ModelNotFound
+from corral.errors import BadRequest, GenerationFailed, IncompleteModel, ModelNotFound
 from corral.modelfile import apply_layers, render_template
 from corral.protocol import InferenceRequest, StreamEvent, new_request_id
 from corral.settings import Settings
@@ -39,7 +39,7 @@ class Inference:
         try:
             return self.store.get(name)
         except ModelNotFound as exc:
-            if not_found is None:
+            if not_found is None or isinstance(exc, IncompleteModel):
                 raise
             raise ModelNotFound(not_found.format(name=name)) from exc
 

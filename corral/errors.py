@@ -79,6 +79,10 @@ class ModelNotFound(NotFound):
     """The model is not in the store."""
 
 
+class IncompleteModel(ModelNotFound):
+    """The model's manifest names a blob the store does not have: a 404 that says so (routes keep its words)."""
+
+
 class Conflict(CorralError):
     """The resource is in a state that does not allow the operation (e.g. retrying a running job)."""
 

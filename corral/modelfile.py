@@ -251,6 +251,7 @@ def create_model(
                        "size": gguf.stat().st_size}
         kept: list[dict[str, Any]] = [model_layer]
     else:
+        store.get(base)  # a model that is not there, or whose blob is missing, is Ollama's 404
         source = store.manifest(base)
         kept = list(source["layers"])
         config = json.loads(store.blob_path(source["config"]["digest"]).read_bytes())

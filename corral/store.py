@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from corral.errors import BadRequest, ModelNotFound
+from corral.errors import BadRequest, IncompleteModel, ModelNotFound
 from corral.gguf_meta import gguf_config
 
 DEFAULT_HOST = "registry.ollama.ai"
@@ -135,6 +135,10 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+class MissingBlob(FileNotFoundError):
+    """A manifest names a model blob the store does not have (deleted by hand, or an Ollama store half copied)."""
 
 
 class ModelStore:
@@ -305,6 +309,9 @@ class ModelStore:
         raw = path.read_bytes()
         manifest = json.loads(raw)
         layer = next(x for x in manifest["layers"] if x["mediaType"] == MODEL_MEDIA_TYPE)
+        if not self.blob_path(layer["digest"]).exists():
+            raise MissingBlob(f"model '{name.display}' is incomplete: its manifest names blob {layer['digest']}, "
+                              "which is not in the store; pull or create it again")
         extras: dict[str, list[str]] = {}
         adapters: list[Path] = []
         for ref in manifest["layers"]:
@@ -339,6 +346,8 @@ class ModelStore:
         path = name.manifest_path(self.root)
         try:
             return self._record(name, path)
+        except MissingBlob as exc:
+            raise IncompleteModel(str(exc)) from exc
         except (FileNotFoundError, StopIteration, KeyError, ValueError) as exc:
             raise ModelNotFound(f"model '{text}' not found") from exc
 

@@ -11,6 +11,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from corral.settings import Settings
+from corral.store import ModelName, ModelStore
 from tests.helpers import MODEL
 
 
@@ -129,3 +130,25 @@ def test_safetensors_of_an_architecture_corral_does_not_convert(client: FlaskCli
         "corral converts safetensors of BERT embedding models only, and this is 'llama'"), r.get_json()
     assert manifests(settings) == before
     assert not list(settings.models_path.glob(".convert-*"))
+
+
+def test_a_manifest_naming_a_missing_blob_is_not_a_model(client: FlaskClient, settings: Settings) -> None:
+    store = ModelStore(settings.models_path)
+    manifest = store.manifest(MODEL)
+    for layer in manifest["layers"]:
+        if layer["mediaType"].endswith(".model"):
+            layer["digest"] = "sha256:" + "1" * 64  # as if the blob had been deleted by hand
+    path = ModelName.parse("broken").manifest_path(settings.models_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest))
+    try:
+        tags = client.get("/api/tags")
+        assert tags.status_code == 200 and "broken:latest" not in [m["name"] for m in tags.get_json()["models"]]
+        message = f"model 'broken:latest' is incomplete: its manifest names blob sha256:{'1' * 64}, which is not in the store"
+        for route, body in (("/api/show", {"model": "broken"}), ("/api/create", {"model": "b2", "from": "broken"}),
+                            ("/api/chat", {"model": "broken", "messages": [{"role": "user", "content": "hi"}]})):
+            r = client.post(route, json={"stream": False, **body})
+            assert r.status_code == 404 and r.get_json()["error"].startswith(message), (route, r.get_json())
+        assert "b2" not in str(manifests(settings))
+    finally:
+        path.unlink()

@@ -88,6 +88,17 @@ def test_a_disk_that_fills_mid_pull_is_an_error_and_the_next_pull_completes(
     assert client.post("/api/show", json={"model": name}).status_code == 200
 
 
+def test_a_manifest_naming_a_blob_the_registry_lacks_registers_nothing(
+    client: FlaskClient, local_registry: Registry, gguf: bytes, settings: Settings
+) -> None:
+    manifest = local_registry.publish("library/holey:latest", variant(gguf, 6), system=b"Holey.")
+    system = manifest["layers"][-1]["digest"]
+    del local_registry.blobs[system]
+    lines = pull(client, f"{local_registry.host}/library/holey")
+    assert lines[-1] == {"error": f"pull {system}: 404"}
+    assert client.post("/api/show", json={"model": f"{local_registry.host}/library/holey"}).status_code == 404
+
+
 def test_a_corrupt_blob_is_refused_and_not_kept(
     client: FlaskClient, local_registry: Registry, gguf: bytes, settings: Settings
 ) -> None:
