@@ -44,12 +44,15 @@ class Inference:
             raise ModelNotFound(not_found.format(name=name)) from exc
 
     def generation_model(
-        self, name: str, needed: str, *, think: bool | str | None = None, tools: bool = False
+        self, name: str, needed: str, *, think: bool | str | None = None, tools: bool = False, images: bool = False
     ) -> ModelRecord:
-        """Find a model for generate/chat and check it can do what the request asks (Ollama's messages)."""
+        """Find a model for generate/chat and check it can do what the request asks (Ollama's messages).  Images
+        are refused rather than dropped: no model corral serves takes them yet (corral/capabilities.py)."""
         record = self.model(name)
         if "completion" not in record.capabilities:
             raise BadRequest(f'"{name}" does not support {needed}')
+        if images and "vision" not in record.capabilities:
+            raise BadRequest(f"{ModelName.parse(name).display} does not support vision: the request has images")
         if think not in (None, False):
             raise BadRequest(f'"{name}" does not support thinking')
         if tools and "tools" not in record.capabilities:

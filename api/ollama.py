@@ -73,7 +73,7 @@ def generate() -> Response:
     svc.model(req.model)
     if req.raw and (req.template or req.system or req.context):
         raise BadRequest("raw mode does not support template, system, or context")
-    record = svc.generation_model(req.model, "generate", think=req.think)
+    record = svc.generation_model(req.model, "generate", think=req.think, images=bool(req.images))
     check_context(req.context, int(record.config.get("vocab_size") or 0))
     if req.suffix:
         raise BadRequest(f"{ModelName.parse(req.model).display} does not support insert")
@@ -96,7 +96,8 @@ def chat() -> Response:
     if not req.model:
         raise BadRequest("model is required")
     svc = services().inference
-    record = svc.generation_model(req.model, "chat", think=req.think, tools=bool(req.tools))
+    record = svc.generation_model(req.model, "chat", think=req.think, tools=bool(req.tools),
+                                  images=any(m.images for m in req.messages or []))
     if not req.messages:
         return _load_or_unload(svc, record, req.model, req.keep_alive, "chat", req.options)
     job = svc.request(
@@ -164,6 +165,7 @@ def _list_entry(record: ModelRecord) -> dict[str, Any]:
         "size": record.size,
         "digest": record.digest,
         "details": record.details(),
+        "capabilities": record.capabilities,
     }
 
 

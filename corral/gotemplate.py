@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,6 +206,59 @@ def parse(text: str) -> list[_Node]:
     if len(stack) != 1:
         raise TemplateError(f"template: unexpected EOF: {{{{{stack[-1][0].kind}}}}} has no {{{{end}}}}")  # type: ignore[union-attr]
     return root
+
+
+# -- what a template reads (Ollama derives a model's capabilities from it) ------------------------------------
+
+
+def _pipe_fields(pipe: Any) -> Iterator[str]:
+    """The first name of each field a pipeline reads: ``.Messages``, ``$.Tools``, ``$m.Thinking``."""
+    for command in pipe or []:
+        for op in command:
+            yield from _operand_fields(op)
+
+
+def _operand_fields(op: Any) -> Iterator[str]:
+    if op[0] == "field" and op[1] != ".":
+        yield op[1].lstrip(".").split(".")[0]
+    elif op[0] == "var" and op[2]:
+        yield op[2].lstrip(".").split(".")[0]
+    elif op[0] == "pipe":
+        yield from _pipe_fields(op[1])
+    elif op[0] == "chain":
+        yield from _operand_fields(op[1])
+
+
+def variables(nodes: list[_Node]) -> set[str]:
+    """The lower-cased names of the fields a template reads, as Ollama's ``Template.Vars`` (``tools``: the model
+    takes tools; ``suffix``: it fills in the middle)."""
+    found: set[str] = set()
+    for node in nodes:
+        found.update(name.lower() for name in _pipe_fields(node.pipe))
+        found |= variables(node.body) | variables(node.orelse)
+    return found
+
+
+def thinking_tags(nodes: list[_Node]) -> tuple[str, str]:
+    """The tags around a message's thinking, as Ollama's ``thinking.InferTags`` finds them: where ``.Thinking`` is
+    read inside a ``range`` over ``.Messages``, the first and last text of the nearest enclosing block (for
+    ``{{ if .Thinking }}<think>{{ .Thinking }}</think>{{ end }}``: ``<think>`` and ``</think>``)."""
+    tags = ("", "")
+
+    def visit(body: list[_Node], in_messages: bool) -> None:
+        nonlocal tags
+        for node in body:
+            fields = set(_pipe_fields(node.pipe))
+            if in_messages and "Thinking" in fields:
+                first, last = body[0], body[-1]
+                tags = (first.text.strip() if first.kind == "text" else "", last.text.strip() if last.kind == "text" else "")
+            if node.kind in ("if", "with", "range"):
+                inner = "Messages" in fields if node.kind == "range" else in_messages
+                visit(node.body, inner)
+                visit(node.orelse, inner)
+
+    visit(nodes, False)
+    return tags
 
 
 def _declarations(tokens: list[tuple[str, str]], *, assign_ok: bool = False) -> tuple[list[str], list[tuple[str, str]]]:

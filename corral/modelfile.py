@@ -266,11 +266,6 @@ def create_model(
         builder.check(model_digest, [ref["digest"].split(":", 1)[1] for ref in adapter_layers])
     if quant and builder is None:
         raise BadRequest("quantizing needs a worker")
-    if template is not None:  # the template decides whether the model takes tools, as in Ollama
-        capabilities = [c for c in config.get("capabilities") or ["completion"] if c != "tools"]
-        if "completion" in capabilities and ".Tools" in template:
-            capabilities.append("tools")
-        config = {**config, "capabilities": capabilities}
     new: dict[str, list[bytes]] = {}
     if template is not None:
         new["template"] = [template.encode()]

@@ -110,7 +110,11 @@ class ModelRecord:
 
     @property
     def capabilities(self) -> list[str]:
-        return list(self.config.get("capabilities") or ["completion"])
+        """Ollama's capabilities (corral/capabilities.py): from the config and the template layer."""
+        from corral.capabilities import derive
+
+        template = self.extras.get("template")
+        return derive(self.config, template[-1] if template else None)
 
     @property
     def is_embedding(self) -> bool:

@@ -20,6 +20,10 @@ from corral.wire.ollama import MAX_EMBED_INPUTS
 JOB_KINDS = ("generate", "chat", "embed")
 
 
+# Images are refused, never dropped: no model corral serves takes them yet (corral/capabilities.py).
+NO_IMAGES = "images are not supported: the model does not support vision"
+
+
 class _Item(BaseModel):
     """Fields every job line may carry beside its request body."""
 
@@ -43,6 +47,14 @@ class GenerateItem(_Item):
     raw: bool | None = None
     format: Any = None
     context: list[int] | None = None
+    images: list[Any] | None = None
+
+    @field_validator("images")
+    @classmethod
+    def _images(cls, value: Any) -> Any:
+        if value:
+            raise ValueError(NO_IMAGES)
+        return None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -67,6 +79,8 @@ class ChatItem(_Item):
             for m in value
         ):
             raise ValueError('a chat item needs "messages": [{"role": ..., "content": ...}, ...]')
+        if any(m.get("images") for m in value):
+            raise ValueError(NO_IMAGES)
         return [{"role": m["role"].lower(), "content": m.get("content", "")} for m in value]
 
 

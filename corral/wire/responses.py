@@ -61,8 +61,12 @@ class ModelEntry(_Open):
     details: ModelDetails
 
 
+class TagEntry(ModelEntry):
+    capabilities: list[str]
+
+
 class Tags(_Open):
-    models: list[ModelEntry]
+    models: list[TagEntry]
 
 
 class RunningModel(ModelEntry):

@@ -42,6 +42,10 @@ def job_count(client: FlaskClient) -> int:
         ({"model": MODEL, "items": [{"prompt": "a"}], "metadata": [1]}, 400, "metadata: Input should be a valid dictionary"),
         ({"model": MODEL, "items": {"prompt": "a"}}, 400, "items: Input should be a valid list"),
         ({"model": MODEL}, 400, "items is required"),
+        ({"model": MODEL, "items": [{"prompt": "What is this?", "images": ["iVBORw0KGgo="]}]}, 400,
+         "line 1: images are not supported: the model does not support vision"),
+        ({"kind": "chat", "model": MODEL, "items": [{"messages": [{"role": "user", "content": "?", "images": ["iVBO"]}]}]},
+         400, "line 1: images are not supported: the model does not support vision"),
     ],
 )
 def test_bad_job_input_is_rejected_and_creates_nothing(

@@ -39,3 +39,18 @@ def test_show_has_model_info(client: FlaskClient) -> None:
     assert "im_start" in body["template"]
     r = client.post("/api/show", json={"model": "nope"})
     assert r.status_code == 404 and r.get_json() == {"error": "model 'nope:latest' not found"}
+
+
+def test_tags_carry_capabilities_and_images_are_refused_never_dropped(client: FlaskClient) -> None:
+    by_name = {m["name"]: m for m in client.get("/api/tags").get_json()["models"]}
+    assert by_name["smollm2:latest"]["capabilities"] == ["completion"]  # its chat template takes no tools
+    assert by_name["all-minilm:latest"]["capabilities"] == ["embedding"]
+    refused = f"{MODEL}:latest does not support vision: the request has images"
+    r = client.post("/api/generate", json={"model": MODEL, "prompt": "What is in the picture?", "images": ["iVBORw0KGgo="]})
+    assert (r.status_code, r.get_json()) == (400, {"error": refused})
+    r = client.post("/api/chat", json={"model": MODEL, "messages": [
+        {"role": "user", "content": "And this one?", "images": ["iVBORw0KGgo="]}]})
+    assert (r.status_code, r.get_json()) == (400, {"error": refused})
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]}]})
+    assert r.status_code == 400 and r.get_json()["error"]["message"] == "this model does not support image input"

@@ -1,0 +1,67 @@
+"""A model's capabilities, derived as Ollama derives them (``server/images.go``), from what the store holds.
+
+- ``embedding`` for a model with a pooling type (an encoder), else ``completion``; only a completion model has
+  the others.
+- With a ``TEMPLATE`` layer (Ollama's Go template), that template decides: ``tools`` when it reads ``.Tools``,
+  ``insert`` when it reads ``.Suffix``, ``thinking`` when it puts tags around ``.Thinking`` inside its range over
+  ``.Messages`` (Ollama's ``thinking.InferTags``).
+- Without one, the GGUF's own chat template decides, by the same substring tests as Ollama's
+  ``chatTemplateCapabilities``: ``tools`` when it mentions ``tools`` or ``tool_call``, ``thinking`` when it has
+  ``<think>`` and ``</think>`` (or splits a reply at ``</think>``).
+- ``insert`` also when the GGUF names its fill-in-the-middle tokens (llama.cpp's ``tokenizer.ggml.fim_*``), since
+  corral builds the FIM prompt from them.
+- Never ``vision``: corral does not pass images to llama.cpp yet, so a request with images is a 400 for every
+  model rather than an answer about an image the model never saw.
+
+Derived when asked rather than stored, so a store written by an older corral or by Ollama gets the same answer.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from corral.gotemplate import TemplateError, parse, thinking_tags, variables
+
+FIM_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.fim_mid_token_id")
+
+
+@lru_cache(maxsize=256)
+def _go_template(template: str) -> tuple[frozenset[str], bool]:
+    """(fields read, has thinking tags) of a Go template; a template that does not parse gives neither."""
+    try:
+        nodes = parse(template)
+    except TemplateError:
+        return frozenset(), False
+    opening, closing = thinking_tags(nodes)
+    return frozenset(variables(nodes)), bool(opening and closing)
+
+
+def chat_template_thinks(chat_template: str) -> bool:
+    if "<think>" in chat_template and "</think>" in chat_template:
+        return True
+    return ("content.split('</think>')" in chat_template or 'content.split("</think>")' in chat_template) and \
+        "reasoning_content" not in chat_template
+
+
+def has_fim_tokens(model_info: dict[str, Any]) -> bool:
+    return all(model_info.get(key) is not None for key in FIM_KEYS)
+
+
+def derive(config: dict[str, Any], template: str | None) -> list[str]:
+    """The capabilities of a model with this config blob (corral's, with ``model_info``) and Go ``template`` layer
+    (None without one)."""
+    if "embedding" in (config.get("capabilities") or []):
+        return ["embedding"]
+    info: dict[str, Any] = config.get("model_info") or {}
+    found = ["completion"]
+    if template is not None:
+        fields, thinks = _go_template(template)
+        tools, insert = "tools" in fields, "suffix" in fields
+    else:
+        chat = str(info.get("tokenizer.chat_template") or "")
+        tools, thinks, insert = "tools" in chat or "tool_call" in chat, chat_template_thinks(chat), False
+    for name, present in (("tools", tools), ("thinking", thinks), ("insert", insert or has_fim_tokens(info))):
+        if present:
+            found.append(name)
+    return found
