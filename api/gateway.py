@@ -64,6 +64,22 @@ class Gateway:
             if not finished:
                 reader.cancel()
 
+    def loaded(self) -> list[dict[str, Any]]:
+        """The models the live workers hold, as /api/ps lists them.  A worker publishes its state when a request
+        loads or lets go of a model; between its beats, a model past its expiry or ordered unloaded since it
+        loaded (``keep_alive: 0``) is already gone as far as /api/ps is concerned, as in Ollama."""
+        entries = [entry for worker in self.workers() for entry in worker.get("loaded", [])]
+        digests = sorted({str(e["model_digest"]) for e in entries if e.get("model_digest")})
+        orders = dict(zip(digests, self.broker.redis.mget([unload_key(d) for d in digests]))) if digests else {}
+        now = time.time()
+        shown = []
+        for entry in entries:
+            expiry, order = entry.get("expires_epoch"), orders.get(entry.get("model_digest", ""))
+            if (expiry is not None and expiry <= now) or (order is not None and float(order) >= entry.get("loaded_epoch", 0)):
+                continue
+            shown.append({k: v for k, v in entry.items() if k not in ("expires_epoch", "model_digest", "loaded_epoch")})
+        return shown
+
     # -- /api/create's llama.cpp work (corral.modelfile.ModelBuilder) -------------------------------------------
 
     def check(self, model_digest: str, adapters: list[str]) -> None:

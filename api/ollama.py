@@ -210,11 +210,7 @@ def show() -> Response:
 @bp.get("/api/ps")
 @documented(response=R.Running)
 def ps() -> Response:
-    models = []
-    for worker in services().inference.gateway.workers():
-        for entry in worker.get("loaded", []):
-            entry = {k: v for k, v in entry.items() if k != "expires_epoch"}
-            models.append(entry)
+    models = services().inference.gateway.loaded()
     models.sort(key=lambda m: m["expires_at"], reverse=True)
     return json_response({"models": models})
 

@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -42,9 +42,12 @@ class Slot:
 class ModelRegistry:
     """Loaded models of one worker process, keyed by their load-time parameters."""
 
-    def __init__(self, *, max_loaded: int, gpu: bool) -> None:
+    def __init__(self, *, max_loaded: int, gpu: bool, on_change: Callable[[], None] | None = None) -> None:
         self.max_loaded = max_loaded
         self.gpu = gpu
+        # Called after a request loads a model, and after it lets go of one (new expiry, or unloaded): the
+        # worker publishes its state then, so /api/ps is current when the request's reply ends.
+        self.on_change = on_change or (lambda: None)
         self._slots: OrderedDict[LoadSpec, Slot] = OrderedDict()
         self._meta = threading.Condition()  # guards _slots and users; notified when a model becomes idle
         self._loading = threading.Lock()  # one load (and eviction) at a time
@@ -69,6 +72,7 @@ class ModelRegistry:
                     log.info("loaded %s (%s) in %.2fs", name, model.path.name, load_ns / 1e9)
                     with self._meta:
                         self._slots[spec] = slot
+                    self._changed()
         with self._meta:
             self._slots.move_to_end(spec)
             slot.name, slot.record, slot.expires_at = name, record, math.inf
@@ -84,7 +88,13 @@ class ModelRegistry:
                     self._meta.notify_all()
             if doomed:
                 self._unload(spec, only_idle=True)
+            self._changed()
 
+    def _changed(self) -> None:
+        try:
+            self.on_change()
+        except Exception:  # a Redis hiccup must not fail the request; the next heartbeat catches up
+            log.exception("publishing the worker state failed")
     def _take(self, spec: LoadSpec) -> Slot | None:
         with self._meta:
             slot = self._slots.get(spec)
@@ -144,6 +154,9 @@ class ModelRegistry:
                 "expires_epoch": None if math.isinf(slot.expires_at) else slot.expires_at,
                 "size_vram": slot.record.size if self.gpu and slot.spec.n_gpu_layers != 0 else 0,
                 "context_length": slot.spec.n_ctx,
+                # for the API's own use (not shown): an unload order after this load has taken it away
+                "model_digest": slot.record.model_digest,
+                "loaded_epoch": slot.loaded_at,
             }
             for slot in slots
         ]

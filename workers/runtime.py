@@ -51,7 +51,7 @@ class WorkerRuntime:
         self.pull_from: str | None = None  # the API this worker copies models from (corral worker --pull-from)
         self.store = ModelStore(settings.models_path)
         self.redis = redis_client(settings.redis)
-        self.registry = ModelRegistry(max_loaded=settings.loaded_model_limit, gpu=gpu is not None)
+        self.registry = ModelRegistry(max_loaded=settings.loaded_model_limit, gpu=gpu is not None, on_change=self.publish)
         self.started_at = time.time()
         self.chunk_slots = threading.BoundedSemaphore(CHUNKS_PER_WORKER)
         self.solo_chunk = threading.Lock()  # one suspect chunk at a time runs alone (workers/batch.py)
@@ -97,6 +97,12 @@ class WorkerRuntime:
             values = self.redis.mget([unload_key(d) for d in digests])
             orders = {d: float(v) for d, v in zip(digests, values) if v is not None}
         self.registry.sweep(time.time(), orders)
+        self.publish()
+
+    def publish(self) -> None:
+        """Write this worker's state (liveness, queues, loaded models) to its heartbeat key."""
+        if self._stop.is_set():
+            return  # stopping: the key is gone for good
         state = {
             "name": self.name,
             "hostname": socket.gethostname(),
@@ -169,19 +175,25 @@ class WorkerRuntime:
         embedding = req.kind == "embed" or (req.kind == "load" and record.is_embedding)
         spec = self.load_spec(record, req.options, embedding=embedding)
         keep_alive = self.settings.keep_alive if req.keep_alive is None else req.keep_alive
+        order = self.redis.get(unload_key(record.model_digest))
+        if order is not None:  # unloaded with keep_alive 0 since it loaded: this request loads it afresh
+            self.registry.sweep(time.time(), {record.model_digest: float(order)})
         with self.registry.use(spec, record, req.model, keep_alive) as (model, load_ns):
             if req.kind == "load":
-                writer.emit("result", {"done_reason": "load", "load_duration": load_ns})
+                final = ("result", {"done_reason": "load", "load_duration": load_ns})
             elif req.kind == "embed":
-                self._embed(model, req, writer, load_ns)
+                final = ("result", {**self._embed(model, req), "load_duration": load_ns})
             else:
-                self._generate(model, req, writer, load_ns)
+                final = ("done", {**self._generate(model, req, writer), "load_duration": load_ns})
+        # The last event goes out after the model is let go of (and /api/ps updated): a client that asks
+        # /api/ps as soon as its reply ends sees the model's new expiry, or sees it gone after keep_alive 0.
+        writer.emit(*final)
 
-    def _embed(self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter, load_ns: int) -> None:
+    def _embed(self, model: LoadedModel, req: InferenceRequest) -> dict[str, Any]:
         vectors, count = model.embed(
             req.inputs or [], truncate=req.truncate, normalize=req.normalize, dimensions=req.dimensions
         )
-        writer.emit("result", {"embeddings": vectors, "prompt_eval_count": count, "load_duration": load_ns})
+        return {"embeddings": vectors, "prompt_eval_count": count}
 
     def start_generation(
         self, model: LoadedModel, req: InferenceRequest, *, interactive: bool, stream: bool = True
@@ -216,7 +228,8 @@ class WorkerRuntime:
             stats["context"] = result.context
         return stats
 
-    def _generate(self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter, load_ns: int) -> None:
+    def _generate(self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter) -> dict[str, Any]:
+        """Stream a generation's text to ``writer``; return its final stats."""
         handle = self.start_generation(model, req, interactive=True)
         if req.tools:
             held = ToolCallHold(tool_names(req.tools), lambda text: writer.emit("delta", {"c": text}))
@@ -231,7 +244,7 @@ class WorkerRuntime:
         stats = self.generation_stats(req, result)
         if stats["done_reason"] == "cancelled":
             log.info("request %s cancelled by its client after %d tokens", req.request_id, stats["eval_count"])
-        writer.emit("done", {**stats, "load_duration": load_ns})
+        return stats
 
 
 class ToolCallHold:

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import MODEL, Registry, wait_for
+from tests.helpers import MODEL, Registry
 
 GREEDY = {"temperature": 0, "seed": 42}
 
@@ -146,13 +146,18 @@ def test_empty_prompt_loads_and_keep_alive_zero_unloads(base_url: str) -> None:
     assert entry["expires_at"] > time.strftime("%Y")
     r = httpx.post(base_url + "/api/chat", json={"model": MODEL, "messages": [], "keep_alive": 0})
     assert r.json()["done_reason"] == "unload" and r.json()["message"] == {"role": "assistant", "content": ""}
-    wait_for(lambda: MODEL + ":latest" not in loaded(base_url), 10, "the model to unload")
+    assert MODEL + ":latest" not in loaded(base_url)  # /api/ps is current when the reply ends, as in Ollama
     # keep_alive on a request sets the expiry /api/ps reports
     httpx.post(base_url + "/api/generate", json={"model": MODEL, "keep_alive": "1h"}, timeout=60)
-    wait_for(lambda: MODEL + ":latest" in loaded(base_url), 10, "the model to load")
     entry = next(m for m in httpx.get(base_url + "/api/ps").json()["models"] if m["name"] == MODEL + ":latest")
     hours_left = (time.mktime(time.strptime(entry["expires_at"][:19], "%Y-%m-%dT%H:%M:%S")) - time.mktime(time.gmtime())) / 3600
     assert 0.9 < hours_left < 1.1
+    # a request with keep_alive 0 unloads its model as it ends: gone from /api/ps as soon as the reply is
+    r = httpx.post(base_url + "/api/generate", timeout=60, json={
+        "model": MODEL, "prompt": "Hi", "stream": False, "keep_alive": 0, "options": {"num_predict": 2}})
+    assert r.json()["done"] and MODEL + ":latest" not in loaded(base_url)
+    httpx.post(base_url + "/api/embed", json={"model": "all-minilm", "input": ["loaded now"], "keep_alive": "5m"}, timeout=60)
+    assert "all-minilm:latest" in loaded(base_url)
 
 
 def test_copy_then_delete_a_model(base_url: str) -> None:
