@@ -15,6 +15,7 @@ from typing import Any, Literal
 from api.auth import require_admin
 from api.gateway import Gateway
 from api.metrics import observe_first_token, observe_tokens
+from corral.capabilities import thinking_fields
 from corral.errors import BadRequest, GenerationFailed, IncompleteModel, ModelNotFound
 from corral.modelfile import apply_layers, render_template
 from corral.protocol import InferenceRequest, StreamEvent, new_request_id
@@ -53,7 +54,7 @@ class Inference:
             raise BadRequest(f'"{name}" does not support {needed}')
         if images and "vision" not in record.capabilities:
             raise BadRequest(f"{ModelName.parse(name).display} does not support vision: the request has images")
-        if think not in (None, False):
+        if think not in (None, False) and "thinking" not in record.capabilities:
             raise BadRequest(f'"{name}" does not support thinking')
         if tools and "tools" not in record.capabilities:
             raise BadRequest(f"{ModelName.parse(name).display} does not support tools")
@@ -62,6 +63,7 @@ class Inference:
     def request(self, record: ModelRecord, name: str, kind: str, **fields: Any) -> InferenceRequest:
         if is_zero_keep_alive(fields.get("keep_alive")):
             require_admin("unloading a model (keep_alive: 0)")
+        fields.update(thinking_fields(record, kind, fields.pop("think", None), raw=bool(fields.get("raw"))))
         fields = apply_layers(record, kind, fields)  # the model's SYSTEM, PARAMETER and MESSAGE layers
         kind, fields = render_template(record, kind, fields)  # and its TEMPLATE, when it has one
         cap = self.settings.max_predict
@@ -103,7 +105,8 @@ class Inference:
                     if first:
                         observe_first_token(req.model, clock.elapsed() / 1e9)
                         first = False
-                    yield ollama_chunk(req.model, shape, event.data["c"], done=False)
+                    yield ollama_chunk(req.model, shape, event.data.get("c", ""), done=False,
+                                       thinking=event.data.get("t", ""))
                 elif event.kind == "tools":
                     chunk = ollama_chunk(req.model, shape, "", done=False)
                     chunk["message"]["tool_calls"] = event.data["tool_calls"]
@@ -148,19 +151,25 @@ class _Clock:
 def collect(chunks: Iterator[dict[str, Any]], shape: Literal["generate", "chat"]) -> dict[str, Any]:
     """Fold a stream into the single non-stream object: text concatenated, final chunk's metrics."""
     parts: list[str] = []
+    thoughts: list[str] = []
     calls: list[dict[str, Any]] = []
     final: dict[str, Any] = {}
     for chunk in chunks:
         parts.append(chunk["message"]["content"] if shape == "chat" else chunk["response"])
+        thoughts.append((chunk["message"] if shape == "chat" else chunk).get("thinking", ""))
         if shape == "chat":
             calls.extend(chunk["message"].get("tool_calls") or [])
         final = chunk
     if shape == "chat":
         final["message"] = {"role": "assistant", "content": "".join(parts)}
+        if any(thoughts):
+            final["message"]["thinking"] = "".join(thoughts)
         if calls:
             final["message"]["tool_calls"] = calls
     else:
         final["response"] = "".join(parts)
+        if any(thoughts):
+            final["thinking"] = "".join(thoughts)
     return final
 
 

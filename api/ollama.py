@@ -81,7 +81,7 @@ def generate() -> Response:
         return _load_or_unload(svc, record, req.model, req.keep_alive, "generate", req.options)
     job = svc.request(
         record, req.model, "generate", prompt=req.prompt, system=req.system, raw=req.raw, context=req.context,
-        options=req.options, format=req.format, keep_alive=req.keep_alive,
+        options=req.options, format=req.format, keep_alive=req.keep_alive, think=req.think,
     )
     chunks = svc.generation(job, "generate")
     if not req.streaming:
@@ -102,7 +102,7 @@ def chat() -> Response:
         return _load_or_unload(svc, record, req.model, req.keep_alive, "chat", req.options)
     job = svc.request(
         record, req.model, "chat", messages=[m.for_template() for m in req.messages], tools=req.tools or None,
-        options=req.options, format=req.format, keep_alive=req.keep_alive,
+        options=req.options, format=req.format, keep_alive=req.keep_alive, think=req.think,
     )
     chunks = svc.generation(job, "chat")
     if not req.streaming:

@@ -52,7 +52,7 @@ def chat_completions() -> Response:
     record = svc.generation_model(req.model, "chat", think=req.think(), tools=bool(req.tools))
     job = svc.request(
         record, req.model, "chat", messages=req.native_messages(), options=req.native_options(),
-        format=req.native_format(), keep_alive=req.keep_alive, tools=req.tools or None,
+        format=req.native_format(), keep_alive=req.keep_alive, tools=req.tools or None, think=req.think(),
     )
     chunks = svc.generation(job, "chat")
     if not req.stream:
@@ -61,7 +61,7 @@ def chat_completions() -> Response:
             chat_completion(
                 req.model, final["message"]["content"], final.get("done_reason"),
                 int(final.get("prompt_eval_count", 0)), int(final.get("eval_count", 0)),
-                tool_calls=final["message"].get("tool_calls"),
+                tool_calls=final["message"].get("tool_calls"), reasoning=final["message"].get("thinking"),
             )
         )
     first = prime(chunks)

@@ -240,13 +240,19 @@ def show_progress(steps: Iterator[dict[str, Any]], counter: ProgressColumn, *, e
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE", help="Model option (repeatable).")
 @click.option("--keepalive", help="How long the model stays loaded afterwards, e.g. 5m, 0.")
 @click.option("--verbose", is_flag=True, help="Print timings after each reply.")
+@click.option("--think", is_flag=False, flag_value="true", default=None, metavar="[true|false|low|medium|high|max]",
+              help="Thinking on (or a level) or off, for a model that thinks; it thinks by default.")
+@click.option("--hidethinking", is_flag=True, help="Do not print the model's thinking.")
 @with_client
 def run(
     client: CorralClient, model: str, prompt: tuple[str, ...], fmt: str | None, system: str | None,
-    options: tuple[str, ...], keepalive: str | None, verbose: bool,
+    options: tuple[str, ...], keepalive: str | None, verbose: bool, think: str | None, hidethinking: bool,
 ) -> None:
     """Run a model: answer PROMPT, or chat interactively when no prompt is given."""
     body: dict[str, Any] = {"model": model, "options": parse_pairs(options)}
+    if think is not None:
+        body["think"] = {"true": True, "false": False}.get(think.lower(), think)
+    body["hide_thinking"] = hidethinking  # not sent: read by _reply
     if fmt:
         try:
             body["format"] = json.loads(fmt) if fmt.strip().startswith("{") else fmt
@@ -276,13 +282,27 @@ def _reply(client: CorralClient, body: dict[str, Any], messages: list[dict[str, 
     """Stream one assistant reply to stdout and return its text."""
     parts: list[str] = []
     final: dict[str, Any] = {}
-    for chunk in client.stream_json("POST", "/api/chat", json={**body, "messages": messages, "stream": True}):
+    hide = body.get("hide_thinking", False)
+    request = {k: v for k, v in body.items() if k != "hide_thinking"}
+    thinking = False  # inside the "Thinking..." block, as Ollama's CLI shows it
+    for chunk in client.stream_json("POST", "/api/chat", json={**request, "messages": messages, "stream": True}):
+        thought = (chunk.get("message") or {}).get("thinking", "")
+        if thought and not hide:
+            if not thinking:
+                click.secho("Thinking...", dim=True)
+                thinking = True
+            click.secho(thought, nl=False, dim=True)
         piece = (chunk.get("message") or {}).get("content", "")
         if piece:
+            if thinking:
+                click.secho("\n...done thinking.\n", dim=True)
+                thinking = False
             parts.append(piece)
             click.echo(piece, nl=False)
         if chunk.get("done"):
             final = chunk
+    if thinking:
+        click.secho("\n...done thinking.", dim=True)
     click.echo("\n" if stdout_is_tty() else "")
     if verbose and final:
         seconds = final.get("eval_duration", 0) / 1e9

@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from corral.gotemplate import TemplateError, parse, thinking_tags, variables
+from corral.thinking import DEFAULT_TAGS
 
 FIM_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.fim_mid_token_id")
 
@@ -65,3 +66,26 @@ def derive(config: dict[str, Any], template: str | None) -> list[str]:
         if present:
             found.append(name)
     return found
+
+
+def thinking_tags_for(config: dict[str, Any], template: str | None) -> tuple[str, str]:
+    """The tags around a thinking model's reasoning: its template's (Ollama's ``InferTags``), else ``<think>``."""
+    if template is not None:
+        try:
+            opening, closing = thinking_tags(parse(template))
+        except TemplateError:
+            opening = closing = ""
+        if opening and closing:
+            return opening, closing
+    return DEFAULT_TAGS
+
+
+def thinking_fields(record: Any, kind: str, think: bool | str | None, *, raw: bool = False) -> dict[str, Any]:
+    """The ``think`` and ``think_tags`` a generate or chat request runs with (sync or a job item): a thinking
+    model thinks unless told not to (Ollama >= 0.12.4); other models get neither (``think: true`` for them is a
+    400 at the door)."""
+    if kind not in ("generate", "chat") or raw or "thinking" not in record.capabilities:
+        return {}
+    template = record.extras.get("template")
+    tags = thinking_tags_for(record.config, template[-1] if template else None)
+    return {"think": True if think is None else think, "think_tags": list(tags)}

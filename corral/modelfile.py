@@ -85,8 +85,10 @@ def render_template(record: ModelRecord, kind: str, fields: dict[str, Any]) -> t
         messages = ([{"role": "system", "content": fields["system"]}] if fields.get("system") else []) + [
             {"role": "user", "content": fields.get("prompt") or ""}]
     system = "\n\n".join(m.get("content", "") for m in messages if m.get("role") == "system")
+    think = fields.get("think")
     values = {"System": system, "Messages": _collate(messages), "Tools": fields.get("tools") or [],
-              "Prompt": "", "Response": "", "Suffix": "", "Think": False, "ThinkLevel": "", "IsThinkSet": False}
+              "Prompt": "", "Response": "", "Suffix": "", "Think": bool(think),
+              "ThinkLevel": think if isinstance(think, str) else "", "IsThinkSet": think is not None}
     if ".Messages" in template:
         prompt = render(nodes, values)
     else:  # an older template: one render per turn, Prompt and Response

@@ -110,6 +110,8 @@ class InferenceRequest(BaseModel):
     dimensions: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     format: str | dict[str, Any] | None = None
+    think: bool | str | None = Field(None, description="Thinking on (or a level) for a model that thinks.")
+    think_tags: list[str] | None = Field(None, description="The tags around thinking: routed to `thinking`.")
     keep_alive: float | None = Field(None, description="Seconds; math.inf = forever; None = server default.")
     enqueued_at: float = Field(default_factory=time.time)
 

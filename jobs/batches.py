@@ -102,9 +102,10 @@ def parse_line(endpoint: str, raw: bytes) -> tuple[str, str, dict[str, Any]]:
 def _native_body(endpoint: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if endpoint == "/v1/chat/completions":
         chat: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
-        if chat.think() not in (None, False):
-            raise BadRequest("reasoning is not supported by this model", param="reasoning_effort")
         native: dict[str, Any] = {"messages": chat.native_messages(), "options": chat.native_options()}
+        think = chat.think()
+        if think is not None:
+            native["think"] = think
         if chat.tools:
             native["tools"] = chat.tools
         fmt = chat.native_format()
@@ -157,11 +158,11 @@ class BatchService:
                 "metadata": metadata or {}, "errors": None}
         kind = ENDPOINT_KINDS[endpoint]
         ident = batch_id()
-        model, errors, count, tools_line = self._validate(input_file_id, endpoint)
+        model, errors, count, lines = self._validate(input_file_id, endpoint)
         if not errors and count == 0:
             errors = [{"code": "empty_file", "line": None, "message": "the input file has no requests", "param": None}]
         if not errors:
-            errors = self._check_model(model, kind, tools_line)
+            errors = self._check_model(model, kind, *lines)
         if errors:
             return self._failed(ident, kind, model, info, errors, owner)
         items = ((custom_id, native) for custom_id, _, native in self._parsed(input_file_id, endpoint))
@@ -169,13 +170,15 @@ class BatchService:
                          expires_at=utcnow() + WINDOW)
         return self.get(ident, owner)
 
-    def _validate(self, file_id: str, endpoint: str) -> tuple[str, list[dict[str, Any]], int, int | None]:
-        """Every line checked before anything runs: (model, errors, request count, first line with tools)."""
+    def _validate(self, file_id: str, endpoint: str) -> tuple[str, list[dict[str, Any]], int, tuple[int | None, int | None]]:
+        """Every line checked before anything runs: (model, errors, request count, (first line with tools, first
+        line with thinking on))."""
         errors: list[dict[str, Any]] = []
         seen: set[str] = set()
         model = ""
         count = 0
         tools_line: int | None = None
+        think_line: int | None = None
 
         def error(number: int, code: str, message: str, param: str | None) -> None:
             if len(errors) < MAX_ERRORS:
@@ -190,6 +193,8 @@ class BatchService:
                 continue
             if tools_line is None and native.get("tools"):
                 tools_line = number
+            if think_line is None and native.get("think") not in (None, False):
+                think_line = number
             if custom_id in seen:
                 error(number, "duplicate_custom_id", f"custom_id '{custom_id}' is used more than once", "custom_id")
             seen.add(custom_id)
@@ -198,9 +203,9 @@ class BatchService:
             elif line_model != model:
                 error(number, "mismatched_model", f"every request in a batch must use the same model ({model!r})",
                       "body.model")
-        return model, errors, count, tools_line
+        return model, errors, count, (tools_line, think_line)
 
-    def _check_model(self, model: str, kind: str, tools_line: int | None) -> list[dict[str, Any]]:
+    def _check_model(self, model: str, kind: str, tools_line: int | None, think_line: int | None) -> list[dict[str, Any]]:
         try:
             record = self.store.get(model)
         except CorralError:
@@ -211,6 +216,9 @@ class BatchService:
         if tools_line is not None and "tools" not in record.capabilities:
             return [{"code": "invalid_request", "line": tools_line, "message": f'"{model}" does not support tools',
                      "param": "body.tools"}]
+        if think_line is not None and "thinking" not in record.capabilities:
+            return [{"code": "invalid_request", "line": think_line, "message": f'"{model}" does not support thinking',
+                     "param": "body.reasoning_effort"}]
         return []
 
     def _parsed(self, file_id: str, endpoint: str) -> Iterator[tuple[str, str, dict[str, Any]]]:

@@ -98,7 +98,10 @@ class JobService:
             rows: list[dict[str, Any]] = []
             count = 0
             vocab = int(record.config.get("vocab_size") or 0)
+            thinks = "thinking" in record.capabilities
             for custom_id, body in items:
+                if body.get("think") not in (None, False) and not thinks:
+                    raise BadRequest(f'item {count + 1}: "{model}" does not support thinking')
                 if kind == "generate" and body.get("context"):
                     try:
                         check_context(body["context"], vocab)

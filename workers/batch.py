@@ -26,10 +26,12 @@ from typing import Any
 
 from celery import Celery, Task, shared_task
 
+from corral.capabilities import thinking_fields
 from corral.errors import CorralError
 from corral.modelfile import apply_layers, render_template
 from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, new_request_id, suspect_key
 from corral.store import ModelRecord
+from corral.thinking import ThinkingSplitter
 from corral.toolcalls import parse_tool_calls, tool_names
 from corral.wire.ollama import ollama_final
 from jobs import transitions
@@ -152,23 +154,24 @@ class ChunkRunner:
         """Queue every prompt of the chunk in the decode loop, then collect and store them in input order."""
         attempt, job_id, kind, name = chunk.attempt, chunk.job_id, chunk.kind, chunk.model
         digest, options = chunk.model_digest, chunk.options
-        running: list[tuple[int, InferenceRequest, SequenceHandle]] = []
+        running: list[tuple[int, InferenceRequest, SequenceHandle, ThinkingSplitter | None]] = []
         for item_id, body in self._claim(item_ids, attempt):
             fields = apply_layers(record, kind, {  # the model's layers, as the sync route applies them
                 "prompt": body.get("prompt"), "system": body.get("system"), "raw": bool(body.get("raw", False)),
                 "context": body.get("context"), "messages": body.get("messages"), "tools": body.get("tools") or None,
                 "options": {**options, **(body.get("options") or {})}, "format": body.get("format"),
+                **thinking_fields(record, kind, body.get("think"), raw=bool(body.get("raw", False))),
             })
             request_kind, fields = render_template(record, kind, fields)  # a TEMPLATE layer: a raw prompt
             req = InferenceRequest(request_id=new_request_id(), kind=request_kind, model=name, model_digest=digest,
                                    **fields)
             try:
-                handle = self.runtime.start_generation(model, req, interactive=False, stream=False)
-                running.append((item_id, req, handle))
+                handle, splitter = self.runtime.start_generation(model, req, interactive=False, stream=False)
+                running.append((item_id, req, handle, splitter))
             except CorralError as exc:
                 self._write(item_id, attempt, failure(exc))
         stopping = False
-        for item_id, req, handle in running:
+        for item_id, req, handle, splitter in running:
             if stopping:
                 handle.cancel()
             parts: list[str] = []  # the item's text, handed over in one piece when it ends (not streamed)
@@ -186,8 +189,11 @@ class ChunkRunner:
                 else:
                     stats = self.runtime.generation_stats(req, result)
                     stats["total_duration"] = stats["prompt_eval_duration"] + stats["eval_duration"]
-                    output = ollama_final(name, kind, stats, "".join(parts))
-                    calls = parse_tool_calls("".join(parts), tool_names(req.tools)) if req.tools else []
+                    text, thinking = "".join(parts), ""
+                    if splitter is not None:  # the reasoning goes to "thinking", as on the sync route
+                        thinking, text = (a + b for a, b in zip(splitter.feed(text), splitter.flush()))
+                    output = ollama_final(name, kind, stats, text, thinking=thinking)
+                    calls = parse_tool_calls(text, tool_names(req.tools)) if req.tools else []
                     if calls:
                         output["message"] = {"role": "assistant", "content": "", "tool_calls": calls}
                     values = {
@@ -203,7 +209,7 @@ class ChunkRunner:
                 values = {"state": ItemState.FAILED, "error": f"{type(exc).__name__}: {exc}", "output": {"status_code": 500}}
             if values["state"] == ItemState.CANCELLED and not stopping:
                 stopping = True
-                for _, _, other in running:
+                for _, _, other, _ in running:
                     other.cancel()
             self._write(item_id, attempt, values)
 

@@ -155,14 +155,28 @@ class LoadedModel:
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> tuple[list[int], list[str]]:
         """Render messages with the model's own chat template; return (tokens, template stop strings)."""
+        tokens, stops, _ = self.chat_render(messages, tools)
+        return tokens, stops
+
+    def chat_render(
+        self, messages: list[dict[str, Any]], tools: list[Any] | None = None, *, think: bool | str | None = None
+    ) -> tuple[list[int], list[str], str]:
+        """(tokens, stop strings, prompt text) of messages in the model's own chat template.  ``think`` reaches
+        the template as ``enable_thinking`` (Qwen3, SmolLM3) and a level as ``reasoning_effort`` (gpt-oss)."""
         if self._formatter is None:
             text = "".join(f"{m.get('content', '')}\n" for m in messages)
-            return self.tokenize(text, add_bos=True), []
+            return self.tokenize(text, add_bos=True), [], text
+        extra: dict[str, Any] = {}
+        if think is not None:
+            extra["enable_thinking"] = bool(think)
+            if isinstance(think, str):
+                extra["reasoning_effort"] = think
         try:
-            rendered = self._formatter(messages=messages, tools=tools or None)
+            rendered = self._formatter(messages=messages, tools=tools or None, **extra)
         except Exception as exc:  # jinja2 errors, raise_exception() in templates
             raise BadRequest(f"template error: {exc}") from exc
-        return self.tokenize(rendered.prompt, add_bos=not rendered.added_special), list(rendered.stop or [])
+        tokens = self.tokenize(rendered.prompt, add_bos=not rendered.added_special)
+        return tokens, list(rendered.stop or []), rendered.prompt
 
     def raw_prompt(self, prompt: str) -> list[int]:
         return self.tokenize(prompt, add_bos=True)

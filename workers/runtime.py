@@ -21,6 +21,7 @@ from corral.errors import BadRequest, CorralError, ModelNotFound
 from corral.protocol import InferenceRequest, StreamWriter, redis_client, unload_key, worker_key
 from corral.settings import Settings
 from corral.store import ModelRecord, ModelStore
+from corral.thinking import ThinkingSplitter
 from corral.toolcalls import could_be_call, parse_tool_calls, tool_names
 from workers.decode_loop import GenerationResult, SequenceHandle
 from workers.engine import LoadedModel, LoadSpec, default_threads
@@ -197,22 +198,28 @@ class WorkerRuntime:
 
     def start_generation(
         self, model: LoadedModel, req: InferenceRequest, *, interactive: bool, stream: bool = True
-    ) -> SequenceHandle:
+    ) -> tuple[SequenceHandle, ThinkingSplitter | None]:
         """Render the prompt and queue the request in the model's decode loop (raises on a bad request);
-        ``stream=False`` hands the text over in one piece at the end."""
+        ``stream=False`` hands the text over in one piece at the end.  With thinking on, also the splitter that
+        routes the reply's thinking apart from its content."""
         stops: list[str] = []
         if req.kind == "chat":
-            prompt, stops = model.chat_prompt(req.messages or [], req.tools)
+            prompt, stops, text = model.chat_render(req.messages or [], req.tools, think=req.think)
         elif req.raw:
-            prompt = model.raw_prompt(req.prompt or "")
+            prompt, text = model.raw_prompt(req.prompt or ""), req.prompt or ""
         else:
             messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
                 {"role": "user", "content": req.prompt or ""}
             ]
-            prompt, stops = model.chat_prompt(messages)
+            prompt, stops, text = model.chat_render(messages, think=req.think)
             if req.context:
                 prompt = list(req.context) + prompt
-        return model.start(prompt, req.options, stops=stops, fmt=req.format, interactive=interactive, stream=stream)
+        splitter = None
+        if req.think and req.think_tags:
+            opening, closing = req.think_tags[:2]
+            splitter = ThinkingSplitter(opening, closing, inside=text.rstrip().endswith(opening))
+        handle = model.start(prompt, req.options, stops=stops, fmt=req.format, interactive=interactive, stream=stream)
+        return handle, splitter
 
     @staticmethod
     def generation_stats(req: InferenceRequest, result: GenerationResult) -> dict[str, Any]:
@@ -230,17 +237,34 @@ class WorkerRuntime:
 
     def _generate(self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter) -> dict[str, Any]:
         """Stream a generation's text to ``writer``; return its final stats."""
-        handle = self.start_generation(model, req, interactive=True)
-        if req.tools:
-            held = ToolCallHold(tool_names(req.tools), lambda text: writer.emit("delta", {"c": text}))
-            result = handle.stream(held.feed, writer.cancelled)
+        handle, splitter = self.start_generation(model, req, interactive=True)
+
+        def content(text: str) -> bool:
+            return writer.emit("delta", {"c": text})
+
+        held = ToolCallHold(tool_names(req.tools), content) if req.tools else None
+        emit_content = held.feed if held else content
+
+        def feed(text: str) -> bool:
+            if splitter is None:
+                return emit_content(text)
+            thinking, text = splitter.feed(text)
+            stop = writer.emit("delta", {"t": thinking}) if thinking else False
+            return (emit_content(text) if text else False) or stop
+
+        result = handle.stream(feed, writer.cancelled)
+        if splitter is not None:
+            thinking, text = splitter.flush()
+            if thinking:
+                writer.emit("delta", {"t": thinking})
+            if text:
+                emit_content(text)
+        if held is not None:
             calls, text = held.finish()
             if calls:
                 writer.emit("tools", {"tool_calls": calls})
             elif text:
-                writer.emit("delta", {"c": text})
-        else:
-            result = handle.stream(lambda text: writer.emit("delta", {"c": text}), writer.cancelled)
+                content(text)
         stats = self.generation_stats(req, result)
         if stats["done_reason"] == "cancelled":
             log.info("request %s cancelled by its client after %d tokens", req.request_id, stats["eval_count"])

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral.errors import BadRequest
+from corral.thinking import check_think
 from corral.wire.ollama import MAX_EMBED_INPUTS
 
 JOB_KINDS = ("generate", "chat", "embed")
@@ -22,6 +23,13 @@ JOB_KINDS = ("generate", "chat", "embed")
 
 # Images are refused, never dropped: no model corral serves takes them yet (corral/capabilities.py).
 NO_IMAGES = "images are not supported: the model does not support vision"
+
+
+def _think_value(value: Any) -> Any:
+    try:
+        return check_think(value)
+    except BadRequest as exc:  # as a validation error, so the message names the line
+        raise ValueError(exc.message) from exc
 
 
 class _Item(BaseModel):
@@ -48,6 +56,9 @@ class GenerateItem(_Item):
     format: Any = None
     context: list[int] | None = None
     images: list[Any] | None = None
+    think: bool | str | None = None
+
+    _think = field_validator("think", mode="before")(classmethod(lambda cls, value: _think_value(value)))
 
     @field_validator("images")
     @classmethod
@@ -70,6 +81,9 @@ class ChatItem(_Item):
     messages: list[dict[str, Any]] = Field(None, validate_default=True)
     format: Any = None
     tools: list[dict[str, Any]] | None = None
+    think: bool | str | None = None
+
+    _think = field_validator("think", mode="before")(classmethod(lambda cls, value: _think_value(value)))
 
     @field_validator("messages", mode="before")
     @classmethod

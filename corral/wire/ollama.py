@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from corral.errors import BadRequest
 from corral.options import RuntimeRequest
+from corral.thinking import check_think
 from corral.timefmt import utc_now
 
 
@@ -95,6 +96,11 @@ class _Generation(_Request):
     def _format(cls, value: Any) -> Any:
         return check_format(value)
 
+    @field_validator("think", mode="before")
+    @classmethod
+    def _think(cls, value: Any) -> Any:
+        return check_think(value)
+
     @field_validator("top_logprobs")
     @classmethod
     def _top_logprobs(cls, value: int | None) -> int | None:
@@ -143,10 +149,16 @@ class Message(BaseModel):
 
     def for_template(self) -> dict[str, Any]:
         data: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.thinking:
+            data["thinking"] = self.thinking  # a Go template's .Thinking; Jinja templates' reasoning_content
+            data["reasoning_content"] = self.thinking
         if self.tool_calls:
             data["tool_calls"] = self.tool_calls
         if self.tool_name:
-            data["name"] = self.tool_name
+            data["name"] = self.tool_name  # Jinja templates' message.name
+            data["tool_name"] = self.tool_name  # a Go template's .ToolName
+        if self.tool_call_id:
+            data["tool_call_id"] = self.tool_call_id
         return data
 
 
@@ -371,20 +383,25 @@ def is_zero_keep_alive(value: float | None) -> bool:
 METRICS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")
 
 
-def ollama_chunk(model: str, shape: str, text: str, *, done: bool) -> dict[str, Any]:
-    """An intermediate chunk of /api/generate (``response``) or /api/chat (``message``)."""
+def ollama_chunk(model: str, shape: str, text: str, *, done: bool, thinking: str = "") -> dict[str, Any]:
+    """An intermediate chunk of /api/generate (``response``) or /api/chat (``message``), with the model's
+    ``thinking`` beside the text when there is some (Ollama's omitempty)."""
     chunk: dict[str, Any] = {"model": model, "created_at": utc_now()}
     if shape == "chat":
         chunk["message"] = {"role": "assistant", "content": text}
+        if thinking:
+            chunk["message"]["thinking"] = thinking
     else:
         chunk["response"] = text
+        if thinking:
+            chunk["thinking"] = thinking
     chunk["done"] = done
     return chunk
 
 
-def ollama_final(model: str, shape: str, stats: dict[str, Any], text: str = "") -> dict[str, Any]:
+def ollama_final(model: str, shape: str, stats: dict[str, Any], text: str = "", *, thinking: str = "") -> dict[str, Any]:
     """The final chunk (``text`` empty) or the whole non-stream reply (``text`` = everything generated)."""
-    chunk = ollama_chunk(model, shape, text, done=True)
+    chunk = ollama_chunk(model, shape, text, done=True, thinking=thinking)
     reason = stats.get("done_reason")
     if reason and reason != "cancelled":
         chunk["done_reason"] = reason

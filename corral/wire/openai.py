@@ -22,11 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from corral.errors import BadRequest
 from corral.options import RuntimeRequest, parse_options
+from corral.thinking import think_from_effort
 from corral.toolcalls import openai_tool_calls
 from corral.wire.ollama import check_embed_count, check_schema_budget
 
 FINGERPRINT = "fp_ollama"
-REASONING_EFFORTS = {"low", "medium", "high", "max", "minimal", "xhigh", "ultra", "none"}
 
 
 class _OpenAIRequest(RuntimeRequest):
@@ -116,12 +116,9 @@ class ChatCompletionRequest(_Sampling):
         raise BadRequest(f"invalid response_format type: {kind}", param="response_format")
 
     def think(self) -> bool | str | None:
-        effort = self.reasoning_effort or (self.reasoning or {}).get("effort")
-        if effort is None:
-            return None
-        if effort not in REASONING_EFFORTS:
-            raise BadRequest(f"invalid reasoning value: '{effort}' (must be \"low\", \"medium\", \"high\", or \"none\")")
-        return False if effort == "none" else effort
+        """``reasoning_effort`` (or ``reasoning.effort``) as Ollama's think value."""
+        effort = self.reasoning_effort if self.reasoning_effort is not None else (self.reasoning or {}).get("effort")
+        return think_from_effort(effort)
 
 
 class CompletionRequest(_Sampling):
@@ -262,8 +259,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def chat_completion(
     model: str, text: str, done_reason: str | None, prompt_tokens: int, completion_tokens: int,
     *, created: int | None = None, ident: str | None = None, tool_calls: list[dict[str, Any]] | None = None,
+    reasoning: str | None = None,
 ) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
+    if reasoning:  # the model's thinking, where Ollama's OpenAI layer puts it
+        message["reasoning"] = reasoning
     if tool_calls:
         message["tool_calls"] = openai_tool_calls(tool_calls)
     return {
@@ -326,7 +326,7 @@ def from_native_final(kind: str, model: str, final: dict[str, Any], created: int
         message = final.get("message") or {}
         return chat_completion(
             model, message.get("content", ""), reason, prompt, completion, created=created,
-            tool_calls=message.get("tool_calls"),
+            tool_calls=message.get("tool_calls"), reasoning=message.get("thinking"),
         )
     return text_completion(model, final.get("response", ""), reason, prompt, completion, created=created)
 
@@ -369,6 +369,13 @@ def stream_chunks(
                 continue
             if not chunk["done"]:
                 text = chunk["message"]["content"] if shape == "chat" else chunk["response"]
+                thinking = chunk["message"].get("thinking") if shape == "chat" else None
+                if thinking:  # a reasoning-only delta, with "content": "" as Ollama sends it
+                    reasoning: dict[str, Any] = {**({"role": "assistant"} if first else {}), "content": "", "reasoning": thinking}
+                    yield {**head, "choices": [{"index": 0, "delta": reasoning, "finish_reason": None}]}
+                    first = False
+                    if not text:
+                        continue
                 yield {**head, "choices": [choice(text, None, first)], **zero}
                 first = False
                 continue
