@@ -106,7 +106,7 @@ class Inference:
                         observe_first_token(req.model, clock.elapsed() / 1e9)
                         first = False
                     yield ollama_chunk(req.model, shape, event.data.get("c", ""), done=False,
-                                       thinking=event.data.get("t", ""))
+                                       thinking=event.data.get("t", ""), logprobs=event.data.get("l"))
                 elif event.kind == "tools":
                     chunk = ollama_chunk(req.model, shape, "", done=False)
                     chunk["message"]["tool_calls"] = event.data["tool_calls"]
@@ -153,8 +153,10 @@ def collect(chunks: Iterator[dict[str, Any]], shape: Literal["generate", "chat"]
     parts: list[str] = []
     thoughts: list[str] = []
     calls: list[dict[str, Any]] = []
+    logprobs: list[dict[str, Any]] = []
     final: dict[str, Any] = {}
     for chunk in chunks:
+        logprobs.extend(chunk.get("logprobs") or [])
         parts.append(chunk["message"]["content"] if shape == "chat" else chunk["response"])
         thoughts.append((chunk["message"] if shape == "chat" else chunk).get("thinking", ""))
         if shape == "chat":
@@ -170,6 +172,8 @@ def collect(chunks: Iterator[dict[str, Any]], shape: Literal["generate", "chat"]
         final["response"] = "".join(parts)
         if any(thoughts):
             final["thinking"] = "".join(thoughts)
+    if logprobs:
+        final["logprobs"] = logprobs
     return final
 
 

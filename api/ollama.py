@@ -82,6 +82,7 @@ def generate() -> Response:
     job = svc.request(
         record, req.model, "generate", prompt=req.prompt, system=req.system, raw=req.raw, context=req.context,
         options=req.options, format=req.format, keep_alive=req.keep_alive, think=req.think,
+        logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
     )
     chunks = svc.generation(job, "generate")
     if not req.streaming:
@@ -103,6 +104,7 @@ def chat() -> Response:
     job = svc.request(
         record, req.model, "chat", messages=[m.for_template() for m in req.messages], tools=req.tools or None,
         options=req.options, format=req.format, keep_alive=req.keep_alive, think=req.think,
+        logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
     )
     chunks = svc.generation(job, "chat")
     if not req.streaming:

@@ -53,6 +53,7 @@ def chat_completions() -> Response:
     job = svc.request(
         record, req.model, "chat", messages=req.native_messages(), options=req.native_options(),
         format=req.native_format(), keep_alive=req.keep_alive, tools=req.tools or None, think=req.think(),
+        **req.native_logprobs(),
     )
     chunks = svc.generation(job, "chat")
     if not req.stream:
@@ -62,6 +63,7 @@ def chat_completions() -> Response:
                 req.model, final["message"]["content"], final.get("done_reason"),
                 int(final.get("prompt_eval_count", 0)), int(final.get("eval_count", 0)),
                 tool_calls=final["message"].get("tool_calls"), reasoning=final["message"].get("thinking"),
+                logprobs=final.get("logprobs"),
             )
         )
     first = prime(chunks)
@@ -77,7 +79,8 @@ def completions() -> Response:
     if req.suffix:
         raise BadRequest(f"{ModelName.parse(req.model).display} does not support insert", param="suffix")
     job = svc.request(
-        record, req.model, "generate", prompt=req.prompt, options=req.native_options(), keep_alive=req.keep_alive
+        record, req.model, "generate", prompt=req.prompt, options=req.native_options(), keep_alive=req.keep_alive,
+        **req.native_logprobs(),
     )
     chunks = svc.generation(job, "generate")
     if not req.stream:
@@ -86,6 +89,7 @@ def completions() -> Response:
             text_completion(
                 req.model, final["response"], final.get("done_reason"),
                 int(final.get("prompt_eval_count", 0)), int(final.get("eval_count", 0)),
+                logprobs=final.get("logprobs"),
             )
         )
     first = prime(chunks)

@@ -112,6 +112,8 @@ class InferenceRequest(BaseModel):
     format: str | dict[str, Any] | None = None
     think: bool | str | None = Field(None, description="Thinking on (or a level) for a model that thinks.")
     think_tags: list[str] | None = Field(None, description="The tags around thinking: routed to `thinking`.")
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
     keep_alive: float | None = Field(None, description="Seconds; math.inf = forever; None = server default.")
     enqueued_at: float = Field(default_factory=time.time)
 

@@ -102,7 +102,8 @@ def parse_line(endpoint: str, raw: bytes) -> tuple[str, str, dict[str, Any]]:
 def _native_body(endpoint: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     if endpoint == "/v1/chat/completions":
         chat: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
-        native: dict[str, Any] = {"messages": chat.native_messages(), "options": chat.native_options()}
+        native: dict[str, Any] = {"messages": chat.native_messages(), "options": chat.native_options(),
+                                  **chat.native_logprobs()}
         think = chat.think()
         if think is not None:
             native["think"] = think
@@ -118,7 +119,7 @@ def _native_body(endpoint: str, body: dict[str, Any]) -> tuple[str, dict[str, An
             raise BadRequest("prompt must be a non-empty string", param="prompt")
         if comp.suffix:
             raise BadRequest("suffix is not supported by this model", param="suffix")
-        return comp.model, {"prompt": comp.prompt, "options": comp.native_options()}
+        return comp.model, {"prompt": comp.prompt, "options": comp.native_options(), **comp.native_logprobs()}
     emb: EmbeddingRequest = parse_request(EmbeddingRequest, body)
     native = {"input": emb.inputs(), "truncate": True, "openai_encoding": emb.encoding()}
     if emb.dimensions:

@@ -161,6 +161,7 @@ class ChunkRunner:
                 "context": body.get("context"), "messages": body.get("messages"), "tools": body.get("tools") or None,
                 "options": {**options, **(body.get("options") or {})}, "format": body.get("format"),
                 **thinking_fields(record, kind, body.get("think"), raw=bool(body.get("raw", False))),
+                "logprobs": bool(body.get("logprobs")), "top_logprobs": int(body.get("top_logprobs") or 0),
             })
             request_kind, fields = render_template(record, kind, fields)  # a TEMPLATE layer: a raw prompt
             req = InferenceRequest(request_id=new_request_id(), kind=request_kind, model=name, model_digest=digest,
@@ -192,7 +193,8 @@ class ChunkRunner:
                     text, thinking = "".join(parts), ""
                     if splitter is not None:  # the reasoning goes to "thinking", as on the sync route
                         thinking, text = (a + b for a, b in zip(splitter.feed(text), splitter.flush()))
-                    output = ollama_final(name, kind, stats, text, thinking=thinking)
+                    output = ollama_final(name, kind, stats, text, thinking=thinking,
+                                          logprobs=result.logprobs if req.logprobs else None)
                     calls = parse_tool_calls(text, tool_names(req.tools)) if req.tools else []
                     if calls:
                         output["message"] = {"role": "assistant", "content": "", "tool_calls": calls}

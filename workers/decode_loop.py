@@ -49,6 +49,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from corral.errors import BadRequest, CorralError, GenerationFailed
 from workers import compute
 from workers.slots import common_prefix, donor, gap_fillers, pick_slot, worth_copying
@@ -68,6 +70,7 @@ class GenerationResult:
     eval_count: int
     eval_duration: int
     context: list[int] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # one entry per generated token, when asked
 
 
 @dataclass
@@ -85,6 +88,8 @@ class SequenceRequest:
     # as they come, and each hand-over wakes a waiting thread that then competes with llama_decode's threads
     # for the cores (measured on 2 cores, 64 sequences: ~5% more tokens/s unstreamed; bench/README.md).
     stream: bool = True
+    # -1: no log-probabilities; n >= 0: each generated token's, with the n most likely alternatives (0-20).
+    logprobs: int = -1
 
 
 class StopMatcher:
@@ -128,8 +133,12 @@ class SequenceHandle:
     def cancel(self) -> None:
         self.cancel_requested.set()
 
-    def stream(self, on_text: Callable[[str], bool], cancelled: Callable[[], bool]) -> GenerationResult:
-        """Block until the sequence ends, passing each piece of text to ``on_text``.
+    def stream(
+        self, on_text: Callable[[str], bool], cancelled: Callable[[], bool],
+        on_logprobs: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> GenerationResult:
+        """Block until the sequence ends, passing each piece of text to ``on_text`` (and the log-probabilities of
+        the tokens behind it to ``on_logprobs`` first, when the request asked for them).
 
         ``on_text`` returns True when the client has gone; ``cancelled`` is asked whenever no text came for
         :data:`POLL_SECONDS` (a stream held back by a stop-string prefix, or still waiting for a slot).
@@ -141,7 +150,10 @@ class SequenceHandle:
                 if not self.cancel_requested.is_set() and cancelled():
                     self.cancel()
                 continue
-            if kind == "text":
+            if kind == "logprobs":
+                if on_logprobs is not None:
+                    on_logprobs(value)
+            elif kind == "text":
                 if on_text(value) and not self.cancel_requested.is_set():
                     self.cancel()
             elif kind == "error":
@@ -159,6 +171,8 @@ class _Active:
     slot: int
     sampler: Any
     todo: list[int]  # prompt tokens not yet decoded, then the one sampled token to feed next
+    logprobs: list[dict[str, Any]] = field(default_factory=list)  # per generated token, when asked for
+    logprobs_sent: int = 0  # how many of them went out with streamed text
     generated: list[int] = field(default_factory=list)
     started: int = 0
     first_token_at: int = 0
@@ -413,9 +427,36 @@ class DecodeLoop:
         now = time.perf_counter_ns()
         for active, index in sampling:
             token = llama_cpp.llama_sampler_sample(active.sampler, self._ctx, index)
+            wanted = active.handle.request.logprobs
+            if wanted >= 0 and not llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                active.logprobs.append(self._logprob(index, token, wanted))
             if not active.first_token_at:
                 active.first_token_at = now
             self._accept(active, token)
+
+    @staticmethod
+    def _send_logprobs(active: _Active) -> None:
+        if len(active.logprobs) > active.logprobs_sent:
+            active.handle.events.put(("logprobs", active.logprobs[active.logprobs_sent:]))
+            active.logprobs_sent = len(active.logprobs)
+
+    def _logprob(self, index: int, token: int, top: int) -> dict[str, Any]:
+        """The chosen token's log-probability under the model's own logits at ``index`` (before sampling
+        changes them: temperature, penalties, grammar), and the ``top`` most likely tokens', in Ollama's shape."""
+        pointer = self._llama_cpp.llama_get_logits_ith(self._ctx, index)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).astype(np.float64)
+        peak = float(logits.max())
+        normaliser = peak + float(np.log(np.exp(logits - peak).sum()))
+        entry = self._token_logprob(token, float(logits[token]) - normaliser)
+        if top > 0:
+            best = np.argpartition(-logits, top)[:top]
+            best = best[np.argsort(-logits[best], kind="stable")]
+            entry["top_logprobs"] = [self._token_logprob(int(t), float(logits[t]) - normaliser) for t in best]
+        return entry
+
+    def _token_logprob(self, token: int, logprob: float) -> dict[str, Any]:
+        raw = bytes(self.llm.detokenize([token]))
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
     def _accept(self, active: _Active, token: int) -> None:
         """Apply one sampled token: end of generation, text and stop strings, the token limit."""
@@ -428,6 +469,7 @@ class DecodeLoop:
         text, hit = active.matcher.feed(active.decoder.decode(piece))
         if text:
             if active.handle.request.stream:
+                self._send_logprobs(active)
                 active.handle.events.put(("text", text))
             else:
                 active.held.append(text)
@@ -454,7 +496,11 @@ class DecodeLoop:
         if flush and reason != "cancelled":
             active.held.append(active.matcher.flush() + active.decoder.decode(b"", final=True))
         if any(active.held):
+            if handle.request.stream:
+                self._send_logprobs(active)
             handle.events.put(("text", "".join(active.held)))
+        elif handle.request.stream:
+            self._send_logprobs(active)
         ended = time.perf_counter_ns()
         first = active.first_token_at or ended
         prompt = handle.request.prompt
@@ -467,6 +513,7 @@ class DecodeLoop:
                 eval_count=len(active.generated),
                 eval_duration=max(ended - first, 1),
                 context=prompt + active.generated,
+                logprobs=active.logprobs,
             ),
         ))
 

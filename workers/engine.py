@@ -192,6 +192,7 @@ class LoadedModel:
         fmt: str | dict[str, Any] | None,
         interactive: bool,
         stream: bool = True,
+        logprobs: int = -1,
     ) -> SequenceHandle:
         """Queue a generation in the decode loop: until EOG, a stop string, ``num_predict`` or the context end.
 
@@ -215,6 +216,7 @@ class LoadedModel:
             stops=list(opts.get("stop") or []) + stops,
             interactive=interactive,
             stream=stream,
+            logprobs=logprobs,
         )
         return self.loop.submit(request)
 

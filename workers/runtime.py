@@ -218,7 +218,8 @@ class WorkerRuntime:
         if req.think and req.think_tags:
             opening, closing = req.think_tags[:2]
             splitter = ThinkingSplitter(opening, closing, inside=text.rstrip().endswith(opening))
-        handle = model.start(prompt, req.options, stops=stops, fmt=req.format, interactive=interactive, stream=stream)
+        handle = model.start(prompt, req.options, stops=stops, fmt=req.format, interactive=interactive, stream=stream,
+                             logprobs=req.top_logprobs if req.logprobs else -1)
         return handle, splitter
 
     @staticmethod
@@ -239,8 +240,16 @@ class WorkerRuntime:
         """Stream a generation's text to ``writer``; return its final stats."""
         handle, splitter = self.start_generation(model, req, interactive=True)
 
+        pending: list[dict[str, Any]] = []  # log-probabilities of the tokens behind the next piece of text
+
+        def delta(**data: Any) -> bool:
+            if pending:
+                data["l"] = list(pending)
+                pending.clear()
+            return writer.emit("delta", data)
+
         def content(text: str) -> bool:
-            return writer.emit("delta", {"c": text})
+            return delta(c=text)
 
         held = ToolCallHold(tool_names(req.tools), content) if req.tools else None
         emit_content = held.feed if held else content
@@ -249,14 +258,14 @@ class WorkerRuntime:
             if splitter is None:
                 return emit_content(text)
             thinking, text = splitter.feed(text)
-            stop = writer.emit("delta", {"t": thinking}) if thinking else False
+            stop = delta(t=thinking) if thinking else False
             return (emit_content(text) if text else False) or stop
 
-        result = handle.stream(feed, writer.cancelled)
+        result = handle.stream(feed, writer.cancelled, pending.extend)
         if splitter is not None:
             thinking, text = splitter.flush()
             if thinking:
-                writer.emit("delta", {"t": thinking})
+                delta(t=thinking)
             if text:
                 emit_content(text)
         if held is not None:
@@ -265,6 +274,8 @@ class WorkerRuntime:
                 writer.emit("tools", {"tool_calls": calls})
             elif text:
                 content(text)
+        if pending:  # the tokens of text held back (a tool call, a thinking tag) still have their values
+            delta()
         stats = self.generation_stats(req, result)
         if stats["done_reason"] == "cancelled":
             log.info("request %s cancelled by its client after %d tokens", req.request_id, stats["eval_count"])

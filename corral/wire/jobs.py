@@ -47,7 +47,17 @@ class _Item(BaseModel):
         return tuple(name for name in cls.model_fields if name != "custom_id")
 
 
-class GenerateItem(_Item):
+class _GenerationItem(_Item):
+    """Fields of generate and chat lines: thinking, and the tokens' log-probabilities."""
+
+    think: bool | str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    _think = field_validator("think", mode="before")(classmethod(lambda cls, value: _think_value(value)))
+
+
+class GenerateItem(_GenerationItem):
     """One ``/api/generate`` body."""
 
     prompt: str = Field(None, validate_default=True)  # absent: the validator says so
@@ -56,9 +66,6 @@ class GenerateItem(_Item):
     format: Any = None
     context: list[int] | None = None
     images: list[Any] | None = None
-    think: bool | str | None = None
-
-    _think = field_validator("think", mode="before")(classmethod(lambda cls, value: _think_value(value)))
 
     @field_validator("images")
     @classmethod
@@ -75,15 +82,12 @@ class GenerateItem(_Item):
         return value
 
 
-class ChatItem(_Item):
+class ChatItem(_GenerationItem):
     """One ``/api/chat`` body; each message keeps its role (lower-cased, as Ollama does) and content."""
 
     messages: list[dict[str, Any]] = Field(None, validate_default=True)
     format: Any = None
     tools: list[dict[str, Any]] | None = None
-    think: bool | str | None = None
-
-    _think = field_validator("think", mode="before")(classmethod(lambda cls, value: _think_value(value)))
 
     @field_validator("messages", mode="before")
     @classmethod

@@ -383,9 +383,11 @@ def is_zero_keep_alive(value: float | None) -> bool:
 METRICS = ("total_duration", "load_duration", "prompt_eval_count", "prompt_eval_duration", "eval_count", "eval_duration")
 
 
-def ollama_chunk(model: str, shape: str, text: str, *, done: bool, thinking: str = "") -> dict[str, Any]:
+def ollama_chunk(
+    model: str, shape: str, text: str, *, done: bool, thinking: str = "", logprobs: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """An intermediate chunk of /api/generate (``response``) or /api/chat (``message``), with the model's
-    ``thinking`` beside the text when there is some (Ollama's omitempty)."""
+    ``thinking`` and the tokens' ``logprobs`` when there are some (Ollama's omitempty)."""
     chunk: dict[str, Any] = {"model": model, "created_at": utc_now()}
     if shape == "chat":
         chunk["message"] = {"role": "assistant", "content": text}
@@ -396,12 +398,17 @@ def ollama_chunk(model: str, shape: str, text: str, *, done: bool, thinking: str
         if thinking:
             chunk["thinking"] = thinking
     chunk["done"] = done
+    if logprobs:
+        chunk["logprobs"] = logprobs
     return chunk
 
 
-def ollama_final(model: str, shape: str, stats: dict[str, Any], text: str = "", *, thinking: str = "") -> dict[str, Any]:
+def ollama_final(
+    model: str, shape: str, stats: dict[str, Any], text: str = "", *, thinking: str = "",
+    logprobs: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The final chunk (``text`` empty) or the whole non-stream reply (``text`` = everything generated)."""
-    chunk = ollama_chunk(model, shape, text, done=True, thinking=thinking)
+    chunk = ollama_chunk(model, shape, text, done=True, thinking=thinking, logprobs=logprobs)
     reason = stats.get("done_reason")
     if reason and reason != "cancelled":
         chunk["done_reason"] = reason

@@ -87,6 +87,17 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = None
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= 20:
+            raise BadRequest("top_logprobs must be between 0 and 20", param="top_logprobs")
+        return value
+
+    def native_logprobs(self) -> dict[str, Any]:
+        """``logprobs`` and ``top_logprobs`` as the native request takes them."""
+        return {"logprobs": bool(self.logprobs), "top_logprobs": self.top_logprobs or 0} if self.logprobs else {}
+
     def native_messages(self) -> list[dict[str, Any]]:
         if not self.messages:
             raise BadRequest("[] is too short - 'messages'", param="messages")
@@ -128,6 +139,18 @@ class CompletionRequest(_Sampling):
 
     prompt: str = ""
     suffix: str | None = None
+    logprobs: int | None = Field(None, description="Log-probabilities of each token and this many alternatives (0-20).")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, value: int | None) -> int | None:
+        if value is not None and not 0 <= value <= 20:
+            raise BadRequest("logprobs must be between 0 and 20", param="logprobs")
+        return value
+
+    def native_logprobs(self) -> dict[str, Any]:
+        """The legacy ``logprobs: n`` as Ollama's OpenAI layer reads it: on, with n alternatives, when n > 0."""
+        return {"logprobs": True, "top_logprobs": self.logprobs} if self.logprobs else {}
     stop: Any = None
 
     @field_validator("stop", mode="before")
@@ -259,7 +282,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def chat_completion(
     model: str, text: str, done_reason: str | None, prompt_tokens: int, completion_tokens: int,
     *, created: int | None = None, ident: str | None = None, tool_calls: list[dict[str, Any]] | None = None,
-    reasoning: str | None = None,
+    reasoning: str | None = None, logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text}
     if reasoning:  # the model's thinking, where Ollama's OpenAI layer puts it
@@ -272,14 +295,20 @@ def chat_completion(
         "created": created or int(time.time()),
         "model": model,
         "system_fingerprint": FINGERPRINT,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(done_reason, bool(tool_calls))}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason(done_reason, bool(tool_calls)),
+                     **_choice_logprobs(logprobs)}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
+def _choice_logprobs(logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """A choice's ``logprobs`` as Ollama's OpenAI layer writes it (``{"content": [...]}``), when there are some."""
+    return {"logprobs": {"content": logprobs}} if logprobs else {}
+
+
 def text_completion(
     model: str, text: str, done_reason: str | None, prompt_tokens: int, completion_tokens: int,
-    *, created: int | None = None, ident: str | None = None,
+    *, created: int | None = None, ident: str | None = None, logprobs: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": ident or completion_id("cmpl"),
@@ -287,7 +316,7 @@ def text_completion(
         "created": created or int(time.time()),
         "model": model,
         "system_fingerprint": FINGERPRINT,
-        "choices": [{"text": text, "index": 0, "finish_reason": finish_reason(done_reason)}],
+        "choices": [{"text": text, "index": 0, "finish_reason": finish_reason(done_reason), **_choice_logprobs(logprobs)}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -326,9 +355,10 @@ def from_native_final(kind: str, model: str, final: dict[str, Any], created: int
         message = final.get("message") or {}
         return chat_completion(
             model, message.get("content", ""), reason, prompt, completion, created=created,
-            tool_calls=message.get("tool_calls"), reasoning=message.get("thinking"),
+            tool_calls=message.get("tool_calls"), reasoning=message.get("thinking"), logprobs=final.get("logprobs"),
         )
-    return text_completion(model, final.get("response", ""), reason, prompt, completion, created=created)
+    return text_completion(model, final.get("response", ""), reason, prompt, completion, created=created,
+                           logprobs=final.get("logprobs"))
 
 
 def stream_chunks(
@@ -346,13 +376,13 @@ def stream_chunks(
     }
     zero = {"usage": usage(0, 0)} if include_usage and shape == "generate" else {}
 
-    def choice(text: str | None, reason: str | None, first: bool) -> dict[str, Any]:
+    def choice(text: str | None, reason: str | None, first: bool, logprobs: Any = None) -> dict[str, Any]:
         if shape == "generate":
-            return {"text": text or "", "index": 0, "finish_reason": reason}
+            return {"text": text or "", "index": 0, "finish_reason": reason, **_choice_logprobs(logprobs)}
         delta: dict[str, Any] = {} if text is None else {"content": text}
         if first:
             delta = {"role": "assistant", "content": text or ""}
-        return {"index": 0, "delta": delta, "finish_reason": reason}
+        return {"index": 0, "delta": delta, "finish_reason": reason, **_choice_logprobs(logprobs)}
 
     first = True
     called = False
@@ -376,7 +406,7 @@ def stream_chunks(
                     first = False
                     if not text:
                         continue
-                yield {**head, "choices": [choice(text, None, first)], **zero}
+                yield {**head, "choices": [choice(text, None, first, chunk.get("logprobs"))], **zero}
                 first = False
                 continue
             reason = finish_reason(chunk.get("done_reason"), called)
