@@ -75,12 +75,13 @@ def generate() -> Response:
         raise BadRequest("raw mode does not support template, system, or context")
     record = svc.generation_model(req.model, "generate", think=req.think, images=bool(req.images))
     check_context(req.context, int(record.config.get("vocab_size") or 0))
-    if req.suffix:
+    if req.suffix and "insert" not in record.capabilities:
         raise BadRequest(f"{ModelName.parse(req.model).display} does not support insert")
     if not req.prompt:
         return _load_or_unload(svc, record, req.model, req.keep_alive, "generate", req.options)
     job = svc.request(
-        record, req.model, "generate", prompt=req.prompt, system=req.system, raw=req.raw, context=req.context,
+        record, req.model, "generate", prompt=req.prompt, suffix=req.suffix or None, system=req.system, raw=req.raw,
+        context=req.context,
         options=req.options, format=req.format, keep_alive=req.keep_alive, think=req.think,
         logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
     )

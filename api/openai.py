@@ -76,10 +76,11 @@ def completions() -> Response:
     req: CompletionRequest = _body(CompletionRequest)
     svc = services().inference
     record = svc.generation_model(req.model, "generate")
-    if req.suffix:
+    if req.suffix and "insert" not in record.capabilities:
         raise BadRequest(f"{ModelName.parse(req.model).display} does not support insert", param="suffix")
     job = svc.request(
-        record, req.model, "generate", prompt=req.prompt, options=req.native_options(), keep_alive=req.keep_alive,
+        record, req.model, "generate", prompt=req.prompt, suffix=req.suffix or None, options=req.native_options(),
+        keep_alive=req.keep_alive,
         **req.native_logprobs(),
     )
     chunks = svc.generation(job, "generate")

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from corral.errors import BadRequest
 from corral.gguf_meta import gguf_config
 from corral.gotemplate import parse as parse_template
-from corral.gotemplate import render
+from corral.gotemplate import render, variables
 from corral.options import parse_options
 from corral.protocol import QUANT_TYPES, QUANTIZABLE_FROM
 from corral.store import (
@@ -87,7 +87,7 @@ def render_template(record: ModelRecord, kind: str, fields: dict[str, Any]) -> t
     system = "\n\n".join(m.get("content", "") for m in messages if m.get("role") == "system")
     think = fields.get("think")
     values = {"System": system, "Messages": _collate(messages), "Tools": fields.get("tools") or [],
-              "Prompt": "", "Response": "", "Suffix": "", "Think": bool(think),
+              "Prompt": "", "Response": "", "Suffix": fields.get("suffix") or "", "Think": bool(think),
               "ThinkLevel": think if isinstance(think, str) else "", "IsThinkSet": think is not None}
     if ".Messages" in template:
         prompt = render(nodes, values)
@@ -101,7 +101,8 @@ def render_template(record: ModelRecord, kind: str, fields: dict[str, Any]) -> t
                 prompt += render(nodes, {**values, "Prompt": pending, "Response": content})
                 pending = ""
         prompt += render(nodes, {**values, "Prompt": pending})
-    out = {k: v for k, v in fields.items() if k not in ("messages", "system", "context")}
+    placed = ("suffix",) if "suffix" in variables(nodes) else ()  # else the worker uses the GGUF's FIM tokens
+    out = {k: v for k, v in fields.items() if k not in ("messages", "system", "context", *placed)}
     return "generate", {**out, "prompt": prompt, "raw": True}
 
 

@@ -99,6 +99,7 @@ class InferenceRequest(BaseModel):
     model: str = Field(description="The name the client used (shown by /api/ps).")
     model_digest: str
     prompt: str | None = None
+    suffix: str | None = Field(None, description="Fill in the middle: the text after the gap (the prompt is before).")
     system: str | None = None
     raw: bool = False
     context: list[int] | None = None

@@ -181,6 +181,19 @@ class LoadedModel:
     def raw_prompt(self, prompt: str) -> list[int]:
         return self.tokenize(prompt, add_bos=True)
 
+    def fim_prompt(self, prefix: str, suffix: str) -> list[int]:
+        """Fill-in-the-middle with the GGUF's FIM tokens, as llama.cpp's server lays it out (prefix, suffix,
+        middle): ``[BOS] FIM_PRE prefix FIM_SUF suffix FIM_MID``; the model writes the middle."""
+        llama_cpp = self._llama_cpp
+        ids = [int(f(self._vocab)) for f in (llama_cpp.llama_vocab_fim_pre, llama_cpp.llama_vocab_fim_suf,
+                                               llama_cpp.llama_vocab_fim_mid)]
+        if min(ids) < 0:
+            raise BadRequest("this model has no fill-in-the-middle tokens")
+        pre, suf, mid = ids
+        tokens = [pre, *self.tokenize(prefix, add_bos=False), suf, *self.tokenize(suffix, add_bos=False), mid]
+        add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        return ([self.llm.token_bos()] if add_bos else []) + tokens
+
     # -- generation -------------------------------------------------------------------------------------
 
     def start(

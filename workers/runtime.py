@@ -205,6 +205,8 @@ class WorkerRuntime:
         stops: list[str] = []
         if req.kind == "chat":
             prompt, stops, text = model.chat_render(req.messages or [], req.tools, think=req.think)
+        elif req.suffix:  # fill in the middle (the API checked the model has FIM tokens: `insert`)
+            prompt, text = model.fim_prompt(req.prompt or "", req.suffix), ""
         elif req.raw:
             prompt, text = model.raw_prompt(req.prompt or ""), req.prompt or ""
         else:
