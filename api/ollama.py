@@ -84,6 +84,7 @@ def generate() -> Response:
         context=req.context,
         options=req.options, format=req.format, keep_alive=req.keep_alive, think=req.think,
         logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
+        truncate=req.truncate is not False, shift=req.shift is not False,
     )
     chunks = svc.generation(job, "generate")
     if not req.streaming:
@@ -106,6 +107,7 @@ def chat() -> Response:
         record, req.model, "chat", messages=[m.for_template() for m in req.messages], tools=req.tools or None,
         options=req.options, format=req.format, keep_alive=req.keep_alive, think=req.think,
         logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
+        truncate=req.truncate is not False, shift=req.shift is not False,
     )
     chunks = svc.generation(job, "chat")
     if not req.streaming:

@@ -103,6 +103,8 @@ def render_template(record: ModelRecord, kind: str, fields: dict[str, Any]) -> t
         prompt += render(nodes, {**values, "Prompt": pending})
     placed = ("suffix",) if "suffix" in variables(nodes) else ()  # else the worker uses the GGUF's FIM tokens
     out = {k: v for k, v in fields.items() if k not in ("messages", "system", "context", *placed)}
+    if kind == "chat":  # kept so that the worker can render fewer of them when the prompt is too long
+        out["messages"] = messages
     return "generate", {**out, "prompt": prompt, "raw": True}
 
 

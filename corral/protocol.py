@@ -106,7 +106,8 @@ class InferenceRequest(BaseModel):
     messages: list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
     inputs: list[str] | None = None
-    truncate: bool = True
+    truncate: bool = True  # generate/chat: drop old messages to fit num_ctx (false: a 400); embed: cut inputs
+    shift: bool = True  # generate/chat: go on past num_ctx by discarding old context (false: stop, "length")
     normalize: bool = True
     dimensions: int | None = None
     options: dict[str, Any] = Field(default_factory=dict)

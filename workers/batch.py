@@ -167,7 +167,8 @@ class ChunkRunner:
             req = InferenceRequest(request_id=new_request_id(), kind=request_kind, model=name, model_digest=digest,
                                    **fields)
             try:
-                handle, splitter = self.runtime.start_generation(model, req, interactive=False, stream=False)
+                handle, splitter = self.runtime.start_generation(model, req, interactive=False, stream=False,
+                                                                 record=record)
                 running.append((item_id, req, handle, splitter))
             except CorralError as exc:
                 self._write(item_id, attempt, failure(exc))

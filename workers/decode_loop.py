@@ -90,6 +90,9 @@ class SequenceRequest:
     stream: bool = True
     # -1: no log-probabilities; n >= 0: each generated token's, with the n most likely alternatives (0-20).
     logprobs: int = -1
+    # Context shift: -1 off (the generation ends when the context is full); n >= 0: when it is full, keep the
+    # first n tokens and discard half of the rest, as llama.cpp's and Ollama's runners do, and go on.
+    shift_keep: int = -1
 
 
 class StopMatcher:
@@ -173,6 +176,7 @@ class _Active:
     todo: list[int]  # prompt tokens not yet decoded, then the one sampled token to feed next
     logprobs: list[dict[str, Any]] = field(default_factory=list)  # per generated token, when asked for
     logprobs_sent: int = 0  # how many of them went out with streamed text
+    shifts: int = 0  # context shifts so far
     generated: list[int] = field(default_factory=list)
     started: int = 0
     first_token_at: int = 0
@@ -434,6 +438,21 @@ class DecodeLoop:
                 active.first_token_at = now
             self._accept(active, token)
 
+    def _shift(self, active: _Active) -> bool:
+        """Make room in a full context: keep the first ``shift_keep`` cells, discard half of the others (the
+        oldest), move the rest down.  False when the request does not shift or the memory cannot."""
+        keep = active.handle.request.shift_keep
+        llama_cpp, slot = self._llama_cpp, active.slot
+        if keep < 0 or not llama_cpp.llama_memory_can_shift(self._memory):
+            return False
+        cached = self._cached[slot]
+        discard = max((len(cached) - keep) // 2, 1)
+        llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, keep + discard)
+        llama_cpp.llama_memory_seq_add(self._memory, slot, keep + discard, -1, -discard)
+        del cached[keep:keep + discard]
+        active.shifts += 1
+        return True
+
     @staticmethod
     def _send_logprobs(active: _Active) -> None:
         if len(active.logprobs) > active.logprobs_sent:
@@ -477,6 +496,8 @@ class DecodeLoop:
             self._end(active, reason="stop", flush=False)
         elif len(active.generated) >= active.handle.request.limit:
             self._end(active, reason="length")
+        elif len(self._cached[active.slot]) + 1 >= self.n_ctx and not self._shift(active):
+            self._end(active, reason="length")  # the context is full and may not shift
         else:
             active.todo = [token]
 
@@ -487,6 +508,10 @@ class DecodeLoop:
         self._active.pop(active.slot, None)
         llama_cpp.llama_sampler_free(active.sampler)
         handle = active.handle
+        if active.shifts:  # shifted cells are not what a fresh prompt would compute: keep only the untouched head
+            keep = handle.request.shift_keep
+            llama_cpp.llama_memory_seq_rm(self._memory, active.slot, keep, -1)
+            del self._cached[active.slot][keep:]
         if error is not None:
             # A failed decode may have left any of the batch's cells half-written: this slot starts afresh.
             llama_cpp.llama_memory_seq_rm(self._memory, active.slot, -1, -1)

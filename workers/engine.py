@@ -27,6 +27,10 @@ from workers.decode_loop import DecodeLoop, GenerationResult, SequenceHandle, Se
 
 log = logging.getLogger(__name__)
 
+# With context shift on and no num_predict, a generation ends at its end-of-generation token; a model that never
+# says it stops after this many contexts' worth of tokens (Ollama caps num_predict -1 at 10 x num_ctx likewise).
+SHIFT_PREDICT_CAP = 10
+
 # Ollama's defaults for sampling options (api/types.go DefaultOptions).
 DEFAULT_SAMPLING: dict[str, Any] = {
     "temperature": 0.8,
@@ -206,6 +210,8 @@ class LoadedModel:
         interactive: bool,
         stream: bool = True,
         logprobs: int = -1,
+        truncate: bool = True,
+        shift: bool = True,
     ) -> SequenceHandle:
         """Queue a generation in the decode loop: until EOG, a stop string, ``num_predict`` or the context end.
 
@@ -215,11 +221,17 @@ class LoadedModel:
         if self.loop is None:
             raise BadRequest("this model is loaded for embeddings only")
         opts = {**DEFAULT_SAMPLING, **{k: v for k, v in options.items() if v is not None}}
-        prompt = self._fit_prompt(prompt or [self.llm.token_bos()], int(opts["num_keep"]))
+        prompt = prompt or [self.llm.token_bos()]
+        if not truncate and len(prompt) > self.n_ctx - 1:
+            raise BadRequest("the input length exceeds the context length")
+        prompt = self._fit_prompt(prompt, int(opts["num_keep"]))
         num_predict = int(opts["num_predict"])
-        limit = self.n_ctx - len(prompt)
-        if num_predict >= 0:
-            limit = min(limit, num_predict)
+        if shift:  # the context shifts as it fills (decode_loop.py); only num_predict ends the generation
+            limit = num_predict if num_predict >= 0 else SHIFT_PREDICT_CAP * self.n_ctx
+        else:
+            limit = self.n_ctx - len(prompt)
+            if num_predict >= 0:
+                limit = min(limit, num_predict)
         request = SequenceRequest(
             prompt=prompt,
             limit=limit,
@@ -230,6 +242,7 @@ class LoadedModel:
             interactive=interactive,
             stream=stream,
             logprobs=logprobs,
+            shift_keep=min(int(opts["num_keep"]), self.n_ctx // 2) if shift else -1,
         )
         return self.loop.submit(request)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from corral.errors import BadRequest, CorralError, ModelNotFound
+from corral.modelfile import render_template
 from corral.protocol import InferenceRequest, StreamWriter, redis_client, unload_key, worker_key
 from corral.settings import Settings
 from corral.store import ModelRecord, ModelStore
@@ -185,7 +186,7 @@ class WorkerRuntime:
             elif req.kind == "embed":
                 final = ("result", {**self._embed(model, req), "load_duration": load_ns})
             else:
-                final = ("done", {**self._generate(model, req, writer), "load_duration": load_ns})
+                final = ("done", {**self._generate(model, req, writer, record), "load_duration": load_ns})
         # The last event goes out after the model is let go of (and /api/ps updated): a client that asks
         # /api/ps as soon as its reply ends sees the model's new expiry, or sees it gone after keep_alive 0.
         writer.emit(*final)
@@ -197,18 +198,34 @@ class WorkerRuntime:
         return {"embeddings": vectors, "prompt_eval_count": count}
 
     def start_generation(
-        self, model: LoadedModel, req: InferenceRequest, *, interactive: bool, stream: bool = True
+        self, model: LoadedModel, req: InferenceRequest, *, interactive: bool, stream: bool = True,
+        record: ModelRecord | None = None,
     ) -> tuple[SequenceHandle, ThinkingSplitter | None]:
         """Render the prompt and queue the request in the model's decode loop (raises on a bad request);
         ``stream=False`` hands the text over in one piece at the end.  With thinking on, also the splitter that
-        routes the reply's thinking apart from its content."""
+        routes the reply's thinking apart from its content.
+
+        A chat prompt longer than ``num_ctx`` loses whole messages, oldest first, keeping the system prompt and
+        the last message, as Ollama's server does (``record``'s TEMPLATE renders them again when it has one);
+        ``truncate: false`` makes it a 400 instead."""
         stops: list[str] = []
+        budget = model.n_ctx
         if req.kind == "chat":
-            prompt, stops, text = model.chat_render(req.messages or [], req.tools, think=req.think)
+            def chat(messages: list[dict[str, Any]]) -> tuple[list[int], list[str], str]:
+                return model.chat_render(messages, req.tools, think=req.think)
+
+            prompt, stops, text = self._fit_messages(chat, req, budget)
         elif req.suffix:  # fill in the middle (the API checked the model has FIM tokens: `insert`)
             prompt, text = model.fim_prompt(req.prompt or "", req.suffix), ""
         elif req.raw:
             prompt, text = model.raw_prompt(req.prompt or ""), req.prompt or ""
+            if req.messages and record is not None and len(prompt) > budget and req.truncate:
+                def templated(messages: list[dict[str, Any]]) -> tuple[list[int], list[str], str]:
+                    _, fields = render_template(record, "chat", {"messages": messages, "tools": req.tools,
+                                                                 "think": req.think})
+                    return model.raw_prompt(fields["prompt"]), [], fields["prompt"]
+
+                prompt, stops, text = self._fit_messages(templated, req, budget)
         else:
             messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
                 {"role": "user", "content": req.prompt or ""}
@@ -221,8 +238,25 @@ class WorkerRuntime:
             opening, closing = req.think_tags[:2]
             splitter = ThinkingSplitter(opening, closing, inside=text.rstrip().endswith(opening))
         handle = model.start(prompt, req.options, stops=stops, fmt=req.format, interactive=interactive, stream=stream,
-                             logprobs=req.top_logprobs if req.logprobs else -1)
+                             logprobs=req.top_logprobs if req.logprobs else -1, truncate=req.truncate, shift=req.shift)
         return handle, splitter
+
+    @staticmethod
+    def _fit_messages(
+        render: Callable[[list[dict[str, Any]]], tuple[list[int], list[str], str]], req: InferenceRequest, budget: int
+    ) -> tuple[list[int], list[str], str]:
+        """The rendered chat with as many of its latest messages as fit ``budget`` tokens (Ollama's chatPrompt)."""
+        messages = req.messages or []
+        rendered = render(messages)
+        if len(rendered[0]) <= budget or not req.truncate:
+            return rendered
+        for start in range(1, len(messages)):
+            system = [m for m in messages[:start] if m.get("role") == "system"]
+            rendered = render(system + messages[start:])
+            if len(rendered[0]) <= budget:
+                break
+        log.info("chat of %d messages truncated from the oldest to fit num_ctx=%d", len(messages), budget)
+        return rendered
 
     @staticmethod
     def generation_stats(req: InferenceRequest, result: GenerationResult) -> dict[str, Any]:
@@ -238,9 +272,11 @@ class WorkerRuntime:
             stats["context"] = result.context
         return stats
 
-    def _generate(self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter) -> dict[str, Any]:
+    def _generate(
+        self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter, record: ModelRecord
+    ) -> dict[str, Any]:
         """Stream a generation's text to ``writer``; return its final stats."""
-        handle, splitter = self.start_generation(model, req, interactive=True)
+        handle, splitter = self.start_generation(model, req, interactive=True, record=record)
 
         pending: list[dict[str, Any]] = []  # log-probabilities of the tokens behind the next piece of text
 
