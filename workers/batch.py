@@ -32,7 +32,7 @@ from corral.modelfile import apply_layers, render_template
 from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, new_request_id, suspect_key
 from corral.store import ModelRecord
 from corral.thinking import ThinkingSplitter
-from corral.toolcalls import parse_tool_calls, tool_names
+from corral.toolcalls import split_tool_calls, tool_names
 from corral.wire.ollama import ollama_final
 from jobs import transitions
 from jobs.db import sessions
@@ -41,7 +41,7 @@ from jobs.queueing import enqueue_chunks
 from jobs.transitions import ClaimedChunk
 from workers.decode_loop import SequenceHandle
 from workers.engine import LoadedModel, finish_vectors
-from workers.runtime import CHUNKS_PER_WORKER, WorkerRuntime
+from workers.runtime import CHUNKS_PER_WORKER, WorkerRuntime, tool_family
 
 log = logging.getLogger(__name__)
 
@@ -196,9 +196,10 @@ class ChunkRunner:
                         thinking, text = (a + b for a, b in zip(splitter.feed(text), splitter.flush()))
                     output = ollama_final(name, kind, stats, text, thinking=thinking,
                                           logprobs=result.logprobs if req.logprobs else None)
-                    calls = parse_tool_calls(text, tool_names(req.tools)) if req.tools else []
-                    if calls:
-                        output["message"] = {"role": "assistant", "content": "", "tool_calls": calls}
+                    if req.tools:  # calls wherever they start, in the model's own form, as on the sync route
+                        content, calls = split_tool_calls(text, tool_names(req.tools), tool_family(model, record))
+                        if calls:
+                            output["message"] = {"role": "assistant", "content": content, "tool_calls": calls}
                     values = {
                         "state": ItemState.SUCCEEDED,
                         "output": output,

@@ -93,6 +93,8 @@ class SequenceRequest:
     # Context shift: -1 off (the generation ends when the context is full); n >= 0: when it is full, keep the
     # first n tokens and discard half of the rest, as llama.cpp's and Ollama's runners do, and go on.
     shift_keep: int = -1
+    # Render special tokens as text (a request with tools: <|python_tag|>, <|call|> and the like mark calls).
+    special: bool = False
 
 
 class StopMatcher:
@@ -484,7 +486,7 @@ class DecodeLoop:
             return
         previous = active.generated[-8:] if active.generated else active.handle.request.prompt[-8:]
         active.generated.append(token)
-        piece = bytes(self.llm.detokenize([token], prev_tokens=previous))
+        piece = bytes(self.llm.detokenize([token], prev_tokens=previous, special=active.handle.request.special))
         text, hit = active.matcher.feed(active.decoder.decode(piece))
         if text:
             if active.handle.request.stream:

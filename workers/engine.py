@@ -212,6 +212,7 @@ class LoadedModel:
         logprobs: int = -1,
         truncate: bool = True,
         shift: bool = True,
+        special: bool = False,
     ) -> SequenceHandle:
         """Queue a generation in the decode loop: until EOG, a stop string, ``num_predict`` or the context end.
 
@@ -243,6 +244,7 @@ class LoadedModel:
             stream=stream,
             logprobs=logprobs,
             shift_keep=min(int(opts["num_keep"]), self.n_ctx // 2) if shift else -1,
+            special=special,
         )
         return self.loop.submit(request)
 

@@ -23,7 +23,7 @@ from corral.protocol import InferenceRequest, StreamWriter, redis_client, unload
 from corral.settings import Settings
 from corral.store import ModelRecord, ModelStore
 from corral.thinking import ThinkingSplitter
-from corral.toolcalls import could_be_call, parse_tool_calls, tool_names
+from corral.toolcalls import ToolCallHold, tool_format, tool_names
 from workers.decode_loop import GenerationResult, SequenceHandle
 from workers.engine import LoadedModel, LoadSpec, default_threads
 from workers.registry import ModelRegistry
@@ -238,7 +238,8 @@ class WorkerRuntime:
             opening, closing = req.think_tags[:2]
             splitter = ThinkingSplitter(opening, closing, inside=text.rstrip().endswith(opening))
         handle = model.start(prompt, req.options, stops=stops, fmt=req.format, interactive=interactive, stream=stream,
-                             logprobs=req.top_logprobs if req.logprobs else -1, truncate=req.truncate, shift=req.shift)
+                             logprobs=req.top_logprobs if req.logprobs else -1, truncate=req.truncate, shift=req.shift,
+                             special=bool(req.tools))  # tool-call markers are often special tokens
         return handle, splitter
 
     @staticmethod
@@ -289,7 +290,7 @@ class WorkerRuntime:
         def content(text: str) -> bool:
             return delta(c=text)
 
-        held = ToolCallHold(tool_names(req.tools), content) if req.tools else None
+        held = ToolCallHold(tool_names(req.tools), content, tool_family(model, record)) if req.tools else None
         emit_content = held.feed if held else content
 
         def feed(text: str) -> bool:
@@ -320,32 +321,7 @@ class WorkerRuntime:
         return stats
 
 
-class ToolCallHold:
-    """Streams a reply to a request with tools, except while it may still be a tool call (then it is held).
-
-    A reply that starts like a call is kept until the end and parsed; one that starts as prose is passed on
-    as it comes, like any other reply.
-    """
-
-    def __init__(self, names: set[str], emit: Callable[[str], bool]) -> None:
-        self.names = names
-        self.emit = emit
-        self.held = ""
-        self.streaming = False
-
-    def feed(self, text: str) -> bool:
-        if self.streaming:
-            return self.emit(text)
-        self.held += text
-        if could_be_call(self.held):
-            return False
-        self.streaming = True
-        text, self.held = self.held, ""
-        return self.emit(text)
-
-    def finish(self) -> tuple[list[dict[str, Any]], str]:
-        """(tool calls, text still held): calls when the whole held reply parses as calls, else the text."""
-        if self.streaming or not self.held:
-            return [], ""
-        calls = parse_tool_calls(self.held, self.names)
-        return (calls, "") if calls else ([], self.held)
+def tool_family(model: LoadedModel, record: ModelRecord) -> str:
+    """The tool-call family of the template that renders the model's prompts (its TEMPLATE layer, or the GGUF's)."""
+    template = record.extras.get("template")
+    return tool_format(template[-1] if template else str(model.llm.metadata.get("tokenizer.chat_template") or ""))

@@ -210,7 +210,11 @@ def _native_message(message: Any) -> list[dict[str, Any]]:
     if role == "tool":
         name = message.get("name") or message.get("tool_call_id")
         if name:
-            base["name"] = name
+            base["name"] = base["tool_name"] = name  # Jinja templates' message.name; Go templates' .ToolName
+        if message.get("tool_call_id"):
+            base["tool_call_id"] = message["tool_call_id"]
+    if isinstance(message.get("reasoning"), str) and message["reasoning"]:
+        base["thinking"] = message["reasoning"]  # an assistant turn's reasoning, as Ollama's OpenAI layer maps it
     if message.get("tool_calls"):
         base["tool_calls"] = [_native_tool_call(c) for c in message["tool_calls"]]
     if content is None or isinstance(content, str):

@@ -71,3 +71,19 @@ def test_pipelines_literals_and_comments() -> None:
 def test_templates_outside_the_subset_are_refused_when_parsed(template: str, message: str) -> None:
     with pytest.raises(TemplateError, match=message.replace("{", r"\{").replace("}", r"\}").replace("(", r"\(")):
         parse(template)
+
+
+def test_tool_results_and_thinking_reach_a_go_template() -> None:
+    """``tool_name``/``tool_call_id`` and an assistant turn's ``thinking`` get to the template, from either API."""
+    from corral.wire.ollama import Message
+    from corral.wire.openai import ChatCompletionRequest
+
+    template = ("{{ range .Messages }}{{ .Role }}|{{ if .ToolName }}{{ .ToolName }}|{{ end }}"
+                "{{ if .Thinking }}({{ .Thinking }}){{ end }}{{ .Content }}\n{{ end }}")
+    native = [Message(role="assistant", content="", thinking="weather first").for_template(),
+              Message(role="tool", content="12C", tool_name="get_weather").for_template()]
+    assert render(parse(template), {"Messages": native}) == "assistant|(weather first)\ntool|get_weather|12C\n"
+    openai = ChatCompletionRequest(model="m", messages=[
+        {"role": "assistant", "content": "", "reasoning": "weather first"},
+        {"role": "tool", "content": "12C", "tool_call_id": "get_weather"}]).native_messages()
+    assert render(parse(template), {"Messages": openai}) == "assistant|(weather first)\ntool|get_weather|12C\n"
