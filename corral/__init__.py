@@ -6,7 +6,8 @@ from corral.errors import CorralError
 from corral.settings import Settings
 
 __version__ = "0.1.0"
-# The Ollama version /api/version reports: the API level corral implements (see shared/reference/ollama-api.md).
-OLLAMA_COMPAT_VERSION = "0.13.0"
+# The Ollama version /api/version reports: the API level corral implements (shared/reference/ollama-api.md
+# describes v0.33.0-rc2; corral follows the last release before it, images aside: README "Ollama API").
+OLLAMA_COMPAT_VERSION = "0.32.15"
 
 __all__ = ["CorralError", "OLLAMA_COMPAT_VERSION", "Settings", "__version__"]

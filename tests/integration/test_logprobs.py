@@ -98,3 +98,13 @@ def test_job_results_carry_them(base_url: str) -> None:
     assert len(with_lp["logprobs"]) == with_lp["eval_count"] and "logprobs" not in without
     sync = generate(base_url, logprobs=True)
     assert [e["token"] for e in with_lp["logprobs"]] == [e["token"] for e in sync["logprobs"]]
+
+
+def test_the_ollama_client_reads_them(base_url: str) -> None:
+    import ollama
+
+    reply = ollama.Client(host=base_url).generate(model=MODEL, prompt=PROMPT, raw=True, options=GREEDY, logprobs=True,
+                                                  top_logprobs=2)
+    assert reply.logprobs is not None and len(reply.logprobs) == reply.eval_count
+    first = reply.logprobs[0]
+    assert first.top_logprobs is not None and first.top_logprobs[0].token == first.token

@@ -99,3 +99,13 @@ def test_corral_run_think_and_hidethinking(base_url: str, thinker: str) -> None:
     assert hidden.exit_code == 0 and "Thinking" not in hidden.stdout and not hidden.stdout.strip()
     off = cli(base_url, *args, "--think=false")
     assert off.exit_code == 0 and "Thinking" not in off.stdout and off.stdout.strip()
+
+
+def test_the_ollama_client_reads_thinking(base_url: str, thinker: str) -> None:
+    import ollama
+
+    client = ollama.Client(host=base_url)
+    reply = client.chat(model=thinker, messages=ASK, options=FEW)
+    assert reply.message.thinking and reply.message.content == ""
+    plain = client.generate(model=thinker, prompt=ASK[0]["content"], think=False, options=FEW)
+    assert plain.thinking is None and plain.response
