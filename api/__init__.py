@@ -7,6 +7,7 @@ import logging
 from flask import Flask
 
 from api.gateway import Gateway
+from api.governance import Governor
 from api.inference import Inference
 from api.services import Services
 from corral.broker import Broker
@@ -37,11 +38,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     gateway = Gateway(settings, broker)
     jobs = JobService(settings, store, broker)
     files = FileStore(settings)
+    keys = KeyStore(settings)
+    governor = Governor(settings, keys)
     app.extensions["corral"] = Services(
-        settings, store, gateway, Inference(settings, store, gateway), jobs, files, BatchService(store, jobs, files)
+        settings, store, gateway, Inference(settings, store, gateway, governor), jobs, files,
+        BatchService(store, jobs, files), governor,
     )
     guards.init_app(app, settings)
-    auth.init_app(app, settings, KeyStore(settings))
+    auth.init_app(app, settings, keys)
     errors.init_app(app)
     metrics.init_app(app)
     app.register_blueprint(metrics.bp)

@@ -13,7 +13,7 @@ limit is a 413, before the body is read.
 
 from __future__ import annotations
 
-from flask import Flask, g, request
+from flask import Flask, current_app, g, request
 
 from corral.errors import Forbidden, PayloadTooLarge, Unauthorized
 from corral.settings import Settings
@@ -63,6 +63,13 @@ def require_admin(what: str) -> None:
     who = principal()
     if who is not None and not who.admin:
         raise Forbidden(f"{what} needs an admin key: models are shared by every user of this server")
+
+
+def refuse_if_read_only(what: str) -> None:
+    """``CORRAL_READ_ONLY=1``: the models stay as they are (no create, pull, copy, delete, upload); inference and
+    jobs go on."""
+    if current_app.extensions["corral"].settings.read_only:
+        raise Forbidden(f"{what} is refused: this server is read-only (CORRAL_READ_ONLY)")
 
 
 def owner() -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from corral.errors import CorralError
+from corral.errors import CorralError, RateLimited
 from corral.wire.openai import error_body
 
 log = logging.getLogger(__name__)
@@ -46,10 +46,14 @@ def is_openai_path() -> bool:
 
 
 def render_error(exc: CorralError) -> Response:
-    """A typed error in the wire shape of the route family that raised it."""
+    """A typed error in the wire shape of the route family that raised it (a 429 with its ``Retry-After``)."""
     if is_openai_path():
-        return openai_error(exc.message, exc.status_code, exc.openai_type, exc.param, exc.code)
-    return ollama_error(exc.message, exc.status_code)
+        resp = openai_error(exc.message, exc.status_code, exc.openai_type, exc.param, exc.code)
+    else:
+        resp = ollama_error(exc.message, exc.status_code)
+    if isinstance(exc, RateLimited):
+        resp.headers["Retry-After"] = str(exc.retry_after)
+    return resp
 
 
 _HTTP_TEXT = {404: "404 page not found", 405: "405 method not allowed", 413: "request body too large"}

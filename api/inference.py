@@ -12,8 +12,9 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from api.auth import require_admin
+from api.auth import principal, require_admin
 from api.gateway import Gateway
+from api.governance import Governor
 from api.metrics import observe_first_token, observe_tokens
 from corral.capabilities import thinking_fields
 from corral.errors import BadRequest, GenerationFailed, IncompleteModel, ModelNotFound
@@ -34,15 +35,18 @@ class Inference:
     settings: Settings
     store: ModelStore
     gateway: Gateway
+    governor: Governor
 
     def model(self, name: str, *, not_found: str | None = None) -> ModelRecord:
         """Find a model; ``not_found`` (with ``{name}``) overrides the route's 404 message."""
         try:
-            return self.store.get(name)
+            record = self.store.get(name)
         except ModelNotFound as exc:
             if not_found is None or isinstance(exc, IncompleteModel):
                 raise
             raise ModelNotFound(not_found.format(name=name)) from exc
+        self.governor.check_model(principal(), name)  # the key's allow-list
+        return record
 
     def generation_model(
         self, name: str, needed: str, *, think: bool | str | None = None, tools: bool = False, images: bool = False
@@ -121,16 +125,25 @@ class Inference:
         """The request's reply events after ``start`` (which only times the wait for a worker), each with the
         request's clock; a worker's error is raised.  Closing this closes the stream, which stops the worker."""
         clock = _Clock()
-        events = self.gateway.run(req)
+        ticket = self.governor.admit(principal(), req.model)  # the key's limits: a 429 before anything runs
         try:
-            for event in events:
-                if event.kind == "start":
-                    clock.waited = clock.elapsed()
-                    continue
-                event.raise_if_error()
-                yield event, clock
+            events = self.gateway.run(req)
+            try:
+                for event in events:
+                    if event.kind == "start":
+                        clock.waited = clock.elapsed()
+                        continue
+                    event.raise_if_error()
+                    if event.kind in ("done", "result"):
+                        self.governor.finish(
+                            ticket, prompt=int(event.data.get("prompt_eval_count") or 0),
+                            generated=int(event.data.get("eval_count") or 0),
+                            embed_inputs=len(req.inputs or []) if req.kind == "embed" else 0)
+                    yield event, clock
+            finally:
+                events.close()
         finally:
-            events.close()
+            self.governor.release(ticket)
 
 
 @dataclass

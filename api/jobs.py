@@ -7,9 +7,11 @@ line straight into the database, so its size is bounded by disk, not memory.
 
 from __future__ import annotations
 
+from datetime import date
+
 from flask import Blueprint, Response, request, stream_with_context
 
-from api.auth import creator, owner
+from api.auth import creator, owner, principal
 from api.errors import dumps, json_response
 from api.openapi import NDJSON, documented
 from api.params import query_int, query_json
@@ -32,6 +34,7 @@ STREAMED_TYPES = {"application/x-ndjson", "application/jsonl", "application/x-js
     query=(("kind", "string"), ("model", "string"), ("chunk_size", "integer"), ("options", "string"), ("metadata", "string")),
 )
 def submit() -> Response:
+    services().governor.check_budget(principal())  # a key whose token budget is spent queues nothing more
     if request.mimetype in STREAMED_TYPES:
         kind = request.args.get("kind", "generate")
         if request.mimetype == "text/plain" and kind != "generate":
@@ -46,6 +49,7 @@ def submit() -> Response:
             metadata=metadata if isinstance(metadata, dict) else None,
             items=validated(kind, lines),
             owner=creator(),
+            quota=principal(),
         )
         return json_response(job, 202)
     body: JobSubmission = parse(JobSubmission, decode_json(request.get_data()),
@@ -58,6 +62,7 @@ def submit() -> Response:
         metadata=body.metadata,
         items=validated(body.kind, enumerate(body.items, start=1)),
         owner=creator(),
+        quota=principal(),
     )
     return json_response(job, 202)
 
@@ -138,3 +143,25 @@ def queue() -> Response:
         for w in gateway.workers()
     ]
     return json_response({"models": services().jobs.queue_overview(waiting), "workers": workers})
+
+
+@bp.get("/api/usage")
+@documented(summary="Requests, tokens, embedding inputs and batch items per API key and day.",
+            query=(("key", "string"), ("since", "string")))
+def usage() -> Response:
+    """Usage per key and day (UTC): an admin key (or any caller when keys are off) sees every key, or the one
+    named in ``key``; any other key sees itself only."""
+    shared = services()
+    shared.governor.flush()  # this process's latest counts first
+    who = principal()
+    key = request.args.get("key") or None
+    if who is not None and not who.admin:
+        key = who.key_id
+    elif key is not None:
+        key = next((r["id"] for r in shared.governor.keys.list() if key in (r["id"], r["name"])), key)
+    since = request.args.get("since")
+    try:
+        first = date.fromisoformat(since) if since else None
+    except ValueError as exc:
+        raise BadRequest("since must be a date, YYYY-MM-DD") from exc
+    return json_response({"usage": shared.governor.keys.usage(key, first)})

@@ -37,6 +37,9 @@ class Metrics:
         self.tokens = Counter(
             "corral_generated_tokens", "Tokens generated for interactive requests", ["model"], registry=self.registry
         )
+        self.key_tokens = Counter(
+            "corral_key_tokens", "Tokens of sync traffic per API key", ["key", "kind"], registry=self.registry
+        )
         self.ttft = Histogram(
             "corral_time_to_first_token_seconds", "Time from request to first generated text", ["model"],
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry,
@@ -107,6 +110,13 @@ def observe_tokens(model: str, count: int) -> None:
     metrics: Any = current_app.extensions.get("corral_metrics")
     if metrics is not None and count:
         metrics.tokens.labels(model).inc(count)
+
+
+def observe_key_tokens(key: str, prompt: int, generated: int) -> None:
+    metrics: Any = current_app.extensions.get("corral_metrics")
+    if metrics is not None:
+        metrics.key_tokens.labels(key, "prompt").inc(prompt)
+        metrics.key_tokens.labels(key, "generated").inc(generated)
 
 
 @bp.get("/metrics")

@@ -12,7 +12,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request, send_file
 
-from api.auth import require_admin
+from api.auth import principal, refuse_if_read_only, require_admin
 from api.errors import json_response
 from api.inference import EMBED_NOT_FOUND, Inference, collect, load_reply
 from api.openapi import NDJSON, documented
@@ -177,7 +177,9 @@ def _list_entry(record: ModelRecord) -> dict[str, Any]:
 @bp.route("/api/tags", methods=["GET", "HEAD"])
 @documented(response=R.Tags)
 def tags() -> Response:
-    return json_response({"models": [_list_entry(r) for r in services().inference.store.list()]})
+    shared = services()
+    allowed = [r for r in shared.store.list() if shared.governor.allowed(principal(), r.name.display)]
+    return json_response({"models": [_list_entry(r) for r in allowed]})
 
 
 @bp.post("/api/show")
@@ -224,6 +226,7 @@ def ps() -> Response:
 @documented(body=DeleteRequest)
 def delete() -> Response:
     req = parse_body(DeleteRequest, request.get_data())
+    refuse_if_read_only("deleting a model")
     require_admin("deleting a model")
     if not req.target:
         raise BadRequest("model is required")
@@ -239,6 +242,7 @@ def delete() -> Response:
 @documented(body=CopyRequest)
 def copy() -> Response:
     req = parse_body(CopyRequest, request.get_data())
+    refuse_if_read_only("copying a model")
     require_admin("copying a model")
     for label, value in (("source", req.source), ("destination", req.destination)):
         try:
@@ -255,6 +259,7 @@ def pull() -> Response:
     """Fetch a model from its registry (Ollama's, another host, or hf.co), or build one of the two default models
     from its installed package (no network), with Ollama's progress lines."""
     req = parse_body(PullRequest, request.get_data())
+    refuse_if_read_only("pulling a model")
     require_admin("pulling a model")
     if not req.target:
         raise BadRequest("model is required")
@@ -284,6 +289,7 @@ def _progress(steps: Iterator[dict[str, Any]], stream: bool | None) -> Response:
 def upload_blob(digest: str) -> Response:
     """Stream the body into the store a MiB at a time (a multi-GB GGUF never sits in memory), check it against
     ``digest`` before it becomes visible: 201 created, 200 when the store had it, 400 on a mismatch."""
+    refuse_if_read_only("uploading a model file")
     require_admin("uploading a model file")
     store = services().inference.store
     if store.has_blob(digest):
@@ -300,6 +306,7 @@ def create() -> Response:
     """Create a model from a GGUF blob or an existing model, with its layers (SYSTEM, PARAMETER, MESSAGE, LICENSE,
     TEMPLATE, ADAPTER), quantized when asked; a worker loads new files with llama.cpp before anything is written."""
     req = parse_body(CreateRequest, request.get_data())
+    refuse_if_read_only("creating a model")
     require_admin("creating a model")
     if not req.target:
         raise BadRequest("model is required")

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from api.auth import principal
 from api.errors import json_response
 from api.inference import EMBED_NOT_FOUND, collect
 from api.openapi import SSE, documented
@@ -119,7 +120,8 @@ def _model_object(record: ModelRecord, ident: str | None = None) -> dict[str, An
 @bp.get("/v1/models")
 @documented(response=R.ModelList)
 def list_models() -> Response:
-    records = services().inference.store.list()
+    shared = services()
+    records = [r for r in shared.store.list() if shared.governor.allowed(principal(), r.name.display)]
     return json_response({"object": "list", "data": [_model_object(r) for r in records] or None})
 
 
@@ -134,4 +136,5 @@ def get_model(model: str) -> Response:
         except BadRequest:
             shown = model
         raise ModelNotFound(f"model '{shown}' not found") from exc
+    services().governor.check_model(principal(), model)
     return json_response(_model_object(record, model))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, request, stream_with_context
 
-from api.auth import creator, owner
+from api.auth import creator, owner, principal
 from api.errors import json_response
 from api.openapi import documented
 from api.params import query_int
@@ -68,9 +68,10 @@ def delete_file(file_id: str) -> Response:
 @documented(body=BatchRequest, response=R.Batch)
 def create_batch() -> Response:
     body: BatchRequest = parse(BatchRequest, decode_json(request.get_data()))
+    services().governor.check_budget(principal())
     created = services().batches.create(
         input_file_id=body.input_file_id, endpoint=body.endpoint, completion_window=body.completion_window,
-        metadata=body.metadata, owner=creator(),
+        metadata=body.metadata, owner=creator(), quota=principal(),
     )
     return json_response(created)
 

@@ -15,6 +15,7 @@ from jobs.service import JobService
 
 if TYPE_CHECKING:  # the gateway and inference modules import this one's callers
     from api.gateway import Gateway
+    from api.governance import Governor
     from api.inference import Inference
 
 
@@ -29,6 +30,7 @@ class Services:
     jobs: JobService
     files: FileStore
     batches: BatchService
+    governor: Governor
 
 
 def services(app: Flask | None = None) -> Services:

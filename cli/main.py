@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Any
 
 import click
 
 from cli import embed as cli_embed
 from cli import jobs as cli_jobs
+from cli import keys as cli_keys
 from cli import models as cli_models
 from cli.client import CorralClient
-from cli.common import Context, columns, pass_ctx, with_client
+from cli.common import Context, pass_ctx, with_client
 from corral.errors import CorralError
 
 JOB_ID = re.compile(r"^(job|batch)_[0-9a-f]{24}$")
@@ -109,65 +109,7 @@ def db_upgrade(ctx: Context, revision: str) -> None:
     click.echo(f"database at {ctx.settings.database.split('@')[-1]} is at {revision}")
 
 
-@main.group()
-def keys() -> None:
-    """API keys (checked when CORRAL_REQUIRE_API_KEY=1); run where DATABASE_URL reaches the job database."""
-
-
-def _key_store(ctx: Context) -> Any:
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from jobs.db import upgrade
-    from jobs.keys import KeyStore
-
-    try:
-        upgrade(ctx.settings)
-    except SQLAlchemyError as exc:
-        reason = getattr(exc, "orig", None) or exc
-        raise click.ClickException(f"cannot open the database: {exc.__class__.__name__}: {reason}") from exc
-    return KeyStore(ctx.settings)
-
-
-@keys.command("create")
-@click.argument("name")
-@click.option("--admin", is_flag=True, help="The key sees every job, batch and file, not only its own.")
-@pass_ctx
-def keys_create(ctx: Context, name: str, admin: bool) -> None:
-    """Create a key and print it (shown once: only its hash is stored)."""
-    try:
-        key, row = _key_store(ctx).create(name, admin=admin)
-    except CorralError as exc:
-        raise click.ClickException(exc.message) from exc
-    click.echo(key)
-    click.echo(f"created {'admin ' if admin else ''}key {row['id']} ({name}); store it now, it is not shown again",
-               err=True)
-
-
-@keys.command("list")
-@pass_ctx
-def keys_list(ctx: Context) -> None:
-    """List keys (id, name, prefix, admin, created, revoked)."""
-    rows = _key_store(ctx).list()
-    header = ["ID", "NAME", "PREFIX", "ADMIN", "CREATED", "REVOKED"]
-    click.echo(columns([header] + [
-        [r["id"], r["name"], r["prefix"] + "...", "yes" if r["admin"] else "", (r["created_at"] or "")[:19],
-         (r["revoked_at"] or "")[:19]] for r in rows
-    ]))
-
-
-@keys.command("revoke")
-@click.argument("key_id_or_name")
-@pass_ctx
-def keys_revoke(ctx: Context, key_id_or_name: str) -> None:
-    """Revoke a key by id or name (takes effect within seconds)."""
-    try:
-        row = _key_store(ctx).revoke(key_id_or_name)
-    except CorralError as exc:
-        raise click.ClickException(exc.message) from exc
-    click.echo(f"revoked {row['id']} ({row['name']})")
-
-
-for command in (*cli_jobs.COMMANDS, *cli_models.COMMANDS, *cli_embed.COMMANDS):
+for command in (*cli_jobs.COMMANDS, *cli_models.COMMANDS, *cli_embed.COMMANDS, cli_keys.keys):
     main.add_command(command)
 
 

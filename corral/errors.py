@@ -103,6 +103,19 @@ class RequestCanceled(CorralError):
     status_code = 499
 
 
+class RateLimited(CorralError):
+    """A key's limit is spent (requests or tokens per minute, open requests, queued items, its token budget):
+    a 429 with ``Retry-After``, which the openai client honours by itself."""
+
+    status_code = 429
+    openai_type = "rate_limit_exceeded"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = max(1, int(retry_after + 0.999))
+
+
 class GenerationFailed(CorralError):
     """The engine failed while running a request; the message says why."""
 

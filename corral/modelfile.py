@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 from collections.abc import Generator, Iterator
 from pathlib import Path
@@ -241,6 +242,8 @@ def create_model(
         ModelName.parse(name)
     except BadRequest as exc:
         raise BadRequest("invalid model name") from exc
+    if re.fullmatch(r"sha256[:-][0-9a-f]{64}", base or ""):  # `from` a blob: the uploaded GGUF itself
+        files, base = {**(files or {}), "model.gguf": base.replace("-", ":", 1)}, ""
     if not base and not files:
         raise BadRequest("neither 'from' or 'files' was specified")
     if template is not None:

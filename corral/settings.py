@@ -271,6 +271,17 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CORRAL_REQUIRE_API_KEY", "require_api_key"),
         description="Require `Authorization: Bearer <key>` on every route but `/` (keys from `corral keys create`).",
     )
+    key_limits: str = Field(
+        "",
+        validation_alias=AliasChoices("CORRAL_KEY_LIMITS", "key_limits"),
+        description='Limits for keys without their own, as JSON: `{"rpm": 60, "tpm": 100000, "max_concurrent": 4, '
+        '"max_queued_items": 100000, "token_budget": 5000000, "budget_period": "1d", "models": ["llama3*"]}`.',
+    )
+    read_only: bool = Field(
+        False,
+        validation_alias=AliasChoices("CORRAL_READ_ONLY", "read_only"),
+        description="`1`: refuse model create, pull, copy, delete and blob uploads (403); inference and jobs go on.",
+    )
 
     client_host: str | None = Field(
         None,

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import select
@@ -46,6 +46,9 @@ from jobs.files import FileStore, cursor_page, epoch
 from jobs.ingest import MAX_LINE_BYTES
 from jobs.models import Item, ItemState, Job, JobStatus, StoredFile, utcnow
 from jobs.service import JobService, item_counts
+
+if TYPE_CHECKING:
+    from jobs.keys import Principal
 
 ENDPOINT_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "generate", "/v1/embeddings": "embed"}
 MAX_ERRORS = 1000
@@ -142,7 +145,7 @@ class BatchService:
 
     def create(
         self, *, input_file_id: str, endpoint: str, completion_window: str, metadata: dict[str, Any] | None,
-        owner: str | None = None,
+        owner: str | None = None, quota: Principal | None = None,
     ) -> dict[str, Any]:
         if endpoint not in ENDPOINT_KINDS:
             raise BadRequest(f"endpoint must be one of {', '.join(ENDPOINT_KINDS)}", param="endpoint")
@@ -168,7 +171,7 @@ class BatchService:
             return self._failed(ident, kind, model, info, errors, owner)
         items = ((custom_id, native) for custom_id, _, native in self._parsed(input_file_id, endpoint))
         self.jobs.submit(kind=kind, model=model, items=items, metadata={"openai_batch": info}, owner=owner, job_id=ident,
-                         expires_at=utcnow() + WINDOW)
+                         expires_at=utcnow() + WINDOW, quota=quota)
         return self.get(ident, owner)
 
     def _validate(self, file_id: str, endpoint: str) -> tuple[str, list[dict[str, Any]], int, tuple[int | None, int | None]]:

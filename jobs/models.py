@@ -10,12 +10,13 @@ stable across SQLite and PostgreSQL.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Date,
     DateTime,
     ForeignKey,
     Index,
@@ -196,3 +197,17 @@ class ApiKey(Base):
     admin: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    limits: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # jobs/keys.py KeyLimits
+
+
+class KeyUsage(Base):
+    """A key's sync traffic on one day (UTC): batch items are counted from the items themselves."""
+
+    __tablename__ = "key_usage"
+
+    key_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    requests: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    generated_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    embed_inputs: Mapped[int] = mapped_column(BigInteger, default=0)

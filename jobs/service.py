@@ -12,14 +12,14 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from corral.broker import Broker
-from corral.errors import BadRequest, Conflict, NotFound
+from corral.errors import BadRequest, Conflict, Forbidden, NotFound, RateLimited
 from corral.protocol import job_cancel_key
 from corral.settings import Settings
 from corral.store import ModelStore
@@ -32,6 +32,9 @@ from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcn
 from jobs.queueing import enqueue_chunks
 from jobs.search import hydrate, top_k
 from jobs.transitions import requeue_failed, stop_job
+
+if TYPE_CHECKING:  # jobs.keys imports this module
+    from jobs.keys import Principal
 
 INSERT_BATCH = 1000
 # Each chunk is one Celery message and one Redis marker: a million one-item chunks would be a million of each.
@@ -68,6 +71,7 @@ class JobService:
         owner: str | None = None,
         job_id: str | None = None,
         expires_at: datetime | None = None,
+        quota: Principal | None = None,
     ) -> dict[str, Any]:
         """Write the job, its items and chunks in one transaction, commit, then enqueue the chunks.
 
@@ -79,6 +83,8 @@ class JobService:
         if not model:
             raise BadRequest("model is required")
         record = self.store.get(model)
+        if quota is not None and not quota.limits.allows(model):
+            raise Forbidden(f"model '{model}' is not allowed for the key '{quota.name}'")
         if kind != "embed" and "completion" not in record.capabilities:
             raise BadRequest(f'"{model}" does not support {kind}')
         size = chunk_size or self.settings.chunk_size
@@ -130,12 +136,27 @@ class JobService:
             if count == 0:
                 session.rollback()
                 raise BadRequest("no items: the input is empty")
+            most = quota.limits.max_queued_items if quota is not None else None
+            if quota is not None and most is not None and owner is not None:
+                queued = self._queued_items(session, owner)  # this job's items included: same transaction
+                if queued > most:
+                    session.rollback()  # refused whole: nothing of the job is stored
+                    raise RateLimited(
+                        f"the key '{quota.name}' may have at most {most} queued batch items; with this job's "
+                        f"{count} it would have {queued}", retry_after=60)
             session.execute(update(Job).where(Job.id == job_id).values(item_count=count))
             queueing.will_send(self.broker.redis, job_id)
             session.commit()
         digest = record.model_digest
         enqueue_chunks(self.broker.celery, self.broker.redis, ((c, digest, job_id) for c in chunk_ids), stop_if_cancelled=True)
         return self.get(job_id)
+
+    @staticmethod
+    def _queued_items(session: Session, owner: str) -> int:
+        """Items of the owner's jobs that are still to run (pending or running)."""
+        query = (select(func.count(Item.id)).join(Job, Job.id == Item.job_id)
+                 .where(Job.owner == owner, Item.state.in_(ItemState.OPEN)))
+        return int(session.scalar(query) or 0)
 
     # -- reading ----------------------------------------------------------------------------------------
 

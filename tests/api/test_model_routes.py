@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask.testing import FlaskClient
 
+from corral.settings import Settings
 from tests.helpers import MODEL
 
 
@@ -54,3 +55,21 @@ def test_tags_carry_capabilities_and_images_are_refused_never_dropped(client: Fl
     r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]}]})
     assert r.status_code == 400 and r.get_json()["error"]["message"] == "this model does not support image input"
+
+
+def test_read_only_refuses_model_changes_and_serves_the_rest(settings: Settings) -> None:
+    from api import create_app
+
+    client = create_app(settings.model_copy(update={"read_only": True})).test_client()
+    for method, path, body, what in (
+        ("POST", "/api/create", {"model": "x", "from": MODEL}, "creating a model"),
+        ("POST", "/api/pull", {"model": "x"}, "pulling a model"),
+        ("POST", "/api/copy", {"source": MODEL, "destination": "y"}, "copying a model"),
+        ("DELETE", "/api/delete", {"model": MODEL}, "deleting a model"),
+        ("POST", "/api/blobs/sha256:" + "0" * 64, None, "uploading a model file"),
+    ):
+        r = client.open(path, method=method, json=body)
+        assert (r.status_code, r.get_json()) == (
+            403, {"error": f"{what} is refused: this server is read-only (CORRAL_READ_ONLY)"}), path
+    assert client.get("/api/tags").status_code == 200
+    assert client.post("/api/show", json={"model": MODEL}).status_code == 200

@@ -92,7 +92,10 @@ def test_a_model_created_from_an_uploaded_gguf(base_url: str, settings: Settings
     r = create(base_url, model="uploaded:v1", files={"smollm2.gguf": digest}, system="Hello.")
     assert r.json() == {"status": "success"}, r.text
     assert httpx.post(base_url + "/api/show", json={"model": "uploaded:v1"}).json()["details"]["quantization_level"] == "Q4_1"
-    httpx.request("DELETE", base_url + "/api/delete", json={"model": "uploaded:v1"})
+    r = create(base_url, model="uploaded:v2", **{"from": digest})  # `from` the blob itself, as Ollama takes it
+    assert r.json() == {"status": "success"}, r.text
+    for name in ("uploaded:v1", "uploaded:v2"):
+        httpx.request("DELETE", base_url + "/api/delete", json={"model": name})
 
 
 @pytest.mark.parametrize(
