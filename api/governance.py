@@ -69,7 +69,9 @@ class Governor:
         return principal is None or principal.limits.allows(model)
 
     def admit(self, principal: Principal | None, model: str) -> Ticket | None:
-        """Check every limit of the key before a sync request runs; None when keys are off."""
+        """Check every limit of the key before a sync request runs; None when keys are off.  Two Redis round
+        trips: the moving window's script, then one pipeline that reads the token windows and takes a place
+        among the open requests (bench/load.py --enforcement)."""
         if principal is None:
             return None
         self.check_model(principal, model)
@@ -81,15 +83,34 @@ class Governor:
                 reset = self._moving().get_window_stats(item, "rpm", key).reset_time
                 raise RateLimited(f"rate limit reached: {limits.rpm} requests per minute for the key "
                                   f"'{principal.name}'", retry_after=reset - now)
-        for label, item in self._token_windows(limits):
-            stats = self._fixed().get_window_stats(item, label, key)
-            if stats.remaining <= 0:
+        windows = self._token_windows(limits)
+        ticket = Ticket(principal)
+        if not windows and not limits.max_concurrent:
+            return ticket
+        pipe = self._redis().pipeline()
+        for label, item in windows:
+            name = self._storage_().prefixed_key(item.key_for(label, key))
+            pipe.get(name)
+            pipe.ttl(name)
+        if limits.max_concurrent:
+            open_key = _open_key(key)
+            pipe.zremrangebyscore(open_key, 0, now - STALE_OPEN_SECONDS)
+            pipe.zadd(open_key, {ticket.request_id: now})
+            pipe.zcard(open_key)
+            pipe.expire(open_key, STALE_OPEN_SECONDS)
+        replies = pipe.execute()
+        ticket.open = bool(limits.max_concurrent)
+        for i, (label, item) in enumerate(windows):
+            used, ttl = int(replies[2 * i] or 0), int(replies[2 * i + 1])
+            if used >= item.amount:
+                self.release(ticket)
                 what = "tokens per minute" if label == "tpm" else f"tokens per {limits.budget_period or '1d'} (budget)"
                 raise RateLimited(f"rate limit reached: {item.amount} {what} for the key '{principal.name}'",
-                                  retry_after=stats.reset_time - now)
-        ticket = Ticket(principal)
-        if limits.max_concurrent:
-            self._enter(ticket, limits.max_concurrent)
+                                  retry_after=max(ttl, 1))
+        if limits.max_concurrent and int(replies[2 * len(windows) + 2]) > limits.max_concurrent:
+            self.release(ticket)
+            raise RateLimited(f"rate limit reached: {limits.max_concurrent} open requests for the key "
+                              f"'{principal.name}'", retry_after=1)
         return ticket
 
     def check_budget(self, principal: Principal | None) -> None:
@@ -104,14 +125,26 @@ class Governor:
                                       retry_after=stats.reset_time - time.time())
 
     def finish(self, ticket: Ticket | None, *, prompt: int = 0, generated: int = 0, embed_inputs: int = 0) -> None:
-        """Count a finished request's tokens against the key's windows, and into its usage."""
+        """Count a finished request's tokens against the key's windows (one pipeline, which also frees its place
+        among the open requests), and into its usage."""
         if ticket is None:
             return
         key = ticket.principal.key_id
         tokens = prompt + generated
-        if tokens:
-            for label, item in self._token_windows(ticket.principal.limits):
-                self._fixed().hit(item, label, key, cost=tokens)
+        windows = self._token_windows(ticket.principal.limits) if tokens else []
+        if windows or ticket.open:
+            pipe = self._redis().pipeline()
+            names = [self._storage_().prefixed_key(item.key_for(label, key)) for label, item in windows]
+            for name in names:
+                pipe.incrby(name, tokens)
+                pipe.ttl(name)
+            if ticket.open:
+                pipe.zrem(_open_key(key), ticket.request_id)
+                ticket.open = False
+            replies = pipe.execute()
+            for i, (name, (_, item)) in enumerate(zip(names, windows)):
+                if int(replies[2 * i + 1]) < 0:  # a new window: it lasts its period from now, as limits' own
+                    self._redis().expire(name, item.get_expiry())
         observe_key_tokens(ticket.principal.name, prompt, generated)
         day = datetime.now(timezone.utc).date().isoformat()
         with self._lock:
@@ -121,7 +154,7 @@ class Governor:
         self._start_flusher()
 
     def release(self, ticket: Ticket | None) -> None:
-        """The request ended (or failed): its place among the key's open requests is free again."""
+        """The request ended (or failed) without :meth:`finish`: its place among the key's open requests is free."""
         if ticket is not None and ticket.open:
             self._redis().zrem(_open_key(ticket.principal.key_id), ticket.request_id)
             ticket.open = False
@@ -136,20 +169,6 @@ class Governor:
         if limits.token_budget:
             windows.append(("budget", RateLimitItemPerSecond(limits.token_budget, limits.budget_seconds())))
         return windows
-
-    def _enter(self, ticket: Ticket, most: int) -> None:
-        key, now = _open_key(ticket.principal.key_id), time.time()
-        pipe = self._redis().pipeline()
-        pipe.zremrangebyscore(key, 0, now - STALE_OPEN_SECONDS)
-        pipe.zadd(key, {ticket.request_id: now})
-        pipe.zcard(key)
-        pipe.expire(key, STALE_OPEN_SECONDS)
-        count = pipe.execute()[2]
-        if count > most:
-            self._redis().zrem(key, ticket.request_id)
-            raise RateLimited(f"rate limit reached: {most} open requests for the key '{ticket.principal.name}'",
-                              retry_after=1)
-        ticket.open = True
 
     def _storage_(self) -> RedisStorage:
         if self._storage is None:

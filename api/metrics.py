@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, request
+from flask import Blueprint, Flask, Response, current_app, has_app_context, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -113,6 +113,8 @@ def observe_tokens(model: str, count: int) -> None:
 
 
 def observe_key_tokens(key: str, prompt: int, generated: int) -> None:
+    if not has_app_context():
+        return
     metrics: Any = current_app.extensions.get("corral_metrics")
     if metrics is not None:
         metrics.key_tokens.labels(key, "prompt").inc(prompt)

@@ -1,6 +1,7 @@
 """Load: 64 concurrent clients for a fixed time against chat, embed and job status, through a real stack.
 
     .venv/bin/python bench/load.py [--clients 64] [--seconds 60] [--max-queue 16]
+    .venv/bin/python bench/load.py --enforcement 2000     # what per-key limits add to a request
 
 Starts an API server and a worker (``OLLAMA_MAX_QUEUE=--max-queue``), submits one small batch job, then runs
 ``--clients`` threads, each with its own HTTP connection, for ``--seconds``.  Each client loops over a fixed mix:
@@ -56,12 +57,56 @@ def client_loop(url: str, job_id: str, offset: int, stop: float, out: list[tuple
             n += 1
 
 
+def enforcement(requests: int) -> None:
+    """What per-key limits add to a request: the API's admission (allow-list, rpm moving window, tpm and budget
+    windows, open-request set) and its accounting at the end, against a real Redis, with every limit set and
+    none of them reached.  Keys off (no principal) costs nothing, so this is the whole added latency."""
+    from api.governance import Governor
+    from cli.launcher import free_port, start_private_redis, stop
+    from corral.settings import Settings
+    from jobs.keys import KeyLimits, Principal
+
+    class NoDatabase:  # accounting is written by a background thread once a second: not on the request's path
+        def add_usage(self, amounts: Any) -> None:
+            pass
+
+    with tempfile.TemporaryDirectory() as home:
+        private, url = start_private_redis(Path(home), free_port(), persist=False)
+        try:
+            governor = Governor(Settings(home=Path(home), redis_url=url), NoDatabase())  # type: ignore[arg-type]
+            limits = KeyLimits(rpm=10**9, tpm=10**12, max_concurrent=10**6, token_budget=10**15, budget_period="30d",
+                               models=["smollm2*", "all-minilm*"])
+            who = Principal("key_bench", "bench", False, limits)
+            admit, finish = [], []
+            for _ in range(requests):
+                started = time.perf_counter()
+                ticket = governor.admit(who, "smollm2")
+                admitted = time.perf_counter()
+                governor.finish(ticket, prompt=30, generated=16)
+                governor.release(ticket)
+                admit.append((admitted - started) * 1000)
+                finish.append((time.perf_counter() - admitted) * 1000)
+            total = [a + f for a, f in zip(admit, finish)]
+            rows = [[name, statistics.median(v), statistics.quantiles(v, n=20)[18]]
+                    for name, v in (("admission (before the request runs)", admit),
+                                    ("accounting + release (after it ends)", finish), ("added per request", total))]
+            print_table(f"Per-key limit enforcement, {requests} requests, every limit set (ms)",
+                        ["step", "p50", "p95"], rows)
+        finally:
+            stop(private, "redis", timeout=10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--max-queue", type=int, default=16)
+    parser.add_argument("--enforcement", type=int, metavar="N", default=0,
+                        help="Only measure what per-key limits add to N requests (in-process, real Redis).")
     args = parser.parse_args()
+    if args.enforcement:
+        enforcement(args.enforcement)
+        return
     results: list[tuple[str, int, float, str]] = []
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         home = Path(tmp)
