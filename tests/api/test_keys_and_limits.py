@@ -10,6 +10,7 @@ import pytest
 from flask.testing import FlaskClient
 
 from api import create_app
+from corral.errors import BadRequest
 from corral.settings import Settings
 from jobs.keys import KeyStore
 from tests.helpers import MODEL
@@ -56,3 +57,16 @@ def test_body_limits(keyed: FlaskClient, keys: KeyStore) -> None:
     r = keyed.post(f"/api/jobs?kind=generate&model={MODEL}", data=lines.encode(),
                    headers={**headers, "Content-Type": "application/x-ndjson"})
     assert r.status_code == 400 and r.get_json()["error"].startswith("line 1501: not valid JSON")
+
+
+def test_keys_without_limits_of_their_own_get_the_servers_default(settings: Settings) -> None:
+    from jobs.keys import KeyLimits
+
+    store = KeyStore(settings.model_copy(update={"key_limits": '{"rpm": 5, "models": ["all-minilm*"]}'}))
+    plain, _ = store.create("default-limited")
+    own, _ = store.create("own-limits", limits=KeyLimits(tpm=1000))
+    assert store.check(plain).limits == KeyLimits(rpm=5, models=["all-minilm*"])  # type: ignore[union-attr]
+    assert store.check(own).limits == KeyLimits(tpm=1000)  # type: ignore[union-attr]
+    assert not store.check(plain).limits.allows("smollm2") and store.check(plain).limits.allows("all-minilm:l6-v2")  # type: ignore[union-attr]
+    with pytest.raises(BadRequest, match="CORRAL_KEY_LIMITS is not valid"):
+        KeyStore(settings.model_copy(update={"key_limits": '{"rpm": "many"}'}))
