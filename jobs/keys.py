@@ -15,6 +15,7 @@ import re
 import secrets
 import threading
 import time as clock
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from typing import Any
@@ -123,10 +124,15 @@ class KeyStore:
 
     def update(self, ident: str, limits: KeyLimits) -> dict[str, Any]:
         """Set a key's limits (by id or name): the fields given replace the key's; the others stay."""
+        return self._set(ident, lambda row: {
+            "limits": _stored(KeyLimits(**{**(row.limits or {}), **limits.model_dump(exclude_unset=True)}))})
+
+    def _set(self, ident: str, values: Callable[[ApiKey], dict[str, Any]]) -> dict[str, Any]:
+        """Update the key ``ident`` (id or name) with ``values(row)``; its listing row.  Cached lookups are
+        dropped, so every key's next request sees the change."""
         with self.sessions() as session:
             row = self._find(session, ident)
-            merged = {**(row.limits or {}), **limits.model_dump(exclude_unset=True)}
-            session.execute(update(ApiKey).where(ApiKey.id == row.id).values(limits=_stored(KeyLimits(**merged))))
+            session.execute(update(ApiKey).where(ApiKey.id == row.id).values(**values(row)))
             session.commit()
             session.refresh(row)
             result = _row(row)
@@ -143,15 +149,7 @@ class KeyStore:
 
     def revoke(self, ident: str) -> dict[str, Any]:
         """Revoke by id or name."""
-        with self.sessions() as session:
-            row = self._find(session, ident)
-            session.execute(update(ApiKey).where(ApiKey.id == row.id).values(revoked_at=utcnow()))
-            session.commit()
-            session.refresh(row)
-            result = _row(row)
-        with self._lock:
-            self._cache.clear()
-        return result
+        return self._set(ident, lambda _: {"revoked_at": utcnow()})
 
     def check(self, key: str) -> Principal | None:
         """The principal for a presented key, or None (unknown or revoked)."""

@@ -5,6 +5,7 @@ a model outside the allow-list is a 403 and missing from the listings; usage add
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -131,3 +132,21 @@ def test_usage_adds_up_to_the_responses(apis: list[Stack], settings: Settings) -
     assert shown.returncode == 0 and '"generated_tokens": ' + str(today["generated_tokens"]) in shown.stdout
     metrics = httpx.get(apis[0].base_url + "/metrics", headers=headers).text
     assert 'corral_key_tokens_total{key="counted",kind="generated"}' in metrics
+
+
+def test_batch_items_are_counted_in_the_usage_too(apis: list[Stack], settings: Settings) -> None:
+    from tests.helpers import wait_for
+
+    headers = key(settings, "batcher")
+    url = apis[0].base_url
+    job = httpx.post(url + "/api/jobs", headers=headers, json={
+        "kind": "generate", "model": MODEL, "options": {"num_predict": 2, "temperature": 0},
+        "items": [{"prompt": f"Count to {i}."} for i in range(3)]}).json()
+    wait_for(lambda: httpx.get(f"{url}/api/jobs/{job['id']}", headers=headers).json()["status"] == "completed",
+             120, "the job to complete")
+    text = httpx.get(f"{url}/api/jobs/{job['id']}/results", headers=headers, timeout=60).text
+    lines = [json.loads(line) for line in text.splitlines()]
+    row = httpx.get(url + "/api/usage", headers=headers).json()["usage"][0]
+    assert (row["key"], row["requests"], row["batch_items"]) == ("batcher", 0, 3)
+    assert row["batch_generated_tokens"] == sum(line["response"]["eval_count"] for line in lines)
+    assert row["batch_prompt_tokens"] == sum(line["response"]["prompt_eval_count"] for line in lines)

@@ -1,5 +1,5 @@
 """Workers on other machines: blobs served by digest, pulled with a sha256 check, and a worker that starts
-with an empty model store and `--pull-from` the API."""
+with an empty model store and `--pull-from` the API, then keeps up with the models created there."""
 
 from __future__ import annotations
 
@@ -68,38 +68,12 @@ def test_a_corrupted_blob_is_refused(settings: Settings, tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_worker_with_an_empty_store_pulls_from_the_api_and_serves(
-    base_url: str, settings: Settings, tmp_path: Path
-) -> None:
-    url = with_db(settings.redis, 2)
-    clean_redis(url)
-    remote = make_settings(
-        tmp_path / "home", url, tmp_path / "remote-models", database_url=f"sqlite:///{tmp_path / 'r.db'}",
-    )
-    fresh_database(remote)
-    stack = Stack(remote, tmp_path / "logs")
-    try:
-        worker = stack.start_worker("--pull-from", base_url, "--models", MODEL, timeout=120)
-        assert "models from" in worker.output()
-        assert ModelStore(remote.models_path).get(MODEL).model_digest == ModelStore(settings.models_path).get(MODEL).model_digest
-        stack.start_api()
-        reply = httpx.post(stack.base_url + "/api/generate", timeout=120, json={
-            "model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 4, "temperature": 0},
-        })
-        assert reply.status_code == 200 and reply.json()["eval_count"] > 0
-    finally:
-        stack.stop()
-        clean_redis(url)
-        shutil.rmtree(tmp_path / "remote-models", ignore_errors=True)
-
-
-@pytest.mark.slow
 def test_a_remote_worker_copies_models_created_after_it_started(
     base_url: str, settings: Settings, tmp_path: Path
 ) -> None:
-    """An API with the model store, and a worker elsewhere (`--pull-from`, no `--models`) with its own copy: a
-    model created later from one it serves (with a LoRA adapter layer) is copied when first asked for, and a model
-    with new weights (quantized) is copied by the worker's sync and served."""
+    """An API with the model store, and a worker elsewhere that starts with an empty store (`--pull-from`, no
+    `--models`): it copies the API's models and serves them; a model created later from one it serves (with a
+    LoRA adapter layer) is copied when first asked for, and one with new weights (quantized) by its sync."""
     url = with_db(settings.redis, 3)
     clean_redis(url)
     remote = make_settings(tmp_path / "home", url, tmp_path / "remote-models", database_url=f"sqlite:///{tmp_path / 'r.db'}")
@@ -110,9 +84,12 @@ def test_a_remote_worker_copies_models_created_after_it_started(
     body = {"messages": [{"role": "user", "content": "Name three colours."}], "stream": False,
             "options": {"temperature": 0, "num_predict": 12}}
     try:
-        worker.start_worker("--pull-from", base_url, timeout=120)
+        proc = worker.start_worker("--pull-from", base_url, timeout=120)
+        assert "models from" in proc.output()
+        assert ModelStore(remote.models_path).get(MODEL).model_digest == ModelStore(settings.models_path).get(MODEL).model_digest
         front.start_api()
         plain = httpx.post(front.base_url + "/api/chat", json={"model": MODEL, **body}, timeout=120).json()
+        assert plain["eval_count"] > 0  # served by the remote worker: the only one on this Redis database
         # Created through the session's API, whose worker does the llama.cpp checks; served here by the remote one.
         for created in ({"model": "remote-lora", "from": MODEL, "adapters": {"lora.gguf": lora}},
                         {"model": "remote-q8", "from": MINILM, "quantize": "q8_0"}):
