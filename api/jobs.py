@@ -31,7 +31,8 @@ STREAMED_TYPES = {"application/x-ndjson", "application/jsonl", "application/x-js
 @bp.post("/api/jobs")
 @documented(
     body=JobSubmission, response=R.JobView, status=202, upload=NDJSON,
-    query=(("kind", "string"), ("model", "string"), ("chunk_size", "integer"), ("options", "string"), ("metadata", "string")),
+    query=(("kind", "string"), ("model", "string"), ("chunk_size", "integer"), ("options", "string"), ("metadata", "string"),
+           ("webhook_url", "string")),
 )
 def submit() -> Response:
     services().governor.check_budget(principal())  # a key whose token budget is spent queues nothing more
@@ -50,6 +51,7 @@ def submit() -> Response:
             items=validated(kind, lines),
             owner=creator(),
             quota=principal(),
+            webhook_url=request.args.get("webhook_url") or None,
         )
         return json_response(job, 202)
     body: JobSubmission = parse(JobSubmission, decode_json(request.get_data()),
@@ -63,6 +65,7 @@ def submit() -> Response:
         items=validated(body.kind, enumerate(body.items, start=1)),
         owner=creator(),
         quota=principal(),
+        webhook_url=body.webhook_url,
     )
     return json_response(job, 202)
 

@@ -71,7 +71,7 @@ def create_batch() -> Response:
     services().governor.check_budget(principal())
     created = services().batches.create(
         input_file_id=body.input_file_id, endpoint=body.endpoint, completion_window=body.completion_window,
-        metadata=body.metadata, owner=creator(), quota=principal(),
+        metadata=body.metadata, owner=creator(), quota=principal(), webhook_url=body.webhook_url,
     )
     return json_response(created)
 

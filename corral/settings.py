@@ -277,6 +277,16 @@ class Settings(BaseSettings):
         description='Limits for keys without their own, as JSON: `{"rpm": 60, "tpm": 100000, "max_concurrent": 4, '
         '"max_queued_items": 100000, "token_budget": 5000000, "budget_period": "1d", "models": ["llama3*"]}`.',
     )
+    webhook_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("CORRAL_WEBHOOK_URL", "webhook_url"),
+        description="Where the end of every job without its own `webhook_url` is announced (signed POST).",
+    )
+    webhook_secret: str | None = Field(
+        None,
+        validation_alias=AliasChoices("CORRAL_WEBHOOK_SECRET", "webhook_secret"),
+        description="`whsec_...` secret that signs deliveries to CORRAL_WEBHOOK_URL (Standard Webhooks).",
+    )
     read_only: bool = Field(
         False,
         validation_alias=AliasChoices("CORRAL_READ_ONLY", "read_only"),

@@ -145,7 +145,7 @@ class BatchService:
 
     def create(
         self, *, input_file_id: str, endpoint: str, completion_window: str, metadata: dict[str, Any] | None,
-        owner: str | None = None, quota: Principal | None = None,
+        owner: str | None = None, quota: Principal | None = None, webhook_url: str | None = None,
     ) -> dict[str, Any]:
         if endpoint not in ENDPOINT_KINDS:
             raise BadRequest(f"endpoint must be one of {', '.join(ENDPOINT_KINDS)}", param="endpoint")
@@ -170,9 +170,12 @@ class BatchService:
         if errors:
             return self._failed(ident, kind, model, info, errors, owner)
         items = ((custom_id, native) for custom_id, _, native in self._parsed(input_file_id, endpoint))
-        self.jobs.submit(kind=kind, model=model, items=items, metadata={"openai_batch": info}, owner=owner, job_id=ident,
-                         expires_at=utcnow() + WINDOW, quota=quota)
-        return self.get(ident, owner)
+        job = self.jobs.submit(kind=kind, model=model, items=items, metadata={"openai_batch": info}, owner=owner,
+                               job_id=ident, expires_at=utcnow() + WINDOW, quota=quota, webhook_url=webhook_url)
+        batch = self.get(ident, owner)
+        if (job.get("webhook") or {}).get("secret"):
+            batch["webhook_secret"] = job["webhook"]["secret"]  # shown this once, as on /api/jobs
+        return batch
 
     def _validate(self, file_id: str, endpoint: str) -> tuple[str, list[dict[str, Any]], int, tuple[int | None, int | None]]:
         """Every line checked before anything runs: (model, errors, request count, (first line with tools, first

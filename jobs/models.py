@@ -105,6 +105,28 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     # The end of an OpenAI batch's completion window: the reconciler expires what is unfinished by then.
     expires_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
+    # Where the job's end is announced (jobs/webhooks.py), and the secret its deliveries are signed with.
+    webhook_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
+    webhook_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
+
+
+class WebhookDelivery(Base):
+    """One event to deliver to a job's webhook: retried with backoff until it is accepted or a day has passed."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(40))
+    url: Mapped[str] = mapped_column(String(2000))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))  # pending, delivered, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Chunk(Base):

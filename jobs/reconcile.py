@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, suspect_key
 from corral.settings import Settings
-from jobs import queueing, transitions
+from jobs import queueing, transitions, webhooks
 from jobs.db import sessions
 from jobs.models import utcnow
 from jobs.queueing import enqueue_chunks
@@ -67,7 +67,10 @@ class Reconciler:
         if not self.redis.set(LOCK_KEY, self.name, nx=True, ex=ttl):
             return 0
         try:
-            return self._sweep(startup)
+            requeued = self._sweep(startup)
+            with self.sessions() as session:  # jobs that ended announce it (jobs/webhooks.py)
+                webhooks.deliver_due(session, self.settings.webhook_secret)
+            return requeued
         finally:
             if self.redis.get(LOCK_KEY) == self.name.encode():
                 self.redis.delete(LOCK_KEY)

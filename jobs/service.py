@@ -26,7 +26,7 @@ from corral.store import ModelStore
 from corral.timefmt import rfc3339
 from corral.wire.jobs import JOB_KINDS
 from corral.wire.ollama import check_context
-from jobs import queueing, transitions
+from jobs import queueing, transitions, webhooks
 from jobs.db import sessions
 from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcnow
 from jobs.queueing import enqueue_chunks
@@ -72,6 +72,7 @@ class JobService:
         job_id: str | None = None,
         expires_at: datetime | None = None,
         quota: Principal | None = None,
+        webhook_url: str | None = None,
     ) -> dict[str, Any]:
         """Write the job, its items and chunks in one transaction, commit, then enqueue the chunks.
 
@@ -92,12 +93,15 @@ class JobService:
             raise BadRequest("chunk_size must be between 1 and 10000")
         job_id = job_id or new_id("job")
         chunk_ids: list[str] = []
+        # The job's own webhook gets a new secret, returned once with this answer; the server's default its own.
+        secret = webhooks.new_secret() if webhook_url else self.settings.webhook_secret
+        webhook_url = webhooks.check_url(webhook_url) if webhook_url else self.settings.webhook_url
         with self._session() as session:
             session.add(
                 Job(
                     id=job_id, kind=kind, model=model, model_digest=record.model_digest, options=options or {},
                     status=JobStatus.QUEUED, chunk_size=size, owner=owner, meta=metadata or {}, item_count=0,
-                    expires_at=expires_at,
+                    expires_at=expires_at, webhook_url=webhook_url, webhook_secret=secret if webhook_url else None,
                 )
             )
             session.flush()
@@ -149,7 +153,10 @@ class JobService:
             session.commit()
         digest = record.model_digest
         enqueue_chunks(self.broker.celery, self.broker.redis, ((c, digest, job_id) for c in chunk_ids), stop_if_cancelled=True)
-        return self.get(job_id)
+        view = self.get(job_id)
+        if webhook_url and secret and secret != self.settings.webhook_secret:
+            view["webhook"]["secret"] = secret  # shown this once: receivers verify signatures with it
+        return view
 
     @staticmethod
     def _queued_items(session: Session, owner: str) -> int:
@@ -216,6 +223,8 @@ class JobService:
         }
         if job.status == JobStatus.QUEUED:
             view["queue_position"] = self._queue_position(session, job)
+        if job.webhook_url:
+            view["webhook"] = {"url": job.webhook_url, "deliveries": webhooks.deliveries(session, job.id)}
         return view
 
     def _queue_position(self, session: Session, job: Job) -> int:

@@ -27,6 +27,7 @@ from sqlalchemy import CursorResult, Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Update
 
+from jobs import webhooks
 from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcnow
 
 # How many times an item is claimed before a worker crash or a raising task fails it for good.
@@ -261,6 +262,7 @@ def stop_job(session: Session, job_id: str, status: str) -> bool:
         update(Job).where(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE)).values(status=status, finished_at=now)
     )
     if stopped:
+        webhooks.queue_event(session, job_id)
         _changed(
             session,
             update(Item)
@@ -278,7 +280,7 @@ def stop_job(session: Session, job_id: str, status: str) -> bool:
 
 def fail_job(session: Session, job_id: str, message: str) -> bool:
     """The whole job cannot run (its model is gone): ``failed`` with ``message``; False if it had ended."""
-    return bool(_changed(
+    return _ended(session, job_id, _changed(
         session,
         update(Job)
         .where(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE))
@@ -303,12 +305,19 @@ def finish_job_if_done(session: Session, job_id: str) -> bool:
     )
     if open_items:
         return False
-    return bool(_changed(
+    return _ended(session, job_id, _changed(
         session,
         update(Job)
         .where(Job.id == job_id, Job.status.in_(JobStatus.ACTIVE))
         .values(status=JobStatus.COMPLETED, finished_at=utcnow())
     ))
+
+
+def _ended(session: Session, job_id: str, changed: Any) -> bool:
+    """A job just ended (``changed``): its webhook delivery is stored in the same transaction."""
+    if changed:
+        webhooks.queue_event(session, job_id)
+    return bool(changed)
 
 
 def finish_done_jobs(session: Session) -> None:

@@ -135,6 +135,8 @@ class JobSubmission(BaseModel):
     options: dict[str, Any] | None = None
     chunk_size: int | None = Field(None, ge=1, le=10_000)
     metadata: dict[str, Any] | None = None
+    webhook_url: str | None = Field(None, description="Announce the job's end here (a signed POST; the secret is "
+                                    "in this answer's `webhook.secret`, once).")
 
     @classmethod
     def openapi_schema(cls, schema: dict[str, Any], ref: Callable[[type[BaseModel]], dict[str, Any]]) -> dict[str, Any]:
@@ -152,6 +154,7 @@ class BatchRequest(BaseModel):
     endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
     completion_window: Literal["24h"]
     metadata: dict[str, str] | None = None
+    webhook_url: str | None = Field(None, description="corral: where batch.completed (etc.) is POSTed, signed.")
 
 
 def problem(exc: ValidationError) -> tuple[str, str | None]:
