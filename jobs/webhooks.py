@@ -5,7 +5,7 @@ in the same transaction: the event can be lost neither before nor after the comm
 every process.  The reconciler (jobs/reconcile.py), which runs in the workers, sends due deliveries: a POST of
 the event with ``webhook-id``, ``webhook-timestamp`` and ``webhook-signature`` (HMAC-SHA256 by the
 ``standardwebhooks`` package, which receivers use to verify them).  A 2xx answer delivers it; anything else is
-retried with exponential backoff (2 s, 4 s, ... at most an hour apart) for 24 hours, then the delivery is
+retried with exponential backoff (1 s, 2 s, 4 s, ... at most an hour apart) for 24 hours, then the delivery is
 ``failed``.  Delivery is at least once: a receiver dedupes on ``webhook-id``.
 
 The event is ``job.<status>`` with the job's view as ``data``; an OpenAI batch sends OpenAI's own shape,
@@ -92,7 +92,7 @@ def deliver_due(session: Session, default_secret: str | None = None) -> int:
                 accepted += 1
             else:
                 delivery.last_error = error
-                wait = min(2 ** delivery.attempts, MAX_BACKOFF_SECONDS)
+                wait = min(2 ** (delivery.attempts - 1), MAX_BACKOFF_SECONDS)
                 delivery.next_attempt_at = utcnow() + timedelta(seconds=wait)
                 if _aware(delivery.next_attempt_at) - _aware(delivery.created_at) > RETRY_FOR:
                     delivery.status = "failed"

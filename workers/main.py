@@ -53,7 +53,7 @@ def _serve_new_models(app: Any, runtime: Any, store: ModelStore) -> None:
     runtime.models = names
 
 
-SYNC_SECONDS = 10.0
+SYNC_SECONDS = STORE_SCAN_SECONDS  # one small request to the API (GET /api/tags) per round
 
 
 def _sync_from(store: ModelStore, url: str, settings: Settings, runtime: Any) -> None:

@@ -22,8 +22,8 @@ from corral.settings import Settings
 from tests.helpers import Stack, own_stack
 
 pytestmark = pytest.mark.slow
-EXAMPLES_PER_OPERATION = 20
-MIN_CASES = 500
+EXAMPLES_PER_OPERATION = 12
+MIN_CASES = 300
 
 
 @pytest.fixture(scope="module")
