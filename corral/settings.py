@@ -32,7 +32,7 @@ def parse_go_duration(text: str) -> float:
     s = text.strip()
     sign = 1.0
     body = s
-    if body[:1] in "+-":
+    if body[:1] in ("+", "-"):  # not `in "+-"`: the empty string is in every string
         sign = -1.0 if body[0] == "-" else 1.0
         body = body[1:]
     if body == "0":

@@ -28,7 +28,10 @@ MIN_CASES = 300
 
 @pytest.fixture(scope="module")
 def fuzz_stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    with own_stack(settings, tmp_path_factory.mktemp("fuzz"), 3, context_length=256, max_predict=32) as stack:
+    # No registry host is allowed: made-up names like 127.0.0.1:<port>/x would otherwise be pulled from a port
+    # nothing listens on, and a registry that cannot be reached is Ollama's 500 (a 5xx the run must not see).
+    with own_stack(settings, tmp_path_factory.mktemp("fuzz"), 3, context_length=256, max_predict=32,
+                   pull_hosts=["registry.invalid"]) as stack:
         yield stack
 
 

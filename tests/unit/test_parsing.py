@@ -46,6 +46,9 @@ def test_durations_follow_go() -> None:
     assert parse_go_duration("0") == 0
     with pytest.raises(ValueError, match='missing unit in duration "10"'):
         parse_go_duration("10")
+    for empty in ("", " "):  # found by schemathesis: `"keep_alive": ""` was an IndexError (a 500)
+        with pytest.raises(ValueError, match="time: invalid duration"):
+            parse_go_duration(empty)
 
 
 def test_keep_alive_numbers_are_seconds_and_negative_is_forever() -> None:
