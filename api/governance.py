@@ -171,15 +171,20 @@ class Governor:
         return windows
 
     def _storage_(self) -> RedisStorage:
+        """The Redis storage and the two limiters over it, made on first use (the API tier runs without Redis)."""
         if self._storage is None:
             self._storage = RedisStorage(self.settings.redis, key_prefix=f"{KEY_PREFIX}limits")
+            self._moving_limiter = MovingWindowRateLimiter(self._storage)
+            self._fixed_limiter = FixedWindowRateLimiter(self._storage)
         return self._storage
 
     def _moving(self) -> MovingWindowRateLimiter:
-        return MovingWindowRateLimiter(self._storage_())
+        self._storage_()
+        return self._moving_limiter
 
     def _fixed(self) -> FixedWindowRateLimiter:
-        return FixedWindowRateLimiter(self._storage_())
+        self._storage_()
+        return self._fixed_limiter
 
     def _redis(self) -> Any:
         return self._storage_().get_connection()

@@ -28,14 +28,13 @@ FIM_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id"
 
 
 @lru_cache(maxsize=256)
-def _go_template(template: str) -> tuple[frozenset[str], bool]:
-    """(fields read, has thinking tags) of a Go template; a template that does not parse gives neither."""
+def _go_template(template: str) -> tuple[frozenset[str], tuple[str, str]]:
+    """(fields read, thinking tags) of a Go template, parsed once; a template that does not parse has neither."""
     try:
         nodes = parse(template)
     except TemplateError:
-        return frozenset(), False
-    opening, closing = thinking_tags(nodes)
-    return frozenset(variables(nodes)), bool(opening and closing)
+        return frozenset(), ("", "")
+    return frozenset(variables(nodes)), thinking_tags(nodes)
 
 
 def chat_template_thinks(chat_template: str) -> bool:
@@ -57,8 +56,8 @@ def derive(config: dict[str, Any], template: str | None) -> list[str]:
     info: dict[str, Any] = config.get("model_info") or {}
     found = ["completion"]
     if template is not None:
-        fields, thinks = _go_template(template)
-        tools, insert = "tools" in fields, "suffix" in fields
+        fields, (opening, closing) = _go_template(template)
+        tools, insert, thinks = "tools" in fields, "suffix" in fields, bool(opening and closing)
     else:
         chat = str(info.get("tokenizer.chat_template") or "")
         tools, thinks, insert = "tools" in chat or "tool_call" in chat, chat_template_thinks(chat), False
@@ -71,10 +70,7 @@ def derive(config: dict[str, Any], template: str | None) -> list[str]:
 def thinking_tags_for(config: dict[str, Any], template: str | None) -> tuple[str, str]:
     """The tags around a thinking model's reasoning: its template's (Ollama's ``InferTags``), else ``<think>``."""
     if template is not None:
-        try:
-            opening, closing = thinking_tags(parse(template))
-        except TemplateError:
-            opening = closing = ""
+        opening, closing = _go_template(template)[1]
         if opening and closing:
             return opening, closing
     return DEFAULT_TAGS

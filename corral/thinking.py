@@ -70,7 +70,7 @@ class ThinkingSplitter:
                 if end >= 0:
                     piece, self.buffer, self.state = self.buffer[:end], self.buffer[end + len(self.closing):], "after"
                 else:  # hold back what may start the closing tag, and whitespace that may come before it
-                    cut = len(self.buffer) - _partial_suffix(self.buffer, self.closing)
+                    cut = len(self.buffer) - held_back(self.buffer, self.closing)
                     cut = len(self.buffer[:cut].rstrip())
                     piece, self.buffer = self.buffer[:cut], self.buffer[cut:]
                 thinking += piece.rstrip() if end >= 0 else piece
@@ -95,8 +95,9 @@ class ThinkingSplitter:
         return "", held.strip() if self.state == "start" else held
 
 
-def _partial_suffix(text: str, tag: str) -> int:
-    """How many characters at the end of ``text`` could begin ``tag``."""
+def held_back(text: str, tag: str) -> int:
+    """How many characters at the end of ``text`` could begin ``tag`` (held until the next piece shows whether they
+    do): the thinking tags here, tool-call markers in corral/toolcalls.py."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if tag.startswith(text[-n:]):
             return n

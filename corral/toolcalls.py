@@ -25,6 +25,8 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+from corral.thinking import held_back
+
 # family -> the marker that starts its calls (the json family has none: the whole reply must be the call).
 MARKERS = {
     "hermes": "<tool_call>",
@@ -180,7 +182,7 @@ class ToolCallHold:
                 before, self.call = self.pending[:at], self.pending[at:]
                 self.pending = ""
                 return self._pass(before)
-            keep = _marker_prefix(self.pending, self.marker)
+            keep = held_back(self.pending, self.marker)
             out, self.pending = self.pending[:len(self.pending) - keep], self.pending[len(self.pending) - keep:]
             return self._pass(out)
         out, self.pending = self.pending, ""
@@ -217,12 +219,6 @@ def split_tool_calls(text: str, names: set[str], family: str = "json") -> tuple[
     calls, rest = hold.finish()
     return "".join(parts) + rest, calls
 
-
-def _marker_prefix(text: str, marker: str) -> int:
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
 
 
 def openai_tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:

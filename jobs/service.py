@@ -11,7 +11,7 @@ import builtins
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from corral.wire.jobs import JOB_KINDS
 from corral.wire.ollama import check_context
 from jobs import queueing, transitions, webhooks
 from jobs.db import sessions
-from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcnow
+from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, as_utc, utcnow
 from jobs.queueing import enqueue_chunks
 from jobs.search import hydrate, top_k
 from jobs.transitions import requeue_failed, stop_job
@@ -197,7 +197,7 @@ class JobService:
         elapsed = None
         if job.started_at is not None:
             end = job.finished_at or utcnow()
-            elapsed = max((_aware(end) - _aware(job.started_at)).total_seconds(), 1e-6)
+            elapsed = max((as_utc(end) - as_utc(job.started_at)).total_seconds(), 1e-6)
         rate = done / elapsed if elapsed and done else None
         view: dict[str, Any] = {
             "id": job.id,
@@ -216,10 +216,10 @@ class JobService:
             "eta_seconds": round((total - done) / rate, 1) if rate and job.status == JobStatus.RUNNING else None,
             "queue_position": None,
             "error": job.error,
-            "created_at": rfc3339(_aware(job.created_at)),
-            "started_at": rfc3339(_aware(job.started_at)) if job.started_at else None,
-            "finished_at": rfc3339(_aware(job.finished_at)) if job.finished_at else None,
-            "expires_at": rfc3339(_aware(job.expires_at)) if job.expires_at else None,
+            "created_at": rfc3339(as_utc(job.created_at)),
+            "started_at": rfc3339(as_utc(job.started_at)) if job.started_at else None,
+            "finished_at": rfc3339(as_utc(job.finished_at)) if job.finished_at else None,
+            "expires_at": rfc3339(as_utc(job.expires_at)) if job.expires_at else None,
         }
         if job.status == JobStatus.QUEUED:
             view["queue_position"] = self._queue_position(session, job)
@@ -366,11 +366,6 @@ class JobService:
                 "batch_chunks_running": per.get(d, {}).get(ChunkState.RUNNING, 0),
             })
         return out
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite returns naive datetimes for timezone-aware columns; they are UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def result_line(item: Item, model: str, kind: str, include_input: bool = False) -> dict[str, Any]:

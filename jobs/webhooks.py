@@ -31,7 +31,7 @@ from standardwebhooks.webhooks import Webhook
 
 from corral.errors import BadRequest
 from corral.timefmt import rfc3339
-from jobs.models import Job, JobStatus, WebhookDelivery, utcnow
+from jobs.models import Job, JobStatus, WebhookDelivery, as_utc, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def queue_event(session: Session, job_id: str) -> None:
         payload: dict[str, Any] = {"object": "event", "id": f"evt_{uuid.uuid4().hex[:24]}", "type": event,
                                    "created_at": int(time.time()), "data": {"id": job.id}}
     else:
-        payload = {"type": event, "timestamp": rfc3339(_aware(now)),
+        payload = {"type": event, "timestamp": rfc3339(as_utc(now)),
                    "data": {"id": job.id, "object": "job", "status": job.status, "kind": job.kind, "model": job.model,
                             "item_count": job.item_count, "error": job.error}}
     session.add(WebhookDelivery(id=f"msg_{uuid.uuid4().hex[:24]}", job_id=job.id, event=event, url=job.webhook_url,
@@ -94,7 +94,7 @@ def deliver_due(session: Session, default_secret: str | None = None) -> int:
                 delivery.last_error = error
                 wait = min(2 ** (delivery.attempts - 1), MAX_BACKOFF_SECONDS)
                 delivery.next_attempt_at = utcnow() + timedelta(seconds=wait)
-                if _aware(delivery.next_attempt_at) - _aware(delivery.created_at) > RETRY_FOR:
+                if as_utc(delivery.next_attempt_at) - as_utc(delivery.created_at) > RETRY_FOR:
                     delivery.status = "failed"
                     log.warning("webhook %s for job %s failed for 24 hours; giving up: %s", delivery.id,
                                 delivery.job_id, error)
@@ -123,9 +123,4 @@ def deliveries(session: Session, job_id: str) -> list[dict[str, Any]]:
     rows = session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
                            .order_by(WebhookDelivery.created_at))
     return [{"id": d.id, "event": d.event, "status": d.status, "attempts": d.attempts, "last_error": d.last_error,
-             "delivered_at": rfc3339(_aware(d.delivered_at)) if d.delivered_at else None} for d in rows]
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands datetimes back without their zone; they are UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+             "delivered_at": rfc3339(as_utc(d.delivered_at)) if d.delivered_at else None} for d in rows]
