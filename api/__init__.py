@@ -21,10 +21,9 @@ from jobs.service import JobService
 __all__ = ["Services", "create_app"]
 
 
-
 def create_app(settings: Settings | None = None) -> Flask:
     """Create and configure the API application."""
-    from api import auth, errors, guards, metrics, openapi
+    from api import auth, console, errors, guards, metrics, openapi
     from api.jobs import bp as jobs_bp
     from api.ollama import bp as ollama_bp
     from api.openai import bp as openai_bp
@@ -54,5 +53,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(openai_bp)
     app.register_blueprint(openai_batch_bp)
     app.register_blueprint(openapi.bp)
+    console.init_app(app)
     logging.getLogger(__name__).debug("API ready, model store %s", store.root)
     return app

@@ -1,7 +1,8 @@
 """API keys and body limits, checked before any view runs.
 
 With ``CORRAL_REQUIRE_API_KEY=1`` every route but ``/`` (the liveness probe) needs ``Authorization: Bearer
-<key>`` (ollama-python sends ``OLLAMA_API_KEY`` this way, openai-python its ``api_key``); a missing, unknown or
+<key>`` (ollama-python sends ``OLLAMA_API_KEY`` this way, openai-python its ``api_key``; the console under
+``/ui`` keeps a signed-in session instead); a missing, unknown or
 revoked key is a 401 in the route family's error shape, and changing the shared models with a key that is not
 an admin's is a 403 (:func:`require_admin`).  Views ask :func:`owner` whose jobs, batches and files
 the caller may see (``None``: all of them) and :func:`creator` whom to stamp as owner of what it creates.
@@ -42,6 +43,8 @@ def init_app(app: Flask, settings: Settings, keys: KeyStore) -> None:
         g.principal = None
         if not settings.require_api_key or request.path in OPEN_ROUTES or request.method == "OPTIONS":
             return
+        if request.path == "/ui" or request.path.startswith("/ui/"):
+            return  # the operator console signs in with a key once and keeps a session (api/console/sessions.py)
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():

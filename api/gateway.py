@@ -18,6 +18,7 @@ from corral.protocol import (
     BUILD_TASK,
     INTERACTIVE_TASK,
     WORKER_KEY_PATTERN,
+    WORKERS_SEEN_KEY,
     BuildRequest,
     InferenceRequest,
     StreamEvent,
@@ -133,6 +134,27 @@ class Gateway:
     def order_unload(self, model_digest: str) -> None:
         """Tell every worker to drop this model now (``keep_alive: 0`` with an empty prompt)."""
         self.broker.redis.set(unload_key(model_digest), repr(time.time()), ex=3600)
+
+    def worker_states(self, forget_after: float = 3600.0) -> list[dict[str, Any]]:
+        """Every worker seen within ``forget_after`` seconds, with ``alive`` (its heartbeat key is current) and
+        ``beat_age`` (seconds since its last beat): a worker that died stays listed, as dead, for the console.
+        One that stopped cleanly took itself off the list."""
+        now = time.time()
+        live = {w["name"]: w for w in self.workers()}
+        states = []
+        for raw_name, raw in self.broker.redis.hgetall(WORKERS_SEEN_KEY).items():
+            name = raw_name.decode()
+            state = live.pop(name, None)
+            alive = state is not None
+            state = state or json.loads(raw)
+            age = now - float(state.get("beat_at") or 0)
+            if not alive and age > forget_after:
+                self.broker.redis.hdel(WORKERS_SEEN_KEY, name)
+                continue
+            states.append({**state, "alive": alive, "beat_age": round(max(age, 0.0), 1)})
+        states += [{**s, "alive": True, "beat_age": round(max(now - float(s.get("beat_at") or now), 0.0), 1)}
+                   for s in live.values()]
+        return sorted(states, key=lambda s: (not s["alive"], s["name"]))
 
     def workers(self) -> list[dict[str, Any]]:
         """Heartbeat states of the live workers."""

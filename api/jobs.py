@@ -8,6 +8,7 @@ line straight into the database, so its size is bounded by disk, not memory.
 from __future__ import annotations
 
 from datetime import date
+from typing import Any
 
 from flask import Blueprint, Response, request, stream_with_context
 
@@ -108,12 +109,17 @@ def search(job_id: str) -> Response:
     k = query_int("k", 5) or 5
     if not 1 <= k <= 1000:
         raise BadRequest("k must be between 1 and 1000")
-    model, _ = services().jobs.embed_job(job_id, owner())
+    return json_response(search_job(job_id, query, k, owner()))
+
+
+def search_job(job_id: str, query: str, k: int, owner: str | None) -> dict[str, Any]:
+    """Embed ``query`` with the embedding job's own model (on a worker), then rank the job's stored vectors."""
+    model, _ = services().jobs.embed_job(job_id, owner)
     inference = services().inference
     record = inference.model(model)
     data, _ = inference.single(inference.request(record, model, "embed", inputs=[query], truncate=True))
     backend, hits = services().jobs.search(job_id, data["embeddings"][0], k)
-    return json_response({"model": model, "query": query, "results": hits, "backend": backend})
+    return {"model": model, "query": query, "results": hits, "backend": backend}
 
 
 @bp.post("/api/jobs/<job_id>/cancel")

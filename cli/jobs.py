@@ -19,7 +19,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
 from cli.client import CorralClient, file_chunks
 from cli.common import columns, parse_pairs, stdout_is_tty, with_client
-from cli.export import FORMATS, ExportError, write_csv, write_jsonl, write_npy, write_parquet
+from jobs.export import FORMATS, ExportError, write_csv, write_jsonl, write_npy, write_parquet
 from jobs.models import JobStatus
 
 EXIT_CODES = {"completed": 0, "failed": 3, "cancelled": 4, "expired": 5}

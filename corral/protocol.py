@@ -55,6 +55,10 @@ def worker_key(worker_name: str) -> str:
 
 
 WORKER_KEY_PATTERN = f"{KEY_PREFIX}worker:*"
+# Hash of worker name -> its last heartbeat state, kept after the heartbeat key expires: a worker that died
+# (its key gone, its entry still here) is shown as dead by the operator console.  A worker that stops cleanly
+# removes its entry.
+WORKERS_SEEN_KEY = f"{KEY_PREFIX}workers:seen"
 
 
 def waiting_key(model_digest: str) -> str:

@@ -153,7 +153,10 @@ class KeyStore:
 
     def check(self, key: str) -> Principal | None:
         """The principal for a presented key, or None (unknown or revoked)."""
-        digest = hash_key(key)
+        return self.check_hash(hash_key(key))
+
+    def check_hash(self, digest: str) -> Principal | None:
+        """The principal for a key's sha256 (the operator console keeps that, never the key), or None."""
         now = clock.monotonic()
         with self._lock:
             hit = self._cache.get(digest)

@@ -235,6 +235,7 @@ class DecodeLoop:
         self._cond = threading.Condition()
         self._closed = False
         self._order = itertools.count()
+        self.generated_total = 0  # tokens sampled since load: the heartbeat's recent tokens/s (one writer, the loop)
         self._thread = threading.Thread(target=self._run, name="corral-decode-loop", daemon=True)
         self._thread.start()
 
@@ -248,6 +249,11 @@ class DecodeLoop:
             self._waiting.append(handle)
             self._cond.notify()
         return handle
+
+    @property
+    def busy(self) -> int:
+        """Slots holding a sequence now (read without the lock: a gauge for the heartbeat)."""
+        return len(self._active)
 
     def close(self) -> None:
         with self._cond:
@@ -486,6 +492,7 @@ class DecodeLoop:
             return
         previous = active.generated[-8:] if active.generated else active.handle.request.prompt[-8:]
         active.generated.append(token)
+        self.generated_total += 1
         piece = bytes(self.llm.detokenize([token], prev_tokens=previous, special=active.handle.request.special))
         text, hit = active.matcher.feed(active.decoder.decode(piece))
         if text:

@@ -139,6 +139,13 @@ class ModelRegistry:
         with self._meta:
             return {slot.record.model_digest for slot in self._slots.values()}
 
+    def activity(self) -> tuple[int, int, int]:
+        """(decode slots busy, decode slots in all, tokens generated so far) over the loaded chat models: the
+        operator console's "slots busy" and "recent tokens/s" (the count restarts when a model unloads)."""
+        with self._meta:
+            loops = [slot.model.loop for slot in self._slots.values() if slot.model.loop is not None]
+        return sum(loop.busy for loop in loops), sum(loop.slots for loop in loops), sum(loop.generated_total for loop in loops)
+
     def snapshot(self) -> list[dict[str, Any]]:
         """The /api/ps entries for this worker."""
         with self._meta:

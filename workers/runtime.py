@@ -14,12 +14,13 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from corral.errors import BadRequest, CorralError, ModelNotFound
 from corral.modelfile import render_template
-from corral.protocol import InferenceRequest, StreamWriter, redis_client, unload_key, worker_key
+from corral.protocol import WORKERS_SEEN_KEY, InferenceRequest, StreamWriter, redis_client, unload_key, worker_key
 from corral.settings import Settings
 from corral.store import ModelRecord, ModelStore
 from corral.thinking import ThinkingSplitter
@@ -30,6 +31,8 @@ from workers.registry import ModelRegistry
 from workers.weights import choose_weights
 
 log = logging.getLogger(__name__)
+# The console's "recent tokens/s": tokens generated over the last this many seconds of heartbeats.
+RATE_WINDOW = 10.0
 
 # Batch chunks one worker runs at once: two, so the next chunk's prompts fill the decode slots that the last
 # one's stragglers leave idle.  The worker's other task threads stay free for interactive requests.
@@ -55,6 +58,10 @@ class WorkerRuntime:
         self.redis = redis_client(settings.redis)
         self.registry = ModelRegistry(max_loaded=settings.loaded_model_limit, gpu=gpu is not None, on_change=self.publish)
         self.started_at = time.time()
+        self._generated: deque[tuple[float, int]] = deque()  # (time, tokens generated since start) per beat
+        self._generated_total = 0
+        self._generated_seen = 0
+        self._activity_lock = threading.Lock()  # publish runs on the heartbeat thread and on request threads
         self.chunk_slots = threading.BoundedSemaphore(CHUNKS_PER_WORKER)
         self.solo_chunk = threading.Lock()  # one suspect chunk at a time runs alone (workers/batch.py)
         self._stop = threading.Event()
@@ -75,6 +82,7 @@ class WorkerRuntime:
     def stop(self) -> None:
         self._stop.set()
         self.redis.delete(worker_key(self.name))
+        self.redis.hdel(WORKERS_SEEN_KEY, self.name)  # stopped, not dead
         self.registry.close()
 
     def _beat_loop(self) -> None:
@@ -115,9 +123,31 @@ class WorkerRuntime:
             "models": self.models,
             "started_at": self.started_at,
             "loaded": self.registry.snapshot(),
+            "beat_at": time.time(),
+            **self._activity(),
         }
         ttl_ms = int(self.settings.heartbeat_ttl * 1000)
-        self.redis.set(worker_key(self.name), json.dumps(state), px=ttl_ms)
+        text = json.dumps(state)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(worker_key(self.name), text, px=ttl_ms)
+        pipe.hset(WORKERS_SEEN_KEY, self.name, text)
+        pipe.execute()
+
+    def _activity(self) -> dict[str, Any]:
+        """Decode slots busy and in all, and tokens/s generated over the last :data:`RATE_WINDOW` seconds."""
+        busy, slots, generated = self.registry.activity()
+        with self._activity_lock:
+            # The loops' counts restart when a model unloads: add up the increases only.
+            self._generated_total += max(0, generated - self._generated_seen)
+            self._generated_seen = generated
+            now = time.monotonic()
+            self._generated.append((now, self._generated_total))
+            while len(self._generated) > 2 and now - self._generated[1][0] >= RATE_WINDOW:
+                self._generated.popleft()
+            first_at, first = self._generated[0]
+            span = now - first_at
+            rate = (self._generated_total - first) / span if span > 0.5 else 0.0
+        return {"slots": slots, "slots_busy": busy, "tokens_per_second": round(rate, 1)}
 
     # -- requests ---------------------------------------------------------------------------------------
 

@@ -1,8 +1,9 @@
 """Write a job's result lines (``GET /api/jobs/{id}/results``) as JSONL, CSV or Parquet, streaming.
 
-Results arrive in input order as NDJSON; each writer consumes them one line at a time and keeps at most one
-row group in memory, so exporting a million-item job needs no more memory than exporting ten.  Embeddings are
-float lists in JSONL and CSV, a ``list<float32>`` column in Parquet, one row per vector.
+Used by ``corral results`` and by the operator console's downloads.  Results arrive in input order as NDJSON;
+each writer consumes them one line at a time and keeps at most one row group in memory, so exporting a
+million-item job needs no more memory than exporting ten.  Embeddings are float lists in JSONL and CSV, a
+``list<float32>`` column in Parquet, one row per vector.
 """
 
 from __future__ import annotations
