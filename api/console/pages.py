@@ -105,17 +105,17 @@ def queue_page(shared: Services) -> dict[str, Any]:
 
 
 def models_page(shared: Services, who: Principal | None) -> dict[str, Any]:
-    loaded: dict[str, list[str]] = {}
+    loaded: dict[str, list[str]] = {}  # by GGUF digest: a worker loads a file, whichever name asked for it
     for worker in shared.gateway.workers():
         for entry in worker.get("loaded", []):
-            loaded.setdefault(entry["name"], []).append(worker["name"])
+            loaded.setdefault(str(entry.get("model_digest")), []).append(worker["name"])
     models = []
     for record in shared.store.list():
         name = record.name.display
         if not shared.governor.allowed(who, name):
             continue
         models.append({"name": name, "size": record.size, "details": record.details(),
-                       "capabilities": record.capabilities, "loaded_on": loaded.get(name, []),
+                       "capabilities": record.capabilities, "loaded_on": sorted(set(loaded.get(record.model_digest, []))),
                        "modified_at": record.modified_at})
     models.sort(key=lambda m: str(m["name"]))
     return {"models": models, "can_change": (who is None or who.admin) and not shared.settings.read_only}

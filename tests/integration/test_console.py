@@ -11,7 +11,10 @@ post without the page's CSRF token is refused.  Every page is saved as a screens
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +25,8 @@ import pytest
 from werkzeug.serving import make_server
 
 from corral.settings import Settings
-from tests.helpers import EMBED_MODEL, MODEL, clean_redis, fresh_database, make_settings, submit, wait_done, with_db
+from corral.store import ModelStore
+from tests.helpers import EMBED_MODEL, MODEL, Registry, clean_redis, fresh_database, make_settings, submit, wait_done, with_db
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SHOTS = Path(__file__).resolve().parents[1] / ".screenshots"
@@ -36,6 +40,7 @@ if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
@@ -71,9 +76,17 @@ def navigate(driver: WebDriver, element: Any) -> None:
     wait_until(driver, staleness_of(page))
 
 
+def texts(driver: WebDriver, css: str) -> list[str]:
+    """The text of every element ``css`` matches, read in one step: the live parts are replaced every 2 s, so an
+    element found in one call may be gone by the next."""
+    found: list[str] = driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText.trim())", css)
+    return found
+
+
 def text_of(driver: WebDriver, css: str) -> str:
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return found[0].text if found else ""
+    found = texts(driver, css)
+    return found[0] if found else ""
 
 
 def test_a_submitted_job_appears_and_completes_without_a_reload(browser: WebDriver, base_url: str) -> None:
@@ -122,21 +135,32 @@ def test_search_an_embedding_job_from_its_page(browser: WebDriver, base_url: str
     box.send_keys("how much did sales increase")
     navigate(browser, browser.find_element(By.CSS_SELECTOR, "form[role=search] button"))
     wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#hits li"))
-    hits = browser.find_elements(By.CSS_SELECTOR, "#hits li q")
-    assert [h.text for h in hits][0] == docs[1]
+    assert texts(browser, "#hits li q")[0] == docs[1]
     shot(browser, "search")
 
 
 def test_queue_workers_and_models_pages(browser: WebDriver, base_url: str) -> None:
     browser.get(base_url + "/ui/queue")
-    worker = browser.find_element(By.CSS_SELECTOR, "#workers tbody tr")
-    assert "alive" in worker.text and "CPU" in worker.text
-    assert MODEL.split(":")[0] in browser.find_element(By.ID, "queue-models").text
+    worker = text_of(browser, "#workers tbody tr")
+    assert "alive" in worker and "CPU" in worker
+    assert re.search(r"\b\d+ of [1-9]\d*\b", worker)  # slots busy of the loaded chat model's slots
+    assert MODEL.split(":")[0] in text_of(browser, "#queue-models")
     shot(browser, "queue")
     browser.get(base_url + "/ui/models")
-    models = browser.find_element(By.ID, "model-list").text
+    models = text_of(browser, "#model-list")
     assert "smollm2:135m" in models and "completion" in models and "embedding" in models
+    row = next(r for r in texts(browser, "#model-list tbody tr") if r.startswith("smollm2:135m"))
+    assert "@" in row.split("\t")[-1]  # loaded on the worker (cpu-<pid>@<host>)
     shot(browser, "models")
+    # Keyboard: the first Tab reaches the skip link, the next ones the navigation, in reading order.
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys(Keys.TAB)
+    assert browser.switch_to.active_element.text == "Skip to content"
+    focused = []
+    for _ in range(4):
+        browser.switch_to.active_element.send_keys(Keys.TAB)
+        focused.append(browser.switch_to.active_element.text)
+    assert focused == ["Jobs", "Queue & workers", "Models", "Keys"]
     browser.set_window_size(390, 844)  # a phone: the page fits, tables scroll inside themselves
     try:
         browser.get(base_url + "/ui/jobs")
@@ -262,3 +286,46 @@ def test_an_admin_sees_everyone_and_manages_keys(browser: WebDriver, keyed: dict
 def test_screenshots_are_kept_out_of_git() -> None:
     ignored = (Path(__file__).resolve().parents[2] / ".gitignore").read_text()
     assert "tests/.screenshots/" in ignored.splitlines()
+
+
+def test_pull_and_create_from_the_models_page(browser: WebDriver, keyed: dict[str, Any], local_registry: Registry,
+                                              settings: Settings) -> None:
+    store = ModelStore(settings.models_path)
+    gguf = store.get(MODEL).model_path.read_bytes()
+    local_registry.publish("library/console-pull:latest", gguf[:-1] + bytes([gguf[-1] ^ 9]))  # a new file to download
+    pulled, made = f"{local_registry.host}/library/console-pull:latest", "console-made:latest"
+    sign_in(browser, keyed["base"], keyed["admin"])
+    browser.get(keyed["base"] + "/ui/models")
+    try:
+        browser.find_element(By.ID, "pull-name").send_keys(pulled)
+        browser.find_element(By.NAME, "insecure").click()
+        browser.find_element(By.CSS_SELECTOR, "form[action$='/pull'] button").click()
+        wait_until(browser, lambda d: text_of(d, "form[action$='/pull'] output").startswith(("Done", "Error")))
+        assert text_of(browser, "form[action$='/pull'] output") == "Done: success"
+        bar = browser.find_element(By.CSS_SELECTOR, "form[action$='/pull'] progress")
+        assert float(bar.get_attribute("value")) == float(bar.get_attribute("max")) == len(gguf)  # bytes, as pulled
+
+        browser.find_element(By.ID, "create-name").send_keys(made)
+        modelfile = browser.find_element(By.ID, "modelfile")
+        modelfile.clear()
+        modelfile.send_keys("FROM smollm2:135m\nSYSTEM You answer in one word.")
+        browser.find_element(By.CSS_SELECTOR, "form[action$='/create'] button").click()
+        wait_until(browser, lambda d: text_of(d, "form[action$='/create'] output").startswith(("Done", "Error")))
+        assert text_of(browser, "form[action$='/create'] output") == "Done: success"
+        assert store.get(made).config.get("model_format") == "gguf"
+        assert "You answer in one word." in json.dumps(httpx.post(
+            keyed["base"] + "/api/show", json={"model": made}, headers={"Authorization": f"Bearer {keyed['admin']}"},
+        ).json()["system"])
+        # The list refreshes by itself with both.
+        listed = lambda d: {r.split("\t")[0] for r in texts(d, "#model-list tbody tr")}  # noqa: E731
+        wait_until(browser, lambda d: {made, pulled} <= listed(d))
+        shot(browser, "models-changed")
+
+        # A user key sees no forms, and the routes refuse it.
+        sign_in(browser, keyed["base"], keyed["alice"])
+        browser.get(keyed["base"] + "/ui/models")
+        assert not browser.find_elements(By.ID, "pull-name")
+    finally:
+        for name in (pulled, made):
+            with contextlib.suppress(Exception):
+                store.delete(name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import signal
 
 import httpx
@@ -53,12 +54,23 @@ def assert_exactly_once(stack: Stack, job_id: str) -> None:
     assert len(rows) == ITEMS and all(r.claim is None and r.finished_at is not None for r in rows)
 
 
+def worker_row(stack: Stack, name: str) -> str | None:
+    """The state the console's workers table gives ``name`` (alive or dead), or None when it is not listed."""
+    page = httpx.get(f"{stack.base_url}/ui/queue", params={"fragment": 1}, timeout=30).text
+    found = re.search(rf'<tr data-worker="{re.escape(name)}">.*?<span class="badge \w+">(\w+)</span>', page, re.S)
+    return found.group(1) if found else None
+
+
 def test_worker_killed_mid_job_then_a_new_worker_finishes_it(isolated: Stack) -> None:
     first = isolated.start_worker()
     isolated.start_api()
     job_id = start_job(isolated)
+    [name] = isolated.worker_names()
     first.stop(signal.SIGKILL)
     assert counts(isolated, job_id)["succeeded"] < ITEMS, "the kill must land mid-job"
+    # The operator console shows the killed worker as dead once its heartbeat has lapsed.
+    wait_for(lambda: name not in isolated.worker_names(), 10, "the killed worker's heartbeat to lapse")
+    assert worker_row(isolated, name) == "dead"
     with sessions(isolated.settings)() as session:
         in_flight = set(session.scalars(select(Item.custom_id).where(Item.job_id == job_id, Item.state == "running")))
     # A worker decodes every item of its running chunks at once (continuous batching), up to CHUNKS_PER_WORKER.
@@ -114,7 +126,10 @@ def test_sigterm_finishes_the_current_chunk_so_a_rolling_restart_runs_nothing_tw
     first = isolated.start_worker()
     isolated.start_api()
     job_id = start_job(isolated)
+    [name] = isolated.worker_names()
+    assert worker_row(isolated, name) == "alive"
     assert first.stop(signal.SIGTERM, timeout=60) == 0, first.output()  # Celery's warm/soft shutdown
+    assert worker_row(isolated, name) is None  # stopped, not dead: the console no longer lists it
     assert "shutdown" in first.output().lower()
     with sessions(isolated.settings)() as session:
         states = list(session.scalars(select(Item.state).where(Item.job_id == job_id)))
