@@ -96,6 +96,17 @@ class Gateway:
         for event in self._build(req):
             yield event.data
 
+    def count_tokens(self, model: str, model_digest: str, kind: str, items: list[dict[str, Any]],
+                     options: dict[str, Any]) -> list[int | None]:
+        """Have a worker count the prompt tokens of ``items`` as it would render them (a dry run)."""
+        req = BuildRequest(request_id=new_request_id(), op="count", model_digest=model_digest, model=model, kind=kind,
+                           items=items, options=options)
+        counts: list[int | None] = []
+        for event in self._build(req):
+            if event.kind == "result":
+                counts = list(event.data["counts"])
+        return counts
+
     def _build(self, req: BuildRequest) -> Generator[StreamEvent, None, None]:
         reader = StreamReader(self.broker.redis, req.request_id, queue_timeout=self.settings.queue_timeout)
         finished = False

@@ -15,7 +15,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from api.auth import creator, owner, principal
 from api.errors import dumps, json_response
 from api.openapi import NDJSON, documented
-from api.params import query_int, query_json
+from api.params import query_flag, query_int, query_json
 from api.services import services
 from api.streaming import NDJSON_MIMETYPE
 from corral.errors import BadRequest
@@ -33,10 +33,12 @@ STREAMED_TYPES = {"application/x-ndjson", "application/jsonl", "application/x-js
 @documented(
     body=JobSubmission, response=R.JobView, status=202, upload=NDJSON,
     query=(("kind", "string"), ("model", "string"), ("chunk_size", "integer"), ("options", "string"), ("metadata", "string"),
-           ("webhook_url", "string")),
+           ("webhook_url", "string"), ("cache", "boolean"), ("dry_run", "boolean")),
 )
 def submit() -> Response:
     services().governor.check_budget(principal())  # a key whose token budget is spent queues nothing more
+    if query_flag("dry_run"):
+        return _dry_run()
     if request.mimetype in STREAMED_TYPES:
         kind = request.args.get("kind", "generate")
         if request.mimetype == "text/plain" and kind != "generate":
@@ -53,6 +55,7 @@ def submit() -> Response:
             owner=creator(),
             quota=principal(),
             webhook_url=request.args.get("webhook_url") or None,
+            cache=query_flag("cache"),
         )
         return json_response(job, 202)
     body: JobSubmission = parse(JobSubmission, decode_json(request.get_data()),
@@ -67,8 +70,35 @@ def submit() -> Response:
         owner=creator(),
         quota=principal(),
         webhook_url=body.webhook_url,
+        cache=body.cache,
     )
     return json_response(job, 202)
+
+
+def _dry_run() -> Response:
+    """``?dry_run=true``: the same body, validated line by line and counted; nothing stored or queued."""
+    shared = services()
+    if request.mimetype in STREAMED_TYPES:
+        kind = request.args.get("kind", "generate")
+        model = request.args.get("model", "")
+        options = parse_options(query_json("options"))
+        lines = text_lines(request.stream) if request.mimetype == "text/plain" else read_jsonl(request.stream)
+    else:
+        body: JobSubmission = parse(JobSubmission, decode_json(request.get_data()),
+                                    what="the body (a JSON object with kind, model and items)")
+        kind, model, options, lines = body.kind, body.model, parse_options(body.options), enumerate(body.items, start=1)
+
+    def throughput(digest: str) -> tuple[float | None, int]:
+        rates = [w.get("throughput", {}).get(digest) for w in shared.gateway.worker_states() if w["alive"]]
+        measured = [float(r) for r in rates if r]
+        return (sum(measured) or None), len(measured)
+
+    answer = shared.jobs.dry_run(
+        kind=kind, model=model, options=options, items=validated(kind, lines), quota=principal(),
+        count=lambda digest, bodies: shared.gateway.count_tokens(model, digest, kind, bodies, options or {}),
+        throughput=throughput,
+    )
+    return json_response(answer)
 
 
 @bp.get("/api/jobs")
@@ -148,7 +178,8 @@ def queue() -> Response:
     waiting = {r.model_digest: gateway.waiting(r.model_digest) for r in shared.store.list()}
     workers = [
         {"name": w["name"], "gpu": w.get("gpu"), "models": w.get("models", []),
-         "loaded": [m["name"] for m in w.get("loaded", [])]}
+         "loaded": [m["name"] for m in w.get("loaded", [])],
+         **{k: w[k] for k in ("slots", "slots_busy", "tokens_per_second", "tokens_generated", "prompt_tokens_decoded") if k in w}}
         for w in gateway.workers()
     ]
     return json_response({"models": services().jobs.queue_overview(waiting), "workers": workers})

@@ -34,3 +34,13 @@ def query_json(name: str) -> Any:
         raise BadRequest(f"{name} must be JSON") from exc
     except BadRequest as exc:
         raise BadRequest(f"{name}: {exc.message}", param=name) from exc
+
+
+def query_flag(name: str) -> bool:
+    """A boolean query parameter: ``true``/``1``/``yes`` or ``false``/``0``/``no`` (absent or empty: false)."""
+    value = (request.args.get(name) or "").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise BadRequest(f"{name} must be true or false", param=name)

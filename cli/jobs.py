@@ -16,6 +16,7 @@ from typing import IO, Any
 import click
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
 
 from cli.client import CorralClient, file_chunks
 from cli.common import columns, parse_pairs, stdout_is_tty, with_client
@@ -96,6 +97,24 @@ def watch(client: CorralClient, job_id: str, interval: float) -> dict[str, Any]:
     return job
 
 
+def show_dry_run(answer: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None)
+    eta = answer["eta"] or {}
+    rows = [
+        ("items", f"{answer['items']:,}"),
+        ("duplicates (run once)", f"{answer['duplicates']:,}"),
+        ("prompt tokens", f"{answer['prompt_tokens']:,}"),
+        ("output tokens, at most", f"{answer['output_token_bound']:,}"),
+        ("ETA", f"{answer['eta_seconds']:,.0f} s at most ({eta.get('tokens_per_second')} tok/s on "
+                f"{eta.get('workers')} worker(s))" if answer["eta_seconds"] is not None else f"unknown: {eta.get('reason')}"),
+    ]
+    if answer.get("items_failing"):
+        rows.append(("items that would fail", f"{answer['items_failing']:,}"))
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+
+
 @click.command()
 @click.argument("source", type=click.File("rb", lazy=True), metavar="FILE|-")
 @click.option("--model", "-m", required=True, help="Model every item runs on.")
@@ -104,22 +123,34 @@ def watch(client: CorralClient, job_id: str, interval: float) -> dict[str, Any]:
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE", help="Model option for every item (repeatable).")
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), help="Items per worker task (default: the server's).")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Free-form job metadata (repeatable).")
+@click.option("--cache", is_flag=True, help="Reuse cached results of deterministic requests (temperature 0 or a seed).")
+@click.option("--dry-run", is_flag=True, help="Validate and count (items, prompt tokens, duplicates, output bound, ETA); "
+              "store and run nothing.")
 @click.option("--wait", is_flag=True, help="Watch the job until it ends; exit 0 completed, 3 failed, 4 cancelled, 5 expired.")
 @click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between polls with --wait.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job object as JSON instead of its id.")
 @with_client
 def submit(
     client: CorralClient, source: IO[bytes], model: str, kind: str, lines: bool, options: tuple[str, ...],
-    chunk_size: int | None, metadata: tuple[str, ...], wait: bool, interval: float, as_json: bool,
+    chunk_size: int | None, metadata: tuple[str, ...], cache: bool, dry_run: bool, wait: bool, interval: float,
+    as_json: bool,
 ) -> None:
     """Submit FILE (JSONL, one request body per line; `-` reads stdin) as a batch job."""
     if lines and kind != "generate":
         raise click.UsageError("--lines makes each line a prompt: use it with --kind generate")
     params = {
         "kind": kind, "model": model, "options": parse_pairs(options) or None, "chunk_size": chunk_size,
-        "metadata": parse_pairs(metadata, "metadata") or None,
+        "metadata": parse_pairs(metadata, "metadata") or None, "cache": "true" if cache else None,
     }
     content_type = "text/plain" if lines else "application/x-ndjson"
+    if dry_run:
+        with source as handle:
+            answer = client.submit_stream(file_chunks(handle), content_type=content_type, params={**params, "dry_run": "true"})
+        if as_json:
+            click.echo(json.dumps(answer, indent=2))
+        else:
+            show_dry_run(answer)
+        return
     with source as handle:
         job = client.submit_stream(file_chunks(handle), content_type=content_type, params=params)
     click.echo(json.dumps(job, indent=2) if as_json else job["id"])

@@ -145,14 +145,19 @@ QUANTIZABLE_FROM = ("F16", "F32", "BF16", "Q8_0")
 
 
 class BuildRequest(BaseModel):
-    """Payload of a build task: check that llama.cpp loads a GGUF blob with its LoRA adapter blobs, or quantize the
-    blob to ``quantize`` (a :data:`QUANT_TYPES` name).  Blobs are named by digest in the shared store."""
+    """Payload of a build task: check that llama.cpp loads a GGUF blob with its LoRA adapter blobs, quantize the
+    blob to ``quantize`` (a :data:`QUANT_TYPES` name), or count the prompt tokens of a dry run's ``items`` (of
+    ``kind``, under the job's ``options``) on ``model``.  Blobs are named by digest in the shared store."""
 
     request_id: str
-    op: Literal["check", "quantize"]
+    op: Literal["check", "quantize", "count"]
     model_digest: str
     adapters: list[str] = Field(default_factory=list)
     quantize: str | None = None
+    model: str = ""
+    kind: str = ""
+    items: list[dict[str, Any]] = Field(default_factory=list)
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -229,6 +229,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CORRAL_CHUNK_SIZE", "chunk_size"),
         description="Batch-job items per Celery chunk task (keep one chunk to seconds).",
     )
+    prefix_grouping: bool = Field(
+        True,
+        validation_alias=AliasChoices("CORRAL_PREFIX_GROUPING", "prefix_grouping"),
+        description="Chunk a job's prompts sorted by text and let a decode slot prefill a shared prefix before "
+        "the other prompts that share it copy it (`0`: input order, as a baseline for bench/prefix_batch.py).",
+    )
     visibility_timeout: int = Field(
         6 * 3600,
         ge=60,
@@ -286,6 +292,12 @@ class Settings(BaseSettings):
         None,
         validation_alias=AliasChoices("CORRAL_WEBHOOK_SECRET", "webhook_secret"),
         description="`whsec_...` secret that signs deliveries to CORRAL_WEBHOOK_URL (Standard Webhooks).",
+    )
+    result_cache_ttl: int = Field(
+        7 * 24 * 3600,
+        ge=0,
+        validation_alias=AliasChoices("CORRAL_RESULT_CACHE_TTL", "result_cache_ttl"),
+        description="Seconds a deterministic request's result serves jobs submitted with `cache: true`; 0: off.",
     )
     read_only: bool = Field(
         False,

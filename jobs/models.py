@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Date,
     DateTime,
     ForeignKey,
@@ -27,6 +28,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING_CONVENTION = {
@@ -113,6 +115,8 @@ class Job(Base):
     # Where the job's end is announced (jobs/webhooks.py), and the secret its deliveries are signed with.
     webhook_url: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     webhook_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    # Serve repeats of deterministic requests from the result cache, and add this job's results to it.
+    cache: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
 
 class WebhookDelivery(Base):
@@ -179,6 +183,19 @@ class Item(Base):
     completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())  # from the result cache
+
+
+class CachedResult(Base):
+    """The result of a deterministic request (jobs/dedup.py ``request_key``), for jobs submitted with ``cache``."""
+
+    __tablename__ = "result_cache"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    output: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    completion_tokens: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 FILE_PURPOSES = ("batch", "batch_output", "assistants", "fine-tune", "vision", "user_data", "evals")

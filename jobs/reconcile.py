@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, suspect_key
 from corral.settings import Settings
-from jobs import queueing, transitions, webhooks
+from jobs import dedup, queueing, transitions, webhooks
 from jobs.db import sessions
 from jobs.models import utcnow
 from jobs.queueing import enqueue_chunks
@@ -50,6 +50,7 @@ class Reconciler:
         self.sessions = sessions(settings)
         # A chunk committed but not yet marked (its submitter is between commit and enqueue) is left alone.
         self.grace = timedelta(seconds=2 * settings.reconcile_interval)
+        self._next_prune = 0.0
 
     def live_workers(self) -> set[str]:
         names = set()
@@ -70,6 +71,11 @@ class Reconciler:
             requeued = self._sweep(startup)
             with self.sessions() as session:  # jobs that ended announce it (jobs/webhooks.py)
                 webhooks.deliver_due(session, self.settings.webhook_secret)
+            if time.monotonic() >= self._next_prune:  # results past CORRAL_RESULT_CACHE_TTL go, hourly
+                self._next_prune = time.monotonic() + 3600
+                with self.sessions() as session:
+                    dedup.prune(session, self.settings.result_cache_ttl)
+                    session.commit()
             return requeued
         finally:
             if self.redis.get(LOCK_KEY) == self.name.encode():

@@ -9,24 +9,24 @@ from __future__ import annotations
 
 import builtins
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import Integer, cast, delete, func, insert, select, update
+from sqlalchemy import Integer, cast, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from corral.broker import Broker
 from corral.errors import BadRequest, Conflict, Forbidden, NotFound, RateLimited
 from corral.protocol import job_cancel_key
 from corral.settings import Settings
-from corral.store import ModelStore
+from corral.store import ModelRecord, ModelStore
 from corral.timefmt import rfc3339
 from corral.wire.jobs import JOB_KINDS
 from corral.wire.ollama import check_context
-from jobs import queueing, transitions, webhooks
+from jobs import dryrun, grouping, queueing, transitions, webhooks
 from jobs.db import sessions
 from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, as_utc, utcnow
 from jobs.queueing import enqueue_chunks
@@ -36,9 +36,6 @@ from jobs.transitions import requeue_failed, stop_job
 if TYPE_CHECKING:  # jobs.keys imports this module
     from jobs.keys import Principal
 
-INSERT_BATCH = 1000
-# Each chunk is one Celery message and one Redis marker: a million one-item chunks would be a million of each.
-MAX_CHUNKS = 100_000
 
 
 def new_id(prefix: str) -> str:
@@ -73,26 +70,19 @@ class JobService:
         expires_at: datetime | None = None,
         quota: Principal | None = None,
         webhook_url: str | None = None,
+        cache: bool = False,
     ) -> dict[str, Any]:
         """Write the job, its items and chunks in one transaction, commit, then enqueue the chunks.
 
         ``job_id`` lets the OpenAI Batch API give the job its ``batch_...`` id; ``expires_at`` is its window's
-        end (the reconciler expires what is unfinished by then).
+        end (the reconciler expires what is unfinished by then).  ``cache``: take results of deterministic
+        requests from the result cache, and add this job's to it (jobs/dedup.py).
         """
-        if kind not in JOB_KINDS:
-            raise BadRequest(f"kind must be one of {', '.join(JOB_KINDS)}, not {kind!r}")
-        if not model:
-            raise BadRequest("model is required")
-        record = self.store.get(model)
-        if quota is not None and not quota.limits.allows(model):
-            raise Forbidden(f"model '{model}' is not allowed for the key '{quota.name}'")
-        if kind != "embed" and "completion" not in record.capabilities:
-            raise BadRequest(f'"{model}" does not support {kind}')
+        record = self._model_for(kind, model, quota)
         size = chunk_size or self.settings.chunk_size
         if not 1 <= size <= 10_000:
             raise BadRequest("chunk_size must be between 1 and 10000")
         job_id = job_id or new_id("job")
-        chunk_ids: list[str] = []
         # The job's own webhook gets a new secret, returned once with this answer; the server's default its own.
         secret = webhooks.new_secret() if webhook_url else self.settings.webhook_secret
         webhook_url = webhooks.check_url(webhook_url) if webhook_url else self.settings.webhook_url
@@ -102,41 +92,27 @@ class JobService:
                     id=job_id, kind=kind, model=model, model_digest=record.model_digest, options=options or {},
                     status=JobStatus.QUEUED, chunk_size=size, owner=owner, meta=metadata or {}, item_count=0,
                     expires_at=expires_at, webhook_url=webhook_url, webhook_secret=secret if webhook_url else None,
+                    cache=cache,
                 )
             )
             session.flush()
-            rows: list[dict[str, Any]] = []
+            writer = grouping.ChunkWriter(
+                session, job_id, kind, record.model_digest, record.digest, size, options or {}, lambda: new_id("chunk"),
+                group=self.settings.prefix_grouping, cache_ttl=self.settings.result_cache_ttl if cache else 0,
+            )
+            window: list[grouping.Pending] = []
+            per_window = grouping.window_size(size)
             count = 0
-            vocab = int(record.config.get("vocab_size") or 0)
-            thinks = "thinking" in record.capabilities
             for custom_id, body in items:
-                if body.get("think") not in (None, False) and not thinks:
-                    raise BadRequest(f'item {count + 1}: "{model}" does not support thinking')
-                if kind == "generate" and body.get("context"):
-                    try:
-                        check_context(body["context"], vocab)
-                    except BadRequest as exc:
-                        raise BadRequest(f"item {count + 1}: {exc.message}") from exc
-                if count % size == 0:
-                    if len(chunk_ids) == MAX_CHUNKS:
-                        raise BadRequest(
-                            f"a job may have at most {MAX_CHUNKS} chunks: use a chunk_size above {size} for more "
-                            f"than {MAX_CHUNKS * size} items"
-                        )
-                    chunk_ids.append(new_id("chunk"))
-                    session.execute(
-                        insert(Chunk),
-                        [{"id": chunk_ids[-1], "job_id": job_id, "model_digest": record.model_digest,
-                          "seq": len(chunk_ids) - 1, "state": ChunkState.QUEUED, "enqueued_at": utcnow()}],
-                    )
-                rows.append({"job_id": job_id, "chunk_id": chunk_ids[-1], "seq": count, "custom_id": custom_id,
-                             "input": body, "state": ItemState.PENDING, "attempts": 0})
+                check_item(record, model, kind, body, count + 1)
+                window.append((count, custom_id, body))
                 count += 1
-                if len(rows) >= INSERT_BATCH:
-                    session.execute(insert(Item), rows)
-                    rows = []
-            if rows:
-                session.execute(insert(Item), rows)
+                if len(window) >= per_window:
+                    writer.write(window)
+                    window = []
+            if window:
+                writer.write(window)
+            chunk_ids = writer.chunk_ids
             if count == 0:
                 session.rollback()
                 raise BadRequest("no items: the input is empty")
@@ -149,6 +125,9 @@ class JobService:
                         f"the key '{quota.name}' may have at most {most} queued batch items; with this job's "
                         f"{count} it would have {queued}", retry_after=60)
             session.execute(update(Job).where(Job.id == job_id).values(item_count=count))
+            if not chunk_ids:  # every item came from the result cache: nothing to run
+                transitions.start_job(session, job_id)
+                transitions.finish_job_if_done(session, job_id)
             queueing.will_send(self.broker.redis, job_id)
             session.commit()
         digest = record.model_digest
@@ -157,6 +136,36 @@ class JobService:
         if webhook_url and secret and secret != self.settings.webhook_secret:
             view["webhook"]["secret"] = secret  # shown this once: receivers verify signatures with it
         return view
+
+    def _model_for(self, kind: str, model: str, quota: Principal | None) -> ModelRecord:
+        """The model a job of ``kind`` names, checked: it exists, the key may use it, it can do ``kind``."""
+        if kind not in JOB_KINDS:
+            raise BadRequest(f"kind must be one of {', '.join(JOB_KINDS)}, not {kind!r}")
+        if not model:
+            raise BadRequest("model is required")
+        record = self.store.get(model)
+        if quota is not None and not quota.limits.allows(model):
+            raise Forbidden(f"model '{model}' is not allowed for the key '{quota.name}'")
+        if kind != "embed" and "completion" not in record.capabilities:
+            raise BadRequest(f'"{model}" does not support {kind}')
+        return record
+
+    def dry_run(
+        self, *, kind: str, model: str, items: Iterable[tuple[str | None, dict[str, Any]]],
+        options: dict[str, Any] | None = None, quota: Principal | None = None,
+        count: Callable[[str, builtins.list[dict[str, Any]]], builtins.list[int | None]],
+        throughput: Callable[[str], tuple[float | None, int]],
+    ) -> dict[str, Any]:
+        """What a submission of these items would be (jobs/dryrun.py), with nothing stored or queued.
+        ``count(digest, bodies)`` counts prompt tokens on a worker; ``throughput(digest)`` is the live workers'
+        measured tokens/s on the model and how many have measured it."""
+        record = self._model_for(kind, model, quota)
+        rate, workers = throughput(record.model_digest)
+        return dryrun.dry_run(
+            self.settings, record, model, kind, options or {}, items,
+            check=lambda body, n: check_item(record, model, kind, body, n),
+            count=lambda bodies: count(record.model_digest, bodies), tokens_per_second=rate, workers=workers,
+        )
 
     @staticmethod
     def _queued_items(session: Session, owner: str) -> int:
@@ -209,6 +218,7 @@ class JobService:
             "chunk_size": job.chunk_size,
             "metadata": job.meta,
             "owner": job.owner,
+            "cache": job.cache,
             "counts": {"total": total, **counts},
             "progress": round(done / total, 4) if total else 1.0,
             "tokens": {"prompt": int(prompt_tokens), "completion": int(completion_tokens)},
@@ -393,6 +403,17 @@ class JobService:
         return out
 
 
+def check_item(record: ModelRecord, model: str, kind: str, body: dict[str, Any], n: int) -> None:
+    """What a job's item must satisfy beyond its schema (``n``: its line, for the message)."""
+    if body.get("think") not in (None, False) and "thinking" not in record.capabilities:
+        raise BadRequest(f'item {n}: "{model}" does not support thinking')
+    if kind == "generate" and body.get("context"):
+        try:
+            check_context(body["context"], int(record.config.get("vocab_size") or 0))
+        except BadRequest as exc:
+            raise BadRequest(f"item {n}: {exc.message}") from exc
+
+
 def result_line(item: Item, model: str, kind: str, include_input: bool = False) -> dict[str, Any]:
     """One line of /api/jobs/{id}/results: the sync endpoint's non-stream body, or the error, plus the item's
     ``metadata`` when it had one and, on request, its ``input``."""
@@ -412,6 +433,8 @@ def result_line(item: Item, model: str, kind: str, include_input: bool = False) 
         "response": response if item.state == ItemState.SUCCEEDED else None,
         "error": item.error,
     }
+    if item.cached:
+        line["cached"] = True  # served from the result cache (the job was submitted with cache: true)
     body = item.input or {}
     if "metadata" in body:
         line["metadata"] = body["metadata"]

@@ -48,6 +48,7 @@ class ClaimedChunk:
     model: str
     model_digest: str
     options: dict[str, Any]
+    cache: bool = False  # the job adds its deterministic results to the result cache (jobs/dedup.py)
 
 
 # -- chunks ---------------------------------------------------------------------------------------------------
@@ -65,14 +66,14 @@ def claim_chunk(session: Session, chunk_id: str, worker: str, attempt: str) -> C
     if not claimed:
         return None
     row = session.execute(
-        select(Job.id, Job.status, Job.kind, Job.model, Job.model_digest, Job.options)
+        select(Job.id, Job.status, Job.kind, Job.model, Job.model_digest, Job.options, Job.cache)
         .join(Chunk, Chunk.job_id == Job.id)
         .where(Chunk.id == chunk_id)
     ).one_or_none()
     if row is None:
         return None
-    job_id, status, kind, model, digest, options = row
-    return ClaimedChunk(chunk_id, attempt, job_id, status, kind, model, digest, dict(options or {}))
+    job_id, status, kind, model, digest, options, cache = row
+    return ClaimedChunk(chunk_id, attempt, job_id, status, kind, model, digest, dict(options or {}), bool(cache))
 
 
 def start_job(session: Session, job_id: str) -> None:

@@ -281,6 +281,25 @@ def results(base_url: str, job_id: str, **params: Any) -> list[dict]:
     return [json.loads(line) for line in r.text.splitlines()]
 
 
+def worker_counts(base_url: str) -> tuple[int, int]:
+    """(prompt tokens decoded, tokens generated) by the live workers so far, from their heartbeats."""
+    workers = httpx.get(base_url + "/api/queue", timeout=30).json()["workers"]
+    return (sum(w.get("prompt_tokens_decoded", 0) for w in workers), sum(w.get("tokens_generated", 0) for w in workers))
+
+
+def settled_counts(base_url: str) -> tuple[int, int]:
+    """:func:`worker_counts` once heartbeats sent after now have carried them (two equal reads 0.7 s apart, the
+    first at least 1.5 s from now: test workers beat every 0.6 s)."""
+    start, values = time.time(), []
+
+    def stable() -> bool:
+        values.append(worker_counts(base_url))
+        return time.time() > start + 1.5 and len(values) > 2 and values[-1] == values[-2]
+
+    wait_for(stable, 30, "a heartbeat with the latest counts", interval=0.7)
+    return values[-1]
+
+
 def job_count(base_url: str) -> int:
     return len(httpx.get(base_url + "/api/jobs", params={"limit": 1000}).json()["jobs"])
 

@@ -26,21 +26,20 @@ from typing import Any
 
 from celery import Celery, Task, shared_task
 
-from corral.capabilities import thinking_fields
 from corral.errors import CorralError
-from corral.modelfile import apply_layers, render_template
-from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, new_request_id, suspect_key
+from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, suspect_key
 from corral.store import ModelRecord
 from corral.thinking import ThinkingSplitter
 from corral.toolcalls import split_tool_calls, tool_names
 from corral.wire.ollama import ollama_final
-from jobs import transitions
+from jobs import dedup, transitions
 from jobs.db import sessions
 from jobs.models import ItemState, JobStatus
 from jobs.queueing import enqueue_chunks
 from jobs.transitions import ClaimedChunk
 from workers.decode_loop import SequenceHandle
 from workers.engine import LoadedModel, finish_vectors
+from workers.items import item_request
 from workers.runtime import CHUNKS_PER_WORKER, WorkerRuntime, tool_family
 
 log = logging.getLogger(__name__)
@@ -143,9 +142,16 @@ class ChunkRunner:
             session.commit()
         return claimed
 
-    def _write(self, item_id: int, attempt: str, values: dict[str, Any]) -> None:
+    def _write(self, item_id: int, attempt: str, values: dict[str, Any], copies: list[int] | None = None,
+               cache_key: str | None = None) -> None:
+        """One item's result, the same result for its deterministic ``copies``, and with ``cache_key`` the
+        result cache's entry, in one transaction."""
         with self.sessions() as session:
             transitions.write_result(session, item_id, attempt, values)
+            if copies:
+                transitions.write_results(session, attempt, dict.fromkeys(copies, values))
+            if cache_key is not None:
+                dedup.store(session, cache_key, values["output"], values.get("prompt_tokens"), values.get("completion_tokens"))
             session.commit()
 
     def _run_generate_items(
@@ -155,23 +161,24 @@ class ChunkRunner:
         attempt, job_id, kind, name = chunk.attempt, chunk.job_id, chunk.kind, chunk.model
         digest, options = chunk.model_digest, chunk.options
         running: list[tuple[int, InferenceRequest, SequenceHandle, ThinkingSplitter | None]] = []
+        # Deterministic duplicates (jobs/dedup.py) run once: the first of each key runs, the rest take its result.
+        copies: dict[int, list[int]] = {}
+        keys: dict[int, str] = {}
+        first_of: dict[str, int] = {}
         for item_id, body in self._claim(item_ids, attempt):
-            fields = apply_layers(record, kind, {  # the model's layers, as the sync route applies them
-                "prompt": body.get("prompt"), "system": body.get("system"), "raw": bool(body.get("raw", False)),
-                "context": body.get("context"), "messages": body.get("messages"), "tools": body.get("tools") or None,
-                "options": {**options, **(body.get("options") or {})}, "format": body.get("format"),
-                **thinking_fields(record, kind, body.get("think"), raw=bool(body.get("raw", False))),
-                "logprobs": bool(body.get("logprobs")), "top_logprobs": int(body.get("top_logprobs") or 0),
-            })
-            request_kind, fields = render_template(record, kind, fields)  # a TEMPLATE layer: a raw prompt
-            req = InferenceRequest(request_id=new_request_id(), kind=request_kind, model=name, model_digest=digest,
-                                   **fields)
+            key = dedup.request_key(record.digest, kind, body, options)
+            if key is not None:
+                if key in first_of:
+                    copies[first_of[key]].append(item_id)
+                    continue
+                first_of[key], keys[item_id], copies[item_id] = item_id, key, []
+            req = item_request(record, kind, name, digest, options, body)
             try:
                 handle, splitter = self.runtime.start_generation(model, req, interactive=False, stream=False,
                                                                  record=record)
                 running.append((item_id, req, handle, splitter))
             except CorralError as exc:
-                self._write(item_id, attempt, failure(exc))
+                self._write(item_id, attempt, failure(exc), copies.get(item_id, []))
         stopping = False
         for item_id, req, handle, splitter in running:
             if stopping:
@@ -215,7 +222,8 @@ class ChunkRunner:
                 stopping = True
                 for _, _, other, _ in running:
                     other.cancel()
-            self._write(item_id, attempt, values)
+            cache_key = keys.get(item_id) if chunk.cache and values["state"] == ItemState.SUCCEEDED else None
+            self._write(item_id, attempt, values, copies.get(item_id, []), cache_key)
 
     def _run_embed_items(self, model: LoadedModel, item_ids: list[int], attempt: str) -> None:
         """Embed a whole chunk at once: claim its items, pack every input into shared decodes, write back.

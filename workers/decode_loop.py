@@ -53,7 +53,7 @@ import numpy as np
 
 from corral.errors import BadRequest, CorralError, GenerationFailed
 from workers import compute
-from workers.slots import common_prefix, donor, gap_fillers, pick_slot, worth_copying
+from workers.slots import COPY_CTX_PER_TOKEN, MIN_COPY_TOKENS, common_prefix, donor, gap_fillers, pick_slot, worth_copying
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,8 @@ class DecodeLoop:
     """The single owner of one llama.cpp context; see the module docstring."""
 
     def __init__(
-        self, llm: Any, *, slots: int, n_ctx_per_slot: int, n_batch: int, n_threads: int, adapters: list[Any] | None = None
+        self, llm: Any, *, slots: int, n_ctx_per_slot: int, n_batch: int, n_threads: int, adapters: list[Any] | None = None,
+        group_prefixes: bool = True,
     ) -> None:
         import llama_cpp
         from llama_cpp import _internals
@@ -201,6 +202,7 @@ class DecodeLoop:
         self.slots = slots
         self.n_ctx = n_ctx_per_slot
         self.n_batch = n_batch
+        self.group_prefixes = group_prefixes
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx_per_slot * slots
         params.n_batch = n_batch
@@ -235,7 +237,11 @@ class DecodeLoop:
         self._cond = threading.Condition()
         self._closed = False
         self._order = itertools.count()
-        self.generated_total = 0  # tokens sampled since load: the heartbeat's recent tokens/s (one writer, the loop)
+        # Since load, for the heartbeat (one writer, the loop): tokens sampled, and prompt tokens actually decoded
+        # (a prefix kept in a slot or copied from another is not counted: bench/prefix_batch.py reads this).
+        self.generated_total = 0
+        self.prompt_decoded_total = 0
+        self.busy_seconds = 0.0  # time spent in steps: generated_total / busy_seconds is the loop's busy rate
         self._thread = threading.Thread(target=self._run, name="corral-decode-loop", daemon=True)
         self._thread.start()
 
@@ -276,6 +282,7 @@ class DecodeLoop:
             for handle, slot in admitted:
                 self._start(handle, slot)
             if self._active:
+                began = time.perf_counter()
                 try:
                     self._step()
                 except Exception as exc:  # a failed decode fails the sequences in it, never the loop
@@ -283,6 +290,7 @@ class DecodeLoop:
                     error = exc if isinstance(exc, CorralError) else GenerationFailed(f"generation failed: {exc}")
                     for active in list(self._active.values()):
                         self._end(active, error=error)
+                self.busy_seconds += time.perf_counter() - began
         with self._cond:
             waiting, self._waiting = self._waiting, []
         for active in list(self._active.values()):
@@ -300,13 +308,40 @@ class DecodeLoop:
         if not free or not self._waiting:
             return []
         self._waiting.sort(key=lambda h: (not h.request.interactive, h.order))
-        chosen, self._waiting = self._waiting[: len(free)], self._waiting[len(free) :]
+        chosen: list[SequenceHandle] = []
+        later: list[SequenceHandle] = []
+        for handle in self._waiting:
+            if len(chosen) == len(free) or (self.group_prefixes and self._follows(handle, chosen)):
+                later.append(handle)
+            else:
+                chosen.append(handle)
+        self._waiting = later
         admitted = []
         for handle in chosen:
             slot = pick_slot(free, self._cached, handle.request.prompt)
             free.remove(slot)
             admitted.append((handle, slot))
         return admitted
+
+    def _follows(self, handle: SequenceHandle, chosen: list[SequenceHandle]) -> bool:
+        """Whether a batch sequence should wait a step for a prefix it shares with a sequence that is about to
+        prefill it (admitted in this round) or is prefilling it now: it then starts from a copy of that slot's
+        cells (``_start``) instead of computing the same prefix again.  This is how a chunk of prompts that share
+        a 400-token rubric pays for the rubric once (bench/prefix_batch.py).  Interactive requests never wait."""
+        if handle.request.interactive:
+            return False
+        prompt = handle.request.prompt
+        threshold = max(MIN_COPY_TOKENS, self.n_ctx // COPY_CTX_PER_TOKEN)
+        held = max((common_prefix(cached, prompt) for cached in self._cached), default=0)  # copyable now
+        for leader in chosen:
+            shared = min(common_prefix(leader.request.prompt, prompt), len(prompt) - 1)
+            if shared >= threshold and shared > held + threshold:
+                return True
+        for active in self._active.values():
+            shared = min(common_prefix(active.handle.request.prompt, prompt), len(prompt) - 1)
+            if shared >= threshold and len(self._cached[active.slot]) < shared and shared > held + threshold:
+                return True
+        return False
 
     def _start(self, handle: SequenceHandle, slot: int) -> None:
         req = handle.request
@@ -418,6 +453,7 @@ class DecodeLoop:
             part, active.todo = active.todo[:budget], active.todo[budget:]
             parts[active.slot] = (active, part, not active.todo)
             budget -= len(part)
+            self.prompt_decoded_total += len(part)
         fillers = gap_fillers(sorted(parts), budget, self._active)
         # In slot order: llama.cpp puts a run of consecutive sequence ids, in the order they first appear, into
         # one micro-batch (one pass over the weights); any other order or gap splits the step into several.

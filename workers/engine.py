@@ -60,6 +60,7 @@ class LoadSpec:
     parallel: int = 0  # decode slots (OLLAMA_NUM_PARALLEL); 0 = auto (see parallel_slots)
     weights: str = "native"  # "q8_0": decode from a Q8_0 copy of the file (workers/weights.py)
     adapters: tuple[Path, ...] = ()  # LoRA adapter GGUFs (a created model's ADAPTER layers), scale 1
+    group_prefixes: bool = True  # CORRAL_PREFIX_GROUPING: batch prompts wait for a shared prefix to be prefilled
 
 
 class LoadedModel:
@@ -108,7 +109,7 @@ class LoadedModel:
                 slots = parallel_slots(spec.parallel, kv_bytes_per_token(llama_cpp, self.llm.model), spec.n_ctx)
                 self.loop = DecodeLoop(
                     self.llm, slots=slots, n_ctx_per_slot=spec.n_ctx, n_batch=min(512, spec.n_ctx * slots),
-                    n_threads=spec.n_threads, adapters=adapters,
+                    n_threads=spec.n_threads, adapters=adapters, group_prefixes=spec.group_prefixes,
                 )
         except GenerationFailed:
             self.llm.close()

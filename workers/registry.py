@@ -139,12 +139,21 @@ class ModelRegistry:
         with self._meta:
             return {slot.record.model_digest for slot in self._slots.values()}
 
-    def activity(self) -> tuple[int, int, int]:
-        """(decode slots busy, decode slots in all, tokens generated so far) over the loaded chat models: the
-        operator console's "slots busy" and "recent tokens/s" (the count restarts when a model unloads)."""
+    def activity(self) -> tuple[int, int, int, int]:
+        """(decode slots busy, decode slots in all, tokens generated, prompt tokens decoded) over the loaded chat
+        models: the operator console's "slots busy" and "recent tokens/s" (the counts restart when a model
+        unloads)."""
         with self._meta:
             loops = [slot.model.loop for slot in self._slots.values() if slot.model.loop is not None]
-        return sum(loop.busy for loop in loops), sum(loop.slots for loop in loops), sum(loop.generated_total for loop in loops)
+        return (sum(loop.busy for loop in loops), sum(loop.slots for loop in loops),
+                sum(loop.generated_total for loop in loops), sum(loop.prompt_decoded_total for loop in loops))
+
+    def rates(self) -> dict[str, tuple[int, float]]:
+        """Per loaded chat model (by GGUF digest): tokens generated and seconds its loop spent decoding."""
+        with self._meta:
+            slots = [slot for slot in self._slots.values() if slot.model.loop is not None]
+        return {slot.record.model_digest: (slot.model.loop.generated_total, slot.model.loop.busy_seconds)
+                for slot in slots if slot.model.loop is not None}
 
     def snapshot(self) -> list[dict[str, Any]]:
         """The /api/ps entries for this worker."""

@@ -61,6 +61,9 @@ class WorkerRuntime:
         self._generated: deque[tuple[float, int]] = deque()  # (time, tokens generated since start) per beat
         self._generated_total = 0
         self._generated_seen = 0
+        self._prompt_total = 0
+        self._rates: dict[str, float] = {}  # model digest -> tokens/s while its decode loop was busy (dry-run ETAs)
+        self._prompt_seen = 0
         self._activity_lock = threading.Lock()  # publish runs on the heartbeat thread and on request threads
         self.chunk_slots = threading.BoundedSemaphore(CHUNKS_PER_WORKER)
         self.solo_chunk = threading.Lock()  # one suspect chunk at a time runs alone (workers/batch.py)
@@ -134,12 +137,15 @@ class WorkerRuntime:
         pipe.execute()
 
     def _activity(self) -> dict[str, Any]:
-        """Decode slots busy and in all, and tokens/s generated over the last :data:`RATE_WINDOW` seconds."""
-        busy, slots, generated = self.registry.activity()
+        """Decode slots busy and in all, tokens/s generated over the last :data:`RATE_WINDOW` seconds, and the
+        totals since start of tokens generated and prompt tokens decoded."""
+        busy, slots, generated, prompt = self.registry.activity()
         with self._activity_lock:
             # The loops' counts restart when a model unloads: add up the increases only.
             self._generated_total += max(0, generated - self._generated_seen)
             self._generated_seen = generated
+            self._prompt_total += max(0, prompt - self._prompt_seen)
+            self._prompt_seen = prompt
             now = time.monotonic()
             self._generated.append((now, self._generated_total))
             while len(self._generated) > 2 and now - self._generated[1][0] >= RATE_WINDOW:
@@ -147,7 +153,11 @@ class WorkerRuntime:
             first_at, first = self._generated[0]
             span = now - first_at
             rate = (self._generated_total - first) / span if span > 0.5 else 0.0
-        return {"slots": slots, "slots_busy": busy, "tokens_per_second": round(rate, 1)}
+        for digest, (tokens, seconds) in self.registry.rates().items():
+            if tokens >= 64 and seconds >= 1.0:  # enough to go by; kept after the model unloads
+                self._rates[digest] = round(tokens / seconds, 1)
+        return {"slots": slots, "slots_busy": busy, "tokens_per_second": round(rate, 1), "throughput": dict(self._rates),
+                "tokens_generated": self._generated_total, "prompt_tokens_decoded": self._prompt_total}
 
     # -- requests ---------------------------------------------------------------------------------------
 
@@ -199,6 +209,7 @@ class WorkerRuntime:
             parallel=self.settings.num_parallel,
             weights=weights,
             adapters=record.adapter_paths,
+            group_prefixes=self.settings.prefix_grouping,
         )
 
     def execute(self, req: InferenceRequest, writer: StreamWriter) -> None:
@@ -238,6 +249,21 @@ class WorkerRuntime:
         A chat prompt longer than ``num_ctx`` loses whole messages, oldest first, keeping the system prompt and
         the last message, as Ollama's server does (``record``'s TEMPLATE renders them again when it has one);
         ``truncate: false`` makes it a 400 instead."""
+        prompt, stops, text = self.prompt_for(model, req, record)
+        splitter = None
+        if req.think and req.think_tags:
+            opening, closing = req.think_tags[:2]
+            splitter = ThinkingSplitter(opening, closing, inside=text.rstrip().endswith(opening))
+        handle = model.start(prompt, req.options, stops=stops, fmt=req.format, interactive=interactive, stream=stream,
+                             logprobs=req.top_logprobs if req.logprobs else -1, truncate=req.truncate, shift=req.shift,
+                             special=bool(req.tools))  # tool-call markers are often special tokens
+        return handle, splitter
+
+    def prompt_for(
+        self, model: LoadedModel, req: InferenceRequest, record: ModelRecord | None = None,
+    ) -> tuple[list[int], list[str], str]:
+        """The prompt's tokens, its stop strings and its text, as :meth:`start_generation` hands them to the
+        decode loop (and a dry run counts them)."""
         stops: list[str] = []
         budget = model.n_ctx
         if req.kind == "chat":
@@ -263,14 +289,7 @@ class WorkerRuntime:
             prompt, stops, text = model.chat_render(messages, think=req.think)
             if req.context:
                 prompt = list(req.context) + prompt
-        splitter = None
-        if req.think and req.think_tags:
-            opening, closing = req.think_tags[:2]
-            splitter = ThinkingSplitter(opening, closing, inside=text.rstrip().endswith(opening))
-        handle = model.start(prompt, req.options, stops=stops, fmt=req.format, interactive=interactive, stream=stream,
-                             logprobs=req.top_logprobs if req.logprobs else -1, truncate=req.truncate, shift=req.shift,
-                             special=bool(req.tools))  # tool-call markers are often special tokens
-        return handle, splitter
+        return prompt, stops, text
 
     @staticmethod
     def _fit_messages(

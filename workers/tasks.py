@@ -11,6 +11,7 @@ from corral.errors import CorralError, GenerationFailed
 from corral.protocol import BUILD_TASK, INTERACTIVE_TASK, BuildRequest, InferenceRequest, StreamWriter
 from workers.building import run_build
 from workers.engine import default_threads
+from workers.items import count_tokens
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,17 @@ def interactive(self: Task, payload: dict[str, Any]) -> None:
 
 @shared_task(name=BUILD_TASK, bind=True, acks_late=False, ignore_result=True)
 def build(self: Task, payload: dict[str, Any]) -> None:
-    """Check or quantize a GGUF for /api/create, streaming progress and the outcome to Redis."""
+    """Check or quantize a GGUF for /api/create (or count a dry run's prompt tokens), streaming progress and the
+    outcome to Redis."""
     runtime = runtime_of(self)
     req = BuildRequest.model_validate(payload)
     writer = StreamWriter(runtime.redis, req.request_id, runtime.settings.stream_ttl)
     if writer.emit("start", {"worker": runtime.name}):
         return
     try:
+        if req.op == "count":  # a dry run's prompt tokens: the model's own tokenizer and template, in this process
+            writer.emit("result", {"counts": count_tokens(runtime, req)})
+            return
         run_build(runtime.store, req, writer, threads=default_threads(runtime.settings.worker_threads))
     except CorralError as exc:
         writer.fail(exc)

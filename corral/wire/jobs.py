@@ -137,6 +137,8 @@ class JobSubmission(BaseModel):
     metadata: dict[str, Any] | None = None
     webhook_url: str | None = Field(None, description="Announce the job's end here (a signed POST; the secret is "
                                     "in this answer's `webhook.secret`, once).")
+    cache: bool = Field(False, description="Take results of deterministic requests (temperature 0 or a seed) from "
+                        "the result cache, marked `cached`, and add this job's to it.")
 
     @classmethod
     def openapi_schema(cls, schema: dict[str, Any], ref: Callable[[type[BaseModel]], dict[str, Any]]) -> dict[str, Any]:

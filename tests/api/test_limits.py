@@ -110,9 +110,9 @@ def test_a_json_job_body_is_capped_and_points_to_jsonl(settings: Settings) -> No
 
 
 def test_a_job_has_at_most_max_chunks(client: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    import jobs.service
+    import jobs.grouping
 
-    monkeypatch.setattr(jobs.service, "MAX_CHUNKS", 3)
+    monkeypatch.setattr(jobs.grouping, "MAX_CHUNKS", 3)
     before = len(client.get("/api/jobs?limit=1000").get_json()["jobs"])
     items = [{"prompt": f"p{i}"} for i in range(7)]
     r = client.post("/api/jobs", json={"model": MODEL, "items": items, "chunk_size": 2})

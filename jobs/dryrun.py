@@ -1,0 +1,97 @@
+"""A job's dry run (``POST /api/jobs?dry_run=true``, ``corral submit --dry-run``): every line validated as a
+submission validates it, then counted, and nothing stored or queued.
+
+The answer: the item count; the prompt tokens, counted by a worker with the model's own tokenizer and template
+exactly as a run renders them (``count``: batches of :data:`COUNT_BATCH` items); the duplicates that would not
+run (jobs/dedup.py); the most tokens the items may generate; and an ETA from the throughput the live workers
+have measured on the model (null, with the reason, when none has).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from corral.errors import BadRequest
+from corral.settings import Settings
+from corral.store import ModelRecord
+from jobs import dedup
+
+COUNT_BATCH = 500
+TokenCounter = Callable[[list[dict[str, Any]]], list["int | None"]]
+
+
+def output_bound(kind: str, body: dict[str, Any], options: dict[str, Any], num_ctx: int) -> int:
+    """The most tokens an item may generate: its ``num_predict`` (the item's over the job's), or, unlimited
+    (absent or negative), the whole context."""
+    if kind == "embed":
+        return 0
+    merged = {**options, **(body.get("options") or {})}
+    context = int(merged.get("num_ctx") or num_ctx)
+    predict = merged.get("num_predict")
+    if predict is None or int(predict) < 0:
+        return context
+    return min(int(predict), context)
+
+
+def dry_run(
+    settings: Settings, record: ModelRecord, model: str, kind: str, options: dict[str, Any],
+    items: Iterable[tuple[str | None, dict[str, Any]]], check: Callable[[dict[str, Any], int], None],
+    count: TokenCounter, tokens_per_second: float | None, workers: int,
+) -> dict[str, Any]:
+    """The dry run's answer (see the module docstring).  ``check`` raises for an item a submission refuses;
+    ``tokens_per_second`` is what the live ``workers`` serving the model generate together."""
+    n = duplicates = unrendered = prompt_tokens = bound = 0
+    seen: set[bytes] = set()
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal prompt_tokens, unrendered
+        for counted in count(batch):
+            if counted is None:
+                unrendered += 1
+            else:
+                prompt_tokens += counted
+        batch.clear()
+
+    for _, body in items:
+        n += 1
+        check(body, n)
+        key = dedup.request_key(record.digest, kind, body, options)
+        if key is not None:
+            short = bytes.fromhex(key)[:16]
+            if short in seen:
+                duplicates += 1
+                continue  # runs once: neither its prompt nor its output costs anything
+            if len(seen) < 5 * dedup.MAX_TRACKED_KEYS:
+                seen.add(short)
+        bound += output_bound(kind, body, options, settings.default_num_ctx)
+        batch.append(body)
+        if len(batch) >= COUNT_BATCH:
+            flush()
+    if n == 0:
+        raise BadRequest("no items: the input is empty")
+    if batch:
+        flush()
+    answer: dict[str, Any] = {
+        "object": "job.dry_run",
+        "kind": kind,
+        "model": model,
+        "items": n,
+        "duplicates": duplicates,
+        "prompt_tokens": prompt_tokens,
+        "output_token_bound": bound,
+        "items_failing": unrendered,
+        "eta_seconds": None,
+        "eta": None,
+    }
+    if kind == "embed":
+        answer["eta"] = {"reason": "embedding jobs have no generation rate to go by; their time follows prompt_tokens"}
+    elif not tokens_per_second:
+        answer["eta"] = {"reason": f"no live worker has measured its throughput on {model} yet: run a job or a "
+                                   "request on it first"}
+    else:
+        answer["eta_seconds"] = round(bound / tokens_per_second, 1)
+        answer["eta"] = {"tokens_per_second": round(tokens_per_second, 1), "workers": workers,
+                         "basis": "output_token_bound at the live workers' measured generation rate: an upper bound"}
+    return answer

@@ -1,0 +1,132 @@
+"""How a job's items become chunks: prefix grouping, duplicates together, cached results never queued.
+
+Prefix grouping: a job's prompts are cut into chunks sorted by their text, so prompts that share a prefix (a
+long rubric before each input, a few templates interleaved) land in the same chunks and run side by side, where
+a worker's decode loop prefills the shared prefix once and copies it to the others (workers/decode_loop.py
+``_admit``).  Sorting happens in windows of about :data:`WINDOW` items, so a million-line upload still streams
+into the database with bounded memory; within a window, lexicographic order puts every prompt next to those
+that share its longest prefix.  Items keep their ``seq`` (input order), so results come back in input order.
+
+Deduplication (jobs/dedup.py): every item with the key of an earlier one joins that one's chunk, where the
+worker runs the request once; with the job's ``cache`` on, an item whose key the result cache holds is stored
+with that result (``cached``) and in no chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import insert
+from sqlalchemy.orm import Session
+
+from corral.errors import BadRequest
+from jobs import dedup
+from jobs.models import Chunk, ChunkState, Item, ItemState, utcnow
+
+INSERT_BATCH = 1000
+# Each chunk is one Celery message and one Redis marker: a million one-item chunks would be a million of each.
+MAX_CHUNKS = 100_000
+
+WINDOW = 10_000
+Pending = tuple[int, str | None, dict[str, Any]]  # (seq, custom_id, body) of an item not yet written
+KEY_CHARS = 8192  # prompts that agree this far are grouped together whatever follows
+GROUP_CHARS = 256  # prompts that open with the same this many characters share a prefix worth grouping
+
+
+def prompt_key(kind: str, body: dict[str, Any]) -> str:
+    """The text a prompt's rendering starts with, in the order the template renders it: the system prompt, then
+    the prompt (generate) or the messages (chat).  Embedding inputs have no prefix to share."""
+    if kind == "generate":
+        text = f"{body.get('system') or ''}\x00{body.get('prompt') or ''}"
+    elif kind == "chat":
+        messages = body.get("messages") or []
+        text = "\x00".join(f"{m.get('role')}\x01{m.get('content')}" for m in messages if isinstance(m, dict))
+    else:
+        return ""
+    return text[:KEY_CHARS]
+
+
+def window_size(chunk_size: int) -> int:
+    """Items sorted together: a whole number of chunks, so with grouping off the chunks are cut exactly as
+    before (every ``chunk_size`` items in input order)."""
+    return chunk_size * max(1, WINDOW // chunk_size)
+
+
+def grouped(kind: str, window: list[Pending]) -> list[Pending]:
+    """``(seq, custom_id, body)`` rows of one window in chunking order: by prompt text, then input order."""
+    if kind not in ("generate", "chat"):
+        return window
+    return sorted(window, key=lambda row: (prompt_key(kind, row[2]), row[0]))
+
+
+@dataclass
+class ChunkWriter:
+    """Writes one job's items, a window at a time, into chunks (see the module docstring)."""
+
+    session: Session
+    job_id: str
+    kind: str
+    model_digest: str  # the GGUF's: the chunk's queue
+    model_id: str  # the manifest's: what a request key names
+    size: int
+    options: dict[str, Any]
+    new_id: Callable[[], str]
+    group: bool = True
+    cache_ttl: int = 0  # > 0: the job takes cached results
+    chunk_ids: list[str] = field(default_factory=list)
+    cached: int = 0
+    _chunk_of_key: dict[str, str] = field(default_factory=dict)
+
+    def write(self, window: list[Pending]) -> None:
+        ordered = grouped(self.kind, window) if self.group else window
+        keyed = [(row, dedup.request_key(self.model_id, self.kind, row[2], self.options)) for row in ordered]
+        hits = dedup.lookup(self.session, [k for _, k in keyed if k], self.cache_ttl) if self.cache_ttl else {}
+        chunks: list[dict[str, Any]] = []
+        rows: list[dict[str, Any]] = []
+        filled = self.size  # items in the newest chunk (full: the next item opens one)
+        group = None
+        for (seq, custom_id, body), key in keyed:
+            # A chunk at least half full closes where the prompts' opening changes, so that fewer chunks hold the
+            # tail of one prefix and the head of the next (each of which would prefill both).
+            opening = prompt_key(self.kind, body)[:GROUP_CHARS] if self.group else None
+            if opening != group and filled >= self.size // 2:
+                filled = self.size
+            group = opening
+            row = {"job_id": self.job_id, "seq": seq, "custom_id": custom_id, "input": body, "attempts": 0}
+            hit = hits.get(key) if key else None
+            if hit is not None:
+                rows.append({**row, "chunk_id": None, "state": ItemState.SUCCEEDED, "output": hit.output, "cached": True,
+                             "prompt_tokens": hit.prompt_tokens, "completion_tokens": hit.completion_tokens,
+                             "finished_at": utcnow()})
+                self.cached += 1
+                continue
+            chunk_id = self._chunk_of_key.get(key) if key else None
+            if chunk_id is None:
+                if filled >= self.size:
+                    chunks.append(self._new_chunk())
+                    filled = 0
+                chunk_id = self.chunk_ids[-1]
+                filled += 1
+                if key and len(self._chunk_of_key) < dedup.MAX_TRACKED_KEYS:
+                    self._chunk_of_key[key] = chunk_id
+            rows.append({**row, "chunk_id": chunk_id, "state": ItemState.PENDING})
+        if chunks:
+            self.session.execute(insert(Chunk), chunks)
+        for start in range(0, len(rows), INSERT_BATCH):
+            batch = rows[start : start + INSERT_BATCH]
+            # one executemany per shape: cached rows carry their result columns
+            for same in ([r for r in batch if "cached" not in r], [r for r in batch if "cached" in r]):
+                if same:
+                    self.session.execute(insert(Item), same)
+
+    def _new_chunk(self) -> dict[str, Any]:
+        if len(self.chunk_ids) == MAX_CHUNKS:
+            raise BadRequest(
+                f"a job may have at most {MAX_CHUNKS} chunks: use a chunk_size above {self.size} for more "
+                f"than {MAX_CHUNKS * self.size} items"
+            )
+        self.chunk_ids.append(self.new_id())
+        return {"id": self.chunk_ids[-1], "job_id": self.job_id, "model_digest": self.model_digest,
+                "seq": len(self.chunk_ids) - 1, "state": ChunkState.QUEUED, "enqueued_at": utcnow()}
