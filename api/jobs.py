@@ -33,7 +33,8 @@ STREAMED_TYPES = {"application/x-ndjson", "application/jsonl", "application/x-js
 @documented(
     body=JobSubmission, response=R.JobView, status=202, upload=NDJSON,
     query=(("kind", "string"), ("model", "string"), ("chunk_size", "integer"), ("options", "string"), ("metadata", "string"),
-           ("webhook_url", "string"), ("cache", "boolean"), ("dry_run", "boolean")),
+           ("webhook_url", "string"), ("cache", "boolean"), ("dry_run", "boolean"), ("completion_window", "string"),
+           ("priority", "integer")),
 )
 def submit() -> Response:
     services().governor.check_budget(principal())  # a key whose token budget is spent queues nothing more
@@ -56,6 +57,8 @@ def submit() -> Response:
             quota=principal(),
             webhook_url=request.args.get("webhook_url") or None,
             cache=query_flag("cache"),
+            completion_window=request.args.get("completion_window") or None,
+            priority=query_int("priority", 0) or 0,
         )
         return json_response(job, 202)
     body: JobSubmission = parse(JobSubmission, decode_json(request.get_data()),
@@ -71,6 +74,8 @@ def submit() -> Response:
         quota=principal(),
         webhook_url=body.webhook_url,
         cache=body.cache,
+        completion_window=body.completion_window,
+        priority=body.priority,
     )
     return json_response(job, 202)
 

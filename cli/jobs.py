@@ -124,6 +124,9 @@ def show_dry_run(answer: dict[str, Any]) -> None:
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), help="Items per worker task (default: the server's).")
 @click.option("--metadata", multiple=True, metavar="KEY=VALUE", help="Free-form job metadata (repeatable).")
 @click.option("--cache", is_flag=True, help="Reuse cached results of deterministic requests (temperature 0 or a seed).")
+@click.option("--completion-window", metavar="DURATION", help="Finish within this long (90m, 1h, 24h): scheduled "
+              "earliest deadline first; unfinished work expires then.")
+@click.option("--priority", type=click.IntRange(-10, 10), default=0, help="Each point: an hour earlier in the schedule.")
 @click.option("--dry-run", is_flag=True, help="Validate and count (items, prompt tokens, duplicates, output bound, ETA); "
               "store and run nothing.")
 @click.option("--wait", is_flag=True, help="Watch the job until it ends; exit 0 completed, 3 failed, 4 cancelled, 5 expired.")
@@ -132,8 +135,8 @@ def show_dry_run(answer: dict[str, Any]) -> None:
 @with_client
 def submit(
     client: CorralClient, source: IO[bytes], model: str, kind: str, lines: bool, options: tuple[str, ...],
-    chunk_size: int | None, metadata: tuple[str, ...], cache: bool, dry_run: bool, wait: bool, interval: float,
-    as_json: bool,
+    chunk_size: int | None, metadata: tuple[str, ...], cache: bool, completion_window: str | None, priority: int,
+    dry_run: bool, wait: bool, interval: float, as_json: bool,
 ) -> None:
     """Submit FILE (JSONL, one request body per line; `-` reads stdin) as a batch job."""
     if lines and kind != "generate":
@@ -141,6 +144,7 @@ def submit(
     params = {
         "kind": kind, "model": model, "options": parse_pairs(options) or None, "chunk_size": chunk_size,
         "metadata": parse_pairs(metadata, "metadata") or None, "cache": "true" if cache else None,
+        "completion_window": completion_window, "priority": priority or None,
     }
     content_type = "text/plain" if lines else "application/x-ndjson"
     if dry_run:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime, timedelta, timezone
 
 # What Go prints for "never expires" (time.Now() + the largest Duration): far in the future, as Ollama does.
@@ -29,3 +30,11 @@ def local_from_epoch(epoch: float) -> str:
     if math.isinf(epoch):
         return rfc3339((datetime.now(timezone.utc) + _FOREVER).astimezone())
     return rfc3339(datetime.fromtimestamp(epoch, tz=timezone.utc).astimezone())
+
+
+def duration_seconds(text: str) -> int:
+    """``90s``, ``30m``, ``1h``, ``24h``, ``7d``: a key's budget period, a job's completion window."""
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"{text!r}: expected a number and s, m, h or d (90m, 1h, 24h, 7d)")
+    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]

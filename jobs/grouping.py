@@ -129,4 +129,4 @@ class ChunkWriter:
             )
         self.chunk_ids.append(self.new_id())
         return {"id": self.chunk_ids[-1], "job_id": self.job_id, "model_digest": self.model_digest,
-                "seq": len(self.chunk_ids) - 1, "state": ChunkState.QUEUED, "enqueued_at": utcnow()}
+                "seq": len(self.chunk_ids) - 1, "state": ChunkState.QUEUED, "enqueued_at": utcnow(), "held": True}

@@ -11,7 +11,6 @@ import builtins
 import fnmatch
 import hashlib
 import json
-import re
 import secrets
 import threading
 import time as clock
@@ -26,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from corral.errors import BadRequest, Conflict, NotFound
 from corral.settings import Settings
+from corral.timefmt import duration_seconds
 from jobs.db import sessions
 from jobs.models import ApiKey, Item, Job, KeyUsage, utcnow
 from jobs.service import new_id
@@ -76,10 +76,10 @@ class KeyLimits(BaseModel):
 
 
 def period_seconds(text: str) -> int:
-    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
-    if not match or int(match.group(1)) == 0:
-        raise ValueError(f"budget period {text!r}: expected a number and s, m, h or d (1d, 7d, 30d)")
-    return int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+    try:
+        return duration_seconds(text)
+    except ValueError as exc:
+        raise ValueError(f"budget period {exc}") from exc
 
 
 @dataclass(frozen=True)

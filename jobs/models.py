@@ -69,7 +69,8 @@ class ItemState:
 
 
 class ChunkState:
-    """``job_chunks.state``: queued (a message is on its way) -> running (claimed by a worker) -> done."""
+    """``job_chunks.state``: queued (held in SQL, or released: a message is on its way) -> running (claimed by a
+    worker) -> done."""
 
     QUEUED = "queued"
     RUNNING = "running"
@@ -117,6 +118,8 @@ class Job(Base):
     webhook_secret: Mapped[str | None] = mapped_column(String(100), nullable=True)
     # Serve repeats of deterministic requests from the result cache, and add this job's results to it.
     cache: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    # Scheduling (jobs/dispatch.py): each point moves the job's deadline an hour earlier, -10 to 10.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class WebhookDelivery(Base):
@@ -154,6 +157,8 @@ class Chunk(Base):
     enqueued_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    # Queued but not yet sent: the dispatcher (jobs/dispatch.py) releases it when its turn comes.
+    held: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
 
 class Item(Base):

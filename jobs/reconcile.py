@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, suspect_key
 from corral.settings import Settings
-from jobs import dedup, queueing, transitions, webhooks
+from jobs import dedup, dispatch, queueing, transitions, webhooks
 from jobs.db import sessions
 from jobs.models import utcnow
 from jobs.queueing import enqueue_chunks
@@ -111,11 +111,14 @@ class Reconciler:
                 markers = self.redis.mget([chunk_key(cid) for cid, _, _ in page])
                 requeue.extend(entry for entry, marker in zip(page, markers) if not _held_by_the_living(marker, live))
             transitions.finish_done_jobs(session)
+            held = transitions.held_models(session)
             session.commit()
         if requeue:
             log.warning("re-enqueueing %d chunk(s) lost to dead workers or a flushed Redis", len(requeue))
             self.redis.delete(*[chunk_key(cid) for cid, _, _ in requeue])  # the dead workers' names go
             enqueue_chunks(self.celery, self.redis, requeue)
+        for digest in held:  # a backstop: chunks close and jobs stop with a dispatch of their own
+            dispatch.send_next(self.sessions, self.celery, self.redis, digest)
         return len(requeue)
 
     def _finish_purges(self, session: Session) -> None:

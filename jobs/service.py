@@ -11,7 +11,7 @@ import builtins
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,13 +23,12 @@ from corral.errors import BadRequest, Conflict, Forbidden, NotFound, RateLimited
 from corral.protocol import job_cancel_key
 from corral.settings import Settings
 from corral.store import ModelRecord, ModelStore
-from corral.timefmt import rfc3339
+from corral.timefmt import duration_seconds, rfc3339
 from corral.wire.jobs import JOB_KINDS
 from corral.wire.ollama import check_context
-from jobs import dryrun, grouping, queueing, transitions, webhooks
+from jobs import dispatch, dryrun, grouping, queueing, transitions, webhooks
 from jobs.db import sessions
 from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, as_utc, utcnow
-from jobs.queueing import enqueue_chunks
 from jobs.search import hydrate, top_k
 from jobs.transitions import requeue_failed, stop_job
 
@@ -71,14 +70,25 @@ class JobService:
         quota: Principal | None = None,
         webhook_url: str | None = None,
         cache: bool = False,
+        completion_window: str | None = None,
+        priority: int = 0,
     ) -> dict[str, Any]:
         """Write the job, its items and chunks in one transaction, commit, then enqueue the chunks.
 
         ``job_id`` lets the OpenAI Batch API give the job its ``batch_...`` id; ``expires_at`` is its window's
         end (the reconciler expires what is unfinished by then).  ``cache``: take results of deterministic
-        requests from the result cache, and add this job's to it (jobs/dedup.py).
+        requests from the result cache, and add this job's to it (jobs/dedup.py).  ``completion_window`` (``1h``)
+        and ``priority`` order its chunks among other jobs' (jobs/dispatch.py); it expires unfinished at the
+        window's end.
         """
         record = self._model_for(kind, model, quota)
+        if not -10 <= priority <= 10:
+            raise BadRequest("priority must be between -10 and 10", param="priority")
+        if completion_window is not None:
+            try:
+                expires_at = utcnow() + timedelta(seconds=duration_seconds(completion_window))
+            except ValueError as exc:
+                raise BadRequest(f"completion_window {exc}", param="completion_window") from exc
         size = chunk_size or self.settings.chunk_size
         if not 1 <= size <= 10_000:
             raise BadRequest("chunk_size must be between 1 and 10000")
@@ -92,7 +102,7 @@ class JobService:
                     id=job_id, kind=kind, model=model, model_digest=record.model_digest, options=options or {},
                     status=JobStatus.QUEUED, chunk_size=size, owner=owner, meta=metadata or {}, item_count=0,
                     expires_at=expires_at, webhook_url=webhook_url, webhook_secret=secret if webhook_url else None,
-                    cache=cache,
+                    cache=cache, priority=priority,
                 )
             )
             session.flush()
@@ -128,14 +138,16 @@ class JobService:
             if not chunk_ids:  # every item came from the result cache: nothing to run
                 transitions.start_job(session, job_id)
                 transitions.finish_job_if_done(session, job_id)
-            queueing.will_send(self.broker.redis, job_id)
             session.commit()
-        digest = record.model_digest
-        enqueue_chunks(self.broker.celery, self.broker.redis, ((c, digest, job_id) for c in chunk_ids), stop_if_cancelled=True)
+        self.send_next(record.model_digest)  # the chunks are held: the dispatcher sends them in turn
         view = self.get(job_id)
         if webhook_url and secret and secret != self.settings.webhook_secret:
             view["webhook"]["secret"] = secret  # shown this once: receivers verify signatures with it
         return view
+
+    def send_next(self, model_digest: str) -> int:
+        """Release held chunks of the model to its batch queue, in the dispatcher's order (jobs/dispatch.py)."""
+        return dispatch.send_next(self._session, self.broker.celery, self.broker.redis, model_digest)
 
     def _model_for(self, kind: str, model: str, quota: Principal | None) -> ModelRecord:
         """The model a job of ``kind`` names, checked: it exists, the key may use it, it can do ``kind``."""
@@ -219,6 +231,7 @@ class JobService:
             "metadata": job.meta,
             "owner": job.owner,
             "cache": job.cache,
+            "priority": job.priority,
             "counts": {"total": total, **counts},
             "progress": round(done / total, 4) if total else 1.0,
             "tokens": {"prompt": int(prompt_tokens), "completion": int(completion_tokens)},
@@ -343,6 +356,7 @@ class JobService:
             session.commit()
         if stopped:
             queueing.stopped(self.broker.redis, job_id, digest, chunks)
+            self.send_next(digest)  # its place in the queue goes to the next job's chunks
         else:
             queueing.forget_purge(self.broker.redis, job_id)
         return self.get(job_id, owner)
@@ -356,11 +370,10 @@ class JobService:
             chunk_ids = requeue_failed(session, job, lambda: new_id("chunk"))
             if not chunk_ids:
                 raise Conflict(f"job '{job_id}' has no failed items to retry")
-            queueing.will_send(self.broker.redis, job_id)
             session.commit()
             digest = job.model_digest
         self.broker.redis.delete(job_cancel_key(job_id))
-        enqueue_chunks(self.broker.celery, self.broker.redis, ((c, digest, job_id) for c in chunk_ids))
+        self.send_next(digest)
         return self.get(job_id, owner)
 
     def delete(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
@@ -374,6 +387,7 @@ class JobService:
             session.execute(delete(Job).where(Job.id == job_id))
             session.commit()
         queueing.stopped(self.broker.redis, job_id, digest, chunks)
+        self.send_next(digest)
         return {"id": job_id, "object": "job", "deleted": True}
 
     def queue_overview(self, waiting: dict[str, int]) -> builtins.list[dict[str, Any]]:

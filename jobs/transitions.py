@@ -167,13 +167,24 @@ def running_chunks(session: Session) -> list[Chunk]:
 
 
 def queued_chunks(session: Session, enqueued_before: Any) -> list[tuple[str, str, str]]:
-    """(chunk id, model digest, job id) of active jobs' chunks queued before ``enqueued_before``."""
+    """(chunk id, model digest, job id) of active jobs' chunks released to the broker before ``enqueued_before``
+    and still queued (a held chunk has no message to lose)."""
     rows = session.execute(
         select(Chunk.id, Chunk.model_digest, Chunk.job_id).where(
-            Chunk.state == ChunkState.QUEUED, Chunk.enqueued_at < enqueued_before, Chunk.job_id.in_(_active_jobs())
+            Chunk.state == ChunkState.QUEUED, Chunk.held.is_(False), Chunk.enqueued_at < enqueued_before,
+            Chunk.job_id.in_(_active_jobs()),
         )
     )
     return [(chunk_id, digest, job_id) for chunk_id, digest, job_id in rows]
+
+
+def held_models(session: Session) -> list[str]:
+    """Model digests with held chunks of active jobs (the reconciler's dispatch backstop)."""
+    return list(session.scalars(
+        select(Chunk.model_digest).where(
+            Chunk.state == ChunkState.QUEUED, Chunk.held.is_(True), Chunk.job_id.in_(_active_jobs())
+        ).distinct()
+    ))
 
 
 def chunk_ids(session: Session, job_id: str) -> list[str]:
@@ -341,7 +352,7 @@ def requeue_failed(session: Session, job: Job, new_chunk_id: Callable[[], str]) 
         chunk_id = new_chunk_id()
         chunk_ids.append(chunk_id)
         session.add(Chunk(id=chunk_id, job_id=job.id, model_digest=job.model_digest, seq=base + n,
-                          state=ChunkState.QUEUED))
+                          state=ChunkState.QUEUED, held=True))
         session.flush()
         _changed(
             session,

@@ -32,7 +32,7 @@ from corral.store import ModelRecord
 from corral.thinking import ThinkingSplitter
 from corral.toolcalls import split_tool_calls, tool_names
 from corral.wire.ollama import ollama_final
-from jobs import dedup, transitions
+from jobs import dedup, dispatch, transitions
 from jobs.db import sessions
 from jobs.models import ItemState, JobStatus
 from jobs.queueing import enqueue_chunks
@@ -290,3 +290,4 @@ class ChunkRunner:
             transitions.close_chunk(session, chunk.chunk_id, chunk.attempt, chunk.job_id)
             session.commit()
         self.runtime.redis.delete(chunk_key(chunk.chunk_id), suspect_key(chunk.chunk_id))
+        dispatch.send_next(self.sessions, self.celery, self.runtime.redis, chunk.model_digest)  # its place: the next

@@ -139,6 +139,9 @@ class JobSubmission(BaseModel):
                                     "in this answer's `webhook.secret`, once).")
     cache: bool = Field(False, description="Take results of deterministic requests (temperature 0 or a seed) from "
                         "the result cache, marked `cached`, and add this job's to it.")
+    completion_window: str | None = Field(None, description="Finish within this long (90m, 1h, 24h, 7d): chunks are "
+                                          "scheduled earliest deadline first, and what is unfinished then expires.")
+    priority: int = Field(0, ge=-10, le=10, description="Each point moves the job's scheduling deadline an hour earlier.")
 
     @classmethod
     def openapi_schema(cls, schema: dict[str, Any], ref: Callable[[type[BaseModel]], dict[str, Any]]) -> dict[str, Any]:
