@@ -14,11 +14,13 @@ with that result (``cached``) and in no chunk.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from corral.errors import BadRequest
@@ -26,6 +28,8 @@ from jobs import dedup
 from jobs.models import Chunk, ChunkState, Item, ItemState, utcnow
 
 INSERT_BATCH = 1000
+ITEMS = cast(Table, Item.__table__)
+CHUNKS = cast(Table, Chunk.__table__)
 # Each chunk is one Celery message and one Redis marker: a million one-item chunks would be a million of each.
 MAX_CHUNKS = 100_000
 
@@ -86,14 +90,17 @@ class ChunkWriter:
         chunks: list[dict[str, Any]] = []
         rows: list[dict[str, Any]] = []
         filled = self.size  # items in the newest chunk (full: the next item opens one)
-        group = None
+        opening, in_run = "", False
         for (seq, custom_id, body), key in keyed:
-            # A chunk at least half full closes where the prompts' opening changes, so that fewer chunks hold the
-            # tail of one prefix and the head of the next (each of which would prefill both).
-            opening = prompt_key(self.kind, body)[:GROUP_CHARS] if self.group else None
-            if opening != group and filled >= self.size // 2:
-                filled = self.size
-            group = opening
+            # Where a run of prompts that share a long opening ends, a chunk at least half full closes, so that
+            # fewer chunks hold the tail of one prefix and the head of the next (and prefill both).  Unrelated
+            # prompts are no run, and fill their chunks (at most twice the chunks overall).
+            if self.group:
+                text = prompt_key(self.kind, body)
+                shares = len(text) >= GROUP_CHARS and text[:GROUP_CHARS] == opening
+                if in_run and not shares and filled >= self.size // 2 and len(self.chunk_ids) < MAX_CHUNKS // 2:
+                    filled = self.size
+                opening, in_run = text[:GROUP_CHARS], shares
             row = {"job_id": self.job_id, "seq": seq, "custom_id": custom_id, "input": body, "attempts": 0}
             hit = hits.get(key) if key else None
             if hit is not None:
@@ -112,14 +119,14 @@ class ChunkWriter:
                 if key and len(self._chunk_of_key) < dedup.MAX_TRACKED_KEYS:
                     self._chunk_of_key[key] = chunk_id
             rows.append({**row, "chunk_id": chunk_id, "state": ItemState.PENDING})
+        # Core inserts (the tables, not the ORM classes): the ORM's bulk path costs more than SQLite's own work.
         if chunks:
-            self.session.execute(insert(Chunk), chunks)
-        for start in range(0, len(rows), INSERT_BATCH):
-            batch = rows[start : start + INSERT_BATCH]
-            # one executemany per shape: cached rows carry their result columns
-            for same in ([r for r in batch if "cached" not in r], [r for r in batch if "cached" in r]):
-                if same:
-                    self.session.execute(insert(Item), same)
+            self.session.execute(insert(CHUNKS), chunks)
+        pending = [r for r in rows if "cached" not in r]
+        insert_pending(self.session, pending)
+        cached = [r for r in rows if "cached" in r]  # they carry their result columns
+        for start in range(0, len(cached), INSERT_BATCH):
+            self.session.execute(insert(ITEMS), cached[start : start + INSERT_BATCH])
 
     def _new_chunk(self) -> dict[str, Any]:
         if len(self.chunk_ids) == MAX_CHUNKS:
@@ -130,3 +137,46 @@ class ChunkWriter:
         self.chunk_ids.append(self.new_id())
         return {"id": self.chunk_ids[-1], "job_id": self.job_id, "model_digest": self.model_digest,
                 "seq": len(self.chunk_ids) - 1, "state": ChunkState.QUEUED, "enqueued_at": utcnow(), "held": True}
+
+
+PENDING_COLUMNS = ("job_id", "chunk_id", "seq", "custom_id", "input", "state", "attempts")
+
+
+def insert_pending(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert new pending items as fast as the driver takes them: PostgreSQL's ``COPY`` through psycopg, SQLite's
+    ``executemany`` on pre-encoded JSON; SQLAlchemy's per-row parameter processing cost more than the database's
+    own work on a million-line upload.  Other drivers get SQLAlchemy's insert."""
+    if not rows:
+        return
+    connection = session.connection()
+    dialect, driver = connection.dialect.name, connection.dialect.driver
+    if dialect == "sqlite" or (dialect == "postgresql" and driver == "psycopg"):
+        values = [(r["job_id"], r["chunk_id"], r["seq"], r["custom_id"], json.dumps(r["input"], ensure_ascii=False),
+                   r["state"], r["attempts"]) for r in rows]
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        columns = ", ".join(PENDING_COLUMNS)
+        try:
+            if dialect == "sqlite":
+                raw.cursor().executemany(f"INSERT INTO job_items ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+            else:
+                cursor: Any = raw.cursor()  # psycopg's, with COPY
+                with cursor, cursor.copy(f"COPY job_items ({columns}) FROM STDIN") as copy:
+                    for row in values:
+                        copy.write_row(row)
+        except connection.dialect.dbapi.IntegrityError as exc:  # type: ignore[union-attr]
+            raise _duplicate(exc) from exc
+        return
+    try:
+        for start in range(0, len(rows), INSERT_BATCH):
+            session.execute(insert(ITEMS), rows[start : start + INSERT_BATCH])
+    except IntegrityError as exc:
+        raise _duplicate(exc) from exc
+
+
+def _duplicate(exc: Exception) -> BadRequest:
+    """The unique index on (job, custom_id) refused a line: lines far apart in the upload share a custom_id
+    (PostgreSQL names it; SQLite does not)."""
+    detail = str(getattr(exc, "orig", exc)).strip().splitlines()
+    said = next((line for line in detail if "Key (" in line), "")
+    return BadRequest(f"duplicate custom_id: every line's custom_id must be unique within the job{f' ({said})' if said else ''}")

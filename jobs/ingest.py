@@ -9,6 +9,7 @@ can fix the file.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections.abc import Iterable, Iterator
@@ -65,6 +66,11 @@ def text_lines(stream: IO[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tu
             yield number, {"prompt": text}
 
 
+@functools.cache
+def _stored(kind: str) -> set[str]:
+    return set(ITEM_MODELS[kind].stored_fields())
+
+
 def validate_item(kind: str, number: int, obj: Any) -> tuple[str | None, dict[str, Any]]:
     """Check one line with its kind's item model (:mod:`corral.wire.jobs`); return (custom_id, the stored body)."""
     where = f"line {number}"
@@ -75,7 +81,7 @@ def validate_item(kind: str, number: int, obj: Any) -> tuple[str | None, dict[st
         item = model.model_validate(obj)
     except ValidationError as exc:
         raise BadRequest(f"{where}: {problem(exc)[0]}") from exc
-    body = {k: v for k, v in item.model_dump(include=set(model.stored_fields())).items() if v is not None}
+    body = {k: v for k, v in item.model_dump(include=_stored(kind)).items() if v is not None}
     if "format" in body:
         try:
             body["format"] = check_format(body["format"])
@@ -91,13 +97,20 @@ def validate_item(kind: str, number: int, obj: Any) -> tuple[str | None, dict[st
     return item.custom_id, body
 
 
+SEEN_IDS = 10_000
+
+
 def validated(kind: str, lines: Iterable[tuple[int, Any]]) -> Iterator[tuple[str | None, dict[str, Any]]]:
-    """Validate lines in order, rejecting duplicate custom_ids."""
-    seen: set[str] = set()
+    """Validate lines in order, rejecting duplicate custom_ids: those within :data:`SEEN_IDS` lines of each
+    other here, with both line numbers; the database's unique index refuses the rest (jobs/grouping.py), so
+    memory stays flat however long the upload."""
+    seen: dict[str, int] = {}
     for number, obj in lines:
         custom_id, body = validate_item(kind, number, obj)
         if custom_id is not None:
             if custom_id in seen:
-                raise BadRequest(f'line {number}: duplicate custom_id "{custom_id}"')
-            seen.add(custom_id)
+                raise BadRequest(f'line {number}: duplicate custom_id "{custom_id}" (also on line {seen[custom_id]})')
+            if len(seen) >= SEEN_IDS:
+                seen.clear()
+            seen[custom_id] = number
         yield custom_id, body

@@ -8,6 +8,8 @@ whole transaction back: nothing half-created.  Job state is always computed from
 from __future__ import annotations
 
 import builtins
+import contextlib
+import json
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -15,12 +17,13 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import Integer, cast, delete, func, select, update
+import redis
+from sqlalchemy import Integer, cast, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from corral.broker import Broker
 from corral.errors import BadRequest, Conflict, Forbidden, NotFound, RateLimited
-from corral.protocol import job_cancel_key
+from corral.protocol import KEY_PREFIX, job_cancel_key
 from corral.settings import Settings
 from corral.store import ModelRecord, ModelStore
 from corral.timefmt import duration_seconds, rfc3339
@@ -35,6 +38,13 @@ from jobs.transitions import requeue_failed, stop_job
 if TYPE_CHECKING:  # jobs.keys imports this module
     from jobs.keys import Principal
 
+
+
+# A status poll of an open job this large reads its counts from a copy at most this old (jobs' item counts
+# take ~0.25 s to compute at a million items on SQLite).
+COUNTS_CACHED_FROM = 50_000
+ANALYZE_FROM = 50_000  # items in one upload after which PostgreSQL's statistics are refreshed
+COUNTS_CACHE_MS = 2000
 
 
 def new_id(prefix: str) -> str:
@@ -139,11 +149,22 @@ class JobService:
                 transitions.start_job(session, job_id)
                 transitions.finish_job_if_done(session, job_id)
             session.commit()
+        if count >= ANALYZE_FROM:
+            self._analyze()
         self.send_next(record.model_digest)  # the chunks are held: the dispatcher sends them in turn
         view = self.get(job_id)
         if webhook_url and secret and secret != self.settings.webhook_secret:
             view["webhook"]["secret"] = secret  # shown this once: receivers verify signatures with it
         return view
+
+    def _analyze(self) -> None:
+        """Fresh planner statistics after a large upload on PostgreSQL: with the item count still that of the
+        empty table, the planner sorted every remaining item for each page of results (an export of a million
+        items took over ten minutes instead of seconds)."""
+        with self._session() as session:
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(text("ANALYZE job_items"))
+                session.commit()
 
     def send_next(self, model_digest: str) -> int:
         """Release held chunks of the model to its batch queue, in the dispatcher's order (jobs/dispatch.py)."""
@@ -211,8 +232,27 @@ class JobService:
             jobs = list(session.scalars(query.offset(max(0, offset)).limit(limit + 1)))
             return {"jobs": [self._view(session, j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
 
+    def _counts(self, session: Session, job: Job) -> tuple[dict[str, int], tuple[int, int]]:
+        """:func:`item_counts`, which reads every item's index entry: for a job of :data:`COUNTS_CACHED_FROM`
+        items or more that is still open, at most once per :data:`COUNTS_CACHE_MS` (shared through Redis), so
+        polling a million-item job stays cheap; a small or ended job's counts are always exact."""
+        if job.item_count < COUNTS_CACHED_FROM or job.status not in JobStatus.ACTIVE:
+            return item_counts(session, job.id)
+        key = f"{KEY_PREFIX}counts:{job.id}"
+        try:
+            cached = self.broker.redis.get(key)
+        except redis.RedisError:
+            cached = None
+        if cached is not None:
+            counts, tokens = json.loads(cached)
+            return counts, (int(tokens[0]), int(tokens[1]))
+        counts, tokens = item_counts(session, job.id)
+        with contextlib.suppress(redis.RedisError):
+            self.broker.redis.set(key, json.dumps([counts, list(tokens)]), px=COUNTS_CACHE_MS)
+        return counts, tokens
+
     def _view(self, session: Session, job: Job) -> dict[str, Any]:
-        counts, (prompt_tokens, completion_tokens) = item_counts(session, job.id)
+        counts, (prompt_tokens, completion_tokens) = self._counts(session, job)
         done = sum(counts[state] for state in ItemState.FINISHED)
         total = job.item_count
         elapsed = None

@@ -26,7 +26,7 @@ def job_count(client: FlaskClient) -> int:
         ({"kind": "chat", "model": MODEL, "items": [{"messages": [{"role": "user", "content": "x"}]}, 5]}, 400,
          "line 2: expected a JSON object, got int"),
         ({"kind": "generate", "model": MODEL, "items": [{"custom_id": "a", "prompt": "x"}, {"custom_id": "a", "prompt": "y"}]},
-         400, 'line 2: duplicate custom_id "a"'),
+         400, 'line 2: duplicate custom_id "a" (also on line 1)'),
         ({"kind": "sing", "model": MODEL, "items": [{"prompt": "x"}]}, 400,
          "kind must be one of generate, chat, embed, not 'sing'"),
         # every field the worker reads is typed at the door, so no stored line can make the worker raise
@@ -86,3 +86,15 @@ def test_bad_batch_bodies_name_their_field(client: FlaskClient, body: dict[str, 
     assert r.status_code == 400
     error = r.get_json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+def test_a_custom_id_repeated_far_apart_is_refused_by_the_database(client: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SEEN_IDS lines the upload forgets the ids it saw (memory stays flat); the unique index catches it."""
+    import jobs.ingest
+
+    monkeypatch.setattr(jobs.ingest, "SEEN_IDS", 2)
+    before = len(client.get("/api/jobs?limit=1000").get_json()["jobs"])
+    items = [{"custom_id": cid, "prompt": "x"} for cid in ("a", "b", "c", "d", "a")]
+    r = client.post("/api/jobs", json={"model": MODEL, "items": items})
+    assert r.status_code == 400 and r.get_json()["error"].startswith("duplicate custom_id: every line's custom_id")
+    assert len(client.get("/api/jobs?limit=1000").get_json()["jobs"]) == before  # nothing stored

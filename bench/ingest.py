@@ -1,0 +1,163 @@
+"""A million-line job through ``corral submit`` (issue #24, "scale, measured"), on SQLite and PostgreSQL.
+
+    .venv/bin/python bench/ingest.py [--lines 1000000] [--small 100000] [--database-url postgresql+psycopg://...]
+
+For each size (``--small`` and ``--lines``) a generated JSONL file is uploaded with ``corral submit`` to a real
+API server process (``corral serve``; no worker, so nothing runs and the numbers are the API's alone).  The
+table gives the upload's wall time, the API's peak RSS during it (all its processes), a status poll of the job
+(``GET /api/jobs/{id}``, median of 20) and the CLI's peak RSS exporting the job's results as CSV.  Then 10,000
+small jobs are stored and ``GET /api/jobs`` is timed.  Goals: upload under 30 s; peak RSS at ``--lines``
+within 20% of that at ``--small``; a status poll under 50 ms; ``GET /api/jobs`` fast with 10,000 jobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import model_path, print_table
+from cli.launcher import free_port, redis_reachable, start_private_redis, stop
+
+
+def write_job(path: Path, lines: int) -> None:
+    with open(path, "w") as out:
+        for n in range(lines):
+            out.write(json.dumps({"custom_id": f"doc-{n}", "prompt": f"Summarise document {n} in one line.",
+                                  "options": {"num_predict": 16}}) + "\n")
+
+
+class PeakRss:
+    """The largest total RSS of a process and its children, sampled every 50 ms."""
+
+    def __init__(self, pid: int) -> None:
+        self.process = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            try:
+                procs = [self.process, *self.process.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                pass
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def timed_get(client: httpx.Client, path: str, runs: int = 20) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        assert client.get(path).status_code == 200
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+def store_jobs(settings: Any, count: int) -> None:
+    """``count`` small jobs (two items each) written straight to SQL, as many submissions would leave them."""
+    from sqlalchemy import insert
+
+    from jobs.db import sessions
+    from jobs.models import Item, Job, JobStatus, utcnow
+
+    with sessions(settings)() as session:
+        for start in range(0, count, 1000):
+            jobs = [{"id": f"job_bench{n:019d}", "kind": "generate", "model": "smollm2:135m", "model_digest": "0" * 64,
+                     "options": {}, "status": JobStatus.COMPLETED, "item_count": 2, "chunk_size": 16, "meta": {},
+                     "created_at": utcnow(), "finished_at": utcnow(), "started_at": utcnow()}
+                    for n in range(start, min(start + 1000, count))]
+            session.execute(insert(Job), jobs)
+            session.execute(insert(Item), [{"job_id": j["id"], "seq": s, "input": {"prompt": "x"}, "state": "succeeded",
+                                            "attempts": 1, "prompt_tokens": 5, "completion_tokens": 5}
+                                           for j in jobs for s in range(2)])
+        session.commit()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--small", type=int, default=100_000)
+    parser.add_argument("--database-url", default=None, help="default: SQLite in a temporary directory")
+    args = parser.parse_args()
+
+    from corral.settings import Settings
+    from jobs.db import upgrade
+    from tests.helpers import Stack, drop_everything
+
+    home = Path(tempfile.mkdtemp(prefix="corral-ingest-bench-"))
+    model_path(home, "smollm2:135m")
+    redis_url = os.environ.get("REDIS_URL")
+    private = None
+    if not (redis_url and redis_reachable(redis_url)):
+        private, redis_url = start_private_redis(home / "redis", persist=False)
+    database = args.database_url or f"sqlite:///{home / 'ingest.db'}"
+    settings = Settings(home=home, redis_url=redis_url, models_dir=home / "models", database_url=database,
+                        host=f"127.0.0.1:{free_port()}")
+    if not database.startswith("sqlite"):
+        from jobs.db import engine_for
+
+        drop_everything(engine_for(database))
+    upgrade(settings)
+    stack = Stack(settings, home / "logs")
+    rows = []
+    try:
+        api = stack.start_api()
+        env = {**os.environ, "CORRAL_HOST": stack.base_url}
+        with httpx.Client(base_url=stack.base_url, timeout=120) as client:
+            for lines in (args.small, args.lines):
+                source = home / f"job-{lines}.jsonl"
+                write_job(source, lines)
+                with PeakRss(api.proc.pid) as api_rss:
+                    started = time.perf_counter()
+                    out = subprocess.run([sys.executable, "-m", "cli", "submit", str(source), "-m", "smollm2:135m",
+                                          "--json"], env=env, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        raise SystemExit(f"corral submit failed: {out.stderr}")
+                    upload = time.perf_counter() - started
+                job_id = json.loads(out.stdout)["id"]
+                poll = timed_get(client, f"/api/jobs/{job_id}")
+                export = subprocess.Popen([sys.executable, "-m", "cli", "results", job_id, "--format", "csv", "-o",
+                                           str(home / f"out-{lines}.csv")], env=env)
+                with PeakRss(export.pid) as export_rss:
+                    export.wait()
+                client.post(f"/api/jobs/{job_id}/cancel")  # its chunk messages leave the broker
+                rows.append([f"{lines:,} lines", upload, api_rss.peak / 2**20, poll, export_rss.peak / 2**20])
+            store_jobs(settings, 10_000)
+            listing = timed_get(client, "/api/jobs?limit=20")
+            first_page_status = timed_get(client, "/api/jobs?status=completed&limit=20")
+    finally:
+        stack.stop()
+        if private is not None:
+            stop(private, "redis", timeout=10)
+    name = "PostgreSQL" if database.startswith("postgres") else "SQLite"
+    print_table(f"corral submit of a generated JSONL job, {name}, API with no worker",
+                ["job", "upload s", "API peak RSS MiB", "status poll ms", "CSV export peak RSS MiB"], rows)
+    print(f"\nAPI RSS at {args.lines:,} / at {args.small:,}: {rows[1][2] / rows[0][2]:.2f}x")
+    print(f"GET /api/jobs?limit=20 with {10_000 + 2:,} jobs stored: {listing:.1f} ms; ?status=completed: "
+          f"{first_page_status:.1f} ms (median of 20)")
+
+
+if __name__ == "__main__":
+    main()
