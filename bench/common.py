@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,10 +31,7 @@ def corral_stack(home: Path, **settings: Any) -> Iterator[Any]:
     from jobs.db import upgrade
     from tests.helpers import Stack
 
-    redis_url = os.environ.get("REDIS_URL")
-    private = None
-    if not (redis_url and redis_reachable(redis_url)):
-        private, redis_url = start_private_redis(home / "redis", persist=False)
+    private, redis_url = bench_redis(home)
     values: dict[str, Any] = {
         "home": home, "redis_url": redis_url, "models_dir": home / "models",
         "host": f"127.0.0.1:{free_port()}", "database_url": f"sqlite:///{home / 'bench.db'}", **settings,
@@ -44,8 +42,21 @@ def corral_stack(home: Path, **settings: Any) -> Iterator[Any]:
         with Stack(config, home / "logs").running() as stack:
             yield stack
     finally:
-        if private is not None:
-            stop(private, "redis", timeout=10)
+        stop_bench_redis(private)
+
+
+def bench_redis(home: Path) -> tuple[subprocess.Popen[bytes] | None, str]:
+    """(the private Redis started for this bench or None, its URL): REDIS_URL when it answers, else a private one
+    (a bench that shares the test suite's Redis would share its queues: run benches without REDIS_URL)."""
+    url = os.environ.get("REDIS_URL")
+    if url and redis_reachable(url):
+        return None, url
+    return start_private_redis(home / "redis", persist=False)
+
+
+def stop_bench_redis(private: subprocess.Popen[bytes] | None) -> None:
+    if private is not None:
+        stop(private, "redis", timeout=10)
 
 
 def wait_for_job(client: Any, job_id: str, poll: float = 0.5) -> dict[str, Any]:

@@ -12,7 +12,6 @@ the jobs list.  Nothing is sent to a worker; the job's chunk messages are purged
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -22,8 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import model_path, print_table
-from cli.launcher import redis_reachable, start_private_redis, stop
+from bench.common import bench_redis, model_path, print_table, stop_bench_redis
 
 
 def main() -> None:
@@ -42,10 +40,7 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="corral-console-bench-"))
     model_path(home, "smollm2:135m")
-    redis_url = os.environ.get("REDIS_URL")
-    private = None
-    if not (redis_url and redis_reachable(redis_url)):
-        private, redis_url = start_private_redis(home / "redis", persist=False)
+    private, redis_url = bench_redis(home)
     try:
         settings = Settings(home=home, redis_url=redis_url, models_dir=home / "models",
                             database_url=args.database_url or f"sqlite:///{home / 'bench.db'}")
@@ -97,8 +92,7 @@ def main() -> None:
                     ["page", "p50", "p95", "max"], rows)
         shared.jobs.cancel(job["id"])  # its chunk messages leave the broker
     finally:
-        if private is not None:
-            stop(private, "redis", timeout=10)
+        stop_bench_redis(private)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import model_path, print_table
-from cli.launcher import free_port, redis_reachable, start_private_redis, stop
+from bench.common import bench_redis, model_path, print_table, stop_bench_redis
+from cli.launcher import free_port
 
 
 def write_job(path: Path, lines: int) -> None:
@@ -108,10 +108,7 @@ def main() -> None:
 
     home = Path(tempfile.mkdtemp(prefix="corral-ingest-bench-"))
     model_path(home, "smollm2:135m")
-    redis_url = os.environ.get("REDIS_URL")
-    private = None
-    if not (redis_url and redis_reachable(redis_url)):
-        private, redis_url = start_private_redis(home / "redis", persist=False)
+    private, redis_url = bench_redis(home)
     database = args.database_url or f"sqlite:///{home / 'ingest.db'}"
     settings = Settings(home=home, redis_url=redis_url, models_dir=home / "models", database_url=database,
                         host=f"127.0.0.1:{free_port()}")
@@ -149,8 +146,7 @@ def main() -> None:
             first_page_status = timed_get(client, "/api/jobs?status=completed&limit=20")
     finally:
         stack.stop()
-        if private is not None:
-            stop(private, "redis", timeout=10)
+        stop_bench_redis(private)
     name = "PostgreSQL" if database.startswith("postgres") else "SQLite"
     print_table(f"corral submit of a generated JSONL job, {name}, API with no worker",
                 ["job", "upload s", "API peak RSS MiB", "status poll ms", "CSV export peak RSS MiB"], rows)

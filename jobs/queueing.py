@@ -33,16 +33,14 @@ SENDING_TTL = 60
 _PIPELINE = 500
 
 
-def enqueue_chunks(
-    celery: Celery, client: redis.Redis, chunks: Iterable[tuple[str, str, str]], *, stop_if_cancelled: bool = False
-) -> int:
+def enqueue_chunks(celery: Celery, client: redis.Redis, chunks: Iterable[tuple[str, str, str]]) -> int:
     """Send one message per (chunk id, model digest, job id), marking each as queued in Redis; how many.
 
     The mark is set only where none is: a worker that already received the message has written its name there.
     While a job's messages are being sent, :func:`sending` says so (the reconciler leaves its unmarked chunks
-    alone).  With ``stop_if_cancelled`` (a submission's long fan-out), sending stops once the job's cancel flag
-    is up.  A job stopped while its messages were being sent gets them purged again here: a stop raises the
-    flag before it purges, so whatever this sent after that purge is seen and taken back.
+    alone).  A job stopped while its messages were being sent gets them purged again here: a stop raises the
+    flag before it purges, so whatever this sent after that purge is seen and taken back.  (Submissions no
+    longer send a job's chunks at once: the dispatcher, jobs/dispatch.py, sends a few at a time.)
     """
     count = 0
     sent: dict[str, tuple[str, list[str]]] = {}  # job id -> (digest, chunk ids sent)
@@ -61,9 +59,6 @@ def enqueue_chunks(
                 for job in sent:
                     pipe.expire(_sending_key(job), SENDING_TTL)
                 pipe.execute()
-                if stop_if_cancelled and client.exists(job_cancel_key(job_id)):
-                    log.info("job %s was stopped while its chunks were being sent; %d sent", job_id, count)
-                    break
         pipe.execute()
     finally:
         if sent:

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from itertools import count
-from pathlib import Path
 
-import pytest
-from sqlalchemy import create_engine, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from jobs import dispatch
-from jobs.models import Base, Chunk, ChunkState, Job, JobStatus, utcnow
+from jobs.models import Chunk, ChunkState, Job, JobStatus, utcnow
 
 _ids = count()
 
 
-@pytest.fixture()
-def session(tmp_path: Path) -> Iterator[Session]:
-    engine = create_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
-    Base.metadata.create_all(engine)
-    with sessionmaker(engine, expire_on_commit=False)() as s:
-        yield s
-    engine.dispose()
 
 
 def held_job(session: Session, chunks: int, *, owner: str | None = None, age: float = 0.0, **job: object) -> str:

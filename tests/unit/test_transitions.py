@@ -4,28 +4,18 @@ stopping cancels what has not started, orphans go back to the queue, retry reope
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 from itertools import count
-from pathlib import Path
 
-import pytest
-from sqlalchemy import create_engine, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from jobs import transitions
-from jobs.models import Base, Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcnow
+from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcnow
 
 _ids = count()
 
 
-@pytest.fixture()
-def session(tmp_path: Path) -> Iterator[Session]:
-    engine = create_engine(f"sqlite:///{tmp_path / 'jobs.db'}")
-    Base.metadata.create_all(engine)
-    with sessionmaker(engine, expire_on_commit=False)() as s:
-        yield s
-    engine.dispose()
 
 
 def make_job(session: Session, items: int = 4, chunk_size: int = 2, **job: object) -> tuple[str, list[str]]:
