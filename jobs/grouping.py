@@ -58,11 +58,14 @@ def window_size(chunk_size: int) -> int:
     return chunk_size * max(1, WINDOW // chunk_size)
 
 
-def grouped(kind: str, window: list[Pending]) -> list[Pending]:
-    """``(seq, custom_id, body)`` rows of one window in chunking order: by prompt text, then input order."""
+def grouped(kind: str, window: list[Pending], texts: dict[int, str] | None = None) -> list[Pending]:
+    """``(seq, custom_id, body)`` rows of one window in chunking order: by prompt text (``texts``: each seq's
+    :func:`prompt_key`, when the caller has them), then input order."""
     if kind not in ("generate", "chat"):
         return window
-    return sorted(window, key=lambda row: (prompt_key(kind, row[2]), row[0]))
+    if texts is None:
+        texts = {row[0]: prompt_key(kind, row[2]) for row in window}
+    return sorted(window, key=lambda row: (texts[row[0]], row[0]))
 
 
 @dataclass
@@ -84,7 +87,8 @@ class ChunkWriter:
     _chunk_of_key: dict[str, str] = field(default_factory=dict)
 
     def write(self, window: list[Pending]) -> None:
-        ordered = grouped(self.kind, window) if self.group else window
+        texts = {row[0]: prompt_key(self.kind, row[2]) for row in window} if self.group else {}
+        ordered = grouped(self.kind, window, texts) if self.group else window
         keyed = [(row, dedup.request_key(self.model_id, self.kind, row[2], self.options)) for row in ordered]
         hits = dedup.lookup(self.session, [k for _, k in keyed if k], self.cache_ttl) if self.cache_ttl else {}
         chunks: list[dict[str, Any]] = []
@@ -96,7 +100,7 @@ class ChunkWriter:
             # fewer chunks hold the tail of one prefix and the head of the next (and prefill both).  Unrelated
             # prompts are no run, and fill their chunks (at most twice the chunks overall).
             if self.group:
-                text = prompt_key(self.kind, body)
+                text = texts[seq]
                 shares = len(text) >= GROUP_CHARS and text[:GROUP_CHARS] == opening
                 if in_run and not shares and filled >= self.size // 2 and len(self.chunk_ids) < MAX_CHUNKS // 2:
                     filled = self.size

@@ -91,10 +91,33 @@ def validate_item(kind: str, number: int, obj: Any) -> tuple[str | None, dict[st
             del body["format"]
     if "options" in body:
         try:
-            body["options"] = parse_options(body["options"])
+            body["options"] = _options(body["options"])
         except BadRequest as exc:
             raise BadRequest(f"{where}: {exc.message}") from exc
     return item.custom_id, body
+
+
+_checked: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+def _options(raw: Any) -> dict[str, Any]:
+    """:func:`parse_options`, remembered for flat options (a job's lines mostly repeat a few): a copy each time."""
+    try:
+        # the value's type is part of the key: True == 1, but only one of them is a valid num_predict
+        key = tuple(sorted((k, type(v).__name__, v) for k, v in raw.items())) if isinstance(raw, dict) else None
+        if key is not None:
+            hash(key)
+    except TypeError:  # a list value (stop): not hashable, checked every time
+        key = None
+    if key is None:
+        return parse_options(raw)
+    found = _checked.get(key)
+    if found is None:
+        found = parse_options(raw)
+        if len(_checked) >= 1024:
+            _checked.clear()
+        _checked[key] = found
+    return dict(found)
 
 
 SEEN_IDS = 10_000

@@ -27,6 +27,10 @@ def job_count(client: FlaskClient) -> int:
          "line 2: expected a JSON object, got int"),
         ({"kind": "generate", "model": MODEL, "items": [{"custom_id": "a", "prompt": "x"}, {"custom_id": "a", "prompt": "y"}]},
          400, 'line 2: duplicate custom_id "a" (also on line 1)'),
+        # options are checked per line even when an earlier line's equal-looking ones passed (True == 1)
+        ({"model": MODEL, "items": [{"prompt": "a", "options": {"num_predict": 1}},
+                                    {"prompt": "b", "options": {"num_predict": True}}]},
+         400, 'line 2: option "num_predict" must be of type integer'),
         ({"kind": "sing", "model": MODEL, "items": [{"prompt": "x"}]}, 400,
          "kind must be one of generate, chat, embed, not 'sing'"),
         # every field the worker reads is typed at the door, so no stored line can make the worker raise
