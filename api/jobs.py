@@ -38,60 +38,42 @@ STREAMED_TYPES = {"application/x-ndjson", "application/jsonl", "application/x-js
 )
 def submit() -> Response:
     services().governor.check_budget(principal())  # a key whose token budget is spent queues nothing more
+    fields = _submission()
     if query_flag("dry_run"):
-        return _dry_run()
+        return _dry_run(fields)
+    return json_response(services().jobs.submit(**fields, owner=creator(), quota=principal()), 202)
+
+
+def _submission() -> dict[str, Any]:
+    """The job a ``POST /api/jobs`` describes, from either form: a JSONL (or plain-text) upload with the job's
+    fields as query parameters, or a JSON body.  Its items are validated lazily, as they are read."""
     if request.mimetype in STREAMED_TYPES:
         kind = request.args.get("kind", "generate")
         if request.mimetype == "text/plain" and kind != "generate":
             raise BadRequest("plain-text uploads are prompts: use kind=generate")
         lines = text_lines(request.stream) if request.mimetype == "text/plain" else read_jsonl(request.stream)
         metadata = query_json("metadata")
-        job = services().jobs.submit(
-            kind=kind,
-            model=request.args.get("model", ""),
-            options=parse_options(query_json("options")),
-            chunk_size=query_int("chunk_size", None),
-            metadata=metadata if isinstance(metadata, dict) else None,
-            items=validated(kind, lines),
-            owner=creator(),
-            quota=principal(),
-            webhook_url=request.args.get("webhook_url") or None,
-            cache=query_flag("cache"),
-            completion_window=request.args.get("completion_window") or None,
-            priority=query_int("priority", 0) or 0,
-        )
-        return json_response(job, 202)
+        return {
+            "kind": kind, "model": request.args.get("model", ""), "options": parse_options(query_json("options")),
+            "chunk_size": query_int("chunk_size", None), "metadata": metadata if isinstance(metadata, dict) else None,
+            "items": validated(kind, lines), "webhook_url": request.args.get("webhook_url") or None,
+            "cache": query_flag("cache"), "completion_window": request.args.get("completion_window") or None,
+            "priority": query_int("priority", 0) or 0,
+        }
     body: JobSubmission = parse(JobSubmission, decode_json(request.get_data()),
                                 what="the body (a JSON object with kind, model and items)")
-    job = services().jobs.submit(
-        kind=body.kind,
-        model=body.model,
-        options=parse_options(body.options),
-        chunk_size=body.chunk_size,
-        metadata=body.metadata,
-        items=validated(body.kind, enumerate(body.items, start=1)),
-        owner=creator(),
-        quota=principal(),
-        webhook_url=body.webhook_url,
-        cache=body.cache,
-        completion_window=body.completion_window,
-        priority=body.priority,
-    )
-    return json_response(job, 202)
+    return {
+        "kind": body.kind, "model": body.model, "options": parse_options(body.options), "chunk_size": body.chunk_size,
+        "metadata": body.metadata, "items": validated(body.kind, enumerate(body.items, start=1)),
+        "webhook_url": body.webhook_url, "cache": body.cache, "completion_window": body.completion_window,
+        "priority": body.priority,
+    }
 
 
-def _dry_run() -> Response:
-    """``?dry_run=true``: the same body, validated line by line and counted; nothing stored or queued."""
+def _dry_run(fields: dict[str, Any]) -> Response:
+    """``?dry_run=true``: the same job, validated line by line and counted; nothing stored or queued."""
     shared = services()
-    if request.mimetype in STREAMED_TYPES:
-        kind = request.args.get("kind", "generate")
-        model = request.args.get("model", "")
-        options = parse_options(query_json("options"))
-        lines = text_lines(request.stream) if request.mimetype == "text/plain" else read_jsonl(request.stream)
-    else:
-        body: JobSubmission = parse(JobSubmission, decode_json(request.get_data()),
-                                    what="the body (a JSON object with kind, model and items)")
-        kind, model, options, lines = body.kind, body.model, parse_options(body.options), enumerate(body.items, start=1)
+    kind, model, options = fields["kind"], fields["model"], fields["options"]
 
     def throughput(digest: str) -> tuple[float | None, int]:
         rates = [w.get("throughput", {}).get(digest) for w in shared.gateway.worker_states() if w["alive"]]
@@ -99,7 +81,7 @@ def _dry_run() -> Response:
         return (sum(measured) or None), len(measured)
 
     answer = shared.jobs.dry_run(
-        kind=kind, model=model, options=options, items=validated(kind, lines), quota=principal(),
+        kind=kind, model=model, options=options, items=fields["items"], quota=principal(),
         count=lambda digest, bodies: shared.gateway.count_tokens(model, digest, kind, bodies, options or {}),
         throughput=throughput,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +58,28 @@ def bench_redis(home: Path) -> tuple[subprocess.Popen[bytes] | None, str]:
 def stop_bench_redis(private: subprocess.Popen[bytes] | None) -> None:
     if private is not None:
         stop(private, "redis", timeout=10)
+
+
+@contextmanager
+def bench_database(prefix: str, database_url: str | None = None) -> Iterator[Settings]:
+    """Settings for a bench in a new temporary home: the chat model set up, Redis (:func:`bench_redis`), and a
+    migrated database, SQLite in the home or ``database_url`` emptied first, with a free port for a server."""
+    from jobs.db import engine_for, upgrade
+    from tests.helpers import drop_everything
+
+    home = Path(tempfile.mkdtemp(prefix=prefix))
+    model_path(home, "smollm2:135m")
+    private, redis_url = bench_redis(home)
+    database = database_url or f"sqlite:///{home / 'bench.db'}"
+    try:
+        settings = Settings(home=home, redis_url=redis_url, models_dir=home / "models", database_url=database,
+                            host=f"127.0.0.1:{free_port()}")
+        if not database.startswith("sqlite"):
+            drop_everything(engine_for(database))
+        upgrade(settings)
+        yield settings
+    finally:
+        stop_bench_redis(private)
 
 
 def wait_for_job(client: Any, job_id: str, poll: float = 0.5) -> dict[str, Any]:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import bench_redis, model_path, print_table, stop_bench_redis
+from bench.common import bench_database, print_table
 
 
 def main() -> None:
@@ -34,17 +33,10 @@ def main() -> None:
     from sqlalchemy import select, update
 
     from api import create_app
-    from corral.settings import Settings
-    from jobs.db import sessions, upgrade
+    from jobs.db import sessions
     from jobs.models import Item, ItemState, Job, JobStatus, utcnow
 
-    home = Path(tempfile.mkdtemp(prefix="corral-console-bench-"))
-    model_path(home, "smollm2:135m")
-    private, redis_url = bench_redis(home)
-    try:
-        settings = Settings(home=home, redis_url=redis_url, models_dir=home / "models",
-                            database_url=args.database_url or f"sqlite:///{home / 'bench.db'}")
-        upgrade(settings)
+    with bench_database("corral-console-bench-", args.database_url) as settings:
         app = create_app(settings)
         shared = app.extensions["corral"]
         started = time.perf_counter()
@@ -91,8 +83,6 @@ def main() -> None:
         print_table(f"Console render time, ms ({database}, {args.runs} runs, in-process Flask client)",
                     ["page", "p50", "p95", "max"], rows)
         shared.jobs.cancel(job["id"])  # its chunk messages leave the broker
-    finally:
-        stop_bench_redis(private)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,8 +28,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import bench_redis, model_path, print_table, stop_bench_redis
-from cli.launcher import free_port
+from bench.common import bench_database, print_table
 
 
 def write_job(path: Path, lines: int) -> None:
@@ -102,51 +100,39 @@ def main() -> None:
     parser.add_argument("--database-url", default=None, help="default: SQLite in a temporary directory")
     args = parser.parse_args()
 
-    from corral.settings import Settings
-    from jobs.db import upgrade
-    from tests.helpers import Stack, drop_everything
+    from tests.helpers import Stack
 
-    home = Path(tempfile.mkdtemp(prefix="corral-ingest-bench-"))
-    model_path(home, "smollm2:135m")
-    private, redis_url = bench_redis(home)
-    database = args.database_url or f"sqlite:///{home / 'ingest.db'}"
-    settings = Settings(home=home, redis_url=redis_url, models_dir=home / "models", database_url=database,
-                        host=f"127.0.0.1:{free_port()}")
-    if not database.startswith("sqlite"):
-        from jobs.db import engine_for
-
-        drop_everything(engine_for(database))
-    upgrade(settings)
-    stack = Stack(settings, home / "logs")
-    rows = []
-    try:
-        api = stack.start_api()
-        env = {**os.environ, "CORRAL_HOST": stack.base_url}
-        with httpx.Client(base_url=stack.base_url, timeout=120) as client:
-            for lines in (args.small, args.lines):
-                source = home / f"job-{lines}.jsonl"
-                write_job(source, lines)
-                with PeakRss(api.proc.pid) as api_rss:
-                    started = time.perf_counter()
-                    out = subprocess.run([sys.executable, "-m", "cli", "submit", str(source), "-m", "smollm2:135m",
-                                          "--json"], env=env, capture_output=True, text=True)
-                    if out.returncode != 0:
-                        raise SystemExit(f"corral submit failed: {out.stderr}")
-                    upload = time.perf_counter() - started
-                job_id = json.loads(out.stdout)["id"]
-                poll = timed_get(client, f"/api/jobs/{job_id}")
-                export = subprocess.Popen([sys.executable, "-m", "cli", "results", job_id, "--format", "csv", "-o",
-                                           str(home / f"out-{lines}.csv")], env=env)
-                with PeakRss(export.pid) as export_rss:
-                    export.wait()
-                client.post(f"/api/jobs/{job_id}/cancel")  # its chunk messages leave the broker
-                rows.append([f"{lines:,} lines", upload, api_rss.peak / 2**20, poll, export_rss.peak / 2**20])
-            store_jobs(settings, 10_000)
-            listing = timed_get(client, "/api/jobs?limit=20")
-            first_page_status = timed_get(client, "/api/jobs?status=completed&limit=20")
-    finally:
-        stack.stop()
-        stop_bench_redis(private)
+    with bench_database("corral-ingest-bench-", args.database_url) as settings:
+        home, database = settings.home, settings.database
+        stack = Stack(settings, home / "logs")
+        rows = []
+        try:
+            api = stack.start_api()
+            env = {**os.environ, "CORRAL_HOST": stack.base_url}
+            with httpx.Client(base_url=stack.base_url, timeout=120) as client:
+                for lines in (args.small, args.lines):
+                    source = home / f"job-{lines}.jsonl"
+                    write_job(source, lines)
+                    with PeakRss(api.proc.pid) as api_rss:
+                        started = time.perf_counter()
+                        out = subprocess.run([sys.executable, "-m", "cli", "submit", str(source), "-m", "smollm2:135m",
+                                              "--json"], env=env, capture_output=True, text=True)
+                        if out.returncode != 0:
+                            raise SystemExit(f"corral submit failed: {out.stderr}")
+                        upload = time.perf_counter() - started
+                    job_id = json.loads(out.stdout)["id"]
+                    poll = timed_get(client, f"/api/jobs/{job_id}")
+                    export = subprocess.Popen([sys.executable, "-m", "cli", "results", job_id, "--format", "csv", "-o",
+                                               str(home / f"out-{lines}.csv")], env=env)
+                    with PeakRss(export.pid) as export_rss:
+                        export.wait()
+                    client.post(f"/api/jobs/{job_id}/cancel")  # its chunk messages leave the broker
+                    rows.append([f"{lines:,} lines", upload, api_rss.peak / 2**20, poll, export_rss.peak / 2**20])
+                store_jobs(settings, 10_000)
+                listing = timed_get(client, "/api/jobs?limit=20")
+                first_page_status = timed_get(client, "/api/jobs?status=completed&limit=20")
+        finally:
+            stack.stop()
     name = "PostgreSQL" if database.startswith("postgres") else "SQLite"
     print_table(f"corral submit of a generated JSONL job, {name}, API with no worker",
                 ["job", "upload s", "API peak RSS MiB", "status poll ms", "CSV export peak RSS MiB"], rows)

@@ -20,6 +20,7 @@ the caller commits, then sends (SQL first, then the message).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -37,12 +38,20 @@ URGENT = timedelta(hours=2)
 DEFAULT_WINDOW = timedelta(hours=24)
 PER_WORKER = 4  # released chunks waiting in a model's queue per live worker (each runs two at once)
 LOCK_SECONDS = 10
+WORKERS_TTL = 5.0
+
+
+_workers_seen: tuple[float, int] = (0.0, 0)  # (when, how many live workers): a SCAN per closed chunk is too many
 
 
 def depth(client: redis.Redis) -> int:
-    """How many released chunks a model's batch queue should hold: enough that no live worker ever waits."""
-    workers = sum(1 for _ in client.scan_iter(match=WORKER_KEY_PATTERN, count=500))
-    return PER_WORKER * max(1, workers)
+    """How many released chunks a model's batch queue should hold: enough that no live worker ever waits.  The
+    live workers are counted at most every :data:`WORKERS_TTL` seconds per process."""
+    global _workers_seen
+    now = time.monotonic()
+    if now - _workers_seen[0] > WORKERS_TTL:
+        _workers_seen = (now, sum(1 for _ in client.scan_iter(match=WORKER_KEY_PATTERN, count=500)))
+    return PER_WORKER * max(1, _workers_seen[1])
 
 
 def deadline(job: Job) -> datetime:

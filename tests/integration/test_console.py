@@ -32,10 +32,13 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SHOTS = Path(__file__).resolve().parents[1] / ".screenshots"
 XSS = '<script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
 
-if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-    if os.environ.get("CORRAL_BROWSER_REQUIRED"):  # .ci/run installs it: missing there is a failure
-        raise RuntimeError("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
-    pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)", allow_module_level=True)
+HAVE_BROWSER = os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
+if not HAVE_BROWSER and os.environ.get("CORRAL_BROWSER_REQUIRED"):  # .ci/run installs it: missing there fails
+    raise RuntimeError("chromium and chromium-driver are not installed (apt-get install chromium chromium-driver)")
+pytestmark = pytest.mark.skipif(
+    not HAVE_BROWSER, reason=f"needs Debian's chromium and chromium-driver at {CHROMIUM} and {CHROMEDRIVER} "
+    "(apt-get install -y chromium chromium-driver; .ci/run installs them)",
+)
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
