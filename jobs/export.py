@@ -9,6 +9,7 @@ million-item job needs no more memory than exporting ten.  Embeddings are float 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import tempfile
@@ -58,16 +59,28 @@ def write_jsonl(lines: Iterable[bytes], out: IO[bytes]) -> int:
 
 
 def write_csv(lines: Iterable[bytes], kind: str, out: IO[str]) -> int:
-    header = EMBED_COLUMNS if kind == "embed" else TEXT_COLUMNS
-    writer = csv.DictWriter(out, fieldnames=header, extrasaction="ignore")
+    count = [0]
+    for piece in csv_pieces(lines, kind, count):
+        out.write(piece)
+    return count[0]
+
+
+def csv_pieces(lines: Iterable[bytes], kind: str, count: list[int] | None = None) -> Iterator[str]:
+    """The CSV text in pieces of about 64 KiB (a streamed download), adding the rows written to ``count[0]``."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=EMBED_COLUMNS if kind == "embed" else TEXT_COLUMNS, extrasaction="ignore")
     writer.writeheader()
-    count = 0
     for row in rows(lines, kind):
         if row.get("embedding") is not None:
             row["embedding"] = json.dumps(row["embedding"])
         writer.writerow(row)
-        count += 1
-    return count
+        if count is not None:
+            count[0] += 1
+        if buffer.tell() > 1 << 16:
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+    yield buffer.getvalue()
 
 
 def write_parquet(lines: Iterable[bytes], kind: str, path: str) -> int:

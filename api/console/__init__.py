@@ -11,9 +11,6 @@ allows this origin's script and styles only, so even a value that escaped escapi
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -45,7 +42,7 @@ from api.services import services
 from api.streaming import NDJSON_MIMETYPE, ndjson, prime
 from corral.errors import BadRequest, CorralError, Forbidden
 from corral.modelfile import create_body, create_model, parse_modelfile
-from jobs.export import rows, write_parquet
+from jobs.export import csv_pieces, write_parquet
 from jobs.keys import KeyLimits
 from jobs.models import JobStatus
 
@@ -204,7 +201,7 @@ def download(job_id: str, fmt: str) -> Response:
         return _attachment(Response(stream_with_context(body), mimetype=NDJSON_MIMETYPE), name)
     encoded = (dumps(line).encode() for line in lines)
     if fmt == "csv":
-        return _attachment(Response(stream_with_context(_csv(encoded, view["kind"])), mimetype="text/csv"), name)
+        return _attachment(Response(stream_with_context(csv_pieces(encoded, view["kind"])), mimetype="text/csv"), name)
     scratch = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)  # Parquet's footer needs the whole file
     scratch.close()
     try:
@@ -213,23 +210,6 @@ def download(job_id: str, fmt: str) -> Response:
     finally:
         os.unlink(scratch.name)  # the open handle keeps the data until the response is sent
     return send_file(data, mimetype="application/vnd.apache.parquet", as_attachment=True, download_name=name)
-
-
-def _csv(lines: Iterator[bytes], kind: str) -> Iterator[str]:
-    from jobs.export import EMBED_COLUMNS, TEXT_COLUMNS
-
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=EMBED_COLUMNS if kind == "embed" else TEXT_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in rows(lines, kind):
-        if row.get("embedding") is not None:
-            row["embedding"] = json.dumps(row["embedding"])
-        writer.writerow(row)
-        if out.tell() > 1 << 16:
-            yield out.getvalue()
-            out.seek(0)
-            out.truncate()
-    yield out.getvalue()
 
 
 def _attachment(response: Response, name: str) -> Response:
