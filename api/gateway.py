@@ -83,9 +83,11 @@ class Gateway:
 
     # -- /api/create's llama.cpp work (corral.modelfile.ModelBuilder) -------------------------------------------
 
-    def check(self, model_digest: str, adapters: list[str]) -> None:
-        """Have a worker load the GGUF blob and its adapters with llama.cpp; its refusal is a :class:`BadRequest`."""
-        req = BuildRequest(request_id=new_request_id(), op="check", model_digest=model_digest, adapters=adapters)
+    def check(self, model_digest: str, adapters: list[str], projectors: list[str] | None = None) -> None:
+        """Have a worker load the GGUF blob, its adapters and its projectors with llama.cpp; its refusal is a
+        :class:`BadRequest`."""
+        req = BuildRequest(request_id=new_request_id(), op="check", model_digest=model_digest, adapters=adapters,
+                           projectors=projectors or [])
         for _ in self._build(req):
             pass
 

@@ -18,6 +18,7 @@ from api.governance import Governor
 from api.metrics import observe_first_token, observe_tokens
 from corral.capabilities import thinking_fields
 from corral.errors import BadRequest, GenerationFailed, IncompleteModel, ModelNotFound
+from corral.images import tag_request
 from corral.modelfile import apply_layers, render_template
 from corral.protocol import InferenceRequest, StreamEvent, new_request_id
 from corral.settings import Settings
@@ -52,7 +53,7 @@ class Inference:
         self, name: str, needed: str, *, think: bool | str | None = None, tools: bool = False, images: bool = False
     ) -> ModelRecord:
         """Find a model for generate/chat and check it can do what the request asks (Ollama's messages).  Images
-        are refused rather than dropped: no model corral serves takes them yet (corral/capabilities.py)."""
+        go to a model with a projector (``vision``), and are refused, never dropped, for any other."""
         record = self.model(name)
         if "completion" not in record.capabilities:
             raise BadRequest(f'"{name}" does not support {needed}')
@@ -68,6 +69,7 @@ class Inference:
         if is_zero_keep_alive(fields.get("keep_alive")):
             require_admin("unloading a model (keep_alive: 0)")
         fields.update(thinking_fields(record, kind, fields.pop("think", None), raw=bool(fields.get("raw"))))
+        fields = tag_request(kind, fields)  # images: [img-N] tags in the text, before any template renders it
         fields = apply_layers(record, kind, fields)  # the model's SYSTEM, PARAMETER and MESSAGE layers
         kind, fields = render_template(record, kind, fields)  # and its TEMPLATE, when it has one
         cap = self.settings.max_predict

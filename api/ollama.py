@@ -81,7 +81,7 @@ def generate() -> Response:
         return _load_or_unload(svc, record, req.model, req.keep_alive, "generate", req.options)
     job = svc.request(
         record, req.model, "generate", prompt=req.prompt, suffix=req.suffix or None, system=req.system, raw=req.raw,
-        context=req.context,
+        context=req.context, images=req.images or None,
         options=req.options, format=req.format, keep_alive=req.keep_alive, think=req.think,
         logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0,
         truncate=req.truncate is not False, shift=req.shift is not False,

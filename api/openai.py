@@ -50,9 +50,11 @@ def _body(model: type[Any]) -> Any:
 def chat_completions() -> Response:
     req: ChatCompletionRequest = _body(ChatCompletionRequest)
     svc = services().inference
-    record = svc.generation_model(req.model, "chat", think=req.think(), tools=bool(req.tools))
+    messages = req.native_messages()
+    record = svc.generation_model(req.model, "chat", think=req.think(), tools=bool(req.tools),
+                                  images=any(m.get("images") for m in messages))
     job = svc.request(
-        record, req.model, "chat", messages=req.native_messages(), options=req.native_options(),
+        record, req.model, "chat", messages=messages, options=req.native_options(),
         format=req.native_format(), keep_alive=req.keep_alive, tools=req.tools or None, think=req.think(),
         **req.native_logprobs(),
     )

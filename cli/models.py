@@ -142,6 +142,11 @@ def create(client: CorralClient, name: str, modelfile: Path, quantize: str | Non
         body["files"] = {path.relative_to(source).as_posix(): upload_blob(client, path) for path in model_files(source)}
         if not body["files"]:
             raise click.ClickException(f"{source}: no .safetensors or .gguf files in this directory")
+    for written in body.pop("projectors", []):  # a second FROM: a vision projector file, uploaded into files
+        path = (modelfile.parent / written).expanduser()
+        if not path.is_file():
+            raise click.ClickException(f"{modelfile}: FROM {written}: a second FROM must be a projector file")
+        body.setdefault("files", {})[path.name] = upload_blob(client, path)
     if body.get("adapters"):  # ADAPTER files: uploaded like FROM's
         adapters = {}
         for written in body["adapters"]:

@@ -10,8 +10,10 @@
   ``<think>`` and ``</think>`` (or splits a reply at ``</think>``).
 - ``insert`` also when the GGUF names its fill-in-the-middle tokens (llama.cpp's ``tokenizer.ggml.fim_*``), since
   corral builds the FIM prompt from them.
-- Never ``vision``: corral does not pass images to llama.cpp yet, so a request with images is a 400 for every
-  model rather than an answer about an image the model never saw.
+- ``vision`` for a model with a projector layer (Ollama's ``projectorCapabilities``), whose images llama.cpp's
+  mtmd library encodes (workers/media.py).  Not for a GGUF that merely has ``vision.*`` keys (Ollama's own engine
+  serves those; llama.cpp needs the projector file), so a request with images to any other model is a 400
+  rather than an answer about an image the model never saw.
 
 Derived when asked rather than stored, so a store written by an older corral or by Ollama gets the same answer.
 """
@@ -48,9 +50,9 @@ def has_fim_tokens(model_info: dict[str, Any]) -> bool:
     return all(model_info.get(key) is not None for key in FIM_KEYS)
 
 
-def derive(config: dict[str, Any], template: str | None) -> list[str]:
-    """The capabilities of a model with this config blob (corral's, with ``model_info``) and Go ``template`` layer
-    (None without one)."""
+def derive(config: dict[str, Any], template: str | None, *, projector: bool = False) -> list[str]:
+    """The capabilities of a model with this config blob (corral's, with ``model_info``), Go ``template`` layer
+    (None without one) and, or not, a projector layer."""
     if "embedding" in (config.get("capabilities") or []):
         return ["embedding"]
     info: dict[str, Any] = config.get("model_info") or {}
@@ -61,7 +63,8 @@ def derive(config: dict[str, Any], template: str | None) -> list[str]:
     else:
         chat = str(info.get("tokenizer.chat_template") or "")
         tools, thinks, insert = "tools" in chat or "tool_call" in chat, chat_template_thinks(chat), False
-    for name, present in (("tools", tools), ("thinking", thinks), ("insert", insert or has_fim_tokens(info))):
+    for name, present in (("tools", tools), ("thinking", thinks), ("insert", insert or has_fim_tokens(info)),
+                          ("vision", projector)):
         if present:
             found.append(name)
     return found

@@ -221,8 +221,9 @@ def _relative(filename: str) -> None:
 class ModelBuilder(Protocol):
     """The llama.cpp work of a create, which only workers can do (the API's gateway sends it to one)."""
 
-    def check(self, model_digest: str, adapters: list[str]) -> None:
-        """Raise :class:`BadRequest` in llama.cpp's words when it cannot load the blob with these adapter blobs."""
+    def check(self, model_digest: str, adapters: list[str], projectors: list[str] | None = None) -> None:
+        """Raise :class:`BadRequest` in llama.cpp's words when it cannot load the blob with these adapter and
+        projector blobs."""
 
     def quantize(self, model_digest: str, quant: str) -> Iterator[dict[str, Any]]:
         """Progress ``{"completed", "total"}``, then the quantized blob's ``{"digest", "size"}``."""
@@ -251,17 +252,22 @@ def create_model(
     options = check_parameters(parameters)
     prefix = check_messages(messages)
     licenses = [license] if isinstance(license, str) else list(license or [])
-    if files:
-        gguf = _files_gguf(store, files, name)
+    kept: list[dict[str, Any]]
+    model_layer: dict[str, Any]
+    if files and not base:
+        gguf, projectors = _files_gguf(store, files, name)
         converted = not any(filename.lower().endswith(".gguf") for filename in files)
         config = _read_config(gguf)
-        model_layer: dict[str, Any] = {"mediaType": MODEL_MEDIA_TYPE, "digest": "sha256:" + gguf.name.split("-", 1)[1],
+        model_layer = {"mediaType": MODEL_MEDIA_TYPE, "digest": "sha256:" + gguf.name.split("-", 1)[1],
                        "size": gguf.stat().st_size}
-        kept: list[dict[str, Any]] = [model_layer]
+        kept = [model_layer, *(_blob_layer("projector", path) for path in projectors)]
     else:
         store.get(base)  # a model that is not there, or whose blob is missing, is Ollama's 404
         source = store.manifest(base)
         kept = list(source["layers"])
+        if files:  # FROM a model, and FROM ./mmproj.gguf: the model's layers with this projector
+            kept = [ref for ref in kept if not ref["mediaType"].endswith(".projector")]
+            kept += [_blob_layer("projector", path) for path in _projector_files(store, files)]
         config = json.loads(store.blob_path(source["config"]["digest"]).read_bytes())
         model_layer = next(ref for ref in kept if ref["mediaType"] == MODEL_MEDIA_TYPE)
         converted = False
@@ -271,7 +277,8 @@ def create_model(
         if builder is None:
             raise BadRequest("creating a model from a new file needs a worker to check it")
         model_digest = model_layer["digest"].split(":", 1)[1]
-        builder.check(model_digest, [ref["digest"].split(":", 1)[1] for ref in adapter_layers])
+        projector_digests = [ref["digest"].split(":", 1)[1] for ref in kept if ref["mediaType"].endswith(".projector")]
+        builder.check(model_digest, [ref["digest"].split(":", 1)[1] for ref in adapter_layers], projector_digests)
     if quant and builder is None:
         raise BadRequest("quantizing needs a worker")
     new: dict[str, list[bytes]] = {}
@@ -292,9 +299,10 @@ def create_model(
                         quantize=(builder, quant) if quant and builder else None)
 
 
-def _files_gguf(store: ModelStore, files: dict[str, str], name: str) -> Path:
+def _files_gguf(store: ModelStore, files: dict[str, str], name: str) -> tuple[Path, list[Path]]:
     """The GGUF blob that ``files`` holds, or the GGUF converted from the Hugging Face model they hold (its
-    ``.safetensors``, ``config.json`` and tokenizer files), added to the store."""
+    ``.safetensors``, ``config.json`` and tokenizer files), added to the store; and the vision projector GGUFs
+    among them (an ``mmproj`` file beside the model's, as ``ollama create`` sends a Modelfile's two FROMs)."""
     paths: dict[str, Path] = {}
     for filename, digest in files.items():
         _relative(filename)
@@ -303,12 +311,16 @@ def _files_gguf(store: ModelStore, files: dict[str, str], name: str) -> Path:
             raise BadRequest(f"blob {digest} not found: upload it first (POST /api/blobs/{digest})")
         paths[filename] = path
     ggufs = [path for filename, path in paths.items() if filename.lower().endswith(".gguf")]
+    projectors = [path for path in ggufs if is_projector(_read_config(path)["model_info"])]
+    ggufs = [path for path in ggufs if path not in projectors]
     if len(ggufs) == 1:
-        return ggufs[0]
-    if ggufs:
-        raise BadRequest("files must hold exactly one .gguf file")
+        return ggufs[0], projectors
+    if len(ggufs) > 1:
+        raise BadRequest("files must hold exactly one .gguf model file (and any vision projector files)")
+    if projectors:
+        raise BadRequest("files hold a vision projector but no model: add the model's .gguf file")
     if any(filename.endswith(".safetensors") for filename in paths):
-        return _convert_safetensors(store, paths, name)
+        return _convert_safetensors(store, paths, name), []
     raise BadRequest("files must hold a .gguf file, or a Hugging Face model's .safetensors with its config.json")
 
 
@@ -360,6 +372,33 @@ def _quant_type(quantize: str, file_type: str) -> str:
     if file_type not in QUANTIZABLE_FROM:
         raise BadRequest(f"quantization is only supported for F16 and F32 models (and Q8_0, BF16); this one is {file_type}")
     return wanted
+
+
+def _projector_files(store: ModelStore, files: dict[str, str]) -> list[Path]:
+    """The blobs of ``files`` given beside ``from``: vision projectors only (the model comes from ``from``)."""
+    found = []
+    for filename, digest in files.items():
+        _relative(filename)
+        path = store.blob_path(digest)
+        if not path.is_file():
+            raise BadRequest(f"blob {digest} not found: upload it first (POST /api/blobs/{digest})")
+        if not filename.lower().endswith(".gguf") or not is_projector(_read_config(path)["model_info"]):
+            raise BadRequest(f"{filename}: with 'from' a model, files may only hold vision projector GGUFs")
+        found.append(path)
+    return found
+
+
+def is_projector(info: dict[str, Any]) -> bool:
+    """A vision projector GGUF (an ``mmproj`` file), by Ollama's test (``isProjectorGGUF``)."""
+    if info.get("general.type") in ("projector", "mmproj"):
+        return True
+    return info.get("general.architecture") == "clip" and bool(
+        info.get("clip.has_vision_encoder") or info.get("clip.has_audio_encoder"))
+
+
+def _blob_layer(kind: str, path: Path) -> dict[str, Any]:
+    return {"mediaType": LAYER_MEDIA_PREFIX + kind, "digest": "sha256:" + path.name.split("-", 1)[1],
+            "size": path.stat().st_size}
 
 
 def _adapter_layer(store: ModelStore, filename: str, digest: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -513,7 +552,9 @@ def create_body(commands: list[tuple[str, str]]) -> dict[str, Any]:
     messages: list[dict[str, str]] = []
     licenses: list[str] = []
     for command, value in commands:
-        if command == "FROM":
+        if command == "FROM" and "from" in body:  # a second FROM: a projector file beside the model (a vision model)
+            body.setdefault("projectors", []).append(value)
+        elif command == "FROM":
             body["from"] = value
         elif command == "ADAPTER":
             body.setdefault("adapters", {})[value] = value

@@ -108,6 +108,7 @@ class InferenceRequest(BaseModel):
     raw: bool = False
     context: list[int] | None = None
     messages: list[dict[str, Any]] | None = None
+    images: list[str] | None = Field(None, description="Base64 images, in the order of the text's [img-N] tags.")
     tools: list[dict[str, Any]] | None = None
     inputs: list[str] | None = None
     truncate: bool = True  # generate/chat: drop old messages to fit num_ctx (false: a 400); embed: cut inputs
@@ -153,6 +154,7 @@ class BuildRequest(BaseModel):
     op: Literal["check", "quantize", "count"]
     model_digest: str
     adapters: list[str] = Field(default_factory=list)
+    projectors: list[str] = Field(default_factory=list)
     quantize: str | None = None
     model: str = ""
     kind: str = ""

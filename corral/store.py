@@ -107,6 +107,8 @@ class ModelRecord:
     extras: dict[str, list[str]] = field(default_factory=dict)
     # LoRA adapters (``ADAPTER``, ``application/vnd.ollama.image.adapter`` layers), applied on top of the GGUF.
     adapter_paths: tuple[Path, ...] = ()
+    # Vision projectors (``application/vnd.ollama.image.projector`` layers, an ``mmproj`` GGUF): images.
+    projector_paths: tuple[Path, ...] = ()
 
     @property
     def capabilities(self) -> list[str]:
@@ -114,7 +116,7 @@ class ModelRecord:
         from corral.capabilities import derive
 
         template = self.extras.get("template")
-        return derive(self.config, template[-1] if template else None)
+        return derive(self.config, template[-1] if template else None, projector=bool(self.projector_paths))
 
     @property
     def is_embedding(self) -> bool:
@@ -318,12 +320,15 @@ class ModelStore:
                               "which is not in the store; pull or create it again")
         extras: dict[str, list[str]] = {}
         adapters: list[Path] = []
+        projectors: list[Path] = []
         for ref in manifest["layers"]:
             kind = ref["mediaType"].rsplit(".", 1)[-1]
             if ref["mediaType"].startswith(LAYER_MEDIA_PREFIX) and kind in TEXT_LAYERS:
                 extras.setdefault(kind, []).append(self.blob_path(ref["digest"]).read_text(errors="replace"))
             elif ref["mediaType"] == LAYER_MEDIA_PREFIX + "adapter":
                 adapters.append(self.blob_path(ref["digest"]))
+            elif ref["mediaType"] == LAYER_MEDIA_PREFIX + "projector":
+                projectors.append(self.blob_path(ref["digest"]))
         config_ref = manifest["config"]
         config = json.loads(self.blob_path(config_ref["digest"]).read_bytes())
         size = int(config_ref["size"]) + sum(int(x["size"]) for x in manifest["layers"])
@@ -338,6 +343,7 @@ class ModelStore:
             config=config,
             extras=extras,
             adapter_paths=tuple(adapters),
+            projector_paths=tuple(projectors),
         )
 
     def get(self, text: str) -> ModelRecord:

@@ -22,7 +22,8 @@ from sqlalchemy import Integer, cast, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from corral.broker import Broker
-from corral.errors import BadRequest, Conflict, Forbidden, NotFound, RateLimited
+from corral.errors import BadRequest, Conflict, CorralError, Forbidden, NotFound, RateLimited
+from corral.images import check_images
 from corral.protocol import KEY_PREFIX, job_cancel_key
 from corral.settings import Settings
 from corral.store import ModelRecord, ModelStore
@@ -461,6 +462,14 @@ def check_item(record: ModelRecord, model: str, kind: str, body: dict[str, Any],
     """What a job's item must satisfy beyond its schema (``n``: its line, for the message)."""
     if body.get("think") not in (None, False) and "thinking" not in record.capabilities:
         raise BadRequest(f'item {n}: "{model}" does not support thinking')
+    images = list(body.get("images") or []) + [i for m in body.get("messages") or [] for i in m.get("images") or []]
+    if images:
+        if "vision" not in record.capabilities:
+            raise BadRequest(f"item {n}: {model} does not support vision: the item has images")
+        try:
+            check_images(images)
+        except CorralError as exc:
+            raise BadRequest(f"item {n}: {exc.message}") from exc
     if kind == "generate" and body.get("context"):
         try:
             check_context(body["context"], int(record.config.get("vocab_size") or 0))

@@ -35,7 +35,8 @@ def run_build(store: ModelStore, req: BuildRequest, writer: StreamWriter, *, thr
                          "API's model store")
     if req.op == "check":
         adapters = [str(store.blob_path(d)) for d in req.adapters]
-        _child({"op": "check", "model": str(model), "adapters": adapters}, writer)
+        projectors = [str(store.blob_path(d)) for d in req.projectors]
+        _child({"op": "check", "model": str(model), "adapters": adapters, "projectors": projectors}, writer)
         writer.emit("result", {})
         return
     if req.quantize not in QUANT_TYPES:

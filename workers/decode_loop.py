@@ -95,6 +95,9 @@ class SequenceRequest:
     shift_keep: int = -1
     # Render special tokens as text (a request with tools: <|python_tag|>, <|call|> and the like mark calls).
     special: bool = False
+    # A prompt with images (workers/media.py): their positions in ``prompt`` hold placeholder ids, and the loop
+    # encodes each image when the prefill reaches it.  The loop closes it when the sequence ends.
+    media: Any = None
 
 
 class StopMatcher:
@@ -296,6 +299,7 @@ class DecodeLoop:
         for active in list(self._active.values()):
             self._end(active, error=GenerationFailed("model unloaded while generating"))
         for handle in waiting:
+            self._release(handle.request)
             handle.events.put(("error", GenerationFailed("model unloaded before the request ran")))
 
     def _admit(self) -> list[tuple[SequenceHandle, int]]:
@@ -347,13 +351,17 @@ class DecodeLoop:
         req = handle.request
         now = time.perf_counter_ns()
         if handle.cancel_requested.is_set():
-            handle.events.put(("done", GenerationResult("cancelled", len(req.prompt), 0, 0, 0, req.prompt)))
+            self._release(req)
+            handle.events.put(("done", GenerationResult("cancelled", len(req.prompt), 0, 0, 0, _context(req))))
             return
         if req.limit <= 0:
-            handle.events.put(("done", GenerationResult("length", len(req.prompt), 0, 0, 0, req.prompt)))
+            self._release(req)
+            handle.events.put(("done", GenerationResult("length", len(req.prompt), 0, 0, 0, _context(req))))
             return
-        bad = next((token for token in req.prompt if not 0 <= token < self._n_vocab), None)
+        text = _text_tokens(req)
+        bad = next((token for token in text if not 0 <= token < self._n_vocab), None)
         if bad is not None:  # llama_decode would fail the whole step, every other sequence in it included
+            self._release(req)
             handle.events.put(("error", BadRequest(
                 f"invalid context: token id {bad} is outside the model's vocabulary (0 to {self._n_vocab - 1})"
             )))
@@ -361,6 +369,7 @@ class DecodeLoop:
         try:
             sampler = self._sampler(req)
         except Exception as exc:
+            self._release(req)
             handle.events.put(("error", GenerationFailed(f"generation failed: {exc}")))
             return
         # Keep the cells of the shared prefix; at least the prompt's last token is decoded again, for its logits.
@@ -373,6 +382,9 @@ class DecodeLoop:
             self._llama_cpp.llama_memory_seq_cp(self._memory, source, slot, -1, -1)
             self._cached[slot] = list(self._cached[source])
             keep = min(shared, limit)
+        cut = req.media.inside(keep) if req.media is not None else None
+        if cut is not None:  # half an image's cells: the image is decoded again whole
+            keep = cut.start
         if not self._llama_cpp.llama_memory_seq_rm(self._memory, slot, keep, -1):
             keep = 0  # the cache cannot drop a tail (llama.cpp refuses for some memory types): start over
             self._llama_cpp.llama_memory_seq_rm(self._memory, slot, -1, -1)
@@ -450,7 +462,17 @@ class DecodeLoop:
         for active in prefilling:
             if budget <= 0:
                 break
-            part, active.todo = active.todo[:budget], active.todo[budget:]
+            media = active.handle.request.media
+            if media is not None:
+                if not self._images(active, media):
+                    continue
+                # this step's text stops where the next image starts (it is encoded at the next step)
+                room = min(budget, media.next_start(len(self._cached[active.slot])) - len(self._cached[active.slot]))
+            else:
+                room = budget
+            part, active.todo = active.todo[:room], active.todo[room:]
+            if not part:
+                continue
             parts[active.slot] = (active, part, not active.todo)
             budget -= len(part)
             self.prompt_decoded_total += len(part)
@@ -481,6 +503,29 @@ class DecodeLoop:
             if not active.first_token_at:
                 active.first_token_at = now
             self._accept(active, token)
+
+    def _images(self, active: _Active, media: Any) -> bool:
+        """Encode the images that the sequence's prefill has reached, into its cells (libmtmd decodes their
+        embeddings itself: a step of its own, before this step's batch).  An image that fails ends its own
+        sequence only (False)."""
+        cached = self._cached[active.slot]
+        while (span := media.span_at(len(cached))) is not None:
+            try:
+                media.evaluate(span, self._ctx, len(cached), active.slot, self.n_batch)
+            except Exception as exc:
+                log.exception("encoding an image failed")
+                error = exc if isinstance(exc, CorralError) else GenerationFailed(f"encoding an image failed: {exc}")
+                self._end(active, error=error)
+                return False
+            cached.extend(active.todo[:span.length])
+            del active.todo[:span.length]
+            self.prompt_decoded_total += span.length
+        return True
+
+    @staticmethod
+    def _release(req: SequenceRequest) -> None:
+        if req.media is not None:
+            req.media.close()
 
     def _shift(self, active: _Active) -> bool:
         """Make room in a full context: keep the first ``shift_keep`` cells, discard half of the others (the
@@ -526,7 +571,7 @@ class DecodeLoop:
         if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
             self._end(active, reason="stop")
             return
-        previous = active.generated[-8:] if active.generated else active.handle.request.prompt[-8:]
+        previous = active.generated[-8:] if active.generated else _text_tokens(active.handle.request)[-8:]
         active.generated.append(token)
         self.generated_total += 1
         piece = bytes(self.llm.detokenize([token], prev_tokens=previous, special=active.handle.request.special))
@@ -553,6 +598,7 @@ class DecodeLoop:
         self._active.pop(active.slot, None)
         llama_cpp.llama_sampler_free(active.sampler)
         handle = active.handle
+        self._release(handle.request)
         if active.shifts:  # shifted cells are not what a fresh prompt would compute: keep only the untouched head
             keep = handle.request.shift_keep
             llama_cpp.llama_memory_seq_rm(self._memory, active.slot, keep, -1)
@@ -582,10 +628,21 @@ class DecodeLoop:
                 prompt_eval_duration=max(first - active.started, 1),
                 eval_count=len(active.generated),
                 eval_duration=max(ended - first, 1),
-                context=prompt + active.generated,
+                context=_context(handle.request) + active.generated,
                 logprobs=active.logprobs,
             ),
         ))
+
+
+def _text_tokens(req: SequenceRequest) -> list[int]:
+    """The prompt's token ids without the placeholders of its images."""
+    return req.prompt if req.media is None else [t for t in req.prompt if t >= 0]
+
+
+def _context(req: SequenceRequest) -> list[int]:
+    """What ``context`` reports: the prompt's tokens; a prompt with images has no token list to send back (its
+    images' positions have no ids), so it reports none."""
+    return req.prompt if req.media is None else []
 
 
 def set_adapters(llama_cpp: Any, ctx: Any, adapters: list[Any]) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 from corral.errors import BadRequest, ContextLengthExceeded, GenerationFailed
 from workers import compute, weights
 from workers.decode_loop import DecodeLoop, GenerationResult, SequenceHandle, SequenceRequest, set_adapters
+from workers.media import MediaPrompt, Projector
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class LoadSpec:
     weights: str = "native"  # "q8_0": decode from a Q8_0 copy of the file (workers/weights.py)
     adapters: tuple[Path, ...] = ()  # LoRA adapter GGUFs (a created model's ADAPTER layers), scale 1
     group_prefixes: bool = True  # CORRAL_PREFIX_GROUPING: batch prompts wait for a shared prefix to be prefilled
+    projector: Path | None = None  # a vision model's projector GGUF (its projector layer): images (workers/media.py)
 
 
 class LoadedModel:
@@ -101,6 +103,7 @@ class LoadedModel:
             raise GenerationFailed(f"failed to load model: {exc}") from exc
         self._embed_lock = threading.Lock()
         self.loop: DecodeLoop | None = None
+        self.projector: Projector | None = None
         try:
             adapters = self._load_adapters(llama_cpp, spec.adapters)
             if spec.embedding and adapters:
@@ -111,7 +114,12 @@ class LoadedModel:
                     self.llm, slots=slots, n_ctx_per_slot=spec.n_ctx, n_batch=min(512, spec.n_ctx * slots),
                     n_threads=spec.n_threads, adapters=adapters, group_prefixes=spec.group_prefixes,
                 )
+                if spec.projector is not None:
+                    self.projector = Projector(spec.projector, self.llm.model, n_threads=spec.n_threads,
+                                               use_gpu=spec.n_gpu_layers != 0)
         except GenerationFailed:
+            if self.loop is not None:
+                self.loop.close()
             self.llm.close()
             raise
         self.load_duration = int((time.perf_counter() - started) * 1e9)
@@ -145,7 +153,9 @@ class LoadedModel:
 
     def close(self) -> None:
         if self.loop is not None:
-            self.loop.close()
+            self.loop.close()  # ends every sequence, and with them their images' chunks
+        if self.projector is not None:
+            self.projector.close()
         self.llm.close()
 
     @property
@@ -168,9 +178,30 @@ class LoadedModel:
     ) -> tuple[list[int], list[str], str]:
         """(tokens, stop strings, prompt text) of messages in the model's own chat template.  ``think`` reaches
         the template as ``enable_thinking`` (Qwen3, SmolLM3) and a level as ``reasoning_effort`` (gpt-oss)."""
+        text, stops, add_bos = self._render(messages, tools, think)
+        return self.tokenize(text, add_bos=add_bos), stops, text
+
+    def chat_media(
+        self, messages: list[dict[str, Any]], images: list[bytes], tools: list[Any] | None = None, *,
+        think: bool | str | None = None,
+    ) -> tuple[list[int], list[str], str, MediaPrompt]:
+        """:meth:`chat_render` for messages whose ``[img-N]`` tags stand for ``images``, with the prompt's images
+        (workers/media.py)."""
+        text, stops, add_bos = self._render(messages, tools, think)
+        media = self.media_prompt(text, images, add_special=add_bos)
+        return media.tokens, stops, text, media
+
+    def media_prompt(self, text: str, images: list[bytes], *, add_special: bool) -> MediaPrompt:
+        if self.projector is None:
+            raise BadRequest("this model does not support vision: the request has images")
+        return self.projector.prompt(text, images, add_special=add_special)
+
+    def _render(
+        self, messages: list[dict[str, Any]], tools: list[Any] | None, think: bool | str | None
+    ) -> tuple[str, list[str], bool]:
+        """(prompt text, stop strings, whether to add BOS) of messages in the model's own chat template."""
         if self._formatter is None:
-            text = "".join(f"{m.get('content', '')}\n" for m in messages)
-            return self.tokenize(text, add_bos=True), [], text
+            return "".join(f"{m.get('content', '')}\n" for m in messages), [], True
         extra: dict[str, Any] = {}
         if think is not None:
             extra["enable_thinking"] = bool(think)
@@ -180,8 +211,7 @@ class LoadedModel:
             rendered = self._formatter(messages=messages, tools=tools or None, **extra)
         except Exception as exc:  # jinja2 errors, raise_exception() in templates
             raise BadRequest(f"template error: {exc}") from exc
-        tokens = self.tokenize(rendered.prompt, add_bos=not rendered.added_special)
-        return tokens, list(rendered.stop or []), rendered.prompt
+        return rendered.prompt, list(rendered.stop or []), not rendered.added_special
 
     def raw_prompt(self, prompt: str) -> list[int]:
         return self.tokenize(prompt, add_bos=True)
@@ -214,17 +244,32 @@ class LoadedModel:
         truncate: bool = True,
         shift: bool = True,
         special: bool = False,
+        media: MediaPrompt | None = None,
     ) -> SequenceHandle:
         """Queue a generation in the decode loop: until EOG, a stop string, ``num_predict`` or the context end.
 
         Errors in the request itself (a bad ``format``) raise here, before anything is queued.  ``stream=False``:
         the text comes in one piece at the end (batch items).
         """
+        try:
+            return self._start(prompt, options, stops=stops, fmt=fmt, interactive=interactive, stream=stream,
+                               logprobs=logprobs, truncate=truncate, shift=shift, special=special, media=media)
+        except BaseException:
+            if media is not None:  # never queued: its images' chunks are freed here
+                media.close()
+            raise
+
+    def _start(
+        self, prompt: list[int], options: dict[str, Any], *, stops: list[str], fmt: str | dict[str, Any] | None,
+        interactive: bool, stream: bool, logprobs: int, truncate: bool, shift: bool, special: bool,
+        media: MediaPrompt | None,
+    ) -> SequenceHandle:
         if self.loop is None:
             raise BadRequest("this model is loaded for embeddings only")
         opts = {**DEFAULT_SAMPLING, **{k: v for k, v in options.items() if v is not None}}
         prompt = prompt or [self.llm.token_bos()]
-        if not truncate and len(prompt) > self.n_ctx - 1:
+        # a prompt with images is never cut (half an image is no image): it fits, or it is a 400
+        if (not truncate or media is not None) and len(prompt) > self.n_ctx - 1:
             raise BadRequest("the input length exceeds the context length")
         prompt = self._fit_prompt(prompt, int(opts["num_keep"]))
         num_predict = int(opts["num_predict"])
@@ -246,6 +291,7 @@ class LoadedModel:
             logprobs=logprobs,
             shift_keep=min(int(opts["num_keep"]), self.n_ctx // 2) if shift else -1,
             special=special,
+            media=media,
         )
         return self.loop.submit(request)
 

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from corral.capabilities import thinking_fields
+from corral.images import tag_request
 from corral.modelfile import apply_layers, render_template
 from corral.protocol import BuildRequest, InferenceRequest, new_request_id
 from corral.store import ModelRecord
@@ -22,10 +23,12 @@ def item_request(record: ModelRecord, kind: str, name: str, digest: str, options
     fields = apply_layers(record, kind, {
         "prompt": body.get("prompt"), "system": body.get("system"), "raw": raw,
         "context": body.get("context"), "messages": body.get("messages"), "tools": body.get("tools") or None,
+        "images": body.get("images") or None,
         "options": {**options, **(body.get("options") or {})}, "format": body.get("format"),
         **thinking_fields(record, kind, body.get("think"), raw=raw),
         "logprobs": bool(body.get("logprobs")), "top_logprobs": int(body.get("top_logprobs") or 0),
     })
+    fields = tag_request(kind, fields)  # images: [img-N] tags in the text, as the sync routes tag them
     request_kind, fields = render_template(record, kind, fields)  # a TEMPLATE layer: a raw prompt
     return InferenceRequest(request_id=new_request_id(), kind=request_kind, model=name, model_digest=digest, **fields)
 
@@ -44,7 +47,10 @@ def count_tokens(runtime: WorkerRuntime, req: BuildRequest) -> list[int | None]:
                     counts.append(sum(len(t) for t in model.embed_tokens(inputs, truncate=bool(body.get("truncate", True)))))
                 else:
                     request = item_request(record, req.kind, req.model, req.model_digest, req.options, body)
-                    counts.append(len(runtime.prompt_for(model, request, record)[0]))
+                    prompt, _, _, media = runtime.prompt_for(model, request, record)
+                    counts.append(len(prompt))
+                    if media is not None:
+                        media.close()
             except Exception:  # CorralError or not, this item would fail: counted as failing, never the dry run
                 log.debug("item does not render", exc_info=True)
                 counts.append(None)

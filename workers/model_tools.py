@@ -2,9 +2,10 @@
 
 Two jobs (``JOB`` is JSON):
 
-- ``{"op": "check", "model": PATH, "adapters": [PATH, ...]}``: load the GGUF as a worker would (weights mapped,
-  not copied, on the CPU) and each LoRA adapter onto it, so that a file llama.cpp cannot serve (an unknown
-  architecture, missing tensors, an adapter made for another model) fails the create, not the first chat.
+- ``{"op": "check", "model": PATH, "adapters": [PATH, ...], "projectors": [PATH, ...]}``: load the GGUF as a
+  worker would (weights mapped, not copied, on the CPU), each LoRA adapter onto it and each vision projector
+  with it (libmtmd), so that a file llama.cpp cannot serve (an unknown architecture, missing tensors, an adapter
+  or projector made for another model) fails the create, not the first chat.
 - ``{"op": "quantize", "model": PATH, "output": PATH, "type": "Q4_K_M", "threads": N}``: llama.cpp's
   ``llama_model_quantize``, requantizing a Q8_0 source when asked.
 
@@ -71,6 +72,18 @@ def main(argv: list[str]) -> int:
             if not adapter:
                 say(error=f"llama.cpp cannot apply the adapter to this model: {reason('unknown error')}")
                 return 0
+        for path in job.get("projectors") or []:
+            errors.clear()
+            import llama_cpp.mtmd_cpp as mtmd
+
+            mtmd.mtmd_log_set(on_log, ctypes.c_void_p(0))
+            mparams = mtmd.mtmd_context_params_default()
+            mparams.use_gpu, mparams.print_timings = False, False
+            projector = mtmd.mtmd_init_from_file(path.encode(), model, mparams)
+            if not projector:
+                say(error=f"llama.cpp cannot use the vision projector with this model: {reason('unknown error')}")
+                return 0
+            mtmd.mtmd_free(projector)
         llama_cpp.llama_model_free(model)
         say(ok=True)
         return 0

@@ -27,10 +27,13 @@ from corral.thinking import ThinkingSplitter
 from corral.toolcalls import ToolCallHold, tool_format, tool_names
 from workers.decode_loop import GenerationResult, SequenceHandle
 from workers.engine import LoadedModel, LoadSpec, default_threads
+from workers.media import MediaPrompt, decode_images
 from workers.registry import ModelRegistry
 from workers.weights import choose_weights
 
 log = logging.getLogger(__name__)
+
+Rendered = tuple[list[int], list[str], str, MediaPrompt | None]  # tokens, stop strings, text, images
 # The console's "recent tokens/s": tokens generated over the last this many seconds of heartbeats.
 RATE_WINDOW = 10.0
 
@@ -210,6 +213,7 @@ class WorkerRuntime:
             weights=weights,
             adapters=record.adapter_paths,
             group_prefixes=self.settings.prefix_grouping,
+            projector=record.projector_paths[0] if record.projector_paths and not embedding else None,
         )
 
     def execute(self, req: InferenceRequest, writer: StreamWriter) -> None:
@@ -249,58 +253,77 @@ class WorkerRuntime:
         A chat prompt longer than ``num_ctx`` loses whole messages, oldest first, keeping the system prompt and
         the last message, as Ollama's server does (``record``'s TEMPLATE renders them again when it has one);
         ``truncate: false`` makes it a 400 instead."""
-        prompt, stops, text = self.prompt_for(model, req, record)
+        prompt, stops, text, media = self.prompt_for(model, req, record)
         splitter = None
         if req.think and req.think_tags:
             opening, closing = req.think_tags[:2]
             splitter = ThinkingSplitter(opening, closing, inside=text.rstrip().endswith(opening))
         handle = model.start(prompt, req.options, stops=stops, fmt=req.format, interactive=interactive, stream=stream,
                              logprobs=req.top_logprobs if req.logprobs else -1, truncate=req.truncate, shift=req.shift,
-                             special=bool(req.tools))  # tool-call markers are often special tokens
+                             special=bool(req.tools),  # tool-call markers are often special tokens
+                             media=media)
         return handle, splitter
 
-    def prompt_for(
-        self, model: LoadedModel, req: InferenceRequest, record: ModelRecord | None = None,
-    ) -> tuple[list[int], list[str], str]:
-        """The prompt's tokens, its stop strings and its text, as :meth:`start_generation` hands them to the
-        decode loop (and a dry run counts them)."""
+    def prompt_for(self, model: LoadedModel, req: InferenceRequest, record: ModelRecord | None = None) -> Rendered:
+        """The prompt's tokens, its stop strings, its text and its images (None without), as
+        :meth:`start_generation` hands them to the decode loop (and a dry run counts them).  A request with
+        images has their ``[img-N]`` tags in its text (the API put them there: corral/images.py); they become
+        llama.cpp's media chunks here (workers/media.py)."""
         stops: list[str] = []
         budget = model.n_ctx
+        images = decode_images(req.images) if req.images else None
+        media: MediaPrompt | None = None
         if req.kind == "chat":
-            def chat(messages: list[dict[str, Any]]) -> tuple[list[int], list[str], str]:
-                return model.chat_render(messages, req.tools, think=req.think)
+            def chat(messages: list[dict[str, Any]]) -> Rendered:
+                if images is None:
+                    return (*model.chat_render(messages, req.tools, think=req.think), None)
+                return model.chat_media(messages, images, req.tools, think=req.think)
 
-            prompt, stops, text = self._fit_messages(chat, req, budget)
+            prompt, stops, text, media = self._fit_messages(chat, req, budget)
         elif req.suffix:  # fill in the middle (the API checked the model has FIM tokens: `insert`)
             prompt, text = model.fim_prompt(req.prompt or "", req.suffix), ""
         elif req.raw:
-            prompt, text = model.raw_prompt(req.prompt or ""), req.prompt or ""
+            def raw(text: str) -> Rendered:
+                if images is None:
+                    return model.raw_prompt(text), [], text, None
+                media = model.media_prompt(text, images, add_special=True)
+                return media.tokens, [], text, media
+
+            prompt, stops, text, media = raw(req.prompt or "")
             if req.messages and record is not None and len(prompt) > budget and req.truncate:
-                def templated(messages: list[dict[str, Any]]) -> tuple[list[int], list[str], str]:
+                def templated(messages: list[dict[str, Any]]) -> Rendered:
                     _, fields = render_template(record, "chat", {"messages": messages, "tools": req.tools,
                                                                  "think": req.think})
-                    return model.raw_prompt(fields["prompt"]), [], fields["prompt"]
+                    return raw(fields["prompt"])
 
-                prompt, stops, text = self._fit_messages(templated, req, budget)
+                if media is not None:
+                    media.close()
+                prompt, stops, text, media = self._fit_messages(templated, req, budget)
         else:
             messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
                 {"role": "user", "content": req.prompt or ""}
             ]
-            prompt, stops, text = model.chat_render(messages, think=req.think)
+            if images is None:
+                prompt, stops, text = model.chat_render(messages, think=req.think)
+            else:
+                prompt, stops, text, media = model.chat_media(messages, images, think=req.think)
             if req.context:
                 prompt = list(req.context) + prompt
-        return prompt, stops, text
+                if media is not None:
+                    media.prepend(req.context)
+        return prompt, stops, text, media
 
     @staticmethod
-    def _fit_messages(
-        render: Callable[[list[dict[str, Any]]], tuple[list[int], list[str], str]], req: InferenceRequest, budget: int
-    ) -> tuple[list[int], list[str], str]:
-        """The rendered chat with as many of its latest messages as fit ``budget`` tokens (Ollama's chatPrompt)."""
+    def _fit_messages(render: Callable[[list[dict[str, Any]]], Rendered], req: InferenceRequest, budget: int) -> Rendered:
+        """The rendered chat with as many of its latest messages as fit ``budget`` tokens (Ollama's chatPrompt);
+        the images of the messages dropped go with them."""
         messages = req.messages or []
         rendered = render(messages)
         if len(rendered[0]) <= budget or not req.truncate:
             return rendered
         for start in range(1, len(messages)):
+            if rendered[3] is not None:
+                rendered[3].close()
             system = [m for m in messages[:start] if m.get("role") == "system"]
             rendered = render(system + messages[start:])
             if len(rendered[0]) <= budget:

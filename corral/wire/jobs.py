@@ -21,8 +21,7 @@ from corral.wire.ollama import MAX_EMBED_INPUTS
 JOB_KINDS = ("generate", "chat", "embed")
 
 
-# Images are refused, never dropped: no model corral serves takes them yet (corral/capabilities.py).
-NO_IMAGES = "images are not supported: the model does not support vision"
+NOT_BASE64 = "images must be a list of base64 strings"
 
 
 def _think_value(value: Any) -> Any:
@@ -65,14 +64,14 @@ class GenerateItem(_GenerationItem):
     raw: bool | None = None
     format: Any = None
     context: list[int] | None = None
-    images: list[Any] | None = None
+    images: list[Any] | None = None  # for a model with vision: checked with the model (jobs/service.py check_item)
 
     @field_validator("images")
     @classmethod
     def _images(cls, value: Any) -> Any:
-        if value:
-            raise ValueError(NO_IMAGES)
-        return None
+        if value is not None and not all(isinstance(image, str) for image in value):
+            raise ValueError(NOT_BASE64)
+        return value or None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -97,9 +96,11 @@ class ChatItem(_GenerationItem):
             for m in value
         ):
             raise ValueError('a chat item needs "messages": [{"role": ..., "content": ...}, ...]')
-        if any(m.get("images") for m in value):
-            raise ValueError(NO_IMAGES)
-        return [{"role": m["role"].lower(), "content": m.get("content", "")} for m in value]
+        if not all(isinstance(m.get("images") or [], list) and all(isinstance(i, str) for i in m.get("images") or [])
+                   for m in value):
+            raise ValueError(NOT_BASE64)
+        return [{"role": m["role"].lower(), "content": m.get("content", ""),
+                 **({"images": m["images"]} if m.get("images") else {})} for m in value]
 
 
 class EmbedItem(_Item):

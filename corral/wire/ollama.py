@@ -159,6 +159,8 @@ class Message(BaseModel):
             data["tool_name"] = self.tool_name  # a Go template's .ToolName
         if self.tool_call_id:
             data["tool_call_id"] = self.tool_call_id
+        if self.images:
+            data["images"] = self.images  # tagged into the text before the template renders (corral/images.py)
         return data
 
 

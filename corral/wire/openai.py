@@ -11,6 +11,7 @@ honoured (explicit OpenAI fields win over ``options``).
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import random
 import time
@@ -229,16 +230,31 @@ def _native_message(message: Any) -> list[dict[str, Any]]:
         elif kind == "image_url":
             ref = part.get("image_url")
             url = ref.get("url", "") if isinstance(ref, dict) else str(ref or "")
-            if url.startswith(("http://", "https://")):
-                raise BadRequest("image URLs are not currently supported, please use base64 encoded data instead")
-            if not url.startswith("data:"):
-                raise BadRequest("invalid image input")
-            raise BadRequest("this model does not support image input")
+            out.append({**base, "content": "", "images": [image_data(url)]})  # its own message, as Ollama's
         elif kind == "input_audio":
             raise BadRequest("this model does not support audio input")
         else:
             raise BadRequest(f"invalid message part type: {kind}", param="messages")
     return out
+
+
+IMAGE_DATA_PREFIXES = ("data:;base64,", *(f"data:image/{t};base64," for t in ("jpeg", "jpg", "png", "webp")))
+
+
+def image_data(url: str) -> str:
+    """An ``image_url``'s base64 payload, as Ollama's OpenAI layer takes it (``decodeImageURL``): a data URL of a
+    JPEG, PNG or WebP image (or of no stated type); remote URLs are not fetched."""
+    if url.startswith(("http://", "https://")):
+        raise BadRequest("image URLs are not currently supported, please use base64 encoded data instead")
+    prefix = next((p for p in IMAGE_DATA_PREFIXES if url.startswith(p)), None)
+    if prefix is None:
+        raise BadRequest("invalid image input")
+    data = url[len(prefix):]
+    try:
+        base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest("invalid image input") from exc
+    return data
 
 
 def _native_tool_call(call: Any) -> dict[str, Any]:

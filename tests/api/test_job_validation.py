@@ -47,9 +47,11 @@ def job_count(client: FlaskClient) -> int:
         ({"model": MODEL, "items": {"prompt": "a"}}, 400, "items: Input should be a valid list"),
         ({"model": MODEL}, 400, "items is required"),
         ({"model": MODEL, "items": [{"prompt": "What is this?", "images": ["iVBORw0KGgo="]}]}, 400,
-         "line 1: images are not supported: the model does not support vision"),
+         "item 1: smollm2 does not support vision: the item has images"),
         ({"kind": "chat", "model": MODEL, "items": [{"messages": [{"role": "user", "content": "?", "images": ["iVBO"]}]}]},
-         400, "line 1: images are not supported: the model does not support vision"),
+         400, "item 1: smollm2 does not support vision: the item has images"),
+        ({"model": MODEL, "items": [{"prompt": "What is this?", "images": [7]}]}, 400,
+         "line 1: images must be a list of base64 strings"),
     ],
 )
 def test_bad_job_input_is_rejected_and_creates_nothing(

@@ -54,7 +54,11 @@ def test_tags_carry_capabilities_and_images_are_refused_never_dropped(client: Fl
     assert (r.status_code, r.get_json()) == (400, {"error": refused})
     r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}]}]})
-    assert r.status_code == 400 and r.get_json()["error"]["message"] == "this model does not support image input"
+    assert r.status_code == 400 and r.get_json()["error"]["message"] == refused
+    r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]})
+    assert r.status_code == 400 and r.get_json()["error"]["message"] == (
+        "image URLs are not currently supported, please use base64 encoded data instead")
 
 
 def test_read_only_refuses_model_changes_and_serves_the_rest(settings: Settings) -> None:

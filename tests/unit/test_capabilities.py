@@ -1,5 +1,5 @@
 """Capabilities derived as Ollama derives them: from a Go template layer when there is one, else from the GGUF's
-chat template, plus fill-in-the-middle tokens; never vision (images are refused)."""
+chat template, plus fill-in-the-middle tokens; vision with a projector layer."""
 
 from __future__ import annotations
 
@@ -40,5 +40,7 @@ def test_fim_tokens_and_embedding() -> None:
     fim = with_info(**{"tokenizer.ggml.fim_pre_token_id": 1, "tokenizer.ggml.fim_suf_token_id": 2,
                        "tokenizer.ggml.fim_mid_token_id": 3})
     assert derive(fim, None) == ["completion", "insert"]
-    assert derive(with_info(**{"llama.vision.block_count": 24}), None) == ["completion"]  # images are not served
+    # llama.cpp needs the projector file: vision keys in the model's own GGUF are not enough
+    assert derive(with_info(**{"llama.vision.block_count": 24}), None) == ["completion"]
+    assert derive(CHAT, None, projector=True) == ["completion", "vision"]
     assert derive({"capabilities": ["embedding"], "model_info": {"tokenizer.chat_template": "tools"}}, None) == ["embedding"]
