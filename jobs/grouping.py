@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import orjson
 from sqlalchemy import Table, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -143,6 +145,42 @@ class ChunkWriter:
                 "seq": len(self.chunk_ids) - 1, "state": ChunkState.QUEUED, "enqueued_at": utcnow(), "held": True}
 
 
+class Pipelined:
+    """A :class:`ChunkWriter` whose windows are written on a thread of their own while the caller reads and
+    checks the next window, so the database's work (SQLite's steps, PostgreSQL's server process; both run
+    without Python's lock) overlaps the parsing.  At most one window is in flight; the session is used by one
+    thread at a time (the caller's again once :meth:`finish` returns).  A write's error is raised by the next
+    :meth:`write` or by :meth:`finish`."""
+
+    def __init__(self, writer: ChunkWriter) -> None:
+        self.writer = writer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-ingest")
+        self._pending: Future[None] | None = None
+
+    def write(self, window: list[Pending]) -> None:
+        self._wait()
+        self._pending = self._pool.submit(self.writer.write, window)
+
+    def finish(self) -> None:
+        """Wait for the last window (raising its error) and stop the thread."""
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown()
+
+    def abandon(self) -> None:
+        """The caller failed: wait for the write in flight (its error no longer matters), then stop."""
+        try:
+            self.finish()
+        except Exception:
+            pass
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+
 PENDING_COLUMNS = ("job_id", "chunk_id", "seq", "custom_id", "input", "state", "attempts")
 
 
@@ -155,7 +193,7 @@ def insert_pending(session: Session, rows: list[dict[str, Any]]) -> None:
     connection = session.connection()
     dialect, driver = connection.dialect.name, connection.dialect.driver
     if dialect == "sqlite" or (dialect == "postgresql" and driver == "psycopg"):
-        values = [(r["job_id"], r["chunk_id"], r["seq"], r["custom_id"], json.dumps(r["input"], ensure_ascii=False),
+        values = [(r["job_id"], r["chunk_id"], r["seq"], r["custom_id"], _dumps(r["input"]),
                    r["state"], r["attempts"]) for r in rows]
         raw = connection.connection.dbapi_connection
         assert raw is not None
@@ -176,6 +214,15 @@ def insert_pending(session: Session, rows: list[dict[str, Any]]) -> None:
             session.execute(insert(ITEMS), rows[start : start + INSERT_BATCH])
     except IntegrityError as exc:
         raise _duplicate(exc) from exc
+
+
+def _dumps(value: Any) -> str:
+    """JSON text of an item's input: orjson's, or the standard library's for what orjson cannot write (an
+    integer beyond 64 bits, which Python's JSON parser took)."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return json.dumps(value, ensure_ascii=False)
 
 
 def _duplicate(exc: Exception) -> BadRequest:

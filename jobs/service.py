@@ -124,15 +124,21 @@ class JobService:
             window: list[grouping.Pending] = []
             per_window = grouping.window_size(size)
             count = 0
-            for custom_id, body in items:
-                check_item(record, model, kind, body, count + 1)
-                window.append((count, custom_id, body))
-                count += 1
-                if len(window) >= per_window:
-                    writer.write(window)
-                    window = []
-            if window:
-                writer.write(window)
+            pipeline = grouping.Pipelined(writer)  # windows are written while the next is read
+            try:
+                for custom_id, body in items:
+                    check_item(record, model, kind, body, count + 1)
+                    window.append((count, custom_id, body))
+                    count += 1
+                    if len(window) >= per_window:
+                        pipeline.write(window)
+                        window = []
+                if window:
+                    pipeline.write(window)
+            except BaseException:
+                pipeline.abandon()
+                raise
+            pipeline.finish()
             chunk_ids = writer.chunk_ids
             if count == 0:
                 session.rollback()
@@ -462,7 +468,7 @@ def check_item(record: ModelRecord, model: str, kind: str, body: dict[str, Any],
     """What a job's item must satisfy beyond its schema (``n``: its line, for the message)."""
     if body.get("think") not in (None, False) and "thinking" not in record.capabilities:
         raise BadRequest(f'item {n}: "{model}" does not support thinking')
-    images = list(body.get("images") or []) + [i for m in body.get("messages") or [] for i in m.get("images") or []]
+    images = body.get("images") or [i for m in body.get("messages") or () if "images" in m for i in m["images"]]
     if images:
         if "vision" not in record.capabilities:
             raise BadRequest(f"item {n}: {model} does not support vision: the item has images")

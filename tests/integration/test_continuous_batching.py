@@ -40,13 +40,16 @@ def generate(base_url: str, prompt: str, **options: Any) -> dict:
     return r.json()
 
 
+ALONE = 6  # prompts also run one at a time (the other 10 are there to share their decodes)
+
+
 def test_greedy_output_is_the_same_alone_and_among_16(wide: Stack) -> None:
     prompts = [f"Once upon a time, {s}" for s in SUBJECTS]
-    alone = [generate(wide.base_url, p)["response"] for p in prompts]
+    alone = [generate(wide.base_url, p)["response"] for p in prompts[:ALONE]]
     with ThreadPoolExecutor(len(prompts)) as pool:
         together = list(pool.map(lambda p: generate(wide.base_url, p)["response"], prompts))
-    assert len(set(alone)) == len(prompts), "the prompts must lead to different stories"
-    assert together == alone
+    assert len(set(together)) == len(prompts), "the prompts must lead to different stories"
+    assert together[:ALONE] == alone
 
     # A batch job feeds a whole chunk into the loop at once: same text again.
     body = {
@@ -61,7 +64,7 @@ def test_greedy_output_is_the_same_alone_and_among_16(wide: Stack) -> None:
         180, "the job", interval=0.3,
     )
     lines = [json.loads(x) for x in httpx.get(f"{wide.base_url}/api/jobs/{job_id}/results", timeout=60).text.splitlines()]
-    assert [line["response"]["response"] for line in lines] == alone
+    assert [line["response"]["response"] for line in lines] == together
 
 
 def test_each_sequence_keeps_its_own_settings_in_a_shared_batch(wide: Stack) -> None:
