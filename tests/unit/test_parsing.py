@@ -154,3 +154,39 @@ def test_a_schema_within_the_grammar_budget_passes_at_any_allowed_depth() -> Non
         schema = {"type": "object", "properties": {"x": schema}}
     with pytest.raises(BadRequest, match="nested deeper than 32 levels"):
         validate_item("generate", 1, {"prompt": "x", "format": schema})
+
+
+@pytest.mark.parametrize("line", [
+    {"custom_id": "doc-1", "prompt": "Summarise it.", "options": {"num_predict": 16, "temperature": 0}},
+    {"prompt": "Hi", "system": "Be brief.", "metadata": {"source": "a.txt", "n": [1, 2]}},
+    {"custom_id": None, "prompt": "Hi", "options": None, "system": None},
+    {"prompt": "Hi", "options": {"stop": ["\n"], "seed": 3}},
+    {"custom_id": "x" * 512, "prompt": "Hi"},
+])
+def test_a_plain_generate_line_skips_the_model_and_gets_the_same_body(line: dict) -> None:
+    """The fast path for the commonest lines (jobs/ingest.py ``_plain_generate``) stores what the item model
+    would: the same custom_id and body."""
+    from jobs import ingest
+
+    assert ingest._plain_generate(dict(line)) is not None
+    fast = ingest.validate_item("generate", 1, dict(line))
+    original = ingest._PLAIN_GENERATE
+    try:
+        ingest._PLAIN_GENERATE = {}  # every line takes the model
+        assert ingest.validate_item("generate", 1, dict(line)) == fast
+    finally:
+        ingest._PLAIN_GENERATE = original
+
+
+@pytest.mark.parametrize("line, error", [
+    ({"custom_id": "x" * 513, "prompt": "Hi"}, "custom_id"),
+    ({"custom_id": 7, "prompt": "Hi"}, "custom_id"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "Hi", "options": {"num_predict": "many"}}, "num_predict"),
+    ({"prompt": "Hi", "metadata": [1]}, "metadata"),
+])
+def test_lines_off_the_fast_path_still_get_the_models_errors(line: dict, error: str) -> None:
+    from jobs.ingest import validate_item
+
+    with pytest.raises(BadRequest, match=f"^line 1: .*{error}"):
+        validate_item("generate", 1, line)
