@@ -235,10 +235,12 @@ def drop_everything(engine: Engine) -> None:
     from jobs.models import Base
     from jobs.search import VECTOR_TABLE
 
+    # CASCADE: the database may hold an older schema than the models (foreign keys that migration 0010 dropped),
+    # so the models' drop order is not enough
+    cascade = " CASCADE" if engine.dialect.name == "postgresql" else ""
     with engine.begin() as conn:
-        conn.execute(text(f"DROP TABLE IF EXISTS {VECTOR_TABLE}"))
-        Base.metadata.drop_all(conn)
-        conn.execute(text("DROP TABLE IF EXISTS alembic_version"))
+        for table in [VECTOR_TABLE, *(t.name for t in reversed(Base.metadata.sorted_tables)), "alembic_version"]:
+            conn.execute(text(f"DROP TABLE IF EXISTS {table}{cascade}"))
 
 
 @contextmanager
