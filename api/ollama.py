@@ -203,6 +203,8 @@ def show() -> Response:
         "system": system_of(record),
         "messages": messages_of(record) or None,
     }
+    if record.projector_paths:  # a vision model: its projector's metadata, as Ollama shows it
+        shown["projector_info"] = read_gguf_metadata(record.projector_paths[0], with_arrays=req.verbose)[0]
     return json_response(
         {
             **{key: value for key, value in shown.items() if value is not None},

@@ -66,6 +66,8 @@ def generate(base_url: str, prompt: str = QUESTION, **body: Any) -> dict[str, An
 def test_the_projector_makes_a_vision_model_whose_answer_depends_on_the_image(base_url: str, vision: str) -> None:
     shown = httpx.post(base_url + "/api/show", json={"model": vision}).json()
     assert "vision" in shown["capabilities"]
+    assert shown["projector_info"]["clip.projector_type"] == "mlp"  # the projector's metadata, as Ollama shows it
+    assert "projector_info" not in httpx.post(base_url + "/api/show", json={"model": MODEL}).json()
     tags = {m["name"]: m for m in httpx.get(base_url + "/api/tags").json()["models"]}
     assert "vision" in tags[f"{vision}:latest"]["capabilities"]
     assert "vision" not in tags[f"{MODEL}:latest"]["capabilities"]
