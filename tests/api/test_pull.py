@@ -5,6 +5,7 @@ digest checks, and nothing registered unless the whole model arrived."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,3 +134,16 @@ def test_a_host_outside_corral_pull_hosts_is_a_403_before_anything_is_sent(clien
         403, {"error": "pulling from registry.ollama.ai is not allowed on this server (CORRAL_PULL_HOSTS)"})
     r = client.post("/api/pull", json={"model": "hf.co/someone/model:Q4_K_M"})
     assert r.status_code == 403 and "hf.co" in r.get_json()["error"]
+
+
+def test_a_vision_model_pulls_with_its_projector(client: FlaskClient, local_registry: Registry, gguf: bytes,
+                                                 tmp_path: Path) -> None:
+    """A manifest with an ``application/vnd.ollama.image.projector`` layer (as Ollama's library vision models
+    have): the projector comes along and the model has ``vision``."""
+    from tests.ggufs import vision_projector
+
+    projector = vision_projector(tmp_path / "mmproj.gguf").read_bytes()
+    local_registry.publish("library/seeing:latest", gguf, projector=projector)
+    assert pull(client, f"{local_registry.host}/library/seeing")[-1] == {"status": "success"}
+    shown = client.post("/api/show", json={"model": f"{local_registry.host}/library/seeing"}).get_json()
+    assert "vision" in shown["capabilities"] and shown["projector_info"]["general.architecture"] == "clip"
