@@ -255,11 +255,9 @@ def create_model(
     kept: list[dict[str, Any]]
     model_layer: dict[str, Any]
     if files and not base:
-        gguf, projectors = _files_gguf(store, files, name)
+        gguf, config, projectors = _files_gguf(store, files, name)
         converted = not any(filename.lower().endswith(".gguf") for filename in files)
-        config = _read_config(gguf)
-        model_layer = {"mediaType": MODEL_MEDIA_TYPE, "digest": "sha256:" + gguf.name.split("-", 1)[1],
-                       "size": gguf.stat().st_size}
+        model_layer = _blob_layer("model", gguf)
         kept = [model_layer, *(_blob_layer("projector", path) for path in projectors)]
     else:
         store.get(base)  # a model that is not there, or whose blob is missing, is Ollama's 404
@@ -299,28 +297,24 @@ def create_model(
                         quantize=(builder, quant) if quant and builder else None)
 
 
-def _files_gguf(store: ModelStore, files: dict[str, str], name: str) -> tuple[Path, list[Path]]:
+def _files_gguf(store: ModelStore, files: dict[str, str], name: str) -> tuple[Path, dict[str, Any], list[Path]]:
     """The GGUF blob that ``files`` holds, or the GGUF converted from the Hugging Face model they hold (its
-    ``.safetensors``, ``config.json`` and tokenizer files), added to the store; and the vision projector GGUFs
-    among them (an ``mmproj`` file beside the model's, as ``ollama create`` sends a Modelfile's two FROMs)."""
-    paths: dict[str, Path] = {}
-    for filename, digest in files.items():
-        _relative(filename)
-        path = store.blob_path(digest)
-        if not path.is_file():
-            raise BadRequest(f"blob {digest} not found: upload it first (POST /api/blobs/{digest})")
-        paths[filename] = path
-    ggufs = [path for filename, path in paths.items() if filename.lower().endswith(".gguf")]
-    projectors = [path for path in ggufs if is_projector(_read_config(path)["model_info"])]
-    ggufs = [path for path in ggufs if path not in projectors]
-    if len(ggufs) == 1:
-        return ggufs[0], projectors
-    if len(ggufs) > 1:
+    ``.safetensors``, ``config.json`` and tokenizer files), added to the store, with its config (each GGUF's
+    header is read once: a tokenizer's arrays take seconds); and the vision projector GGUFs among them (an
+    ``mmproj`` file beside the model's, as ``ollama create`` sends a Modelfile's two FROMs)."""
+    paths = {filename: _blob(store, filename, digest) for filename, digest in files.items()}
+    configs = {path: _read_config(path) for filename, path in paths.items() if filename.lower().endswith(".gguf")}
+    projectors = [path for path, config in configs.items() if is_projector(config["model_info"])]
+    models = [path for path in configs if path not in projectors]
+    if len(models) == 1:
+        return models[0], configs[models[0]], projectors
+    if len(models) > 1:
         raise BadRequest("files must hold exactly one .gguf model file (and any vision projector files)")
     if projectors:
         raise BadRequest("files hold a vision projector but no model: add the model's .gguf file")
     if any(filename.endswith(".safetensors") for filename in paths):
-        return _convert_safetensors(store, paths, name), []
+        converted = _convert_safetensors(store, paths, name)
+        return converted, _read_config(converted), []
     raise BadRequest("files must hold a .gguf file, or a Hugging Face model's .safetensors with its config.json")
 
 
@@ -378,10 +372,7 @@ def _projector_files(store: ModelStore, files: dict[str, str]) -> list[Path]:
     """The blobs of ``files`` given beside ``from``: vision projectors only (the model comes from ``from``)."""
     found = []
     for filename, digest in files.items():
-        _relative(filename)
-        path = store.blob_path(digest)
-        if not path.is_file():
-            raise BadRequest(f"blob {digest} not found: upload it first (POST /api/blobs/{digest})")
+        path = _blob(store, filename, digest)
         if not filename.lower().endswith(".gguf") or not is_projector(_read_config(path)["model_info"]):
             raise BadRequest(f"{filename}: with 'from' a model, files may only hold vision projector GGUFs")
         found.append(path)
@@ -396,25 +387,31 @@ def is_projector(info: dict[str, Any]) -> bool:
         info.get("clip.has_vision_encoder") or info.get("clip.has_audio_encoder"))
 
 
+def _blob(store: ModelStore, filename: str, digest: str) -> Path:
+    """The stored blob an uploaded file names (its name checked to stay inside the model's directory)."""
+    _relative(filename)
+    path = store.blob_path(digest)
+    if not path.is_file():
+        raise BadRequest(f"blob {digest} not found: upload it first (POST /api/blobs/{digest})")
+    return path
+
+
 def _blob_layer(kind: str, path: Path) -> dict[str, Any]:
+    """The manifest layer of a stored blob (``application/vnd.ollama.image.<kind>``)."""
     return {"mediaType": LAYER_MEDIA_PREFIX + kind, "digest": "sha256:" + path.name.split("-", 1)[1],
             "size": path.stat().st_size}
 
 
 def _adapter_layer(store: ModelStore, filename: str, digest: str, config: dict[str, Any]) -> dict[str, Any]:
     """The manifest layer for a LoRA adapter blob, checked to be a GGUF adapter for the model's architecture."""
-    _relative(filename)
-    path = store.blob_path(digest)
-    if not path.is_file():
-        raise BadRequest(f"blob {digest} not found: upload it first (POST /api/blobs/{digest})")
+    path = _blob(store, filename, digest)
     info = _read_config(path)["model_info"]
     if info.get("general.type") != "adapter" or info.get("adapter.type") != "lora":
         raise BadRequest(f"{filename} is not a LoRA adapter in GGUF format (general.type = adapter, adapter.type = lora)")
     arch, base_arch = info.get("general.architecture"), config.get("model_family")
     if base_arch and arch != base_arch:
         raise BadRequest(f"the adapter {filename} is for {arch} models, not {base_arch}")
-    return {"mediaType": LAYER_MEDIA_PREFIX + "adapter", "digest": "sha256:" + path.name.split("-", 1)[1],
-            "size": path.stat().st_size}
+    return _blob_layer("adapter", path)
 
 
 def _write_model(

@@ -87,17 +87,17 @@ def release(session: Session, model_digest: str, room: int) -> list[tuple[str, s
         ).group_by(Job.owner)
     ).all())
     now = utcnow()
+
+    def order(job: Job) -> tuple[Any, ...]:  # the module's order, with ``load`` as it stands
+        due = deadline(job)
+        urgent = due - now < URGENT
+        return (not urgent, due if urgent else now, int(load.get(job.owner) or 0), due, as_utc(job.created_at), job.id)
+
     picks: dict[str, int] = {}
     for _ in range(room):
         open_jobs = [j for j in jobs if held[j.id] > picks.get(j.id, 0)]
         if not open_jobs:
             break
-
-        def order(job: Job) -> tuple[Any, ...]:
-            due = deadline(job)
-            urgent = due - now < URGENT
-            return (not urgent, due if urgent else now, int(load.get(job.owner) or 0), due, as_utc(job.created_at), job.id)
-
         best = min(open_jobs, key=order)
         picks[best.id] = picks.get(best.id, 0) + 1
         load[best.owner] = int(load.get(best.owner) or 0) + best.chunk_size

@@ -150,8 +150,8 @@ class Pipelined:
     parses the next (measured: ~10% off a million-line upload).  Not for SQLite (``threaded=False``: each
     window is written at once), whose inserts run in this process and only fought the parser for Python's
     lock (~15% slower threaded).  At most one window is in flight; the session is used by one thread at a time
-    (the caller's again once :meth:`finish` returns).  A write's error is raised by the next :meth:`write` or
-    by :meth:`finish`."""
+    (the caller's again when the ``with`` block ends).  A write's error is raised by the next :meth:`write` or
+    at the block's end; when the block itself fails, the write in flight is waited for and its error dropped."""
 
     def __init__(self, writer: ChunkWriter, *, threaded: bool) -> None:
         self.writer = writer
@@ -165,20 +165,18 @@ class Pipelined:
         self._wait()
         self._pending = self._pool.submit(self.writer.write, window)
 
-    def finish(self) -> None:
-        """Wait for the last window (raising its error) and stop the thread."""
+    def __enter__(self) -> Pipelined:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
         try:
             self._wait()
+        except Exception:
+            if kind is None:  # the last window's error; a failed block's own error is the one to report
+                raise
         finally:
             if self._pool is not None:
                 self._pool.shutdown()
-
-    def abandon(self) -> None:
-        """The caller failed: wait for the write in flight (its error no longer matters), then stop."""
-        try:
-            self.finish()
-        except Exception:
-            pass
 
     def _wait(self) -> None:
         if self._pending is not None:
@@ -197,20 +195,16 @@ def insert_pending(session: Session, rows: list[tuple[Any, ...]]) -> None:
     if not rows:
         return
     connection = session.connection()
-    dialect, driver = connection.dialect.name, connection.dialect.driver
-    if dialect == "sqlite" or (dialect == "postgresql" and driver == "psycopg"):
+    if connection.dialect.name == "sqlite" or _copies(session):
         values = [(*r[:4], _dumps(r[4]), *r[5:]) for r in rows]
-        raw = connection.connection.dbapi_connection
-        assert raw is not None
-        columns = ", ".join(PENDING_COLUMNS)
         try:
-            if dialect == "sqlite":
-                raw.cursor().executemany(f"INSERT INTO job_items ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+            if connection.dialect.name == "sqlite":
+                raw = connection.connection.dbapi_connection
+                assert raw is not None
+                raw.cursor().executemany(
+                    f"INSERT INTO job_items ({', '.join(PENDING_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?)", values)
             else:
-                cursor: Any = raw.cursor()  # psycopg's, with COPY
-                with cursor, cursor.copy(f"COPY job_items ({columns}) FROM STDIN") as copy:
-                    for row in values:
-                        copy.write_row(row)
+                _copy(session, "job_items", PENDING_COLUMNS, values)
         except connection.dialect.dbapi.IntegrityError as exc:  # type: ignore[union-attr]
             raise _duplicate(exc) from exc
         return
@@ -227,16 +221,26 @@ CHUNK_COLUMNS = ("id", "job_id", "model_digest", "seq", "state", "enqueued_at", 
 def insert_chunks(session: Session, chunks: list[dict[str, Any]]) -> None:
     """New chunks (:meth:`ChunkWriter._new_chunk`'s rows): by ``COPY`` on PostgreSQL through psycopg (62,500 rows
     for a million items in chunks of 16), SQLAlchemy's insert elsewhere."""
-    connection = session.connection()
-    if connection.dialect.name != "postgresql" or connection.dialect.driver != "psycopg":
+    if _copies(session):
+        _copy(session, "job_chunks", CHUNK_COLUMNS, [[chunk[c] for c in CHUNK_COLUMNS] for chunk in chunks])
+    else:
         session.execute(insert(CHUNKS), chunks)
-        return
-    raw = connection.connection.dbapi_connection
+
+
+def _copies(session: Session) -> bool:
+    """Whether the session's database takes rows by ``COPY`` (PostgreSQL through psycopg)."""
+    dialect = session.connection().dialect
+    return dialect.name == "postgresql" and dialect.driver == "psycopg"
+
+
+def _copy(session: Session, table: str, columns: tuple[str, ...], rows: list[Any]) -> None:
+    """``COPY table (columns) FROM STDIN`` of ``rows`` on the session's psycopg connection."""
+    raw = session.connection().connection.dbapi_connection
     assert raw is not None
     cursor: Any = raw.cursor()
-    with cursor, cursor.copy(f"COPY job_chunks ({', '.join(CHUNK_COLUMNS)}) FROM STDIN") as copy:
-        for chunk in chunks:
-            copy.write_row([chunk[c] for c in CHUNK_COLUMNS])
+    with cursor, cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
 
 
 def _dumps(value: Any) -> str:

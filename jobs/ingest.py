@@ -24,6 +24,7 @@ from corral.wire.jobs import ITEM_MODELS, problem
 from corral.wire.ollama import MAX_JSON_DEPTH, check_format, parse_json
 
 MAX_LINE_BYTES = 1 << 20
+_STANDARD = object()  # a line for the standard parser (corral.wire.ollama.parse_json)
 
 
 def buffered(stream: IO[bytes]) -> IO[bytes]:
@@ -47,14 +48,14 @@ def read_jsonl(stream: IO[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tu
             raise PayloadTooLarge(f"line {number}: longer than {max_line} bytes")
         if not line.strip():
             continue
+        # orjson takes valid UTF-8 only and no NaN, as parse_json does, faster.  parse_json decides the rest: a line
+        # that may nest too deep, and one orjson refuses (its error in the standard parser's words, or an integer
+        # beyond 64 bits, which Python's JSON takes)
         try:
-            value = orjson.loads(line)  # valid UTF-8 only, no NaN: what parse_json allows, faster
-            if line.count(b"{") + line.count(b"[") >= MAX_JSON_DEPTH:
-                value = parse_json(line)  # its depth limit
+            value = orjson.loads(line) if line.count(b"{") + line.count(b"[") < MAX_JSON_DEPTH else _STANDARD
         except orjson.JSONDecodeError:
-            value = None  # parse_json says what is wrong in the standard parser's words (or takes what orjson
-            # refuses and Python's JSON allows: integers beyond 64 bits)
-        if value is None:
+            value = _STANDARD
+        if value is _STANDARD:
             try:
                 value = parse_json(line)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -53,6 +53,7 @@ import numpy as np
 
 from corral.errors import BadRequest, CorralError, GenerationFailed
 from workers import compute
+from workers.media import MediaPrompt
 from workers.slots import COPY_CTX_PER_TOKEN, MIN_COPY_TOKENS, common_prefix, donor, gap_fillers, pick_slot, worth_copying
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class SequenceRequest:
     special: bool = False
     # A prompt with images (workers/media.py): their positions in ``prompt`` hold placeholder ids, and the loop
     # encodes each image when the prefill reaches it.  The loop closes it when the sequence ends.
-    media: Any = None
+    media: MediaPrompt | None = None
 
 
 class StopMatcher:
@@ -467,7 +468,8 @@ class DecodeLoop:
                 if not self._images(active, media):
                     continue
                 # this step's text stops where the next image starts (it is encoded at the next step)
-                room = min(budget, media.next_start(len(self._cached[active.slot])) - len(self._cached[active.slot]))
+                at = len(self._cached[active.slot])
+                room = min(budget, media.next_start(at) - at)
             else:
                 room = budget
             part, active.todo = active.todo[:room], active.todo[room:]
@@ -504,7 +506,7 @@ class DecodeLoop:
                 active.first_token_at = now
             self._accept(active, token)
 
-    def _images(self, active: _Active, media: Any) -> bool:
+    def _images(self, active: _Active, media: MediaPrompt) -> bool:
         """Encode the images that the sequence's prefill has reached, into its cells (libmtmd decodes their
         embeddings itself: a step of its own, before this step's batch).  An image that fails ends its own
         sequence only (False)."""

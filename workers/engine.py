@@ -252,48 +252,40 @@ class LoadedModel:
         the text comes in one piece at the end (batch items).
         """
         try:
-            return self._start(prompt, options, stops=stops, fmt=fmt, interactive=interactive, stream=stream,
-                               logprobs=logprobs, truncate=truncate, shift=shift, special=special, media=media)
+            if self.loop is None:
+                raise BadRequest("this model is loaded for embeddings only")
+            opts = {**DEFAULT_SAMPLING, **{k: v for k, v in options.items() if v is not None}}
+            prompt = prompt or [self.llm.token_bos()]
+            # a prompt with images is never cut (half an image is no image): it fits, or it is a 400
+            if (not truncate or media is not None) and len(prompt) > self.n_ctx - 1:
+                raise BadRequest("the input length exceeds the context length")
+            prompt = self._fit_prompt(prompt, int(opts["num_keep"]))
+            num_predict = int(opts["num_predict"])
+            if shift:  # the context shifts as it fills (decode_loop.py); only num_predict ends the generation
+                limit = num_predict if num_predict >= 0 else SHIFT_PREDICT_CAP * self.n_ctx
+            else:
+                limit = self.n_ctx - len(prompt)
+                if num_predict >= 0:
+                    limit = min(limit, num_predict)
+            request = SequenceRequest(
+                prompt=prompt,
+                limit=limit,
+                sampling=opts,
+                seed=int(opts.get("seed", -1)),
+                grammar=self._grammar(fmt),
+                stops=list(opts.get("stop") or []) + stops,
+                interactive=interactive,
+                stream=stream,
+                logprobs=logprobs,
+                shift_keep=min(int(opts["num_keep"]), self.n_ctx // 2) if shift else -1,
+                special=special,
+                media=media,
+            )
+            return self.loop.submit(request)
         except BaseException:
             if media is not None:  # never queued: its images' chunks are freed here
                 media.close()
             raise
-
-    def _start(
-        self, prompt: list[int], options: dict[str, Any], *, stops: list[str], fmt: str | dict[str, Any] | None,
-        interactive: bool, stream: bool, logprobs: int, truncate: bool, shift: bool, special: bool,
-        media: MediaPrompt | None,
-    ) -> SequenceHandle:
-        if self.loop is None:
-            raise BadRequest("this model is loaded for embeddings only")
-        opts = {**DEFAULT_SAMPLING, **{k: v for k, v in options.items() if v is not None}}
-        prompt = prompt or [self.llm.token_bos()]
-        # a prompt with images is never cut (half an image is no image): it fits, or it is a 400
-        if (not truncate or media is not None) and len(prompt) > self.n_ctx - 1:
-            raise BadRequest("the input length exceeds the context length")
-        prompt = self._fit_prompt(prompt, int(opts["num_keep"]))
-        num_predict = int(opts["num_predict"])
-        if shift:  # the context shifts as it fills (decode_loop.py); only num_predict ends the generation
-            limit = num_predict if num_predict >= 0 else SHIFT_PREDICT_CAP * self.n_ctx
-        else:
-            limit = self.n_ctx - len(prompt)
-            if num_predict >= 0:
-                limit = min(limit, num_predict)
-        request = SequenceRequest(
-            prompt=prompt,
-            limit=limit,
-            sampling=opts,
-            seed=int(opts.get("seed", -1)),
-            grammar=self._grammar(fmt),
-            stops=list(opts.get("stop") or []) + stops,
-            interactive=interactive,
-            stream=stream,
-            logprobs=logprobs,
-            shift_keep=min(int(opts["num_keep"]), self.n_ctx // 2) if shift else -1,
-            special=special,
-            media=media,
-        )
-        return self.loop.submit(request)
 
     def generate(
         self,

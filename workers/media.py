@@ -186,9 +186,3 @@ class Projector:
         if self.ctx:
             self.mtmd.mtmd_free(self.ctx)
             self.ctx = None
-
-
-def check_projector(path: Path, model: Any, n_threads: int) -> None:
-    """Load ``path`` as ``model``'s projector and let it go: /api/create's check that llama.cpp can use it."""
-    Projector(path, model, n_threads=n_threads, use_gpu=False).close()
-

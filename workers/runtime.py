@@ -307,10 +307,11 @@ class WorkerRuntime:
                 prompt, stops, text = model.chat_render(messages, think=req.think)
             else:
                 prompt, stops, text, media = model.chat_media(messages, images, think=req.think)
-            if req.context:
+            if req.context and media is not None:
+                media.prepend(req.context)
+                prompt = media.tokens
+            elif req.context:
                 prompt = list(req.context) + prompt
-                if media is not None:
-                    media.prepend(req.context)
         return prompt, stops, text, media
 
     @staticmethod

@@ -11,7 +11,6 @@ honoured (explicit OpenAI fields win over ``options``).
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import random
 import time
@@ -22,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from corral.errors import BadRequest
+from corral.images import decode
 from corral.options import RuntimeRequest, parse_options
 from corral.thinking import think_from_effort
 from corral.toolcalls import openai_tool_calls
@@ -251,8 +251,8 @@ def image_data(url: str) -> str:
         raise BadRequest("invalid image input")
     data = url[len(prefix):]
     try:
-        base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError) as exc:
+        decode(data)
+    except BadRequest as exc:
         raise BadRequest("invalid image input") from exc
     return data
 
