@@ -14,9 +14,10 @@ with that result (``cached``) and in no chunk.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -72,7 +73,9 @@ def grouped(kind: str, window: list[Pending], texts: dict[int, str] | None = Non
 
 @dataclass
 class ChunkWriter:
-    """Writes one job's items, a window at a time, into chunks (see the module docstring)."""
+    """Writes one job's items, a window at a time, into chunks (see the module docstring).  A context manager:
+    the job's chunk rows are written when the block ends, and a failed block leaves the session's transaction
+    to be rolled back (an unfinished ``COPY`` is ended first, so that the rollback can run)."""
 
     session: Session
     job_id: str
@@ -87,13 +90,29 @@ class ChunkWriter:
     chunk_ids: list[str] = field(default_factory=list)
     cached: int = 0
     _chunk_of_key: dict[str, str] = field(default_factory=dict)
+    _items: PendingItems = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._items = PendingItems(self.session)
+
+    def __enter__(self) -> ChunkWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
+        if kind is not None:
+            self._items.abort(kind, error, trace)
+            return
+        self._items.end()
+        insert_chunks(self.session, self.job_id, self.model_digest, self.chunk_ids)
 
     def write(self, window: list[Pending]) -> None:
         texts = {row[0]: prompt_key(self.kind, row[2]) for row in window} if self.group else {}
         ordered = grouped(self.kind, window, texts) if self.group else window
         keyed = [(row, dedup.request_key(self.model_id, self.kind, row[2], self.options)) for row in ordered]
-        hits = dedup.lookup(self.session, [k for _, k in keyed if k], self.cache_ttl) if self.cache_ttl else {}
-        chunks: list[dict[str, Any]] = []
+        hits: dict[str, Any] = {}
+        if self.cache_ttl:
+            self._items.end()  # the session runs other statements
+            hits = dedup.lookup(self.session, [k for _, k in keyed if k], self.cache_ttl)
         pending: list[tuple[Any, ...]] = []  # PENDING_COLUMNS
         cached: list[dict[str, Any]] = []
         filled = self.size  # items in the newest chunk (full: the next item opens one)
@@ -119,112 +138,117 @@ class ChunkWriter:
             chunk_id = self._chunk_of_key.get(key) if key else None
             if chunk_id is None:
                 if filled >= self.size:
-                    chunks.append(self._new_chunk())
+                    self._new_chunk()
                     filled = 0
                 chunk_id = self.chunk_ids[-1]
                 filled += 1
                 if key and len(self._chunk_of_key) < dedup.MAX_TRACKED_KEYS:
                     self._chunk_of_key[key] = chunk_id
             pending.append((self.job_id, chunk_id, seq, custom_id, body, ItemState.PENDING, 0))
-        # Core inserts (the tables, not the ORM classes): the ORM's bulk path costs more than SQLite's own work.
-        if chunks:
-            insert_chunks(self.session, chunks)
-        insert_pending(self.session, pending)
-        for start in range(0, len(cached), INSERT_BATCH):
-            self.session.execute(insert(ITEMS), cached[start : start + INSERT_BATCH])
+        self._items.write(pending)
+        if cached:
+            self._items.end()
+            for start in range(0, len(cached), INSERT_BATCH):
+                self.session.execute(insert(ITEMS), cached[start : start + INSERT_BATCH])
 
-    def _new_chunk(self) -> dict[str, Any]:
+    def _new_chunk(self) -> None:
         if len(self.chunk_ids) == MAX_CHUNKS:
             raise BadRequest(
                 f"a job may have at most {MAX_CHUNKS} chunks: use a chunk_size above {self.size} for more "
                 f"than {MAX_CHUNKS * self.size} items"
             )
         self.chunk_ids.append(self.new_id())
-        return {"id": self.chunk_ids[-1], "job_id": self.job_id, "model_digest": self.model_digest,
-                "seq": len(self.chunk_ids) - 1, "state": ChunkState.QUEUED, "enqueued_at": utcnow(), "held": True}
-
-
-class Pipelined:
-    """A :class:`ChunkWriter` whose windows are written on a thread of their own while the caller reads and
-    checks the next window, so that PostgreSQL's server process works on one window's COPY while this process
-    parses the next (measured: ~10% off a million-line upload).  Not for SQLite (``threaded=False``: each
-    window is written at once), whose inserts run in this process and only fought the parser for Python's
-    lock (~15% slower threaded).  At most one window is in flight; the session is used by one thread at a time
-    (the caller's again when the ``with`` block ends).  A write's error is raised by the next :meth:`write` or
-    at the block's end; when the block itself fails, the write in flight is waited for and its error dropped."""
-
-    def __init__(self, writer: ChunkWriter, *, threaded: bool) -> None:
-        self.writer = writer
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="corral-ingest") if threaded else None
-        self._pending: Future[None] | None = None
-
-    def write(self, window: list[Pending]) -> None:
-        if self._pool is None:
-            self.writer.write(window)
-            return
-        self._wait()
-        self._pending = self._pool.submit(self.writer.write, window)
-
-    def __enter__(self) -> Pipelined:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        try:
-            self._wait()
-        except Exception:
-            if kind is None:  # the last window's error; a failed block's own error is the one to report
-                raise
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown()
-
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
 
 
 PENDING_COLUMNS = ("job_id", "chunk_id", "seq", "custom_id", "input", "state", "attempts")
 
 
-def insert_pending(session: Session, rows: list[tuple[Any, ...]]) -> None:
-    """Insert new pending items as fast as the driver takes them: PostgreSQL's ``COPY`` through psycopg, SQLite's
-    ``executemany`` on pre-encoded JSON; SQLAlchemy's per-row parameter processing cost more than the database's
-    own work on a million-line upload.  Other drivers get SQLAlchemy's insert.  ``rows`` are tuples of
-    :data:`PENDING_COLUMNS`, the input not yet encoded."""
-    if not rows:
-        return
-    connection = session.connection()
-    if connection.dialect.name == "sqlite" or _copies(session):
+class PendingItems:
+    """New pending items, inserted as fast as the driver takes them.  SQLAlchemy's per-row parameter processing
+    cost more than the database's own work on a million-line upload, so:
+
+    - on PostgreSQL through psycopg, one ``COPY job_items FROM STDIN`` stays open across windows, ended only when
+      the session must run another statement (:meth:`end`).  The server stores rows while this process parses
+      the next lines; a ``COPY`` per window made each side wait for the other at every window's end (measured:
+      a million-line upload went from 30-38 s to 15-17 s, bench/README.md);
+    - on SQLite, ``executemany`` on pre-encoded JSON;
+    - other drivers get SQLAlchemy's insert.
+
+    Rows are tuples of :data:`PENDING_COLUMNS`, the input not yet encoded."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+        connection = session.connection()
+        self.dialect = connection.dialect
+        self.mode = "sqlite" if self.dialect.name == "sqlite" else "copy" if _copies(session) else "insert"
+        self._copy: contextlib.ExitStack | None = None
+        self._rows: Any = None  # the open COPY's write_row
+
+    def write(self, rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        if self.mode == "insert":
+            try:
+                for start in range(0, len(rows), INSERT_BATCH):
+                    self.session.execute(
+                        insert(ITEMS), [dict(zip(PENDING_COLUMNS, r)) for r in rows[start : start + INSERT_BATCH]])
+            except IntegrityError as exc:
+                raise _duplicate(exc) from exc
+            return
         values = [(*r[:4], _dumps(r[4]), *r[5:]) for r in rows]
-        try:
-            if connection.dialect.name == "sqlite":
-                raw = connection.connection.dbapi_connection
+        with self._refused():
+            if self.mode == "sqlite":
+                raw = self.session.connection().connection.dbapi_connection
                 assert raw is not None
                 raw.cursor().executemany(
                     f"INSERT INTO job_items ({', '.join(PENDING_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?)", values)
-            else:
-                _copy(session, "job_items", PENDING_COLUMNS, values)
-        except connection.dialect.dbapi.IntegrityError as exc:  # type: ignore[union-attr]
+                return
+            if self._copy is None:
+                self._copy = contextlib.ExitStack()
+                self._rows = self._copy.enter_context(_copy_in(self.session, "job_items", PENDING_COLUMNS)).write_row
+            write_row = self._rows
+            for value in values:
+                write_row(value)
+
+    def end(self) -> None:
+        """End the open ``COPY``, if any, waiting for the server to store its rows."""
+        if self._copy is not None:
+            copy, self._copy = self._copy, None
+            with self._refused():
+                copy.close()
+
+    def abort(self, kind: type[BaseException], error: BaseException | None, trace: Any) -> None:
+        """End the open ``COPY`` as failed (the caller rolls back); its own error is dropped for the caller's."""
+        if self._copy is not None:
+            copy, self._copy = self._copy, None
+            with contextlib.suppress(Exception):
+                copy.__exit__(kind, error, trace)
+
+    @contextlib.contextmanager
+    def _refused(self) -> Iterator[None]:
+        try:
+            yield
+        except self.dialect.dbapi.IntegrityError as exc:  # type: ignore[union-attr]
             raise _duplicate(exc) from exc
-        return
-    try:
-        for start in range(0, len(rows), INSERT_BATCH):
-            session.execute(insert(ITEMS), [dict(zip(PENDING_COLUMNS, r)) for r in rows[start : start + INSERT_BATCH]])
-    except IntegrityError as exc:
-        raise _duplicate(exc) from exc
 
 
 CHUNK_COLUMNS = ("id", "job_id", "model_digest", "seq", "state", "enqueued_at", "held")
 
 
-def insert_chunks(session: Session, chunks: list[dict[str, Any]]) -> None:
-    """New chunks (:meth:`ChunkWriter._new_chunk`'s rows): by ``COPY`` on PostgreSQL through psycopg (62,500 rows
-    for a million items in chunks of 16), SQLAlchemy's insert elsewhere."""
+def insert_chunks(session: Session, job_id: str, model_digest: str, chunk_ids: list[str]) -> None:
+    """A job's chunks, queued and held for the dispatcher, ``chunk_ids`` in order: by ``COPY`` on PostgreSQL
+    through psycopg (62,500 rows for a million items in chunks of 16), SQLAlchemy's insert elsewhere."""
+    if not chunk_ids:
+        return
+    now = utcnow()
+    rows = ((chunk_id, job_id, model_digest, seq, ChunkState.QUEUED, now, True) for seq, chunk_id in enumerate(chunk_ids))
     if _copies(session):
-        _copy(session, "job_chunks", CHUNK_COLUMNS, [[chunk[c] for c in CHUNK_COLUMNS] for chunk in chunks])
-    else:
-        session.execute(insert(CHUNKS), chunks)
+        with _copy_in(session, "job_chunks", CHUNK_COLUMNS) as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    for batch in iter(lambda: list(itertools.islice(rows, INSERT_BATCH)), []):
+        session.execute(insert(CHUNKS), [dict(zip(CHUNK_COLUMNS, row)) for row in batch])
 
 
 def _copies(session: Session) -> bool:
@@ -233,14 +257,14 @@ def _copies(session: Session) -> bool:
     return dialect.name == "postgresql" and dialect.driver == "psycopg"
 
 
-def _copy(session: Session, table: str, columns: tuple[str, ...], rows: list[Any]) -> None:
-    """``COPY table (columns) FROM STDIN`` of ``rows`` on the session's psycopg connection."""
+@contextlib.contextmanager
+def _copy_in(session: Session, table: str, columns: tuple[str, ...]) -> Iterator[Any]:
+    """``COPY table (columns) FROM STDIN`` on the session's psycopg connection: yields psycopg's ``Copy``."""
     raw = session.connection().connection.dbapi_connection
     assert raw is not None
     cursor: Any = raw.cursor()
     with cursor, cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(row)
+        yield copy
 
 
 def _dumps(value: Any) -> str:

@@ -133,17 +133,16 @@ class JobService:
             window: list[grouping.Pending] = []
             per_window = grouping.window_size(size)
             count = 0
-            # on PostgreSQL, each window is written while the next is read
-            with grouping.Pipelined(writer, threaded=session.get_bind().dialect.name == "postgresql") as pipeline:
+            with writer:
                 for custom_id, body in items:
                     check_item(record, model, kind, body, count + 1)
                     window.append((count, custom_id, body))
                     count += 1
                     if len(window) >= per_window:
-                        pipeline.write(window)
+                        writer.write(window)
                         window = []
                 if window:
-                    pipeline.write(window)
+                    writer.write(window)
             chunk_ids = writer.chunk_ids
             if count == 0:
                 session.rollback()

@@ -50,8 +50,8 @@ def test_chunks_close_where_a_shared_prefix_ends_and_unrelated_prompts_fill_them
         for job_id, texts in (("grouped", prompts), ("plain", unrelated)):
             session.add(Job(id=job_id, kind="generate", model="m", model_digest="d", options={}, chunk_size=8, meta={}))
             session.flush()
-            writer = ChunkWriter(session, job_id, "generate", "d", "m", 8, {}, lambda: next(ids))
-            writer.write([(n, None, {"prompt": text}) for n, text in enumerate(texts)])
+            with ChunkWriter(session, job_id, "generate", "d", "m", 8, {}, lambda: next(ids)) as writer:
+                writer.write([(n, None, {"prompt": text}) for n, text in enumerate(texts)])
         session.commit()
         sizes = {job: sorted(n for _, n in session.execute(
             select(Item.chunk_id, func.count()).where(Item.job_id == job).group_by(Item.chunk_id)).all())
