@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from corral.errors import BadRequest
-from corral.gguf_meta import gguf_config
+from corral.gguf_meta import GGUF_MAGIC, gguf_config
 from corral.gotemplate import parse as parse_template
 from corral.gotemplate import render, variables
 from corral.options import parse_options
@@ -209,7 +209,6 @@ def modelfile_text(record: ModelRecord, template: str | None = None) -> str:
 
 # -- /api/create ----------------------------------------------------------------------------------------------
 
-GGUF_MAGIC = b"GGUF"
 
 
 def _relative(filename: str) -> None:

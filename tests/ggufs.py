@@ -1,18 +1,50 @@
 """GGUF files the tests make with the ``gguf`` package: a LoRA adapter for SmolLM2 (a working one, and one whose
 shapes fit no model), a GGUF of an architecture llama.cpp does not know, and a vision projector (``mmproj``) for
-SmolLM2; and PNG images to show it."""
+SmolLM2; a copy of a GGUF with metadata changed; and PNG images to show the projector."""
 
 from __future__ import annotations
 
+import shutil
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from corral.gguf_meta import GGUF_MAGIC, read_header
+
 
 def _arch(reader: object) -> str:
     return str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")  # type: ignore[attr-defined]
+
+
+def with_metadata(source: Path, target: Path, updates: dict[str, str | int]) -> Path:
+    """A copy of ``source`` with metadata keys set or added (a ``str`` as a string, an ``int`` as a uint32), its
+    tensors untouched.  The ``gguf`` package's ``copy_with_new_metadata`` rebuilds every field in numpy: ~10 s
+    for SmolLM2, against a fraction of a second here."""
+    header = read_header(source, with_arrays=False)
+    order = header.byteorder
+
+    def encoded(key: str, value: str | int) -> bytes:
+        name = key.encode()
+        head = struct.pack(f"{order}Q", len(name)) + name
+        if isinstance(value, str):
+            text = value.encode()
+            return head + struct.pack(f"{order}IQ", 8, len(text)) + text
+        return head + struct.pack(f"{order}II", 4, value)
+
+    with open(source, "rb") as src, open(target, "wb") as out:
+        raw = src.read(header.data_offset)
+        keys = [*header.spans, *(k for k in updates if k not in header.spans)]
+        out.write(GGUF_MAGIC + struct.pack(f"{order}IQQ", header.version, header.tensor_count, len(keys)))
+        for key in keys:
+            out.write(encoded(key, updates[key]) if key in updates else raw[slice(*header.spans[key])])
+        out.write(raw[slice(*header.tensor_info)])
+        alignment = int(header.kv.get("general.alignment", 32))
+        out.write(b"\0" * (-out.tell() % alignment))
+        src.seek(header.data_offset)
+        shutil.copyfileobj(src, out, 1 << 22)
+    return target
 
 
 def lora_adapter(base: Path, target: Path, *, rank: int = 4, std: float = 0.2, misshapen: bool = False) -> Path:

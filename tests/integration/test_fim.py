@@ -14,6 +14,7 @@ import pytest
 from openai import OpenAI
 
 from corral.catalog import packaged_smollm2
+from tests.ggufs import with_metadata
 from tests.helpers import MODEL
 
 PREFIX, SUFFIX = "def add(a, b):\n    return", "\n\nprint(add(1, 2))\n"
@@ -24,15 +25,9 @@ FIM_IDS = {"tokenizer.ggml.fim_pre_token_id": 3, "tokenizer.ggml.fim_suf_token_i
 
 @pytest.fixture(scope="module")
 def fim_model(base_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import gguf
-    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
-
     source = packaged_smollm2()
     assert source is not None
-    target = tmp_path_factory.mktemp("fim") / "smollm2-fim.gguf"
-    reader = gguf.GGUFReader(source)
-    writer = gguf.GGUFWriter(target, arch="llama", endianess=reader.endianess)
-    copy_with_new_metadata(reader, writer, {k: MetadataDetails(gguf.GGUFValueType.UINT32, v) for k, v in FIM_IDS.items()}, [])
+    target = with_metadata(source, tmp_path_factory.mktemp("fim") / "smollm2-fim.gguf", FIM_IDS)
     data = Path(target).read_bytes()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     assert httpx.post(f"{base_url}/api/blobs/{digest}", content=data, timeout=60).status_code in (200, 201)

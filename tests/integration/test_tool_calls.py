@@ -20,6 +20,7 @@ from openai import OpenAI
 from corral.catalog import packaged_smollm2
 from corral.settings import Settings
 from corral.store import ModelStore
+from tests.ggufs import with_metadata
 from tests.helpers import Stack, wait_for
 
 pytestmark = pytest.mark.slow
@@ -52,17 +53,10 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def tools_model(settings: Settings, stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import gguf
-    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
-
     source = packaged_smollm2()
     assert source is not None
-    target = tmp_path_factory.mktemp("tools") / "smollm2-tools.gguf"
-    reader = gguf.GGUFReader(source)
-    arch = str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")
-    writer = gguf.GGUFWriter(target, arch=arch, endianess=reader.endianess)
-    template = MetadataDetails(gguf.GGUFValueType.STRING, TEMPLATE)
-    copy_with_new_metadata(reader, writer, {gguf.Keys.Tokenizer.CHAT_TEMPLATE: template}, [])
+    target = with_metadata(source, tmp_path_factory.mktemp("tools") / "smollm2-tools.gguf",
+                           {"tokenizer.chat_template": TEMPLATE})
     store = ModelStore(settings.models_path)
     store.register_gguf([MODEL], Path(target))
     wait_for(lambda: any(MODEL in w.get("models", []) or f"{MODEL}:latest" in w.get("models", [])
