@@ -58,11 +58,15 @@ class Proc:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        return self.stopped(timeout)
+
+    def stopped(self, timeout: float = 30) -> int:
+        """Wait for the process to end (killed after ``timeout``); its exit status."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         return self.proc.returncode
 
     def output(self) -> str:
@@ -133,8 +137,12 @@ class Stack:
         return f"http://{host}:{port}"
 
     def stop(self) -> None:
+        """Stop every process, all signalled at once: each takes a second or so to shut down gracefully."""
+        for proc in self.procs:
+            if proc.proc.poll() is None:
+                proc.proc.send_signal(signal.SIGTERM)
         for proc in reversed(self.procs):
-            proc.stop()
+            proc.stopped()
         self.procs.clear()
 
     @contextmanager
