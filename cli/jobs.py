@@ -24,6 +24,9 @@ from jobs.export import FORMATS, ExportError, write_csv, write_jsonl, write_npy,
 from jobs.models import JobStatus
 
 EXIT_CODES = {"completed": 0, "failed": 3, "cancelled": 4, "expired": 5}
+# Cancelling, retrying or deleting a job writes each of its items: a million-item job took 28 s to cancel on the
+# project's 2-core VM with PostgreSQL (bench/ingest.py), near the client's usual 30 s.
+STOP_TIMEOUT = 600.0
 TERMINAL = tuple(EXIT_CODES)
 
 
@@ -252,7 +255,7 @@ def _control(action: str, doc: str) -> click.Command:
 
     @with_client
     def command(client: CorralClient, job_id: str) -> None:
-        click.echo(_summary(client.request("POST", f"/api/jobs/{job_id}/{action}")))
+        click.echo(_summary(client.request("POST", f"/api/jobs/{job_id}/{action}", timeout=STOP_TIMEOUT)))
 
     command.__doc__ = doc
     return click.command(action)(click.argument("job_id", metavar="JOB")(command))

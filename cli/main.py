@@ -120,7 +120,7 @@ def rm(client: CorralClient, targets: tuple[str, ...]) -> None:
     """Delete jobs (ids like job_... or batch_...) with their results, or models from the store."""
     for target in targets:
         if JOB_ID.match(target):
-            client.request("DELETE", f"/api/jobs/{target}")
+            client.request("DELETE", f"/api/jobs/{target}", timeout=cli_jobs.STOP_TIMEOUT)
         else:
             client.request("DELETE", "/api/delete", json={"model": target})
         click.echo(f"deleted '{target}'")
