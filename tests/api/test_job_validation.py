@@ -104,3 +104,25 @@ def test_a_custom_id_repeated_far_apart_is_refused_by_the_database(client: Flask
     r = client.post("/api/jobs", json={"model": MODEL, "items": items})
     assert r.status_code == 400 and r.get_json()["error"].startswith("duplicate custom_id: every line's custom_id")
     assert len(client.get("/api/jobs?limit=1000").get_json()["jobs"]) == before  # nothing stored
+
+
+@pytest.mark.parametrize("last, error", [
+    ({"custom_id": "k", "prompt": ""}, "line 11: "),  # refused by the parser, after 2 windows went to the database
+    ({"custom_id": "a", "prompt": "x"}, "duplicate custom_id: every line's custom_id"),  # by the database
+], ids=["bad line", "repeated id"])
+def test_a_line_refused_after_windows_were_written_stores_nothing(
+    client: FlaskClient, monkeypatch: pytest.MonkeyPatch, last: dict[str, Any], error: str
+) -> None:
+    """The windows already written (on PostgreSQL, into a COPY still open) go with the refused upload, and the
+    database connection is left fit for the next request."""
+    import jobs.grouping
+    import jobs.ingest
+
+    monkeypatch.setattr(jobs.grouping, "WINDOW", 4)
+    monkeypatch.setattr(jobs.ingest, "SEEN_IDS", 2)
+    before = len(client.get("/api/jobs?limit=1000").get_json()["jobs"])
+    items = [{"custom_id": cid, "prompt": f"x {cid}"} for cid in "abcdefghij"] + [last]
+    for _ in range(2):  # the second time on connections the first one returned to the pool
+        r = client.post("/api/jobs", json={"model": MODEL, "chunk_size": 2, "items": items})
+        assert r.status_code == 400 and r.get_json()["error"].startswith(error), r.get_json()
+        assert len(client.get("/api/jobs?limit=1000").get_json()["jobs"]) == before
