@@ -21,7 +21,7 @@ from rich.table import Table
 from cli.client import CorralClient, file_chunks
 from cli.common import columns, parse_pairs, stdout_is_tty, with_client
 from jobs.export import FORMATS, ExportError, write_csv, write_jsonl, write_npy, write_parquet
-from jobs.models import JobStatus
+from jobs.states import JobStatus
 
 EXIT_CODES = {"completed": 0, "failed": 3, "cancelled": 4, "expired": 5}
 # Cancelling, retrying or deleting a job writes each of its items: a million-item job took 28 s to cancel on the

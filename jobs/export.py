@@ -16,8 +16,6 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-import numpy as np
-
 FORMATS = ("jsonl", "csv", "parquet", "npy")
 ROW_GROUP = 2048
 TEXT_COLUMNS = ["custom_id", "index", "state", "text", "done_reason", "prompt_tokens", "completion_tokens", "error"]
@@ -121,6 +119,8 @@ def write_npy(lines: Iterable[bytes], kind: str, path: str) -> int:
 
     Rows are streamed to a scratch file first (the header needs the row count), so memory stays flat.
     """
+    import numpy as np  # here: the CLI imports this module at every start, and only npy needs numpy
+
     if kind != "embed":
         raise ExportError("--format npy is for embedding jobs")
     directory = os.path.dirname(os.path.abspath(path))

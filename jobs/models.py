@@ -3,7 +3,7 @@ and the OpenAI Files API's files (stored in SQL in 1 MiB parts, so every API rep
 
 SQL is the source of truth.  A Celery message only says "work on chunk X"; the chunk row says which items,
 who runs it and since when, so a lost message, a killed worker or a flushed Redis can always be repaired from
-here (see :mod:`jobs.reconcile`).  The state names are the constants below; :mod:`jobs.transitions` is the
+here (see :mod:`jobs.reconcile`).  The state names are the constants of :mod:`jobs.states`; :mod:`jobs.transitions` is the
 only code that changes them.  Constraint names follow a naming convention so Alembic migrations are
 stable across SQLite and PostgreSQL.
 """
@@ -31,6 +31,11 @@ from sqlalchemy import (
 from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# re-exported: callers take the state names from here, beside the tables
+from jobs.states import ChunkState as ChunkState
+from jobs.states import ItemState as ItemState
+from jobs.states import JobStatus as JobStatus
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -38,45 +43,6 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-class JobStatus:
-    """``jobs.status``.  Only :mod:`jobs.transitions` moves a job from one to another."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    EXPIRED = "expired"
-    ALL = (QUEUED, RUNNING, COMPLETED, FAILED, CANCELLED, EXPIRED)
-    ACTIVE = (QUEUED, RUNNING)
-    TERMINAL = (COMPLETED, FAILED, CANCELLED, EXPIRED)
-    # A job that stopped early: its pending items were cancelled, a running one stops between tokens.
-    STOPPED = (CANCELLED, FAILED, EXPIRED)
-
-
-class ItemState:
-    """``job_items.state``: pending -> running (claimed) -> succeeded | failed | cancelled."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    ALL = (PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-    OPEN = (PENDING, RUNNING)
-    FINISHED = (SUCCEEDED, FAILED, CANCELLED)
-
-
-class ChunkState:
-    """``job_chunks.state``: queued (held in SQL, or released: a message is on its way) -> running (claimed by a
-    worker) -> done."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-    ALL = (QUEUED, RUNNING, DONE)
-
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
