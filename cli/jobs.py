@@ -24,8 +24,8 @@ from jobs.export import FORMATS, ExportError, write_csv, write_jsonl, write_npy,
 from jobs.states import JobStatus
 
 EXIT_CODES = {"completed": 0, "failed": 3, "cancelled": 4, "expired": 5}
-# Cancelling, retrying or deleting a job writes each of its items: a million-item job took 28 s to cancel on the
-# project's 2-core VM with PostgreSQL (bench/ingest.py), near the client's usual 30 s.
+# Cancelling a job writes each of its pending items: a million took 28-32 s on the project's 2-core VM with
+# PostgreSQL (bench/README.md), past the client's usual 30 s.  Retrying and deleting a job write many rows too.
 STOP_TIMEOUT = 600.0
 TERMINAL = tuple(EXIT_CODES)
 
