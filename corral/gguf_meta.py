@@ -44,13 +44,17 @@ class GGUFHeader:
     """A GGUF file's header, as :func:`read_header` found it."""
 
     kv: dict[str, Any]
-    parameters: int  # the tensors' elements, all together
+    tensors: list[tuple[str, tuple[int, ...]]]  # name and shape (ggml's order: the row length first)
     byteorder: str  # struct's: "<" or ">"
     version: int
-    tensor_count: int
     spans: dict[str, tuple[int, int]]  # each key/value's bytes in the file: [start, end)
     tensor_info: tuple[int, int]  # the tensor descriptions' bytes
     data_offset: int  # where the tensors' data starts (aligned)
+
+    @property
+    def parameters(self) -> int:
+        """The tensors' elements, all together."""
+        return sum(math.prod(shape) for _, shape in self.tensors)
 
 
 # GGUF value types: struct format and size of the fixed-size ones; 8 is a string, 9 an array
@@ -149,13 +153,12 @@ class _Parser:
                 value = []
             kv[key] = value
             spans[key] = (start, self.at)
-        info_start, parameters = self.at, 0
+        info_start, tensors = self.at, []
         for _ in range(tensor_count):
-            self.string()
-            dims = self.take("I")
+            name, dims = self.string(), self.take("I")
             if dims > 8:
                 raise ValueError(f"a tensor of {dims} dimensions")
-            parameters += math.prod(self.take("Q") for _ in range(dims))
+            tensors.append((name, tuple(self.take("Q") for _ in range(dims))))
             self.at += 12  # type (uint32) and data offset (uint64)
         if self.at > self.size:
             raise ValueError("the GGUF header is truncated")
@@ -163,7 +166,7 @@ class _Parser:
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
             raise ValueError("general.alignment must be a power of two")
         data_offset = -(-self.at // alignment) * alignment
-        return GGUFHeader(kv, parameters, self.order, version, tensor_count, spans, (info_start, self.at), data_offset)
+        return GGUFHeader(kv, tensors, self.order, version, spans, (info_start, self.at), data_offset)
 
 
 def gguf_config(path: Path) -> dict[str, Any]:

@@ -178,8 +178,7 @@ class PendingItems:
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        connection = session.connection()
-        self.dialect = connection.dialect
+        self.dialect = session.connection().dialect
         self.mode = "sqlite" if self.dialect.name == "sqlite" else "copy" if _copies(session) else "insert"
         self._copy: contextlib.ExitStack | None = None
         self._rows: Any = None  # the open COPY's write_row

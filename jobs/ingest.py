@@ -103,7 +103,7 @@ def _plain_generate(obj: dict[str, Any]) -> tuple[str | None, dict[str, Any]] | 
     if not body.get("prompt") or (custom_id is not None and len(custom_id) > 512):
         return None
     if "options" in body:
-        body["options"] = _options(body["options"])
+        body["options"] = parse_options(body["options"])
     return custom_id, body
 
 
@@ -134,35 +134,10 @@ def validate_item(kind: str, number: int, obj: Any) -> tuple[str | None, dict[st
             del body["format"]
     if "options" in body:
         try:
-            body["options"] = _options(body["options"])
+            body["options"] = parse_options(body["options"])
         except BadRequest as exc:
             raise BadRequest(f"{where}: {exc.message}") from exc
     return item.custom_id, body
-
-
-_checked: dict[tuple[Any, ...], dict[str, Any]] = {}
-
-
-def _options(raw: Any) -> dict[str, Any]:
-    """:func:`parse_options`, remembered for flat options (a job's lines mostly repeat a few): a copy each time."""
-    key: tuple[Any, ...] | None = None
-    if type(raw) is dict:
-        # the values' types are part of the key: True == 1, but only one of them is a valid num_predict
-        values = tuple(raw.values())
-        key = (tuple(raw), values, tuple(map(type, values)))
-        try:
-            hash(key)
-        except TypeError:  # a list value (stop): not hashable, checked every time
-            key = None
-    if key is None:
-        return parse_options(raw)
-    found = _checked.get(key)
-    if found is None:
-        found = parse_options(raw)
-        if len(_checked) >= 1024:
-            _checked.clear()
-        _checked[key] = found
-    return dict(found)
 
 
 SEEN_IDS = 10_000

@@ -14,10 +14,6 @@ import numpy as np
 from corral.gguf_meta import GGUF_MAGIC, read_header
 
 
-def _arch(reader: object) -> str:
-    return str(bytes(reader.fields["general.architecture"].parts[-1]), "utf-8")  # type: ignore[attr-defined]
-
-
 def with_metadata(source: Path, target: Path, updates: dict[str, str | int]) -> Path:
     """A copy of ``source`` with metadata keys set or added (a ``str`` as a string, an ``int`` as a uint32), its
     tensors untouched.  The ``gguf`` package's ``copy_with_new_metadata`` rebuilds every field in numpy: ~10 s
@@ -36,7 +32,7 @@ def with_metadata(source: Path, target: Path, updates: dict[str, str | int]) -> 
     with open(source, "rb") as src, open(target, "wb") as out:
         raw = src.read(header.data_offset)
         keys = [*header.spans, *(k for k in updates if k not in header.spans)]
-        out.write(GGUF_MAGIC + struct.pack(f"{order}IQQ", header.version, header.tensor_count, len(keys)))
+        out.write(GGUF_MAGIC + struct.pack(f"{order}IQQ", header.version, len(header.tensors), len(keys)))
         for key in keys:
             out.write(encoded(key, updates[key]) if key in updates else raw[slice(*header.spans[key])])
         out.write(raw[slice(*header.tensor_info)])
@@ -52,20 +48,20 @@ def lora_adapter(base: Path, target: Path, *, rank: int = 4, std: float = 0.2, m
     greedy output; ``misshapen`` swaps the input and output sizes, which llama.cpp must refuse."""
     import gguf
 
-    reader = gguf.GGUFReader(base)
-    writer = gguf.GGUFWriter(target, arch=_arch(reader))
+    header = read_header(base, with_arrays=False)
+    writer = gguf.GGUFWriter(target, arch=header.kv["general.architecture"])
     writer.add_type("adapter")
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", float(rank))
     rng = np.random.default_rng(7)
-    for tensor in reader.tensors:
-        if not tensor.name.endswith("ffn_down.weight"):
+    for name, shape in header.tensors:
+        if not name.endswith("ffn_down.weight"):
             continue
-        n_in, n_out = int(tensor.shape[0]), int(tensor.shape[1])  # ggml order: the input size first
+        n_in, n_out = shape[0], shape[1]  # ggml order: the input size first
         if misshapen:
             n_in, n_out = n_out, n_in
-        writer.add_tensor(tensor.name + ".lora_a", rng.normal(0, std, (rank, n_in)).astype(np.float32))
-        writer.add_tensor(tensor.name + ".lora_b", rng.normal(0, std, (n_out, rank)).astype(np.float32))
+        writer.add_tensor(name + ".lora_a", rng.normal(0, std, (rank, n_in)).astype(np.float32))
+        writer.add_tensor(name + ".lora_b", rng.normal(0, std, (n_out, rank)).astype(np.float32))
     _finish(writer)
     return target
 
