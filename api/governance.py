@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -30,6 +31,7 @@ from api.metrics import observe_key_tokens
 from corral.errors import Forbidden, RateLimited
 from corral.protocol import KEY_PREFIX
 from corral.settings import Settings
+from corral.store import ModelStore
 from jobs.keys import KeyLimits, KeyStore, Principal
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,23 @@ class Governor:
 
     def allowed(self, principal: Principal | None, model: str) -> bool:
         return principal is None or principal.limits.allows(model)
+
+    def visible(self, principal: Principal | None, names: Iterable[str]) -> list[str]:
+        """The names among ``names`` the key may see (its allow-list): what /api/ps, /api/queue and the console
+        list, so a limited key learns nothing of the other models, not even which are loaded."""
+        return [name for name in names if self.allowed(principal, name)]
+
+    def check_blob(self, principal: Principal | None, store: ModelStore, digest: str) -> None:
+        """A blob belongs to the models whose manifests name it: an admin key (or anyone, keys off) reads any;
+        another key only one named by a model it may use.  Otherwise a key limited to one model could read
+        another's GGUF, or its SYSTEM layer (a house prompt may hold secrets), by digest.  A blob no model names
+        (uploaded for a create not yet made) is an admin's alone.  The answer is the same whether the blob exists
+        or not, so it is no oracle for guessing a prompt from its digest."""
+        if principal is None or principal.admin:
+            return
+        if not any(principal.limits.allows(name.display) for name in store.names_using_blob(digest)):
+            raise Forbidden(f"blob '{digest}' is not allowed for the key '{principal.name}': "
+                            "no model the key may use has it")
 
     def admit(self, principal: Principal | None, model: str) -> Ticket | None:
         """Check every limit of the key before a sync request runs; None when keys are off.  Two Redis round

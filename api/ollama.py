@@ -219,7 +219,8 @@ def show() -> Response:
 @bp.get("/api/ps")
 @documented(response=R.Running)
 def ps() -> Response:
-    models = services().inference.gateway.loaded()
+    shared = services()
+    models = [m for m in shared.inference.gateway.loaded() if shared.governor.allowed(principal(), m["name"])]
     models.sort(key=lambda m: m["expires_at"], reverse=True)
     return json_response({"models": models})
 
@@ -329,8 +330,11 @@ def create() -> Response:
 @documented(media="application/octet-stream")
 def blob(digest: str) -> Response:
     """HEAD: does the store have this blob (Ollama's 200/404).  GET (corral): stream it, so a worker on another
-    machine can pull a model by digest and check it against its sha256."""
-    store = services().inference.store
+    machine can pull a model by digest and check it against its sha256.  With keys required, a key reads only
+    the blobs of models its allow-list lets it use (:meth:`Governor.check_blob`)."""
+    shared = services()
+    store = shared.inference.store
+    shared.governor.check_blob(principal(), store, digest)
     path = store.blob_path(digest)
     if not path.is_file():
         return Response(status=404) if request.method == "HEAD" else json_response({"error": "blob not found"}, 404)
@@ -342,5 +346,9 @@ def blob(digest: str) -> Response:
 @bp.get("/api/manifests/<path:name>")
 @documented(summary="The manifest behind a model name.")
 def manifest(name: str) -> Response:
-    """The manifest behind a model name (corral): which blobs a remote worker needs to serve it."""
-    return json_response(services().inference.store.manifest(name))
+    """The manifest behind a model name (corral): which blobs a remote worker needs to serve it.  Covered by the
+    key's allow-list, as /api/show is: the manifest names the model's every blob."""
+    shared = services()
+    found = shared.inference.store.manifest(name)
+    shared.governor.check_model(principal(), name)
+    return json_response(found)

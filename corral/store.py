@@ -11,6 +11,7 @@ copied (100 MB saved per install).
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import hashlib
 import json
@@ -415,6 +416,28 @@ class ModelStore:
         for derived in (self.root / "derived").glob("sha256-*"):
             if derived.name.split(".", 1)[0] not in used:
                 derived.unlink(missing_ok=True)
+
+    def names_using_blob(self, digest: str) -> builtins.list[ModelName]:
+        """Every model whose manifest names the blob ``digest`` (its GGUF, config or any layer).  Reads the
+        manifests only (a few hundred bytes each), never a config blob or a GGUF: it decides, per request, which
+        keys may read a blob.
+
+        :raises BadRequest: ``digest`` is not a sha256 digest.
+        """
+        wanted = "sha256:" + self.blob_path(digest).name.split("-", 1)[1]
+        base = self.root / "manifests"
+        names = []
+        for path in base.glob("*/*/*/*") if base.is_dir() else ():
+            if path.name.startswith("."):
+                continue
+            try:
+                manifest = json.loads(path.read_bytes())
+                refs = [manifest["config"], *manifest["layers"]]
+                if any(ref["digest"] == wanted for ref in refs):
+                    names.append(ModelName(*path.relative_to(base).parts))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # a half-written or foreign manifest names no model
+        return names
 
     def find_by_model_digest(self, model_digest: str) -> ModelRecord | None:
         for record in self.list():

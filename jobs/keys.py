@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from corral.errors import BadRequest, Conflict, NotFound
 from corral.settings import Settings
+from corral.store import DEFAULT_TAG, ModelName
 from corral.timefmt import duration_seconds
 from jobs.db import sessions
 from jobs.models import ApiKey, Item, Job, KeyUsage, utcnow
@@ -58,11 +59,23 @@ class KeyLimits(BaseModel):
         return period_seconds(self.budget_period or "1d")
 
     def allows(self, model: str) -> bool:
-        """Whether the allow-list (when there is one) lets the key use ``model`` (``name`` or ``name:tag``)."""
+        """Whether the allow-list (when there is one) lets the key use ``model`` (``name`` or ``name:tag``).
+
+        The globs are matched against the name as sent and against the name the store resolves it to
+        (``SmolLM2 `` is ``smollm2:latest``), so every spelling of one model gets the same answer."""
         if self.models is None:
             return True
         full = model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
-        return any(fnmatch.fnmatchcase(candidate, pattern) for pattern in self.models for candidate in (model, full))
+        candidates = {model, full}
+        try:
+            name = ModelName.parse(model)
+        except BadRequest:
+            pass  # not a model name: only the text as sent can match
+        else:
+            candidates.add(name.display)
+            if name.tag == DEFAULT_TAG:
+                candidates.add(name.display.rsplit(":", 1)[0])
+        return any(fnmatch.fnmatchcase(candidate, pattern) for pattern in self.models for candidate in candidates)
 
     @classmethod
     def parse(cls, text: str) -> KeyLimits:
