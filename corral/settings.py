@@ -299,6 +299,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CORRAL_RESULT_CACHE_TTL", "result_cache_ttl"),
         description="Seconds a deterministic request's result serves jobs submitted with `cache: true`; 0: off.",
     )
+    result_cache_shared: bool = Field(
+        False,
+        validation_alias=AliasChoices("CORRAL_RESULT_CACHE_SHARED", "result_cache_shared"),
+        description="`1`: every API key's `cache: true` jobs share one result cache (a hit tells a key that another "
+        "ran that prompt, and when); `0`: each key has its own.  Set it alike for the API and the workers.",
+    )
     read_only: bool = Field(
         False,
         validation_alias=AliasChoices("CORRAL_READ_ONLY", "read_only"),

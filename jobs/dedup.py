@@ -11,6 +11,12 @@ seed get no key and are never deduplicated.
 - Across jobs, a job submitted with ``cache: true`` takes the results of keys the cache holds (younger than
   ``CORRAL_RESULT_CACHE_TTL``) at submission, marked ``cached: true`` and never queued, and adds its own
   successes to the cache.
+
+The cache is per owner: a hit, with its ``created_at``, tells the submitter that the request ran before and
+when, so one API key must never hit another's entries.  An entry is stored under :func:`cache_key`, the request
+key hashed with the job's :func:`cache_scope` (its owner; everyone's with ``CORRAL_RESULT_CACHE_SHARED``), which both
+the submission (lookups) and the worker (stores) compute.  Entries of the former, unscoped format are bare
+request keys: no scoped key equals one, so they are never hit again and the reconciler prunes them with age.
 """
 
 from __future__ import annotations
@@ -24,9 +30,11 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from jobs.models import CachedResult, utcnow
+from jobs.models import CachedResult, Job, utcnow
 
 DEDUP_KINDS = ("generate", "chat")
+SHARED_SCOPE = "shared"  # CORRAL_RESULT_CACHE_SHARED: one cache for every owner
+CACHE_KEY_FORMAT = "corral-result-cache/2"  # hashed into every cache key: a new format leaves old entries unreachable
 # Keys remembered per submission for placing duplicates in one chunk: past this many distinct keys, a late
 # duplicate of an early request may run again (memory stays bounded for million-line jobs).
 MAX_TRACKED_KEYS = 200_000
@@ -55,21 +63,41 @@ def request_key(model: str, kind: str, body: dict[str, Any], job_options: dict[s
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def lookup(session: Session, keys: list[str], ttl: int) -> dict[str, CachedResult]:
-    """The cached results of ``keys`` that are younger than ``ttl`` seconds."""
+def cache_scope(owner: str | None, shared: bool) -> str:
+    """Whose result cache a job of ``owner`` (an API key's id; None with keys off, one anonymous owner whose
+    jobs all share) reads and adds to: the owner's own, or with ``shared`` everyone's."""
+    return SHARED_SCOPE if shared else f"owner:{owner or ''}"
+
+
+def job_cache_scope(session: Session, job_id: str, shared: bool) -> str:
+    """:func:`cache_scope` of a stored job (the worker's side: a chunk knows its job, not its owner)."""
+    return cache_scope(None if shared else session.scalar(select(Job.owner).where(Job.id == job_id)), shared)
+
+
+def cache_key(key: str, scope: str) -> str:
+    """Where the result cache keeps request ``key`` for ``scope``: one owner's entries are no other's."""
+    text = json.dumps([CACHE_KEY_FORMAT, scope, key], separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def lookup(session: Session, keys: list[str], ttl: int, scope: str) -> dict[str, CachedResult]:
+    """The cached results of request ``keys`` in ``scope`` that are younger than ``ttl`` seconds, by request key
+    (the primary key's index answers each batch)."""
     if not keys or ttl <= 0:
         return {}
     cutoff = utcnow() - timedelta(seconds=ttl)
     found: dict[str, CachedResult] = {}
-    unique = sorted(set(keys))
+    request_of = {cache_key(key, scope): key for key in set(keys)}
+    unique = sorted(request_of)
     for start in range(0, len(unique), 500):
         query = select(CachedResult).where(CachedResult.key.in_(unique[start : start + 500]), CachedResult.created_at >= cutoff)
-        found.update((row.key, row) for row in session.scalars(query))
+        found.update((request_of[row.key], row) for row in session.scalars(query))
     return found
 
 
 def store(session: Session, key: str, output: dict[str, Any], prompt_tokens: int | None, completion_tokens: int | None) -> None:
-    """Keep (or renew) the result of ``key``; the caller commits.  Two workers storing one key at once: one wins."""
+    """Keep (or renew) the result under ``key`` (a :func:`cache_key`); the caller commits.  Two workers storing
+    one key at once: one wins."""
     try:
         with session.begin_nested():
             session.execute(delete(CachedResult).where(CachedResult.key == key))

@@ -8,8 +8,8 @@ into the database with bounded memory; within a window, lexicographic order puts
 that share its longest prefix.  Items keep their ``seq`` (input order), so results come back in input order.
 
 Deduplication (jobs/dedup.py): every item with the key of an earlier one joins that one's chunk, where the
-worker runs the request once; with the job's ``cache`` on, an item whose key the result cache holds is stored
-with that result (``cached``) and in no chunk.
+worker runs the request once; with the job's ``cache`` on, an item whose key the result cache holds for the
+job's owner is stored with that result (``cached``) and in no chunk.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ class ChunkWriter:
     new_id: Callable[[], str]
     group: bool = True
     cache_ttl: int = 0  # > 0: the job takes cached results
+    cache_scope: str = ""  # whose cached results: dedup.cache_scope of the job's owner
     chunk_ids: list[str] = field(default_factory=list)
     cached: int = 0
     _chunk_of_key: dict[str, str] = field(default_factory=dict)
@@ -112,7 +113,7 @@ class ChunkWriter:
         hits: dict[str, Any] = {}
         if self.cache_ttl:
             self._items.end()  # the session runs other statements
-            hits = dedup.lookup(self.session, [k for _, k in keyed if k], self.cache_ttl)
+            hits = dedup.lookup(self.session, [k for _, k in keyed if k], self.cache_ttl, self.cache_scope)
         pending: list[tuple[Any, ...]] = []  # PENDING_COLUMNS
         cached: list[dict[str, Any]] = []
         filled = self.size  # items in the newest chunk (full: the next item opens one)

@@ -31,7 +31,7 @@ from corral.store import ModelRecord, ModelStore
 from corral.timefmt import duration_seconds, rfc3339
 from corral.wire.jobs import JOB_KINDS
 from corral.wire.ollama import check_context
-from jobs import dispatch, dryrun, grouping, queueing, transitions, webhooks
+from jobs import dedup, dispatch, dryrun, grouping, queueing, transitions, webhooks
 from jobs.db import sessions
 from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, as_utc, utcnow
 from jobs.search import hydrate, top_k
@@ -129,6 +129,7 @@ class JobService:
             writer = grouping.ChunkWriter(
                 session, job_id, kind, record.model_digest, record.digest, size, options or {}, chunk_id_maker(),
                 group=self.settings.prefix_grouping, cache_ttl=self.settings.result_cache_ttl if cache else 0,
+                cache_scope=dedup.cache_scope(owner, self.settings.result_cache_shared),
             )
             window: list[grouping.Pending] = []
             per_window = grouping.window_size(size)

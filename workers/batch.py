@@ -165,6 +165,10 @@ class ChunkRunner:
         copies: dict[int, list[int]] = {}
         keys: dict[int, str] = {}
         first_of: dict[str, int] = {}
+        scope = ""  # with the job's cache on, its results go to its owner's cache (jobs/dedup.py cache_key)
+        if chunk.cache:
+            with self.sessions() as session:
+                scope = dedup.job_cache_scope(session, job_id, self.runtime.settings.result_cache_shared)
         for item_id, body in self._claim(item_ids, attempt):
             key = dedup.request_key(record.digest, kind, body, options)
             if key is not None:
@@ -222,7 +226,8 @@ class ChunkRunner:
                 stopping = True
                 for _, _, other, _ in running:
                     other.cancel()
-            cache_key = keys.get(item_id) if chunk.cache and values["state"] == ItemState.SUCCEEDED else None
+            cache_key = (dedup.cache_key(keys[item_id], scope)
+                         if chunk.cache and item_id in keys and values["state"] == ItemState.SUCCEEDED else None)
             self._write(item_id, attempt, values, copies.get(item_id, []), cache_key)
 
     def _run_embed_items(self, model: LoadedModel, item_ids: list[int], attempt: str) -> None:
