@@ -80,11 +80,20 @@ def _dry_run(fields: dict[str, Any]) -> Response:
         measured = [float(r) for r in rates if r]
         return (sum(measured) or None), len(measured)
 
-    answer = shared.jobs.dry_run(
-        kind=kind, model=model, options=options, items=fields["items"], quota=principal(),
-        count=lambda digest, bodies: shared.gateway.count_tokens(model, digest, kind, bodies, options or {}),
-        throughput=throughput,
-    )
+    # A dry run stores nothing but costs a worker's time and Redis, so it is a request of the key's like a sync
+    # one: admitted against its request rate and open requests, and one request in its usage.  The prompt tokens
+    # it counts are tokenized, not evaluated, so they are charged to neither the token windows nor usage (a dry
+    # run before a job would spend the budget the job needs); CORRAL_DRY_RUN_MAX_TOKENS bounds them instead.
+    ticket = shared.governor.admit(principal(), model)  # a 429 before any line is read
+    try:
+        answer = shared.jobs.dry_run(
+            kind=kind, model=model, options=options, items=fields["items"], quota=principal(),
+            count=lambda digest, bodies: shared.gateway.count_tokens(model, digest, kind, bodies, options or {}),
+            throughput=throughput,
+        )
+        shared.governor.finish(ticket)
+    finally:
+        shared.governor.release(ticket)
     return json_response(answer)
 
 

@@ -305,6 +305,18 @@ class Settings(BaseSettings):
         description="`1`: every API key's `cache: true` jobs share one result cache (a hit tells a key that another "
         "ran that prompt, and when); `0`: each key has its own.  Set it alike for the API and the workers.",
     )
+    dry_run_max_lines: int = Field(
+        50_000,
+        ge=1,
+        validation_alias=AliasChoices("CORRAL_DRY_RUN_MAX_LINES", "dry_run_max_lines"),
+        description="Most lines one dry run reads (413 past it): a sample this large estimates a larger job.",
+    )
+    dry_run_max_tokens: int = Field(
+        5_000_000,
+        ge=1,
+        validation_alias=AliasChoices("CORRAL_DRY_RUN_MAX_TOKENS", "dry_run_max_tokens"),
+        description="Most prompt tokens a worker counts for one dry run (413 past it; ~15 s of a worker's time).",
+    )
     read_only: bool = Field(
         False,
         validation_alias=AliasChoices("CORRAL_READ_ONLY", "read_only"),

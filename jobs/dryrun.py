@@ -2,22 +2,38 @@
 submission validates it, then counted, and nothing stored or queued.
 
 The answer: the item count; the prompt tokens, counted by a worker with the model's own tokenizer and template
-exactly as a run renders them (``count``: batches of :data:`COUNT_BATCH` items); the duplicates that would not
-run (jobs/dedup.py); the most tokens the items may generate; and an ETA from the throughput the live workers
-have measured on the model (null, with the reason, when none has).
+exactly as a run renders them (``count``: batches of at most :data:`COUNT_BATCH` items and about
+:data:`COUNT_BATCH_BYTES` of JSON); the duplicates that would not run (jobs/dedup.py); the most tokens the items
+may generate; and an ETA from the throughput the live workers have measured on the model (null, with the
+reason, when none has).
+
+A dry run costs a worker and Redis, though it stores nothing, so it is bounded (the route also counts it as one
+of the key's requests, api/jobs.py):
+
+- at most ``CORRAL_DRY_RUN_MAX_LINES`` lines and ``CORRAL_DRY_RUN_MAX_TOKENS`` counted prompt tokens, a 413
+  past either (a sample estimates a larger job as well: every figure but the ETA's basis is a sum per line).
+  The token cap is checked after each batch, so a worker counts at most one batch past it;
+- each batch is one Celery message held in Redis until a worker takes it, and the route sends the next only
+  when the last is counted, so Redis holds one batch at a time: a batch closes before the item that would take
+  it past :data:`COUNT_BATCH_BYTES` (one line of up to 1 MiB still goes alone).  Before this cap, 500 lines of
+  a 30 MB upload were one message, and Redis grew by 85 MB.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from corral.errors import BadRequest
+import orjson
+
+from corral.errors import BadRequest, PayloadTooLarge
 from corral.settings import Settings
 from corral.store import ModelRecord
 from jobs import dedup
 
 COUNT_BATCH = 500
+COUNT_BATCH_BYTES = 256 << 10  # of items' JSON per count message (Celery base64-encodes it: ~4/3 of this in Redis)
 TokenCounter = Callable[[list[dict[str, Any]]], list["int | None"]]
 
 
@@ -41,21 +57,31 @@ def dry_run(
 ) -> dict[str, Any]:
     """The dry run's answer (see the module docstring).  ``check`` raises for an item a submission refuses;
     ``tokens_per_second`` is what the live ``workers`` serving the model generate together."""
-    n = duplicates = unrendered = prompt_tokens = bound = 0
+    n = duplicates = unrendered = prompt_tokens = bound = batch_bytes = 0
+    max_lines, max_tokens = settings.dry_run_max_lines, settings.dry_run_max_tokens
     seen: set[bytes] = set()
     batch: list[dict[str, Any]] = []
 
     def flush() -> None:
-        nonlocal prompt_tokens, unrendered
+        nonlocal prompt_tokens, unrendered, batch_bytes
         for counted in count(batch):
             if counted is None:
                 unrendered += 1
             else:
                 prompt_tokens += counted
         batch.clear()
+        batch_bytes = 0
+        if prompt_tokens > max_tokens:
+            raise PayloadTooLarge(
+                f"a dry run counts at most {max_tokens} prompt tokens (CORRAL_DRY_RUN_MAX_TOKENS): {prompt_tokens} "
+                f"were counted by line {n}; dry-run a sample of the job")
 
     for _, body in items:
         n += 1
+        if n > max_lines:
+            raise PayloadTooLarge(
+                f"a dry run reads at most {max_lines} lines (CORRAL_DRY_RUN_MAX_LINES): dry-run a sample of the job, "
+                f"such as its first {max_lines} lines")
         check(body, n)
         key = dedup.request_key(record.digest, kind, body, options)
         if key is not None:
@@ -66,7 +92,11 @@ def dry_run(
             if len(seen) < 5 * dedup.MAX_TRACKED_KEYS:
                 seen.add(short)
         bound += output_bound(kind, body, options, settings.default_num_ctx)
+        size = _size(body)
+        if batch and batch_bytes + size > COUNT_BATCH_BYTES:
+            flush()
         batch.append(body)
+        batch_bytes += size
         if len(batch) >= COUNT_BATCH:
             flush()
     if n == 0:
@@ -95,3 +125,12 @@ def dry_run(
         answer["eta"] = {"tokens_per_second": round(tokens_per_second, 1), "workers": workers,
                          "basis": "output_token_bound at the live workers' measured generation rate: an upper bound"}
     return answer
+
+
+def _size(body: dict[str, Any]) -> int:
+    """Bytes of an item's JSON as orjson writes it (UTF-8; the message's ASCII escapes may take more); an item
+    orjson cannot write (an integer beyond 64 bits) is sized by the standard library."""
+    try:
+        return len(orjson.dumps(body))
+    except orjson.JSONEncodeError:
+        return len(json.dumps(body, default=str).encode())
