@@ -172,13 +172,15 @@ def queue() -> Response:
     shared = services()
     gateway = shared.gateway
     waiting = {r.model_digest: gateway.waiting(r.model_digest) for r in shared.store.list()}
+    seen = shared.governor.visible  # a key limited to some models sees those only
     workers = [
-        {"name": w["name"], "gpu": w.get("gpu"), "models": w.get("models", []),
-         "loaded": [m["name"] for m in w.get("loaded", [])],
+        {"name": w["name"], "gpu": w.get("gpu"), "models": seen(principal(), w.get("models") or []),
+         "loaded": seen(principal(), [m["name"] for m in w.get("loaded", [])]),
          **{k: w[k] for k in ("slots", "slots_busy", "tokens_per_second", "tokens_generated", "prompt_tokens_decoded") if k in w}}
         for w in gateway.workers()
     ]
-    return json_response({"models": services().jobs.queue_overview(waiting), "workers": workers})
+    models = [m for m in services().jobs.queue_overview(waiting) if shared.governor.allowed(principal(), m["model"])]
+    return json_response({"models": models, "workers": workers})
 
 
 @bp.get("/api/usage")

@@ -72,6 +72,8 @@ def _sign_in_and_csrf() -> BaseResponse | None:
     if services().settings.require_api_key:
         keys = services().governor.keys
         g.principal = keys.check_hash(session.key_hash) if session.key_hash else None
+        if g.principal is None and session.stored:  # its key was revoked: the session ends with it
+            session = g.console = _sessions().end(session)
         if g.principal is None and request.endpoint not in OPEN_ENDPOINTS:
             if request.method != "GET":
                 raise Forbidden("sign in first")
@@ -222,7 +224,7 @@ def _attachment(response: Response, name: str) -> Response:
 
 @bp.get("/queue")
 def queue() -> str:
-    return _page("console/queue.html", "console/_queue_live.html", **pages.queue_page(services()))
+    return _page("console/queue.html", "console/_queue_live.html", **pages.queue_page(services(), principal()))
 
 
 @bp.get("/models")

@@ -130,8 +130,9 @@ def test_usage_adds_up_to_the_responses(apis: list[Stack], settings: Settings) -
     assert today["prompt_tokens"] == sum(r["prompt_eval_count"] for r in replies) + embedded["prompt_eval_count"]
     shown = corral(settings, "keys", "usage", "counted", "--json")
     assert shown.returncode == 0 and '"generated_tokens": ' + str(today["generated_tokens"]) in shown.stdout
-    metrics = httpx.get(apis[0].base_url + "/metrics", headers=headers).text
-    assert 'corral_key_tokens_total{key="counted",kind="generated"}' in metrics
+    series = 'corral_key_tokens_total{key="counted",kind="generated"}'  # per-key series: for an admin key only
+    assert series in httpx.get(apis[0].base_url + "/metrics", headers=key(settings, "scraper", "--admin")).text
+    assert series not in httpx.get(apis[0].base_url + "/metrics", headers=headers).text
 
 
 def test_batch_items_are_counted_in_the_usage_too(apis: list[Stack], settings: Settings) -> None:

@@ -20,8 +20,8 @@ def scrape(base_url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float
 def test_metrics_follow_traffic(base_url: str) -> None:
     before = scrape(base_url)
     chat_key = ("corral_http_requests_total", (("method", "POST"), ("route", "/api/chat"), ("status", "200")))
-    tokens_key = ("corral_generated_tokens_total", (("model", MODEL),))
-    ttft_key = ("corral_time_to_first_token_seconds_count", (("model", MODEL),))
+    tokens_key = ("corral_generated_tokens_total", (("model", f"{MODEL}:latest"),))  # labels: canonical names
+    ttft_key = ("corral_time_to_first_token_seconds_count", (("model", f"{MODEL}:latest"),))
     reply = httpx.post(base_url + "/api/chat", timeout=120, json={
         "model": MODEL, "stream": False, "messages": [{"role": "user", "content": "Hi"}],
         "options": {"num_predict": 5, "temperature": 0},
