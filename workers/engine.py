@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from corral.errors import BadRequest, ContextLengthExceeded, GenerationFailed
+from corral.gbnf import GrammarTooLarge, InvalidSchema, schema_grammar
 from workers import compute, weights
 from workers.decode_loop import DecodeLoop, GenerationResult, SequenceHandle, SequenceRequest, set_adapters
 from workers.media import MediaPrompt, Projector
@@ -167,6 +168,10 @@ class LoadedModel:
 
     def tokenize(self, text: str, *, add_bos: bool) -> list[int]:
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+    def count_tokens(self, text: str) -> int:
+        """A message's own tokens, as a chat that is fitted into ``n_ctx`` counts them (workers/fitting.py)."""
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def chat_prompt(self, messages: list[dict[str, Any]], tools: list[Any] | None = None) -> tuple[list[int], list[str]]:
         """Render messages with the model's own chat template; return (tokens, template stop strings)."""
@@ -318,12 +323,16 @@ class LoadedModel:
             return None
         from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
 
+        if fmt == "json":
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        if not isinstance(fmt, dict):
+            raise BadRequest(f"invalid format: {json.dumps(fmt)[:100]}")
+        # The API's converter and budget (corral/gbnf), run again here: what llama.cpp parses is what was measured,
+        # and a request that reached the worker some other way is refused here rather than crashing it.
         try:
-            if fmt == "json":
-                return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-            return LlamaGrammar.from_json_schema(json.dumps(fmt), verbose=False)
-        except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-            raise BadRequest(f"invalid format: {exc}") from exc
+            return LlamaGrammar.from_string(schema_grammar(fmt), verbose=False)
+        except (GrammarTooLarge, InvalidSchema) as exc:
+            raise BadRequest(f"invalid format: {str(exc)[:300]}") from exc
 
     # -- embeddings -------------------------------------------------------------------------------------
 
