@@ -27,13 +27,13 @@ from corral.thinking import ThinkingSplitter
 from corral.toolcalls import ToolCallHold, tool_format, tool_names
 from workers.decode_loop import GenerationResult, SequenceHandle
 from workers.engine import LoadedModel, LoadSpec, default_threads
+from workers.fitting import Render, Rendered, fit_messages
 from workers.media import MediaPrompt, decode_images
 from workers.registry import ModelRegistry
 from workers.weights import choose_weights
 
 log = logging.getLogger(__name__)
 
-Rendered = tuple[list[int], list[str], str, MediaPrompt | None]  # tokens, stop strings, text, images
 # The console's "recent tokens/s": tokens generated over the last this many seconds of heartbeats.
 RATE_WINDOW = 10.0
 
@@ -244,7 +244,7 @@ class WorkerRuntime:
 
     def start_generation(
         self, model: LoadedModel, req: InferenceRequest, *, interactive: bool, stream: bool = True,
-        record: ModelRecord | None = None,
+        record: ModelRecord | None = None, cancelled: Callable[[], bool] | None = None,
     ) -> tuple[SequenceHandle, ThinkingSplitter | None]:
         """Render the prompt and queue the request in the model's decode loop (raises on a bad request);
         ``stream=False`` hands the text over in one piece at the end.  With thinking on, also the splitter that
@@ -252,8 +252,9 @@ class WorkerRuntime:
 
         A chat prompt longer than ``num_ctx`` loses whole messages, oldest first, keeping the system prompt and
         the last message, as Ollama's server does (``record``'s TEMPLATE renders them again when it has one);
-        ``truncate: false`` makes it a 400 instead."""
-        prompt, stops, text, media = self.prompt_for(model, req, record)
+        ``truncate: false`` makes it a 400 instead.  ``cancelled`` (the client has gone) is asked while a long chat
+        is fitted (workers/fitting.py)."""
+        prompt, stops, text, media = self.prompt_for(model, req, record, cancelled)
         splitter = None
         if req.think and req.think_tags:
             opening, closing = req.think_tags[:2]
@@ -264,7 +265,10 @@ class WorkerRuntime:
                              media=media)
         return handle, splitter
 
-    def prompt_for(self, model: LoadedModel, req: InferenceRequest, record: ModelRecord | None = None) -> Rendered:
+    def prompt_for(
+        self, model: LoadedModel, req: InferenceRequest, record: ModelRecord | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Rendered:
         """The prompt's tokens, its stop strings, its text and its images (None without), as
         :meth:`start_generation` hands them to the decode loop (and a dry run counts them).  A request with
         images has their ``[img-N]`` tags in its text (the API put them there: corral/images.py); they become
@@ -273,13 +277,17 @@ class WorkerRuntime:
         budget = model.n_ctx
         images = decode_images(req.images) if req.images else None
         media: MediaPrompt | None = None
+
+        def fit(render: Render) -> Rendered:
+            return fit_messages(render, req.messages or [], budget, truncate=req.truncate, cancelled=cancelled,
+                                count=model.count_tokens)
         if req.kind == "chat":
             def chat(messages: list[dict[str, Any]]) -> Rendered:
                 if images is None:
                     return (*model.chat_render(messages, req.tools, think=req.think), None)
                 return model.chat_media(messages, images, req.tools, think=req.think)
 
-            prompt, stops, text, media = self._fit_messages(chat, req, budget)
+            prompt, stops, text, media = fit(chat)
         elif req.suffix:  # fill in the middle (the API checked the model has FIM tokens: `insert`)
             prompt, text = model.fim_prompt(req.prompt or "", req.suffix), ""
         elif req.raw:
@@ -298,7 +306,7 @@ class WorkerRuntime:
 
                 if media is not None:
                     media.close()
-                prompt, stops, text, media = self._fit_messages(templated, req, budget)
+                prompt, stops, text, media = fit(templated)
         else:
             messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
                 {"role": "user", "content": req.prompt or ""}
@@ -313,24 +321,6 @@ class WorkerRuntime:
             elif req.context:
                 prompt = list(req.context) + prompt
         return prompt, stops, text, media
-
-    @staticmethod
-    def _fit_messages(render: Callable[[list[dict[str, Any]]], Rendered], req: InferenceRequest, budget: int) -> Rendered:
-        """The rendered chat with as many of its latest messages as fit ``budget`` tokens (Ollama's chatPrompt);
-        the images of the messages dropped go with them."""
-        messages = req.messages or []
-        rendered = render(messages)
-        if len(rendered[0]) <= budget or not req.truncate:
-            return rendered
-        for start in range(1, len(messages)):
-            if rendered[3] is not None:
-                rendered[3].close()
-            system = [m for m in messages[:start] if m.get("role") == "system"]
-            rendered = render(system + messages[start:])
-            if len(rendered[0]) <= budget:
-                break
-        log.info("chat of %d messages truncated from the oldest to fit num_ctx=%d", len(messages), budget)
-        return rendered
 
     @staticmethod
     def generation_stats(req: InferenceRequest, result: GenerationResult) -> dict[str, Any]:
@@ -350,7 +340,7 @@ class WorkerRuntime:
         self, model: LoadedModel, req: InferenceRequest, writer: StreamWriter, record: ModelRecord
     ) -> dict[str, Any]:
         """Stream a generation's text to ``writer``; return its final stats."""
-        handle, splitter = self.start_generation(model, req, interactive=True, record=record)
+        handle, splitter = self.start_generation(model, req, interactive=True, record=record, cancelled=writer.cancelled)
 
         pending: list[dict[str, Any]] = []  # log-probabilities of the tokens behind the next piece of text
 
