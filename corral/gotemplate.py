@@ -5,7 +5,9 @@ No maintained Python package implements Go templates, so this is a small one, te
 fields (``.Messages``, ``$.System``, ``$m.Role``), variables (``$x := ...``, ``$x = ...``), ``if``/``else if``/
 ``else``, ``range`` (with ``$i, $v :=`` and ``else``), ``with``, ``break``/``continue``, pipelines (``x | f``),
 parenthesized pipelines, string, number, boolean and nil literals, and the functions ``and or not eq ne lt le gt
-ge len index slice print printf json``.  Anything else (``define``, ``template``, ``block``, other functions) is a
+ge len index slice print printf json`` (``printf`` is Go's, corral/goprintf.py).  Blocks and parentheses nest
+at most :data:`MAX_NESTING` deep and a render's output is bounded, so an admin's or a registry's template cannot
+take the server down.  Anything else (``define``, ``template``, ``block``, other functions) is a
 :class:`TemplateError` when the template is parsed, at ``/api/create``, never a wrong prompt at chat time.
 
 Field names are Go's (``.Role``, ``.ToolCalls``); the data is JSON-shaped dicts (``role``, ``tool_calls``), so a
@@ -21,11 +23,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.errors import BadRequest
+from corral.goprintf import sprintf
 
 
 class TemplateError(BadRequest):
     """A template outside the supported subset, or malformed."""
 
+
+# Bounds a template (admin-created or pulled) cannot get past.  Ollama's library templates nest their blocks and
+# parentheses at most about six deep; 1,200 nested ``{{if}}`` blocks once made every /api/tags answer a 500
+# RecursionError.  A render's output is bounded too: a ``range`` over the messages inside a ``range`` over the
+# messages would otherwise square a long chat.
+MAX_NESTING = 100
+MAX_OUTPUT = 16 << 20
+MAX_PRINTF_WIDTH = 1000  # a printf width or precision past this prints %!(BADWIDTH) / %!(BADPREC)
 
 FUNCTIONS = ("and", "or", "not", "eq", "ne", "lt", "le", "gt", "ge", "len", "index", "slice", "print", "printf", "json")
 _TOKEN = re.compile(
@@ -63,9 +74,10 @@ def _lex(text: str) -> list[tuple[str, str]]:
 
 
 class _Parser:
-    def __init__(self, tokens: list[tuple[str, str]]) -> None:
+    def __init__(self, tokens: list[tuple[str, str]], depth: int = 0) -> None:
         self.tokens = tokens
         self.i = 0
+        self.depth = depth  # blocks around this action, plus parentheses open in it
 
     def peek(self) -> tuple[str, str] | None:
         return self.tokens[self.i] if self.i < len(self.tokens) else None
@@ -95,7 +107,11 @@ class _Parser:
     def operand(self) -> Any:
         kind, value = self.take()
         if kind == "op" and value == "(":
+            self.depth += 1
+            if self.depth > MAX_NESTING:
+                raise TemplateError(f"template: nested deeper than {MAX_NESTING} levels")
             inner = self.pipeline()
+            self.depth -= 1
             if self.take() != ("op", ")"):
                 raise TemplateError("template: unclosed parenthesis")
             node: Any = ("pipe", inner)
@@ -155,21 +171,25 @@ def parse(text: str) -> list[_Node]:
             tokens = _lex(rest)
             if word == "range":
                 node.names, tokens = _declarations(tokens)
-            parser = _Parser(tokens)
+            parser = _Parser(tokens, len(stack))
             node.pipe = parser.pipeline()
             if parser.peek() is not None:
                 raise TemplateError(f"template: unexpected {parser.peek()[1]!r} in {word}")  # type: ignore[index]
             body.append(node)
             stack.append((node, node.body))
+            if len(stack) > MAX_NESTING:
+                raise TemplateError(f"template: nested deeper than {MAX_NESTING} levels")
         elif word == "else":
             if parent is None or parent.kind not in ("if", "with", "range") or body is parent.orelse:
                 raise TemplateError("template: unexpected {{else}}")
             if rest.startswith("if "):  # else if: a nested if in the else branch, closed by the same end
-                nested = _Node("if", pipe=_Parser(_lex(rest[3:])).pipeline())
+                nested = _Node("if", pipe=_Parser(_lex(rest[3:]), len(stack)).pipeline())
                 nested.text = "elseif"
                 parent.orelse.append(nested)
                 stack[-1] = (parent, parent.orelse)
                 stack.append((nested, nested.body))
+                if len(stack) > MAX_NESTING:  # a chain of else ifs nests as deep in the tree
+                    raise TemplateError(f"template: nested deeper than {MAX_NESTING} levels")
             else:
                 stack[-1] = (parent, parent.orelse)
         elif word == "end":
@@ -187,7 +207,7 @@ def parse(text: str) -> list[_Node]:
         else:
             tokens = _lex(action)
             names, tokens = _declarations(tokens, assign_ok=True)
-            parser = _Parser(tokens)
+            parser = _Parser(tokens, len(stack))
             pipe = parser.pipeline()
             if parser.peek() is not None:
                 raise TemplateError(f"template: unexpected {parser.peek()[1]!r}")  # type: ignore[index]
@@ -356,8 +376,9 @@ def _call(name: str, args: list[Any]) -> Any:
     if name == "print":
         return "".join(_text(a) for a in args)
     if name == "printf":
-        fmt = re.sub(r"%[vdsq]", "{}", str(args[0]))
-        return fmt.format(*[json.dumps(a) if isinstance(a, str) and "%q" in str(args[0]) else _text(a) for a in args[1:]])
+        if not args or not isinstance(args[0], str):
+            raise TemplateError("template: printf: the format must be a string")
+        return sprintf(args[0], args[1:])
     if name == "json":
         return json.dumps(args[0], ensure_ascii=False, separators=(",", ":"))
     raise TemplateError(f'template: function "{name}" not defined')
@@ -406,7 +427,21 @@ def _eval_operand(op: Any, scope: _Scope) -> Any:
     raise TemplateError(f"template: unexpected {op!r}")
 
 
-def _run(nodes: list[_Node], scope: _Scope, out: list[str]) -> None:
+class _Output:
+    """A render's text so far, refused past :data:`MAX_OUTPUT` characters."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.size = 0
+
+    def append(self, text: str) -> None:
+        self.size += len(text)
+        if self.size > MAX_OUTPUT:
+            raise TemplateError(f"template: the rendered prompt is longer than {MAX_OUTPUT} characters")
+        self.parts.append(text)
+
+
+def _run(nodes: list[_Node], scope: _Scope, out: _Output) -> None:
     for node in nodes:
         if node.kind == "text":
             out.append(node.text)
@@ -434,7 +469,7 @@ def _run(nodes: list[_Node], scope: _Scope, out: list[str]) -> None:
             raise _Continue
 
 
-def _range(node: _Node, scope: _Scope, out: list[str]) -> None:
+def _range(node: _Node, scope: _Scope, out: _Output) -> None:
     value = _eval_pipe(node.pipe, scope)
     items = list(value.items()) if isinstance(value, dict) else list(enumerate(value or []))
     if not items:
@@ -460,9 +495,9 @@ def _range(node: _Node, scope: _Scope, out: list[str]) -> None:
 
 def render(nodes: list[_Node], data: dict[str, Any]) -> str:
     """Execute a parsed template with ``data`` as ``.`` and ``$``."""
-    out: list[str] = []
+    out = _Output()
     try:
         _run(nodes, _Scope(data, {"$": data}), out)
     except (TypeError, KeyError, IndexError, ValueError, ZeroDivisionError) as exc:
         raise TemplateError(f"template: {type(exc).__name__}: {exc}") from exc
-    return "".join(out)
+    return "".join(out.parts)

@@ -87,3 +87,60 @@ def test_tool_results_and_thinking_reach_a_go_template() -> None:
         {"role": "assistant", "content": "", "reasoning": "weather first"},
         {"role": "tool", "content": "12C", "tool_call_id": "get_weather"}]).native_messages()
     assert render(parse(template), {"Messages": openai}) == "assistant|(weather first)\ntool|get_weather|12C\n"
+
+
+@pytest.mark.parametrize("fmt,args,out", [
+    ("{:>5000000}", ["x"], "{:>5000000}%!(EXTRA string=x)"),  # Go prints Python's format syntax as it stands
+    ("%s and %d", ["a", 3], "a and 3"),
+    ("%q", ['say "hi"'], '"say \\"hi\\""'),
+    ("%v %v %v %v", [True, None, 1.5, 1000000.0], "true <nil> 1.5 1e+06"),
+    ("%5s|%-5s|%05d|%+d", ["ab", "cd", -42, 7], "   ab|cd   |-0042|+7"),
+    ("%.3s", ["abcdef"], "abc"),
+    ("%d", ["x"], "%!d(string=x)"),
+    ("%s %s", ["a"], "a %!s(MISSING)"),
+    ("100%%", [], "100%"),
+    ("%5000000s", ["x"], "%!(BADWIDTH)"),
+    ("%v", [[1, "a"]], "[1 a]"),
+    ("%v", [{"b": 1, "a": 2}], "map[a:2 b:1]"),
+    ("end %", [], "end %!(NOVERB)"),
+])
+def test_printf_is_gos(fmt: str, args: list[object], out: str) -> None:
+    from corral.goprintf import sprintf
+
+    assert sprintf(fmt, args) == out
+    if not args:
+        return
+    template = "{{ printf " + json_literal(fmt) + " " + " ".join(f"(index .A {i})" for i in range(len(args))) + " }}"
+    assert render(parse(template), {"A": args}) == out
+
+
+def json_literal(text: str) -> str:
+    import json
+
+    return json.dumps(text)
+
+
+def test_printf_of_a_five_megabyte_width_builds_no_large_prompt() -> None:
+    out = render(parse('{{ printf "{:>5000000}" .Prompt }}'), {"Prompt": "x"})
+    assert len(out) < 100
+
+
+def test_templates_nested_past_the_limit_are_refused_at_parse() -> None:
+    from corral.gotemplate import MAX_NESTING
+
+    deep_ifs = "{{if .A}}" * 1200 + "x" + "{{end}}" * 1200
+    with pytest.raises(TemplateError, match="nested deeper than"):
+        parse(deep_ifs)
+    with pytest.raises(TemplateError, match="nested deeper than"):
+        parse("{{ " + "(" * 1200 + ".A" + ")" * 1200 + " }}")
+    with pytest.raises(TemplateError, match="nested deeper than"):
+        parse("{{if .A}}a" + "{{else if .B}}b" * 1200 + "{{end}}")
+    fine = "{{if .A}}" * (MAX_NESTING - 1) + "x" + "{{end}}" * (MAX_NESTING - 1)
+    assert render(parse(fine), {"A": True}) == "x"
+
+
+def test_a_render_past_the_output_bound_is_refused() -> None:
+    messages = [{"content": "x" * 10_000}] * 100
+    template = "{{ range .Messages }}{{ range $.Messages }}{{ .Content }}{{ end }}{{ end }}"
+    with pytest.raises(TemplateError, match="longer than"):
+        render(parse(template), {"Messages": messages})
