@@ -8,6 +8,7 @@ corral-specific is ``CORRAL_*``, plus the conventional ``DATABASE_URL`` and ``RE
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from pathlib import Path
@@ -293,6 +294,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CORRAL_WEBHOOK_SECRET", "webhook_secret"),
         description="`whsec_...` secret that signs deliveries to CORRAL_WEBHOOK_URL (Standard Webhooks).",
     )
+    webhook_allow_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("CORRAL_WEBHOOK_ALLOW_NETWORKS", "webhook_allow_networks"),
+        description="Networks webhooks may reach besides the public internet (comma-separated CIDRs, e.g. "
+        "`127.0.0.0/8,10.1.0.0/16` for a receiver on this host or network); loopback, link-local and private "
+        "addresses are refused otherwise.",
+    )
     result_cache_ttl: int = Field(
         7 * 24 * 3600,
         ge=0,
@@ -339,12 +347,19 @@ class Settings(BaseSettings):
     def _keep_alive(cls, value: Any) -> float:
         return parse_keep_alive(value)
 
-    @field_validator("origins", "pull_hosts", mode="before")
+    @field_validator("origins", "pull_hosts", "webhook_allow_networks", mode="before")
     @classmethod
     def _origins(cls, value: Any) -> list[str]:
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
         return list(value or [])
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # a ValueError names the bad one
+        return value
 
     def environment(self) -> dict[str, str]:
         """The environment variables (each field's first alias) that make another process build these same
