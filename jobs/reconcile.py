@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, suspect_key
 from corral.settings import Settings
-from jobs import dedup, dispatch, queueing, transitions, webhooks
+from jobs import dedup, dispatch, queueing, transitions
 from jobs.db import sessions
 from jobs.models import utcnow
 from jobs.queueing import enqueue_chunks
@@ -69,8 +69,8 @@ class Reconciler:
             return 0
         try:
             requeued = self._sweep(startup)
-            with self.sessions() as session:  # jobs that ended announce it (jobs/webhooks.py)
-                webhooks.deliver_due(session, self.settings.webhook_secret)
+            # Webhooks are not sent here but by jobs.webhooks.Sender, in a thread of its own: this sweep runs on the
+            # heartbeat thread, which a slow receiver must not hold up.
             if time.monotonic() >= self._next_prune:  # results past CORRAL_RESULT_CACHE_TTL go, hourly
                 self._next_prune = time.monotonic() + 3600
                 with self.sessions() as session:

@@ -115,7 +115,8 @@ class JobService:
         job_id = job_id or new_id("job")
         # The job's own webhook gets a new secret, returned once with this answer; the server's default its own.
         secret = webhooks.new_secret() if webhook_url else self.settings.webhook_secret
-        webhook_url = webhooks.check_url(webhook_url) if webhook_url else self.settings.webhook_url
+        webhook_url = (webhooks.check_url(webhook_url, self.settings.webhook_allow_networks) if webhook_url
+                       else self.settings.webhook_url)
         with self._session() as session:
             session.add(
                 Job(

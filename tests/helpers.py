@@ -222,6 +222,8 @@ def make_settings(home: Path, redis_url: str | None, models_dir: Path, **overrid
         "worker_threads": 1,
         # Tests pull only from registries they serve themselves (a fuzzed name must not reach the internet).
         "pull_hosts": ["127.0.0.1:*", "localhost:*"],
+        # Their webhook receivers listen on loopback, which production refuses (corral/outbound.py).
+        "webhook_allow_networks": ["127.0.0.0/8"],
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -104,6 +104,7 @@ def run_worker(
     import workers.batch
     import workers.tasks
     from jobs.reconcile import Reconciler
+    from jobs.webhooks import Sender
     from workers.runtime import WorkerRuntime, task_threads
 
     name = worker_name(gpu)
@@ -115,6 +116,8 @@ def run_worker(
         app.corral_runtime = runtime
         reconciler = Reconciler(settings, app, runtime.redis, name)
         runtime.periodic.append((settings.reconcile_interval, reconciler.sweep))
+        # Webhooks go out from a thread of their own: a slow receiver must not hold up the heartbeat.
+        Sender(settings, stopping=runtime.stopping).start()
         if not models:
             runtime.periodic.append((STORE_SCAN_SECONDS, lambda: _serve_new_models(app, runtime, store)))
             if pull_from:  # and the store scan finds what the API has created or pulled since
