@@ -125,7 +125,7 @@ def _get(http: httpx.Client, url: str, *, hosts: list[str] | None, what: str,
     is not read yet (the caller closes it)."""
     target = httpx.URL(url)
     for _ in range(MAX_REDIRECTS + 1):
-        reply = http.send(http.build_request("GET", target, headers=headers), stream=True)
+        reply = http.send(http.build_request("GET", target, headers=headers), stream=True, follow_redirects=False)
         if not reply.has_redirect_location:
             return reply
         reply.close()

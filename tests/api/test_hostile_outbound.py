@@ -190,3 +190,35 @@ def test_an_upstream_error_body_is_not_echoed_in_the_pull_error(settings: Settin
     client = app_with(settings, pull_hosts=[f"127.0.0.1:{registry.port}"])
     registry.routes["/v2/library/tiny/manifests/latest"] = (500, {}, f"-ERR {SECRET}".encode())
     assert pull_error(client, f"127.0.0.1:{registry.port}/library/tiny") == "pull model manifest: 500"
+
+
+# -- two workers, one due delivery -----------------------------------------------------------------------------
+
+def test_two_workers_never_claim_the_same_due_delivery(settings: Settings) -> None:
+    """Each worker's sender claims a due delivery with a conditional UPDATE before it sends it: a second worker
+    that read the same row finds it claimed, and an attempt recorded late cannot overwrite a newer one."""
+    import uuid
+
+    from jobs.db import sessions
+    from jobs.models import Job, JobStatus, WebhookDelivery, utcnow
+    from jobs.webhooks import Sender
+
+    job_id, delivery_id = f"job_{uuid.uuid4().hex[:24]}", f"msg_{uuid.uuid4().hex[:24]}"
+    with sessions(settings)() as session:
+        session.add(Job(id=job_id, kind="generate", model=MODEL, model_digest="0" * 64, status=JobStatus.COMPLETED,
+                        chunk_size=1, webhook_url="http://127.0.0.1:9/hook"))
+        session.flush()
+        session.add(WebhookDelivery(id=delivery_id, job_id=job_id, event="job.completed", url="http://127.0.0.1:9/hook",
+                                    payload={}, status="pending", attempts=0, created_at=utcnow(),
+                                    next_attempt_at=utcnow().replace(year=2020)))  # due before anything else
+        session.commit()
+    first, second = Sender(settings), Sender(settings)
+    claimed = [d for d in first.claim(1000) if d.id == delivery_id]
+    assert len(claimed) == 1 and not [d for d in second.claim(1000) if d.id == delivery_id]
+    first.record(claimed[0], "delivery failed: HTTP 500")
+    first.record(claimed[0], None)  # the same attempt recorded twice: the second finds attempts moved on
+    with sessions(settings)() as session:
+        row = session.get(WebhookDelivery, delivery_id)
+        assert row is not None and (row.attempts, row.status, row.last_error) == (1, "pending", "delivery failed: HTTP 500")
+        session.delete(row)
+        session.commit()
