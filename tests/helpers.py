@@ -363,6 +363,7 @@ class Registry:
         self.blobs: dict[str, bytes] = {}
         self.cut_after: dict[str, int] = {}  # digest -> bytes sent before the connection drops (once)
         self.ranges: list[str] = []
+        self.proxied: list[str] = []  # absolute URLs asked of it as a proxy
         registry = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -370,6 +371,9 @@ class Registry:
                 pass
 
             def do_GET(self) -> None:
+                if self.path.startswith("http://"):  # asked as an HTTP proxy is: the absolute URL
+                    registry.proxied.append(self.path)
+                    self.path = "/" + self.path.split("/", 3)[3]
                 parts = self.path.split("/")
                 if len(parts) == 6 and parts[4] == "manifests":
                     body = registry.manifests.get("/".join(parts[2:4]) + ":" + parts[5])

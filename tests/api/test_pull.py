@@ -147,3 +147,17 @@ def test_a_vision_model_pulls_with_its_projector(client: FlaskClient, local_regi
     assert pull(client, f"{local_registry.host}/library/seeing")[-1] == {"status": "success"}
     shown = client.post("/api/show", json={"model": f"{local_registry.host}/library/seeing"}).get_json()
     assert "vision" in shown["capabilities"] and shown["projector_info"]["general.architecture"] == "clip"
+
+
+def test_a_pull_goes_through_the_proxy_the_environment_names(
+    client: FlaskClient, local_registry: Registry, gguf: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP(S)_PROXY mean what they mean in Ollama: the registry's requests go to the proxy (here the test registry
+    answers as one), so a registry that only the proxy can reach (nothing listens on localhost:9) still pulls."""
+    local_registry.publish("library/behind-proxy:latest", variant(gguf, 7))
+    monkeypatch.setenv("HTTP_PROXY", f"http://{local_registry.host}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    lines = pull(client, "localhost:9/library/behind-proxy")
+    assert lines[-1] == {"status": "success"}
+    assert local_registry.proxied[0] == "http://localhost:9/v2/library/behind-proxy/manifests/latest"
