@@ -1,7 +1,7 @@
 """Jobs used against the server, with real workers and Redis (issue #33): one key's result cache never answers
 another key (a hit and its ``created_at`` would tell it that someone ran that prompt, and when) unless the
 admin shares it; a dry run counts against the key's request rate and its counted tokens are capped.  What
-needs no worker (the line cap, the size of what a dry run puts in Redis, its usage): tests/api/test_hostile_jobs.py."""
+needs no worker (the line cap, the size of what a dry run puts in Redis, its usage): tests/api/test_hostile.py."""
 
 from __future__ import annotations
 
