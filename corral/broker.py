@@ -18,7 +18,7 @@ from functools import cached_property
 import redis
 from celery import Celery
 
-from corral.protocol import redis_client
+from corral.protocol import KEY_PREFIX, redis_client
 from corral.settings import Settings
 
 
@@ -121,5 +121,5 @@ def purge_job_messages(client: redis.Redis, queue: str, job_id: str) -> int:
     """Remove every message of ``job_id`` from ``queue`` (other jobs' messages keep their order); how many."""
     keys: list[str] = []
     for name in queue_lists(queue):
-        keys += [name, f"corral:purging:{name}"]
+        keys += [name, f"{KEY_PREFIX}purging:{name}"]
     return int(client.eval(_PURGE_SCRIPT, len(keys), *keys, job_id, JOB_HEADER))

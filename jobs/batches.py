@@ -18,7 +18,6 @@ is rendered from the items on read.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -42,7 +41,8 @@ from corral.wire.openai import (
     parse_request,
 )
 from jobs.db import sessions
-from jobs.files import FileStore, cursor_page, epoch
+from jobs.files import FileStore, cursor_page, epoch, new_file_id
+from jobs.ids import openai_id
 from jobs.ingest import MAX_LINE_BYTES
 from jobs.models import Item, ItemState, Job, JobStatus, StoredFile, utcnow
 from jobs.service import JobService, item_counts
@@ -64,7 +64,7 @@ class LineError(Exception):
 
 
 def batch_id() -> str:
-    return f"batch_{uuid.uuid4().hex[:24]}"
+    return openai_id("batch_")
 
 
 def parse_line(endpoint: str, raw: bytes) -> tuple[str, str, dict[str, Any]]:
@@ -333,7 +333,7 @@ class BatchService:
             if not needed or role in rows:
                 continue
             size = sum(len(line) for line in self.render(job.id, role))
-            row = StoredFile(id=f"file-{uuid.uuid4().hex[:24]}", purpose="batch_output", owner=job.owner,
+            row = StoredFile(id=new_file_id(), purpose="batch_output", owner=job.owner,
                              filename=f"{job.id}_{role}.jsonl", bytes=size, job_id=job.id, role=role)
             try:
                 with session.begin_nested():

@@ -8,7 +8,6 @@ is rendered from the job's items when read (see :mod:`jobs.batches`).
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Session
 from corral.errors import BadRequest, NotFound, PayloadTooLarge
 from corral.settings import Settings
 from jobs.db import sessions
+from jobs.ids import openai_id
 from jobs.models import FILE_PURPOSES, FilePart, StoredFile, utcnow
 
 PART_SIZE = 1 << 20
@@ -27,7 +27,7 @@ UPLOAD_PURPOSES = tuple(p for p in FILE_PURPOSES if p != "batch_output")
 
 
 def new_file_id() -> str:
-    return f"file-{uuid.uuid4().hex[:24]}"
+    return openai_id("file-")
 
 
 def epoch(moment: datetime | None) -> int | None:

@@ -28,8 +28,8 @@ from corral.settings import Settings
 from corral.store import DEFAULT_TAG, ModelName
 from corral.timefmt import duration_seconds
 from jobs.db import sessions
+from jobs.ids import new_id
 from jobs.models import ApiKey, Item, Job, KeyUsage, utcnow
-from jobs.service import new_id
 
 CACHE_SECONDS = 5.0
 

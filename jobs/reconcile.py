@@ -34,8 +34,9 @@ from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, suspec
 from corral.settings import Settings
 from jobs import dedup, dispatch, queueing, transitions
 from jobs.db import sessions
-from jobs.models import utcnow
+from jobs.models import JobStatus, utcnow
 from jobs.queueing import enqueue_chunks
+from jobs.stopping import stop_jobs
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "corral:reconcile:lock"
@@ -88,13 +89,10 @@ class Reconciler:
         requeue: list[tuple[str, str, str]] = []
         now = utcnow()
         with self.sessions() as session:
-            expired = transitions.expire_overdue(session)
-            for job_id, digest in expired:
-                queueing.will_stop(self.redis, job_id, digest)
-            session.commit()
-            for job_id, digest in expired:
+            expired = stop_jobs(session, self.redis, transitions.overdue_jobs(session),
+                                lambda job: transitions.stop_job(session, job, JobStatus.EXPIRED))
+            for job_id, _ in expired:
                 log.warning("job %s passed its completion window unfinished; expired", job_id)
-                queueing.stopped(self.redis, job_id, digest, transitions.chunk_ids(session, job_id))
             self._finish_purges(session)
             for chunk in transitions.running_chunks(session):
                 if chunk.worker in live:

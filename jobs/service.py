@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import itertools
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import redis
@@ -31,34 +29,20 @@ from corral.store import ModelRecord, ModelStore
 from corral.timefmt import duration_seconds, rfc3339
 from corral.wire.jobs import JOB_KINDS
 from corral.wire.ollama import check_context
-from jobs import dedup, dispatch, dryrun, grouping, queueing, transitions, webhooks
+from jobs import dedup, dispatch, dryrun, grouping, transitions, webhooks
 from jobs.db import sessions
+from jobs.ids import chunk_id_maker, new_id
+from jobs.keys import Principal
 from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, as_utc, utcnow
 from jobs.search import hydrate, top_k
+from jobs.stopping import stop_jobs
 from jobs.transitions import requeue_failed, stop_job
-
-if TYPE_CHECKING:  # jobs.keys imports this module
-    from jobs.keys import Principal
-
-
 
 # A status poll of an open job this large reads its counts from a copy at most this old (jobs' item counts
 # take ~0.25 s to compute at a million items on SQLite).
 COUNTS_CACHED_FROM = 50_000
 ANALYZE_FROM = 50_000  # items in one upload after which PostgreSQL's statistics are refreshed
 COUNTS_CACHE_MS = 2000
-
-
-def chunk_id_maker() -> Callable[[], str]:
-    """New chunk ids for one job: one random 64-bit stem (``os.urandom`` costs ~30 us a call on this project's
-    VM: 62,500 calls for a million-line upload) and a counter."""
-    stem, counter = os.urandom(8).hex(), itertools.count()
-    return lambda: f"chunk_{stem}{next(counter):08x}"
-
-
-def new_id(prefix: str) -> str:
-    """``prefix_`` and 96 random bits in hex."""
-    return f"{prefix}_{os.urandom(12).hex()}"
 
 
 @dataclass
@@ -403,15 +387,10 @@ class JobService:
         messages leave the broker, so the jobs queued behind it do not wait for them."""
         with self._session() as session:
             digest = self._job(session, job_id, owner).model_digest
-            queueing.will_stop(self.broker.redis, job_id, digest)
-            stopped = stop_job(session, job_id, JobStatus.CANCELLED)
-            chunks = transitions.chunk_ids(session, job_id) if stopped else []
-            session.commit()
+            stopped = stop_jobs(session, self.broker.redis, [(job_id, digest)],
+                                lambda job: stop_job(session, job, JobStatus.CANCELLED))
         if stopped:
-            queueing.stopped(self.broker.redis, job_id, digest, chunks)
             self.send_next(digest)  # its place in the queue goes to the next job's chunks
-        else:
-            queueing.forget_purge(self.broker.redis, job_id)
         return self.get(job_id, owner)
 
     def retry(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
@@ -431,15 +410,15 @@ class JobService:
 
     def delete(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
         """The job and its results go; like a cancel, its running item stops and its queued messages leave."""
+        def remove(job: str) -> bool:
+            session.execute(delete(Item).where(Item.job_id == job))
+            session.execute(delete(Chunk).where(Chunk.job_id == job))
+            session.execute(delete(Job).where(Job.id == job))
+            return True
+
         with self._session() as session:
             digest = self._job(session, job_id, owner).model_digest
-            queueing.will_stop(self.broker.redis, job_id, digest)
-            chunks = transitions.chunk_ids(session, job_id)
-            session.execute(delete(Item).where(Item.job_id == job_id))
-            session.execute(delete(Chunk).where(Chunk.job_id == job_id))
-            session.execute(delete(Job).where(Job.id == job_id))
-            session.commit()
-        queueing.stopped(self.broker.redis, job_id, digest, chunks)
+            stop_jobs(session, self.broker.redis, [(job_id, digest)], remove)
         self.send_next(digest)
         return {"id": job_id, "object": "job", "deleted": True}
 

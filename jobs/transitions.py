@@ -300,14 +300,20 @@ def fail_job(session: Session, job_id: str, message: str) -> bool:
     ))
 
 
-def expire_overdue(session: Session) -> list[tuple[str, str]]:
-    """Stop every unfinished job whose window has passed (status ``expired``); (job id, model digest) of each."""
-    overdue = session.execute(
+def overdue_jobs(session: Session) -> list[tuple[str, str]]:
+    """(job id, model digest) of every unfinished job whose window has passed."""
+    rows = session.execute(
         select(Job.id, Job.model_digest).where(
             Job.status.in_(JobStatus.ACTIVE), Job.expires_at.is_not(None), Job.expires_at < utcnow()
         )
     ).all()
-    return [(job_id, digest) for job_id, digest in overdue if stop_job(session, job_id, JobStatus.EXPIRED)]
+    return [(job_id, digest) for job_id, digest in rows]
+
+
+def expire_overdue(session: Session) -> list[tuple[str, str]]:
+    """Stop every unfinished job whose window has passed (status ``expired``); (job id, model digest) of each.
+    (The reconciler expires them through :func:`jobs.stopping.stop_jobs`, which orders Redis around this.)"""
+    return [(job_id, digest) for job_id, digest in overdue_jobs(session) if stop_job(session, job_id, JobStatus.EXPIRED)]
 
 
 def finish_job_if_done(session: Session, job_id: str) -> bool:

@@ -35,7 +35,6 @@ import logging
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -51,6 +50,7 @@ from corral.errors import BadRequest
 from corral.settings import Settings
 from corral.timefmt import rfc3339
 from jobs.db import sessions
+from jobs.ids import openai_id
 from jobs.models import Job, JobStatus, WebhookDelivery, as_utc, utcnow
 
 log = logging.getLogger(__name__)
@@ -99,13 +99,13 @@ def queue_event(session: Session, job_id: str) -> None:
     batch = (job.meta or {}).get("openai_batch")
     event = f"{'batch' if batch else 'job'}.{EVENTS[job.status]}"
     if batch:
-        payload: dict[str, Any] = {"object": "event", "id": f"evt_{uuid.uuid4().hex[:24]}", "type": event,
+        payload: dict[str, Any] = {"object": "event", "id": openai_id("evt_"), "type": event,
                                    "created_at": int(time.time()), "data": {"id": job.id}}
     else:
         payload = {"type": event, "timestamp": rfc3339(as_utc(now)),
                    "data": {"id": job.id, "object": "job", "status": job.status, "kind": job.kind, "model": job.model,
                             "item_count": job.item_count, "error": job.error}}
-    session.add(WebhookDelivery(id=f"msg_{uuid.uuid4().hex[:24]}", job_id=job.id, event=event, url=job.webhook_url,
+    session.add(WebhookDelivery(id=openai_id("msg_"), job_id=job.id, event=event, url=job.webhook_url,
                                 payload=payload, status="pending", attempts=0, created_at=now, next_attempt_at=now))
 
 
