@@ -61,7 +61,8 @@ def test_services_of_the_stack(stack: dict[str, Any]) -> None:
     assert api["healthcheck"]["test"][-1] == "http://127.0.0.1:11434/"
     assert api["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     gpu = services["worker-gpu0"]
-    assert gpu["command"] == ["worker", "--gpu", "0"] and gpu["build"]["target"] == "cuda"
+    assert gpu["command"] == ["worker", "--gpu", "0"] and gpu["build"]["target"] == "runtime"
+    assert gpu["build"]["args"]["VARIANT"] == "cuda" and gpu["build"]["args"]["RUNTIME_BASE"].startswith("nvidia/cuda:")
     device = gpu["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert services["worker-cpu"]["profiles"] == ["cpu"] and services["worker-cpu"]["command"] == ["worker"]
@@ -98,9 +99,13 @@ def test_env_example_documents_every_setting() -> None:
     assert compose_vars <= documented, compose_vars - documented
 
 
-def test_dockerfile_builds_cuda_and_cpu_as_non_root() -> None:
+def test_dockerfile_builds_cuda_and_cpu_as_non_root_from_one_runtime_stage() -> None:
     text = (ROOT / "compose" / "Dockerfile").read_text()
     targets = re.findall(r"^FROM \S+ AS (\S+)$", text, re.M)
-    assert {"cuda", "cpu"} <= set(targets)
+    assert {"build-cuda", "build-cpu", "runtime"} <= set(targets)
+    assert "FROM build-${VARIANT} AS llama-wheels" in text and "FROM ${RUNTIME_BASE} AS runtime" in text
     assert "-DGGML_CUDA=on" in text and "-DGGML_NATIVE=OFF" in text
-    assert text.count("USER corral") == 2
+    assert text.count("USER corral") == 1
+    # every package the wheel holds is copied into its build (the `corral` command is cli.main)
+    copied = set(re.findall(r"^COPY (\S+) /src/\1$", text, re.M))
+    assert {"api", "cli", "workers", "jobs", "corral", "migrations"} <= copied

@@ -190,3 +190,15 @@ def test_lines_off_the_fast_path_still_get_the_models_errors(line: dict, error: 
 
     with pytest.raises(BadRequest, match=f"^line 1: .*{error}"):
         validate_item("generate", 1, line)
+
+
+def test_the_error_tree_drawn_in_corral_errors_lists_every_class_with_its_status() -> None:
+    import inspect
+
+    import corral.errors as errors
+
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass)
+               if issubclass(c, errors.CorralError) and c.__module__ == errors.__name__]
+    drawn = errors.__doc__ or ""
+    for cls in classes:
+        assert f"{cls.__name__} ({cls.status_code})" in drawn, cls.__name__
