@@ -39,8 +39,9 @@ from jobs.queueing import enqueue_chunks
 from jobs.transitions import ClaimedChunk
 from workers.decode_loop import SequenceHandle
 from workers.engine import LoadedModel, finish_vectors
+from workers.execution import tool_family
 from workers.items import item_request
-from workers.runtime import CHUNKS_PER_WORKER, WorkerRuntime, tool_family
+from workers.runtime import CHUNKS_PER_WORKER, WorkerRuntime
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class ChunkRunner:
 
     def _run(self, chunk: ClaimedChunk, item_ids: list[int]) -> None:
         try:
-            record = self.runtime.record_for(chunk.model, chunk.model_digest)
+            record = self.runtime.requests.record_for(chunk.model, chunk.model_digest)
         except CorralError as exc:
             with self.sessions() as session:
                 transitions.fail_job(session, chunk.job_id, f"model unavailable: {exc.message}")
@@ -115,7 +116,7 @@ class ChunkRunner:
             self._close_chunk(chunk)
             return
         embedding = chunk.kind == "embed"
-        spec = self.runtime.load_spec(record, chunk.options, embedding=embedding)
+        spec = self.runtime.requests.load_spec(record, chunk.options, embedding=embedding)
         keep_alive = self.runtime.settings.keep_alive
         with self.runtime.registry.use(spec, record, chunk.model, keep_alive) as (model, _):
             if not self._job_cancelled(chunk.job_id):
@@ -178,7 +179,7 @@ class ChunkRunner:
                 first_of[key], keys[item_id], copies[item_id] = item_id, key, []
             req = item_request(record, kind, name, digest, options, body)
             try:
-                handle, splitter = self.runtime.start_generation(model, req, interactive=False, stream=False,
+                handle, splitter = self.runtime.requests.start_generation(model, req, interactive=False, stream=False,
                                                                  record=record)
                 running.append((item_id, req, handle, splitter))
             except CorralError as exc:
@@ -200,7 +201,7 @@ class ChunkRunner:
                     values = {"state": ItemState.CANCELLED,
                               "error": "the job was stopped (cancelled or expired) while this item was running"}
                 else:
-                    stats = self.runtime.generation_stats(req, result)
+                    stats = self.runtime.requests.generation_stats(req, result)
                     stats["total_duration"] = stats["prompt_eval_duration"] + stats["eval_duration"]
                     text, thinking = "".join(parts), ""
                     if splitter is not None:  # the reasoning goes to "thinking", as on the sync route

@@ -35,9 +35,9 @@ def item_request(record: ModelRecord, kind: str, name: str, digest: str, options
 
 def count_tokens(runtime: WorkerRuntime, req: BuildRequest) -> list[int | None]:
     """Prompt tokens of each item of ``req`` (a dry run's batch), None for an item that would fail to render."""
-    record = runtime.record_for(req.model, req.model_digest)
+    record = runtime.requests.record_for(req.model, req.model_digest)
     embedding = req.kind == "embed"
-    spec = runtime.load_spec(record, req.options, embedding=embedding)
+    spec = runtime.requests.load_spec(record, req.options, embedding=embedding)
     counts: list[int | None] = []
     with runtime.registry.use(spec, record, req.model, runtime.settings.keep_alive) as (model, _):
         for body in req.items:
@@ -47,7 +47,7 @@ def count_tokens(runtime: WorkerRuntime, req: BuildRequest) -> list[int | None]:
                     counts.append(sum(len(t) for t in model.embed_tokens(inputs, truncate=bool(body.get("truncate", True)))))
                 else:
                     request = item_request(record, req.kind, req.model, req.model_digest, req.options, body)
-                    prompt, _, _, media = runtime.prompt_for(model, request, record)
+                    prompt, _, _, media = runtime.requests.prompt_for(model, request, record)
                     counts.append(len(prompt))
                     if media is not None:
                         media.close()

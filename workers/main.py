@@ -112,7 +112,7 @@ def run_worker(
     @worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         runtime = WorkerRuntime(settings, name, gpu=gpu, queues=queues, models=names)
-        runtime.pull_from = pull_from
+        runtime.requests.pull_from = pull_from
         app.corral_runtime = runtime
         reconciler = Reconciler(settings, app, runtime.redis, name)
         runtime.periodic.append((settings.reconcile_interval, reconciler.sweep))

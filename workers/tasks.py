@@ -34,7 +34,7 @@ def interactive(self: Task, payload: dict[str, Any]) -> None:
         log.info("request %s was cancelled while queued; skipping", req.request_id)
         return
     try:
-        runtime.execute(req, writer)
+        runtime.requests.execute(req, writer)
     except CorralError as exc:
         writer.fail(exc)
     except Exception as exc:
