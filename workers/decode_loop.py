@@ -42,7 +42,6 @@ import ctypes
 import itertools
 import logging
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +53,7 @@ import numpy as np
 from corral.errors import BadRequest, CorralError, GenerationFailed
 from workers import compute
 from workers.media import MediaPrompt
+from workers.sampling import StopMatcher, sampler_chain, token_logprobs
 from workers.slots import COPY_CTX_PER_TOKEN, MIN_COPY_TOKENS, common_prefix, donor, gap_fillers, pick_slot, worth_copying
 
 log = logging.getLogger(__name__)
@@ -99,35 +99,6 @@ class SequenceRequest:
     # A prompt with images (workers/media.py): their positions in ``prompt`` hold placeholder ids, and the loop
     # encodes each image when the prefill reaches it.  The loop closes it when the sequence ends.
     media: MediaPrompt | None = None
-
-
-class StopMatcher:
-    """Holds back text that might be the start of a stop string, so a stop is never half-emitted."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add text; return (text safe to emit, whether a stop string was hit)."""
-        self.pending += text
-        hit = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if hit >= 0:
-            out, self.pending = self.pending[:hit], ""
-            return out, True
-        hold = 0
-        for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(stop[:n]):
-                    hold = max(hold, n)
-                    break
-        cut = len(self.pending) - hold
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 class SequenceHandle:
@@ -396,34 +367,7 @@ class DecodeLoop:
         )
 
     def _sampler(self, req: SequenceRequest) -> Any:
-        """The same chain llama-cpp-python's ``Llama.generate`` builds, one per sequence."""
-        llama_cpp = self._llama_cpp
-        o = req.sampling
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
-        add(llama_cpp.llama_sampler_init_penalties(
-            self._n_vocab, int(o["repeat_last_n"]), float(o["repeat_penalty"]), float(o["frequency_penalty"]),
-            float(o["presence_penalty"]),
-        ))
-        if req.grammar is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(
-                self._vocab, req.grammar._grammar.encode("utf-8"), req.grammar._root.encode("utf-8")
-            )
-            if not grammar:
-                llama_cpp.llama_sampler_free(chain)
-                raise ValueError("the grammar could not be compiled")
-            add(grammar)
-        temperature = float(o["temperature"])
-        if temperature <= 0.0:
-            add(llama_cpp.llama_sampler_init_greedy())
-        else:
-            add(llama_cpp.llama_sampler_init_top_k(int(o["top_k"])))
-            add(llama_cpp.llama_sampler_init_typical(float(o["typical_p"]), 1))
-            add(llama_cpp.llama_sampler_init_top_p(float(o["top_p"]), 1))
-            add(llama_cpp.llama_sampler_init_min_p(float(o["min_p"]), 1))
-            add(llama_cpp.llama_sampler_init_temp(temperature))
-            add(llama_cpp.llama_sampler_init_dist(req.seed if req.seed >= 0 else random.getrandbits(31)))
-        return chain
+        return sampler_chain(self._llama_cpp, self._vocab, self._n_vocab, req.sampling, req.grammar, req.seed)
 
     def _step(self) -> None:
         """One ``llama_decode`` over every active sequence, then one sampled token for each that is ready."""
@@ -551,22 +495,8 @@ class DecodeLoop:
             active.logprobs_sent = len(active.logprobs)
 
     def _logprob(self, index: int, token: int, top: int) -> dict[str, Any]:
-        """The chosen token's log-probability under the model's own logits at ``index`` (before sampling
-        changes them: temperature, penalties, grammar), and the ``top`` most likely tokens', in Ollama's shape."""
-        pointer = self._llama_cpp.llama_get_logits_ith(self._ctx, index)
-        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).astype(np.float64)
-        peak = float(logits.max())
-        normaliser = peak + float(np.log(np.exp(logits - peak).sum()))
-        entry = self._token_logprob(token, float(logits[token]) - normaliser)
-        if top > 0:
-            best = np.argpartition(-logits, top)[:top]
-            best = best[np.argsort(-logits[best], kind="stable")]
-            entry["top_logprobs"] = [self._token_logprob(int(t), float(logits[t]) - normaliser) for t in best]
-        return entry
-
-    def _token_logprob(self, token: int, logprob: float) -> dict[str, Any]:
-        raw = bytes(self.llm.detokenize([token]))
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+        logits = self._llama_cpp.llama_get_logits_ith(self._ctx, index)
+        return token_logprobs(np.ctypeslib.as_array(logits, shape=(self._n_vocab,)), token, top, self.llm.detokenize)
 
     def _accept(self, active: _Active, token: int) -> None:
         """Apply one sampled token: end of generation, text and stop strings, the token limit."""

@@ -20,7 +20,7 @@ from corral.settings import (
 )
 from corral.store import ModelName
 from corral.timefmt import rfc3339
-from workers.decode_loop import StopMatcher
+from workers.sampling import StopMatcher
 
 
 @pytest.mark.parametrize(
