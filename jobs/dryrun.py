@@ -28,6 +28,7 @@ from typing import Any
 import orjson
 
 from corral.errors import BadRequest, PayloadTooLarge
+from corral.options import LoadOptions, SamplingOptions
 from corral.settings import Settings
 from corral.store import ModelRecord
 from jobs import dedup
@@ -43,11 +44,9 @@ def output_bound(kind: str, body: dict[str, Any], options: dict[str, Any], num_c
     if kind == "embed":
         return 0
     merged = {**options, **(body.get("options") or {})}
-    context = int(merged.get("num_ctx") or num_ctx)
-    predict = merged.get("num_predict")
-    if predict is None or int(predict) < 0:
-        return context
-    return min(int(predict), context)
+    context = LoadOptions.of(merged).num_ctx or num_ctx
+    predict = SamplingOptions.of(merged).num_predict
+    return context if predict < 0 else min(predict, context)
 
 
 def dry_run(

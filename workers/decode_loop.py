@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from corral.errors import BadRequest, CorralError, GenerationFailed
+from corral.options import SamplingOptions
 from workers import compute
 from workers.media import MediaPrompt
 from workers.sampling import StopMatcher, sampler_chain, token_logprobs
@@ -80,7 +81,7 @@ class SequenceRequest:
 
     prompt: list[int]
     limit: int
-    sampling: dict[str, Any]
+    sampling: SamplingOptions
     seed: int
     grammar: Any  # llama_cpp.llama_grammar.LlamaGrammar | None
     stops: list[str]

@@ -23,6 +23,7 @@ import numpy as np
 
 from corral.errors import BadRequest, ContextLengthExceeded, GenerationFailed
 from corral.gbnf import GrammarTooLarge, InvalidSchema, schema_grammar
+from corral.options import SamplingOptions
 from workers import compute, weights
 from workers.decode_loop import DecodeLoop, GenerationResult, SequenceHandle, SequenceRequest, set_adapters
 from workers.media import MediaPrompt, Projector
@@ -32,22 +33,6 @@ log = logging.getLogger(__name__)
 # With context shift on and no num_predict, a generation ends at its end-of-generation token; a model that never
 # says it stops after this many contexts' worth of tokens (Ollama caps num_predict -1 at 10 x num_ctx likewise).
 SHIFT_PREDICT_CAP = 10
-
-# Ollama's defaults for sampling options (api/types.go DefaultOptions).
-DEFAULT_SAMPLING: dict[str, Any] = {
-    "temperature": 0.8,
-    "top_k": 40,
-    "top_p": 0.9,
-    "min_p": 0.0,
-    "typical_p": 1.0,
-    "repeat_penalty": 1.0,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "num_predict": -1,
-    "num_keep": 4,
-    "repeat_last_n": 64,
-}
-
 
 @dataclass(frozen=True)
 class LoadSpec:
@@ -259,13 +244,13 @@ class LoadedModel:
         try:
             if self.loop is None:
                 raise BadRequest("this model is loaded for embeddings only")
-            opts = {**DEFAULT_SAMPLING, **{k: v for k, v in options.items() if v is not None}}
+            opts = SamplingOptions.of(options)
             prompt = prompt or [self.llm.token_bos()]
             # a prompt with images is never cut (half an image is no image): it fits, or it is a 400
             if (not truncate or media is not None) and len(prompt) > self.n_ctx - 1:
                 raise BadRequest("the input length exceeds the context length")
-            prompt = self._fit_prompt(prompt, int(opts["num_keep"]))
-            num_predict = int(opts["num_predict"])
+            prompt = self._fit_prompt(prompt, opts.num_keep)
+            num_predict = opts.num_predict
             if shift:  # the context shifts as it fills (decode_loop.py); only num_predict ends the generation
                 limit = num_predict if num_predict >= 0 else SHIFT_PREDICT_CAP * self.n_ctx
             else:
@@ -276,13 +261,13 @@ class LoadedModel:
                 prompt=prompt,
                 limit=limit,
                 sampling=opts,
-                seed=int(opts.get("seed", -1)),
+                seed=opts.seed,
                 grammar=self._grammar(fmt),
-                stops=list(opts.get("stop") or []) + stops,
+                stops=list(opts.stop) + stops,
                 interactive=interactive,
                 stream=stream,
                 logprobs=logprobs,
-                shift_keep=min(int(opts["num_keep"]), self.n_ctx // 2) if shift else -1,
+                shift_keep=min(opts.num_keep, self.n_ctx // 2) if shift else -1,
                 special=special,
                 media=media,
             )

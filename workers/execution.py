@@ -18,6 +18,7 @@ import redis
 
 from corral.errors import BadRequest, CorralError, ModelNotFound
 from corral.modelfile import render_template
+from corral.options import LoadOptions
 from corral.protocol import InferenceRequest, StreamWriter, unload_key
 from corral.settings import Settings
 from corral.store import ModelRecord, ModelStore
@@ -73,11 +74,12 @@ class RequestRunner:
 
     def load_spec(self, record: ModelRecord, options: dict[str, Any], *, embedding: bool) -> LoadSpec:
         train_ctx = int(record.config.get("context_length") or 0)
-        n_ctx = int(options.get("num_ctx") or self.settings.default_num_ctx)
+        load = LoadOptions.of(options)
+        n_ctx = load.num_ctx or self.settings.default_num_ctx
         if train_ctx:
             n_ctx = min(n_ctx, train_ctx)
         n_ctx = max(n_ctx, 4)
-        n_gpu = int(options.get("num_gpu", -1)) if self.gpu is not None else 0
+        n_gpu = load.num_gpu if self.gpu is not None else 0
         weights = choose_weights(
             self.settings.cpu_weights, str(record.config.get("file_type") or "unknown"), on_cpu=n_gpu == 0,
             parallel=self.settings.num_parallel, embedding=embedding,
@@ -88,7 +90,7 @@ class RequestRunner:
             n_ctx=n_ctx,
             n_gpu_layers=n_gpu,
             # a request's num_thread (bounded at the API) never asks for more threads than this machine has cores
-            n_threads=min(int(options.get("num_thread") or default_threads(self.settings.worker_threads)),
+            n_threads=min(load.num_thread or default_threads(self.settings.worker_threads),
                           os.cpu_count() or 1),
             pooling_mean=embedding and not record.is_embedding,
             parallel=self.settings.num_parallel,

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from corral.options import SamplingOptions
+
 
 class StopMatcher:
     """Holds back text that might be the start of a stop string, so a stop is never half-emitted."""
@@ -40,14 +42,13 @@ class StopMatcher:
         return out
 
 
-def sampler_chain(llama_cpp: Any, vocab: Any, n_vocab: int, o: dict[str, Any], grammar: Any, seed: int) -> Any:
+def sampler_chain(llama_cpp: Any, vocab: Any, n_vocab: int, o: SamplingOptions, grammar: Any, seed: int) -> Any:
     """The same chain llama-cpp-python's ``Llama.generate`` builds, one per sequence: penalties, the grammar,
     then greedy, or top-k, typical, top-p, min-p, temperature and a seeded draw."""
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
     add = lambda s: llama_cpp.llama_sampler_chain_add(chain, s)  # noqa: E731
     add(llama_cpp.llama_sampler_init_penalties(
-        n_vocab, int(o["repeat_last_n"]), float(o["repeat_penalty"]), float(o["frequency_penalty"]),
-        float(o["presence_penalty"]),
+        n_vocab, o.repeat_last_n, o.repeat_penalty, o.frequency_penalty, o.presence_penalty,
     ))
     if grammar is not None:
         compiled = llama_cpp.llama_sampler_init_grammar(vocab, grammar._grammar.encode("utf-8"),
@@ -56,15 +57,14 @@ def sampler_chain(llama_cpp: Any, vocab: Any, n_vocab: int, o: dict[str, Any], g
             llama_cpp.llama_sampler_free(chain)
             raise ValueError("the grammar could not be compiled")
         add(compiled)
-    temperature = float(o["temperature"])
-    if temperature <= 0.0:
+    if o.temperature <= 0.0:
         add(llama_cpp.llama_sampler_init_greedy())
     else:
-        add(llama_cpp.llama_sampler_init_top_k(int(o["top_k"])))
-        add(llama_cpp.llama_sampler_init_typical(float(o["typical_p"]), 1))
-        add(llama_cpp.llama_sampler_init_top_p(float(o["top_p"]), 1))
-        add(llama_cpp.llama_sampler_init_min_p(float(o["min_p"]), 1))
-        add(llama_cpp.llama_sampler_init_temp(temperature))
+        add(llama_cpp.llama_sampler_init_top_k(o.top_k))
+        add(llama_cpp.llama_sampler_init_typical(o.typical_p, 1))
+        add(llama_cpp.llama_sampler_init_top_p(o.top_p, 1))
+        add(llama_cpp.llama_sampler_init_min_p(o.min_p, 1))
+        add(llama_cpp.llama_sampler_init_temp(o.temperature))
         add(llama_cpp.llama_sampler_init_dist(seed if seed >= 0 else random.getrandbits(31)))
     return chain
 
