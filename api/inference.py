@@ -19,7 +19,7 @@ from api.metrics import observe_first_token, observe_tokens
 from corral.capabilities import thinking_fields
 from corral.errors import BadRequest, GenerationFailed, IncompleteModel, ModelNotFound
 from corral.images import tag_request
-from corral.modelfile import apply_layers, render_template
+from corral.layers import apply_layers, render_template
 from corral.protocol import InferenceRequest, StreamEvent, new_request_id
 from corral.settings import Settings
 from corral.store import ModelName, ModelRecord, ModelStore

@@ -21,16 +21,8 @@ from api.streaming import ndjson, prime
 from corral import OLLAMA_COMPAT_VERSION, catalog, registry
 from corral.errors import BadRequest, ModelNotFound
 from corral.gguf_meta import read_gguf_metadata
-from corral.modelfile import (
-    create_model,
-    licenses_of,
-    messages_of,
-    modelfile_text,
-    parameters_text,
-    params_of,
-    system_of,
-    template_of,
-)
+from corral.layers import licenses_of, messages_of, params_of, system_of, template_of
+from corral.model_create import create_model, modelfile_text, parameters_text
 from corral.store import ModelName, ModelRecord
 from corral.timefmt import rfc3339
 from corral.wire import responses as R

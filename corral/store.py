@@ -104,7 +104,7 @@ class ModelRecord:
     modified_at: datetime
     config: dict[str, Any]
     # The text of the model's small layers by kind ("system", "params", "messages", "license", "template"),
-    # as `ollama create` writes them: what a request gets by default (corral/modelfile.py applies them).
+    # as `ollama create` writes them: what a request gets by default (corral/layers.py applies them).
     extras: dict[str, list[str]] = field(default_factory=dict)
     # LoRA adapters (``ADAPTER``, ``application/vnd.ollama.image.adapter`` layers), applied on top of the GGUF.
     adapter_paths: tuple[Path, ...] = ()

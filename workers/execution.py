@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from corral.errors import BadRequest, CorralError, ModelNotFound
-from corral.modelfile import render_template
+from corral.layers import render_template
 from corral.options import LoadOptions
 from corral.protocol import InferenceRequest, StreamWriter, unload_key
 from corral.settings import Settings

@@ -8,7 +8,7 @@ from typing import Any
 
 from corral.capabilities import thinking_fields
 from corral.images import tag_request
-from corral.modelfile import apply_layers, render_template
+from corral.layers import apply_layers, render_template
 from corral.protocol import BuildRequest, InferenceRequest, new_request_id
 from corral.store import ModelRecord
 from workers.runtime import WorkerRuntime

@@ -25,7 +25,7 @@ from flask.testing import FlaskClient
 from api import create_app
 from api.gateway import Gateway
 from corral.errors import CorralError
-from corral.modelfile import render_template
+from corral.layers import render_template
 from corral.protocol import BuildRequest, StreamEvent
 from corral.remote import pull_from_server
 from corral.settings import Settings
