@@ -22,7 +22,8 @@ from corral import OLLAMA_COMPAT_VERSION, catalog, registry
 from corral.errors import BadRequest, ModelNotFound
 from corral.gguf_meta import read_gguf_metadata
 from corral.layers import licenses_of, messages_of, params_of, system_of, template_of
-from corral.model_create import create_model, modelfile_text, parameters_text
+from corral.model_create import create_model
+from corral.modelfile import modelfile_text, parameters_text
 from corral.store import ModelName, ModelRecord
 from corral.timefmt import rfc3339
 from corral.wire import responses as R

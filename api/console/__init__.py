@@ -41,7 +41,8 @@ from api.ollama import pull_steps
 from api.services import services
 from api.streaming import NDJSON_MIMETYPE, ndjson, prime
 from corral.errors import BadRequest, CorralError, Forbidden
-from corral.model_create import create_body, create_model, parse_modelfile
+from corral.model_create import create_model
+from corral.modelfile import create_body, parse_modelfile
 from jobs.export import csv_pieces, write_parquet
 from jobs.keys import KeyLimits
 from jobs.models import JobStatus
