@@ -23,7 +23,7 @@ __all__ = ["Services", "create_app"]
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Create and configure the API application."""
-    from api import auth, console, errors, guards, metrics, openapi
+    from api import auth, console, errors, guards, metrics, openapi, scrape
     from api.jobs import bp as jobs_bp
     from api.ollama import bp as ollama_bp
     from api.openai import bp as openai_bp
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     auth.init_app(app, settings, keys)
     errors.init_app(app)
     metrics.init_app(app)
-    app.register_blueprint(metrics.bp)
+    scrape.init_app(app)
     app.register_blueprint(ollama_bp)
     app.register_blueprint(jobs_bp)
     app.register_blueprint(openai_bp)
