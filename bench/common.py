@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli.launcher import free_port, redis_reachable, start_private_redis, stop
 from corral.catalog import ensure_defaults
 from corral.settings import Settings
 from corral.store import ModelStore
+from harness.processes import free_port, redis_or_private
+from harness.stack import Stack, fresh_database
 
 
 def model_path(home: Path, name: str) -> Path:
@@ -28,58 +28,38 @@ def model_path(home: Path, name: str) -> Path:
 
 @contextmanager
 def corral_stack(home: Path, **settings: Any) -> Iterator[Any]:
-    """A real API server and worker process (Redis from REDIS_URL or a private one; SQLite in ``home``)."""
+    """A real API server and worker process (Redis from :func:`bench_redis`; SQLite in ``home``)."""
     from jobs.db import upgrade
-    from tests.helpers import Stack
 
-    private, redis_url = bench_redis(home)
-    values: dict[str, Any] = {
-        "home": home, "redis_url": redis_url, "models_dir": home / "models",
-        "host": f"127.0.0.1:{free_port()}", "database_url": f"sqlite:///{home / 'bench.db'}", **settings,
-    }
-    config = Settings(**values)
-    upgrade(config)
-    try:
+    with bench_redis(home) as redis_url:
+        values: dict[str, Any] = {
+            "home": home, "redis_url": redis_url, "models_dir": home / "models",
+            "host": f"127.0.0.1:{free_port()}", "database_url": f"sqlite:///{home / 'bench.db'}", **settings,
+        }
+        config = Settings(**values)
+        upgrade(config)
         with Stack(config, home / "logs").running() as stack:
             yield stack
-    finally:
-        stop_bench_redis(private)
 
 
-def bench_redis(home: Path) -> tuple[subprocess.Popen[bytes] | None, str]:
-    """(the private Redis started for this bench or None, its URL): REDIS_URL when it answers, else a private one
+def bench_redis(home: Path) -> AbstractContextManager[str]:
+    """The URL of REDIS_URL's Redis when it answers, else of a private one in ``home`` for the bench's length
     (a bench that shares the test suite's Redis would share its queues: run benches without REDIS_URL)."""
-    url = os.environ.get("REDIS_URL")
-    if url and redis_reachable(url):
-        return None, url
-    return start_private_redis(home / "redis", persist=False)
-
-
-def stop_bench_redis(private: subprocess.Popen[bytes] | None) -> None:
-    if private is not None:
-        stop(private, "redis", timeout=10)
+    return redis_or_private(os.environ.get("REDIS_URL"), home / "redis")
 
 
 @contextmanager
 def bench_database(prefix: str, database_url: str | None = None) -> Iterator[Settings]:
     """Settings for a bench in a new temporary home: the chat model set up, Redis (:func:`bench_redis`), and a
     migrated database, SQLite in the home or ``database_url`` emptied first, with a free port for a server."""
-    from jobs.db import engine_for, upgrade
-    from tests.helpers import drop_everything
-
     home = Path(tempfile.mkdtemp(prefix=prefix))
     model_path(home, "smollm2:135m")
-    private, redis_url = bench_redis(home)
     database = database_url or f"sqlite:///{home / 'bench.db'}"
-    try:
+    with bench_redis(home) as redis_url:
         settings = Settings(home=home, redis_url=redis_url, models_dir=home / "models", database_url=database,
                             host=f"127.0.0.1:{free_port()}")
-        if not database.startswith("sqlite"):
-            drop_everything(engine_for(database))
-        upgrade(settings)
+        fresh_database(settings)
         yield settings
-    finally:
-        stop_bench_redis(private)
 
 
 def wait_for_job(client: Any, job_id: str, poll: float = 0.5) -> dict[str, Any]:

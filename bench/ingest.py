@@ -30,6 +30,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import bench_database, print_table
+from harness.stack import Stack
 
 
 def write_job(path: Path, lines: int) -> None:
@@ -100,8 +101,6 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=100_000)
     parser.add_argument("--database-url", default=None, help="default: SQLite in a temporary directory")
     args = parser.parse_args()
-
-    from tests.helpers import Stack
 
     with bench_database("corral-ingest-bench-", args.database_url) as settings:
         home, database = settings.home, settings.database

@@ -25,9 +25,9 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import corral_stack, model_path, print_table
+from bench.common import corral_stack, model_path, print_table
 
 MIX = ("chat", "embed", "status")
 
@@ -62,38 +62,34 @@ def enforcement(requests: int) -> None:
     windows, open-request set) and its accounting at the end, against a real Redis, with every limit set and
     none of them reached.  Keys off (no principal) costs nothing, so this is the whole added latency."""
     from api.governance import Governor
-    from cli.launcher import free_port, start_private_redis, stop
     from corral.settings import Settings
+    from harness.processes import redis_or_private
     from jobs.keys import KeyLimits, Principal
 
     class NoDatabase:  # accounting is written by a background thread once a second: not on the request's path
         def add_usage(self, amounts: Any) -> None:
             pass
 
-    with tempfile.TemporaryDirectory() as home:
-        private, url = start_private_redis(Path(home), free_port(), persist=False)
-        try:
-            governor = Governor(Settings(home=Path(home), redis_url=url), NoDatabase())  # type: ignore[arg-type]
-            limits = KeyLimits(rpm=10**9, tpm=10**12, max_concurrent=10**6, token_budget=10**15, budget_period="30d",
-                               models=["smollm2*", "all-minilm*"])
-            who = Principal("key_bench", "bench", False, limits)
-            admit, finish = [], []
-            for _ in range(requests):
-                started = time.perf_counter()
-                ticket = governor.admit(who, "smollm2")
-                admitted = time.perf_counter()
-                governor.finish(ticket, prompt=30, generated=16)
-                governor.release(ticket)
-                admit.append((admitted - started) * 1000)
-                finish.append((time.perf_counter() - admitted) * 1000)
-            total = [a + f for a, f in zip(admit, finish)]
-            rows = [[name, statistics.median(v), statistics.quantiles(v, n=20)[18]]
-                    for name, v in (("admission (before the request runs)", admit),
-                                    ("accounting + release (after it ends)", finish), ("added per request", total))]
-            print_table(f"Per-key limit enforcement, {requests} requests, every limit set (ms)",
-                        ["step", "p50", "p95"], rows)
-        finally:
-            stop(private, "redis", timeout=10)
+    with tempfile.TemporaryDirectory() as home, redis_or_private(None, Path(home)) as url:
+        governor = Governor(Settings(home=Path(home), redis_url=url), NoDatabase())  # type: ignore[arg-type]
+        limits = KeyLimits(rpm=10**9, tpm=10**12, max_concurrent=10**6, token_budget=10**15, budget_period="30d",
+                           models=["smollm2*", "all-minilm*"])
+        who = Principal("key_bench", "bench", False, limits)
+        admit, finish = [], []
+        for _ in range(requests):
+            started = time.perf_counter()
+            ticket = governor.admit(who, "smollm2")
+            admitted = time.perf_counter()
+            governor.finish(ticket, prompt=30, generated=16)
+            governor.release(ticket)
+            admit.append((admitted - started) * 1000)
+            finish.append((time.perf_counter() - admitted) * 1000)
+        total = [a + f for a, f in zip(admit, finish)]
+        rows = [[name, statistics.median(v), statistics.quantiles(v, n=20)[18]]
+                for name, v in (("admission (before the request runs)", admit),
+                                ("accounting + release (after it ends)", finish), ("added per request", total))]
+        print_table(f"Per-key limit enforcement, {requests} requests, every limit set (ms)",
+                    ["step", "p50", "p95"], rows)
 
 
 def main() -> None:

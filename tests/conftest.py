@@ -21,16 +21,9 @@ from flask.testing import FlaskClient
 from corral.catalog import ensure_defaults
 from corral.settings import Settings
 from corral.store import ModelStore
-from tests.helpers import (
-    Registry,
-    Stack,
-    child_processes,
-    clean_redis,
-    fresh_database,
-    make_settings,
-    redis_server_for_tests,
-    with_db,
-)
+from harness.processes import redis_or_private
+from harness.stack import Stack, fresh_database
+from tests.helpers import Registry, child_processes, clean_redis, make_settings, with_db
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +33,9 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_url(session_dir: Path) -> Iterator[str]:
-    yield from redis_server_for_tests(session_dir / "redis")
+    """The running Redis named by REDIS_URL (which must answer), or a private one for the session."""
+    with redis_or_private(os.environ.get("REDIS_URL"), session_dir / "redis", strict=True) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
-"""Test helpers: settings and databases for a test stack, real processes (a Redis, a worker, an API server, each
-a subprocess as in production), and the HTTP and CLI calls many tests make.  Fixtures live in conftest.py and
-use these; test modules import from here, never from conftest or from each other."""
+"""Test helpers: settings and Redis databases for a test stack, the HTTP and CLI calls many tests make, a corpus,
+a model registry and a template.  The real processes (a Redis, a worker, an API server, each a subprocess as in
+production) are the harness's (:mod:`harness.processes`, :mod:`harness.stack`), which the benches share.
+Fixtures live in conftest.py and use these; test modules import from here and from the harness, never from
+conftest or from each other."""
 
 from __future__ import annotations
 
@@ -8,13 +10,9 @@ import hashlib
 import importlib.util
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -22,138 +20,14 @@ from typing import Any
 import httpx
 import redis
 from click.testing import CliRunner, Result
-from sqlalchemy import Engine
 
-from cli.launcher import die_with_parent, free_port, redis_reachable, start_private_redis, stop
 from cli.main import main
 from corral.settings import Settings
 from corral.store import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MODEL_MEDIA_TYPE
+from harness.processes import free_port
+from harness.stack import Stack, fresh_database, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a child process build the same settings (none of this one's own)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "CORRAL_"))}
-    env.update(settings.environment(), PYTHONUNBUFFERED="1")
-    return env
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.1) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-@dataclass
-class Proc:
-    """A child process with its log file."""
-
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        return self.stopped(timeout)
-
-    def stopped(self, timeout: float = 30) -> int:
-        """Wait for the process to end (killed after ``timeout``); its exit status."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        return self.proc.returncode
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@dataclass
-class Stack:
-    """A worker and/or API server running against one set of settings."""
-
-    settings: Settings
-    logs: Path
-    procs: list[Proc] = field(default_factory=list)
-
-    def _spawn(self, name: str, *args: str) -> Proc:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        log = self.logs / f"{name}-{len(self.procs)}.log"
-        fh = open(log, "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", *args],
-            env=settings_env(self.settings),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
-        p = Proc(proc, log)
-        self.procs.append(p)
-        return p
-
-    @property
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.redis)
-
-    def start_worker(self, *args: str, timeout: float = 60) -> Proc:
-        proc = self._spawn("worker", "worker", *args)
-        before = {k for k in self.redis.scan_iter(match="corral:worker:*")}
-
-        def ready() -> bool:
-            if proc.proc.poll() is not None:
-                raise RuntimeError(f"worker exited:\n{proc.output()}")
-            return bool({k for k in self.redis.scan_iter(match="corral:worker:*")} - before)
-
-        wait_for(ready, timeout, "the worker's heartbeat")
-        return proc
-
-    def worker_names(self) -> list[str]:
-        return [json.loads(v)["name"] for v in self.redis.mget(list(self.redis.scan_iter(match="corral:worker:*"))) if v]
-
-    def start_api(self, timeout: float = 60) -> Proc:
-        proc = self._spawn("api", "serve")
-
-        def ready() -> bool:
-            if proc.proc.poll() is not None:
-                raise RuntimeError(f"API exited:\n{proc.output()}")
-            try:
-                return httpx.get(self.base_url, timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, timeout, "the API")
-        return proc
-
-    @property
-    def base_url(self) -> str:
-        host, port = self.settings.bind
-        return f"http://{host}:{port}"
-
-    def stop(self) -> None:
-        """Stop every process, all signalled at once: each takes a second or so to shut down gracefully."""
-        for proc in self.procs:
-            if proc.proc.poll() is None:
-                proc.proc.send_signal(signal.SIGTERM)
-        for proc in reversed(self.procs):
-            proc.stopped()
-        self.procs.clear()
-
-    @contextmanager
-    def running(self) -> Iterator[Stack]:
-        """A worker and an API server, stopped on the way out."""
-        try:
-            self.start_worker()
-            self.start_api()
-            yield self
-        finally:
-            self.stop()
 
 
 def child_processes(parent: int) -> list[tuple[int, str]]:
@@ -168,21 +42,6 @@ def child_processes(parent: int) -> list[tuple[int, str]]:
         except (OSError, IndexError, ValueError):
             continue
     return found
-
-
-def redis_server_for_tests(data_dir: Path) -> Iterator[str]:
-    """The running Redis named by REDIS_URL, or a private one for the session."""
-    url = os.environ.get("REDIS_URL")
-    if url:
-        if not redis_reachable(url):
-            raise RuntimeError(f"REDIS_URL={url} does not answer")
-        yield url
-        return
-    proc, url = start_private_redis(data_dir, free_port(), persist=False)
-    try:
-        yield url
-    finally:
-        stop(proc, "redis", timeout=10)
 
 
 def with_db(url: str, db: int) -> str:
@@ -227,30 +86,6 @@ def make_settings(home: Path, redis_url: str | None, models_dir: Path, **overrid
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
-
-
-def fresh_database(settings: Settings) -> None:
-    """Drop whatever an earlier run left in a shared test database, then apply the migrations."""
-    from jobs.db import engine_for, upgrade
-
-    if not settings.database.startswith("sqlite"):
-        drop_everything(engine_for(settings.database))
-    upgrade(settings)
-
-
-def drop_everything(engine: Engine) -> None:
-    """Empty a database of corral's tables: pgvector's index of job_items (if any), the models', Alembic's."""
-    from sqlalchemy import text
-
-    from jobs.models import Base
-    from jobs.search import VECTOR_TABLE
-
-    # CASCADE: the database may hold an older schema than the models (foreign keys that migration 0010 dropped),
-    # so the models' drop order is not enough
-    cascade = " CASCADE" if engine.dialect.name == "postgresql" else ""
-    with engine.begin() as conn:
-        for table in [VECTOR_TABLE, *(t.name for t in reversed(Base.metadata.sorted_tables)), "alembic_version"]:
-            conn.execute(text(f"DROP TABLE IF EXISTS {table}{cascade}"))
 
 
 @contextmanager

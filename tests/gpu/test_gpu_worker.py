@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from corral.settings import Settings
-from tests.helpers import MODEL, Stack, clean_redis, fresh_database, make_settings, with_db
+from harness.stack import Stack, fresh_database
+from tests.helpers import MODEL, clean_redis, make_settings, with_db
 
 
 def _gpu_ready() -> str | None:

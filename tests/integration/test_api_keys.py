@@ -15,9 +15,10 @@ import ollama
 import openai
 import pytest
 
-from cli.launcher import free_port
 from corral.settings import Settings
-from tests.helpers import MODEL, ROOT, Stack, settings_env, wait_for
+from harness.processes import free_port
+from harness.stack import Stack, settings_env, wait_for
+from tests.helpers import MODEL, ROOT
 
 LIMIT = 1 << 20  # CORRAL_MAX_BODY for this server: 1 MiB
 

@@ -24,10 +24,11 @@ from corral.broker import queue_lists
 from corral.protocol import model_queue
 from corral.settings import Settings
 from corral.store import ModelStore
+from harness.stack import Stack, wait_for
 from jobs import dispatch, queueing, transitions
 from jobs.db import sessions
 from jobs.models import Item, Job, JobStatus, utcnow
-from tests.helpers import MODEL, Stack, own_stack, submit, wait_done, wait_for
+from tests.helpers import MODEL, own_stack, submit, wait_done
 
 pytestmark = pytest.mark.slow
 BIG = 5_000  # un-purged, one-token chunks this many would keep the small job waiting for minutes

@@ -18,9 +18,10 @@ import httpx
 import pytest
 from click.testing import CliRunner
 
-from cli.launcher import free_port
 from cli.main import main
-from tests.helpers import MODEL, Registry, cli, no_traceback, wait_for, write_jsonl
+from harness.processes import free_port
+from harness.stack import wait_for
+from tests.helpers import MODEL, Registry, cli, no_traceback, write_jsonl
 
 FAST = ["-o", "num_predict=4", "-o", "temperature=0", "-o", "seed=1"]
 

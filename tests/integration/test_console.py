@@ -26,7 +26,8 @@ from werkzeug.serving import make_server
 
 from corral.settings import Settings
 from corral.store import ModelStore
-from tests.helpers import EMBED_MODEL, MODEL, Registry, clean_redis, fresh_database, make_settings, submit, wait_done, with_db
+from harness.stack import fresh_database
+from tests.helpers import EMBED_MODEL, MODEL, Registry, clean_redis, make_settings, submit, wait_done, with_db
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SHOTS = Path(__file__).resolve().parents[1] / ".screenshots"

@@ -15,7 +15,8 @@ import httpx
 import pytest
 
 from corral.settings import Settings
-from tests.helpers import MODEL, Stack, own_stack, wait_for
+from harness.stack import Stack, wait_for
+from tests.helpers import MODEL, own_stack
 
 pytestmark = pytest.mark.slow
 

@@ -24,15 +24,16 @@ import pytest
 import redis
 from sqlalchemy import select
 
-from cli.launcher import die_with_parent, free_port
 from corral.broker import Broker
 from corral.errors import BadRequest
 from corral.settings import Settings
 from corral.store import ModelStore
+from harness.processes import die_with_parent, free_port
+from harness.stack import Stack, wait_for
 from jobs.db import sessions
 from jobs.models import Item
 from jobs.service import JobService
-from tests.helpers import MODEL, ROOT, Stack, submit, wait_done, wait_for
+from tests.helpers import MODEL, ROOT, submit, wait_done
 from workers.engine import LoadedModel, LoadSpec
 
 GREEDY = {"temperature": 0, "num_predict": 12}

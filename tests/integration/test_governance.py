@@ -15,9 +15,10 @@ import httpx
 import openai
 import pytest
 
-from cli.launcher import free_port
 from corral.settings import Settings
-from tests.helpers import EMBED_MODEL, MODEL, ROOT, Stack, settings_env
+from harness.processes import free_port
+from harness.stack import Stack, settings_env
+from tests.helpers import EMBED_MODEL, MODEL, ROOT
 
 CHAT = [{"role": "user", "content": "Say hi."}]
 
@@ -136,7 +137,7 @@ def test_usage_adds_up_to_the_responses(apis: list[Stack], settings: Settings) -
 
 
 def test_batch_items_are_counted_in_the_usage_too(apis: list[Stack], settings: Settings) -> None:
-    from tests.helpers import wait_for
+    from harness.stack import wait_for
 
     headers = key(settings, "batcher")
     url = apis[0].base_url

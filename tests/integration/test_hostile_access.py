@@ -22,8 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api import create_app
 from corral.settings import Settings
+from harness.stack import Stack, fresh_database
 from jobs.keys import KeyLimits, KeyStore
-from tests.helpers import EMBED_MODEL, MODEL, Stack, clean_redis, fresh_database, make_settings, with_db
+from tests.helpers import EMBED_MODEL, MODEL, clean_redis, make_settings, with_db
 
 CONSOLE_KEYS = "corral:console:*"
 

@@ -10,9 +10,10 @@ import httpx
 from corral.broker import Broker
 from corral.settings import Settings
 from corral.store import ModelStore
+from harness.stack import Stack
 from jobs.service import JobService
 from tests.api.test_hostile import HOSTILE_FORMATS
-from tests.helpers import MODEL, Stack, results, wait_done
+from tests.helpers import MODEL, results, wait_done
 
 
 def test_grammar_bombs_leave_the_worker_running(stack: Stack) -> None:

@@ -13,10 +13,11 @@ from typing import Any
 import httpx
 import pytest
 
-from cli.launcher import free_port
 from corral.settings import Settings
+from harness.processes import free_port
+from harness.stack import Stack, wait_for
 from jobs.keys import KeyLimits, KeyStore
-from tests.helpers import MODEL, Stack, own_stack, wait_for
+from tests.helpers import MODEL, own_stack
 
 TOKEN_CAP = 120  # CORRAL_DRY_RUN_MAX_TOKENS of the guarded API
 

@@ -19,9 +19,10 @@ from sqlalchemy import update
 
 from corral.protocol import worker_key
 from corral.settings import Settings
+from harness.stack import Stack, wait_for
 from jobs.db import sessions
 from jobs.models import WebhookDelivery, utcnow
-from tests.helpers import MODEL, Stack, own_stack, submit, wait_done, wait_for
+from tests.helpers import MODEL, own_stack, submit, wait_done
 
 DRIP_SECONDS = 5  # past the stack's 2 s heartbeat TTL, well inside the sender's 10 s deadline
 

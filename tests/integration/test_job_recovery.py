@@ -13,9 +13,10 @@ import redis
 from sqlalchemy import select
 
 from corral.protocol import chunk_key, model_queue
+from harness.stack import Stack, wait_for
 from jobs.db import sessions
 from jobs.models import Item, Job
-from tests.helpers import MODEL, Stack, wait_done, wait_for
+from tests.helpers import MODEL, wait_done
 from workers.runtime import CHUNKS_PER_WORKER
 
 pytestmark = pytest.mark.slow

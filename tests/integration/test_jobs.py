@@ -10,7 +10,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import MODEL, results, submit, wait_done, wait_for
+from harness.stack import wait_for
+from tests.helpers import MODEL, results, submit, wait_done
 
 FAST = {"num_predict": 6, "temperature": 0, "seed": 1}
 

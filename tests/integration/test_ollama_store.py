@@ -15,8 +15,9 @@ import pytest
 
 from corral.settings import Settings
 from corral.store import ModelStore
+from harness.stack import Stack
 from tests.helpers import CHATML_TEMPLATE as TEMPLATE
-from tests.helpers import MODEL, Stack, own_stack
+from tests.helpers import MODEL, own_stack
 
 
 def write_ollama_store(root: Path, gguf: bytes) -> None:

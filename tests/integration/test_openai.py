@@ -17,9 +17,10 @@ from openai import OpenAI
 from sqlalchemy import update
 
 from corral.settings import Settings
+from harness.stack import wait_for
 from jobs.db import sessions
 from jobs.models import Job, utcnow
-from tests.helpers import MODEL, wait_for
+from tests.helpers import MODEL
 
 MINILM = "all-minilm"
 GREEDY: dict[str, Any] = {"temperature": 0, "seed": 7, "max_tokens": 12}

@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from corral.settings import Settings
-from tests.helpers import Stack, own_stack
+from harness.stack import Stack
+from tests.helpers import own_stack
 
 pytestmark = pytest.mark.slow
 EXAMPLES_PER_OPERATION = 12

@@ -18,9 +18,10 @@ from sqlalchemy import text
 from sqlalchemy.orm import sessionmaker
 
 from corral.settings import Settings
+from harness.stack import Stack
 from jobs.db import engine_for
 from jobs.search import VECTOR_TABLE, numpy_top_k
-from tests.helpers import HAVE_PGSERVER, Stack, cli, make_corpus, own_stack
+from tests.helpers import HAVE_PGSERVER, cli, make_corpus, own_stack
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.launcher import die_with_parent, free_port, redis_reachable
 from corral.settings import Settings
-from tests.helpers import MODEL, ROOT, Stack, wait_for
+from harness.processes import die_with_parent, free_port, redis_reachable
+from harness.stack import Stack, wait_for
+from tests.helpers import MODEL, ROOT
 
 
 @pytest.mark.slow

@@ -14,8 +14,9 @@ from corral.errors import BadRequest
 from corral.remote import pull_from_server
 from corral.settings import Settings
 from corral.store import ModelStore
+from harness.stack import Stack, fresh_database
 from tests.ggufs import lora_adapter
-from tests.helpers import MODEL, Stack, clean_redis, fresh_database, make_settings, with_db
+from tests.helpers import MODEL, clean_redis, make_settings, with_db
 
 MINILM = "all-minilm"
 

@@ -8,10 +8,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from cli.launcher import free_port
 from corral.settings import Settings
+from harness.processes import free_port
+from harness.stack import Stack, wait_for
 from jobs.keys import KeyStore
-from tests.helpers import MODEL, Stack, submit, wait_done, wait_for
+from tests.helpers import MODEL, submit, wait_done
 
 
 def items(n: int, word: str) -> list[dict]:

@@ -20,8 +20,8 @@ from openai import OpenAI
 from corral.catalog import packaged_smollm2
 from corral.settings import Settings
 from corral.store import ModelStore
+from harness.stack import Stack, wait_for
 from tests.ggufs import with_metadata
-from tests.helpers import Stack, wait_for
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-tools"

@@ -16,7 +16,8 @@ import pytest
 from openai import OpenAI
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from tests.helpers import MODEL, submit, wait_done, wait_for
+from harness.stack import wait_for
+from tests.helpers import MODEL, submit, wait_done
 
 
 class Receiver:

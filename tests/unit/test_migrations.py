@@ -13,10 +13,11 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
 from corral.settings import Settings
+from harness.stack import drop_everything
 from jobs.db import upgrade
 from jobs.models import Base
 from jobs.search import VECTOR_TABLE
-from tests.helpers import HAVE_PGSERVER, drop_everything
+from tests.helpers import HAVE_PGSERVER
 
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "")
 NO_POSTGRES = not POSTGRES_URL.startswith("postgresql")
