@@ -160,7 +160,7 @@ class Settings(BaseSettings):
     origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         validation_alias=AliasChoices("OLLAMA_ORIGINS", "origins"),
-        description="Extra CORS origins (comma-separated, `*` wildcards), added to Ollama's defaults.",
+        description="Extra CORS origins (comma-separated, `*` wildcards; `*` alone allows all), added to Ollama's defaults.",
     )
     max_loaded_models: int = Field(
         0,
@@ -188,7 +188,7 @@ class Settings(BaseSettings):
         600.0,
         gt=0,
         validation_alias=AliasChoices("CORRAL_QUEUE_TIMEOUT", "queue_timeout"),
-        description="Seconds an interactive request may wait for a worker before it fails.",
+        description="Seconds an interactive request may wait for a worker before it fails with a 503.",
     )
     heartbeat_ttl: float = Field(
         15.0,
@@ -271,7 +271,10 @@ class Settings(BaseSettings):
         default_factory=lambda: ["*"],
         validation_alias=AliasChoices("CORRAL_PULL_HOSTS", "pull_hosts"),
         description="Registry hosts `pull` may fetch from (comma-separated, `*` wildcards; e.g. "
-        "`registry.ollama.ai,hf.co`); the packaged default models need none.",
+        "`registry.ollama.ai,hf.co`); the packaged default models need none.  Another host is a 403, and a "
+        "redirect to one fails the pull (list the registry's blob store too); a host matched only by a wildcard "
+        "must resolve to public addresses, one named exactly may be private.  `HTTPS_PROXY`, `HTTP_PROXY` and "
+        "`NO_PROXY` apply to pulls as in Ollama (a proxied request's address is the proxy's to check).",
     )
     require_api_key: bool = Field(
         False,
@@ -298,8 +301,9 @@ class Settings(BaseSettings):
         default_factory=list,
         validation_alias=AliasChoices("CORRAL_WEBHOOK_ALLOW_NETWORKS", "webhook_allow_networks"),
         description="Networks webhooks may reach besides the public internet (comma-separated CIDRs, e.g. "
-        "`127.0.0.0/8,10.1.0.0/16` for a receiver on this host or network); loopback, link-local and private "
-        "addresses are refused otherwise.",
+        "`127.0.0.0/8,10.1.0.0/16` for a receiver on this host or network); loopback, link-local, private, "
+        "multicast, unspecified and reserved addresses are refused otherwise, at submission and again at connect "
+        "time.",
     )
     result_cache_ttl: int = Field(
         7 * 24 * 3600,
