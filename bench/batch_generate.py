@@ -31,10 +31,9 @@ from typing import get_args
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import corral_stack, model_path, print_table, wait_for_job
-
+from bench.common import corral_stack, model_path, print_table, wait_for_job
 from corral.settings import CpuWeights
 from workers import compute
 from workers.weights import choose_weights, prepare

@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import corral_stack, print_table, wait_for_job
+from bench.common import corral_stack, print_table, wait_for_job
 
 MODEL = "smollm2"
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import corral_stack, model_path, print_table
+from bench.common import corral_stack, model_path, print_table
 
 
 def chat(n: int) -> list[dict[str, str]]:

@@ -22,10 +22,9 @@ from typing import get_args
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import corral_stack, model_path, print_table
-
+from bench.common import corral_stack, model_path, print_table
 from corral.settings import CpuWeights
 
 TOPICS = ["a dragon who collects teapots", "a robot learning to paint", "a lighthouse keeper's last night",

@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import model_path, print_table
-
+from bench.common import model_path, print_table
 from workers.weights import prepare, quantize
 
 PROMPTS = ["Once upon a time, a dragon", "The capital of France is", "def fibonacci(n):", "In 1969, astronauts",

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import corral_stack, model_path, print_table, wait_for_job
-
+from bench.common import corral_stack, model_path, print_table, wait_for_job
 from workers import compute
 
 WORDS = (

@@ -24,9 +24,9 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import corral_stack, model_path, print_table, wait_for_job
+from bench.common import corral_stack, model_path, print_table, wait_for_job
 
 WORDS = (
     "account accurate action address adjust advice agent agree amount answer apply argue arrange assess assume "

@@ -26,9 +26,9 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import corral_stack, model_path, print_table
+from bench.common import corral_stack, model_path, print_table
 
 PROMPT = "Why is the sky blue?"
 
