@@ -28,8 +28,10 @@ run: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# While editing, under a minute: lint, then the tiers that start no process (tests/unit, tests/api).
+# While editing, under a minute: lint, the reference site (mkdocs build --strict: a broken link or anchor fails
+# it; about a second), then the tiers that start no process (tests/unit, tests/api).
 check: lint
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest tests/unit tests/api -q $(PYTEST_ARGS)
 
 # The layer contract (import-linter), ruff and mypy --strict, as configured in pyproject.toml.
