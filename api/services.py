@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
 
+from api.models_admin import ModelAdmin
 from corral.settings import Settings
 from corral.store import ModelStore
 from jobs.batches import BatchService
@@ -31,6 +32,19 @@ class Services:
     files: FileStore
     batches: BatchService
     governor: Governor
+    models: ModelAdmin = field(init=False)  # pull, show and create, over the inference service's store and gateway
+
+    def __post_init__(self) -> None:
+        self.models = ModelAdmin(self.settings, self.inference)
+
+    def search_job(self, job_id: str, query: str, k: int, owner: str | None) -> dict[str, Any]:
+        """Embed ``query`` with the embedding job's own model (on a worker), then rank the job's stored vectors:
+        the job search of the API and of the console, the one operation that takes two services."""
+        model, _ = self.jobs.embed_job(job_id, owner)
+        record = self.inference.model(model)
+        data, _ = self.inference.single(self.inference.request(record, model, "embed", inputs=[query], truncate=True))
+        backend, hits = self.jobs.search(job_id, data["embeddings"][0], k)
+        return {"model": model, "query": query, "results": hits, "backend": backend}
 
 
 def services(app: Flask | None = None) -> Services:

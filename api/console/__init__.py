@@ -36,12 +36,9 @@ from api.auth import principal, refuse_if_read_only, require_admin
 from api.console import pages
 from api.console.sessions import ConsoleSessions, check_csrf
 from api.errors import dumps, ollama_error
-from api.jobs import search_job
-from api.ollama import pull_steps
 from api.services import services
 from api.streaming import NDJSON_MIMETYPE, ndjson, prime
 from corral.errors import BadRequest, CorralError, Forbidden
-from corral.model_create import create_model
 from corral.modelfile import create_body, parse_modelfile
 from jobs.export import csv_pieces, write_parquet
 from jobs.keys import KeyLimits
@@ -172,7 +169,7 @@ def job(job_id: str) -> str:
     query = request.args.get("q", "").strip()
     search = None
     if query and data["job"]["kind"] == "embed":
-        search = search_job(job_id, query, 10, pages.owner_of(principal()))
+        search = services().search_job(job_id, query, 10, pages.owner_of(principal()))
     return _page("console/job.html", "console/_job_live.html", query=query, search=search, **data)
 
 
@@ -240,7 +237,7 @@ def pull() -> Response:
     name = request.form.get("name", "").strip()
     if not name:
         raise BadRequest("name the model to pull, e.g. smollm2:135m or hf.co/owner/repo")
-    steps = pull_steps(name, insecure=bool(request.form.get("insecure")))
+    steps = services().models.pull(name, insecure=bool(request.form.get("insecure")))
     return ndjson(prime(steps), steps)
 
 
@@ -254,11 +251,10 @@ def create() -> Response:
     body = create_body(parse_modelfile(request.form.get("modelfile", "")))
     if body.get("adapters") or str(body["from"]).startswith(("/", ".", "~")):
         raise BadRequest("the console creates models from models it has; for files use `corral create -f Modelfile`")
-    svc = services().inference
-    steps = create_model(
-        svc.store, name, base=body["from"], system=body.get("system"), parameters=body.get("parameters"),
+    steps = services().models.create(
+        name, base=body["from"], system=body.get("system"), parameters=body.get("parameters"),
         messages=body.get("messages"), license=body.get("license"), template=body.get("template"),
-        quantize=request.form.get("quantize") or None, builder=svc.gateway,
+        quantize=request.form.get("quantize") or None,
     )
     return ndjson(prime(steps), steps)
 
