@@ -1,23 +1,27 @@
-"""The configuration page's tables, generated from :class:`corral.settings.Settings`.
+"""The tables the pages take from the code: the settings (:class:`corral.settings.Settings`) and Ollama's
+options (:data:`corral.options.OPTIONS`).
 
-Every field's environment name, default, accepted values and ``description`` go into ``docs/configuration.md``
-between the two markers below.  MkDocs runs this file as a hook (``hooks:`` in mkdocs.yml), so the site is
-always built from the settings as they are; the copy checked in, which GitHub shows, is rewritten with
-``.venv/bin/python docs/hooks.py``, and ``tests/unit/test_docs.py`` fails when it is stale.
+Every setting's environment name, default, accepted values and ``description`` go into ``docs/configuration.md``,
+and every option's type, bounds, default and llama.cpp name into ``docs/ollama-api.md``, each between its two
+markers below.  MkDocs runs this file as a hook (``hooks:`` in mkdocs.yml), so the site is always built from
+the code as it is; the copies checked in, which GitHub shows, are rewritten with ``.venv/bin/python
+docs/hooks.py``, and ``tests/unit/test_docs.py`` fails when one is stale.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic.fields import FieldInfo
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGE = ROOT / "docs" / "configuration.md"
+DOCS = ROOT / "docs"
 BEGIN = "<!-- settings: generated from corral/settings.py by docs/hooks.py (run it to update); do not edit -->"
 END = "<!-- end of the generated settings -->"
 # The tables, by the environment name's prefix, in the order the page shows them.
@@ -30,7 +34,11 @@ GROUPS = (
 if str(ROOT) not in sys.path:  # run as a hook or a script, the repository's packages come first
     sys.path.insert(0, str(ROOT))
 
+from corral.options import OPTIONS  # noqa: E402
 from corral.settings import Settings  # noqa: E402
+
+OPTIONS_BEGIN = "<!-- options: generated from corral/options.py by docs/hooks.py (run it to update); do not edit -->"
+OPTIONS_END = "<!-- end of the generated options -->"
 
 
 def env_names(name: str, field: FieldInfo) -> list[str]:
@@ -107,19 +115,52 @@ def settings_tables() -> str:
     return "\n".join(parts)
 
 
-def render(markdown: str) -> str:
-    """``markdown`` (the configuration page) with its generated block replaced by the current one."""
-    start, end = markdown.find(BEGIN), markdown.find(END)
+def number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
+def options_table() -> str:
+    """The generated block of the Ollama API page: every option corral accepts, in the order Ollama lists them."""
+    rows = ["| option | type | range | Ollama's default | part | llama.cpp |", "|---|---|---|---|---|---|"]
+    for option in OPTIONS:
+        bounds = f"{number(option.low)} to {number(option.high)}" if math.isfinite(option.low) else ""
+        if option.default is None:
+            default = "*corral's setting or the model's*"
+        elif isinstance(option.default, bool):
+            default = f"`{str(option.default).lower()}`"
+        elif isinstance(option.default, (int, float)):
+            default = f"`{number(option.default)}`"
+        else:
+            default = f"`{list(option.default)}`" if isinstance(option.default, tuple) else f"`{option.default}`"
+        llama = f"`{option.llama}`" if option.llama else ""
+        rows.append(f"| `{option.name}` | {option.type} | {bounds} | {default} | {option.part} | {llama} |")
+    return "\n".join([OPTIONS_BEGIN, "", *rows, "", OPTIONS_END])
+
+
+# The generated blocks of each page: (first marker, last marker, what goes between them).
+BLOCKS: dict[str, tuple[str, str, Callable[[], str]]] = {
+    "configuration.md": (BEGIN, END, settings_tables),
+    "ollama-api.md": (OPTIONS_BEGIN, OPTIONS_END, options_table),
+}
+
+
+def render(markdown: str, page: str = "configuration.md") -> str:
+    """``markdown`` (the page ``page`` of docs/) with its generated block replaced by the current one."""
+    begin, end_marker, make = BLOCKS[page]
+    start, end = markdown.find(begin), markdown.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"docs/configuration.md has lost its markers: {BEGIN!r} ... {END!r}")
-    return markdown[:start] + settings_tables() + markdown[end + len(END):]
+        raise ValueError(f"docs/{page} has lost its markers: {begin!r} ... {end_marker!r}")
+    return markdown[:start] + make() + markdown[end + len(end_marker):]
 
 
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
-    """MkDocs hook: build the configuration page from the settings, whatever the checked-in copy says."""
-    return render(markdown) if page.file.src_uri == "configuration.md" else markdown
+    """MkDocs hook: build the generated blocks from the code, whatever the checked-in copies say."""
+    name = page.file.src_uri
+    return render(markdown, name) if name in BLOCKS else markdown
 
 
 if __name__ == "__main__":
-    PAGE.write_text(render(PAGE.read_text(encoding="utf-8")), encoding="utf-8")
-    print(f"wrote {PAGE.relative_to(ROOT)}")
+    for name in BLOCKS:
+        path = DOCS / name
+        path.write_text(render(path.read_text(encoding="utf-8"), name), encoding="utf-8")
+        print(f"wrote {path.relative_to(ROOT)}")

@@ -1,6 +1,7 @@
 """The reference in docs/ agrees with the code: the configuration page lists every setting as ``Settings``
-declares it (``docs/hooks.py`` generates its tables), and the README stays a short entry whose links lead into
-docs/.  Links between the pages are checked by ``mkdocs build --strict`` in ``make check``."""
+declares it and the Ollama API page every option of ``corral.options`` (``docs/hooks.py`` generates both
+tables), and the README stays a short entry whose links lead into docs/.  Links between the pages are checked
+by ``mkdocs build --strict`` in ``make check``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from types import ModuleType
 
 import pytest
 
+from corral.options import OPTIONS
 from corral.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -51,9 +53,20 @@ def test_every_setting_is_on_the_configuration_page(hooks: ModuleType) -> None:
     assert len(rows) == len(Settings.model_fields), "the page lists a variable that Settings does not have"
 
 
-def test_the_checked_in_configuration_page_is_current(hooks: ModuleType) -> None:
-    page = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
-    assert hooks.render(page) == page, "docs/configuration.md is stale: run .venv/bin/python docs/hooks.py"
+@pytest.mark.parametrize("name", ["configuration.md", "ollama-api.md"])
+def test_the_checked_in_pages_are_current(hooks: ModuleType, name: str) -> None:
+    page = (ROOT / "docs" / name).read_text(encoding="utf-8")
+    assert hooks.render(page, name) == page, f"docs/{name} is stale: run .venv/bin/python docs/hooks.py"
+
+
+def test_every_option_is_on_the_ollama_api_page(hooks: ModuleType) -> None:
+    page = (ROOT / "docs" / "ollama-api.md").read_text(encoding="utf-8")
+    block = page[page.index(hooks.OPTIONS_BEGIN):page.index(hooks.OPTIONS_END)]
+    for option in OPTIONS:
+        assert f"| `{option.name}` |" in block, f"option {option.name} is missing from docs/ollama-api.md"
+    for option in (o for o in OPTIONS if o.part == "ignored"):
+        # the prose says why each accepted-and-ignored option is ignored
+        assert f"`{option.name}` (" in page.split("Accepted and ignored", 1)[1], option.name
 
 
 def test_the_generated_table_follows_the_field(hooks: ModuleType) -> None:
