@@ -139,7 +139,8 @@ class Settings(BaseSettings):
     keep_alive: float = Field(
         300.0,
         validation_alias=AliasChoices("OLLAMA_KEEP_ALIVE", "keep_alive"),
-        description="How long a model stays loaded after a request; duration or seconds, negative = forever.",
+        description="How long a model stays loaded after a request (default 5m): a Go duration (`5m`, `1h30m`) or "
+        "seconds, negative = forever.",
     )
     num_parallel: int = Field(
         0,
