@@ -16,11 +16,9 @@ from api.auth import principal, require_admin
 from api.gateway import Gateway
 from api.governance import Governor
 from api.metrics import observe_first_token, observe_tokens
-from corral.capabilities import thinking_fields
 from corral.errors import BadRequest, GenerationFailed, IncompleteModel, ModelNotFound
-from corral.images import tag_request
-from corral.layers import apply_layers, render_template
-from corral.protocol import InferenceRequest, StreamEvent, new_request_id
+from corral.protocol import InferenceRequest, StreamEvent
+from corral.requests import build_request
 from corral.settings import Settings
 from corral.store import ModelName, ModelRecord, ModelStore
 from corral.wire.ollama import is_zero_keep_alive, ollama_chunk, ollama_final
@@ -68,20 +66,7 @@ class Inference:
     def request(self, record: ModelRecord, name: str, kind: str, **fields: Any) -> InferenceRequest:
         if is_zero_keep_alive(fields.get("keep_alive")):
             require_admin("unloading a model (keep_alive: 0)")
-        fields.update(thinking_fields(record, kind, fields.pop("think", None), raw=bool(fields.get("raw"))))
-        fields = tag_request(kind, fields)  # images: [img-N] tags in the text, before any template renders it
-        fields = apply_layers(record, kind, fields)  # the model's SYSTEM, PARAMETER and MESSAGE layers
-        kind, fields = render_template(record, kind, fields)  # and its TEMPLATE, when it has one
-        cap = self.settings.max_predict
-        if cap and kind in ("generate", "chat"):
-            options = dict(fields.get("options") or {})
-            wanted = options.get("num_predict")
-            if not isinstance(wanted, int) or wanted < 0 or wanted > cap:
-                options["num_predict"] = cap  # CORRAL_MAX_PREDICT: no sync request generates more
-            fields["options"] = options
-        return InferenceRequest(
-            request_id=new_request_id(), kind=kind, model=name, model_digest=record.model_digest, **fields
-        )
+        return build_request(record, name, kind, max_predict=self.settings.max_predict, **fields)
 
     def load_or_unload(
         self, record: ModelRecord, name: str, keep_alive: float | None, options: dict[str, Any] | None

@@ -160,7 +160,7 @@ class ChunkRunner:
     ) -> None:
         """Queue every prompt of the chunk in the decode loop, then collect and store them in input order."""
         attempt, job_id, kind, name = chunk.attempt, chunk.job_id, chunk.kind, chunk.model
-        digest, options = chunk.model_digest, chunk.options
+        options = chunk.options
         running: list[tuple[int, InferenceRequest, SequenceHandle, ThinkingSplitter | None]] = []
         # Deterministic duplicates (jobs/dedup.py) run once: the first of each key runs, the rest take its result.
         copies: dict[int, list[int]] = {}
@@ -177,7 +177,7 @@ class ChunkRunner:
                     copies[first_of[key]].append(item_id)
                     continue
                 first_of[key], keys[item_id], copies[item_id] = item_id, key, []
-            req = item_request(record, kind, name, digest, options, body)
+            req = item_request(record, kind, name, options, body)
             try:
                 handle, splitter = self.runtime.requests.start_generation(model, req, interactive=False, stream=False,
                                                                  record=record)

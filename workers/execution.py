@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from corral.errors import BadRequest, CorralError, ModelNotFound
-from corral.layers import render_template
+from corral.layers import render_template, template_of
 from corral.options import LoadOptions
 from corral.protocol import InferenceRequest, StreamWriter, unload_key
 from corral.settings import Settings
@@ -165,46 +165,59 @@ class RequestRunner:
         def fit(render: Render) -> Rendered:
             return fit_messages(render, req.messages or [], budget, truncate=req.truncate, cancelled=cancelled,
                                 count=model.count_tokens)
+
+        def raw(text: str) -> Rendered:
+            if images is None:
+                return model.raw_prompt(text), [], text, None
+            prompt = model.media_prompt(text, images, add_special=True)
+            return prompt.tokens, [], text, prompt
+
+        if record is not None and template_of(record) is not None and req.kind in ("generate", "chat") and not req.raw:
+            return self._templated(model, req, record, fit, raw)
         if req.kind == "chat":
             def chat(messages: list[dict[str, Any]]) -> Rendered:
                 if images is None:
                     return (*model.chat_render(messages, req.tools, think=req.think), None)
                 return model.chat_media(messages, images, req.tools, think=req.think)
 
-            prompt, stops, text, media = fit(chat)
-        elif req.suffix:  # fill in the middle (the API checked the model has FIM tokens: `insert`)
-            prompt, text = model.fim_prompt(req.prompt or "", req.suffix), ""
-        elif req.raw:
-            def raw(text: str) -> Rendered:
-                if images is None:
-                    return model.raw_prompt(text), [], text, None
-                media = model.media_prompt(text, images, add_special=True)
-                return media.tokens, [], text, media
-
-            prompt, stops, text, media = raw(req.prompt or "")
-            if req.messages and record is not None and len(prompt) > budget and req.truncate:
-                def templated(messages: list[dict[str, Any]]) -> Rendered:
-                    _, fields = render_template(record, "chat", {"messages": messages, "tools": req.tools,
-                                                                 "think": req.think})
-                    return raw(fields["prompt"])
-
-                if media is not None:
-                    media.close()
-                prompt, stops, text, media = fit(templated)
+            return fit(chat)
+        if req.suffix:  # fill in the middle (the API checked the model has FIM tokens: `insert`)
+            return model.fim_prompt(req.prompt or "", req.suffix), [], "", None
+        if req.raw:
+            return raw(req.prompt or "")
+        messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
+            {"role": "user", "content": req.prompt or ""}
+        ]
+        if images is None:
+            prompt, stops, text = model.chat_render(messages, think=req.think)
         else:
-            messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
-                {"role": "user", "content": req.prompt or ""}
-            ]
-            if images is None:
-                prompt, stops, text = model.chat_render(messages, think=req.think)
-            else:
-                prompt, stops, text, media = model.chat_media(messages, images, think=req.think)
-            if req.context and media is not None:
-                media.prepend(req.context)
-                prompt = media.tokens
-            elif req.context:
-                prompt = list(req.context) + prompt
+            prompt, stops, text, media = model.chat_media(messages, images, think=req.think)
+        if req.context and media is not None:
+            media.prepend(req.context)
+            prompt = media.tokens
+        elif req.context:
+            prompt = list(req.context) + prompt
         return prompt, stops, text, media
+
+    @staticmethod
+    def _templated(
+        model: LoadedModel, req: InferenceRequest, record: ModelRecord, fit: Callable[[Render], Rendered],
+        raw: Callable[[str], Rendered],
+    ) -> Rendered:
+        """The prompt of a model with a TEMPLATE layer, rendered with it here and only here (corral/requests.py):
+        a chat through the fitting, so a long one is never rendered and tokenized whole."""
+        if req.kind == "chat":
+            def templated(messages: list[dict[str, Any]]) -> Rendered:
+                _, fields = render_template(record, "chat", {"messages": messages, "tools": req.tools,
+                                                             "think": req.think})
+                return raw(fields["prompt"])
+
+            return fit(templated)
+        _, fields = render_template(record, "generate", {"system": req.system, "prompt": req.prompt,
+                                                         "suffix": req.suffix, "think": req.think})
+        if fields.get("suffix"):  # the template does not place the suffix: the GGUF's FIM tokens do
+            return model.fim_prompt(fields["prompt"], fields["suffix"]), [], "", None
+        return raw(fields["prompt"])
 
     @staticmethod
     def generation_stats(req: InferenceRequest, result: GenerationResult) -> dict[str, Any]:
