@@ -3,11 +3,11 @@ from its record and applied to a request.
 
 The layers change behaviour, as in Ollama: ``system`` is the default system prompt (a request's own system
 prompt wins), ``params`` the default options (a request's own options win; ``stop`` is a list), ``messages`` a
-conversation put before every chat's messages, ``template`` the Go template a prompt is rendered with.   Every request
-applies SYSTEM, PARAMETER and MESSAGE through the one request builder (corral/requests.py), and the worker alone
-renders TEMPLATE (:func:`render_template`, from workers/execution.py), so a job line behaves as the same body sent
-to the sync route.  ``/api/create`` writes
-them (:mod:`corral.model_create`) and ``/api/show`` shows them back as a Modelfile (:mod:`corral.modelfile`).
+conversation put before every chat's messages, ``template`` the Go template a prompt is rendered with.  Every
+request gets SYSTEM, PARAMETER and MESSAGE through the one request builder (corral/requests.py), and the worker
+alone renders TEMPLATE (:func:`render_template`, from workers/execution.py), so a job line behaves as the same
+body sent to the sync route.  ``/api/create`` writes them (:mod:`corral.model_create`) and ``/api/show`` shows
+them back as a Modelfile (:mod:`corral.modelfile`).
 """
 
 from __future__ import annotations
