@@ -303,6 +303,5 @@ def manifest(name: str) -> Response:
     """The manifest behind a model name (corral): which blobs a remote worker needs to serve it.  Covered by the
     key's allow-list, as /api/show is: the manifest names the model's every blob."""
     shared = services()
-    found = shared.inference.store.manifest(name)
-    shared.governor.check_model(principal(), name)
-    return json_response(found)
+    shared.governor.check_model(principal(), name)  # first: a limited key learns nothing of what exists
+    return json_response(shared.inference.store.manifest(name))

@@ -35,7 +35,8 @@ class TemplateError(BadRequest):
 # RecursionError.  A render's output is bounded too: a ``range`` over the messages inside a ``range`` over the
 # messages would otherwise square a long chat.
 MAX_NESTING = 100
-MAX_OUTPUT = 16 << 20
+MAX_OUTPUT = 16 << 20  # characters a render writes, and the longest string an action may build
+MAX_STEPS = 2_000_000  # actions and range iterations one render runs (a 20,000-message chat: about 200,000)
 MAX_PRINTF_WIDTH = 1000  # a printf width or precision past this prints %!(BADWIDTH) / %!(BADPREC)
 
 FUNCTIONS = ("and", "or", "not", "eq", "ne", "lt", "le", "gt", "ge", "len", "index", "slice", "print", "printf", "json")
@@ -343,6 +344,13 @@ def _text(value: Any) -> str:
 
 
 def _call(name: str, args: list[Any]) -> Any:
+    value = _function(name, args)
+    if isinstance(value, str) and len(value) > MAX_OUTPUT:  # $x = print $x $x, doubled per message
+        raise TemplateError(f"template: {name} built a string longer than {MAX_OUTPUT} characters")
+    return value
+
+
+def _function(name: str, args: list[Any]) -> Any:
     if name == "and":
         result = args[0] if args else None
         for arg in args:
@@ -427,22 +435,37 @@ def _eval_operand(op: Any, scope: _Scope) -> Any:
     raise TemplateError(f"template: unexpected {op!r}")
 
 
-class _Output:
-    """A render's text so far, refused past :data:`MAX_OUTPUT` characters."""
+class RenderBudget:
+    """What renders may cost in all: :data:`MAX_OUTPUT` characters written and :data:`MAX_STEPS` steps.  One
+    render has its own; an older template's one-render-per-turn prompt shares one across its turns."""
 
     def __init__(self) -> None:
-        self.parts: list[str] = []
         self.size = 0
+        self.steps = 0
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps > MAX_STEPS:
+            raise TemplateError(f"template: the render takes more than {MAX_STEPS} steps")
+
+
+class _Output:
+    """A render's text so far, within its budget."""
+
+    def __init__(self, budget: RenderBudget) -> None:
+        self.parts: list[str] = []
+        self.budget = budget
 
     def append(self, text: str) -> None:
-        self.size += len(text)
-        if self.size > MAX_OUTPUT:
+        self.budget.size += len(text)
+        if self.budget.size > MAX_OUTPUT:
             raise TemplateError(f"template: the rendered prompt is longer than {MAX_OUTPUT} characters")
         self.parts.append(text)
 
 
 def _run(nodes: list[_Node], scope: _Scope, out: _Output) -> None:
     for node in nodes:
+        out.budget.step()
         if node.kind == "text":
             out.append(node.text)
         elif node.kind == "output":
@@ -476,6 +499,7 @@ def _range(node: _Node, scope: _Scope, out: _Output) -> None:
         _run(node.orelse, scope, out)
         return
     for key, item in items:
+        out.budget.step()
         variables = dict(scope.variables)
         if len(node.names) == 2:
             variables[node.names[0]], variables[node.names[1]] = key, item
@@ -493,9 +517,9 @@ def _range(node: _Node, scope: _Scope, out: _Output) -> None:
                     scope.variables[name] = variables[name]
 
 
-def render(nodes: list[_Node], data: dict[str, Any]) -> str:
-    """Execute a parsed template with ``data`` as ``.`` and ``$``."""
-    out = _Output()
+def render(nodes: list[_Node], data: dict[str, Any], budget: RenderBudget | None = None) -> str:
+    """Execute a parsed template with ``data`` as ``.`` and ``$``, within ``budget`` (a new one by default)."""
+    out = _Output(budget or RenderBudget())
     try:
         _run(nodes, _Scope(data, {"$": data}), out)
     except (TypeError, KeyError, IndexError, ValueError, ZeroDivisionError) as exc:

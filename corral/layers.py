@@ -15,8 +15,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from corral.gotemplate import RenderBudget, render, variables
 from corral.gotemplate import parse as parse_template
-from corral.gotemplate import render, variables
 from corral.store import ModelRecord
 
 
@@ -76,15 +76,15 @@ def render_template(record: ModelRecord, kind: str, fields: dict[str, Any]) -> t
     if ".Messages" in template:
         prompt = render(nodes, values)
     else:  # an older template: one render per turn, Prompt and Response
-        prompt, pending = "", ""
+        prompt, pending, budget = "", "", RenderBudget()  # one budget for all the turns
         for message in messages:
             role, content = message.get("role"), str(message.get("content", ""))
             if role == "user":
                 pending = content
             elif role == "assistant":
-                prompt += render(nodes, {**values, "Prompt": pending, "Response": content})
+                prompt += render(nodes, {**values, "Prompt": pending, "Response": content}, budget)
                 pending = ""
-        prompt += render(nodes, {**values, "Prompt": pending})
+        prompt += render(nodes, {**values, "Prompt": pending}, budget)
     placed = ("suffix",) if "suffix" in variables(nodes) else ()  # else the worker uses the GGUF's FIM tokens
     out = {k: v for k, v in fields.items() if k not in ("messages", "system", "context", *placed)}
     if kind == "chat":  # kept so that the worker can render fewer of them when the prompt is too long

@@ -92,6 +92,7 @@ def is_public(address: IPAddress) -> bool:
     return address.is_global and not (
         address.is_multicast or address.is_loopback or address.is_link_local or address.is_private
         or address.is_reserved or address.is_unspecified
+        or (isinstance(address, ipaddress.IPv6Address) and address.is_site_local)
     )
 
 
@@ -129,7 +130,8 @@ def check_url(url: str, *, max_length: int = MAX_URL_LENGTH) -> httpx.URL:
     except httpx.InvalidURL as exc:
         raise RefusedURL("is not a valid URL") from exc
     default = 443 if parts.scheme.lower() == "https" else 80
-    if parsed.host != host.strip("[]") or (parsed.port or default) != (port or default):  # httpx reads it as we do
+    if parsed.raw_host.decode("ascii").lower() != host.strip("[]") or (parsed.port or default) != (port or default):
+        # httpx reads it as we do (its .host decodes punycode: raw_host is the name as written)
         raise RefusedURL("is ambiguous")
     return parsed
 
@@ -228,10 +230,16 @@ def _target(request: httpx.Request) -> tuple[str, int]:
     return url.raw_host.decode("ascii"), url.port or (443 if url.scheme == "https" else 80)
 
 
+# A connection is pinned to the address its host name resolved to, and httpcore pools connections by that
+# address: a pooled one could carry another host's request under the first host's TLS name.  So none is kept.
+NO_POOL = httpx.Limits(max_keepalive_connections=0)
+
+
 class GuardedTransport(httpx.HTTPTransport):
     """httpx's transport, connecting only to addresses ``policy`` permits (checked after DNS, every request)."""
 
     def __init__(self, policy: Policy, **kwargs: Any) -> None:
+        kwargs.setdefault("limits", NO_POOL)
         super().__init__(**kwargs)
         self.policy = policy
 
@@ -252,6 +260,7 @@ class AsyncGuardedTransport(httpx.AsyncHTTPTransport):
     """:class:`GuardedTransport` for :class:`httpx.AsyncClient`."""
 
     def __init__(self, policy: Policy, **kwargs: Any) -> None:
+        kwargs.setdefault("limits", NO_POOL)
         super().__init__(**kwargs)
         self.policy = policy
 
@@ -266,3 +275,20 @@ class AsyncGuardedTransport(httpx.AsyncHTTPTransport):
             except httpx.ConnectError:
                 continue
         return await super().handle_async_request(_pinned(request, addresses[-1]))
+
+
+def proxy_mounts(policy: Policy, *, asynchronous: bool = False) -> dict[str, Any]:
+    """``HTTPS_PROXY``, ``HTTP_PROXY`` and ``NO_PROXY`` as Ollama honours them, for a client whose transport is
+    guarded (httpx reads these variables only for a client without a transport of its own, so they are read
+    here, with httpx's own parser): a URL they send through a proxy goes there, and the proxy resolves and
+    connects, so the address check is the proxy's (the caller still checks each URL it asks for); one they
+    exempt goes direct through the guard.  For pulls (corral/registry.py) and webhooks (jobs/webhooks.py)."""
+    from httpx._utils import get_environment_proxies  # private, but the parser a plain httpx client applies
+
+    def proxied(url: str) -> Any:
+        return httpx.AsyncHTTPTransport(proxy=url) if asynchronous else httpx.HTTPTransport(proxy=url)
+
+    def direct() -> Any:
+        return AsyncGuardedTransport(policy) if asynchronous else GuardedTransport(policy)
+
+    return {pattern: proxied(url) if url else direct() for pattern, url in get_environment_proxies().items()}

@@ -55,18 +55,6 @@ def blob_url(name: ModelName, digest: str, *, insecure: bool) -> str:
     return f"{'http' if insecure else 'https'}://{name.host}/v2/{name.namespace}/{name.model}/blobs/{digest}"
 
 
-def proxy_mounts(policy: outbound.Policy) -> dict[str, httpx.BaseTransport | None]:
-    """``HTTPS_PROXY``, ``HTTP_PROXY`` and ``NO_PROXY`` as Ollama honours them for pulls: a URL they send through a
-    proxy goes there (the proxy resolves and connects, so the address check is the proxy's; the host is still
-    checked against ``CORRAL_PULL_HOSTS`` on every hop), and one they exempt goes direct through the guard.
-    httpx reads these variables only for a client without a transport of its own, so they are read here, with
-    httpx's own parser."""
-    from httpx._utils import get_environment_proxies  # the parser httpx applies to a plain client
-
-    return {pattern: httpx.HTTPTransport(proxy=url) if url else outbound.GuardedTransport(policy)
-            for pattern, url in get_environment_proxies().items()}
-
-
 def pull(
     store: ModelStore, text: str, *, insecure: bool = False, hosts: list[str] | None = None,
     client: httpx.Client | None = None,
@@ -78,7 +66,7 @@ def pull(
     if hosts is not None and not allowed_host(name.host, hosts):
         raise Forbidden(f"pulling from {name.host} is not allowed on this server (CORRAL_PULL_HOSTS)")
     policy = outbound.UNRESTRICTED if hosts is None else outbound.Policy.allowing(trusted_hosts=named_hosts(hosts))
-    http = client or httpx.Client(transport=outbound.GuardedTransport(policy), mounts=proxy_mounts(policy),
+    http = client or httpx.Client(transport=outbound.GuardedTransport(policy), mounts=outbound.proxy_mounts(policy),
                                   follow_redirects=False, timeout=httpx.Timeout(60.0, connect=15.0),
                                   headers={"User-Agent": "corral (ollama-compatible)"})
     try:

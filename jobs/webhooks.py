@@ -129,7 +129,9 @@ class Sender:
 
     def __init__(self, settings: Settings, stopping: Callable[[], bool] = lambda: False) -> None:
         self.sessions: sessionmaker[Session] = sessions(settings)
-        self.policy = outbound.Policy.allowing(settings.webhook_allow_networks)
+        # The server's own CORRAL_WEBHOOK_URL is the administrator's receiver: its host may be local or private.
+        default_host = [httpx.URL(settings.webhook_url).host] if settings.webhook_url else []
+        self.policy = outbound.Policy.allowing(settings.webhook_allow_networks, trusted_hosts=default_host)
         self.default_secret = settings.webhook_secret
         self.interval = settings.reconcile_interval
         self._stopping = stopping
@@ -153,10 +155,11 @@ class Sender:
         return self._stop.is_set() or self._stopping()
 
     def client(self) -> httpx.AsyncClient:
-        """No redirects followed, no proxies from the environment, and a connection per attempt: a pooled one
-        would be pinned to the address another host name resolved to."""
-        transport = outbound.AsyncGuardedTransport(self.policy, limits=httpx.Limits(max_keepalive_connections=0))
-        return httpx.AsyncClient(transport=transport, timeout=DEADLINE_SECONDS, follow_redirects=False, trust_env=False)
+        """No redirects followed, a connection per attempt (outbound.NO_POOL), and the environment's proxies as a
+        plain client would use them (outbound.proxy_mounts)."""
+        return httpx.AsyncClient(transport=outbound.AsyncGuardedTransport(self.policy),
+                                 mounts=outbound.proxy_mounts(self.policy, asynchronous=True),
+                                 timeout=DEADLINE_SECONDS, follow_redirects=False, trust_env=False)
 
     async def run(self) -> None:
         """Claim what is due every ``CORRAL_RECONCILE_INTERVAL`` seconds and start its attempts, until stopped."""

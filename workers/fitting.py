@@ -29,6 +29,7 @@ Render = Callable[[list[dict[str, Any]]], Rendered]
 CANCEL_CHECK_EVERY = 256  # messages counted between two looks at the client's cancel flag
 SAMPLE = 8  # the newest messages whose render gives the template's tokens per message
 WHOLE_BYTES_PER_TOKEN = 8  # a chat of at most this many bytes per num_ctx token is tokenized whole first
+MESSAGE_BYTES = 16  # what a template wraps around a message, at least, for that estimate (an empty one is not free)
 
 
 def fit_messages(
@@ -39,13 +40,14 @@ def fit_messages(
     messages dropped go with them.  ``count`` gives a message text's tokens; ``cancelled`` is asked while
     counting, and a client that has gone ends the work (:class:`GenerationFailed`)."""
     chat = list(messages)
-    if not truncate or len(chat) < 2 or sum(len(message_text(m)) for m in chat) <= budget * WHOLE_BYTES_PER_TOKEN:
+    long = budget * WHOLE_BYTES_PER_TOKEN
+    if not truncate or len(chat) < 2 or sum(len(message_text(m)) + MESSAGE_BYTES for m in chat) <= long:
         full = render(chat)
         if len(full[0]) <= budget or not truncate or len(chat) < 2:
             return full
         _close(full)
     last = len(chat) - 1
-    system = [i for i in range(last) if chat[i].get("role") == "system"]
+    system = _newest_that_fit([i for i in range(last) if chat[i].get("role") == "system"], chat, long)
     middle = [i for i in range(last) if chat[i].get("role") != "system"]
 
     def pick(indices: list[int]) -> list[dict[str, Any]]:
@@ -69,7 +71,8 @@ def fit_messages(
     sample = list(range(max(0, len(middle) - SAMPLE), len(middle)))
     probe = render(pick([middle[k] for k in sample]))
     _close(probe)
-    overhead = max(0.0, (len(probe[0]) - len(base[0]) - sum(cost(k) for k in sample)) / len(sample))
+    # (at least a token: a sample whose text counts more alone than rendered must not make messages free)
+    overhead = max(1.0, (len(probe[0]) - len(base[0]) - sum(cost(k) for k in sample)) / len(sample))
     room, start = float(budget - len(base[0])), len(middle)
     while start > 0 and room >= cost(start - 1) + overhead:
         room -= cost(start - 1) + overhead
@@ -81,11 +84,24 @@ def fit_messages(
         _close(rendered)
         excess, dropped = len(rendered[0]) - budget, 0.0
         while start < len(middle) and dropped < excess:  # at least one more message goes each time
-            dropped += cost(start) + max(overhead, 1.0)
+            dropped += cost(start) + overhead
             start += 1
     log.info("chat of %d messages truncated to its last %d to fit num_ctx=%d", len(chat), len(middle) - start + 1,
              budget)
     return rendered
+
+
+def _newest_that_fit(indices: list[int], chat: list[dict[str, Any]], limit: int) -> list[int]:
+    """The system messages kept: all of them, as Ollama keeps them, unless their text alone is long for
+    ``num_ctx`` (thousands of them): then the newest whose text fits, so the always-kept part stays small."""
+    kept: list[int] = []
+    size = 0
+    for i in reversed(indices):
+        size += len(message_text(chat[i])) + MESSAGE_BYTES
+        if size > limit and kept:
+            break
+        kept.append(i)
+    return kept[::-1]
 
 
 def message_text(message: dict[str, Any]) -> str:

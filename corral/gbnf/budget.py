@@ -60,6 +60,8 @@ def check_repetition(item_rule: str, min_items: object, max_items: object) -> No
     counts = [n for n in (min_items, max_items) if isinstance(n, int)]
     if not counts:
         return
+    if min(counts) < 0:  # upstream expands max - min optional items: -20000000..0 is twenty million of them
+        raise GrammarTooLarge(f"a repetition bound of {min(counts)} is negative")
     count = max(counts)
     if count > MAX_REPEAT:
         raise GrammarTooLarge(f"a repetition bound of {count} is above the {MAX_REPEAT} the grammar supports")

@@ -136,19 +136,28 @@ def test_a_slow_receiver_does_not_stop_the_heartbeat_or_a_stream_on_that_worker(
 def test_a_name_resolving_to_loopback_is_refused_at_connect_time(
     settings: Settings, tmp_path: Path, receiver: Receiver
 ) -> None:
-    """Without CORRAL_WEBHOOK_ALLOW_NETWORKS, ``localhost`` is refused after DNS, before any connection: here
-    the server's default CORRAL_WEBHOOK_URL (not checked at submission) names it.  The owner reads a fixed
-    phrase, not what the socket said."""
-    url = f"http://localhost:{receiver.port}/default"
-    with own_stack(settings, tmp_path, 14, webhook_allow_networks=[], webhook_url=url, **FAST) as closed:
+    """Without CORRAL_WEBHOOK_ALLOW_NETWORKS: the server's own CORRAL_WEBHOOK_URL is the administrator's receiver
+    and is delivered though it is on loopback (a single-user `corral up` with a local hook keeps working), while a
+    job's URL whose name resolves to loopback at connect time (a DNS rebinding after submission, stood for by a
+    row changed in SQL) is refused after DNS, before any connection.  The owner reads a fixed phrase, not what
+    the socket said; a loopback URL is a 400 at submission."""
+    with own_stack(settings, tmp_path, 14, webhook_allow_networks=[], webhook_url=f"{receiver.url}/default",
+                   **FAST) as closed:
         job = submit(closed.base_url, model=MODEL, items=[{"prompt": "Hi", "options": {"num_predict": 1}}])
         wait_done(closed.base_url, job["id"])
-        wait_for(lambda: deliveries(closed, job["id"])[0]["attempts"] >= 1, 20, "the first attempt")
+        wait_for(lambda: deliveries(closed, job["id"])[0]["status"] == "delivered", 20, "the default receiver")
+        with sessions(closed.settings)() as session:
+            session.execute(update(WebhookDelivery).where(WebhookDelivery.job_id == job["id"]).values(
+                url=f"http://localhost:{receiver.port}/rebound", status="pending", attempts=0, delivered_at=None,
+                next_attempt_at=utcnow().replace(year=2020)))
+            session.commit()
+        wait_for(lambda: deliveries(closed, job["id"])[0]["attempts"] >= 1, 20, "the rebound attempt")
         shown = deliveries(closed, job["id"])[0]
         assert shown["status"] == "pending" and shown["last_error"] == "delivery failed: address not allowed", shown
         refused = submit_status(closed, webhook_url=f"http://localhost:{receiver.port}/own")
         assert refused == 400
-    assert receiver.posts("/default") == [] and receiver.posts("/own") == []
+    assert len(receiver.posts("/default")) == 1
+    assert receiver.posts("/rebound") == [] and receiver.posts("/own") == []
 
 
 def submit_status(stack: Stack, **body: Any) -> int:

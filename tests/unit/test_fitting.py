@@ -90,3 +90,16 @@ def test_a_last_message_past_num_ctx_is_kept_with_the_system_messages() -> None:
     messages = chat(10) + [{"role": "user", "content": " ".join(["long"] * 500)}]
     text = fit_messages(template.render, messages, 100, truncate=True, count=template.count)[2]
     assert text.startswith("<start> system be brief <end> <start> user long")
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": ("user", "assistant")[i % 2], "content": ""} for i in range(20_000)],  # no text: not free either
+    [{"role": "system", "content": f"rule {i}"} for i in range(20_000)] + [{"role": "user", "content": "hi"}],
+])
+def test_chats_long_in_messages_not_text_are_never_rendered_whole(messages: list[dict[str, Any]]) -> None:
+    """The review's cases: 20,000 empty messages (their text adds up to nothing), 20,000 system messages (always
+    kept by Ollama): either was rendered and tokenized whole."""
+    template = ChatML()
+    tokens, _, _, _ = fit_messages(template.render, messages, 256, truncate=True, count=template.count)
+    assert len(tokens) <= 256 or template.renders <= 2
+    assert template.rendered_tokens < 20 * 256

@@ -53,6 +53,10 @@ def test_what_the_converter_cannot_convert_is_invalid(schema: dict[str, Any]) ->
 def test_huge_counts_are_refused_before_they_are_built() -> None:
     with pytest.raises(GrammarTooLarge):
         schema_grammar({"type": "array", "items": {"type": "string"}, "minItems": 10**12})
+    for schema in ({"type": "string", "pattern": "^a{-20000000,0}$"},
+                   {"type": "array", "items": {"type": "string"}, "minItems": -20000000, "maxItems": 0}):
+        with pytest.raises(GrammarTooLarge, match="negative"):
+            schema_grammar(schema)
 
 
 def test_nesting_is_measured_on_the_written_grammar() -> None:

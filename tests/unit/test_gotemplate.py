@@ -144,3 +144,14 @@ def test_a_render_past_the_output_bound_is_refused() -> None:
     template = "{{ range .Messages }}{{ range $.Messages }}{{ .Content }}{{ end }}{{ end }}"
     with pytest.raises(TemplateError, match="longer than"):
         render(parse(template), {"Messages": messages})
+
+
+def test_strings_built_in_variables_and_nested_ranges_are_bounded_too() -> None:
+    """The review's bypass: a variable doubled per message writes nothing until the end (1 GB from 26 messages)."""
+    doubling = '{{ $x := "aaaaaaaaaaaaaaaa" }}{{ range .Messages }}{{ $x = print $x $x }}{{ end }}{{ len $x }}'
+    with pytest.raises(TemplateError, match="longer than"):
+        render(parse(doubling), {"Messages": [{}] * 30})
+    quiet = "{{ range .Messages }}{{ range $.Messages }}{{ end }}{{ end }}"  # writes nothing, runs N squared
+    with pytest.raises(TemplateError, match="steps"):
+        render(parse(quiet), {"Messages": [{}] * 3000})
+    assert render(parse(quiet), {"Messages": [{}] * 100}) == ""
