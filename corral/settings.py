@@ -272,8 +272,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["*"],
         validation_alias=AliasChoices("CORRAL_PULL_HOSTS", "pull_hosts"),
         description="Registry hosts `pull` may fetch from (comma-separated, `*` wildcards; e.g. "
-        "`registry.ollama.ai,hf.co`); the packaged default models need none.  Another host is a 403, and a "
-        "redirect to one fails the pull (list the registry's blob store too); a host matched only by a wildcard "
+        "`registry.ollama.ai,*.r2.cloudflarestorage.com,hf.co,*.hf.co`: each registry with its blob store); the "
+        "packaged default models need none.  Another host is a 403, and a redirect to one fails the pull (list the "
+        "registry's blob store too); a host matched only by a wildcard "
         "must resolve to public addresses, one named exactly may be private.  `HTTPS_PROXY`, `HTTP_PROXY` and "
         "`NO_PROXY` apply to pulls as in Ollama (a proxied request's address is the proxy's to check).",
     )
