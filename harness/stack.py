@@ -77,16 +77,16 @@ class Stack:
     def _spawn(self, name: str, *args: str) -> Proc:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}-{len(self.procs)}.log"
-        fh = open(log, "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cli", *args],
-            env=settings_env(self.settings),
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            start_new_session=True,
-            preexec_fn=die_with_parent,
-        )
+        with open(log, "wb") as fh:  # the child writes to its own copy of the descriptor
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cli", *args],
+                env=settings_env(self.settings),
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         p = Proc(proc, log)
         self.procs.append(p)
         return p
