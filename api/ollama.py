@@ -292,8 +292,12 @@ def blob(digest: str) -> Response:
     path = store.blob_path(digest)
     if not path.is_file():
         return Response(status=404) if request.method == "HEAD" else json_response({"error": "blob not found"}, 404)
+    digest_header = {"Docker-Content-Digest": "sha256:" + path.name.split("-", 1)[1]}
+    if request.method == "HEAD":  # the answer without opening the file
+        return Response(status=200, mimetype="application/octet-stream",
+                        headers={**digest_header, "Content-Length": str(path.stat().st_size)})
     resp = send_file(path, mimetype="application/octet-stream", conditional=True, max_age=0)
-    resp.headers["Docker-Content-Digest"] = "sha256:" + path.name.split("-", 1)[1]
+    resp.headers.update(digest_header)
     return resp
 
 
