@@ -11,8 +11,8 @@ from api.governance import Governor
 from api.inference import Inference
 from api.services import Services
 from corral.broker import Broker
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from jobs.batches import BatchService
 from jobs.files import FileStore
 from jobs.keys import KeyStore

@@ -81,7 +81,7 @@ class Gateway:
             shown.append({k: v for k, v in entry.items() if k not in ("expires_epoch", "model_digest", "loaded_epoch")})
         return shown
 
-    # -- /api/create's llama.cpp work (corral.model_create.ModelBuilder) ----------------------------------------
+    # -- /api/create's llama.cpp work (corral.modelstore.model_create.ModelBuilder) ----------------------------------------
 
     def check(self, model_digest: str, adapters: list[str], projectors: list[str] | None = None) -> None:
         """Have a worker load the GGUF blob, its adapters and its projectors with llama.cpp; its refusal is a

@@ -29,9 +29,9 @@ from limits.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 
 from api.metrics import observe_key_tokens
 from corral.errors import Forbidden, RateLimited
+from corral.modelstore.store import ModelStore
 from corral.protocol import KEY_PREFIX
 from corral.settings import Settings
-from corral.store import ModelStore
 from jobs.keys import KeyLimits, KeyStore, Principal
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from api.gateway import Gateway
 from api.governance import Governor
 from api.metrics import observe_first_token, observe_tokens
 from corral.errors import BadRequest, GenerationFailed, IncompleteModel, ModelNotFound
+from corral.modelstore.store import ModelName, ModelRecord, ModelStore
 from corral.protocol import InferenceRequest, StreamEvent
 from corral.requests import build_request
 from corral.settings import Settings
-from corral.store import ModelName, ModelRecord, ModelStore
 from corral.wire.ollama import is_zero_keep_alive, ollama_chunk, ollama_final
 
 # Ollama's embed routes word a missing model differently from generate/chat; clients match on it.

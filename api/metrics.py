@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from api.services import services
 from corral.errors import BadRequest
-from corral.store import ModelName, ModelStore
+from corral.modelstore.store import ModelName, ModelStore
 
 UNKNOWN = "unknown"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})

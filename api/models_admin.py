@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from corral import catalog, registry
-from corral.gguf_meta import read_gguf_metadata
-from corral.layers import licenses_of, messages_of, params_of, system_of, template_of
-from corral.model_create import create_model
-from corral.modelfile import modelfile_text, parameters_text
+from corral.modelstore import catalog, registry
+from corral.modelstore.gguf_meta import read_gguf_metadata
+from corral.modelstore.layers import licenses_of, messages_of, params_of, system_of, template_of
+from corral.modelstore.model_create import create_model
+from corral.modelstore.modelfile import modelfile_text, parameters_text
+from corral.modelstore.store import ModelName
 from corral.settings import Settings
-from corral.store import ModelName
 from corral.timefmt import rfc3339
 
 if TYPE_CHECKING:  # the inference module imports api.services, which builds this service
@@ -74,7 +74,7 @@ class ModelAdmin:
         quantize: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Check a create request whole (a :class:`BadRequest` before anything is written), then the steps that
-        write it (:func:`corral.model_create.create_model`); a worker loads new files and quantizes."""
+        write it (:func:`corral.modelstore.model_create.create_model`); a worker loads new files and quantizes."""
         return create_model(
             self.inference.store, name, base=base, files=files, system=system, parameters=parameters,
             messages=messages, license=license, template=template, adapters=adapters, quantize=quantize,

@@ -21,7 +21,7 @@ from api.services import services
 from api.streaming import ndjson, prime
 from corral import OLLAMA_COMPAT_VERSION
 from corral.errors import BadRequest, ModelNotFound
-from corral.store import ModelName, ModelRecord
+from corral.modelstore.store import ModelName, ModelRecord
 from corral.timefmt import rfc3339
 from corral.wire import responses as R
 from corral.wire.ollama import (

@@ -20,7 +20,7 @@ from api.openapi import SSE, documented
 from api.services import services
 from api.streaming import prime, sse
 from corral.errors import BadRequest, ModelNotFound
-from corral.store import ModelName, ModelRecord
+from corral.modelstore.store import ModelName, ModelRecord
 from corral.wire import responses as R
 from corral.wire.ollama import decode_json
 from corral.wire.openai import (

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, current_app
 
 from api.models_admin import ModelAdmin
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from jobs.batches import BatchService
 from jobs.files import FileStore
 from jobs.service import JobService

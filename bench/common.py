@@ -12,9 +12,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from corral.catalog import ensure_defaults
+from corral.modelstore.catalog import ensure_defaults
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from harness.processes import free_port, redis_or_private
 from harness.stack import Stack, fresh_database
 

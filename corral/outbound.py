@@ -282,7 +282,7 @@ def proxy_mounts(policy: Policy, *, asynchronous: bool = False) -> dict[str, Any
     guarded (httpx reads these variables only for a client without a transport of its own, so they are read
     here, with httpx's own parser): a URL they send through a proxy goes there, and the proxy resolves and
     connects, so the address check is the proxy's (the caller still checks each URL it asks for); one they
-    exempt goes direct through the guard.  For pulls (corral/registry.py) and webhooks (jobs/webhooks.py)."""
+    exempt goes direct through the guard.  For pulls (corral/modelstore/registry.py) and webhooks (jobs/webhooks.py)."""
     from httpx._utils import get_environment_proxies  # private, but the parser a plain httpx client applies
 
     def proxied(url: str) -> Any:

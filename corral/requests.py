@@ -6,7 +6,7 @@ order:
 
 1. thinking: ``think`` checked against the model, and the tags its reply's thinking comes between;
 2. images: ``[img-N]`` tags put in the text (corral/images.py), before any template sees it;
-3. the model's SYSTEM, PARAMETER and MESSAGE layers (corral/layers.py), under the request's own values;
+3. the model's SYSTEM, PARAMETER and MESSAGE layers (corral/modelstore/layers.py), under the request's own values;
 4. the server's ``num_predict`` cap (``CORRAL_MAX_PREDICT``), for the sync routes.
 
 The request keeps its messages.  A model's TEMPLATE layer is rendered in one place, by the worker, when it
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from corral.capabilities import thinking_fields
 from corral.images import tag_request
-from corral.layers import apply_layers
+from corral.modelstore.capabilities import thinking_fields
+from corral.modelstore.layers import apply_layers
+from corral.modelstore.store import ModelRecord
 from corral.protocol import InferenceRequest, new_request_id
-from corral.store import ModelRecord
 
 
 def build_request(record: ModelRecord, name: str, kind: str, *, max_predict: int = 0, **fields: Any) -> InferenceRequest:

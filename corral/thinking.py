@@ -1,7 +1,7 @@
 """Reasoning models' thinking, kept out of ``content``: a request's ``think`` value, and the splitter that routes
 the text between the model's thinking tags to ``thinking``, as Ollama's ``thinking`` parser does.
 
-The tags come from the model's template (corral/gotemplate.py ``thinking_tags``), or are ``<think>`` and
+The tags come from the model's template (corral/modelstore/gotemplate.py ``thinking_tags``), or are ``<think>`` and
 ``</think>`` for a GGUF chat template that has them (Qwen3, DeepSeek-R1, SmolLM3).  A prompt that already ends
 with the opening tag (DeepSeek-R1's generation prompt, or a template that opens the block for the model) starts
 inside the thinking.

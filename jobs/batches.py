@@ -29,7 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from corral.errors import BadRequest, CorralError, NotFound
-from corral.store import ModelStore
+from corral.modelstore.store import ModelStore
 from corral.wire.ollama import parse_json
 from corral.wire.openai import (
     ChatCompletionRequest,

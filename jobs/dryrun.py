@@ -28,9 +28,9 @@ from typing import Any
 import orjson
 
 from corral.errors import BadRequest, PayloadTooLarge
+from corral.modelstore.store import ModelRecord
 from corral.options import LoadOptions, SamplingOptions
 from corral.settings import Settings
-from corral.store import ModelRecord
 from jobs import dedup
 
 COUNT_BATCH = 500

@@ -24,8 +24,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from corral.errors import BadRequest, Conflict, NotFound
+from corral.modelstore.store import DEFAULT_TAG, ModelName
 from corral.settings import Settings
-from corral.store import DEFAULT_TAG, ModelName
 from corral.timefmt import duration_seconds
 from jobs.db import sessions
 from jobs.ids import new_id

@@ -23,9 +23,9 @@ from sqlalchemy.orm import Session
 from corral.broker import Broker
 from corral.errors import BadRequest, Conflict, CorralError, Forbidden, NotFound, RateLimited
 from corral.images import check_images
+from corral.modelstore.store import ModelRecord, ModelStore
 from corral.protocol import KEY_PREFIX, job_cancel_key
 from corral.settings import Settings
-from corral.store import ModelRecord, ModelStore
 from corral.timefmt import duration_seconds, rfc3339
 from corral.wire.jobs import JOB_KINDS
 from corral.wire.ollama import check_context

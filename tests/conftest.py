@@ -18,9 +18,9 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from corral.catalog import ensure_defaults
+from corral.modelstore.catalog import ensure_defaults
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from harness.processes import redis_or_private
 from harness.stack import Stack, fresh_database
 from tests.helpers import Registry, child_processes, clean_redis, make_settings, with_db

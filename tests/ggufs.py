@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corral.gguf_meta import GGUF_MAGIC, read_header
+from corral.modelstore.gguf_meta import GGUF_MAGIC, read_header
 
 
 def with_metadata(source: Path, target: Path, updates: dict[str, str | int]) -> Path:

@@ -22,8 +22,8 @@ import redis
 from click.testing import CliRunner, Result
 
 from cli.main import main
+from corral.modelstore.store import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MODEL_MEDIA_TYPE
 from corral.settings import Settings
-from corral.store import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MODEL_MEDIA_TYPE
 from harness.processes import free_port
 from harness.stack import Stack, fresh_database, wait_for
 

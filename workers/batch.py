@@ -27,8 +27,8 @@ from typing import Any
 from celery import Celery, Task, shared_task
 
 from corral.errors import CorralError
+from corral.modelstore.store import ModelRecord
 from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, suspect_key
-from corral.store import ModelRecord
 from corral.thinking import ThinkingSplitter
 from corral.toolcalls import split_tool_calls, tool_names
 from corral.wire.ollama import ollama_final

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 from corral.errors import BadRequest, GenerationFailed
+from corral.modelstore.store import ModelStore, sha256_file
 from corral.protocol import QUANT_TYPES, BuildRequest, StreamWriter
-from corral.store import ModelStore, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,11 @@ from typing import Any
 import redis
 
 from corral.errors import BadRequest, CorralError, ModelNotFound
-from corral.layers import render_template, template_of
+from corral.modelstore.layers import render_template, template_of
+from corral.modelstore.store import ModelRecord, ModelStore
 from corral.options import LoadOptions
 from corral.protocol import InferenceRequest, StreamWriter, unload_key
 from corral.settings import Settings
-from corral.store import ModelRecord, ModelStore
 from corral.thinking import ThinkingSplitter
 from corral.toolcalls import ToolCallHold, tool_format, tool_names
 from workers.decode_loop import GenerationResult, SequenceHandle
@@ -58,7 +58,7 @@ class RequestRunner:
         except (ModelNotFound, BadRequest):
             pass
         if self.pull_from:
-            from corral.remote import pull_from_server
+            from corral.modelstore.remote import pull_from_server
 
             try:
                 pull_from_server(self.store, self.pull_from, [name], api_key=self.settings.api_key)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from corral.modelstore.store import ModelRecord
 from corral.protocol import BuildRequest, InferenceRequest
 from corral.requests import build_request, item_fields
-from corral.store import ModelRecord
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)

@@ -11,11 +11,11 @@ from typing import Any
 
 from celery.signals import task_received, worker_ready, worker_shutdown
 
-from corral.catalog import ensure_defaults
 from corral.errors import CorralError
+from corral.modelstore.catalog import ensure_defaults
+from corral.modelstore.store import ModelStore
 from corral.protocol import BUILD_QUEUE, model_queue
 from corral.settings import Settings
-from corral.store import ModelStore
 
 
 def worker_name(gpu: int | None) -> str:
@@ -59,7 +59,7 @@ SYNC_SECONDS = STORE_SCAN_SECONDS  # one small request to the API (GET /api/tags
 def _sync_from(store: ModelStore, url: str, settings: Settings, runtime: Any) -> None:
     """Copy the models the API has created or pulled since start-up (a ``--pull-from`` worker without
     ``--models``).  Its own thread: a large copy must not hold up the heartbeat."""
-    from corral.remote import pull_from_server
+    from corral.modelstore.remote import pull_from_server
 
     log = logging.getLogger("corral.worker")
     while not runtime.stopping():
@@ -83,7 +83,7 @@ def run_worker(
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     store = ModelStore(settings.models_path)
     if pull_from:
-        from corral.remote import pull_from_server
+        from corral.modelstore.remote import pull_from_server
 
         pulled = pull_from_server(store, pull_from, models, api_key=settings.api_key)
         logging.getLogger("corral.worker").info("models from %s: %s", pull_from, ", ".join(pulled))

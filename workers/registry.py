@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from corral.errors import BadRequest
-from corral.store import ModelName, ModelRecord
+from corral.modelstore.store import ModelName, ModelRecord
 from corral.timefmt import local_from_epoch
 from workers.engine import LoadedModel, LoadSpec
 

@@ -19,9 +19,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from corral.modelstore.store import ModelStore
 from corral.protocol import WORKERS_SEEN_KEY, redis_client, unload_key, worker_key
 from corral.settings import Settings
-from corral.store import ModelStore
 from workers.execution import RequestRunner
 from workers.registry import ModelRegistry
 

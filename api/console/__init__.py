@@ -39,7 +39,7 @@ from api.errors import dumps, ollama_error
 from api.services import services
 from api.streaming import NDJSON_MIMETYPE, ndjson, prime
 from corral.errors import BadRequest, CorralError, Forbidden
-from corral.modelfile import create_body, parse_modelfile
+from corral.modelstore.modelfile import create_body, parse_modelfile
 from jobs.export import csv_pieces, write_parquet
 from jobs.keys import KeyLimits
 from jobs.models import JobStatus

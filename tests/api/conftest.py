@@ -10,10 +10,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 
 from corral.settings import Settings
 from jobs.db import upgrade
 from tests.helpers import make_settings
+
+
+class BufferedClient(FlaskClient):
+    """A test client whose responses are read whole and closed before a test sees them, as a WSGI server closes
+    them: a streamed file (a blob) is never left open for the garbage collector (warnings are errors)."""
+
+    def open(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        kwargs.setdefault("buffered", True)
+        return super().open(*args, **kwargs)
+
+
+Flask.test_client_class = BufferedClient  # every app this tier makes, whichever fixture or test builds it
 
 
 @pytest.fixture(scope="session")

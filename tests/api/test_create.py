@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from corral.modelstore.store import ModelName, ModelStore
 from corral.settings import Settings
-from corral.store import ModelName, ModelStore
 from tests.helpers import MODEL
 
 

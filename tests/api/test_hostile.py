@@ -25,11 +25,11 @@ from flask.testing import FlaskClient
 from api import create_app
 from api.gateway import Gateway
 from corral.errors import CorralError
-from corral.layers import render_template
+from corral.modelstore.layers import render_template
+from corral.modelstore.remote import pull_from_server
+from corral.modelstore.store import ModelStore
 from corral.protocol import BuildRequest, StreamEvent
-from corral.remote import pull_from_server
 from corral.settings import Settings
-from corral.store import ModelStore
 from jobs.keys import KeyLimits, KeyStore
 from tests.helpers import EMBED_MODEL, MODEL
 

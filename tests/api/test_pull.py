@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from corral.registry import blob_url, manifest_url
+from corral.modelstore.registry import blob_url, manifest_url
+from corral.modelstore.store import ModelName, ModelStore
 from corral.settings import Settings
-from corral.store import ModelName, ModelStore
 from tests.helpers import MODEL, Registry
 
 

@@ -21,9 +21,9 @@ import pytest
 from sqlalchemy import select, update
 
 from corral.broker import queue_lists
+from corral.modelstore.store import ModelStore
 from corral.protocol import model_queue
 from corral.settings import Settings
-from corral.store import ModelStore
 from harness.stack import Stack, wait_for
 from jobs import dispatch, queueing, transitions
 from jobs.db import sessions

@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from corral.convert_bert import packaged_minilm
+from corral.modelstore.convert_bert import packaged_minilm
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from tests.ggufs import lora_adapter
 from tests.helpers import EMBED_MODEL, MODEL, cli, no_traceback
 

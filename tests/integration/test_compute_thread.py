@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from corral.store import ModelStore
+from corral.modelstore.store import ModelStore
 from workers import compute
 from workers.engine import LoadedModel, LoadSpec
 

@@ -24,8 +24,8 @@ import httpx
 import pytest
 from werkzeug.serving import make_server
 
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from harness.stack import fresh_database
 from tests.helpers import EMBED_MODEL, MODEL, Registry, clean_redis, make_settings, submit, wait_done, with_db
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from corral.gguf_meta import read_gguf_metadata
+from corral.modelstore.gguf_meta import read_gguf_metadata
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from workers import weights
 from workers.engine import LoadedModel, LoadSpec
 

@@ -26,8 +26,8 @@ from sqlalchemy import select
 
 from corral.broker import Broker
 from corral.errors import BadRequest
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from harness.processes import die_with_parent, free_port
 from harness.stack import Stack, wait_for
 from jobs.db import sessions

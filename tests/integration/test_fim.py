@@ -13,7 +13,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from corral.catalog import packaged_smollm2
+from corral.modelstore.catalog import packaged_smollm2
 from tests.ggufs import with_metadata
 from tests.helpers import MODEL
 

@@ -8,8 +8,8 @@ import time
 import httpx
 
 from corral.broker import Broker
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from harness.stack import Stack
 from jobs.service import JobService
 from tests.api.test_hostile import HOSTILE_FORMATS

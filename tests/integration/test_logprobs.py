@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from openai import OpenAI
 
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from tests.helpers import MODEL, results, submit, wait_done
 from workers.weights import choose_weights, derived_path
 

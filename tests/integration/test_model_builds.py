@@ -13,8 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from tests.ggufs import lora_adapter, unknown_architecture
 from tests.helpers import EMBED_MODEL, MODEL
 

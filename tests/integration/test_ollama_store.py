@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from harness.stack import Stack
 from tests.helpers import CHATML_TEMPLATE as TEMPLATE
 from tests.helpers import MODEL, own_stack

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from corral.store import ModelStore
+from corral.modelstore.store import ModelStore
 from workers.engine import LoadedModel, LoadSpec
 from workers.slots import common_prefix
 

@@ -11,9 +11,9 @@ import httpx
 import pytest
 
 from corral.errors import BadRequest
-from corral.remote import pull_from_server
+from corral.modelstore.remote import pull_from_server
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from harness.stack import Stack, fresh_database
 from tests.ggufs import lora_adapter
 from tests.helpers import MODEL, clean_redis, make_settings, with_db

@@ -17,9 +17,9 @@ import httpx
 import pytest
 from openai import OpenAI
 
-from corral.catalog import packaged_smollm2
+from corral.modelstore.catalog import packaged_smollm2
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from harness.stack import Stack, wait_for
 from tests.ggufs import with_metadata
 

@@ -22,8 +22,8 @@ import ollama
 import openai
 import pytest
 
+from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from corral.store import ModelStore
 from tests.ggufs import png, vision_projector
 from tests.helpers import MODEL, cli, results, submit, wait_done
 

@@ -3,8 +3,8 @@ chat template, plus fill-in-the-middle tokens; vision with a projector layer."""
 
 from __future__ import annotations
 
-from corral.capabilities import derive
-from corral.gotemplate import parse, thinking_tags
+from corral.modelstore.capabilities import derive
+from corral.modelstore.gotemplate import parse, thinking_tags
 
 # Ollama's library template for Qwen3 (abridged): thinking inside the range over .Messages.
 QWEN3 = (

@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 from cli.corpus import html_text
-from corral.convert_bert import convert, packaged_minilm
+from corral.modelstore.convert_bert import convert, packaged_minilm
 
 
 def test_html_text_drops_scripts_and_keeps_blocks() -> None:

@@ -1,4 +1,4 @@
-"""corral.gguf_meta reads a GGUF header with struct, not the gguf package's reader: it must read every value
+"""corral.modelstore.gguf_meta reads a GGUF header with struct, not the gguf package's reader: it must read every value
 the way that reader does, in either byte order, and refuse what is broken."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from corral.gguf_meta import VOCAB_SIZE_KEY, read_gguf_metadata, read_header
+from corral.modelstore.gguf_meta import VOCAB_SIZE_KEY, read_gguf_metadata, read_header
 from tests.ggufs import with_metadata
 
 

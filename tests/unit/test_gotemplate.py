@@ -1,10 +1,10 @@
-"""The Go-template subset of corral/gotemplate.py, on templates written the way Ollama's library writes them."""
+"""The Go-template subset of corral/modelstore/gotemplate.py, on templates written the way Ollama's library writes them."""
 
 from __future__ import annotations
 
 import pytest
 
-from corral.gotemplate import TemplateError, parse, render
+from corral.modelstore.gotemplate import TemplateError, parse, render
 from tests.helpers import CHATML_TEMPLATE as CHATML
 
 
@@ -105,7 +105,7 @@ def test_tool_results_and_thinking_reach_a_go_template() -> None:
     ("end %", [], "end %!(NOVERB)"),
 ])
 def test_printf_is_gos(fmt: str, args: list[object], out: str) -> None:
-    from corral.goprintf import sprintf
+    from corral.modelstore.goprintf import sprintf
 
     assert sprintf(fmt, args) == out
     if not args:
@@ -126,7 +126,7 @@ def test_printf_of_a_five_megabyte_width_builds_no_large_prompt() -> None:
 
 
 def test_templates_nested_past_the_limit_are_refused_at_parse() -> None:
-    from corral.gotemplate import MAX_NESTING
+    from corral.modelstore.gotemplate import MAX_NESTING
 
     deep_ifs = "{{if .A}}" * 1200 + "x" + "{{end}}" * 1200
     with pytest.raises(TemplateError, match="nested deeper than"):

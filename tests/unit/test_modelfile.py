@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from corral.errors import BadRequest
-from corral.modelfile import create_body, parse_modelfile
+from corral.modelstore.modelfile import create_body, parse_modelfile
 
 MODELFILE = '''
 # a house assistant

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from corral.errors import BadRequest
-from corral.gguf_meta import human_number
+from corral.modelstore.gguf_meta import human_number
+from corral.modelstore.store import ModelName
 from corral.settings import (
     Settings,
     parse_go_duration,
@@ -18,7 +19,6 @@ from corral.settings import (
     parse_ollama_host,
     parse_request_keep_alive,
 )
-from corral.store import ModelName
 from corral.timefmt import rfc3339
 from workers.sampling import StopMatcher
 

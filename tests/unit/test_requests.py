@@ -7,10 +7,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from corral.layers import render_template
+from corral.modelstore.layers import render_template
+from corral.modelstore.store import ModelRecord, ModelStore
 from corral.protocol import InferenceRequest
 from corral.requests import build_request, item_fields
-from corral.store import ModelRecord, ModelStore
 from tests.helpers import CHATML_TEMPLATE, MODEL
 
 

@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from corral.store import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MODEL_MEDIA_TYPE, ModelStore
+from corral.modelstore.store import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MODEL_MEDIA_TYPE, ModelStore
 
 
 def manifest(config: tuple[str, int], layer: tuple[str, int]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import BadRequest, IncompleteModel, ModelNotFound
-from corral.gguf_meta import gguf_config
+from corral.modelstore.gguf_meta import gguf_config
 
 DEFAULT_HOST = "registry.ollama.ai"
 DEFAULT_NAMESPACE = "library"
@@ -104,7 +104,7 @@ class ModelRecord:
     modified_at: datetime
     config: dict[str, Any]
     # The text of the model's small layers by kind ("system", "params", "messages", "license", "template"),
-    # as `ollama create` writes them: what a request gets by default (corral/layers.py applies them).
+    # as `ollama create` writes them: what a request gets by default (corral/modelstore/layers.py applies them).
     extras: dict[str, list[str]] = field(default_factory=dict)
     # LoRA adapters (``ADAPTER``, ``application/vnd.ollama.image.adapter`` layers), applied on top of the GGUF.
     adapter_paths: tuple[Path, ...] = ()
@@ -113,8 +113,8 @@ class ModelRecord:
 
     @property
     def capabilities(self) -> list[str]:
-        """Ollama's capabilities (corral/capabilities.py): from the config and the template layer."""
-        from corral.capabilities import derive
+        """Ollama's capabilities (corral/modelstore/capabilities.py): from the config and the template layer."""
+        from corral.modelstore.capabilities import derive
 
         template = self.extras.get("template")
         return derive(self.config, template[-1] if template else None, projector=bool(self.projector_paths))

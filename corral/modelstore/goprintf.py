@@ -1,4 +1,4 @@
-"""Go's ``fmt.Sprintf`` for the ``printf`` of model templates (corral/gotemplate.py), never Python's format
+"""Go's ``fmt.Sprintf`` for the ``printf`` of model templates (corral/modelstore/gotemplate.py), never Python's format
 mini-language.
 
 A TEMPLATE's ``{{ printf "{:>5000000}" .Prompt }}`` used to go through ``str.format`` and build a 5 MB prompt;

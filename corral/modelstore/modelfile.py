@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from corral.errors import BadRequest
-from corral.layers import licenses_of, messages_of, params_of, system_of, template_of
-from corral.store import ModelRecord
+from corral.modelstore.layers import licenses_of, messages_of, params_of, system_of, template_of
+from corral.modelstore.store import ModelRecord
 
 # -- a Modelfile that recreates the model, for /api/show ------------------------------------------------------
 

@@ -13,7 +13,7 @@ by its status code alone, never its body.  A blob downloads into
 ``blobs/sha256-<hex>-partial``, resumed with an HTTP ``Range`` after an interruption, and becomes visible only once
 its sha256 matches.  The manifest is written last, under the store's lock, so an interrupted pull leaves no model
 registered, and a delete cannot sweep the blobs of a pull in progress.  The two default models stay in the
-packaged catalog (:mod:`corral.catalog`), which needs no network.
+packaged catalog (:mod:`corral.modelstore.catalog`), which needs no network.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from typing import Any
 import httpx
 
 from corral import outbound
-from corral.catalog import PULL_NOT_FOUND, PullError
 from corral.errors import Forbidden
-from corral.gguf_meta import gguf_config
-from corral.store import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MODEL_MEDIA_TYPE, ModelName, ModelStore
+from corral.modelstore.catalog import PULL_NOT_FOUND, PullError
+from corral.modelstore.gguf_meta import gguf_config
+from corral.modelstore.store import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MODEL_MEDIA_TYPE, ModelName, ModelStore
 
 log = logging.getLogger(__name__)
 

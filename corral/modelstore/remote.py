@@ -14,7 +14,7 @@ from collections.abc import Callable
 import httpx
 
 from corral.errors import BadRequest, CorralError, ModelNotFound
-from corral.store import ModelStore
+from corral.modelstore.store import ModelStore
 
 log = logging.getLogger(__name__)
 

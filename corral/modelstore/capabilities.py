@@ -23,7 +23,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from corral.gotemplate import TemplateError, parse, thinking_tags, variables
+from corral.modelstore.gotemplate import TemplateError, parse, thinking_tags, variables
 from corral.thinking import DEFAULT_TAGS
 
 FIM_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.fim_mid_token_id")

@@ -6,8 +6,8 @@ prompt wins), ``params`` the default options (a request's own options win; ``sto
 conversation put before every chat's messages, ``template`` the Go template a prompt is rendered with.  Every
 request gets SYSTEM, PARAMETER and MESSAGE through the one request builder (corral/requests.py), and the worker
 alone renders TEMPLATE (:func:`render_template`, from workers/execution.py), so a job line behaves as the same
-body sent to the sync route.  ``/api/create`` writes them (:mod:`corral.model_create`) and ``/api/show`` shows
-them back as a Modelfile (:mod:`corral.modelfile`).
+body sent to the sync route.  ``/api/create`` writes them (:mod:`corral.modelstore.model_create`) and ``/api/show`` shows
+them back as a Modelfile (:mod:`corral.modelstore.modelfile`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from corral.gotemplate import RenderBudget, render, variables
-from corral.gotemplate import parse as parse_template
-from corral.store import ModelRecord
+from corral.modelstore.gotemplate import RenderBudget, render, variables
+from corral.modelstore.gotemplate import parse as parse_template
+from corral.modelstore.store import ModelRecord
 
 
 def system_of(record: ModelRecord) -> str | None:

@@ -3,7 +3,7 @@ then write the new layers and the manifest into the store, with Ollama's progres
 
 A new GGUF, a Hugging Face model to convert, LoRA adapters and vision projectors are checked here; what only
 llama.cpp can do (load the files, quantize) goes through a :class:`ModelBuilder`, which the API's gateway sends
-to a worker.  The layers it writes are read back and applied to requests by :mod:`corral.layers`.
+to a worker.  The layers it writes are read back and applied to requests by :mod:`corral.modelstore.layers`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from corral.errors import BadRequest
-from corral.gguf_meta import GGUF_MAGIC, gguf_config
-from corral.gotemplate import parse as parse_template
-from corral.options import parse_options
-from corral.protocol import QUANT_TYPES, QUANTIZABLE_FROM
-from corral.store import (
+from corral.modelstore.gguf_meta import GGUF_MAGIC, gguf_config
+from corral.modelstore.gotemplate import parse as parse_template
+from corral.modelstore.store import (
     CONFIG_MEDIA_TYPE,
     LAYER_MEDIA_PREFIX,
     MANIFEST_MEDIA_TYPE,
@@ -30,6 +28,8 @@ from corral.store import (
     ModelStore,
     sha256_file,
 )
+from corral.options import parse_options
+from corral.protocol import QUANT_TYPES, QUANTIZABLE_FROM
 
 MESSAGE_ROLES = ("system", "user", "assistant", "tool")
 
@@ -171,9 +171,9 @@ def _files_gguf(store: ModelStore, files: dict[str, str], name: str) -> tuple[Pa
 
 def _convert_safetensors(store: ModelStore, paths: dict[str, Path], name: str) -> Path:
     """Convert uploaded safetensors to an F16 GGUF in the store: BERT sentence-embedding models, with corral's
-    converter (corral/convert_bert.py, the one that makes the default all-minilm); other architectures get a
+    converter (corral/modelstore/convert_bert.py, the one that makes the default all-minilm); other architectures get a
     400 that says how to convert them."""
-    from corral.convert_bert import ConversionError, convert
+    from corral.modelstore.convert_bert import ConversionError, convert
 
     with tempfile.TemporaryDirectory(dir=store.root, prefix=".convert-") as tmp:
         source = Path(tmp)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from corral.errors import CorralError
-from corral.store import ModelName, ModelStore
+from corral.modelstore.store import ModelName, ModelStore
 
 PULL_NOT_FOUND = "pull model manifest: file does not exist"
 
@@ -49,7 +49,7 @@ def _smollm2(store: ModelStore) -> tuple[Path, bool]:
 
 
 def _minilm(store: ModelStore) -> tuple[Path, bool]:
-    from corral.convert_bert import ConversionError, convert, packaged_minilm
+    from corral.modelstore.convert_bert import ConversionError, convert, packaged_minilm
 
     target = store.root / "converted" / "all-minilm-l6-v2.f16.gguf"
     if not target.is_file():

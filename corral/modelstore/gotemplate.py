@@ -5,7 +5,7 @@ No maintained Python package implements Go templates, so this is a small one, te
 fields (``.Messages``, ``$.System``, ``$m.Role``), variables (``$x := ...``, ``$x = ...``), ``if``/``else if``/
 ``else``, ``range`` (with ``$i, $v :=`` and ``else``), ``with``, ``break``/``continue``, pipelines (``x | f``),
 parenthesized pipelines, string, number, boolean and nil literals, and the functions ``and or not eq ne lt le gt
-ge len index slice print printf json`` (``printf`` is Go's, corral/goprintf.py).  Blocks and parentheses nest
+ge len index slice print printf json`` (``printf`` is Go's, corral/modelstore/goprintf.py).  Blocks and parentheses nest
 at most :data:`MAX_NESTING` deep and a render's output is bounded, so an admin's or a registry's template cannot
 take the server down.  Anything else (``define``, ``template``, ``block``, other functions) is a
 :class:`TemplateError` when the template is parsed, at ``/api/create``, never a wrong prompt at chat time.
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from corral.errors import BadRequest
-from corral.goprintf import sprintf
+from corral.modelstore.goprintf import sprintf
 
 
 class TemplateError(BadRequest):
