@@ -42,7 +42,8 @@ def test_submit_wait_then_results_in_every_format(base_url: str, tmp_path: Path)
 
     out_csv = tmp_path / "out.csv"
     assert cli(base_url, "results", job_id, "--format", "csv", "-o", str(out_csv)).exit_code == 0
-    table = list(csv.DictReader(out_csv.open()))
+    with out_csv.open() as f:
+        table = list(csv.DictReader(f))
     assert [r["custom_id"] for r in table] == [f"q{i}" for i in range(5)]
     assert [r["text"] for r in table] == [line["response"]["response"] for line in lines]
 

@@ -58,11 +58,11 @@ def test_corral_up_runs_everything_with_a_private_redis_and_stops_on_ctrl_c(
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there: `up` must start its own
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OLLAMA_", "CORRAL_", "REDIS_", "DATABASE_"))}
     env.update(CORRAL_HOME=str(tmp_path / "home"), OLLAMA_MODELS=str(settings.models_path), REDIS_URL=dead_redis)
-    log = open(tmp_path / "up.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "up", "--port", str(port)],
-        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
-    )
+    with open(tmp_path / "up.log", "wb") as log:  # the child holds its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cli", "up", "--port", str(port)],
+            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         def answers() -> bool:
