@@ -113,8 +113,24 @@ class SamplingOptions:
 
 
 def _given(cls: type, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of ``cls``'s part that a request set (a None is not set)."""
-    return {f.name: options[f.name] for f in fields(cls) if options.get(f.name) is not None}
+    """The options of ``cls``'s part that were set (a None is not), as their types: a pulled model's PARAMETER
+    layer reaches here without ``parse_options`` (``"top_k": 40.0``), and ctypes takes no float for an int.  A
+    value that is not a number of its type is left to its default."""
+    given: dict[str, Any] = {}
+    for f in fields(cls):
+        value, kind = options.get(f.name), BY_NAME[f.name].type
+        try:
+            if value is None:
+                continue
+            if kind == "integer":
+                given[f.name] = int(value)
+            elif kind == "float32":
+                given[f.name] = float(value)
+            else:
+                given[f.name] = value
+        except (TypeError, ValueError, OverflowError):
+            continue
+    return given
 
 
 MAX_STOPS = 16  # stop strings are matched against every generated token in the model's shared decode thread

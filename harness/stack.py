@@ -3,6 +3,7 @@ production) with its own log, against one set of settings, on a freshly migrated
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -91,8 +92,9 @@ class Stack:
         self.procs.append(p)
         return p
 
-    @property
+    @functools.cached_property
     def redis(self) -> redis.Redis:
+        """One client for the stack's life (a client per look left its connections to the garbage collector)."""
         return redis.Redis.from_url(self.settings.redis)
 
     def start_worker(self, *args: str, timeout: float = 60) -> Proc:
@@ -137,6 +139,8 @@ class Stack:
         for proc in reversed(self.procs):
             proc.stopped()
         self.procs.clear()
+        if "redis" in self.__dict__:
+            self.__dict__.pop("redis").close()
 
     @contextmanager
     def running(self) -> Iterator[Stack]:

@@ -13,6 +13,7 @@ are gone, so the reconciler finishes a purge that a crashed API process left hal
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterable
 
@@ -87,9 +88,12 @@ def _sending_key(job_id: str) -> str:
     return f"{KEY_PREFIX}sending:{job_id}"
 
 
-def will_stop(client: redis.Redis, job_id: str, digest: str) -> None:
-    """Before a stop's SQL commit: note that the job's messages must leave the broker."""
-    client.hset(PURGE_PENDING, job_id, f"{digest} {time.time():.0f}")
+def will_stop(client: redis.Redis, job_id: str, digest: str) -> str:
+    """Before a stop's SQL commit: note that the job's messages must leave the broker; the note written (its
+    random tail tells this stop's note from another's, for :func:`forget_purge`)."""
+    note = f"{digest} {time.time():.0f} {os.urandom(4).hex()}"
+    client.hset(PURGE_PENDING, job_id, note)
+    return note
 
 
 def stopped(client: redis.Redis, job_id: str, digest: str, chunk_ids: Iterable[str]) -> int:
@@ -114,11 +118,21 @@ def pending_purges(client: redis.Redis) -> dict[str, tuple[str, float]]:
     """job id -> (model digest, when the stop began) of the stops not yet crossed off."""
     pending: dict[str, tuple[str, float]] = {}
     for job_id, value in client.hgetall(PURGE_PENDING).items():
-        digest, _, started = value.decode().partition(" ")
+        digest, started = (value.decode().split(" ") + ["0"])[:2]
         pending[job_id.decode()] = (digest, float(started or 0))
     return pending
 
 
-def forget_purge(client: redis.Redis, job_id: str) -> None:
-    """A noted stop that never committed (its job is still active): nothing to purge."""
-    client.hdel(PURGE_PENDING, job_id)
+_FORGET_SCRIPT = """
+if redis.call('hget', KEYS[1], ARGV[1]) == ARGV[2] then return redis.call('hdel', KEYS[1], ARGV[1]) end
+return 0
+"""
+
+
+def forget_purge(client: redis.Redis, job_id: str, note: str | None = None) -> None:
+    """A noted stop that never committed (its job is still active, or another stop ended it first): nothing to
+    purge.  With ``note``, only that note goes: a cancel that noted the same job meanwhile keeps its own."""
+    if note is None:
+        client.hdel(PURGE_PENDING, job_id)
+    else:
+        client.eval(_FORGET_SCRIPT, 1, PURGE_PENDING, job_id, note)

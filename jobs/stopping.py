@@ -30,14 +30,14 @@ def stop_jobs(
 ) -> list[tuple[str, str]]:
     """Stop ``jobs`` ((job id, model digest) pairs) by ``change``, which makes one job's SQL change in
     ``session`` and says whether it stopped it; commits.  Returns the jobs stopped."""
-    for job_id, digest in jobs:
-        queueing.will_stop(client, job_id, digest)
+    notes = {job_id: queueing.will_stop(client, job_id, digest) for job_id, digest in jobs}
     chunks = {job_id: transitions.chunk_ids(session, job_id) for job_id, _ in jobs}
     stopped = [(job_id, digest) for job_id, digest in jobs if change(job_id)]
     session.commit()
+    done = set(stopped)
     for job_id, digest in jobs:
-        if (job_id, digest) in stopped:
+        if (job_id, digest) in done:
             queueing.stopped(client, job_id, digest, chunks[job_id])
-        else:
-            queueing.forget_purge(client, job_id)
+        else:  # another stop ended it first: only this stop's own note goes
+            queueing.forget_purge(client, job_id, notes[job_id])
     return stopped

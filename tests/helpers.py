@@ -51,10 +51,10 @@ def with_db(url: str, db: int) -> str:
 
 
 def clean_redis(url: str) -> None:
-    client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(match="corral*")) + list(client.scan_iter(match="_kombu*"))
-    if keys:
-        client.delete(*keys)
+    with redis.Redis.from_url(url) as client:
+        keys = list(client.scan_iter(match="corral*")) + list(client.scan_iter(match="_kombu*"))
+        if keys:
+            client.delete(*keys)
 
 
 # -- settings and databases ------------------------------------------------------------------------------------

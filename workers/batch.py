@@ -201,7 +201,7 @@ class ChunkRunner:
                     values = {"state": ItemState.CANCELLED,
                               "error": "the job was stopped (cancelled or expired) while this item was running"}
                 else:
-                    stats = self.runtime.requests.generation_stats(req, result)
+                    stats = self.runtime.requests.generation_stats(req, result, record)
                     stats["total_duration"] = stats["prompt_eval_duration"] + stats["eval_duration"]
                     text, thinking = "".join(parts), ""
                     if splitter is not None:  # the reasoning goes to "thinking", as on the sync route

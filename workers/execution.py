@@ -135,7 +135,7 @@ class RequestRunner:
         routes the reply's thinking apart from its content.
 
         A chat prompt longer than ``num_ctx`` loses whole messages, oldest first, keeping the system prompt and
-        the last message, as Ollama's server does (``record``'s TEMPLATE renders them again when it has one);
+        the last message, as Ollama's server does (with ``record``'s TEMPLATE when it has one: rendered here only);
         ``truncate: false`` makes it a 400 instead.  ``cancelled`` (the client has gone) is asked while a long chat
         is fitted (workers/fitting.py)."""
         prompt, stops, text, media = self.prompt_for(model, req, record, cancelled)
@@ -220,8 +220,9 @@ class RequestRunner:
         return raw(fields["prompt"])
 
     @staticmethod
-    def generation_stats(req: InferenceRequest, result: GenerationResult) -> dict[str, Any]:
-        """The final chunk's stats for a finished generation."""
+    def generation_stats(req: InferenceRequest, result: GenerationResult, record: ModelRecord | None = None) -> dict[str, Any]:
+        """The final chunk's stats for a finished generation (``context`` for a generate rendered with the GGUF's
+        own template, as before a TEMPLATE layer's prompt, which ignores ``context``, was rendered here)."""
         stats: dict[str, Any] = {
             "done_reason": result.done_reason,
             "prompt_eval_count": result.prompt_eval_count,
@@ -229,7 +230,7 @@ class RequestRunner:
             "eval_count": result.eval_count,
             "eval_duration": result.eval_duration,
         }
-        if req.kind == "generate" and not req.raw:
+        if req.kind == "generate" and not req.raw and (record is None or template_of(record) is None):
             stats["context"] = result.context
         return stats
 
@@ -275,7 +276,7 @@ class RequestRunner:
                 content(text)
         if pending:  # the tokens of text held back (a tool call, a thinking tag) still have their values
             delta()
-        stats = self.generation_stats(req, result)
+        stats = self.generation_stats(req, result, record)
         if stats["done_reason"] == "cancelled":
             log.info("request %s cancelled by its client after %d tokens", req.request_id, stats["eval_count"])
         return stats

@@ -125,8 +125,8 @@ def corral_up(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, Setting
 
 
 def live_workers(settings: Settings) -> set[str]:
-    client = redis.Redis.from_url(settings.redis)
-    return {key.decode().split(":", 2)[2] for key in client.scan_iter(match="corral:worker:*")}
+    with redis.Redis.from_url(settings.redis) as client:
+        return {key.decode().split(":", 2)[2] for key in client.scan_iter(match="corral:worker:*")}
 
 
 def segfault_while_running(settings: Settings, job_id: str, custom_id: str, stop: threading.Event) -> None:

@@ -3,8 +3,6 @@ worker, and a chat long enough to hold it for minutes.  The API-tier cases are i
 
 from __future__ import annotations
 
-import time
-
 import httpx
 
 from corral.broker import Broker
@@ -50,14 +48,12 @@ def test_a_grammar_bomb_stored_past_the_api_fails_its_item_without_a_crash(setti
 def test_a_chat_of_thousands_of_tiny_messages_is_fitted_quickly(stack: Stack) -> None:
     """2,000 tiny messages at num_ctx 256 took 240 s of worker time when every dropped message meant another
     render and tokenization of the whole chat; now the newest that fit are kept (as Ollama keeps them) at once.
-    The bound is loose on purpose (bench/chat_truncation.py measures it): a busy machine must not fail it."""
+    No assertion times it (bench/chat_truncation.py measures it: tens of milliseconds); the old fitting's 240 s
+    ran past the client's timeout, which fails this test."""
     messages = [{"role": ("user", "assistant")[i % 2], "content": f"message {i}: a few words"} for i in range(1999)]
     messages.append({"role": "user", "content": "Say hi."})
-    started = time.monotonic()
-    r = httpx.post(stack.base_url + "/api/chat", timeout=240, json={
+    r = httpx.post(stack.base_url + "/api/chat", timeout=120, json={
         "model": MODEL, "messages": messages, "stream": False,
         "options": {"num_ctx": 256, "num_predict": 2, "temperature": 0}})
-    elapsed = time.monotonic() - started
     assert r.status_code == 200, r.text
     assert 100 < r.json()["prompt_eval_count"] <= 256  # the newest messages that fit, not just the last one
-    assert elapsed < 60

@@ -67,6 +67,7 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
     r.server.shutdown()
+    r.server.server_close()
 
 
 FAST = {"heartbeat_ttl": 2.0, "reconcile_interval": 1.0}

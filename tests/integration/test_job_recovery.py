@@ -110,7 +110,8 @@ def test_redis_flushed_mid_job(isolated: Stack) -> None:
     isolated.start_worker()
     isolated.start_api()
     job_id = start_job(isolated)
-    redis.Redis.from_url(isolated.settings.redis).flushdb()
+    with redis.Redis.from_url(isolated.settings.redis) as client:
+        client.flushdb()
     assert_exactly_once(isolated, job_id)
 
 

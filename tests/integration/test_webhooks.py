@@ -53,6 +53,7 @@ def receiver() -> Iterator[Receiver]:
     r = Receiver()
     yield r
     r.server.shutdown()
+    r.server.server_close()
 
 
 def deliveries(base_url: str, job_id: str) -> list[dict[str, Any]]:

@@ -52,6 +52,7 @@ def test_migrations_match_the_models(tmp_path: Path, backend: str, request: pyte
         with engine.begin() as conn:
             conn.execute(text(f"CREATE SCHEMA {schema}"))
         url = f"{url}{'&' if '?' in url else '?'}options=-csearch_path%3D{schema}"
+        engine.dispose()
         engine = create_engine(url)
     try:
         upgrade(Settings(home=tmp_path, database_url=url))
@@ -68,5 +69,7 @@ def test_migrations_match_the_models(tmp_path: Path, backend: str, request: pyte
     finally:
         engine.dispose()
         if schema:
-            with create_engine(POSTGRES_URL).begin() as conn:
+            dropper = create_engine(POSTGRES_URL)
+            with dropper.begin() as conn:
                 conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+            dropper.dispose()

@@ -31,3 +31,9 @@ def test_a_request_sets_what_it_names_and_nulls_keep_the_default() -> None:
     assert SamplingOptions.of(options) == SamplingOptions(temperature=0.0, stop=("\n\n",))
     assert LoadOptions.of(options) == LoadOptions(num_ctx=512)
     assert SamplingOptions.of(options).seed == -1
+
+
+def test_a_pulled_models_parameters_reach_the_worker_as_their_types() -> None:
+    """A registry's params layer is not checked by parse_options: 40.0 is still top_k 40 (ctypes takes no float)."""
+    assert SamplingOptions.of({"top_k": 40.0, "temperature": "0.7", "seed": "x"}) == SamplingOptions(top_k=40, temperature=0.7)
+    assert LoadOptions.of({"num_ctx": 4096.0}).num_ctx == 4096

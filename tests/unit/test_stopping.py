@@ -61,7 +61,7 @@ def test_a_job_already_ended_only_has_its_note_crossed_off(session: Session) -> 
     redis = Recorder(session)
     assert stop_jobs(session, redis, [(job_id, "d")],  # type: ignore[arg-type]
                      lambda job: transitions.stop_job(session, job, JobStatus.CANCELLED)) == []
-    assert order(redis.calls) == ["hset", "commit", "hdel"]
+    assert order(redis.calls) == ["hset", "commit", "eval"]  # its own note only, by compare-and-delete
 
 
 def test_a_delete_reads_the_chunks_before_it_removes_them(session: Session) -> None:
