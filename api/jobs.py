@@ -160,17 +160,13 @@ def delete(job_id: str) -> Response:
 @documented(response=R.Queue)
 def queue() -> Response:
     shared = services()
-    gateway = shared.gateway
-    waiting = {r.model_digest: gateway.waiting(r.model_digest) for r in shared.store.list()}
-    seen = shared.governor.visible  # a key limited to some models sees those only
+    queue = shared.queue(principal(), shared.gateway.workers())
     workers = [
-        {"name": w["name"], "gpu": w.get("gpu"), "models": seen(principal(), w.get("models") or []),
-         "loaded": seen(principal(), [m["name"] for m in w.get("loaded", [])]),
+        {"name": w["name"], "gpu": w.get("gpu"), "models": w["models"], "loaded": [m["name"] for m in w["loaded"]],
          **{k: w[k] for k in ("slots", "slots_busy", "tokens_per_second", "tokens_generated", "prompt_tokens_decoded") if k in w}}
-        for w in gateway.workers()
+        for w in queue["workers"]
     ]
-    models = [m for m in services().jobs.queue_overview(waiting) if shared.governor.allowed(principal(), m["model"])]
-    return json_response({"models": models, "workers": workers})
+    return json_response({"models": queue["models"], "workers": workers})
 
 
 @bp.get("/api/usage")

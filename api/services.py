@@ -12,6 +12,7 @@ from corral.modelstore.store import ModelStore
 from corral.settings import Settings
 from jobs.batches import BatchService
 from jobs.files import FileStore
+from jobs.keys import Principal
 from jobs.service import JobService
 
 if TYPE_CHECKING:  # the gateway and inference modules import this one's callers
@@ -36,6 +37,15 @@ class Services:
 
     def __post_init__(self) -> None:
         self.models = ModelAdmin(self.settings, self.inference)
+
+    def queue(self, who: Principal | None, workers: list[dict[str, Any]]) -> dict[str, Any]:
+        """The batch queue per model and ``workers`` (heartbeat states), with only the models ``who`` may use: what
+        /api/queue and the console's queue page show (a limited key learns nothing of the other models)."""
+        waiting = {r.model_digest: self.gateway.waiting(r.model_digest) for r in self.store.list()}
+        models = [m for m in self.jobs.queue_overview(waiting) if self.governor.allowed(who, m["model"])]
+        seen = [{**w, "models": self.governor.visible(who, w.get("models") or []),
+                 "loaded": [m for m in w.get("loaded", []) if self.governor.allowed(who, m["name"])]} for w in workers]
+        return {"models": models, "workers": seen}
 
     def search_job(self, job_id: str, query: str, k: int, owner: str | None) -> dict[str, Any]:
         """Embed ``query`` with the embedding job's own model (on a worker), then rank the job's stored vectors:

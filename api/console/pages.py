@@ -99,14 +99,8 @@ def _preview(line: dict[str, Any], kind: str) -> dict[str, Any]:
 
 
 def queue_page(shared: Services, who: Principal | None) -> dict[str, Any]:
-    """The queue per model and the workers, with only the models the viewer's key may use (as /api/queue)."""
-    gateway = shared.gateway
-    waiting = {r.model_digest: gateway.waiting(r.model_digest) for r in shared.store.list()}
-    models = [m for m in shared.jobs.queue_overview(waiting) if shared.governor.allowed(who, m["model"])]
-    workers = [{**w, "models": shared.governor.visible(who, w.get("models") or []),
-                "loaded": [m for m in w.get("loaded", []) if shared.governor.allowed(who, m["name"])]}
-               for w in gateway.worker_states()]
-    return {"models": models, "workers": workers}
+    """The queue per model and the workers, dead ones too, with only the models the viewer's key may use."""
+    return shared.queue(who, shared.gateway.worker_states())
 
 
 def models_page(shared: Services, who: Principal | None) -> dict[str, Any]:
