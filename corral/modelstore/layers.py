@@ -58,7 +58,8 @@ def template_of(record: ModelRecord) -> str | None:
 def render_template(record: ModelRecord, kind: str, fields: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """A model with a TEMPLATE layer: the request as a raw prompt rendered with that template, as Ollama
     renders it (``.Messages``, ``.System``, ``.Tools``; or ``.Prompt`` and ``.Response`` for older templates).
-    Returns (kind, fields) for the worker; other models keep their request (the GGUF's own template renders it)."""
+    Returns (kind, fields) as the worker's prompt_for uses them (it fits a long chat itself, rendering fewer
+    messages); other models keep their request (the GGUF's own template renders it)."""
     template = template_of(record)
     if template is None or kind not in ("generate", "chat") or fields.get("raw"):
         return kind, fields
@@ -87,8 +88,6 @@ def render_template(record: ModelRecord, kind: str, fields: dict[str, Any]) -> t
         prompt += render(nodes, {**values, "Prompt": pending}, budget)
     placed = ("suffix",) if "suffix" in variables(nodes) else ()  # else the worker uses the GGUF's FIM tokens
     out = {k: v for k, v in fields.items() if k not in ("messages", "system", "context", *placed)}
-    if kind == "chat":  # kept so that the worker can render fewer of them when the prompt is too long
-        out["messages"] = messages
     return "generate", {**out, "prompt": prompt, "raw": True}
 
 
