@@ -99,7 +99,7 @@ class InferenceRequest(BaseModel):
     """Payload of an interactive task: everything a worker needs, nothing Flask- or ORM-shaped."""
 
     request_id: str
-    kind: Literal["generate", "chat", "embed", "load"]
+    kind: Literal["generate", "chat", "embed", "rerank", "load"]
     model: str = Field(description="The name the client used (shown by /api/ps).")
     model_digest: str
     prompt: str | None = None
@@ -111,7 +111,9 @@ class InferenceRequest(BaseModel):
     images: list[str] | None = Field(None, description="Base64 images, in the order of the text's [img-N] tags.")
     tools: list[dict[str, Any]] | None = None
     inputs: list[str] | None = None
-    truncate: bool = True  # generate/chat: drop old messages to fit num_ctx (false: a 400); embed: cut inputs
+    query: str | None = Field(None, description="rerank: the query every document is scored against.")
+    documents: list[str] | None = Field(None, description="rerank: the documents, scored in this order.")
+    truncate: bool = True  # generate/chat: drop old messages to fit num_ctx (false: a 400); embed/rerank: cut inputs
     shift: bool = True  # generate/chat: go on past num_ctx by discarding old context (false: stop, "length")
     normalize: bool = True
     dimensions: int | None = None
