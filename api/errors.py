@@ -3,7 +3,9 @@
 Ollama's native routes answer ``{"error": "<message>"}`` with ``application/json; charset=utf-8``.  Routing
 errors keep Ollama's texts (``404 page not found``, ``405 method not allowed``) but in the same JSON shape,
 so no client ever sees HTML or a traceback.  Everything under ``/v1/`` answers OpenAI's
-``{"error": {"message", "type", "param", "code"}}`` instead, with the type each error class carries.
+``{"error": {"message", "type", "param", "code"}}`` instead, with the type each error class carries; so do
+llama.cpp's rerank aliases outside ``/v1/`` (``/rerank``, ``/reranking``), as llama.cpp's server answers them.
+Cohere's ``/v2/`` routes answer Cohere's ``{"message": "..."}``.
 """
 
 from __future__ import annotations
@@ -41,19 +43,41 @@ def openai_error(message: str, status: int, kind: str | None = None, param: str 
     return Response(dumps(error_body(message, kind, param, code)), status=status, mimetype="application/json")
 
 
+LLAMA_SERVER_PATHS = ("/rerank", "/reranking")
+
+
 def is_openai_path() -> bool:
-    return request.path.startswith("/v1/")
+    return request.path.startswith("/v1/") or request.path in LLAMA_SERVER_PATHS
+
+
+def is_cohere_path() -> bool:
+    return request.path.startswith("/v2/")
+
+
+def cohere_error(message: str, status: int) -> Response:
+    return json_response({"message": message}, status)
 
 
 def render_error(exc: CorralError) -> Response:
     """A typed error in the wire shape of the route family that raised it (a 429 with its ``Retry-After``)."""
     if is_openai_path():
         resp = openai_error(exc.message, exc.status_code, exc.openai_type, exc.param, exc.code)
+    elif is_cohere_path():
+        resp = cohere_error(exc.message, exc.status_code)
     else:
         resp = ollama_error(exc.message, exc.status_code)
     if isinstance(exc, RateLimited):
         resp.headers["Retry-After"] = str(exc.retry_after)
     return resp
+
+
+def plain_error(message: str, status: int) -> Response:
+    """An untyped error (routing, an unexpected exception) in the route family's shape."""
+    if is_openai_path():
+        return openai_error(message, status)
+    if is_cohere_path():
+        return cohere_error(message, status)
+    return ollama_error(message, status)
 
 
 _HTTP_TEXT = {404: "404 page not found", 405: "405 method not allowed", 413: "request body too large"}
@@ -70,7 +94,7 @@ def init_app(app: Flask) -> None:
     def _http(exc: HTTPException) -> Response:
         status = exc.code or 500
         message = _HTTP_TEXT.get(status) or (exc.description or exc.name)
-        resp = openai_error(message, status) if is_openai_path() else ollama_error(message, status)
+        resp = plain_error(message, status)
         if status == 405 and getattr(exc, "valid_methods", None):
             resp.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
         return resp
@@ -78,5 +102,4 @@ def init_app(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
-        message = f"internal error: {type(exc).__name__}"
-        return openai_error(message, 500) if is_openai_path() else ollama_error(message, 500)
+        return plain_error(f"internal error: {type(exc).__name__}", 500)
