@@ -28,6 +28,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.ollama import bp as ollama_bp
     from api.openai import bp as openai_bp
     from api.openai_batch import bp as openai_batch_bp
+    from api.rerank import bp as rerank_bp
 
     settings = settings or Settings()
     app = Flask(__name__)
@@ -52,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(jobs_bp)
     app.register_blueprint(openai_bp)
     app.register_blueprint(openai_batch_bp)
+    app.register_blueprint(rerank_bp)
     app.register_blueprint(openapi.bp)
     console.init_app(app)
     logging.getLogger(__name__).debug("API ready, model store %s", store.root)

@@ -27,7 +27,7 @@ from corral.protocol import InferenceRequest, new_request_id
 
 
 def build_request(record: ModelRecord, name: str, kind: str, *, max_predict: int = 0, **fields: Any) -> InferenceRequest:
-    """The request for ``kind`` (generate, chat, embed, load) on ``record``, which the client called ``name``;
+    """The request for ``kind`` (generate, chat, embed, rerank, load) on ``record``, which the client called ``name``;
     ``fields`` are the request's own (``think``, ``messages``, ``options``, ...)."""
     fields.update(thinking_fields(record, kind, fields.pop("think", None), raw=bool(fields.get("raw"))))
     fields = tag_request(kind, fields)

@@ -1,7 +1,8 @@
 """A model's capabilities, derived as Ollama derives them (``server/images.go``), from what the store holds.
 
 - ``embedding`` for a model with a pooling type (an encoder), else ``completion``; only a completion model has
-  the others.
+  the others.  ``rerank`` (corral's; Ollama has no rerank) instead of ``embedding`` for a cross-encoder: rank
+  pooling, or an encoder with a classifier head (corral/modelstore/gguf_meta.py ``is_reranker``).
 - With a ``TEMPLATE`` layer (Ollama's Go template), that template decides: ``tools`` when it reads ``.Tools``,
   ``insert`` when it reads ``.Suffix``, ``thinking`` when it puts tags around ``.Thinking`` inside its range over
   ``.Messages`` (Ollama's ``thinking.InferTags``).
@@ -53,7 +54,10 @@ def has_fim_tokens(model_info: dict[str, Any]) -> bool:
 def derive(config: dict[str, Any], template: str | None, *, projector: bool = False) -> list[str]:
     """The capabilities of a model with this config blob (corral's, with ``model_info``), Go ``template`` layer
     (None without one) and, or not, a projector layer."""
-    if "embedding" in (config.get("capabilities") or []):
+    stored = config.get("capabilities") or []
+    if "rerank" in stored:
+        return ["rerank"]
+    if "embedding" in stored:
         return ["embedding"]
     info: dict[str, Any] = config.get("model_info") or {}
     found = ["completion"]

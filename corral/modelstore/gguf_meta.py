@@ -169,11 +169,24 @@ class _Parser:
         return GGUFHeader(kv, tensors, self.order, version, spans, (info_start, self.at), data_offset)
 
 
+RANK_POOLING = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK (gguf.PoolingType.RANK)
+
+
+def is_reranker(arch: str, kv: dict[str, Any], tensors: set[str]) -> bool:
+    """A cross-encoder: rank pooling in its metadata (Qwen3-Reranker), or a classifier head on an encoder (the
+    converter writes no pooling type for BERT and XLM-R cross-encoders, but keeps ``cls.output``, or Jina's
+    ``cls``)."""
+    if kv.get(f"{arch}.pooling_type") == RANK_POOLING:
+        return True
+    return arch in EMBEDDING_ARCHITECTURES and bool({"cls.output.weight", "cls.weight"} & tensors)
+
+
 def gguf_config(path: Path) -> dict[str, Any]:
     """The config blob for a GGUF: the facts /api/tags and the workers need, read once."""
     import gguf
 
-    kv, params = read_gguf_metadata(path)
+    header = read_header(path, with_arrays=False)
+    kv, params = header.kv, header.parameters
     arch = str(kv.get("general.architecture", ""))
     file_type = kv.get("general.file_type")
     quant: str
@@ -184,6 +197,8 @@ def gguf_config(path: Path) -> dict[str, Any]:
     embedding = arch in EMBEDDING_ARCHITECTURES or f"{arch}.pooling_type" in kv
     template = str(kv.get("tokenizer.chat_template") or "")
     capabilities = ["embedding"] if embedding else ["completion"]
+    if is_reranker(arch, kv, {name for name, _ in header.tensors}):
+        capabilities = ["rerank"]
     if not embedding and "tools" in template:
         capabilities.append("tools")
     return {

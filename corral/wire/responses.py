@@ -204,6 +204,26 @@ class EmbeddingList(_Open):
     usage: dict[str, int]
 
 
+class RerankResult(_Open):
+    index: int
+    relevance_score: float
+
+
+class RerankList(_Open):
+    """llama.cpp's and Jina's rerank reply (TEI's body gets TEI's bare array instead)."""
+
+    model: str
+    object: Literal["list"]
+    usage: dict[str, int]
+    results: list[RerankResult]
+
+
+class CohereRerank(_Open):
+    id: str
+    results: list[RerankResult]
+    meta: dict[str, Any]
+
+
 class FileObject(_Open):
     id: str
     object: Literal["file"]

@@ -1,0 +1,151 @@
+"""Rerank requests and replies in the shapes rerank clients send: llama.cpp's server and Jina (``/v1/rerank``,
+``/rerank``), Hugging Face TEI (the same routes, with ``texts``), and Cohere v2 (``/v2/rerank``).
+
+All three become one :class:`~corral.protocol.InferenceRequest` of kind ``rerank`` (corral/requests.py): a query,
+the documents as plain strings, and ``truncate``.  The worker scores the pairs in the documents' order
+(workers/rerank.py); :func:`corral.rerank.ranked` sorts them.  What differs is the edges:
+
+- llama.cpp answers ``{model, object: "list", usage, results: [{index, relevance_score}]}``, raw logits, and
+  ignores ``return_documents``; Jina's API takes ``return_documents`` and puts ``document: {text}`` in each
+  result.  corral does what Jina does (llama.cpp's clients never ask for documents, so they see llama.cpp's shape).
+- A body with ``texts`` instead of ``documents`` is TEI's: the reply is a bare array ``[{index, score, text?}]``,
+  as llama.cpp's server answers it.
+- Cohere requires ``model``, documents its scores as 0..1 (a sigmoid of the logit here, unless the head already
+  ends in a softmax), and answers ``{id, results, meta}``.
+
+Every value is bounded here, before anything is queued: at most :data:`~corral.rerank.MAX_DOCUMENTS`
+documents, strings only (or Jina's and Cohere v1's ``{text}`` objects), a non-negative ``top_n``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import Field, ValidationError, field_validator
+
+from corral.errors import BadRequest
+from corral.options import RuntimeRequest
+from corral.rerank import MAX_DOCUMENTS, MAX_QUERY_CHARS, ranked, sigmoid
+
+
+def _texts(value: Any, field: str) -> list[str]:
+    """Documents as strings: a non-empty list of strings or ``{"text": str}`` objects (llama.cpp's message)."""
+    wrong = BadRequest(f'"{field}" must be a non-empty string array', param=field)
+    if not isinstance(value, list) or not value:
+        raise wrong
+    if len(value) > MAX_DOCUMENTS:
+        raise BadRequest(f'too many {field}: {len(value)}; at most {MAX_DOCUMENTS} per request (use a rerank job '
+                         'for more)', param=field)
+    texts = []
+    for item in value:
+        if isinstance(item, dict) and isinstance(item.get("text"), str):
+            item = item["text"]
+        if not isinstance(item, str):
+            raise wrong
+        texts.append(item)
+    return texts
+
+
+class RerankRequest(RuntimeRequest):
+    """POST /v1/rerank, /rerank, /reranking, /v1/reranking (llama.cpp and Jina; TEI with ``texts``) and, with
+    :class:`CohereRerankRequest`'s edges, /v2/rerank."""
+
+    query: Any = Field(None, description="The text every document is scored against.")
+    documents: Any = Field(None, description="Strings, or `{text}` objects; at most 1,000.")
+    texts: Any = Field(None, description="TEI's name for `documents`: the reply is then TEI's bare array.")
+    top_n: int | None = Field(None, ge=0, description="Keep the best `top_n` results (default: all).")
+    return_documents: bool = Field(False, description="Put each result's document in it (Jina's `document.text`).")
+    return_text: bool = Field(False, description="TEI: put each result's `text` in it.")
+    truncate: bool = Field(True, description="Cut a document that does not fit the context with the query "
+                                             "(false: such a pair is a 400).")
+
+    @field_validator("top_n", mode="before")
+    @classmethod
+    def _top_n(cls, value: Any) -> Any:
+        if isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+            raise ValueError("top_n must be an integer")
+        return value
+
+    @property
+    def tei(self) -> bool:
+        return self.documents is None and self.texts is not None
+
+    def checked_query(self) -> str:
+        if self.query is None:
+            raise BadRequest('"query" must be provided', param="query")
+        if not isinstance(self.query, str):
+            raise BadRequest('"query" must be a string', param="query")
+        if len(self.query) > MAX_QUERY_CHARS:
+            raise BadRequest(f'"query" is too long: at most {MAX_QUERY_CHARS} characters', param="query")
+        return self.query
+
+    def checked_documents(self) -> list[str]:
+        return _texts(self.texts, "texts") if self.tei else _texts(self.documents, "documents")
+
+    def reply(self, scores: list[float], documents: list[str], prompt_tokens: int) -> Any:
+        """llama.cpp's and Jina's reply (or TEI's bare array), best first."""
+        if self.tei:
+            return [
+                {"index": r["index"], "score": r["relevance_score"], **({"text": documents[r["index"]]}
+                                                                        if self.return_text else {})}
+                for r in ranked(scores, top_n=self.top_n)
+            ]
+        results = ranked(scores, top_n=self.top_n, documents=documents if self.return_documents else None,
+                         document_as_object=True)
+        return {"model": self.model, "object": "list",
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}, "results": results}
+
+
+class CohereRerankRequest(RerankRequest):
+    """POST /v2/rerank: Cohere's v2 body (``model`` required; ``max_tokens_per_doc`` and ``priority`` taken)."""
+
+    max_tokens_per_doc: int | None = Field(None, ge=1, description="Accepted; documents are cut to the context.")
+    priority: int | None = Field(None, ge=0, le=999, description="Accepted and ignored (corral orders its queues).")
+
+    def reply(self, scores: list[float], documents: list[str], prompt_tokens: int, *,
+              softmax_head: bool = False) -> dict[str, Any]:
+        relevance = scores if softmax_head else [sigmoid(s) for s in scores]
+        results = ranked(relevance, top_n=self.top_n, documents=documents if self.return_documents else None,
+                         document_as_object=True)
+        return {
+            "id": str(uuid.uuid4()),
+            "results": results,
+            "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1},
+                     "tokens": {"input_tokens": prompt_tokens, "output_tokens": 0}},
+        }
+
+
+def parse_rerank(model: type[RerankRequest], data: Any) -> RerankRequest:
+    """Validate a decoded body; pydantic's complaint becomes a 400 naming the field."""
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object")
+    try:
+        req = model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or None
+        raise BadRequest(f"invalid value for '{field}': {err['msg']}", param=field) from exc
+    if not req.model:
+        raise BadRequest("model is required", param="model")
+    return req
+
+
+def rerank_item_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """A rerank job line's request fields (its body was checked by :func:`check_rerank_item` at submission)."""
+    return {"query": body["query"], "documents": _texts(body["documents"], "documents"),
+            "truncate": bool(body.get("truncate", True))}
+
+
+def check_rerank_item(body: Any) -> dict[str, Any]:
+    """A rerank job line ``{query, documents, top_n?, return_documents?, truncate?}`` checked as the sync route
+    checks its body; returns the stored body (documents as strings)."""
+    req = parse_rerank(RerankRequest, {"model": "-", **body} if isinstance(body, dict) else body)
+    stored: dict[str, Any] = {"query": req.checked_query(), "documents": req.checked_documents()}
+    if req.top_n is not None:
+        stored["top_n"] = req.top_n
+    if req.return_documents:
+        stored["return_documents"] = True
+    if not req.truncate:
+        stored["truncate"] = False
+    return stored
