@@ -121,7 +121,7 @@ def show_dry_run(answer: dict[str, Any]) -> None:
 @click.command()
 @click.argument("source", type=click.File("rb", lazy=True), metavar="FILE|-")
 @click.option("--model", "-m", required=True, help="Model every item runs on.")
-@click.option("--kind", type=click.Choice(["generate", "chat", "embed"]), default="generate", show_default=True)
+@click.option("--kind", type=click.Choice(["generate", "chat", "embed", "rerank"]), default="generate", show_default=True)
 @click.option("--lines", is_flag=True, help="FILE is plain text: each non-blank line is a prompt (kind generate).")
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE", help="Model option for every item (repeatable).")
 @click.option("--chunk-size", type=click.IntRange(1, 10_000), help="Items per worker task (default: the server's).")

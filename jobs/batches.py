@@ -24,12 +24,15 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from corral.errors import BadRequest, CorralError, NotFound
+from corral.modelstore.capabilities import kind_refusal
 from corral.modelstore.store import ModelStore
+from corral.wire.jobs import RerankItem, problem
 from corral.wire.ollama import parse_json
 from corral.wire.openai import (
     ChatCompletionRequest,
@@ -40,6 +43,7 @@ from corral.wire.openai import (
     from_native_final,
     parse_request,
 )
+from corral.wire.rerank import rerank_reply
 from jobs.db import sessions
 from jobs.files import FileStore, cursor_page, epoch, new_file_id
 from jobs.ids import openai_id
@@ -50,7 +54,8 @@ from jobs.service import JobService, item_counts
 if TYPE_CHECKING:
     from jobs.keys import Principal
 
-ENDPOINT_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "generate", "/v1/embeddings": "embed"}
+ENDPOINT_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "generate", "/v1/embeddings": "embed",
+                  "/v1/rerank": "rerank"}
 MAX_ERRORS = 1000
 WINDOW = timedelta(hours=24)
 
@@ -123,6 +128,15 @@ def _native_body(endpoint: str, body: dict[str, Any]) -> tuple[str, dict[str, An
         if comp.suffix:
             raise BadRequest("suffix is not supported by this model", param="suffix")
         return comp.model, {"prompt": comp.prompt, "options": comp.native_options(), **comp.native_logprobs()}
+    if endpoint == "/v1/rerank":
+        try:
+            item = RerankItem.model_validate(body)
+        except ValidationError as exc:
+            message, field = problem(exc)
+            raise BadRequest(message, param=field) from exc
+        model = body.get("model")
+        return model if isinstance(model, str) else "", item.model_dump(include=set(RerankItem.stored_fields()),
+                                                                        exclude_none=True)
     emb: EmbeddingRequest = parse_request(EmbeddingRequest, body)
     native = {"input": emb.inputs(), "truncate": True, "openai_encoding": emb.encoding()}
     if emb.dimensions:
@@ -217,9 +231,9 @@ class BatchService:
             record = self.store.get(model)
         except CorralError:
             return [{"code": "model_not_found", "line": 1, "message": f"model '{model}' not found", "param": "body.model"}]
-        if kind != "embed" and "completion" not in record.capabilities:
-            return [{"code": "invalid_request", "line": 1, "message": f'"{model}" does not support {kind}',
-                     "param": "body.model"}]
+        refusal = kind_refusal(record.capabilities, model, kind)
+        if refusal:
+            return [{"code": "invalid_request", "line": 1, "message": refusal, "param": "body.model"}]
         if tools_line is not None and "tools" not in record.capabilities:
             return [{"code": "invalid_request", "line": tools_line, "message": f'"{model}" does not support tools',
                      "param": "body.tools"}]
@@ -391,7 +405,9 @@ def _output_line(job_id: str, kind: str, model: str, item: Item, expired: bool =
         return line
     created = epoch(item.finished_at) or 0
     output = item.output or {}
-    if kind == "embed":
+    if kind == "rerank":
+        body = rerank_reply(model, output)
+    elif kind == "embed":
         dims = int(output["dims"])
         vectors = np.frombuffer(item.embedding or b"", dtype="<f4").reshape(-1, dims)
         body = embedding_list(model, vectors, (item.input or {}).get("openai_encoding", "float"),

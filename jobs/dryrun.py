@@ -41,7 +41,7 @@ TokenCounter = Callable[[list[dict[str, Any]]], list["int | None"]]
 def output_bound(kind: str, body: dict[str, Any], options: dict[str, Any], num_ctx: int) -> int:
     """The most tokens an item may generate: its ``num_predict`` (the item's over the job's), or, unlimited
     (absent or negative), the whole context."""
-    if kind == "embed":
+    if kind in ("embed", "rerank"):
         return 0
     merged = {**options, **(body.get("options") or {})}
     context = LoadOptions.of(merged).num_ctx or num_ctx
@@ -114,8 +114,8 @@ def dry_run(
         "eta_seconds": None,
         "eta": None,
     }
-    if kind == "embed":
-        answer["eta"] = {"reason": "embedding jobs have no generation rate to go by; their time follows prompt_tokens"}
+    if kind in ("embed", "rerank"):
+        answer["eta"] = {"reason": f"{kind} jobs have no generation rate to go by; their time follows prompt_tokens"}
     elif not tokens_per_second:
         answer["eta"] = {"reason": f"no live worker has measured its throughput on {model} yet: run a job or a "
                                    "request on it first"}

@@ -27,7 +27,7 @@ class ExportError(Exception):
 
 
 def rows(lines: Iterable[bytes], kind: str) -> Iterator[dict[str, Any]]:
-    """Flatten result lines to table rows: text jobs one row per item, embed jobs one row per vector."""
+    """Flatten result lines to table rows: text and rerank jobs one row per item, embed jobs one row per vector."""
     for raw in lines:
         line = json.loads(raw)
         response = line.get("response") or {}
@@ -42,6 +42,11 @@ def rows(lines: Iterable[bytes], kind: str) -> Iterator[dict[str, Any]]:
                 yield {**base, "vector_index": n if vector is not None else None, "embedding": vector,
                        "text": texts[n] if n < len(texts) else None, "metadata": metadata,
                        "prompt_tokens": response.get("prompt_eval_count")}
+            continue
+        if kind == "rerank":  # the ranked results as JSON text, best first
+            results = response.get("results")
+            yield {**base, "text": json.dumps(results, ensure_ascii=False) if results is not None else None,
+                   "prompt_tokens": (response.get("usage") or {}).get("prompt_tokens")}
             continue
         message = response.get("message") or {}
         yield {**base, "text": response.get("response", message.get("content")), "done_reason": response.get("done_reason"),

@@ -23,12 +23,14 @@ from sqlalchemy.orm import Session
 from corral.broker import Broker
 from corral.errors import BadRequest, Conflict, CorralError, Forbidden, NotFound, RateLimited
 from corral.images import check_images
+from corral.modelstore.capabilities import kind_refusal
 from corral.modelstore.store import ModelRecord, ModelStore
 from corral.protocol import KEY_PREFIX, job_cancel_key
 from corral.settings import Settings
 from corral.timefmt import duration_seconds, rfc3339
 from corral.wire.jobs import JOB_KINDS
 from corral.wire.ollama import check_context
+from corral.wire.rerank import rerank_reply
 from jobs import dedup, dispatch, dryrun, grouping, transitions, webhooks
 from jobs.db import sessions
 from jobs.ids import chunk_id_maker, new_id
@@ -176,8 +178,9 @@ class JobService:
         record = self.store.get(model)
         if quota is not None and not quota.limits.allows(model):
             raise Forbidden(f"model '{model}' is not allowed for the key '{quota.name}'")
-        if kind != "embed" and "completion" not in record.capabilities:
-            raise BadRequest(f'"{model}" does not support {kind}')
+        refusal = kind_refusal(record.capabilities, model, kind)
+        if refusal:
+            raise BadRequest(refusal)
         return record
 
     def dry_run(
@@ -472,6 +475,8 @@ def result_line(item: Item, model: str, kind: str, include_input: bool = False) 
     """One line of /api/jobs/{id}/results: the sync endpoint's non-stream body, or the error, plus the item's
     ``metadata`` when it had one and, on request, its ``input``."""
     response = item.output
+    if kind == "rerank" and item.state == ItemState.SUCCEEDED and item.output is not None:
+        response = rerank_reply(model, item.output)
     if kind == "embed" and item.state == ItemState.SUCCEEDED and item.embedding is not None and item.output is not None:
         dims = int(item.output["dims"])
         vectors = np.frombuffer(item.embedding, dtype="<f4").reshape(-1, dims)

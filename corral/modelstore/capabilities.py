@@ -74,6 +74,17 @@ def derive(config: dict[str, Any], template: str | None, *, projector: bool = Fa
     return found
 
 
+def kind_refusal(capabilities: list[str], model: str, kind: str) -> str | None:
+    """Why a model with these capabilities cannot run requests of ``kind`` (a job's or a batch's), or None:
+    generate and chat need ``completion``, rerank needs ``rerank``; any model embeds (a chat model's hidden
+    states mean-pooled, as Ollama embeds with one)."""
+    if kind == "rerank" and "rerank" not in capabilities:
+        return f'"{model}" does not support rerank: it is not a cross-encoder with a classifier head'
+    if kind in ("generate", "chat") and "completion" not in capabilities:
+        return f'"{model}" does not support {kind}'
+    return None
+
+
 def thinking_tags_for(config: dict[str, Any], template: str | None) -> tuple[str, str]:
     """The tags around a thinking model's reasoning: its template's (Ollama's ``InferTags``), else ``<think>``."""
     if template is not None:

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from corral.errors import BadRequest
 from corral.thinking import check_think
 from corral.wire.ollama import MAX_EMBED_INPUTS
+from corral.wire.rerank import documents_of, query_of
 
-JOB_KINDS = ("generate", "chat", "embed")
+JOB_KINDS = ("generate", "chat", "embed", "rerank")
 
 
 NOT_BASE64 = "images must be a list of base64 strings"
@@ -123,16 +124,44 @@ class EmbedItem(_Item):
         return value
 
 
-ITEM_MODELS: dict[str, type[_Item]] = {"generate": GenerateItem, "chat": ChatItem, "embed": EmbedItem}
+class RerankItem(_Item):
+    """One ``/v1/rerank`` body: a query and its documents (strings, or ``{text}`` objects, stored as strings)."""
+
+    query: str = Field(None, validate_default=True)
+    documents: list[str] = Field(None, validate_default=True)
+    top_n: int | None = Field(None, ge=0)
+    return_documents: bool | None = None
+    truncate: bool | None = None
+
+    @field_validator("query", mode="before")
+    @classmethod
+    def _query(cls, value: Any) -> Any:
+        try:
+            return query_of(value)
+        except BadRequest as exc:
+            raise ValueError(f"a rerank item: {exc.message}") from exc
+
+    @field_validator("documents", mode="before")
+    @classmethod
+    def _documents(cls, value: Any) -> Any:
+        try:
+            return documents_of(value, "documents")
+        except BadRequest as exc:
+            raise ValueError(f"a rerank item: {exc.message}") from exc
+
+
+ITEM_MODELS: dict[str, type[_Item]] = {"generate": GenerateItem, "chat": ChatItem, "embed": EmbedItem,
+                                       "rerank": RerankItem}
 
 class JobSubmission(BaseModel):
     """``POST /api/jobs`` as JSON (or as a JSONL upload of items with these fields as query parameters)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    kind: str = Field("generate", description="generate, chat or embed", json_schema_extra={"enum": list(JOB_KINDS)})
+    kind: str = Field("generate", description="generate, chat, embed or rerank", json_schema_extra={"enum": list(JOB_KINDS)})
     model: str = ""
-    items: list[Any] = Field(description="Request bodies of the job's kind: GenerateItem, ChatItem or EmbedItem.")
+    items: list[Any] = Field(description="Request bodies of the job's kind: GenerateItem, ChatItem, EmbedItem or "
+                             "RerankItem.")
     options: dict[str, Any] | None = None
     chunk_size: int | None = Field(None, ge=1, le=10_000)
     metadata: dict[str, Any] | None = None
@@ -157,7 +186,7 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     input_file_id: str = Field(min_length=1)
-    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank"]
     completion_window: Literal["24h"]
     metadata: dict[str, str] | None = None
     webhook_url: str | None = Field(None, description="corral: where batch.completed (etc.) is POSTed, signed.")

@@ -29,7 +29,18 @@ from corral.options import RuntimeRequest
 from corral.rerank import MAX_DOCUMENTS, MAX_QUERY_CHARS, ranked, sigmoid
 
 
-def _texts(value: Any, field: str) -> list[str]:
+def query_of(value: Any) -> str:
+    """The query: a string of at most :data:`~corral.rerank.MAX_QUERY_CHARS` (llama.cpp's messages)."""
+    if value is None:
+        raise BadRequest('"query" must be provided', param="query")
+    if not isinstance(value, str):
+        raise BadRequest('"query" must be a string', param="query")
+    if len(value) > MAX_QUERY_CHARS:
+        raise BadRequest(f'"query" is too long: at most {MAX_QUERY_CHARS} characters', param="query")
+    return value
+
+
+def documents_of(value: Any, field: str) -> list[str]:
     """Documents as strings: a non-empty list of strings or ``{"text": str}`` objects (llama.cpp's message)."""
     wrong = BadRequest(f'"{field}" must be a non-empty string array', param=field)
     if not isinstance(value, list) or not value:
@@ -72,16 +83,10 @@ class RerankRequest(RuntimeRequest):
         return self.documents is None and self.texts is not None
 
     def checked_query(self) -> str:
-        if self.query is None:
-            raise BadRequest('"query" must be provided', param="query")
-        if not isinstance(self.query, str):
-            raise BadRequest('"query" must be a string', param="query")
-        if len(self.query) > MAX_QUERY_CHARS:
-            raise BadRequest(f'"query" is too long: at most {MAX_QUERY_CHARS} characters', param="query")
-        return self.query
+        return query_of(self.query)
 
     def checked_documents(self) -> list[str]:
-        return _texts(self.texts, "texts") if self.tei else _texts(self.documents, "documents")
+        return documents_of(self.texts, "texts") if self.tei else documents_of(self.documents, "documents")
 
     def reply(self, scores: list[float], documents: list[str], prompt_tokens: int) -> Any:
         """llama.cpp's and Jina's reply (or TEI's bare array), best first."""
@@ -131,21 +136,9 @@ def parse_rerank(model: type[RerankRequest], data: Any) -> RerankRequest:
     return req
 
 
-def rerank_item_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """A rerank job line's request fields (its body was checked by :func:`check_rerank_item` at submission)."""
-    return {"query": body["query"], "documents": _texts(body["documents"], "documents"),
-            "truncate": bool(body.get("truncate", True))}
-
-
-def check_rerank_item(body: Any) -> dict[str, Any]:
-    """A rerank job line ``{query, documents, top_n?, return_documents?, truncate?}`` checked as the sync route
-    checks its body; returns the stored body (documents as strings)."""
-    req = parse_rerank(RerankRequest, {"model": "-", **body} if isinstance(body, dict) else body)
-    stored: dict[str, Any] = {"query": req.checked_query(), "documents": req.checked_documents()}
-    if req.top_n is not None:
-        stored["top_n"] = req.top_n
-    if req.return_documents:
-        stored["return_documents"] = True
-    if not req.truncate:
-        stored["truncate"] = False
-    return stored
+def rerank_reply(model: str, output: dict[str, Any]) -> dict[str, Any]:
+    """A rerank job item's stored result (``{results, prompt_eval_count}``, ranked by the worker) as the body
+    ``/v1/rerank`` answers: the line of ``/api/jobs/{id}/results`` and of an OpenAI batch's output file."""
+    tokens = int(output.get("prompt_eval_count") or 0)
+    return {"model": model, "object": "list", "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            "results": output.get("results") or []}

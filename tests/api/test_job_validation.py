@@ -32,7 +32,7 @@ def job_count(client: FlaskClient) -> int:
                                     {"prompt": "b", "options": {"num_predict": True}}]},
          400, 'line 2: option "num_predict" must be of type integer'),
         ({"kind": "sing", "model": MODEL, "items": [{"prompt": "x"}]}, 400,
-         "kind must be one of generate, chat, embed, not 'sing'"),
+         "kind must be one of generate, chat, embed, rerank, not 'sing'"),
         # every field the worker reads is typed at the door, so no stored line can make the worker raise
         ({"model": MODEL, "items": [{"prompt": "b", "system": 1}]}, 400, "line 1: system: Input should be a valid string"),
         ({"model": MODEL, "items": [{"prompt": "b", "format": "xml"}]}, 400,

@@ -106,7 +106,7 @@ def test_a_json_job_body_is_capped_and_points_to_jsonl(settings: Settings) -> No
     assert r.status_code == 413 and "upload larger jobs as JSONL" in r.get_json()["error"]
     lines = "".join(json.dumps(item) + "\n" for item in body["items"])  # the same job as JSONL is an upload
     r = small.post(f"/api/jobs?model={MODEL}&kind=nope", data=lines, content_type="application/x-ndjson")
-    assert r.get_json()["error"] == "kind must be one of generate, chat, embed, not 'nope'"  # not refused for size
+    assert r.get_json()["error"] == "kind must be one of generate, chat, embed, rerank, not 'nope'"  # not refused for size
 
 
 def test_a_job_has_at_most_max_chunks(client: FlaskClient, monkeypatch: pytest.MonkeyPatch) -> None:

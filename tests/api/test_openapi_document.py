@@ -31,5 +31,5 @@ def test_the_document_lists_every_route_with_its_schemas(client: FlaskClient, se
     }
     # a job's items are documented by the same models that validate each line
     items = doc["components"]["schemas"]["JobSubmission"]["properties"]["items"]["items"]["anyOf"]
-    assert {ref["$ref"].rsplit("/", 1)[1] for ref in items} == {"GenerateItem", "ChatItem", "EmbedItem"}
+    assert {ref["$ref"].rsplit("/", 1)[1] for ref in items} == {"GenerateItem", "ChatItem", "EmbedItem", "RerankItem"}
     assert doc["components"]["schemas"]["GenerateItem"]["properties"]["system"]
