@@ -82,6 +82,25 @@ def base_url(stack: Stack) -> str:
     return stack.base_url
 
 
+@pytest.fixture(scope="session")
+def reranker(base_url: str, session_dir: Path) -> tuple[str, Path]:
+    """A tiny BERT cross-encoder (tests/ggufs.py ``cross_encoder``), created on the session's stack as a user
+    creates one from a GGUF: its blob uploaded, then ``/api/create`` with ``files``.  (name, the GGUF's path)."""
+    import hashlib
+
+    import httpx
+
+    from tests.ggufs import cross_encoder
+
+    path = cross_encoder(session_dir / "cross-encoder.gguf")
+    digest = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert httpx.post(f"{base_url}/api/blobs/{digest}", content=path.read_bytes(), timeout=60).status_code == 201
+    r = httpx.post(f"{base_url}/api/create", timeout=120,
+                   json={"model": "tiny-reranker", "files": {path.name: digest}, "stream": False})
+    assert r.status_code == 200, r.text
+    return "tiny-reranker", path
+
+
 @pytest.fixture()
 def app(settings: Settings) -> Flask:
     """An in-process API (no server) for tests that need no worker: validation, listing, CORS."""
