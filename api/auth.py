@@ -1,7 +1,8 @@
 """API keys and body limits, checked before any view runs.
 
 With ``CORRAL_REQUIRE_API_KEY=1`` every route but ``/`` (the liveness probe) needs ``Authorization: Bearer
-<key>`` (ollama-python sends ``OLLAMA_API_KEY`` this way, openai-python its ``api_key``; the console under
+<key>`` or ``x-api-key: <key>`` (ollama-python sends ``OLLAMA_API_KEY`` the first way, openai-python its
+``api_key``, the anthropic SDK either; the console under
 ``/ui`` keeps a signed-in session instead); a missing, unknown or
 revoked key is a 401 in the route family's error shape, and changing the shared models with a key that is not
 an admin's is a 403 (:func:`require_admin`).  Views ask :func:`owner` whose jobs, batches and files
@@ -47,9 +48,13 @@ def init_app(app: Flask, settings: Settings, keys: KeyStore) -> None:
             return  # the operator console signs in with a key once and keeps a session (api/console/sessions.py)
         header = request.headers.get("Authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        # Anthropic's clients send the key as x-api-key (ANTHROPIC_API_KEY), or as a bearer token
+        # (ANTHROPIC_AUTH_TOKEN), or both: either one that is a valid key lets the request in.
+        offered = [k for k in (key.strip() if scheme.lower() == "bearer" else "",
+                               request.headers.get("X-Api-Key", "").strip()) if k]
+        if not offered:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
-        principal = keys.check(key.strip())
+        principal = next((p for p in map(keys.check, offered) if p is not None), None)
         if principal is None:
             raise Unauthorized("invalid API key")
         g.principal = principal

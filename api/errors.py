@@ -5,7 +5,8 @@ errors keep Ollama's texts (``404 page not found``, ``405 method not allowed``) 
 so no client ever sees HTML or a traceback.  Everything under ``/v1/`` answers OpenAI's
 ``{"error": {"message", "type", "param", "code"}}`` instead, with the type each error class carries; so do
 llama.cpp's rerank aliases outside ``/v1/`` (``/rerank``, ``/reranking``), as llama.cpp's server answers them.
-Cohere's ``/v2/`` routes answer Cohere's ``{"message": "..."}``.
+Cohere's ``/v2/`` routes answer Cohere's ``{"message": "..."}``, and Anthropic's under ``/v1/messages`` (and an
+Anthropic client's ``/v1/models``) ``{"type": "error", "error": {"type", "message"}}`` with its types per status.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from corral.errors import CorralError, RateLimited
+from corral.wire.anthropic import error_body as anthropic_body
 from corral.wire.openai import error_body
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,16 @@ def is_openai_path() -> bool:
     return request.path.startswith("/v1/") or request.path in LLAMA_SERVER_PATHS
 
 
+def is_anthropic_path() -> bool:
+    """Anthropic's routes, and ``/v1/models`` asked for by an Anthropic client (it sends ``anthropic-version``)."""
+    return request.path.startswith("/v1/messages") or (
+        request.path.startswith("/v1/models") and "anthropic-version" in request.headers)
+
+
+def anthropic_error(message: str, status: int) -> Response:
+    return Response(dumps(anthropic_body(message, status)), status=status, mimetype="application/json")
+
+
 def is_cohere_path() -> bool:
     return request.path.startswith("/v2/")
 
@@ -60,7 +72,9 @@ def cohere_error(message: str, status: int) -> Response:
 
 def render_error(exc: CorralError) -> Response:
     """A typed error in the wire shape of the route family that raised it (a 429 with its ``Retry-After``)."""
-    if is_openai_path():
+    if is_anthropic_path():
+        resp = anthropic_error(exc.message, exc.status_code)
+    elif is_openai_path():
         resp = openai_error(exc.message, exc.status_code, exc.openai_type, exc.param, exc.code)
     elif is_cohere_path():
         resp = cohere_error(exc.message, exc.status_code)
@@ -73,6 +87,8 @@ def render_error(exc: CorralError) -> Response:
 
 def plain_error(message: str, status: int) -> Response:
     """An untyped error (routing, an unexpected exception) in the route family's shape."""
+    if is_anthropic_path():
+        return anthropic_error(message, status)
     if is_openai_path():
         return openai_error(message, status)
     if is_cohere_path():

@@ -13,6 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
+from api import anthropic
 from api.auth import principal
 from api.errors import json_response
 from api.inference import EMBED_NOT_FOUND, collect
@@ -124,6 +125,8 @@ def _model_object(record: ModelRecord, ident: str | None = None) -> dict[str, An
 def list_models() -> Response:
     shared = services()
     records = [r for r in shared.store.list() if shared.governor.allowed(principal(), r.name.display)]
+    if anthropic.wants_anthropic():  # the Anthropic SDK (and Claude Code's model discovery) send anthropic-version
+        return json_response(anthropic.model_page(records))
     return json_response({"object": "list", "data": [_model_object(r) for r in records] or None})
 
 
@@ -139,4 +142,6 @@ def get_model(model: str) -> Response:
             shown = model
         raise ModelNotFound(f"model '{shown}' not found") from exc
     services().governor.check_model(principal(), model)
+    if anthropic.wants_anthropic():
+        return json_response(anthropic.model_info(record, model))
     return json_response(_model_object(record, model))

@@ -19,7 +19,7 @@ from pydantic import BaseModel
 
 from api.errors import json_response
 from corral import __version__
-from corral.wire.responses import OllamaError, OpenAIError
+from corral.wire.responses import AnthropicError, OllamaError, OpenAIError
 
 bp = Blueprint("openapi", __name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,7 +68,8 @@ class _Builder:
 
     def operation(self, rule: Any, method: str, doc: Doc) -> dict[str, Any]:
         openai = rule.rule.startswith("/v1/")
-        error = self.ref(OpenAIError if openai else OllamaError, "serialization")
+        family = AnthropicError if rule.rule.startswith("/v1/messages") else OpenAIError if openai else OllamaError
+        error = self.ref(family, "serialization")
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
             for name in sorted(rule.arguments)

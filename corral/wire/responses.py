@@ -267,3 +267,72 @@ class FileUpload(BaseModel):
 
     file: bytes
     purpose: str
+
+
+# -- Anthropic ------------------------------------------------------------------------------------------------
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicError(_Open):
+    """Every error under ``/v1/messages``: ``{"type": "error", "error": {"type", "message"}}``."""
+
+    type: Literal["error"]
+    error: AnthropicErrorDetail
+
+
+class AnthropicMessage(_Open):
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]
+    stop_reason: str | None
+    stop_sequence: str | None
+    usage: dict[str, Any]
+
+
+class AnthropicTokenCount(_Open):
+    input_tokens: int
+
+
+class AnthropicModelInfo(_Open):
+    type: Literal["model"]
+    id: str
+    display_name: str
+    created_at: str
+
+
+class AnthropicModelPage(_Open):
+    data: list[AnthropicModelInfo]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class MessageBatch(_Open):
+    id: str
+    type: Literal["message_batch"]
+    processing_status: Literal["in_progress", "canceling", "ended"]
+    request_counts: dict[str, int]
+    created_at: str
+    expires_at: str
+    ended_at: str | None
+    cancel_initiated_at: str | None
+    archived_at: str | None
+    results_url: str | None
+
+
+class MessageBatchPage(_Open):
+    data: list[MessageBatch]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class MessageBatchDeleted(_Open):
+    id: str
+    type: Literal["message_batch_deleted"]
