@@ -30,6 +30,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.openai import bp as openai_bp
     from api.openai_batch import bp as openai_batch_bp
     from api.rerank import bp as rerank_bp
+    from api.responses import bp as responses_bp
 
     settings = settings or Settings()
     app = Flask(__name__)
@@ -54,6 +55,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(jobs_bp)
     app.register_blueprint(openai_bp)
     app.register_blueprint(openai_batch_bp)
+    app.register_blueprint(responses_bp)
     app.register_blueprint(anthropic_bp)
     app.register_blueprint(rerank_bp)
     app.register_blueprint(openapi.bp)

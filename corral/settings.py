@@ -313,6 +313,13 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CORRAL_RESULT_CACHE_TTL", "result_cache_ttl"),
         description="Seconds a deterministic request's result serves jobs submitted with `cache: true`; 0: off.",
     )
+    responses_ttl: int = Field(
+        30 * 24 * 3600,
+        gt=0,
+        validation_alias=AliasChoices("CORRAL_RESPONSES_TTL", "responses_ttl"),
+        description="Seconds a stored `/v1/responses` response (`store: true`) is kept for retrieval and "
+        "`previous_response_id` (default 30 days).",
+    )
     result_cache_shared: bool = Field(
         False,
         validation_alias=AliasChoices("CORRAL_RESULT_CACHE_SHARED", "result_cache_shared"),

@@ -229,3 +229,20 @@ class KeyUsage(Base):
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     generated_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     embed_inputs: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class StoredResponse(Base):
+    """A ``/v1/responses`` response kept with ``store: true`` (jobs/responses.py): the Response object, the input
+    items it was given (its own, not its chain's), and the response it continues; gone after ``expires_at``."""
+
+    __tablename__ = "responses"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    model: Mapped[str] = mapped_column(String(400))
+    status: Mapped[str] = mapped_column(String(16))
+    previous_id: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    input_items: Mapped[list[Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, suspect_key
 from corral.settings import Settings
-from jobs import dedup, dispatch, queueing, transitions
+from jobs import dedup, dispatch, queueing, responses, transitions
 from jobs.db import sessions
 from jobs.models import JobStatus, utcnow
 from jobs.queueing import enqueue_chunks
@@ -72,10 +72,11 @@ class Reconciler:
             requeued = self._sweep(startup)
             # Webhooks are not sent here but by jobs.webhooks.Sender, in a thread of its own: this sweep runs on the
             # heartbeat thread, which a slow receiver must not hold up.
-            if time.monotonic() >= self._next_prune:  # results past CORRAL_RESULT_CACHE_TTL go, hourly
+            if time.monotonic() >= self._next_prune:  # cached results and stored responses past their TTLs go, hourly
                 self._next_prune = time.monotonic() + 3600
                 with self.sessions() as session:
                     dedup.prune(session, self.settings.result_cache_ttl)
+                    responses.purge(session)  # stored /v1/responses past CORRAL_RESPONSES_TTL
                     session.commit()
             return requeued
         finally:

@@ -336,3 +336,32 @@ class MessageBatchPage(_Open):
 class MessageBatchDeleted(_Open):
     id: str
     type: Literal["message_batch_deleted"]
+
+
+class ResponseObject(_Open):
+    """``/v1/responses``: a Response (the fields openai-python's ``Response`` requires)."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: str
+    model: str
+    output: list[dict[str, Any]]
+    parallel_tool_calls: bool
+    tool_choice: str | dict[str, Any]
+    tools: list[dict[str, Any]]
+    usage: dict[str, Any] | None
+
+
+class ResponseDeleted(_Open):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: bool
+
+
+class InputItemList(_Open):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

@@ -1,0 +1,123 @@
+"""OpenAI's Responses API: ``POST /v1/responses`` (JSON or server-sent events), and the stored responses'
+``GET``, ``DELETE`` and ``GET .../input_items``.
+
+A request becomes one native chat request, built as every route's is (``Inference.request``, so
+corral/requests.py), from the conversation: the ``previous_response_id`` chain's items (jobs/responses.py), then
+the new input (corral/wire/openai_responses.py).  ``tool_choice`` shapes its tools and format
+(corral/toolchoice.py).  The reply becomes output items, or the stream's events
+(corral/wire/openai_responses_output.py); with ``store`` it is kept, owned by the calling key.  Errors before
+the first byte are OpenAI's error object with their status; after it, a ``response.failed`` event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, request, stream_with_context
+
+from api.auth import creator, owner
+from api.errors import dumps, json_response
+from api.inference import collect
+from api.openapi import SSE, documented
+from api.services import services
+from api.streaming import SSE_MIMETYPE, prime
+from corral.errors import BadRequest
+from corral.toolchoice import ToolChoice
+from corral.wire import responses as R
+from corral.wire.ollama import decode_json
+from corral.wire.openai import parse_request
+from corral.wire.openai_responses import ResponsesRequest, conversation, normalize_items
+from corral.wire.openai_responses_output import Draft, stream_events
+from jobs.responses import ResponseStore
+
+bp = Blueprint("responses", __name__)
+
+
+def _store() -> ResponseStore:
+    return ResponseStore(services().settings)
+
+
+@bp.post("/v1/responses")
+@documented(body=ResponsesRequest, response=R.ResponseObject, stream=SSE)
+def create() -> Response:
+    req: ResponsesRequest = parse_request(ResponsesRequest, decode_json(request.get_data()))
+    req.check()
+    items = normalize_items(req.input)
+    history = _store().history(req.previous_response_id, owner()) if req.previous_response_id else []
+    messages = conversation([*history, *items], req.instructions)
+    plan = ToolChoice.from_openai(req.tool_choice).constrain(req.native_tools(), req.native_format())
+    svc = services().inference
+    record = svc.generation_model(req.model, "chat", think=req.think(), tools=bool(plan.tools),
+                                  images=any(m.get("images") for m in messages))
+    job = svc.request(
+        record, req.model, "chat", messages=messages, options=req.native_options(), format=plan.format,
+        keep_alive=req.keep_alive, tools=plan.tools, think=req.think(), truncate=req.truncate(),
+        **req.native_logprobs(),
+    )
+    chunks = svc.generation(job, "chat")
+    draft, who = Draft(req), creator()
+
+    def keep(body: dict[str, Any]) -> None:
+        if req.store:
+            _store().save(body, items, owner=who)
+
+    if not req.stream:
+        final = collect(chunks, "chat")
+        message = final["message"]
+        content, calls = plan.reply(message["content"], message.get("tool_calls") or [])
+        body = draft.final(final, content, calls, message.get("thinking", ""), final.get("logprobs") or [])
+        keep(body)
+        return json_response(body)
+    first = prime(chunks)  # an error before any output keeps its own status
+    return _sse(stream_events(draft, _chain(first, chunks), plan, keep))
+
+
+def _chain(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    try:
+        yield first
+        yield from rest
+    finally:
+        rest.close()  # type: ignore[attr-defined]
+
+
+def _sse(events: Iterator[dict[str, Any]]) -> Response:
+    """The Responses stream: ``event: <type>`` and ``data: <json>`` per event, no ``[DONE]`` (the terminal event
+    ends it; stream_events turns any failure into ``response.failed``)."""
+    def body() -> Iterator[str]:
+        try:
+            for event in events:
+                yield f"event: {event['type']}\ndata: {dumps(event)}\n\n"
+        finally:
+            events.close()  # type: ignore[attr-defined]
+
+    resp = Response(stream_with_context(body()), mimetype=SSE_MIMETYPE)
+    resp.headers["Cache-Control"] = "no-cache"
+    resp.headers["X-Accel-Buffering"] = "no"
+    return resp
+
+
+@bp.get("/v1/responses/<response_id>")
+@documented(response=R.ResponseObject, query=(("include[]", "string"), ("stream", "boolean")))
+def retrieve(response_id: str) -> Response:
+    if request.args.get("stream", "false").lower() == "true":
+        raise BadRequest("only a background response can be streamed again", param="stream")
+    return json_response(_store().get(response_id, owner()))
+
+
+@bp.delete("/v1/responses/<response_id>")
+@documented(response=R.ResponseDeleted)
+def delete(response_id: str) -> Response:
+    return json_response(_store().delete(response_id, owner()))
+
+
+@bp.get("/v1/responses/<response_id>/input_items")
+@documented(response=R.InputItemList, query=(("after", "string"), ("limit", "integer"), ("order", "string")))
+def input_items(response_id: str) -> Response:
+    try:
+        limit = int(request.args.get("limit", "20"))
+    except ValueError as exc:
+        raise BadRequest("limit must be an integer", param="limit") from exc
+    page = _store().input_items(response_id, owner(), after=request.args.get("after") or None, limit=limit,
+                                order=request.args.get("order", "desc"))
+    return json_response(page)

@@ -1,0 +1,116 @@
+"""Stored ``/v1/responses`` responses (``store: true``, OpenAI's default), owned by the API key that made them.
+
+A row keeps the Response object as it was sent, the input items the request gave (with their ids, for
+``GET /v1/responses/{id}/input_items``) and the id of the response it continued.  ``previous_response_id``
+walks those links back: the conversation is every ancestor's input and output, oldest first, then the new
+input (OpenAI's rule; ``instructions`` are per request and not inherited).  So each row holds only its own turn,
+and a chain of N turns costs N small reads, never a copy of the whole history per turn.
+
+A row another key made is not found (404, never 403: ids are not confirmed to exist); so is one past its
+``expires_at`` (``CORRAL_RESPONSES_TTL``), and the reconciler's hourly sweep deletes those (:func:`purge`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from corral.errors import BadRequest
+from corral.settings import Settings
+from corral.wire.openai_responses import PreviousResponseNotFound, ResponseNotFound
+from jobs.db import sessions
+from jobs.models import StoredResponse, as_utc, utcnow
+
+MAX_CHAIN = 1000  # responses a previous_response_id may reach back through
+PAGE_LIMIT = 100
+
+
+@dataclass
+class ResponseStore:
+    """Save, read, chain, page and delete stored responses."""
+
+    settings: Settings
+
+    def _session(self) -> Session:
+        return sessions(self.settings)()
+
+    def _row(self, session: Session, ident: str, owner: str | None) -> StoredResponse | None:
+        row = session.get(StoredResponse, ident)
+        if row is None or (owner is not None and row.owner != owner) or as_utc(row.expires_at) <= utcnow():
+            return None
+        return row
+
+    def save(self, body: dict[str, Any], input_items: list[dict[str, Any]], *, owner: str | None) -> None:
+        """Keep a finished (or failed) response; saving it again (the same id) replaces it."""
+        with self._session() as session:
+            session.merge(StoredResponse(
+                id=body["id"], owner=owner, model=str(body.get("model", ""))[:400], status=body["status"],
+                previous_id=body.get("previous_response_id"), body=body, input_items=input_items,
+                created_at=utcnow(), expires_at=utcnow() + timedelta(seconds=self.settings.responses_ttl),
+            ))
+            session.commit()
+
+    def get(self, ident: str, owner: str | None) -> dict[str, Any]:
+        with self._session() as session:
+            row = self._row(session, ident, owner)
+            if row is None:
+                raise ResponseNotFound(ident)
+            return dict(row.body)
+
+    def history(self, ident: str, owner: str | None) -> list[dict[str, Any]]:
+        """The items of the conversation ``ident`` ends: each ancestor's input then output, oldest first."""
+        turns: list[list[dict[str, Any]]] = []
+        with self._session() as session:
+            current: str | None = ident
+            while current is not None:
+                if len(turns) >= MAX_CHAIN:
+                    raise BadRequest(f"previous_response_id reaches back through more than {MAX_CHAIN} responses",
+                                     param="previous_response_id")
+                row = self._row(session, current, owner)
+                if row is None:  # the named one, or an ancestor since deleted or expired
+                    raise PreviousResponseNotFound(current)
+                turns.append([*row.input_items, *(row.body.get("output") or [])])
+                current = row.previous_id
+        return [item for turn in reversed(turns) for item in turn]
+
+    def input_items(self, ident: str, owner: str | None, *, after: str | None = None, limit: int = 20,
+                    order: str = "desc") -> dict[str, Any]:
+        """A page of the response's input items, as OpenAI pages them (``after`` an item id, newest first)."""
+        if order not in ("asc", "desc"):
+            raise BadRequest("order must be 'asc' or 'desc'", param="order")
+        if not 1 <= limit <= PAGE_LIMIT:
+            raise BadRequest(f"limit must be between 1 and {PAGE_LIMIT}", param="limit")
+        with self._session() as session:
+            row = self._row(session, ident, owner)
+            if row is None:
+                raise ResponseNotFound(ident)
+            items = list(row.input_items)
+        if order == "desc":
+            items.reverse()
+        if after is not None:
+            at = next((i for i, item in enumerate(items) if item.get("id") == after), None)
+            if at is None:
+                raise BadRequest(f"No input item with id '{after}' in response '{ident}'", param="after")
+            items = items[at + 1:]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
+    def delete(self, ident: str, owner: str | None) -> dict[str, Any]:
+        with self._session() as session:
+            row = self._row(session, ident, owner)
+            if row is None:
+                raise ResponseNotFound(ident)
+            session.delete(row)
+            session.commit()
+        return {"id": ident, "object": "response.deleted", "deleted": True}
+
+
+def purge(session: Session) -> int:
+    """Delete the responses past their ``expires_at`` (the reconciler's hourly sweep); returns how many."""
+    result = session.execute(delete(StoredResponse).where(StoredResponse.expires_at <= utcnow()))
+    return int(getattr(result, "rowcount", 0) or 0)
