@@ -185,6 +185,10 @@ class _Stream:
         except Exception as exc:
             if not isinstance(exc, CorralError):
                 log.exception("responses stream failed")
+            for item in self.items:
+                if item["type"] == "message":
+                    item["status"] = "incomplete"
+            yield from self.close()  # what was sent stays in the response, whole
             failed = draft.envelope("failed", self.items, error=failure(exc))
             self.finish(failed)
             yield ev("response.failed", response=failed)
