@@ -44,7 +44,7 @@ def test_show_has_model_info(client: FlaskClient) -> None:
 
 def test_tags_carry_capabilities_and_images_are_refused_never_dropped(client: FlaskClient) -> None:
     by_name = {m["name"]: m for m in client.get("/api/tags").get_json()["models"]}
-    assert by_name["smollm2:latest"]["capabilities"] == ["completion"]  # its chat template takes no tools
+    assert by_name["smollm2:latest"]["capabilities"] == ["completion", "tools"]  # Ollama's library TEMPLATE reads .Tools
     assert by_name["all-minilm:latest"]["capabilities"] == ["embedding"]
     refused = f"{MODEL}:latest does not support vision: the request has images"
     r = client.post("/api/generate", json={"model": MODEL, "prompt": "What is in the picture?", "images": ["iVBORw0KGgo="]})

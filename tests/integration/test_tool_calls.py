@@ -22,6 +22,7 @@ from corral.modelstore.store import ModelStore
 from corral.settings import Settings
 from harness.stack import Stack, wait_for
 from tests.ggufs import with_metadata
+from tests.helpers import CHATML_TEMPLATE
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-tools"
@@ -151,8 +152,13 @@ def test_openai_batch_lines_with_tools_come_back_as_calls(base_url: str, tools_m
     assert call["type"] == "function" and call["function"]["name"] == "get_weather"
     assert "city" in json.loads(call["function"]["arguments"])
     assert out["prose"]["finish_reason"] in ("stop", "length") and out["prose"]["message"]["content"]
-    # a model without the tools capability fails the batch at the first line that offers tools
-    refused = client.batches.retrieve(batch_of(line("a", "smollm2", tools=None), line("b", "smollm2")))
+    # a model without the tools capability (a ChatML TEMPLATE that never reads .Tools) fails the batch at the
+    # first line that offers tools
+    r = httpx.post(base_url + "/api/create", json={"model": "smollm2-untooled", "from": "smollm2",
+                                                   "template": CHATML_TEMPLATE, "stream": False}, timeout=60)
+    assert r.status_code == 200, r.text
+    refused = client.batches.retrieve(batch_of(line("a", "smollm2-untooled", tools=None), line("b", "smollm2-untooled")))
     assert refused.status == "failed"
     error = refused.errors.data[0]  # type: ignore[union-attr]
     assert error.line == 2 and error.param == "body.tools" and "does not support tools" in (error.message or "")
+    httpx.request("DELETE", base_url + "/api/delete", json={"model": "smollm2-untooled"}, timeout=30)
