@@ -43,6 +43,8 @@ from corral.wire.openai import (
     from_native_final,
     parse_request,
 )
+from corral.wire.openai_responses import batch_body
+from corral.wire.openai_responses_output import batch_response
 from corral.wire.rerank import rerank_reply
 from jobs.db import sessions
 from jobs.files import FileStore, cursor_page, epoch, new_file_id
@@ -55,7 +57,7 @@ if TYPE_CHECKING:
     from jobs.keys import Principal
 
 ENDPOINT_KINDS = {"/v1/chat/completions": "chat", "/v1/completions": "generate", "/v1/embeddings": "embed",
-                  "/v1/rerank": "rerank"}
+                  "/v1/rerank": "rerank", "/v1/responses": "chat"}
 MAX_ERRORS = 1000
 WINDOW = timedelta(hours=24)
 
@@ -108,6 +110,8 @@ def parse_line(endpoint: str, raw: bytes) -> tuple[str, str, dict[str, Any]]:
 
 
 def _native_body(endpoint: str, body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    if endpoint == "/v1/responses":
+        return batch_body(body)  # the item holds a native chat, and the settings its Response echoes
     if endpoint == "/v1/chat/completions":
         chat: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
         native: dict[str, Any] = {"messages": chat.native_messages(), "options": chat.native_options(),
@@ -412,6 +416,9 @@ def _output_line(job_id: str, kind: str, model: str, item: Item, expired: bool =
         vectors = np.frombuffer(item.embedding or b"", dtype="<f4").reshape(-1, dims)
         body = embedding_list(model, vectors, (item.input or {}).get("openai_encoding", "float"),
                               int(output.get("prompt_eval_count", 0)))
+    elif "responses" in (item.input or {}):  # a /v1/responses line
+        body = batch_response(item.input["responses"], output, f"resp_{job_id.removeprefix('batch_')}{item.seq:08x}",
+                              created)
     else:
         body = from_native_final(kind, model, output, created)
         body["id"] = ("chatcmpl-" if kind == "chat" else "cmpl-") + f"{item.seq}"

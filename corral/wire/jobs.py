@@ -186,7 +186,7 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     input_file_id: str = Field(min_length=1)
-    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank"]
+    endpoint: Literal["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/rerank", "/v1/responses"]
     completion_window: Literal["24h"]
     metadata: dict[str, str] | None = None
     webhook_url: str | None = Field(None, description="corral: where batch.completed (etc.) is POSTed, signed.")

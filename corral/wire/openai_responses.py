@@ -28,8 +28,9 @@ from pydantic import ConfigDict, Field, field_validator
 from corral.errors import BadRequest, NotFound
 from corral.options import parse_options
 from corral.thinking import think_from_effort
+from corral.toolchoice import ToolChoice
 from corral.wire.ollama import check_schema_budget
-from corral.wire.openai import _OpenAIRequest, image_data
+from corral.wire.openai import _OpenAIRequest, image_data, parse_request
 
 MAX_INPUT_ITEMS = 10_000
 MAX_TOOLS = 512
@@ -363,3 +364,28 @@ def _text_and_images(parts: list[dict[str, Any]]) -> tuple[str, list[str]]:
         else:
             texts.append(str(part.get("text", part.get("refusal", ""))))
     return "".join(texts), images
+
+
+# -- batch lines --------------------------------------------------------------------------------------------
+
+ECHOED = ("model", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text", "reasoning",
+          "max_output_tokens", "temperature", "top_p", "top_logprobs", "metadata", "truncation", "include")
+
+
+def batch_body(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A ``/v1/responses`` line of an OpenAI batch -> (model, the native chat item body), as the sync route
+    builds it; ``responses`` keeps the settings its Response echoes (the job's result is rendered from them,
+    corral/wire/openai_responses_output.py :func:`batch_response`).  A batch line cannot chain or stream."""
+    req: ResponsesRequest = parse_request(ResponsesRequest, body)
+    req.check()
+    if req.previous_response_id:
+        raise BadRequest("previous_response_id is not supported in a batch: send the whole input",
+                         param="previous_response_id")
+    plan = ToolChoice.from_openai(req.tool_choice).constrain(req.native_tools(), req.native_format())
+    native: dict[str, Any] = {"messages": conversation(normalize_items(req.input), req.instructions),
+                              "options": req.native_options(), **req.native_logprobs(),
+                              "responses": {k: v for k, v in body.items() if k in ECHOED}}
+    for key, value in (("think", req.think()), ("tools", plan.tools), ("format", plan.format)):
+        if value is not None:
+            native[key] = value
+    return req.model, native

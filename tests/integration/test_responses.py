@@ -208,3 +208,22 @@ def test_agents_sdk_runner_completes_a_function_tool_round_trip(base_url: str, t
     assert isinstance(result.final_output, str) and result.final_output
     kinds = [item.type for item in result.new_items]
     assert kinds[:2] == ["tool_call_item", "tool_call_output_item"] and kinds[-1] == "message_output_item"
+
+
+def test_a_batch_of_responses_lines_answers_as_the_sync_route(oai: OpenAI) -> None:
+    from tests.integration.test_openai import jsonl, upload, wait_batch
+
+    body = {"model": MODEL, "input": "Name a fruit.", "instructions": "One word.", **GREEDY}
+    lines = [{"custom_id": "fruit", "method": "POST", "url": "/v1/responses", "body": body},
+             {"custom_id": "chained", "method": "POST", "url": "/v1/responses",
+              "body": {**body, "previous_response_id": "resp_x"}}]
+    failed = wait_batch(oai, oai.batches.create(input_file_id=upload(oai, lines), endpoint="/v1/responses",
+                                                completion_window="24h").id)
+    assert failed.status == "failed" and failed.errors.data[0].param == "body.previous_response_id"  # type: ignore[union-attr]
+    batch = oai.batches.create(input_file_id=upload(oai, lines[:1]), endpoint="/v1/responses", completion_window="24h")
+    done = wait_batch(oai, batch.id)
+    assert done.status == "completed", done
+    [line] = jsonl(oai.files.content(done.output_file_id).text)  # type: ignore[arg-type]
+    reply = Response.model_validate(line["response"]["body"])
+    assert reply.id.startswith("resp_") and reply.instructions == "One word."
+    assert reply.output_text == oai.responses.create(**body, store=False).output_text  # greedy: as the sync route
