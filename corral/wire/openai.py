@@ -326,6 +326,35 @@ def _choice_logprobs(logprobs: list[dict[str, Any]] | None) -> dict[str, Any]:
     return {"logprobs": {"content": logprobs}} if logprobs else {}
 
 
+def completion_logprobs(logprobs: list[dict[str, Any]] | None, offset: int = 0) -> dict[str, Any]:
+    """A legacy completion choice's ``logprobs``: OpenAI's own fields (``tokens``, ``token_logprobs``,
+    ``top_logprobs`` as token -> logprob maps, ``text_offset``), which the official client's ``Logprobs`` model
+    reads, beside the chat-style ``content`` that Ollama's OpenAI layer writes (clients written against Ollama
+    read that one).
+
+    A token's ``text_offset`` is where it starts in the choice's ``text`` (``offset`` is the length of the
+    tokens of earlier stream chunks), not in the prompt as well: corral has no ``echo``, and an OpenAI batch line
+    is answered without its prompt.  A map holds the alternatives asked for plus the chosen token when it is not
+    among them (up to n + 1 entries, as OpenAI's); two alternatives that read the same keep the likelier value.
+    """
+    if not logprobs:
+        return {}
+    tokens, values, tops, offsets = [], [], [], []
+    for entry in logprobs:
+        token = str(entry.get("token", ""))
+        top: dict[str, float] = {}
+        for alternative in entry.get("top_logprobs") or []:
+            top.setdefault(str(alternative.get("token", "")), float(alternative["logprob"]))
+        top.setdefault(token, float(entry["logprob"]))
+        tokens.append(token)
+        values.append(float(entry["logprob"]))
+        tops.append(top)
+        offsets.append(offset)
+        offset += len(token)
+    return {"logprobs": {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets,
+                         "content": logprobs}}
+
+
 def text_completion(
     model: str, text: str, done_reason: str | None, prompt_tokens: int, completion_tokens: int,
     *, created: int | None = None, ident: str | None = None, logprobs: list[dict[str, Any]] | None = None,
@@ -336,7 +365,8 @@ def text_completion(
         "created": created or int(time.time()),
         "model": model,
         "system_fingerprint": FINGERPRINT,
-        "choices": [{"text": text, "index": 0, "finish_reason": finish_reason(done_reason), **_choice_logprobs(logprobs)}],
+        "choices": [{"text": text, "index": 0, "finish_reason": finish_reason(done_reason),
+                     **completion_logprobs(logprobs)}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
@@ -395,10 +425,14 @@ def stream_chunks(
         "system_fingerprint": FINGERPRINT,
     }
     zero = {"usage": usage(0, 0)} if include_usage and shape == "generate" else {}
+    offset = 0  # characters of the tokens streamed so far: a legacy chunk's text_offset continues from them
 
     def choice(text: str | None, reason: str | None, first: bool, logprobs: Any = None) -> dict[str, Any]:
+        nonlocal offset
         if shape == "generate":
-            return {"text": text or "", "index": 0, "finish_reason": reason, **_choice_logprobs(logprobs)}
+            legacy = completion_logprobs(logprobs, offset)
+            offset += sum(len(token) for token in legacy["logprobs"]["tokens"]) if legacy else 0
+            return {"text": text or "", "index": 0, "finish_reason": reason, **legacy}
         delta: dict[str, Any] = {} if text is None else {"content": text}
         if first:
             delta = {"role": "assistant", "content": text or ""}

@@ -11,9 +11,11 @@ import httpx
 import numpy as np
 import pytest
 from openai import OpenAI
+from openai.types.completion_choice import Logprobs
 
 from corral.modelstore.store import ModelStore
 from corral.settings import Settings
+from corral.wire.openai import from_native_final, stream_chunks
 from tests.helpers import MODEL, results, submit, wait_done
 from workers.weights import choose_weights, derived_path
 
@@ -87,6 +89,58 @@ def test_streamed_chat_and_the_openai_shapes(base_url: str) -> None:
     chunks = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=4,
                                             temperature=0, logprobs=True, stream=True)
     assert sum(len(c.choices[0].logprobs.content or []) for c in chunks if c.choices and c.choices[0].logprobs) == 4
+
+
+def test_legacy_completions_carry_openais_own_fields(base_url: str) -> None:
+    """/v1/completions with ``logprobs: n``: the official client's Logprobs model gets tokens, token_logprobs,
+    top_logprobs (token -> logprob, the chosen one always among them) and text_offset, streamed or not; Ollama's
+    chat-style ``content`` stays beside them."""
+    client = OpenAI(base_url=base_url + "/v1", api_key="unused")
+    whole = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2)
+    choice = whole.choices[0]
+    assert isinstance(choice.logprobs, Logprobs)
+    raw = Logprobs.model_validate(choice.logprobs.model_dump())  # the fields as the SDK's model types them
+    tokens, values, tops, offsets = raw.tokens, raw.token_logprobs, raw.top_logprobs, raw.text_offset
+    assert tokens is not None and values is not None and tops is not None and offsets is not None
+    assert len(tokens) == len(values) == len(tops) == len(offsets) == whole.usage.completion_tokens == 4  # type: ignore[union-attr]
+    assert "".join(tokens) == choice.text
+    assert offsets == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]  # where each starts in text
+    for token, value, top in zip(tokens, values, tops):
+        assert 2 <= len(top) <= 3 and top[token] == value  # greedy: the chosen token is the likeliest
+        assert max(top.values()) == value and all(v <= 0 for v in top.values())
+    content = choice.logprobs.content  # type: ignore[attr-defined]
+    assert [c["token"] for c in content] == tokens and [c["logprob"] for c in content] == values
+
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=2, stream=True) if c.choices and c.choices[0].logprobs]
+    assert all(isinstance(lp, Logprobs) for lp in streamed)
+    assert [t for lp in streamed for t in lp.tokens or []] == tokens
+    assert [o for lp in streamed for o in lp.text_offset or []] == offsets  # offsets continue across chunks
+    assert [v for lp in streamed for v in lp.token_logprobs or []] == pytest.approx(values, abs=1e-3)
+    # Without logprobs there is no logprobs object; logprobs past 20 is OpenAI's 400.
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1, temperature=0)
+    assert plain.choices[0].logprobs is None
+    r = httpx.post(base_url + "/v1/completions", json={"model": MODEL, "prompt": "x", "logprobs": 21})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+
+
+def test_the_legacy_shape_of_a_batch_line_and_of_odd_alternatives() -> None:
+    """No processes: an OpenAI batch line's completion (from the stored native result) has the legacy fields too;
+    a sampled token outside the alternatives is added to its map (n + 1 entries, as OpenAI's), and of two
+    alternatives that read the same the likelier stays."""
+    entries = [
+        {"token": " Paris", "logprob": -2.5, "top_logprobs": [{"token": " the", "logprob": -0.5},
+                                                              {"token": " a", "logprob": -1.0}]},
+        {"token": ".", "logprob": -0.1, "top_logprobs": [{"token": ".", "logprob": -0.1}, {"token": ".", "logprob": -4.0}]},
+    ]
+    body = from_native_final("generate", MODEL, {"response": " Paris.", "eval_count": 2, "logprobs": entries}, 0)
+    legacy = Logprobs.model_validate(body["choices"][0]["logprobs"])
+    assert legacy.tokens == [" Paris", "."] and legacy.token_logprobs == [-2.5, -0.1] and legacy.text_offset == [0, 6]
+    assert legacy.top_logprobs == [{" the": -0.5, " a": -1.0, " Paris": -2.5}, {".": -0.1}]
+    native = [{"response": " Paris", "done": False, "logprobs": entries[:1]},
+              {"response": ".", "done": False, "logprobs": entries[1:]}, {"response": "", "done": True}]
+    chunks = [c["choices"][0].get("logprobs") for c in stream_chunks("generate", MODEL, False, iter(native))]
+    assert [c["text_offset"] for c in chunks if c] == [[0], [6]] and chunks[-1] is None
 
 
 def test_job_results_carry_them(base_url: str) -> None:
