@@ -25,6 +25,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Create and configure the API application."""
     from api import auth, console, errors, guards, metrics, openapi, scrape
     from api.anthropic import bp as anthropic_bp
+    from api.anthropic_batch import bp as anthropic_batch_bp
     from api.jobs import bp as jobs_bp
     from api.ollama import bp as ollama_bp
     from api.openai import bp as openai_bp
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(openai_batch_bp)
     app.register_blueprint(responses_bp)
     app.register_blueprint(anthropic_bp)
+    app.register_blueprint(anthropic_batch_bp)
     app.register_blueprint(rerank_bp)
     app.register_blueprint(openapi.bp)
     console.init_app(app)

@@ -33,16 +33,8 @@ from corral.modelstore.store import ModelRecord
 from corral.protocol import cancel_key
 from corral.timefmt import rfc3339
 from corral.wire import responses as R
-from corral.wire.anthropic import (
-    CountTokensRequest,
-    MessagesRequest,
-    Native,
-    Reply,
-    context_cap,
-    error_of,
-    parse,
-    sse_event,
-)
+from corral.wire.anthropic import CountTokensRequest, MessagesRequest, Native, context_cap, parse
+from corral.wire.anthropic_reply import Reply, error_of, sse_event
 from corral.wire.ollama import decode_json
 
 bp = Blueprint("anthropic", __name__)

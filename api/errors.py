@@ -19,7 +19,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from corral.errors import CorralError, RateLimited
-from corral.wire.anthropic import error_body as anthropic_body
+from corral.wire.anthropic_reply import error_body as anthropic_body
 from corral.wire.openai import error_body
 
 log = logging.getLogger(__name__)
