@@ -25,7 +25,8 @@ from api.openapi import documented
 from api.services import services
 from jobs.db import sessions
 from jobs.keys import Principal
-from jobs.models import Chunk, ChunkState, Item, ItemState
+from jobs.models import Chunk, ChunkState
+from jobs.readstates import counts_by_state
 
 bp = Blueprint("metrics", __name__)
 ADMIN_ONLY = frozenset({"corral_key_tokens"})  # families whose labels name keys
@@ -56,7 +57,7 @@ class StateCollector(Collector):
                 select(Chunk.model_digest, Chunk.state, func.count()).where(Chunk.state != ChunkState.DONE)
                 .group_by(Chunk.model_digest, Chunk.state)
             ).all()
-            items = session.execute(select(Item.state, func.count()).group_by(Item.state)).all()
+            counts = counts_by_state(session)  # as read: a stopped job's pending items are cancelled
         batch: dict[tuple[str, str], int] = {}
         for digest, state, n in chunks:  # chunks of a model deleted since are its jobs' to finish: "unknown"
             labels = (records.get(digest, UNKNOWN), str(state))
@@ -65,8 +66,6 @@ class StateCollector(Collector):
             waiting.add_metric([name, "batch", state], n)
         yield waiting
         by_state = GaugeMetricFamily("corral_job_items", "Batch-job items by state", labels=["state"])
-        counts = dict.fromkeys(ItemState.ALL, 0)
-        counts.update({state: int(n) for state, n in items})
         for state, n in counts.items():
             by_state.add_metric([state], n)
         yield by_state

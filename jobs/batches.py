@@ -51,6 +51,7 @@ from jobs.files import FileStore, cursor_page, epoch, new_file_id
 from jobs.ids import openai_id
 from jobs.ingest import MAX_LINE_BYTES
 from jobs.models import Item, ItemState, Job, JobStatus, StoredFile, utcnow
+from jobs.readstates import reads_as, stored_states
 from jobs.service import JobService, item_counts
 
 if TYPE_CHECKING:
@@ -300,7 +301,7 @@ class BatchService:
 
     def _view(self, session: Session, job: Job) -> dict[str, Any]:
         info = job.meta["openai_batch"]
-        counts, (prompt_tokens, completion_tokens) = item_counts(session, job.id)
+        counts, (prompt_tokens, completion_tokens) = item_counts(session, job.id, job.status)
         status = dict.fromkeys(JobStatus.ACTIVE, "in_progress").get(job.status, job.status)
         if job.status == JobStatus.CANCELLED and counts[ItemState.RUNNING]:
             status = "cancelling"
@@ -374,8 +375,9 @@ class BatchService:
             job = session.get(Job, job_id)
             if job is None:
                 return
-            kind, model, expired = job.kind, job.model, job.status == JobStatus.EXPIRED
-        states = (ItemState.SUCCEEDED,) if role == "output" else (ItemState.FAILED, ItemState.CANCELLED)
+            kind, model, expired, status = job.kind, job.model, job.status == JobStatus.EXPIRED, job.status
+        states = stored_states((ItemState.SUCCEEDED,) if role == "output" else (ItemState.FAILED, ItemState.CANCELLED),
+                               status)  # as read: a stopped job's pending items are cancelled
         last = -1
         while True:
             with self._session() as session:
@@ -387,21 +389,25 @@ class BatchService:
                 return
             for item in page:
                 last = item.seq
-                yield (json.dumps(_output_line(job_id, kind, model, item, expired), separators=(",", ":")) + "\n").encode()
+                line = _output_line(job_id, kind, model, item, expired, reads_as(item.state, status))
+                yield (json.dumps(line, separators=(",", ":")) + "\n").encode()
 
 
-def _output_line(job_id: str, kind: str, model: str, item: Item, expired: bool = False) -> dict[str, Any]:
+def _output_line(
+    job_id: str, kind: str, model: str, item: Item, expired: bool = False, state: str | None = None
+) -> dict[str, Any]:
+    state = state or item.state  # as read (jobs/readstates.py)
     ident = f"batch_req_{job_id.removeprefix('batch_')}{item.seq:08x}"
     request_id = f"req_{job_id.removeprefix('batch_')}{item.seq:08x}"
     line: dict[str, Any] = {"id": ident, "custom_id": item.custom_id, "response": None, "error": None}
-    if item.state == ItemState.CANCELLED and expired:
+    if state == ItemState.CANCELLED and expired:
         line["error"] = {"code": "batch_expired",
                          "message": "This request could not be executed before the completion window expired."}
         return line
-    if item.state == ItemState.CANCELLED:
+    if state == ItemState.CANCELLED:
         line["error"] = {"code": "batch_cancelled", "message": "This request was cancelled before it completed."}
         return line
-    if item.state == ItemState.FAILED:
+    if state == ItemState.FAILED:
         status = int((item.output or {}).get("status_code", 500))
         kind_name = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
         line["response"] = {"status_code": status, "request_id": request_id,

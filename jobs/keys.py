@@ -27,6 +27,7 @@ from corral.errors import BadRequest, Conflict, NotFound
 from corral.modelstore.store import DEFAULT_TAG, ModelName
 from corral.settings import Settings
 from corral.timefmt import duration_seconds
+from jobs import readstates
 from jobs.db import sessions
 from jobs.ids import new_id
 from jobs.models import ApiKey, Item, Job, KeyUsage, utcnow
@@ -220,11 +221,12 @@ class KeyStore:
                 entry = table.setdefault((row.key_id, row.day.isoformat()), _usage_entry())
                 for name in USAGE_FIELDS:
                     entry[name] += getattr(row, name)
-            day = func.date(Item.finished_at)
+            finished = readstates.finished_at()  # a stopped job's pending items finished when it stopped
+            day = func.date(finished)
             batch = (select(Job.owner, day, func.count(Item.id), func.coalesce(func.sum(Item.prompt_tokens), 0),
                             func.coalesce(func.sum(Item.completion_tokens), 0))
                      .join(Job, Job.id == Item.job_id)
-                     .where(Item.finished_at.is_not(None), Item.finished_at >= datetime.combine(since, time.min),
+                     .where(finished.is_not(None), finished >= datetime.combine(since, time.min),
                             Job.owner.is_not(None))
                      .group_by(Job.owner, day))
             if key_id:

@@ -18,6 +18,9 @@ lock lets one worker sweep at a time.  It never runs an item itself: it only put
    (:mod:`jobs.queueing`), and what finished stays in the output file.
 5. A stop noted in Redis whose purge did not finish (the API process died between its commit and its purge):
    its chunk messages are taken out of the broker now.
+6. A stopped job's items still stored ``pending`` (a stop does not write them: they read as cancelled,
+   :mod:`jobs.readstates`) are written ``cancelled``, :data:`SETTLE_BATCH` per transaction and for at most
+   :data:`SETTLE_SECONDS` a sweep, so the table converges without one long statement holding the database.
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ from jobs.stopping import stop_jobs
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "corral:reconcile:lock"
+# Settling a stopped job's pending items: rows per transaction (~0.15 s on PostgreSQL, whose five indexes on
+# job_items each take a new entry per row) and seconds per sweep (a million items settle in a few minutes).
+SETTLE_BATCH = 5000
+SETTLE_SECONDS = 1.0
 
 
 class Reconciler:
@@ -70,6 +77,7 @@ class Reconciler:
             return 0
         try:
             requeued = self._sweep(startup)
+            self.settle()
             # Webhooks are not sent here but by jobs.webhooks.Sender, in a thread of its own: this sweep runs on the
             # heartbeat thread, which a slow receiver must not hold up.
             if time.monotonic() >= self._next_prune:  # cached results and stored responses past their TTLs go, hourly
@@ -119,6 +127,24 @@ class Reconciler:
         for digest in held:  # a backstop: chunks close and jobs stop with a dispatch of their own
             dispatch.send_next(self.sessions, self.celery, self.redis, digest)
         return len(requeue)
+
+    def settle(self, budget: float = SETTLE_SECONDS, batch: int = SETTLE_BATCH) -> int:
+        """Write stopped jobs' pending items as cancelled, a batch per commit, until none is left or ``budget``
+        seconds have passed; how many."""
+        started = time.monotonic()
+        settled = 0
+        with self.sessions() as session:
+            for job_id in transitions.unsettled_jobs(session):
+                session.commit()  # the list's read ends its transaction; each batch is one of its own
+                while time.monotonic() - started < budget:
+                    n = transitions.settle_batch(session, job_id, batch)
+                    session.commit()
+                    settled += n
+                    if n < batch:
+                        break
+                if time.monotonic() - started >= budget:
+                    break
+        return settled
 
     def _finish_purges(self, session: Session) -> None:
         """Stops noted in Redis whose messages may still be queued (the API process that stopped the job died

@@ -31,7 +31,7 @@ from corral.timefmt import duration_seconds, rfc3339
 from corral.wire.jobs import JOB_KINDS
 from corral.wire.ollama import check_context
 from corral.wire.rerank import rerank_reply
-from jobs import dedup, dispatch, dryrun, grouping, transitions, webhooks
+from jobs import dedup, dispatch, dryrun, grouping, readstates, transitions, webhooks
 from jobs.db import sessions
 from jobs.ids import chunk_id_maker, new_id
 from jobs.keys import Principal
@@ -202,9 +202,10 @@ class JobService:
 
     @staticmethod
     def _queued_items(session: Session, owner: str) -> int:
-        """Items of the owner's jobs that are still to run (pending or running)."""
+        """Items of the owner's jobs that are still to run (pending or running, as read: a stopped job's pending
+        items are cancelled)."""
         query = (select(func.count(Item.id)).join(Job, Job.id == Item.job_id)
-                 .where(Job.owner == owner, Item.state.in_(ItemState.OPEN)))
+                 .where(Job.owner == owner, readstates.state_in(ItemState.OPEN)))
         return int(session.scalar(query) or 0)
 
     # -- reading ----------------------------------------------------------------------------------------
@@ -237,7 +238,7 @@ class JobService:
         items or more that is still open, at most once per :data:`COUNTS_CACHE_MS` (shared through Redis), so
         polling a million-item job stays cheap; a small or ended job's counts are always exact."""
         if job.item_count < COUNTS_CACHED_FROM or job.status not in JobStatus.ACTIVE:
-            return item_counts(session, job.id)
+            return item_counts(session, job.id, job.status)
         key = f"{KEY_PREFIX}counts:{job.id}"
         try:
             cached = self.broker.redis.get(key)
@@ -246,7 +247,7 @@ class JobService:
         if cached is not None:
             counts, tokens = json.loads(cached)
             return counts, (int(tokens[0]), int(tokens[1]))
-        counts, tokens = item_counts(session, job.id)
+        counts, tokens = item_counts(session, job.id, job.status)
         with contextlib.suppress(redis.RedisError):
             self.broker.redis.set(key, json.dumps([counts, list(tokens)]), px=COUNTS_CACHE_MS)
         return counts, tokens
@@ -322,7 +323,10 @@ class JobService:
             rows = session.execute(
                 select(bucket, func.count()).where(Item.job_id == job_id, Item.finished_at.is_not(None)).group_by(bucket)
             ).all()
+            # a stopped job's items still stored pending finished (cancelled) when it stopped: the last span
+            unsettled = readstates.unsettled_count(session, job_id) if job.status in JobStatus.STOPPED else 0
         counts = dict.fromkeys(range(buckets), 0)
+        counts[buckets - 1] += unsettled
         for n, count in rows:
             index = min(max(int(n or 0), 0), buckets - 1)
             counts[index] += int(count)
@@ -335,14 +339,14 @@ class JobService:
         """Result lines in input order (streamed from the database in pages)."""
         with self._session() as session:
             job = self._job(session, job_id, owner)
-            model, kind = job.model, job.kind
+            model, kind, status = job.model, job.kind, job.status
         if state is not None and state not in ItemState.ALL:
             raise BadRequest(f"state must be one of {', '.join(ItemState.ALL)}")
-        return self._result_lines(job_id, model, kind, offset, limit, state, include_input)
+        return self._result_lines(job_id, model, kind, offset, limit, state, include_input, status)
 
     def _result_lines(
         self, job_id: str, model: str, kind: str, offset: int, limit: int | None, state: str | None,
-        include_input: bool = False,
+        include_input: bool = False, job_status: str = JobStatus.QUEUED,
     ) -> Iterator[dict[str, Any]]:
         remaining = limit if limit is not None else None
         last_seq = -1
@@ -352,7 +356,7 @@ class JobService:
             with self._session() as session:
                 query = select(Item).where(Item.job_id == job_id, Item.seq > last_seq).order_by(Item.seq)
                 if state:
-                    query = query.where(Item.state == state)
+                    query = query.where(Item.state.in_(readstates.stored_states([state], job_status)))
                 if skip:
                     query = query.offset(skip)
                     skip = 0
@@ -361,7 +365,7 @@ class JobService:
                 return
             for item in items:
                 last_seq = item.seq
-                yield result_line(item, model, kind, include_input)
+                yield result_line(item, model, kind, include_input, job_status)
             if remaining is not None:
                 remaining -= len(items)
 
@@ -471,9 +475,12 @@ def check_item(record: ModelRecord, model: str, kind: str, body: dict[str, Any],
             raise BadRequest(f"item {n}: {exc.message}") from exc
 
 
-def result_line(item: Item, model: str, kind: str, include_input: bool = False) -> dict[str, Any]:
+def result_line(
+    item: Item, model: str, kind: str, include_input: bool = False, job_status: str = JobStatus.QUEUED
+) -> dict[str, Any]:
     """One line of /api/jobs/{id}/results: the sync endpoint's non-stream body, or the error, plus the item's
-    ``metadata`` when it had one and, on request, its ``input``."""
+    ``metadata`` when it had one and, on request, its ``input``; its state as read under a job of
+    ``job_status`` (:mod:`jobs.readstates`)."""
     response = item.output
     if kind == "rerank" and item.state == ItemState.SUCCEEDED and item.output is not None:
         response = rerank_reply(model, item.output)
@@ -488,7 +495,7 @@ def result_line(item: Item, model: str, kind: str, include_input: bool = False) 
     line = {
         "custom_id": item.custom_id,
         "index": item.seq,
-        "state": item.state,
+        "state": readstates.reads_as(item.state, job_status),
         "response": response if item.state == ItemState.SUCCEEDED else None,
         "error": item.error,
     }
@@ -502,11 +509,11 @@ def result_line(item: Item, model: str, kind: str, include_input: bool = False) 
     return line
 
 
-def item_counts(session: Session, job_id: str) -> tuple[dict[str, int], tuple[int, int]]:
-    """Items per state, and (prompt, completion) token totals: the job's progress, computed from its rows."""
-    counts = dict.fromkeys(ItemState.ALL, 0)
-    for state, n in session.execute(select(Item.state, func.count()).where(Item.job_id == job_id).group_by(Item.state)):
-        counts[state] = int(n)
+def item_counts(session: Session, job_id: str, job_status: str) -> tuple[dict[str, int], tuple[int, int]]:
+    """Items per state as read under a job of ``job_status`` (:mod:`jobs.readstates`), and (prompt, completion)
+    token totals: the job's progress, computed from its rows."""
+    stored = session.execute(select(Item.state, func.count()).where(Item.job_id == job_id).group_by(Item.state))
+    counts = readstates.fold_counts({state: int(n) for state, n in stored}, job_status)
     prompt, completion = session.execute(
         select(func.coalesce(func.sum(Item.prompt_tokens), 0), func.coalesce(func.sum(Item.completion_tokens), 0))
         .where(Item.job_id == job_id)

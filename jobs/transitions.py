@@ -11,7 +11,10 @@ win, and the loser learns it from the row count.  The rules:
   claim holds (state ``running`` and the same token), so no result is written twice or over another's;
 - a job is ``completed`` once no item is pending or running; a stopped job (cancelled, expired, failed) is never
   reopened except by :func:`requeue_failed` (retry);
-- stopping a job cancels its pending items; a running item is stopped by the caller's Redis flag between tokens.
+- stopping a job changes its row and its chunks' only, a bounded number of statements whatever its size: its
+  pending items stay stored ``pending`` and read as cancelled (:mod:`jobs.readstates`), no claim of one succeeds
+  (an item is claimed only under an active job), and the reconciler rewrites them later in bounded batches
+  (:func:`settle_batch`); a running item is stopped by the caller's Redis flag between tokens.
 
 Functions take an open :class:`~sqlalchemy.orm.Session` and leave the commit to the caller, which commits before
 it enqueues anything (SQL first, then the message).
@@ -23,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Table, bindparam, func, select, update
+from sqlalchemy import CursorResult, Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Update
 
@@ -88,15 +91,9 @@ def start_job(session: Session, job_id: str) -> None:
 
 def close_chunk(session: Session, chunk_id: str, attempt: str, job_id: str) -> None:
     """``running -> done`` for the attempt that holds the chunk.  Pending items left in it belong to a stopped
-    job and become cancelled; the job completes if that was its last open work."""
+    job and are written cancelled (they read so already); the job completes if that was its last open work."""
     now = utcnow()
-    stopped = select(Job.id).where(Job.id == job_id, Job.status.in_(JobStatus.STOPPED))
-    _changed(
-        session,
-        update(Item)
-        .where(Item.chunk_id == chunk_id, Item.state == ItemState.PENDING, Item.job_id.in_(stopped))
-        .values(state=ItemState.CANCELLED, finished_at=now)
-    )
+    _cancel_if_stopped(session, chunk_id, job_id)
     _changed(
         session,
         update(Chunk)
@@ -138,6 +135,8 @@ def release_chunk(session: Session, chunk_id: str, attempt: str, job_id: str, er
     the chunk is ``queued`` again and the caller enqueues it; else the chunk is done (and the job perhaps too).
     """
     now = utcnow()
+    # A stopped job's items do not go back (nor fail for its tries): cancelled, so the chunk is done below.
+    _cancel_if_stopped(session, chunk_id, job_id, attempt)
     mine = (Item.chunk_id == chunk_id, Item.state == ItemState.RUNNING, Item.claim == attempt)
     unclaimed = (Item.chunk_id == chunk_id, Item.state == ItemState.PENDING)
     _changed(session, update(Item).where(*unclaimed).values(attempts=Item.attempts + 1))
@@ -157,6 +156,21 @@ def release_chunk(session: Session, chunk_id: str, attempt: str, job_id: str, er
     if not retry:
         finish_job_if_done(session, job_id)
     return retry
+
+
+def _cancel_if_stopped(session: Session, chunk_id: str, job_id: str, attempt: str | None = None) -> None:
+    """A stopped job's pending items in the chunk (and those ``attempt`` holds) are written cancelled; a chunk's
+    worth of rows at most."""
+    stopped = select(Job.id).where(Job.id == job_id, Job.status.in_(JobStatus.STOPPED))
+    states = Item.state == ItemState.PENDING
+    if attempt is not None:
+        states = or_(states, and_(Item.state == ItemState.RUNNING, Item.claim == attempt))
+    _changed(
+        session,
+        update(Item)
+        .where(Item.chunk_id == chunk_id, states, Item.job_id.in_(stopped))
+        .values(state=ItemState.CANCELLED, claim=None, finished_at=utcnow())
+    )
 
 
 def running_chunks(session: Session) -> list[Chunk]:
@@ -188,8 +202,11 @@ def held_models(session: Session) -> list[str]:
 
 
 def chunk_ids(session: Session, job_id: str) -> list[str]:
-    """Every chunk of a job (whose Redis markers go when it stops)."""
-    return list(session.scalars(select(Chunk.id).where(Chunk.job_id == job_id)))
+    """The chunks of a job whose Redis markers go when it stops: those released to the broker (a chunk still held
+    has no marker: the dispatcher sets it when it sends the chunk, and takes the message back itself if the job
+    stopped meanwhile, jobs/queueing.py ``enqueue_chunks``).  All 62,500 of a million-item job were 62,500
+    Redis deletes in its cancel."""
+    return list(session.scalars(select(Chunk.id).where(Chunk.job_id == job_id, Chunk.held.is_(False))))
 
 
 # -- items ----------------------------------------------------------------------------------------------------
@@ -203,12 +220,12 @@ def pending_items(session: Session, chunk_id: str) -> list[int]:
 
 
 def claim_items(session: Session, item_ids: list[int], attempt: str) -> list[tuple[int, dict[str, Any]]]:
-    """``pending -> running`` under ``attempt`` (counting the attempt); (id, input) of those this attempt holds,
-    in input order."""
+    """``pending -> running`` under ``attempt`` (counting the attempt), only while the items' job is active (a
+    stopped job's pending items read as cancelled); (id, input) of those this attempt holds, in input order."""
     _changed(
         session,
         update(Item)
-        .where(Item.id.in_(item_ids), Item.state == ItemState.PENDING)
+        .where(Item.id.in_(item_ids), Item.state == ItemState.PENDING, Item.job_id.in_(_active_jobs()))
         .values(state=ItemState.RUNNING, claim=attempt, attempts=Item.attempts + 1, started_at=utcnow())
     )
     rows = session.execute(
@@ -264,10 +281,11 @@ def job_stopped(session: Session, job_id: str) -> bool:
 
 
 def stop_job(session: Session, job_id: str, status: str) -> bool:
-    """End an unfinished job early (``cancelled`` or ``expired``): its pending items become cancelled and its
-    queued chunks done, so no worker runs them and no queue count includes them; the caller then sets the Redis
-    flag that stops a running item between tokens and takes the chunks' messages out of the broker
-    (:func:`jobs.queueing.stopped`).  False if it had already ended."""
+    """End an unfinished job early (``cancelled`` or ``expired``): its queued chunks become done, so no worker
+    runs them and no queue count includes them, and its pending items read as cancelled from this commit on
+    (:mod:`jobs.readstates`; they are not written: three statements, whatever the job's size); the caller then
+    sets the Redis flag that stops a running item between tokens and takes the chunks' messages out of the
+    broker (:func:`jobs.queueing.stopped`).  False if it had already ended."""
     now = utcnow()
     stopped = _changed(
         session,
@@ -275,12 +293,6 @@ def stop_job(session: Session, job_id: str, status: str) -> bool:
     )
     if stopped:
         webhooks.queue_event(session, job_id)
-        _changed(
-            session,
-            update(Item)
-            .where(Item.job_id == job_id, Item.state == ItemState.PENDING)
-            .values(state=ItemState.CANCELLED, finished_at=now)
-        )
         _changed(
             session,
             update(Chunk)
@@ -346,7 +358,15 @@ def finish_done_jobs(session: Session) -> None:
 
 def requeue_failed(session: Session, job: Job, new_chunk_id: Callable[[], str]) -> list[str]:
     """Retry: a job's failed items go back to ``pending`` in new chunks and the job to ``queued``; returns the new
-    chunk ids (the caller enqueues them after the commit).  Only an ended job can be retried."""
+    chunk ids (the caller enqueues them after the commit).  Only an ended job can be retried.
+
+    A stopped job's items still stored ``pending`` would read as pending again once the job is queued: they are
+    written cancelled first (what the reconciler would have done; per item, but only for a retry of a stopped
+    job the reconciler has not settled yet).  The job's row is locked first, so a settling batch
+    (:func:`settle_batch`) cannot interleave with this on PostgreSQL."""
+    status = session.scalar(select(Job.status).where(Job.id == job.id).with_for_update())
+    if status in JobStatus.STOPPED:
+        settle_batch(session, job.id)
     failed = list(session.scalars(
         select(Item.id).where(Item.job_id == job.id, Item.state == ItemState.FAILED).order_by(Item.seq)
     ))
@@ -371,6 +391,31 @@ def requeue_failed(session: Session, job: Job, new_chunk_id: Callable[[], str]) 
         update(Job).where(Job.id == job.id).values(status=JobStatus.QUEUED, finished_at=None, error=None)
     )
     return chunk_ids
+
+
+def unsettled_jobs(session: Session) -> list[str]:
+    """Stopped jobs with items still stored ``pending`` (they read as cancelled): the reconciler's to settle."""
+    pending = select(Item.id).where(Item.job_id == Job.id, Item.state == ItemState.PENDING)
+    return list(session.scalars(select(Job.id).where(Job.status.in_(JobStatus.STOPPED), pending.exists())))
+
+
+def settle_batch(session: Session, job_id: str, limit: int | None = None) -> int:
+    """Write up to ``limit`` (None: all) of a stopped job's pending items as the ``cancelled`` they read as, with
+    the job's finish time; how many.  Nothing while the job is active (a retry reopened it).  The job's row is
+    locked for the transaction (PostgreSQL), as :func:`requeue_failed` locks it, so the two take turns."""
+    row = session.execute(
+        select(Job.status, Job.finished_at).where(Job.id == job_id).with_for_update()
+    ).one_or_none()
+    if row is None or row.status not in JobStatus.STOPPED:
+        return 0
+    pending = (Item.job_id == job_id, Item.state == ItemState.PENDING)
+    where: Any = pending
+    if limit is not None:
+        where = (*pending, Item.id.in_(select(Item.id).where(*pending).limit(limit)))
+    return _changed(
+        session,
+        update(Item).where(*where).values(state=ItemState.CANCELLED, finished_at=row.finished_at or utcnow())
+    )
 
 
 def _active_jobs() -> Any:

@@ -10,7 +10,7 @@ from itertools import count
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from jobs import transitions
+from jobs import readstates, transitions
 from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcnow
 
 _ids = count()
@@ -35,8 +35,11 @@ def make_job(session: Session, items: int = 4, chunk_size: int = 2, **job: objec
 
 
 def states(session: Session, job_id: str) -> list[str]:
+    """The job's item states as every reader reads them (jobs/readstates.py)."""
     session.expire_all()
-    return list(session.scalars(select(Item.state).where(Item.job_id == job_id).order_by(Item.seq)))
+    status = job_status(session, job_id)
+    stored = session.scalars(select(Item.state).where(Item.job_id == job_id).order_by(Item.seq))
+    return [readstates.reads_as(state, status) for state in stored]
 
 
 def job_status(session: Session, job_id: str) -> str:
