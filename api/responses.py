@@ -6,23 +6,27 @@ corral/requests.py), from the conversation: the ``previous_response_id`` chain's
 the new input (corral/wire/openai_responses.py).  ``tool_choice`` shapes its tools and format
 (corral/toolchoice.py).  The reply becomes output items, or the stream's events
 (corral/wire/openai_responses_output.py); with ``store`` it is kept, owned by the calling key.  Errors before
-the first byte are OpenAI's error object with their status; after it, a ``response.failed`` event.
+the first byte are OpenAI's error object with their status; after it, a ``response.failed`` event.  A stream
+reads the worker's chunks on a thread of its own (as the Messages route does), so it can send a keep-alive
+while a long prompt is prefilled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Blueprint, Response, request, stream_with_context
+from flask import Blueprint, Response, current_app, request, stream_with_context
 
-from api.auth import creator, owner
+from api.anthropic import Pump  # a chunk iterator read on a thread of its own (it belongs in api/streaming.py)
+from api.auth import creator, owner, principal
 from api.errors import dumps, json_response
 from api.inference import collect
 from api.openapi import SSE, documented
 from api.services import services
-from api.streaming import SSE_MIMETYPE, prime
+from api.streaming import SSE_MIMETYPE
 from corral.errors import BadRequest
+from corral.protocol import cancel_key
 from corral.toolchoice import ToolChoice
 from corral.wire import responses as R
 from corral.wire.ollama import decode_json
@@ -32,6 +36,8 @@ from corral.wire.openai_responses_output import Draft, stream_events
 from jobs.responses import ResponseStore
 
 bp = Blueprint("responses", __name__)
+PRIME_SECONDS = 5.0  # an error within this long (no model, a full queue, a key's limit) keeps its HTTP status
+KEEPALIVE_SECONDS = 10.0  # then response.in_progress again while the worker is silent (Codex gives up at 300 s)
 
 
 def _store() -> ResponseStore:
@@ -69,16 +75,41 @@ def create() -> Response:
         body = draft.final(final, content, calls, message.get("thinking", ""), final.get("logprobs") or [])
         keep(body)
         return json_response(body)
-    first = prime(chunks)  # an error before any output keeps its own status
-    return _sse(stream_events(draft, _chain(first, chunks), plan, keep))
+    gateway = services().gateway
+
+    def stop_worker() -> None:  # the client went away while the worker was silent: it stops now
+        gateway.broker.redis.set(cancel_key(job.request_id), b"1", ex=3600)
+
+    pump = Pump(current_app._get_current_object(), principal(), chunks)  # type: ignore[attr-defined]
+    first = pump.prime(PRIME_SECONDS)  # an error before any output keeps its own status
+    return _sse(stream_events(draft, _ticking(pump, first, stop_worker), plan, keep))
 
 
-def _chain(first: dict[str, Any], rest: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def _ticking(pump: Pump, first: tuple[str, Any] | None, stop_worker: Callable[[], None]) -> Iterator[dict[str, Any] | None]:
+    """The pump's chunks, and ``None`` whenever the worker has been silent for :data:`KEEPALIVE_SECONDS`."""
+    finished = False
+    item = first
     try:
-        yield first
-        yield from rest
+        while True:
+            if item is None:
+                item = pump.get(KEEPALIVE_SECONDS)
+                if item is None:
+                    yield None
+                    continue
+            kind, value = item
+            item = None
+            if kind == "error":
+                finished = True
+                raise value
+            if kind == "end":
+                finished = True
+                return
+            finished = bool(value.get("done"))
+            yield value
     finally:
-        rest.close()  # type: ignore[attr-defined]
+        pump.quit.set()
+        if not finished:
+            stop_worker()
 
 
 def _sse(events: Iterator[dict[str, Any]]) -> Response:

@@ -140,10 +140,11 @@ def failure(exc: Exception) -> dict[str, Any]:
     return {"code": "server_error", "message": f"internal error: {type(exc).__name__}"}
 
 
-def stream_events(draft: Draft, chunks: Iterator[dict[str, Any]], plan: Constrained,
+def stream_events(draft: Draft, chunks: Iterator[dict[str, Any] | None], plan: Constrained,
                   finish: Callable[[dict[str, Any]], None]) -> Iterator[dict[str, Any]]:
     """Native chat chunks -> the Responses stream; ``finish`` gets the terminal Response (to store it) just
-    before its event is sent."""
+    before its event is sent.  A ``None`` among the chunks (the worker silent for a while) is sent on as
+    ``response.in_progress`` again: an SSE comment is no event, and would not reset Codex's idle watchdog."""
     return _Stream(draft, plan, finish).run(chunks)
 
 
@@ -160,12 +161,15 @@ class _Stream:
         self.logprobs: list[dict[str, Any]] = []
         self.calls: list[dict[str, Any]] = []
 
-    def run(self, chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    def run(self, chunks: Iterator[dict[str, Any] | None]) -> Iterator[dict[str, Any]]:
         ev, draft = self.ev, self.draft
         yield ev("response.created", response=draft.envelope("in_progress", []))
         yield ev("response.in_progress", response=draft.envelope("in_progress", []))
         try:
             for chunk in chunks:
+                if chunk is None:  # the worker is silent (a long prompt's prefill): a keep-alive clients ignore
+                    yield ev("response.in_progress", response=draft.envelope("in_progress", []))
+                    continue
                 message = chunk["message"]
                 self.calls.extend(message.get("tool_calls") or [])
                 if chunk["done"]:

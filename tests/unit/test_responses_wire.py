@@ -33,7 +33,7 @@ def done(reason: str = "stop") -> dict[str, Any]:
             "prompt_eval_count": 7, "eval_count": 5}
 
 
-def run(chunks: list[dict[str, Any]] | Iterator[dict[str, Any]], plan: Constrained | None = None,
+def run(chunks: list[dict[str, Any] | None] | Iterator[dict[str, Any]], plan: Constrained | None = None,
         **body: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     kept: list[dict[str, Any]] = []
     draft = Draft(ResponsesRequest.model_validate({"model": "m", "input": "hi", **body}))
@@ -63,6 +63,13 @@ def test_reasoning_then_text() -> None:
     assert output[0]["encrypted_content"] == "Hm, hi."
     assert output[1]["content"][0]["text"] == "Hello" and output[1]["status"] == "completed"
     assert events[-1]["response"]["usage"]["total_tokens"] == 12
+
+
+def test_a_silent_worker_gets_keep_alives() -> None:
+    events, _ = run([None, None, chunk("Hi"), None, done()])
+    assert kinds(events) == ["created", "in_progress", "in_progress", "in_progress", "output_item.added",
+                             "content_part.added", "output_text.delta", "in_progress", "output_text.done",
+                             "content_part.done", "output_item.done", "completed"]
 
 
 def test_text_before_a_tool_call_is_kept() -> None:
