@@ -29,6 +29,7 @@ from celery import Celery, Task, shared_task
 from corral.errors import CorralError
 from corral.modelstore.store import ModelRecord
 from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, suspect_key
+from corral.rerank import ranked
 from corral.thinking import ThinkingSplitter
 from corral.toolcalls import split_tool_calls, tool_names
 from corral.wire.ollama import ollama_final
@@ -40,11 +41,13 @@ from jobs.transitions import ClaimedChunk
 from workers.decode_loop import SequenceHandle
 from workers.engine import LoadedModel, finish_vectors
 from workers.execution import tool_family
-from workers.items import item_request
+from workers.items import item_request, rerank_fields
+from workers.rerank import pairs, score_pairs
 from workers.runtime import CHUNKS_PER_WORKER, WorkerRuntime
 
 log = logging.getLogger(__name__)
 
+RERANK_GROUP_PAIRS = 1024  # pairs scored together in a rerank chunk (a line has up to 1,000 documents)
 
 
 def failure(exc: CorralError) -> dict[str, Any]:
@@ -115,13 +118,22 @@ class ChunkRunner:
                 session.commit()
             self._close_chunk(chunk)
             return
-        embedding = chunk.kind == "embed"
-        spec = self.runtime.requests.load_spec(record, chunk.options, embedding=embedding)
+        embedding, rank = chunk.kind == "embed", chunk.kind == "rerank"
+        try:
+            spec = self.runtime.requests.load_spec(record, chunk.options, embedding=embedding, rank=rank)
+        except CorralError as exc:  # a rerank job on a model that is not a reranker: no item can run
+            with self.sessions() as session:
+                transitions.fail_job(session, chunk.job_id, exc.message)
+                session.commit()
+            self._close_chunk(chunk)
+            return
         keep_alive = self.runtime.settings.keep_alive
         with self.runtime.registry.use(spec, record, chunk.model, keep_alive) as (model, _):
             if not self._job_cancelled(chunk.job_id):
                 if embedding:
                     self._run_embed_items(model, item_ids, chunk.attempt)
+                elif rank:
+                    self._run_rerank_items(model, item_ids, chunk)
                 else:
                     self._run_generate_items(model, record, item_ids, chunk)
         self._close_chunk(chunk)
@@ -272,6 +284,61 @@ class ChunkRunner:
                     "completion_tokens": 0,
                 }
         self._write_all(attempt, results)
+
+    def _run_rerank_items(self, model: LoadedModel, item_ids: list[int], chunk: ClaimedChunk) -> None:
+        """Score a chunk's items, the pairs of many items packed into shared decodes, about
+        :data:`RERANK_GROUP_PAIRS` pairs at a time: a chunk of items with a thousand documents each is never
+        tokenized whole in memory, and each group's results are written (and visible) as soon as it is scored.
+
+        An item's own failure (a document too long with ``truncate: false``, a malformed line) is its own; a
+        job stopped meanwhile leaves the items not yet scored cancelled.
+        """
+        claimed = self._claim(item_ids, chunk.attempt)
+        index = 0
+        while index < len(claimed):
+            if index and self._cancel_flagged(chunk.job_id):
+                error = "the job was stopped (cancelled or expired) while this item was waiting to run"
+                self._write_all(chunk.attempt, {item_id: {"state": ItemState.CANCELLED, "error": error}
+                                                for item_id, _ in claimed[index:]})
+                return
+            results: dict[int, dict[str, Any]] = {}
+            group: list[tuple[int, dict[str, Any], list[list[int]]]] = []
+            count = 0
+            while index < len(claimed) and count < RERANK_GROUP_PAIRS:
+                item_id, body = claimed[index]
+                index += 1
+                try:
+                    query, documents, truncate = rerank_fields(body)
+                    group.append((item_id, body, pairs(model, query, documents, truncate=truncate)))
+                except CorralError as exc:
+                    results[item_id] = failure(exc)
+                    continue
+                count += len(group[-1][2])
+            results.update(self._score_group(model, group))
+            self._write_all(chunk.attempt, results)
+
+    @staticmethod
+    def _score_group(model: LoadedModel, group: list[tuple[int, dict[str, Any], list[list[int]]]]) -> dict[int, dict[str, Any]]:
+        """The results of rerank items whose pairs are built: all their pairs scored together, then ranked per
+        item as the sync route ranks them (corral/rerank.py)."""
+        try:
+            scores = score_pairs(model, [tokens for _, _, item_pairs in group for tokens in item_pairs])
+        except CorralError as exc:
+            return {item_id: failure(exc) for item_id, _, _ in group}
+        results: dict[int, dict[str, Any]] = {}
+        first = 0
+        for item_id, body, item_pairs in group:
+            item_scores, first = scores[first : first + len(item_pairs)], first + len(item_pairs)
+            n_tokens = sum(len(tokens) for tokens in item_pairs)
+            documents = body["documents"] if body.get("return_documents") else None
+            results[item_id] = {
+                "state": ItemState.SUCCEEDED,
+                "output": {"results": ranked(item_scores, top_n=body.get("top_n"), documents=documents),
+                           "prompt_eval_count": n_tokens},
+                "prompt_tokens": n_tokens,
+                "completion_tokens": 0,
+            }
+        return results
 
     def _write_all(self, attempt: str, results: dict[int, dict[str, Any]]) -> None:
         with self.sessions() as session:

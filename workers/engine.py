@@ -1,4 +1,5 @@
-"""Where llama_cpp is used (with decode_loop.py and weights.py): load a GGUF, prepare prompts, generate, embed.
+"""Where llama_cpp is used (with decode_loop.py, weights.py and rerank.py): load a GGUF, prepare prompts, generate,
+embed, score pairs.
 
 Generation runs in the model's :class:`~workers.decode_loop.DecodeLoop` (continuous batching: many sequences
 per ``llama_decode``) rather than ``create_completion``, so that corral owns what Ollama's wire format needs:
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from corral.options import SamplingOptions
 from workers import compute, weights
 from workers.decode_loop import DecodeLoop, GenerationResult, SequenceHandle, SequenceRequest, set_adapters
 from workers.media import MediaPrompt, Projector
+
+if TYPE_CHECKING:
+    from workers.rerank import PairFormat
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,9 @@ class LoadSpec:
     n_gpu_layers: int
     n_threads: int
     pooling_mean: bool = False
+    # rank pooling (a cross-encoder's classifier head: workers/rerank.py); never shares a context with the
+    # same model's embedding load, whose pooling differs
+    pooling_rank: bool = False
     parallel: int = 0  # decode slots (OLLAMA_NUM_PARALLEL); 0 = auto (see parallel_slots)
     weights: str = "native"  # "q8_0": decode from a Q8_0 copy of the file (workers/weights.py)
     adapters: tuple[Path, ...] = ()  # LoRA adapter GGUFs (a created model's ADAPTER layers), scale 1
@@ -52,7 +59,7 @@ class LoadSpec:
 
 
 class LoadedModel:
-    """A llama.cpp model with its decode loop (chat models) or its embedding context (embedding loads).
+    """A llama.cpp model with its decode loop (chat models) or its embedding context (embedding and rerank loads).
 
     Thread-safe: generations go through the decode loop, embedding decodes take ``_embed_lock``.
     """
@@ -77,7 +84,15 @@ class LoadedModel:
             # attention keeps packed decodes cheap (measured on 2 CPU cores with all-minilm: 61 -> 119 chunks/s
             # at 512 tokens per decode; bench/embed_corpus.py).
             kwargs.update(n_batch=spec.n_ctx, n_ubatch=spec.n_ctx, flash_attn=True)
-            if spec.pooling_mean:
+            if spec.pooling_rank:  # a GGUF converted from a cross-encoder seldom says so (no pooling_type key)
+                kwargs["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_RANK
+                # No flash attention: its CPU kernel takes another path (f16 Q and accumulator) for micro-batches
+                # under 64 tokens than for longer ones, so a pair's score moved by up to 5e-3 with the lengths of
+                # the pairs packed beside it, and a job line scored otherwise than the same request on the sync
+                # route.  Without it a score is the same in any packing (to ~1e-6); measured cost on one CPU
+                # thread, 100-token pairs on a 6-layer 384-wide BERT, two per decode: 17.1 -> 14.5 pairs/s.
+                kwargs["flash_attn"] = False
+            elif spec.pooling_mean:
                 kwargs["pooling_type"] = llama_cpp.LLAMA_POOLING_TYPE_MEAN
         else:
             # This context only serves the tokenizer; the decode loop makes the real one with one KV stream per
@@ -112,6 +127,11 @@ class LoadedModel:
         self._llama_cpp = llama_cpp
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self._formatter = self._make_formatter()
+        self.pair_format: PairFormat | None = None  # how this model lays out (query, document) pairs
+        if spec.pooling_rank:
+            from workers.rerank import PairFormat
+
+            self.pair_format = PairFormat.of(llama_cpp, self.llm.model)
 
     def _load_adapters(self, llama_cpp: Any, paths: tuple[Path, ...]) -> list[Any]:
         """The model's LoRA adapters, loaded onto its weights (llama.cpp frees them with the model)."""
@@ -336,16 +356,22 @@ class LoadedModel:
         return out
 
     def embed_array(self, token_lists: list[list[int]]) -> np.ndarray:
-        """Pooled, unnormalised float32 vectors, one row per input, packing many inputs into each decode.
+        """Pooled, unnormalised float32 vectors, one row per input, packing many inputs into each decode."""
+        return self.pooled(token_lists, width=int(self.llm.n_embd()))
 
-        Inputs are sorted by length and packed up to ``n_batch`` tokens and ``n_seq_max`` sequences per
-        ``llama_decode`` (each its own sequence id, so pooling keeps them apart); rows come back in input order.
+    def pooled(self, token_lists: list[list[int]], *, width: int, pack_tokens: int = 0) -> np.ndarray:
+        """The pooled output of each input, ``width`` floats (``n_embd`` for an embedding, ``n_cls_out`` for a
+        rank head), one row per input, packing many inputs into each decode.
+
+        Inputs are sorted by length and packed up to ``pack_tokens`` (default :data:`PACK_TOKENS`, at most
+        ``n_batch``) tokens and ``n_seq_max`` sequences per ``llama_decode`` (each its own sequence id, so pooling
+        keeps them apart); rows come back in input order.
         """
         llama_cpp = self._llama_cpp
         llm = self.llm
-        # Packing past ~256 tokens per decode costs more in attention than it saves (bench/embed_corpus.py);
-        # an input longer than that still gets a decode of its own.
-        n_batch, n_embd = min(int(llm.n_batch), PACK_TOKENS), int(llm.n_embd())
+        # Packing past ~256 tokens per decode costs more in attention than it saves on CPUs
+        # (bench/embed_corpus.py); an input longer than that still gets a decode of its own.
+        n_batch, n_embd = min(int(llm.n_batch), pack_tokens or PACK_TOKENS), width
         n_seq_max = max(1, int(llm.context_params.n_seq_max))
         out = np.empty((len(token_lists), n_embd), dtype=np.float32)
         batch, ctx = llm._batch, llm._ctx
@@ -358,7 +384,7 @@ class LoadedModel:
             for seq, index in enumerate(members):
                 pointer = llama_cpp.llama_get_embeddings_seq(ctx.ctx, seq)
                 if not pointer:
-                    raise GenerationFailed("embedding failed: the model returned no pooled embedding")
+                    raise GenerationFailed("embedding failed: the model returned no pooled output")
                 out[index] = np.ctypeslib.as_array(pointer, shape=(n_embd,))
             batch.reset()
             members.clear()

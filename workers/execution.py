@@ -29,6 +29,7 @@ from workers.engine import LoadedModel, LoadSpec, default_threads
 from workers.fitting import Render, Rendered, fit_messages
 from workers.media import MediaPrompt, decode_images
 from workers.registry import ModelRegistry
+from workers.rerank import has_classifier_head, require_reranker, rerank
 from workers.weights import choose_weights
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,12 @@ class RequestRunner:
             raise ModelNotFound(f"model '{name}' not found")
         return found
 
-    def load_spec(self, record: ModelRecord, options: dict[str, Any], *, embedding: bool) -> LoadSpec:
+    def load_spec(self, record: ModelRecord, options: dict[str, Any], *, embedding: bool, rank: bool = False) -> LoadSpec:
+        """How ``record`` loads for a request with ``options``: for generation, for embeddings, or with ``rank``
+        for reranking (refused here, with a 400, for a model without a classifier head: workers/rerank.py)."""
+        if rank:
+            require_reranker(self.store.blob_path(record.model_digest), record.name.display)
+            embedding = True
         train_ctx = int(record.config.get("context_length") or 0)
         load = LoadOptions.of(options)
         n_ctx = load.num_ctx or self.settings.default_num_ctx
@@ -92,7 +98,8 @@ class RequestRunner:
             # a request's num_thread (bounded at the API) never asks for more threads than this machine has cores
             n_threads=min(load.num_thread or default_threads(self.settings.worker_threads),
                           os.cpu_count() or 1),
-            pooling_mean=embedding and not record.is_embedding,
+            pooling_mean=embedding and not rank and not record.is_embedding,
+            pooling_rank=rank,
             parallel=self.settings.num_parallel,
             weights=weights,
             adapters=record.adapter_paths,
@@ -103,8 +110,14 @@ class RequestRunner:
     def execute(self, req: InferenceRequest, writer: StreamWriter) -> None:
         """Run one interactive request, writing its events to ``writer``."""
         record = self.record_for(req.model, req.model_digest)
+        # a reranker loads with rank pooling, also to be preloaded; its rank head is not an embedding
+        reranker = req.kind == "rerank" or (req.kind in ("load", "embed") and record.is_embedding
+                                             and has_classifier_head(self.store.blob_path(record.model_digest)))
+        if reranker and req.kind == "embed":
+            raise BadRequest(f"model '{req.model}' is a reranker: it scores documents against a query "
+                             "(/v1/rerank), it does not embed")
         embedding = req.kind == "embed" or (req.kind == "load" and record.is_embedding)
-        spec = self.load_spec(record, req.options, embedding=embedding)
+        spec = self.load_spec(record, req.options, embedding=embedding, rank=reranker)
         keep_alive = self.settings.keep_alive if req.keep_alive is None else req.keep_alive
         order = self.redis.get(unload_key(record.model_digest))
         if order is not None:  # unloaded with keep_alive 0 since it loaded: this request loads it afresh
@@ -114,6 +127,9 @@ class RequestRunner:
                 final = ("result", {"done_reason": "load", "load_duration": load_ns})
             elif req.kind == "embed":
                 final = ("result", {**self._embed(model, req), "load_duration": load_ns})
+            elif req.kind == "rerank":
+                scores, count = rerank(model, req.query or "", req.documents or [], truncate=req.truncate)
+                final = ("result", {"scores": scores, "prompt_eval_count": count, "load_duration": load_ns})
             else:
                 final = ("done", {**self._generate(model, req, writer, record), "load_duration": load_ns})
         # The last event goes out after the model is let go of (and /api/ps updated): a client that asks
