@@ -1,5 +1,6 @@
 """OpenAI's Responses API: ``POST /v1/responses`` (JSON or server-sent events), and the stored responses'
-``GET``, ``DELETE`` and ``GET .../input_items``.
+``GET``, ``DELETE``, ``GET .../input_items`` and ``POST .../cancel`` (a ``background`` response runs as a durable
+job, jobs/responses.py).
 
 A request becomes one native chat request, built as every route's is (``Inference.request``, so
 corral/requests.py), from the conversation: the ``previous_response_id`` chain's items (jobs/responses.py), then
@@ -31,7 +32,7 @@ from corral.toolchoice import ToolChoice
 from corral.wire import responses as R
 from corral.wire.ollama import decode_json
 from corral.wire.openai import parse_request
-from corral.wire.openai_responses import ResponsesRequest, conversation, normalize_items
+from corral.wire.openai_responses import ResponsesRequest, conversation, item_body, normalize_items
 from corral.wire.openai_responses_output import Draft, stream_events
 from jobs.responses import ResponseStore
 
@@ -56,13 +57,15 @@ def create() -> Response:
     svc = services().inference
     record = svc.generation_model(req.model, "chat", think=req.think(), tools=bool(plan.tools),
                                   images=any(m.get("images") for m in messages))
+    draft, who = Draft(req), creator()
+    if req.background:
+        return _background(req, draft, items, item_body(req, messages, plan))
     job = svc.request(
         record, req.model, "chat", messages=messages, options=req.native_options(), format=plan.format,
         keep_alive=req.keep_alive, tools=plan.tools, think=req.think(), truncate=req.truncate(),
         **req.native_logprobs(),
     )
     chunks = svc.generation(job, "chat")
-    draft, who = Draft(req), creator()
 
     def keep(body: dict[str, Any]) -> None:
         if req.store:
@@ -83,6 +86,17 @@ def create() -> Response:
     pump = Pump(current_app._get_current_object(), principal(), chunks)  # type: ignore[attr-defined]
     first = pump.prime(PRIME_SECONDS)  # an error before any output keeps its own status
     return _sse(stream_events(draft, _ticking(pump, first, stop_worker), plan, keep))
+
+
+def _background(req: ResponsesRequest, draft: Draft, items: list[dict[str, Any]], native: dict[str, Any]) -> Response:
+    """A durable job of one chat item, under the response's id; the client polls ``GET`` for its end."""
+    if req.stream:
+        raise BadRequest("a background response is not streamed here: poll GET /v1/responses/{id}", param="stream")
+    services().jobs.submit(kind="chat", model=req.model, items=[(None, native)], owner=creator(), job_id=draft.ident,
+                           quota=principal())
+    body = draft.envelope("queued", [])
+    _store().save(body, items, owner=creator())
+    return json_response(body)
 
 
 def _ticking(pump: Pump, first: tuple[str, Any] | None, stop_worker: Callable[[], None]) -> Iterator[dict[str, Any] | None]:
@@ -140,6 +154,12 @@ def retrieve(response_id: str) -> Response:
 @documented(response=R.ResponseDeleted)
 def delete(response_id: str) -> Response:
     return json_response(_store().delete(response_id, owner()))
+
+
+@bp.post("/v1/responses/<response_id>/cancel")
+@documented(response=R.ResponseObject)
+def cancel(response_id: str) -> Response:
+    return json_response(_store().cancel(response_id, owner(), services().jobs))
 
 
 @bp.get("/v1/responses/<response_id>/input_items")

@@ -44,7 +44,7 @@ from corral.wire.openai import (
     parse_request,
 )
 from corral.wire.openai_responses import batch_body
-from corral.wire.openai_responses_output import batch_response
+from corral.wire.openai_responses_output import job_response
 from corral.wire.rerank import rerank_reply
 from jobs.db import sessions
 from jobs.files import FileStore, cursor_page, epoch, new_file_id
@@ -423,7 +423,7 @@ def _output_line(
         body = embedding_list(model, vectors, (item.input or {}).get("openai_encoding", "float"),
                               int(output.get("prompt_eval_count", 0)))
     elif "responses" in (item.input or {}):  # a /v1/responses line
-        body = batch_response(item.input["responses"], output, f"resp_{job_id.removeprefix('batch_')}{item.seq:08x}",
+        body = job_response(item.input["responses"], output, f"resp_{job_id.removeprefix('batch_')}{item.seq:08x}",
                               created)
     else:
         body = from_native_final(kind, model, output, created)

@@ -6,6 +6,10 @@ walks those links back: the conversation is every ancestor's input and output, o
 input (OpenAI's rule; ``instructions`` are per request and not inherited).  So each row holds only its own turn,
 and a chain of N turns costs N small reads, never a copy of the whole history per turn.
 
+A ``background`` response runs as a durable job of one chat item, whose id is the response's: the row holds
+its ``queued`` envelope until a read finds the job ended, and then the Response the item's result makes
+(:func:`_from_job`); cancelling it cancels the job.
+
 A row another key made is not found (404, never 403: ids are not confirmed to exist); so is one past its
 ``expires_at`` (``CORRAL_RESPONSES_TTL``), and the reconciler's hourly sweep deletes those (:func:`purge`).
 """
@@ -14,17 +18,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from corral.errors import BadRequest
 from corral.settings import Settings
-from corral.wire.openai_responses import PreviousResponseNotFound, ResponseNotFound
+from corral.wire.openai_responses import PreviousResponseNotFound, ResponseNotFound, ResponsesRequest
+from corral.wire.openai_responses_output import Draft, job_response
 from jobs.db import sessions
-from jobs.models import StoredResponse, as_utc, utcnow
+from jobs.models import Item, ItemState, Job, JobStatus, StoredResponse, as_utc, utcnow
 
+if TYPE_CHECKING:
+    from jobs.service import JobService
+
+ACTIVE = ("queued", "in_progress")  # a background response's statuses before its end
 MAX_CHAIN = 1000  # responses a previous_response_id may reach back through
 PAGE_LIMIT = 100
 
@@ -55,11 +64,27 @@ class ResponseStore:
             session.commit()
 
     def get(self, ident: str, owner: str | None) -> dict[str, Any]:
+        """A stored response; a background one as its job stands now (saved once it has ended)."""
         with self._session() as session:
             row = self._row(session, ident, owner)
             if row is None:
                 raise ResponseNotFound(ident)
-            return dict(row.body)
+            body = dict(row.body)
+            if body.get("background") and body["status"] in ACTIVE:
+                body = _from_job(session, body)
+                if body["status"] not in ACTIVE:
+                    row.body, row.status = body, body["status"]
+                    session.commit()
+            return body
+
+    def cancel(self, ident: str, owner: str | None, jobs: JobService) -> dict[str, Any]:
+        """Cancel a background response's job (an ended one is left as it ended); others are a 400."""
+        body = self.get(ident, owner)
+        if not body.get("background"):
+            raise BadRequest("Cannot cancel a synchronous response.", param="response_id")
+        if body["status"] in ACTIVE:
+            jobs.cancel(ident, owner)
+        return self.get(ident, owner)
 
     def history(self, ident: str, owner: str | None) -> list[dict[str, Any]]:
         """The items of the conversation ``ident`` ends: each ancestor's input then output, oldest first."""
@@ -114,3 +139,22 @@ def purge(session: Session) -> int:
     """Delete the responses past their ``expires_at`` (the reconciler's hourly sweep); returns how many."""
     result = session.execute(delete(StoredResponse).where(StoredResponse.expires_at <= utcnow()))
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+def _from_job(session: Session, body: dict[str, Any]) -> dict[str, Any]:
+    """A background response as its job (same id, one item) stands: queued, in progress, or its end."""
+    job = session.get(Job, body["id"])
+    item = session.scalars(select(Item).where(Item.job_id == body["id"])).first()
+    if job is None or item is None:
+        return body
+    echo = (item.input or {}).get("responses") or {}
+    draft = Draft(ResponsesRequest.model_validate(echo), ident=body["id"], created_at=int(body["created_at"]))
+    if item.state == ItemState.SUCCEEDED:
+        return job_response(echo, item.output or {}, body["id"], int(body["created_at"]))
+    if item.state == ItemState.FAILED:
+        return draft.envelope("failed", [], error={"code": "server_error", "message": item.error or "request failed"})
+    if job.status == JobStatus.CANCELLED:
+        return draft.envelope("cancelled", [])
+    if job.status in (JobStatus.EXPIRED, JobStatus.FAILED):
+        return draft.envelope("failed", [], error={"code": "server_error", "message": job.error or job.status})
+    return draft.envelope("in_progress" if item.state == ItemState.RUNNING else "queued", [])

@@ -28,7 +28,7 @@ from pydantic import ConfigDict, Field, field_validator
 from corral.errors import BadRequest, NotFound
 from corral.options import parse_options
 from corral.thinking import think_from_effort
-from corral.toolchoice import ToolChoice
+from corral.toolchoice import Constrained, ToolChoice
 from corral.wire.ollama import check_schema_budget
 from corral.wire.openai import _OpenAIRequest, image_data, parse_request
 
@@ -366,26 +366,32 @@ def _text_and_images(parts: list[dict[str, Any]]) -> tuple[str, list[str]]:
     return "".join(texts), images
 
 
-# -- batch lines --------------------------------------------------------------------------------------------
+# -- batch lines and background responses: the native body of a job item ---------------------------------
 
 ECHOED = ("model", "instructions", "tools", "tool_choice", "parallel_tool_calls", "text", "reasoning",
-          "max_output_tokens", "temperature", "top_p", "top_logprobs", "metadata", "truncation", "include")
+          "max_output_tokens", "temperature", "top_p", "top_logprobs", "metadata", "truncation", "include",
+          "previous_response_id", "background", "store")
+
+
+def item_body(req: ResponsesRequest, messages: list[dict[str, Any]], plan: Constrained) -> dict[str, Any]:
+    """The native chat a job item runs for a Responses request; ``responses`` keeps the settings its Response
+    echoes (the result is rendered from them: corral/wire/openai_responses_output.py :func:`job_response`)."""
+    native: dict[str, Any] = {"messages": messages, "options": req.native_options(), **req.native_logprobs(),
+                              "responses": req.model_dump(include=set(ECHOED), exclude_none=True)}
+    for key, value in (("think", req.think()), ("tools", plan.tools), ("format", plan.format)):
+        if value is not None:
+            native[key] = value
+    return native
 
 
 def batch_body(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """A ``/v1/responses`` line of an OpenAI batch -> (model, the native chat item body), as the sync route
-    builds it; ``responses`` keeps the settings its Response echoes (the job's result is rendered from them,
-    corral/wire/openai_responses_output.py :func:`batch_response`).  A batch line cannot chain or stream."""
+    builds it.  A batch line cannot chain (its key's stored responses are not read) or stream."""
     req: ResponsesRequest = parse_request(ResponsesRequest, body)
     req.check()
     if req.previous_response_id:
         raise BadRequest("previous_response_id is not supported in a batch: send the whole input",
                          param="previous_response_id")
+    req.store = req.background = False
     plan = ToolChoice.from_openai(req.tool_choice).constrain(req.native_tools(), req.native_format())
-    native: dict[str, Any] = {"messages": conversation(normalize_items(req.input), req.instructions),
-                              "options": req.native_options(), **req.native_logprobs(),
-                              "responses": {k: v for k, v in body.items() if k in ECHOED}}
-    for key, value in (("think", req.think()), ("tools", plan.tools), ("format", plan.format)):
-        if value is not None:
-            native[key] = value
-    return req.model, native
+    return req.model, item_body(req, conversation(normalize_items(req.input), req.instructions), plan)

@@ -286,9 +286,10 @@ class _Stream:
         yield self.ev(f"response.{status}", response=response)
 
 
-def batch_response(echo: dict[str, Any], final: dict[str, Any], ident: str, created: int) -> dict[str, Any]:
-    """A ``/v1/responses`` batch line's result (the native chat reply) as the Response the sync route sends."""
-    draft = Draft(ResponsesRequest.model_validate({**echo, "store": False}), ident=ident, created_at=created)
+def job_response(echo: dict[str, Any], final: dict[str, Any], ident: str, created: int) -> dict[str, Any]:
+    """A job item's result (the native chat reply of a batch line or a background response) as the Response
+    the sync route sends."""
+    draft = Draft(ResponsesRequest.model_validate(echo), ident=ident, created_at=created)
     message = final.get("message") or {}
     return draft.final(final, message.get("content", ""), message.get("tool_calls") or [],
                        message.get("thinking", ""), final.get("logprobs") or [])

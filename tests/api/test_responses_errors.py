@@ -61,6 +61,8 @@ def stored(settings: Settings, ident: str, owner: str | None, items: int = 3) ->
          'or "none")', None),
         ({"model": MODEL, "input": "hi", "background": True, "store": False}, 400,
          "background responses must be stored (store: true)", "background"),
+        ({"model": MODEL, "input": "hi", "background": True, "stream": True}, 400,
+         "a background response is not streamed here: poll GET /v1/responses/{id}", "stream"),
         ({"model": "no-such-model", "input": "hi"}, 404, "model 'no-such-model' not found", None),
     ],
 )
@@ -80,7 +82,7 @@ def test_unknown_previous_response(client: FlaskClient) -> None:
 
 def test_unknown_response_routes(client: FlaskClient) -> None:
     for method, path in (("get", "/v1/responses/resp_x"), ("delete", "/v1/responses/resp_x"),
-                         ("get", "/v1/responses/resp_x/input_items")):
+                         ("get", "/v1/responses/resp_x/input_items"), ("post", "/v1/responses/resp_x/cancel")):
         status, error = openai_error(getattr(client, method)(path))
         assert (status, error["message"], error["type"]) == (404, "Response with id 'resp_x' not found.",
                                                               "not_found_error")
@@ -117,6 +119,8 @@ def test_input_items_pages(client: FlaskClient, settings: Settings) -> None:
     for query, param in (("limit=0", "limit"), ("limit=many", "limit"), ("order=up", "order"), ("after=msg_9", "after")):
         status, error = openai_error(client.get(f"/v1/responses/resp_paged/input_items?{query}"))
         assert (status, error["param"]) == (400, param)
+    status, error = openai_error(client.post("/v1/responses/resp_paged/cancel"))
+    assert (status, error["message"]) == (400, "Cannot cancel a synchronous response.")
     assert client.delete("/v1/responses/resp_paged").get_json() == {
         "id": "resp_paged", "object": "response.deleted", "deleted": True}
     assert client.get("/v1/responses/resp_paged").status_code == 404

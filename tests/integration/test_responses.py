@@ -227,3 +227,27 @@ def test_a_batch_of_responses_lines_answers_as_the_sync_route(oai: OpenAI) -> No
     reply = Response.model_validate(line["response"]["body"])
     assert reply.id.startswith("resp_") and reply.instructions == "One word."
     assert reply.output_text == oai.responses.create(**body, store=False).output_text  # greedy: as the sync route
+
+
+def test_background_responses_are_durable_jobs_polled_and_cancelled(oai: OpenAI) -> None:
+    from harness.stack import wait_for
+
+    queued = oai.responses.create(model=MODEL, input="Say hello.", background=True, **GREEDY)
+    assert queued.status in ("queued", "in_progress") and queued.background is True and queued.output == []
+    state: dict[str, Any] = {}
+
+    def ended(ident: str) -> bool:
+        state["r"] = oai.responses.retrieve(ident)
+        return state["r"].status not in ("queued", "in_progress")
+
+    wait_for(lambda: ended(queued.id), 120, "the background response", interval=0.3)
+    done = state["r"]
+    assert done.status in ("completed", "incomplete") and done.output_text
+    assert done.output_text == oai.responses.create(model=MODEL, input="Say hello.", store=False, **GREEDY).output_text
+    Response.model_validate(json.loads(oai.responses.with_raw_response.retrieve(queued.id).text))
+    long = oai.responses.create(model=MODEL, input="Write a long story.", background=True, temperature=0,
+                                max_output_tokens=2000)
+    cancelled = oai.responses.cancel(long.id)
+    wait_for(lambda: ended(long.id), 60, "the cancelled response", interval=0.3)
+    assert cancelled.status in ("cancelled", "queued", "in_progress") and state["r"].status == "cancelled"
+    assert oai.responses.cancel(queued.id).status == done.status  # an ended response stays as it ended
