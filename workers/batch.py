@@ -333,7 +333,8 @@ class ChunkRunner:
             documents = body["documents"] if body.get("return_documents") else None
             results[item_id] = {
                 "state": ItemState.SUCCEEDED,
-                "output": {"results": ranked(item_scores, top_n=body.get("top_n"), documents=documents),
+                "output": {"results": ranked(item_scores, top_n=body.get("top_n"), documents=documents,
+                                             document_as_object=True),  # as /v1/rerank answers
                            "prompt_eval_count": n_tokens},
                 "prompt_tokens": n_tokens,
                 "completion_tokens": 0,

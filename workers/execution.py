@@ -107,17 +107,22 @@ class RequestRunner:
             projector=record.projector_paths[0] if record.projector_paths and not embedding else None,
         )
 
+    def is_reranker(self, record: ModelRecord) -> bool:
+        """A cross-encoder (the ``rerank`` capability), or an encoder with a classifier head in a store written
+        before corral knew rerankers."""
+        return "rerank" in record.capabilities or (
+            record.is_embedding and has_classifier_head(self.store.blob_path(record.model_digest)))
+
     def execute(self, req: InferenceRequest, writer: StreamWriter) -> None:
         """Run one interactive request, writing its events to ``writer``."""
         record = self.record_for(req.model, req.model_digest)
         # a reranker loads with rank pooling, also to be preloaded; its rank head is not an embedding
-        reranker = req.kind == "rerank" or (req.kind in ("load", "embed") and record.is_embedding
-                                             and has_classifier_head(self.store.blob_path(record.model_digest)))
+        reranker = req.kind == "rerank" or (req.kind in ("load", "embed") and self.is_reranker(record))
         if reranker and req.kind == "embed":
             raise BadRequest(f"model '{req.model}' is a reranker: it scores documents against a query "
                              "(/v1/rerank), it does not embed")
         embedding = req.kind == "embed" or (req.kind == "load" and record.is_embedding)
-        spec = self.load_spec(record, req.options, embedding=embedding, rank=reranker)
+        spec = self.load_spec(record, req.options, embedding=embedding or reranker, rank=reranker)
         keep_alive = self.settings.keep_alive if req.keep_alive is None else req.keep_alive
         order = self.redis.get(unload_key(record.model_digest))
         if order is not None:  # unloaded with keep_alive 0 since it loaded: this request loads it afresh
