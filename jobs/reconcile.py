@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 from celery import Celery
@@ -47,6 +47,8 @@ LOCK_KEY = "corral:reconcile:lock"
 # job_items each take a new entry per row) and seconds per sweep (a million items settle in a few minutes).
 SETTLE_BATCH = 5000
 SETTLE_SECONDS = 1.0
+# Jobs stopped longer ago than this are looked at only at start-up (their items read right either way).
+SETTLE_WITHIN = timedelta(days=1)
 
 
 class Reconciler:
@@ -77,7 +79,7 @@ class Reconciler:
             return 0
         try:
             requeued = self._sweep(startup)
-            self.settle()
+            self.settle(since=None if startup else utcnow() - SETTLE_WITHIN)
             # Webhooks are not sent here but by jobs.webhooks.Sender, in a thread of its own: this sweep runs on the
             # heartbeat thread, which a slow receiver must not hold up.
             if time.monotonic() >= self._next_prune:  # cached results and stored responses past their TTLs go, hourly
@@ -128,13 +130,13 @@ class Reconciler:
             dispatch.send_next(self.sessions, self.celery, self.redis, digest)
         return len(requeue)
 
-    def settle(self, budget: float = SETTLE_SECONDS, batch: int = SETTLE_BATCH) -> int:
-        """Write stopped jobs' pending items as cancelled, a batch per commit, until none is left or ``budget``
-        seconds have passed; how many."""
+    def settle(self, since: datetime | None = None, budget: float = SETTLE_SECONDS, batch: int = SETTLE_BATCH) -> int:
+        """Write the pending items of jobs stopped ``since`` (None: ever) as cancelled, a batch per commit, until
+        none is left or ``budget`` seconds have passed; how many."""
         started = time.monotonic()
         settled = 0
         with self.sessions() as session:
-            for job_id in transitions.unsettled_jobs(session):
+            for job_id in transitions.unsettled_jobs(session, since):
                 session.commit()  # the list's read ends its transaction; each batch is one of its own
                 while time.monotonic() - started < budget:
                     n = transitions.settle_batch(session, job_id, batch)

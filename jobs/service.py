@@ -512,10 +512,13 @@ def result_line(
 def item_counts(session: Session, job_id: str, job_status: str) -> tuple[dict[str, int], tuple[int, int]]:
     """Items per state as read under a job of ``job_status`` (:mod:`jobs.readstates`), and (prompt, completion)
     token totals: the job's progress, computed from its rows."""
-    stored = session.execute(select(Item.state, func.count()).where(Item.job_id == job_id).group_by(Item.state))
-    counts = readstates.fold_counts({state: int(n) for state, n in stored}, job_status)
-    prompt, completion = session.execute(
-        select(func.coalesce(func.sum(Item.prompt_tokens), 0), func.coalesce(func.sum(Item.completion_tokens), 0))
-        .where(Item.job_id == job_id)
-    ).one()
-    return counts, (int(prompt or 0), int(completion or 0))
+    stored: dict[str, int] = {}
+    prompt = completion = 0
+    for state, n, prompt_tokens, completion_tokens in session.execute(  # one pass over the covering index
+        select(Item.state, func.count(), func.sum(Item.prompt_tokens), func.sum(Item.completion_tokens))
+        .where(Item.job_id == job_id).group_by(Item.state)
+    ):
+        stored[state] = int(n)
+        prompt += int(prompt_tokens or 0)
+        completion += int(completion_tokens or 0)
+    return readstates.fold_counts(stored, job_status), (prompt, completion)

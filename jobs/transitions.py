@@ -24,9 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Table, and_, bindparam, func, or_, select, update
+from sqlalchemy import CursorResult, Table, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Update
 
@@ -281,11 +282,16 @@ def job_stopped(session: Session, job_id: str) -> bool:
 
 
 def stop_job(session: Session, job_id: str, status: str) -> bool:
-    """End an unfinished job early (``cancelled`` or ``expired``): its queued chunks become done, so no worker
-    runs them and no queue count includes them, and its pending items read as cancelled from this commit on
-    (:mod:`jobs.readstates`; they are not written: three statements, whatever the job's size); the caller then
+    """End an unfinished job early (``cancelled`` or ``expired``): its queued chunks go, so no worker runs them
+    and no queue count includes them, and its pending items read as cancelled from this commit on
+    (:mod:`jobs.readstates`; they are not written: four statements, whatever the job's size); the caller then
     sets the Redis flag that stops a running item between tokens and takes the chunks' messages out of the
-    broker (:func:`jobs.queueing.stopped`).  False if it had already ended."""
+    broker (:func:`jobs.queueing.stopped`).  False if it had already ended.
+
+    A chunk still held (never sent: no message, no marker, no worker) is deleted, and one already sent becomes
+    done.  Marking the 62,500 held chunks of a million-item job done took 1.0-1.3 s on PostgreSQL (a new entry in
+    each of three indexes per row), deleting them 0.08 s.  The delete goes first: a chunk a dispatcher releases
+    meanwhile is not held any more when the delete rechecks it (PostgreSQL), and the update then finds it."""
     now = utcnow()
     stopped = _changed(
         session,
@@ -293,6 +299,9 @@ def stop_job(session: Session, job_id: str, status: str) -> bool:
     )
     if stopped:
         webhooks.queue_event(session, job_id)
+        session.execute(
+            delete(Chunk).where(Chunk.job_id == job_id, Chunk.state == ChunkState.QUEUED, Chunk.held.is_(True))
+        )
         _changed(
             session,
             update(Chunk)
@@ -393,10 +402,16 @@ def requeue_failed(session: Session, job: Job, new_chunk_id: Callable[[], str]) 
     return chunk_ids
 
 
-def unsettled_jobs(session: Session) -> list[str]:
-    """Stopped jobs with items still stored ``pending`` (they read as cancelled): the reconciler's to settle."""
-    pending = select(Item.id).where(Item.job_id == Job.id, Item.state == ItemState.PENDING)
-    return list(session.scalars(select(Job.id).where(Job.status.in_(JobStatus.STOPPED), pending.exists())))
+def unsettled_jobs(session: Session, stopped_since: datetime | None = None) -> list[str]:
+    """Stopped jobs (since ``stopped_since``, or ever) with items still stored ``pending`` (they read as
+    cancelled): the reconciler's to settle, most recently stopped first.  One index probe per job: as one
+    ``EXISTS`` PostgreSQL's planner took a whole scan of the pending items (0.6 s at a million) over them."""
+    query = select(Job.id).where(Job.status.in_(JobStatus.STOPPED)).order_by(Job.finished_at.desc())
+    if stopped_since is not None:
+        query = query.where(Job.finished_at >= stopped_since)
+    return [job_id for job_id in session.scalars(query) if session.scalar(
+        select(Item.id).where(Item.job_id == job_id, Item.state == ItemState.PENDING).limit(1)
+    ) is not None]
 
 
 def settle_batch(session: Session, job_id: str, limit: int | None = None) -> int:

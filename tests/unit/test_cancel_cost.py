@@ -64,6 +64,23 @@ def test_a_cancel_runs_the_same_statements_for_10_and_1000_items(session: Sessio
     assert "INSERT" not in small and small.count("UPDATE") == 2  # the job's row, and its chunks' in one statement
 
 
+def test_a_stopped_jobs_held_chunks_go_and_its_sent_ones_are_done(session: Session) -> None:
+    job_id, chunks = make_job(session, items=6, chunk_size=2)
+    for chunk_id in chunks[1:]:  # as submission leaves them: held until the dispatcher sends them
+        session.get(Chunk, chunk_id).held = True  # type: ignore[union-attr]
+    session.commit()
+    assert transitions.chunk_ids(session, job_id) == chunks[:1]  # only a sent chunk has a Redis marker to drop
+    assert transitions.stop_job(session, job_id, JobStatus.CANCELLED)
+    session.commit()
+    left = session.execute(select(Chunk.id, Chunk.state).where(Chunk.job_id == job_id)).all()
+    assert [tuple(row) for row in left] == [(chunks[0], ChunkState.DONE)]
+    assert transitions.held_models(session) == [] and transitions.claim_chunk(session, chunks[1], "w", "late") is None
+    assert states(session, job_id) == ["cancelled"] * 6
+    transitions.settle_batch(session, job_id)  # items of a deleted chunk settle by their job
+    session.commit()
+    assert stored(session, job_id) == ["cancelled"] * 6
+
+
 def test_an_expiry_runs_the_same_statements_for_10_and_1000_items(session: Session) -> None:
     def expire(job: str) -> bool:
         return transitions.stop_job(session, job, JobStatus.EXPIRED)
