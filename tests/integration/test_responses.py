@@ -251,3 +251,28 @@ def test_background_responses_are_durable_jobs_polled_and_cancelled(oai: OpenAI)
     wait_for(lambda: ended(long.id), 60, "the cancelled response", interval=0.3)
     assert cancelled.status in ("cancelled", "queued", "in_progress") and state["r"].status == "cancelled"
     assert oai.responses.cancel(queued.id).status == done.status  # an ended response stays as it ended
+
+
+def test_a_codex_shaped_turn_streams_to_completion(base_url: str, tools_model: str) -> None:
+    shell = {"type": "function", "name": "shell", "description": "Run a command", "strict": False,
+             "parameters": {"type": "object", "properties": {"command": {"type": "array", "items": {"type": "string"}}},
+                            "required": ["command"]}}
+    body = {
+        "model": tools_model, "instructions": "You are a coding agent. " * 5, "store": False, "stream": True,
+        "tools": [shell, {"type": "custom", "name": "apply_patch", "description": "Patch files"}, {"type": "web_search"}],
+        "tool_choice": "auto", "parallel_tool_calls": False, "include": ["reasoning.encrypted_content"],
+        "prompt_cache_key": "thread-1", "text": {"verbosity": "low"}, "temperature": 0, "max_output_tokens": 24,
+        "input": [
+            {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "<permissions>"}]},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "List the files."}]},
+            {"type": "reasoning", "summary": [], "content": None, "encrypted_content": "I should run ls."},
+            {"type": "function_call", "name": "shell", "arguments": '{"command": ["ls"]}', "call_id": "call_a"},
+            {"type": "function_call_output", "call_id": "call_a", "output": "README.md\nsrc"},
+            {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Which one is the readme?"}]},
+        ],
+    }
+    events = sse_events(base_url, **{k: v for k, v in body.items() if k != "stream"})
+    assert events[0]["type"] == "response.created" and events[-1]["type"] in ("response.completed",
+                                                                              "response.incomplete")
+    done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+    assert done and done == events[-1]["response"]["output"]  # Codex keeps what output_item.done says
