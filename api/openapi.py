@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 from flask import Blueprint, Flask, Response, current_app
 from pydantic import BaseModel
 
-from api.errors import json_response
+from api.errors import LLAMA_SERVER_PATHS, json_response
 from corral import __version__
-from corral.wire.responses import AnthropicError, OllamaError, OpenAIError
+from corral.wire.responses import AnthropicError, CohereError, OllamaError, OpenAIError
 
 bp = Blueprint("openapi", __name__)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,7 +68,9 @@ class _Builder:
 
     def operation(self, rule: Any, method: str, doc: Doc) -> dict[str, Any]:
         openai = rule.rule.startswith("/v1/")
-        family = AnthropicError if rule.rule.startswith("/v1/messages") else OpenAIError if openai else OllamaError
+        family = (AnthropicError if rule.rule.startswith("/v1/messages")
+                  else OpenAIError if openai or rule.rule in LLAMA_SERVER_PATHS
+                  else CohereError if rule.rule.startswith("/v2/") else OllamaError)
         error = self.ref(family, "serialization")
         params = [
             {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
@@ -96,7 +98,9 @@ class _Builder:
             ok["application/json"] = {"schema": self.ref(doc.response, "serialization")}
         if doc.stream is not None:
             item = self.ref(doc.stream_item, "serialization") if doc.stream_item else {}
-            ok[doc.stream] = {"schema": item} if doc.stream == NDJSON else {"schema": {"type": "string"}}
+            # An SSE body: its text, or (as schemathesis reads a stream) each event as {event, data, id}
+            sse = {"schema": {"type": ["string", "object"]}}
+            ok[doc.stream] = {"schema": item} if doc.stream == NDJSON else sse
         if doc.media is not None:
             ok[doc.media] = {"schema": {"type": "string"}}
         op["responses"][str(doc.status)] = {"description": "success", **({"content": ok} if ok else {})}

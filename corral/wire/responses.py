@@ -26,6 +26,12 @@ class OllamaError(BaseModel):
     error: str
 
 
+class CohereError(BaseModel):
+    """Cohere's errors (``/v2/rerank``): ``{"message": "..."}``."""
+
+    message: str
+
+
 class OpenAIErrorDetail(BaseModel):
     message: str
     type: str
