@@ -115,7 +115,8 @@ def dry_run(
         "eta": None,
     }
     if kind in ("embed", "rerank"):
-        answer["eta"] = {"reason": f"{kind} jobs have no generation rate to go by; their time follows prompt_tokens"}
+        what = "embedding" if kind == "embed" else "rerank"
+        answer["eta"] = {"reason": f"{what} jobs have no generation rate to go by; their time follows prompt_tokens"}
     elif not tokens_per_second:
         answer["eta"] = {"reason": f"no live worker has measured its throughput on {model} yet: run a job or a "
                                    "request on it first"}
