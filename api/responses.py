@@ -153,7 +153,7 @@ def retrieve(response_id: str) -> Response:
 @bp.delete("/v1/responses/<response_id>")
 @documented(response=R.ResponseDeleted)
 def delete(response_id: str) -> Response:
-    return json_response(_store().delete(response_id, owner()))
+    return json_response(_store().delete(response_id, owner(), services().jobs))
 
 
 @bp.post("/v1/responses/<response_id>/cancel")

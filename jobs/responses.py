@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from corral.errors import BadRequest
+from corral.errors import BadRequest, NotFound
 from corral.settings import Settings
 from corral.wire.openai_responses import PreviousResponseNotFound, ResponseNotFound, ResponsesRequest
 from corral.wire.openai_responses_output import Draft, job_response
@@ -125,13 +125,21 @@ class ResponseStore:
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
                 "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
-    def delete(self, ident: str, owner: str | None) -> dict[str, Any]:
+    def delete(self, ident: str, owner: str | None, jobs: JobService) -> dict[str, Any]:
+        """The response goes, and a background response's job with it (stopped if it runs: its items hold the
+        conversation too)."""
         with self._session() as session:
             row = self._row(session, ident, owner)
             if row is None:
                 raise ResponseNotFound(ident)
+            background = bool(row.body.get("background"))
             session.delete(row)
             session.commit()
+        if background:
+            try:
+                jobs.delete(ident, owner)
+            except NotFound:
+                pass  # deleted as a job already
         return {"id": ident, "object": "response.deleted", "deleted": True}
 
 
@@ -145,8 +153,8 @@ def _from_job(session: Session, body: dict[str, Any]) -> dict[str, Any]:
     """A background response as its job (same id, one item) stands: queued, in progress, or its end."""
     job = session.get(Job, body["id"])
     item = session.scalars(select(Item).where(Item.job_id == body["id"])).first()
-    if job is None or item is None:
-        return body
+    if job is None or item is None:  # the job was deleted (DELETE /api/jobs/{id}) before it ended
+        return {**body, "status": "failed", "error": {"code": "server_error", "message": "its job was deleted"}}
     echo = (item.input or {}).get("responses") or {}
     draft = Draft(ResponsesRequest.model_validate(echo), ident=body["id"], created_at=int(body["created_at"]))
     if item.state == ItemState.SUCCEEDED:

@@ -229,7 +229,7 @@ def test_a_batch_of_responses_lines_answers_as_the_sync_route(oai: OpenAI) -> No
     assert reply.output_text == oai.responses.create(**body, store=False).output_text  # greedy: as the sync route
 
 
-def test_background_responses_are_durable_jobs_polled_and_cancelled(oai: OpenAI) -> None:
+def test_background_responses_are_durable_jobs_polled_and_cancelled(oai: OpenAI, base_url: str) -> None:
     from harness.stack import wait_for
 
     queued = oai.responses.create(model=MODEL, input="Say hello.", background=True, **GREEDY)
@@ -251,6 +251,8 @@ def test_background_responses_are_durable_jobs_polled_and_cancelled(oai: OpenAI)
     wait_for(lambda: ended(long.id), 60, "the cancelled response", interval=0.3)
     assert cancelled.status in ("cancelled", "queued", "in_progress") and state["r"].status == "cancelled"
     assert oai.responses.cancel(queued.id).status == done.status  # an ended response stays as it ended
+    oai.responses.delete(queued.id)  # and its job goes with it: its item held the conversation
+    assert httpx.get(f"{base_url}/api/jobs/{queued.id}").status_code == 404
 
 
 def test_a_codex_shaped_turn_streams_to_completion(base_url: str, tools_model: str) -> None:
