@@ -14,10 +14,12 @@ def oc(base_url: str) -> ollama.Client:
 
 
 def test_chat_generate_embed(oc: ollama.Client) -> None:
-    reply = oc.chat(model=MODEL, messages=[{"role": "user", "content": "Hello"}], options={"num_predict": 6})
+    # Greedy: a sampled reply to "Hello" may end before 6 tokens (SmolLM2's TEMPLATE adds no system prompt).
+    greedy = {"num_predict": 6, "temperature": 0}
+    reply = oc.chat(model=MODEL, messages=[{"role": "user", "content": "Hello"}], options=greedy)
     assert reply.message.role == "assistant" and reply.message.content
     assert reply.done and reply.eval_count == 6
-    parts = list(oc.generate(model=MODEL, prompt="Hello", stream=True, options={"num_predict": 6}))
+    parts = list(oc.generate(model=MODEL, prompt="Hello", stream=True, options=greedy))
     assert parts[-1].done and "".join(p.response for p in parts)
     emb = oc.embed(model=MODEL, input=["a", "b", "c"])
     assert len(emb.embeddings) == 3
