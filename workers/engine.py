@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from corral.errors import BadRequest, ContextLengthExceeded, GenerationFailed
+from corral.errors import BadRequest, ContextLengthExceeded, GenerationFailed, RequestCanceled
 from corral.gbnf import GrammarTooLarge, InvalidSchema, schema_grammar
 from corral.options import SamplingOptions
 from workers import compute, weights
@@ -359,13 +359,15 @@ class LoadedModel:
         """Pooled, unnormalised float32 vectors, one row per input, packing many inputs into each decode."""
         return self.pooled(token_lists, width=int(self.llm.n_embd()))
 
-    def pooled(self, token_lists: list[list[int]], *, width: int, pack_tokens: int = 0) -> np.ndarray:
+    def pooled(self, token_lists: list[list[int]], *, width: int, pack_tokens: int = 0,
+               cancelled: Callable[[], bool] | None = None) -> np.ndarray:
         """The pooled output of each input, ``width`` floats (``n_embd`` for an embedding, ``n_cls_out`` for a
         rank head), one row per input, packing many inputs into each decode.
 
         Inputs are sorted by length and packed up to ``pack_tokens`` (default :data:`PACK_TOKENS`, at most
         ``n_batch``) tokens and ``n_seq_max`` sequences per ``llama_decode`` (each its own sequence id, so pooling
-        keeps them apart); rows come back in input order.
+        keeps them apart); rows come back in input order.  ``cancelled`` (the client has gone) is asked before
+        each decode after the first: True ends the work with :class:`~corral.errors.RequestCanceled`.
         """
         llama_cpp = self._llama_cpp
         llm = self.llm
@@ -376,9 +378,13 @@ class LoadedModel:
         out = np.empty((len(token_lists), n_embd), dtype=np.float32)
         batch, ctx = llm._batch, llm._ctx
         members: list[int] = []
+        used_decodes: list[int] = []
         used = 0
 
         def flush() -> None:
+            if cancelled is not None and used_decodes and cancelled():
+                raise RequestCanceled("the client went away before its inputs were all decoded")
+            used_decodes.append(len(members))
             ctx.kv_cache_clear()
             compute.run(ctx.decode, batch)  # always the same thread (workers/compute.py)
             for seq, index in enumerate(members):

@@ -133,7 +133,8 @@ class RequestRunner:
             elif req.kind == "embed":
                 final = ("result", {**self._embed(model, req), "load_duration": load_ns})
             elif req.kind == "rerank":
-                scores, count = rerank(model, req.query or "", req.documents or [], truncate=req.truncate)
+                scores, count = rerank(model, req.query or "", req.documents or [], truncate=req.truncate,
+                                       cancelled=writer.cancelled)
                 final = ("result", {"scores": scores, "prompt_eval_count": count, "load_duration": load_ns})
             else:
                 final = ("done", {**self._generate(model, req, writer, record), "load_duration": load_ns})

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -167,24 +168,26 @@ def pairs(model: LoadedModel, query: str, documents: list[str], *, truncate: boo
     return PairBuilder(model, _format(model)).pairs(query, documents, truncate=truncate)
 
 
-def score_pairs(model: LoadedModel, token_lists: list[list[int]]) -> list[float]:
+def score_pairs(model: LoadedModel, token_lists: list[list[int]], cancelled: Callable[[], bool] | None = None) -> list[float]:
     """The first head output of each pair, packed many pairs per decode (the whole micro-batch on a GPU, where
     one decode of thousands of tokens costs little more than one of a hundred; :data:`~workers.engine.PACK_TOKENS`
-    on CPUs); NaN or Inf is a failure, not a score."""
+    on CPUs); NaN or Inf is a failure, not a score.  ``cancelled`` is asked between decodes (engine.py)."""
     if not token_lists:
         return []
     form = _format(model)
     pack = model.spec.n_ctx if model.spec.n_gpu_layers != 0 else 0
-    values = [float(s) for s in model.pooled(token_lists, width=form.n_cls_out, pack_tokens=pack)[:, 0]]
+    rows = model.pooled(token_lists, width=form.n_cls_out, pack_tokens=pack, cancelled=cancelled)
+    values = [float(s) for s in rows[:, 0]]
     if not all(math.isfinite(v) for v in values):
         raise GenerationFailed("the model returned a NaN or infinite score")
     return values
 
 
-def rerank(model: LoadedModel, query: str, documents: list[str], *, truncate: bool) -> tuple[list[float], int]:
+def rerank(model: LoadedModel, query: str, documents: list[str], *, truncate: bool,
+           cancelled: Callable[[], bool] | None = None) -> tuple[list[float], int]:
     """(one score per document, in their order; tokens in all pairs)."""
     token_lists = pairs(model, query, documents, truncate=truncate)
-    return score_pairs(model, token_lists), sum(len(p) for p in token_lists)
+    return score_pairs(model, token_lists, cancelled), sum(len(p) for p in token_lists)
 
 
 def _format(model: LoadedModel) -> PairFormat:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from corral.errors import BadRequest, ContextLengthExceeded
+from corral.errors import BadRequest, ContextLengthExceeded, RequestCanceled
 from tests.ggufs import cross_encoder, unknown_architecture
 from tests.rerank_reference import ReferenceCrossEncoder
 from workers.engine import PACK_TOKENS, LoadedModel, LoadSpec
@@ -146,3 +146,17 @@ def test_a_model_without_a_classification_head_is_not_a_reranker(fixture_path: P
     embed = LoadSpec(path=fixture_path, embedding=True, n_ctx=N_CTX, n_gpu_layers=0, n_threads=2)
     assert embed != LoadSpec(path=fixture_path, embedding=True, n_ctx=N_CTX, n_gpu_layers=0, n_threads=2,
                              pooling_rank=True)  # never one context for both
+
+
+def test_a_client_gone_stops_the_scoring_between_decodes(model: LoadedModel) -> None:
+    built = pairs(model, QUERY, DOCUMENTS * 20, truncate=True)  # several decodes' worth
+    asked: list[bool] = []
+
+    def gone() -> bool:
+        asked.append(True)
+        return True
+
+    with pytest.raises(RequestCanceled):
+        score_pairs(model, built, gone)
+    assert len(asked) == 1  # after the first decode, before the second
+    assert len(score_pairs(model, built[:2], gone)) == 2  # one decode: nothing to stop

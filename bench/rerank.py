@@ -1,0 +1,220 @@
+"""Reranking throughput: corral against a plain in-process llama-cpp-python loop over the same pairs.
+
+    .venv/bin/python -m bench.rerank [--pairs 1000] [--tokens 100] [--threads N] [--skip-stack]
+
+No reranker GGUF can be had offline, so the bench writes one: a BERT cross-encoder with random (seeded) weights of
+a realistic size (6 layers, 384 wide, 12 heads, f16 matrices, a WordPiece vocabulary of ~28,000 made-up words:
+the shape of ms-marco-MiniLM-L-6-v2), laid out as llama.cpp's converter writes ``BertForSequenceClassification``
+(the test fixture's layout, tests/ggufs.py ``cross_encoder``, which a bench may not import).  Random weights
+score nonsense, at the speed of real ones.  Then, for ``--pairs`` (query, document of about ``--tokens``
+tokens) pairs, it measures pairs/s through
+
+1. a plain llama-cpp-python loop, one pair per decode, as llama.cpp's own recipe (rank pooling, the pair's
+   tokens, ``llama_get_embeddings_seq``): the baseline;
+2. corral's scorer in this process (workers/rerank.py: pairs built, packed many per decode): the raw packed
+   decode;
+3. ``POST /v1/rerank`` on a real API server and worker (Redis from REDIS_URL or a private one; SQLite), the
+   documents in requests of up to 1,000;
+4. a ``rerank`` job of the same pairs, 100 documents a line, timed from the upload to the job's end;
+
+and prints each row's ratio to the loop and to the raw packed decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import corral_stack, print_table, wait_for_job
+from workers import compute
+
+SYLLABLES = "ka lo mi ne ru sa te vo zi pa re do fu gi ha ji ku la mo nu po qi ro su ti va wo xe yu ze".split()
+WORDS = ["".join(p) for n in (2, 3) for p in itertools.product(SYLLABLES, repeat=n)]  # 27,900 one-token words
+QUERY = "kalomi nerusa tevozi paredo fugiha"
+BENCH_MODEL = "bench-reranker"
+
+
+def write_reranker(target: Path, *, n_embd: int = 384, n_ff: int = 1536, n_layer: int = 6, n_head: int = 12,
+                   n_ctx: int = 512, seed: int = 5) -> Path:
+    """The bench's cross-encoder GGUF (see the module docstring)."""
+    import gguf
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens = specials + ["\u2581" + w for w in WORDS] + ["\u2581" + c for c in "abcdefghijklmnopqrstuvwxyz.,?"]
+    types = [gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * (len(tokens) - len(specials))
+    writer = gguf.GGUFWriter(target, arch="bert")
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name("corral-bench-cross-encoder")
+    writer.add_context_length(n_ctx)
+    writer.add_embedding_length(n_embd)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_block_count(n_layer)
+    writer.add_head_count(n_head)
+    writer.add_layer_norm_eps(1e-12)
+    writer.add_causal_attention(False)
+    writer.add_pooling_type(gguf.PoolingType.RANK)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_token_type_count(2)
+    writer.add_tokenizer_model("bert")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    for add, value in ((writer.add_pad_token_id, 0), (writer.add_unk_token_id, 1), (writer.add_bos_token_id, 2),
+                       (writer.add_eos_token_id, 3), (writer.add_sep_token_id, 3)):
+        add(value)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(True)
+    writer.add_add_sep_token(False)
+    rng = np.random.default_rng(seed)
+
+    def tensor(name: str, *shape: int, scale: float = 1.0, around: float = 0.0, f16: bool = False) -> None:
+        std = scale / np.sqrt(shape[-1]) if len(shape) > 1 else 0.1 * scale
+        data = (around + rng.normal(0, std, shape)).astype(np.float32)
+        writer.add_tensor(name, data.astype(np.float16) if f16 else data)
+
+    tensor("token_embd.weight", len(tokens), n_embd, scale=np.sqrt(n_embd))
+    tensor("token_types.weight", 2, n_embd)
+    tensor("position_embd.weight", n_ctx, n_embd)
+    tensor("token_embd_norm.weight", n_embd, around=1.0)
+    tensor("token_embd_norm.bias", n_embd)
+    for i in range(n_layer):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            tensor(f"blk.{i}.{name}.weight", n_embd, n_embd, f16=True)
+            tensor(f"blk.{i}.{name}.bias", n_embd)
+        tensor(f"blk.{i}.ffn_up.weight", n_ff, n_embd, f16=True)
+        tensor(f"blk.{i}.ffn_up.bias", n_ff)
+        tensor(f"blk.{i}.ffn_down.weight", n_embd, n_ff, f16=True)
+        tensor(f"blk.{i}.ffn_down.bias", n_embd)
+        for norm in ("attn_output_norm", "layer_output_norm"):
+            tensor(f"blk.{i}.{norm}.weight", n_embd, around=1.0)
+            tensor(f"blk.{i}.{norm}.bias", n_embd)
+    tensor("cls.weight", n_embd, n_embd, f16=True)
+    tensor("cls.bias", n_embd)
+    tensor("cls.output.weight", 1, n_embd)
+    tensor("cls.output.bias", 1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def documents(n: int, tokens: int, seed: int = 7) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(tokens)) + "." for _ in range(n)]
+
+
+def bench_loop(model: Path, docs: list[str], threads: int) -> float:
+    """llama.cpp's recipe in a loop: one pair per decode (workers never do this; a script would)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(model), embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_RANK, n_ctx=512,
+                          n_batch=512, n_ubatch=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def text(value: str) -> list[int]:
+        return list(llm.tokenize(value.encode(), add_bos=False, special=False))
+
+    def score(doc: str) -> float:
+        llm._batch.reset()
+        llm._batch.add_sequence([llm.token_bos(), *text(QUERY), llm.token_eos(), *text(doc), llm.token_eos()], 0, True)
+        llm._ctx.kv_cache_clear()
+        llm._ctx.decode(llm._batch)
+        return float(llama_cpp.llama_get_embeddings_seq(llm._ctx.ctx, 0)[0])
+
+    for doc in docs[:4]:  # warm up
+        score(doc)
+    started = time.perf_counter()
+    for doc in docs:
+        score(doc)
+    rate = len(docs) / (time.perf_counter() - started)
+    llm.close()
+    return rate
+
+
+def bench_scorer(model: Path, docs: list[str], threads: int) -> float:
+    """corral's scorer in this process: the worker's pairs and packed decodes, without Redis, HTTP or SQL."""
+    from workers.engine import LoadedModel, LoadSpec
+    from workers.rerank import rerank
+
+    engine = LoadedModel(LoadSpec(path=model, embedding=True, n_ctx=512, n_gpu_layers=0, n_threads=threads,
+                                  pooling_rank=True))
+    rerank(engine, QUERY, docs[:4], truncate=True)
+    started = time.perf_counter()
+    rerank(engine, QUERY, docs, truncate=True)
+    rate = len(docs) / (time.perf_counter() - started)
+    engine.close()
+    return rate
+
+
+def bench_stack(home: Path, model: Path, docs: list[str], threads: int) -> tuple[float, float]:
+    """(/v1/rerank pairs/s, rerank job pairs/s) on a real API server and worker."""
+    with corral_stack(home, worker_threads=threads) as stack, httpx.Client(base_url=stack.base_url, timeout=900) as client:
+        data = model.read_bytes()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        client.post(f"/api/blobs/{digest}", content=data).raise_for_status()
+        created = client.post("/api/create", json={"model": BENCH_MODEL, "files": {model.name: digest}, "stream": False})
+        assert created.status_code == 200, created.text
+        warm = client.post("/v1/rerank", json={"model": BENCH_MODEL, "query": QUERY, "documents": docs[:4]})
+        assert warm.status_code == 200, warm.text
+        started = time.perf_counter()
+        for i in range(0, len(docs), 1000):
+            r = client.post("/v1/rerank", json={"model": BENCH_MODEL, "query": QUERY, "documents": docs[i : i + 1000]})
+            assert r.status_code == 200, r.text
+        route = len(docs) / (time.perf_counter() - started)
+        lines = "".join(json.dumps({"query": QUERY, "documents": docs[i : i + 100]}) + "\n"
+                        for i in range(0, len(docs), 100)).encode()
+        started = time.perf_counter()
+        job = client.post("/api/jobs", params={"kind": "rerank", "model": BENCH_MODEL}, content=lines,
+                          headers={"Content-Type": "application/x-ndjson"})
+        assert job.status_code == 202, job.text
+        state = wait_for_job(client, job.json()["id"], poll=0.25)
+        elapsed = time.perf_counter() - started
+        assert state["counts"]["succeeded"] == len(lines.splitlines()), state
+        return route, len(docs) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--pairs", type=int, default=1000)
+    parser.add_argument("--tokens", type=int, default=100, help="tokens per document (one per word)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--skip-stack", action="store_true", help="only the in-process rows")
+    args = parser.parse_args()
+    docs = documents(args.pairs, args.tokens)
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
+        home = Path(tmp)
+        model = write_reranker(home / "bench-reranker.gguf")
+        # on corral's compute thread, like the worker's decodes (workers/compute.py: one OpenMP master per process)
+        loop = compute.run(bench_loop, model, docs, args.threads)
+        scorer = bench_scorer(model, docs, args.threads)
+        route, jobs = (None, None) if args.skip_stack else bench_stack(home, model, docs, args.threads)
+    rows: list[list[object]] = [
+        ["llama-cpp-python loop, one pair per decode (baseline)", loop, "1.00x", f"{loop / scorer:.2f}x"],
+        ["corral scorer in-process (packed decodes, the raw packed decode)", scorer, f"{scorer / loop:.2f}x", "1.00x"],
+    ]
+    for label, rate in ((f"POST /v1/rerank, {min(1000, args.pairs)} documents a request", route),
+                        ("rerank job, 100 documents a line, upload to completion", jobs)):
+        if rate is not None:
+            rows.append([label, rate, f"{rate / loop:.2f}x", f"{rate / scorer:.2f}x"])
+    print_table(
+        f"{args.pairs} pairs (query + ~{args.tokens}-token document), random-weight BERT cross-encoder "
+        f"(6 x 384, f16), {args.threads} threads, CPU",
+        ["path", "pairs/s", "vs loop", "vs raw packed"], rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
