@@ -15,6 +15,7 @@ while a long prompt is prefilled.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request, stream_with_context
@@ -27,8 +28,9 @@ from api.openapi import SSE, documented
 from api.services import services
 from api.streaming import SSE_MIMETYPE
 from corral.errors import BadRequest
+from corral.modelstore.store import ModelRecord
 from corral.protocol import cancel_key
-from corral.toolchoice import ToolChoice
+from corral.toolchoice import Constrained, ToolChoice
 from corral.wire import responses as R
 from corral.wire.ollama import decode_json
 from corral.wire.openai import parse_request
@@ -50,53 +52,73 @@ def _store() -> ResponseStore:
 def create() -> Response:
     req: ResponsesRequest = parse_request(ResponsesRequest, decode_json(request.get_data()))
     req.check()
-    items = normalize_items(req.input)
-    history = _store().history(req.previous_response_id, owner()) if req.previous_response_id else []
-    messages = conversation([*history, *items], req.instructions)
-    plan = ToolChoice.from_openai(req.tool_choice).constrain(req.native_tools(), req.native_format())
-    svc = services().inference
-    record = svc.generation_model(req.model, "chat", think=req.think(), tools=bool(plan.tools),
-                                  images=any(m.get("images") for m in messages))
-    draft, who = Draft(req), creator()
+    turn = _Turn.of(req)
     if req.background:
-        return _background(req, draft, items, item_body(req, messages, plan))
-    job = svc.request(
-        record, req.model, "chat", messages=messages, options=req.native_options(), format=plan.format,
-        keep_alive=req.keep_alive, tools=plan.tools, think=req.think(), truncate=req.truncate(),
+        return _background(req, turn)
+    job = services().inference.request(
+        turn.record, req.model, "chat", messages=turn.messages, options=req.native_options(), format=turn.plan.format,
+        keep_alive=req.keep_alive, tools=turn.plan.tools, think=req.think(), truncate=req.truncate(),
         **req.native_logprobs(),
     )
-    chunks = svc.generation(job, "chat")
+    chunks = services().inference.generation(job, "chat")
+    draft, who = Draft(req), creator()
 
     def keep(body: dict[str, Any]) -> None:
         if req.store:
-            _store().save(body, items, owner=who)
+            _store().save(body, turn.items, owner=who)
 
     if not req.stream:
         final = collect(chunks, "chat")
         message = final["message"]
-        content, calls = plan.reply(message["content"], message.get("tool_calls") or [])
+        content, calls = turn.plan.reply(message["content"], message.get("tool_calls") or [])
         body = draft.final(final, content, calls, message.get("thinking", ""), final.get("logprobs") or [])
         keep(body)
         return json_response(body)
+    return _stream(draft, turn.plan, chunks, job.request_id, keep)
+
+
+@dataclass
+class _Turn:
+    """A request's new items, the whole conversation as native messages, its tool plan and its model."""
+
+    items: list[dict[str, Any]]
+    messages: list[dict[str, Any]]
+    plan: Constrained
+    record: ModelRecord
+
+    @classmethod
+    def of(cls, req: ResponsesRequest) -> _Turn:
+        items = normalize_items(req.input)
+        history = _store().history(req.previous_response_id, owner()) if req.previous_response_id else []
+        messages = conversation([*history, *items], req.instructions)
+        plan = ToolChoice.from_openai(req.tool_choice).constrain(req.native_tools(), req.native_format())
+        record = services().inference.generation_model(req.model, "chat", think=req.think(), tools=bool(plan.tools),
+                                                       images=any(m.get("images") for m in messages))
+        return cls(items, messages, plan, record)
+
+
+def _background(req: ResponsesRequest, turn: _Turn) -> Response:
+    """A durable job of one chat item, under the response's id; the client polls ``GET`` for its end."""
+    if req.stream:
+        raise BadRequest("a background response is not streamed here: poll GET /v1/responses/{id}", param="stream")
+    draft = Draft(req)
+    services().jobs.submit(kind="chat", model=req.model, items=[(None, item_body(req, turn.messages, turn.plan))],
+                           owner=creator(), job_id=draft.ident, quota=principal())
+    body = draft.envelope("queued", [])
+    _store().save(body, turn.items, owner=creator())
+    return json_response(body)
+
+
+def _stream(draft: Draft, plan: Constrained, chunks: Iterator[dict[str, Any]], request_id: str,
+            keep: Callable[[dict[str, Any]], None]) -> Response:
     gateway = services().gateway
 
     def stop_worker() -> None:  # the client went away while the worker was silent: it stops now
-        gateway.broker.redis.set(cancel_key(job.request_id), b"1", ex=3600)
+        gateway.broker.redis.set(cancel_key(request_id), b"1", ex=3600)
 
     pump = Pump(current_app._get_current_object(), principal(), chunks)  # type: ignore[attr-defined]
     first = pump.prime(PRIME_SECONDS)  # an error before any output keeps its own status
     return _sse(stream_events(draft, _ticking(pump, first, stop_worker), plan, keep))
-
-
-def _background(req: ResponsesRequest, draft: Draft, items: list[dict[str, Any]], native: dict[str, Any]) -> Response:
-    """A durable job of one chat item, under the response's id; the client polls ``GET`` for its end."""
-    if req.stream:
-        raise BadRequest("a background response is not streamed here: poll GET /v1/responses/{id}", param="stream")
-    services().jobs.submit(kind="chat", model=req.model, items=[(None, native)], owner=creator(), job_id=draft.ident,
-                           quota=principal())
-    body = draft.envelope("queued", [])
-    _store().save(body, items, owner=creator())
-    return json_response(body)
 
 
 def _ticking(pump: Pump, first: tuple[str, Any] | None, stop_worker: Callable[[], None]) -> Iterator[dict[str, Any] | None]:
