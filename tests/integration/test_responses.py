@@ -176,7 +176,7 @@ def test_forced_tool_call_then_its_output(oai: OpenAI, base_url: str, tools_mode
                      "response.function_call_arguments.delta", "response.function_call_arguments.done",
                      "response.output_item.done", "response.completed"]
     assert events[4]["name"] == "get_weather" and events[-1]["response"]["output"][0]["arguments"] == events[4]["arguments"]
-    # tool_choice none: the tools are not offered, so even a model without the tools capability answers
+    # tool_choice none: the tools are not offered (so a model without the tools capability may answer), the reply is text
     plain = raw_create(oai, model=MODEL, input=ask, tools=[WEATHER], tool_choice="none", **GREEDY)
     assert [i["type"] for i in plain["output"]] == ["message"]
 
