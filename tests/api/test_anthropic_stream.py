@@ -162,3 +162,19 @@ def test_an_error_after_the_first_byte_is_an_error_event(app: Flask) -> None:
                                                                  "message": "worker w1 stopped responding"},
                                       "request_id": streamed[-1][1]["request_id"]})
     assert not stopped  # the stream ended (by its error): nothing left to stop
+
+
+def test_what_claude_code_sends_besides_is_accepted_and_mapped() -> None:
+    request = parse(MessagesRequest, {
+        "model": "m", "max_tokens": 32000, "output_config": {"effort": "xhigh"}, "context_management": {"edits": []},
+        "tools": [{"name": "Bash", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}},
+                  {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+        "messages": [{"role": "user", "content": [
+            {"type": "document", "title": "README", "source": {"type": "text", "media_type": "text/plain", "data": "Hi"}},
+            {"type": "mid_conv_system", "content": [{"type": "text", "text": "Be brief."}]},
+            {"type": "redacted_thinking", "data": "xx"}, {"type": "server_tool_use", "id": "s", "name": "web_search"}]}]})
+    native = request.native(thinks=True)
+    assert [t["function"]["name"] for t in native.plan.tools or []] == ["Bash"]  # the server tool is dropped
+    assert native.think == "high"  # effort xhigh, with no thinking field
+    assert [m["role"] for m in native.messages] == ["system", "user"] and native.messages[1]["content"] == "README\n\nHi"
+    assert request.options(8192)["num_predict"] == 8192  # capped at the model's context
