@@ -15,8 +15,8 @@ import pytest
 from corral.errors import BadRequest, ContextLengthExceeded, RequestCanceled
 from tests.ggufs import cross_encoder, unknown_architecture
 from tests.rerank_reference import ReferenceCrossEncoder
-from workers.engine import PACK_TOKENS, LoadedModel, LoadSpec
-from workers.rerank import pairs, require_reranker, rerank, score_pairs
+from workers.engine import LoadedModel, LoadSpec
+from workers.rerank import CPU_PACK_TOKENS, pairs, require_reranker, rerank, score_pairs
 
 CLS, SEP = 2, 3  # the fixture's [CLS] (BOS) and [SEP] (EOS) ids
 N_CTX = 128
@@ -83,8 +83,8 @@ def test_packed_pairs_score_as_each_alone(
     decodes: list[int] = []
     spy_llama_decode(lambda batch: decodes.append(int(batch.n_tokens)))
     scores = score_pairs(model, built)
-    assert sum(len(p) for p in built) > 3 * PACK_TOKENS and len(decodes) > 3  # packed, over several decodes
-    assert max(decodes) <= PACK_TOKENS and len(decodes) < len(built) / 2  # many pairs share each decode
+    assert sum(len(p) for p in built) > 3 * CPU_PACK_TOKENS and len(decodes) > 3  # packed, over several decodes
+    assert max(decodes) <= CPU_PACK_TOKENS and len(decodes) < len(built) / 2  # many pairs share each decode
     expected = reference.scores(built)
     assert max(abs(a - b) for a, b in zip(scores, expected, strict=True)) < TOLERANCE
     alone = [score_pairs(model, [p])[0] for p in built[:5]]
