@@ -164,6 +164,27 @@ def _sse(events: Iterator[dict[str, Any]]) -> Response:
     return resp
 
 
+@bp.post("/v1/responses/input_tokens")
+@documented(body=ResponsesRequest, response=R.InputTokens)
+def input_tokens() -> Response:
+    """The prompt tokens a request would take, as the model's own template and tokenizer render its whole
+    conversation (a worker counts them, as for ``/v1/messages/count_tokens``)."""
+    req: ResponsesRequest = parse_request(ResponsesRequest, decode_json(request.get_data()))
+    req.check()
+    turn = _Turn.of(req)
+    shared = services()
+    body = {"messages": turn.messages, "tools": turn.plan.tools, "think": req.think(), "options": {}}
+    ticket = shared.governor.admit(principal(), req.model)
+    try:
+        counts = shared.gateway.count_tokens(req.model, turn.record.model_digest, "chat", [body], {})
+        shared.governor.finish(ticket)
+    finally:
+        shared.governor.release(ticket)
+    if not counts or counts[0] is None:
+        raise BadRequest("the input does not render with the model's chat template", param="input")
+    return json_response({"object": "response.input_tokens", "input_tokens": counts[0]})
+
+
 @bp.get("/v1/responses/<response_id>")
 @documented(response=R.ResponseObject, query=(("include[]", "string"), ("stream", "boolean")))
 def retrieve(response_id: str) -> Response:

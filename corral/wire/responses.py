@@ -371,3 +371,8 @@ class InputItemList(_Open):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+class InputTokens(_Open):
+    object: Literal["response.input_tokens"]
+    input_tokens: int

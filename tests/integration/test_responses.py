@@ -278,3 +278,10 @@ def test_a_codex_shaped_turn_streams_to_completion(base_url: str, tools_model: s
                                                                               "response.incomplete")
     done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
     assert done and done == events[-1]["response"]["output"]  # Codex keeps what output_item.done says
+
+
+def test_input_tokens_counts_what_create_takes(oai: OpenAI) -> None:
+    body: dict[str, Any] = {"model": MODEL, "input": "Count these words.", "instructions": "Be brief."}
+    counted = oai.responses.input_tokens.count(**body)
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == oai.responses.create(**body, store=False, **GREEDY).usage.input_tokens  # type: ignore[union-attr]
