@@ -173,7 +173,7 @@ def input_tokens() -> Response:
     req.check()
     turn = _Turn.of(req)
     shared = services()
-    body = {"messages": turn.messages, "tools": turn.plan.tools, "think": req.think(), "options": {}}
+    body: dict[str, Any] = {"messages": turn.messages, "tools": turn.plan.tools, "think": req.think(), "options": {}}
     ticket = shared.governor.admit(principal(), req.model)
     try:
         counts = shared.gateway.count_tokens(req.model, turn.record.model_digest, "chat", [body], {})
