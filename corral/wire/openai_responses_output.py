@@ -67,7 +67,7 @@ class Draft:
         items = []
         if thinking:
             items.append(self.reasoning_item(new_id("rs"), thinking))
-        if content or not calls:
+        if content or not (calls or thinking):  # a reply that is all thinking (cut short) has no message
             items.append(message_item(new_id("msg"), content, logprobs, "incomplete" if incomplete else "completed"))
         items.extend(function_call_item(new_id("fc"), call) for call in openai_tool_calls(calls))
         return self.envelope("incomplete" if incomplete else "completed", items, usage=usage_of(final),
@@ -260,7 +260,7 @@ class _Stream:
                 item["status"] = status
         yield from self.close()
         content, calls = self.plan.reply("".join(self.texts), self.calls) if self.plan.forced else ("", self.calls)
-        if (content or not calls) and not has_message:  # a held text that is no call, or an empty reply
+        if (content or not (calls or self.thinking)) and not has_message:  # a held text that is no call, or nothing
             entries = list(self.logprobs)
             self.texts.clear()
             self.logprobs.clear()
