@@ -40,9 +40,12 @@ def usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
 
 
 def tool_use_block(call: dict[str, Any]) -> dict[str, Any]:
-    """An Ollama tool call as a ``tool_use`` block (ids made Anthropic-looking)."""
+    """An Ollama tool call as a ``tool_use`` block, its id the call's own made Anthropic-looking (so a batch
+    result reads the same each time)."""
     function = call["function"]
-    return {"type": "tool_use", "id": tool_use_id(), "name": function["name"], "input": function.get("arguments") or {}}
+    own = str(call.get("id") or "").removeprefix("call_")
+    return {"type": "tool_use", "id": f"toolu_{own}" if own else tool_use_id(), "name": function["name"],
+            "input": function.get("arguments") or {}}
 
 
 def message_object(
