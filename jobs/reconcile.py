@@ -79,7 +79,9 @@ class Reconciler:
             return 0
         try:
             requeued = self._sweep(startup)
-            self.settle(since=None if startup else utcnow() - SETTLE_WITHIN)
+            # on the heartbeat thread: a short CORRAL_HEARTBEAT_TTL gets a shorter budget
+            self.settle(since=None if startup else utcnow() - SETTLE_WITHIN,
+                        budget=min(SETTLE_SECONDS, self.settings.heartbeat_ttl / 4))
             # Webhooks are not sent here but by jobs.webhooks.Sender, in a thread of its own: this sweep runs on the
             # heartbeat thread, which a slow receiver must not hold up.
             if time.monotonic() >= self._next_prune:  # cached results and stored responses past their TTLs go, hourly

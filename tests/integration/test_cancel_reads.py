@@ -10,6 +10,7 @@ import io
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +18,14 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from corral.settings import Settings
 from harness.stack import fresh_database
 from jobs import transitions
 from jobs.db import engine_for, sessions
 from jobs.keys import KeyLimits, KeyStore
-from jobs.models import Item, ItemState
+from jobs.models import Item, ItemState, Job, utcnow
 from jobs.reconcile import Reconciler
 from tests.helpers import MODEL, clean_redis, make_settings, with_db
 
@@ -157,6 +158,30 @@ def test_a_cancelled_openai_batchs_error_file_lists_every_unrun_request(own_app:
     assert error_file() == [(f"r{i}", "batch_cancelled") for i in range(ITEMS)]
     settle(app)
     assert error_file() == [(f"r{i}", "batch_cancelled") for i in range(ITEMS)]
+
+
+def test_an_expired_openai_batchs_error_file_lists_every_unrun_request(own_app: Flask) -> None:
+    app, client = own_app, own_app.test_client()
+    requests = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                 "body": {"model": MODEL, "prompt": f"Count to {i}.", "max_tokens": 4}} for i in range(ITEMS)]
+    content = "".join(json.dumps(r) + "\n" for r in requests).encode()
+    upload = client.post("/v1/files", data={"purpose": "batch", "file": (io.BytesIO(content), "in.jsonl")})
+    batch = client.post("/v1/batches", json={"input_file_id": upload.get_json()["id"], "endpoint": "/v1/completions",
+                                             "completion_window": "24h"}).get_json()
+    with sessions(settings_of(app))() as session:  # its window passes, and the reconciler's expiry comes
+        session.execute(update(Job).where(Job.id == batch["id"]).values(expires_at=utcnow() - timedelta(seconds=1)))
+        assert transitions.expire_overdue(session) == [(batch["id"], session.get(Job, batch["id"]).model_digest)]
+        session.commit()
+
+    def read() -> tuple[str, list[str]]:
+        view = client.get(f"/v1/batches/{batch['id']}").get_json()
+        return view["status"], [line["error"]["code"] for line in
+                                lines(client, f"/v1/files/{view['error_file_id']}/content")]
+
+    assert read() == ("expired", ["batch_expired"] * ITEMS)
+    assert stored(app, batch["id"]) == {"pending": ITEMS}
+    assert settle(app) == ITEMS
+    assert read() == ("expired", ["batch_expired"] * ITEMS)
 
 
 def test_cancelled_items_leave_the_quota_count_in_usage_and_retry_runs_only_the_failed(keyed_app: Flask) -> None:
