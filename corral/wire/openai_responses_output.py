@@ -194,12 +194,20 @@ class _Stream:
                     item["status"] = "incomplete"
             yield from self.close()  # what was sent stays in the response, whole
             failed = draft.envelope("failed", self.items, error=failure(exc))
-            self.finish(failed)
+            self.keep(failed)
             yield ev("response.failed", response=failed)
         finally:
             close_chunks = getattr(chunks, "close", None)
             if close_chunks is not None:
                 close_chunks()
+
+    def keep(self, response: dict[str, Any]) -> None:
+        """Hand the terminal Response to ``finish`` (which stores it); a failure there is logged, and the client
+        still gets its terminal event."""
+        try:
+            self.finish(response)
+        except Exception:
+            log.exception("could not keep response %s", response["id"])
 
     def think(self, text: str) -> Iterator[dict[str, Any]]:
         if self.open != "reasoning":
@@ -282,7 +290,7 @@ class _Stream:
             yield self.ev("response.output_item.done", output_index=index, item=self.items[index])
         response = self.draft.envelope(status, self.items, usage=usage_of(final),
                                        incomplete="max_output_tokens" if incomplete else None)
-        self.finish(response)
+        self.keep(response)
         yield self.ev(f"response.{status}", response=response)
 
 

@@ -128,3 +128,12 @@ def test_items_into_native_messages() -> None:
         {"role": "tool", "content": "18C", "tool_call_id": "c1", "name": "get_weather", "tool_name": "get_weather"},
     ]
     assert normalize_items("hi")[0]["content"] == [{"type": "input_text", "text": "hi"}]
+
+
+def test_a_store_that_fails_still_ends_the_stream(caplog: Any) -> None:
+    def broken(_: dict[str, Any]) -> None:
+        raise OSError("disk full")
+
+    draft = Draft(ResponsesRequest.model_validate({"model": "m", "input": "hi"}))
+    events = list(stream_events(draft, iter([chunk("Hi"), done()]), Constrained(None, None), broken))
+    assert events[-1]["type"] == "response.completed" and "could not keep response" in caplog.text
