@@ -25,6 +25,7 @@ from flask import Blueprint, Flask, Response, current_app, g, request, stream_wi
 from api.auth import principal
 from api.errors import json_response
 from api.openapi import SSE, documented
+from api.params import query_int
 from api.services import services
 from api.streaming import SSE_MIMETYPE
 from corral.errors import BadRequest, CorralError
@@ -205,8 +206,6 @@ def model_info(record: ModelRecord, ident: str | None = None) -> dict[str, Any]:
 
 def model_page(records: list[ModelRecord]) -> dict[str, Any]:
     """``{data, has_more, first_id, last_id}``, paged by ``before_id``/``after_id`` and ``limit`` (1-1000)."""
-    from api.params import query_int
-
     limit = query_int("limit", 20)
     if limit is None or not 1 <= limit <= 1000:
         raise BadRequest("limit: must be between 1 and 1000")
