@@ -241,7 +241,9 @@ def _message(item: dict[str, Any], index: int) -> dict[str, Any]:
 
 def _part(part: Any, index: int, role: str) -> dict[str, Any]:
     kind = part.get("type") if isinstance(part, dict) else None
-    if kind in ("input_text", "output_text") and isinstance(part.get("text"), str):
+    if kind in ("input_text", "output_text"):
+        if not isinstance(part.get("text"), str):
+            raise BadRequest(f"input[{index}]: an {kind} part needs a string 'text'", param="input")
         return dict(part)
     if kind == "refusal" and isinstance(part.get("refusal"), str):
         return dict(part)
