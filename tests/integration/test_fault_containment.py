@@ -180,5 +180,5 @@ def test_corral_up_restarts_a_dead_worker_and_fails_an_item_that_crashes_it_ever
     assert log.read_text().count("worker exited with status -11; starting it again") >= 1
     assert wait_done(base, other["id"], timeout=600)["counts"]["succeeded"] == 3
     reply = httpx.post(base + "/api/generate", timeout=120,
-                       json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 3}})
+                       json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 3, "temperature": 0}})
     assert reply.status_code == 200 and reply.json()["eval_count"] == 3  # corral up still answers and serves

@@ -180,7 +180,7 @@ def test_copy_then_delete_a_model(base_url: str) -> None:
     assert "mycopy:v1" in names
     reply = httpx.post(
         base_url + "/api/generate",
-        json={"model": "mycopy:v1", "prompt": "Hi", "stream": False, "options": {"num_predict": 3}},
+        json={"model": "mycopy:v1", "prompt": "Hi", "stream": False, "options": {"num_predict": 3, "temperature": 0}},
         timeout=60,
     )
     assert reply.json()["model"] == "mycopy:v1" and reply.json()["eval_count"] == 3

@@ -75,7 +75,7 @@ def test_corral_up_runs_everything_with_a_private_redis_and_stops_on_ctrl_c(
         wait_for(answers, 60, "corral up")
         reply = httpx.post(
             base + "/api/generate",
-            json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 3}},
+            json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 3, "temperature": 0}},
             timeout=120,
         )
         assert reply.status_code == 200 and reply.json()["eval_count"] == 3
