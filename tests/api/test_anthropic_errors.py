@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 from anthropic.types import ErrorResponse
+from anthropic.types.messages import MessageBatch, MessageBatchIndividualResponse
 from flask.testing import FlaskClient
 
 from api import create_app
@@ -124,3 +125,28 @@ def test_x_api_key_carries_the_key_as_bearer_does(settings: Settings) -> None:
                     headers={"x-api-key": "corral-wrong"})
     assert r.status_code == 401 and r.get_json()["error"] == {"type": "authentication_error",
                                                            "message": "invalid API key"}
+
+
+def test_a_batch_of_only_invalid_requests_ends_at_once_with_each_errored(client: FlaskClient) -> None:
+    """Nothing to run (so no worker needed): the batch ends at creation; paging, retrieval and results work."""
+    bad = {"model": MODEL, "max_tokens": 0, "messages": ASK}
+    made = []
+    for n in range(3):
+        r = client.post("/v1/messages/batches", json={"requests": [
+            {"custom_id": f"a-{n}", "params": bad}, {"custom_id": f"b-{n}", "params": {**bad, "max_tokens": 8, "stream": True}}]})
+        assert r.status_code == 200, r.get_json()
+        batch = MessageBatch.model_validate(r.get_json())
+        assert batch.processing_status == "ended" and batch.request_counts.errored == 2
+        assert batch.results_url == f"http://localhost/v1/messages/batches/{batch.id}/results"
+        made.append(batch.id)
+    first = client.get("/v1/messages/batches?limit=2").get_json()
+    assert [b["id"] for b in first["data"]][:2] == made[::-1][:2] and first["has_more"]
+    after = client.get(f"/v1/messages/batches?limit=1&after_id={first['last_id']}").get_json()
+    assert after["data"][0]["id"] == made[0]
+    before = client.get(f"/v1/messages/batches?limit=1&before_id={made[0]}").get_json()
+    assert before["data"][0]["id"] == made[1]
+    assert client.get(f"/v1/messages/batches/{made[0]}").get_json()["id"] == made[0]
+    lines = client.get(f"/v1/messages/batches/{made[0]}/results").get_data(as_text=True).splitlines()
+    results = [MessageBatchIndividualResponse.model_validate_json(line) for line in lines]
+    assert [r.custom_id for r in results] == ["a-0", "b-0"] and {r.result.type for r in results} == {"errored"}
+    assert "stream" in results[1].result.error.error.message  # type: ignore[union-attr]
