@@ -425,8 +425,8 @@ def settle_batch(session: Session, job_id: str, limit: int | None = None) -> int
         return 0
     pending = (Item.job_id == job_id, Item.state == ItemState.PENDING)
     where: Any = pending
-    if limit is not None:
-        where = (*pending, Item.id.in_(select(Item.id).where(*pending).limit(limit)))
+    if limit is not None:  # by id alone outside: with the job named there too, SQLite walked all its pending rows
+        where = (Item.state == ItemState.PENDING, Item.id.in_(select(Item.id).where(*pending).limit(limit)))
     return _changed(
         session,
         update(Item).where(*where).values(state=ItemState.CANCELLED, finished_at=row.finished_at or utcnow())
