@@ -29,7 +29,6 @@ from api.params import query_int
 from api.services import services
 from api.streaming import SSE_MIMETYPE
 from corral.errors import BadRequest, CorralError
-from corral.modelstore.layers import params_of
 from corral.modelstore.store import ModelRecord
 from corral.protocol import cancel_key
 from corral.timefmt import rfc3339
@@ -59,7 +58,7 @@ def create_message() -> Response:
     req: MessagesRequest = parse(MessagesRequest, decode_json(request.get_data()))
     record, native = _conversation(req)
     shared = services()
-    cap = context_cap({}, params_of(record), shared.settings.default_num_ctx)
+    cap = context_cap(record, shared.settings.default_num_ctx)
     job = shared.inference.request(
         record, req.model, "chat", messages=native.messages, options=req.options(cap), tools=native.plan.tools,
         format=native.plan.format, think=native.think,

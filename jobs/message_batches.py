@@ -28,7 +28,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from corral.errors import BadRequest, CorralError, ModelNotFound, NotFound
-from corral.modelstore.layers import params_of
 from corral.modelstore.store import ModelName, ModelRecord, ModelStore
 from corral.timefmt import rfc3339
 from corral.wire.anthropic import BatchCreate, MessagesRequest, context_cap, parse
@@ -111,7 +110,7 @@ class MessageBatches:
             raise BadRequest(f"{ModelName.parse(params.model).display} does not support tools")
         if native.images and "vision" not in record.capabilities:
             raise BadRequest(f"{ModelName.parse(params.model).display} does not support vision: the request has images")
-        options = params.options(context_cap({}, params_of(record), self.jobs.settings.default_num_ctx))
+        options = params.options(context_cap(record, self.jobs.settings.default_num_ctx))
         if params.stops():
             options["stop"] = params.stops()
         item: dict[str, Any] = {"messages": native.messages, "options": options}

@@ -39,6 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from corral.errors import BadRequest
 from corral.images import decode
+from corral.modelstore.layers import params_of
+from corral.modelstore.store import ModelRecord
 from corral.options import LoadOptions, parse_options
 from corral.toolchoice import Constrained, ToolChoice
 from corral.wire.ollama import check_schema_budget
@@ -427,9 +429,12 @@ def _tool_message(block: ToolResultBlock, name: str, where: str) -> dict[str, An
     return message
 
 
-def context_cap(options: dict[str, Any], params: dict[str, Any], default_ctx: int) -> int:
-    """The model's context as this request loads it (the request's ``num_ctx``, its PARAMETER, the server's)."""
-    return LoadOptions.of({**params, **options}).num_ctx or default_ctx
+def context_cap(record: ModelRecord, default_ctx: int) -> int:
+    """The model's context as a worker loads it (workers/execution.py ``load_spec``): its PARAMETER ``num_ctx``
+    or the server's default, at most what it was trained on."""
+    n_ctx = LoadOptions.of(params_of(record)).num_ctx or default_ctx
+    trained = int(record.config.get("context_length") or 0)
+    return min(n_ctx, trained) if trained else n_ctx
 
 
 # -- Message Batches ---------------------------------------------------------------------------------------------
