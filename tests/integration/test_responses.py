@@ -308,3 +308,14 @@ def test_a_thinking_models_reasoning_items(oai: OpenAI, base_url: str) -> None:
         assert [i["type"] for i in off["output"]] == ["message"]
     finally:
         httpx.request("DELETE", base_url + "/api/delete", json={"model": "thinker-responses"}, timeout=30)
+
+
+def test_truncation_disabled_refuses_what_auto_fits(oai: OpenAI) -> None:
+    body: dict[str, Any] = {"model": MODEL, "input": [{"role": "user", "content": "word " * 100},
+                                                      {"role": "user", "content": "Say hi."}],
+                            "max_output_tokens": 4, "extra_body": {"options": {"num_ctx": 96}}}
+    with pytest.raises(openai.BadRequestError) as err:  # OpenAI's default: an over-long input is a 400
+        oai.responses.create(**body)
+    assert err.value.body["message"] == "the input length exceeds the context length"  # type: ignore[index]
+    fitted = oai.responses.create(**body, truncation="auto")  # the oldest turn dropped, as Ollama fits a chat
+    assert fitted.status in ("completed", "incomplete") and fitted.usage.input_tokens <= 96  # type: ignore[union-attr]
