@@ -14,7 +14,9 @@ with typed parts): the form a stored response keeps and ``GET /v1/responses/{id}
   in the conversation (OpenAI's 400 otherwise);
 - a ``reasoning`` item's text is the next assistant message's ``thinking``.
 
-The reply side (output items, usage, the stream's events) is :mod:`corral.wire.openai_responses_output`.
+A batch line and a background response run as job items: :func:`item_body` is the native chat they hold, with
+the settings their Response echoes.  The reply side (output items, usage, the stream's events) is
+:mod:`corral.wire.openai_responses_output`.
 """
 
 from __future__ import annotations
