@@ -30,6 +30,8 @@ ASK = [{"role": "user", "content": "Say hello to Ada."}]
 WEATHER = {"name": "get_weather", "description": "Current weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
                             "required": ["city"]}}
+TOOLS_MODEL = "anthropic-tools"
+SMALL_CONTEXT = 512
 COLD = {"temperature": 0}  # the SDK (2.x) no longer has sampling arguments; corral still honours them
 TEMPLATE = (  # ChatML that renders tools and asks for <tool_call> blocks (a Hermes-style template)
     "{%- if tools %}<|im_start|>system\nYou may call these functions:\n"
@@ -110,23 +112,20 @@ def test_stream_events_come_in_order_and_the_accumulator_builds_the_message(
 
 
 @pytest.fixture(scope="module")
-def tools_model(base_url: str, settings: Settings, stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A model with the ``tools`` capability: the packaged smollm2 when its catalog entry carries Ollama's TEMPLATE,
-    else smollm2's GGUF with a chat template that renders tools (as tests/integration/test_tool_calls.py makes)."""
-    show = httpx.post(base_url + "/api/show", json={"model": MODEL}, timeout=30).json()
-    if "tools" in show["capabilities"]:
-        yield MODEL
-        return
+def tools_model(settings: Settings, stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """smollm2's GGUF with a chat template that renders tools (as tests/integration/test_tool_calls.py makes one)
+    and a context of 512 tokens: Claude Code's first request is many times that."""
     source = packaged_smollm2()
     assert source is not None
-    target = with_metadata(source, tmp_path_factory.mktemp("tools") / "tools.gguf", {"tokenizer.chat_template": TEMPLATE})
+    target = with_metadata(source, tmp_path_factory.mktemp("tools") / "tools.gguf",
+                           {"tokenizer.chat_template": TEMPLATE, "llama.context_length": SMALL_CONTEXT})
     store = ModelStore(settings.models_path)
-    store.register_gguf(["anthropic-tools"], Path(target))
-    wait_for(lambda: any("anthropic-tools:latest" in json.loads(v).get("models", [])
+    store.register_gguf([TOOLS_MODEL], Path(target))
+    wait_for(lambda: any(f"{TOOLS_MODEL}:latest" in json.loads(v).get("models", [])
                          for v in stack.redis.mget(list(stack.redis.scan_iter(match="corral:worker:*"))) if v),
              30, "the worker to serve the new model")
-    yield "anthropic-tools"
-    store.delete("anthropic-tools")
+    yield TOOLS_MODEL
+    store.delete(TOOLS_MODEL)
 
 
 def test_a_forced_tool_call_round_trip(claude: anthropic.Anthropic, tools_model: str, base_url: str) -> None:
@@ -173,20 +172,23 @@ def test_models_list_in_anthropic_shape(claude: anthropic.Anthropic) -> None:
         claude.models.retrieve("no-such-model")
 
 
-def test_a_claude_code_sized_first_request_is_fitted_and_answered(base_url: str) -> None:
+def test_a_claude_code_sized_first_request_is_fitted_and_answered(base_url: str, tools_model: str) -> None:
     """Claude Code's first request: ~19k tokens (a 76 KB system prompt, 24 tools) on a model whose context is
-    smaller; corral keeps the system prompt's start and the newest turn, as Ollama's truncation does."""
+    512; corral keeps the system prompt's start and the newest turn, as Ollama's truncation does, and answers."""
     tools = [{"name": f"tool_{n}", "description": "Does a thing. " * 20,
               "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}} for n in range(24)]
     system = [{"type": "text", "text": "You are Claude Code. " + "Follow the rules of the house. " * 2500,
                "cache_control": {"type": "ephemeral"}}]
-    body = {"model": MODEL, "max_tokens": 32000, "system": system, "tools": tools, "stream": True,
+    body = {"model": tools_model, "max_tokens": 32000, "system": system, "tools": tools, "stream": True,
             "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
             "thinking": {"type": "adaptive"}, "metadata": {"user_id": "u"}}
+    assert len(json.dumps(body)) > 76_000
     events = _sse(base_url, {**body, "max_tokens": 4}, beta="true")  # streamed, as Claude Code asks
-    names = [name for name, _ in events if name != "ping"]  # a slow machine pings while the prompt is prefilled
+    names = [name for name, _ in events if name != "ping"]
     assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
-    assert events[-2][1]["usage"]["input_tokens"] > 1000 and events[-2][1]["delta"]["stop_reason"] == "max_tokens"
+    usage = events[-2][1]["usage"]
+    # the prompt filled what the model holds (its context, shared by the worker's parallel slots) and no more
+    assert 100 < usage["input_tokens"] <= SMALL_CONTEXT and events[-2][1]["delta"]["stop_reason"] == "max_tokens"
 
 
 def _ended(claude: anthropic.Anthropic, ident: str, within: float = 120) -> Any:
