@@ -199,8 +199,12 @@ def wants_anthropic() -> bool:
 
 
 def model_info(record: ModelRecord, ident: str | None = None) -> dict[str, Any]:
+    """Anthropic's ``ModelInfo`` (``lifecycle`` is required by the SDK's type); both token limits are the
+    context the model loads with."""
     name = ident or record.name.display
-    return {"type": "model", "id": name, "display_name": name, "created_at": rfc3339(record.modified_at)}
+    context = context_cap(record, services().settings.default_num_ctx)
+    return {"type": "model", "id": name, "display_name": name, "created_at": rfc3339(record.modified_at),
+            "lifecycle": "active", "max_input_tokens": context, "max_tokens": context}
 
 
 def model_page(records: list[ModelRecord]) -> dict[str, Any]:

@@ -310,6 +310,7 @@ class AnthropicModelInfo(_Open):
     id: str
     display_name: str
     created_at: str
+    lifecycle: str
 
 
 class AnthropicModelPage(_Open):

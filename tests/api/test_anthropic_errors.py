@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from anthropic.types import ErrorResponse
+from anthropic.types import ErrorResponse, ModelInfo
 from anthropic.types.messages import MessageBatch, MessageBatchIndividualResponse
 from flask.testing import FlaskClient
 
@@ -102,7 +102,8 @@ def test_models_in_anthropic_shape_page_by_id(client: FlaskClient) -> None:
     headers = {"anthropic-version": "2023-06-01"}
     page = client.get("/v1/models?limit=2", headers=headers).get_json()
     assert set(page) == {"data", "has_more", "first_id", "last_id"} and page["has_more"]
-    assert [m["type"] for m in page["data"]] == ["model", "model"] and page["last_id"] == page["data"][1]["id"]
+    assert [ModelInfo.model_validate(m).type for m in page["data"]] == ["model", "model"]
+    assert page["last_id"] == page["data"][1]["id"]
     rest = client.get(f"/v1/models?after_id={page['last_id']}&limit=1000", headers=headers).get_json()
     back = client.get(f"/v1/models?before_id={rest['first_id']}&limit=1", headers=headers).get_json()
     assert back["data"][0]["id"] == page["last_id"]
