@@ -232,7 +232,7 @@ class MessagesRequest(_Conversation):
 
     def options(self, num_ctx: int) -> dict[str, Any]:
         """Ollama options: ``max_tokens`` capped at ``num_ctx`` (the model's context), the sampling fields; the
-        stop sequences are checked with Ollama's bounds but matched by :class:`StopScanner`."""
+        stop sequences are checked with Ollama's bounds but matched by the API (corral/wire/anthropic_reply.py)."""
         opts: dict[str, Any] = {"num_predict": min(self.max_tokens, num_ctx)}
         for key in ("temperature", "top_p", "top_k"):
             if getattr(self, key) is not None:
