@@ -3,9 +3,9 @@
 ``delete`` and ``input_items.list``, every reply's raw JSON validated against the SDK's own types; and the
 ``openai-agents`` SDK's ``Runner`` through one function-tool round trip.
 
-The tool tests use a model created here with a ChatML TEMPLATE that reads ``.Tools`` (the ``tools`` capability
-and the hermes call format); a 135M model does not decide to call a tool by itself, so they force the call with
-``tool_choice``, which is what they test.
+The tool tests use the default smollm2, whose catalog TEMPLATE (Ollama's library one) reads ``.Tools``; a 135M
+model does not decide to call a tool by itself, so they force the call with ``tool_choice``, which is what they
+test.
 """
 
 from __future__ import annotations
@@ -25,19 +25,6 @@ from pydantic import TypeAdapter
 
 from tests.helpers import MODEL
 
-TOOLS_MODEL = "smollm2-responses"
-TEMPLATE = (
-    "{{- if .Tools }}<|im_start|>system\nYou may call these functions:\n"
-    "{{- range .Tools }}\n{{ json . }}{{- end }}\n"
-    'Call one as <tool_call>{"name": ..., "arguments": {...}}</tool_call><|im_end|>\n{{ end }}'
-    "{{- range .Messages }}"
-    '{{- if eq .Role "tool" }}<|im_start|>user\n<tool_response>{{ .Content }}</tool_response><|im_end|>\n'
-    "{{ else if .ToolCalls }}<|im_start|>assistant\n{{ .Content }}{{ range .ToolCalls }}"
-    '<tool_call>{"name": "{{ .Function.Name }}", "arguments": {{ json .Function.Arguments }}}</tool_call>'
-    "{{ end }}<|im_end|>\n"
-    "{{ else }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-    "{{- end }}<|im_start|>assistant\n"
-)
 WEATHER = {
     "type": "function", "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]},
@@ -54,12 +41,11 @@ def oai(base_url: str) -> Iterator[OpenAI]:
 
 
 @pytest.fixture(scope="module")
-def tools_model(base_url: str) -> Iterator[str]:
-    r = httpx.post(base_url + "/api/create", timeout=120,
-                   json={"model": TOOLS_MODEL, "from": MODEL, "template": TEMPLATE, "stream": False})
-    assert r.json() == {"status": "success"}, r.text
-    yield TOOLS_MODEL
-    httpx.request("DELETE", base_url + "/api/delete", json={"model": TOOLS_MODEL}, timeout=30)
+def tools_model(base_url: str) -> str:
+    """The default smollm2: the catalog gives it Ollama's library TEMPLATE, which reads ``.Tools``."""
+    shown = httpx.post(base_url + "/api/show", json={"model": MODEL}, timeout=30).json()
+    assert "tools" in shown["capabilities"]
+    return MODEL
 
 
 def raw_create(oai: OpenAI, **body: Any) -> dict[str, Any]:
@@ -176,8 +162,8 @@ def test_forced_tool_call_then_its_output(oai: OpenAI, base_url: str, tools_mode
                      "response.function_call_arguments.delta", "response.function_call_arguments.done",
                      "response.output_item.done", "response.completed"]
     assert events[4]["name"] == "get_weather" and events[-1]["response"]["output"][0]["arguments"] == events[4]["arguments"]
-    # tool_choice none: the tools are not offered (so a model without the tools capability may answer), the reply is text
-    plain = raw_create(oai, model=MODEL, input=ask, tools=[WEATHER], tool_choice="none", **GREEDY)
+    # tool_choice none: the tools are not offered to the model, and the reply is text
+    plain = raw_create(oai, model=tools_model, input=ask, tools=[WEATHER], tool_choice="none", **GREEDY)
     assert [i["type"] for i in plain["output"]] == ["message"]
 
 
