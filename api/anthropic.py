@@ -146,16 +146,14 @@ def events(reply: Reply, pump: Pump, first: tuple[str, Any] | None, ping: float,
             for name, data in reply.feed(value):
                 yield sse_event(name, data)
     except CorralError as exc:
-        finished = True
         yield sse_event("error", error_of(exc))
     except Exception as exc:  # never a traceback on the wire
-        finished = True
         log.exception("stream failed")
         yield sse_event("error", error_of(exc))
     finally:
         pump.quit.set()
         if not finished and stop_worker is not None:
-            stop_worker()  # the client went away: the worker stops now, not at its next token
+            stop_worker()  # the client went away, or the reply failed: the worker stops now, not at its next token
 
 
 def _close(chunks: Iterator[Any]) -> None:

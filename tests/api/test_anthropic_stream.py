@@ -161,7 +161,7 @@ def test_an_error_after_the_first_byte_is_an_error_event(app: Flask) -> None:
     assert streamed[-1] == ("error", {"type": "error", "error": {"type": "overloaded_error",
                                                                  "message": "worker w1 stopped responding"},
                                       "request_id": streamed[-1][1]["request_id"]})
-    assert not stopped  # the stream ended (by its error): nothing left to stop
+    assert stopped == [True]  # whatever failed, the worker is told to stop (a no-op for one that already has)
 
 
 def test_what_claude_code_sends_besides_is_accepted_and_mapped() -> None:
@@ -178,3 +178,13 @@ def test_what_claude_code_sends_besides_is_accepted_and_mapped() -> None:
     assert native.think == "high"  # effort xhigh, with no thinking field
     assert [m["role"] for m in native.messages] == ["system", "user"] and native.messages[1]["content"] == "README\n\nHi"
     assert request.options(8192)["num_predict"] == 8192  # capped at the model's context
+
+
+def test_a_client_that_goes_away_stops_the_worker(app: Flask) -> None:
+    stopped: list[bool] = []
+    with app.app_context():
+        pump = Pump(app, None, _slow([chunk("Hi"), chunk(" there"), done()], 0.2))
+        body = events(Reply("m", [], PLAIN), pump, None, 1.0, lambda: stopped.append(True))
+        assert next(body).startswith("event: message_start")
+        body.close()  # what the WSGI server does when the client disconnects
+    assert stopped == [True] and pump.quit.is_set()
