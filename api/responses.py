@@ -189,7 +189,7 @@ def input_tokens() -> Response:
 @documented(response=R.ResponseObject, query=(("include[]", "string"), ("stream", "boolean")))
 def retrieve(response_id: str) -> Response:
     if request.args.get("stream", "false").lower() == "true":
-        raise BadRequest("only a background response can be streamed again", param="stream")
+        raise BadRequest("a stored response is not streamed again here: GET it whole", param="stream")
     return json_response(_store().get(response_id, owner()))
 
 

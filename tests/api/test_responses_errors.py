@@ -126,6 +126,8 @@ def test_input_items_pages(client: FlaskClient, settings: Settings) -> None:
     assert (first["first_id"], first["last_id"]) == ("msg_4", "msg_3")
     rest = client.get("/v1/responses/resp_paged/input_items?limit=5&after=msg_3").get_json()
     assert [i["id"] for i in rest["data"]] == ["msg_2", "msg_1", "msg_0"] and rest["has_more"] is False
+    status, error = openai_error(client.get("/v1/responses/resp_paged?stream=true"))
+    assert (status, error["message"]) == (400, "a stored response is not streamed again here: GET it whole")
     oldest = client.get("/v1/responses/resp_paged/input_items?order=asc&limit=1").get_json()
     assert [i["id"] for i in oldest["data"]] == ["msg_0"]
     for query, param in (("limit=0", "limit"), ("limit=many", "limit"), ("order=up", "order"), ("after=msg_9", "after")):
