@@ -47,13 +47,18 @@ HEAD_TENSORS = ("cls.weight", "cls.output.weight")  # the converter's names for 
 PLACEHOLDER = re.compile(r"(\{query\}|\{document\})")
 
 
-@lru_cache(maxsize=64)
 def has_classifier_head(path: Path) -> bool:
-    """Whether the GGUF at ``path`` carries a classifier head (read from its header once per file)."""
+    """Whether the GGUF at ``path`` carries a classifier head (read from its header once per file: a blob's
+    content never changes; a file that cannot be read now is not remembered)."""
     try:
-        names = {name for name, _ in read_header(path, with_arrays=False).tensors}
+        return _head_in(path)
     except (OSError, ValueError):
         return False
+
+
+@lru_cache(maxsize=64)
+def _head_in(path: Path) -> bool:
+    names = {name for name, _ in read_header(path, with_arrays=False).tensors}
     return any(name in names for name in HEAD_TENSORS)
 
 
@@ -131,7 +136,7 @@ class PairBuilder:
         fixed = sum(len(tokens) for tokens in literal) + parts.count("{query}") * len(query_tokens)
         occurrences = parts.count("{document}")
         room = (self.limit - fixed) // max(1, occurrences)
-        if occurrences and room < 1 or fixed > self.limit:
+        if (occurrences and room < 1) or fixed > self.limit:
             raise ContextLengthExceeded(self._query_too_long(fixed))
         out = []
         for doc in documents:

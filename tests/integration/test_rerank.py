@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from tests.helpers import MODEL
+from tests.helpers import MODEL, results, submit, wait_done
 from tests.rerank_reference import ReferenceCrossEncoder
 
 QUERY = "where is the eiffel tower"
@@ -78,3 +79,29 @@ def test_rerank_scores_are_the_networks_and_leave_embedding_and_chat_alone(
     again = post(base_url, "/api/embed", embed).json()["embeddings"]
     assert max(abs(a - b) for a, b in zip(again[0], embedded[0], strict=True)) < 1e-6
     assert post(base_url, "/api/chat", CHAT).json()["message"]["content"] == said
+
+
+def test_a_rerank_job_keeps_an_items_failure_its_own_and_a_dry_run_counts_its_pairs(
+    base_url: str, reranker: tuple[str, Path]
+) -> None:
+    name, path = reranker
+    _, tokens = reference_scores(path)
+    long_document = " ".join(["the tower is in paris"] * 60)
+    items = [
+        {"custom_id": "a", "query": QUERY, "documents": DOCUMENTS},
+        {"custom_id": "long", "query": QUERY, "documents": [DOCUMENTS[0], long_document], "truncate": False},
+        {"custom_id": "b", "query": QUERY, "documents": DOCUMENTS, "top_n": 2},
+    ]
+    r = httpx.post(f"{base_url}/api/jobs", params={"dry_run": "true"}, timeout=120,
+                   json={"model": name, "kind": "rerank", "items": [items[0], items[2]]})
+    assert r.status_code == 200 and r.json()["prompt_tokens"] == 2 * tokens, r.text
+    job = submit(base_url, model=name, kind="rerank", items=items)
+    done = wait_done(base_url, job["id"])
+    assert (done["counts"]["succeeded"], done["counts"]["failed"]) == (2, 1)
+    lines = {line["custom_id"]: line for line in results(base_url, job["id"])}
+    assert "truncate is false" in lines["long"]["error"]
+    assert lines["a"]["response"]["usage"]["prompt_tokens"] == tokens  # packed with b's pairs, counted apart
+    best = lines["a"]["response"]["results"]
+    assert [x["index"] for x in lines["b"]["response"]["results"]] == [x["index"] for x in best[:2]]
+    assert [x["relevance_score"] for x in lines["b"]["response"]["results"]] == pytest.approx(
+        [x["relevance_score"] for x in best[:2]], abs=1e-5)
