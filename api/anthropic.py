@@ -15,19 +15,17 @@ one is an ``event: error``.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, g, request, stream_with_context
+from flask import Blueprint, Response, current_app, request, stream_with_context
 
 from api.auth import principal
 from api.errors import json_response
 from api.openapi import SSE, documented
 from api.params import query_int
 from api.services import services
-from api.streaming import SSE_MIMETYPE
+from api.streaming import SSE_MIMETYPE, Pump, close_chunks
 from corral.errors import BadRequest, CorralError
 from corral.modelstore.store import ModelRecord
 from corral.protocol import cancel_key
@@ -76,50 +74,11 @@ def create_message() -> Response:
             for chunk in chunks:
                 reply.feed(chunk)
         finally:
-            _close(chunks)
+            close_chunks(chunks)
         return json_response(reply.message())
     pump = Pump(current_app._get_current_object(), principal(), chunks)  # type: ignore[attr-defined]
     first = pump.prime(PRIME_SECONDS)
     return _sse(events(reply, pump, first, PING_SECONDS, stop_worker))
-
-
-class Pump:
-    """Reads a chunk iterator on its own thread (in an app context with the request's key, as the gateway
-    needs), so the response can write pings while it waits."""
-
-    def __init__(self, app: Flask, who: Any, chunks: Iterator[dict[str, Any]]) -> None:
-        self.items: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self.quit = threading.Event()
-        self.app, self.who, self.chunks = app, who, chunks
-        threading.Thread(target=self._run, name="anthropic-stream", daemon=True).start()
-
-    def _run(self) -> None:
-        with self.app.app_context():
-            g.principal = self.who
-            try:
-                for chunk in self.chunks:
-                    self.items.put(("chunk", chunk))
-                    if self.quit.is_set():
-                        break
-                self.items.put(("end", None))
-            except BaseException as exc:  # handed to the response, which writes it
-                self.items.put(("error", exc))
-            finally:
-                _close(self.chunks)
-
-    def get(self, timeout: float) -> tuple[str, Any] | None:
-        try:
-            return self.items.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def prime(self, timeout: float) -> tuple[str, Any] | None:
-        """The first item, if it comes within ``timeout``; an error then is raised (its own HTTP status)."""
-        first = self.get(timeout)
-        if first is not None and first[0] == "error":
-            self.quit.set()
-            raise first[1]
-        return first
 
 
 def events(reply: Reply, pump: Pump, first: tuple[str, Any] | None, ping: float,
@@ -154,12 +113,6 @@ def events(reply: Reply, pump: Pump, first: tuple[str, Any] | None, ping: float,
         pump.quit.set()
         if not finished and stop_worker is not None:
             stop_worker()  # the client went away, or the reply failed: the worker stops now, not at its next token
-
-
-def _close(chunks: Iterator[Any]) -> None:
-    close = getattr(chunks, "close", None)  # a generator: closing it tells the worker to stop
-    if close is not None:
-        close()
 
 
 def _sse(body: Iterator[str]) -> Response:

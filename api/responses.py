@@ -20,13 +20,12 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request, stream_with_context
 
-from api.anthropic import Pump  # a chunk iterator read on a thread of its own (it belongs in api/streaming.py)
 from api.auth import creator, owner, principal
 from api.errors import dumps, json_response
 from api.inference import collect
 from api.openapi import SSE, documented
 from api.services import services
-from api.streaming import SSE_MIMETYPE
+from api.streaming import SSE_MIMETYPE, Pump
 from corral.errors import BadRequest
 from corral.modelstore.store import ModelRecord
 from corral.protocol import cancel_key

@@ -8,10 +8,12 @@ server closes the body iterator; closing propagates down to the gateway, which t
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Response, stream_with_context
+from flask import Flask, Response, g, stream_with_context
 
 from api.errors import dumps
 from corral.errors import CorralError
@@ -75,3 +77,49 @@ def sse(events: Iterator[dict[str, Any]]) -> Response:
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"
     return resp
+
+
+def close_chunks(chunks: Iterator[Any]) -> None:
+    close = getattr(chunks, "close", None)  # a generator: closing it tells the worker to stop
+    if close is not None:
+        close()
+
+
+class Pump:
+    """Reads a chunk iterator on its own thread (in an app context with the request's key, as the gateway
+    needs), so a streamed response can write keep-alives (Anthropic's ``ping``, the Responses API's
+    ``response.in_progress``) while the worker is silent, as during a long prompt's prefill."""
+
+    def __init__(self, app: Flask, who: Any, chunks: Iterator[dict[str, Any]]) -> None:
+        self.items: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.quit = threading.Event()
+        self.app, self.who, self.chunks = app, who, chunks
+        threading.Thread(target=self._run, name="stream-pump", daemon=True).start()
+
+    def _run(self) -> None:
+        with self.app.app_context():
+            g.principal = self.who
+            try:
+                for chunk in self.chunks:
+                    self.items.put(("chunk", chunk))
+                    if self.quit.is_set():
+                        break
+                self.items.put(("end", None))
+            except BaseException as exc:  # handed to the response, which writes it
+                self.items.put(("error", exc))
+            finally:
+                close_chunks(self.chunks)
+
+    def get(self, timeout: float) -> tuple[str, Any] | None:
+        try:
+            return self.items.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def prime(self, timeout: float) -> tuple[str, Any] | None:
+        """The first item, if it comes within ``timeout``; an error then is raised (its own HTTP status)."""
+        first = self.get(timeout)
+        if first is not None and first[0] == "error":
+            self.quit.set()
+            raise first[1]
+        return first

@@ -17,7 +17,8 @@ from anthropic.types import Message, RawMessageStreamEvent
 from flask import Flask
 from pydantic import TypeAdapter
 
-from api.anthropic import Pump, events
+from api.anthropic import events
+from api.streaming import Pump
 from corral.errors import WorkerUnavailable
 from corral.toolchoice import Constrained, ToolChoice
 from corral.wire.anthropic import MessagesRequest, parse
