@@ -23,7 +23,7 @@ __all__ = ["Services", "create_app"]
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Create and configure the API application."""
-    from api import auth, console, errors, guards, metrics, openapi, scrape
+    from api import auth, console, encoding, errors, guards, metrics, openapi, scrape
     from api.anthropic import bp as anthropic_bp
     from api.anthropic_batch import bp as anthropic_batch_bp
     from api.jobs import bp as jobs_bp
@@ -49,6 +49,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     guards.init_app(app, settings)
     auth.init_app(app, settings, keys)
+    encoding.init_app(app, settings)
     errors.init_app(app)
     metrics.init_app(app)
     scrape.init_app(app)

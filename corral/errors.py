@@ -99,6 +99,13 @@ class PayloadTooLarge(CorralError):
     openai_type = "invalid_request_error"
 
 
+class UnsupportedEncoding(CorralError):
+    """A request body in a ``Content-Encoding`` corral cannot decode."""
+
+    status_code = 415
+    openai_type = "invalid_request_error"
+
+
 class RequestCanceled(CorralError):
     """The client went away before its request was scheduled (Ollama's 499)."""
 
