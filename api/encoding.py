@@ -5,7 +5,8 @@ A body is decoded before any view reads it, so every route sees plain JSON.  Dec
 compressed body by the route's usual limit (``CORRAL_MAX_BODY``, checked by Flask before this runs), the decoded
 one by the same limit again, so a small bomb cannot become gigabytes in memory; zstd's window is capped at 8 MiB,
 as Ollama caps it.  An encoding corral cannot decode is a 415 rather than a body parsed as if it were plain.
-Uploads of jobs, files and blobs are streamed and are never decoded here: a client sends those plain.
+Uploads of jobs, files and blobs are streamed into storage as they arrive, so a compressed one is a 415: a
+client sends those plain.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from corral.errors import BadRequest, PayloadTooLarge, UnsupportedEncoding
 from corral.settings import Settings
 
 ZSTD_WINDOW = 8 << 20
+STREAMED_UPLOADS = {"/api/jobs", "/v1/files"}
 
 
 def _zstd(data: bytes, limit: int) -> bytes:
@@ -60,6 +62,8 @@ def init_app(app: Flask, settings: Settings) -> None:
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if not encoding or encoding == "identity" or request.method in ("GET", "HEAD", "OPTIONS"):
             return
+        if request.path in STREAMED_UPLOADS or request.path.startswith("/api/blobs/"):
+            raise UnsupportedEncoding("uploads are streamed as they arrive: send them without Content-Encoding")
         body = decoded(encoding, request.get_data(cache=False), settings.max_body)
         request.environ["wsgi.input"] = io.BytesIO(body)
         request.environ["CONTENT_LENGTH"] = str(len(body))

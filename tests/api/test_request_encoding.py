@@ -36,3 +36,8 @@ def test_garbage_and_unknown_encodings_are_client_errors(client: FlaskClient) ->
     assert r.status_code == 400 and "cannot be decoded" in r.get_json()["error"]["message"]
     r = client.post("/api/chat", data=b"{}", headers={"Content-Encoding": "br"})
     assert (r.status_code, r.get_json()) == (415, {"error": "Content-Encoding 'br' is not supported (zstd and gzip are)"})
+
+
+def test_a_compressed_upload_is_refused_not_half_read(client: FlaskClient) -> None:
+    r = client.post("/v1/files", data=gzip.compress(b"{}"), headers={"Content-Encoding": "gzip"})
+    assert r.status_code == 415 and "without Content-Encoding" in r.get_json()["error"]["message"]
