@@ -69,12 +69,17 @@ def settings_of(app: Flask) -> Settings:
     return services(app).settings
 
 
-def settle(app: Flask) -> int:
-    """One reconciler's settling pass, as a worker's heartbeat thread runs it."""
+def reconciler(app: Flask) -> Reconciler:
+    """A reconciler on the app's database and Redis, as a worker's heartbeat thread runs one."""
     from api.services import services
 
     shared = services(app)
-    return Reconciler(shared.settings, shared.jobs.broker.celery, shared.jobs.broker.redis, "test-settle").settle()
+    return Reconciler(shared.settings, shared.jobs.broker.celery, shared.jobs.broker.redis, "test-settle")
+
+
+def settle(app: Flask) -> int:
+    """One reconciler's settling pass; how many items it wrote."""
+    return reconciler(app).settle()
 
 
 def stored(app: Flask, job_id: str) -> dict[str, int]:
@@ -156,7 +161,8 @@ def test_a_cancelled_openai_batchs_error_file_lists_every_unrun_request(own_app:
         return [(line["custom_id"], line["error"]["code"]) for line in lines(client, f"/v1/files/{file_id}/content")]
 
     assert error_file() == [(f"r{i}", "batch_cancelled") for i in range(ITEMS)]
-    settle(app)
+    reconciler(app).sweep()  # a worker's periodic sweep settles them
+    assert stored(app, batch["id"]) == {"cancelled": ITEMS}
     assert error_file() == [(f"r{i}", "batch_cancelled") for i in range(ITEMS)]
 
 
