@@ -156,6 +156,14 @@ _BY_STATUS: dict[int, type[CorralError]] = {
 }
 
 
-def error_for_status(status: int, message: str) -> CorralError:
-    """Rebuild an error that crossed a process boundary as (status, message)."""
+# Errors a worker raises whose machine-readable code clients act on (Codex compacts its history on
+# ``context_length_exceeded``): the code crosses the process boundary with the status.
+_BY_CODE: dict[str, type[CorralError]] = {ContextLengthExceeded.code: ContextLengthExceeded}
+
+
+def error_for_status(status: int, message: str, code: str | None = None) -> CorralError:
+    """Rebuild an error that crossed a process boundary as (status, message, its code if it had one)."""
+    by_code = _BY_CODE.get(code or "")
+    if by_code is not None and by_code.status_code == status:
+        return by_code(message)
     return _BY_STATUS.get(status, CorralError)(message)

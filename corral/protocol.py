@@ -177,7 +177,9 @@ class StreamEvent:
 
     def raise_if_error(self) -> None:
         if self.kind == "error":
-            raise error_for_status(int(self.data.get("status", 500)), str(self.data.get("message", "")))
+            code = self.data.get("code")
+            raise error_for_status(int(self.data.get("status", 500)), str(self.data.get("message", "")),
+                                   code if isinstance(code, str) else None)
 
 
 class StreamWriter:
@@ -204,7 +206,10 @@ class StreamWriter:
     def fail(self, error: BaseException) -> None:
         status = error.status_code if isinstance(error, CorralError) else 500
         message = error.message if isinstance(error, CorralError) else f"{type(error).__name__}: {error}"
-        self.emit("error", {"status": status, "message": message})
+        data: dict[str, Any] = {"status": status, "message": message}
+        if isinstance(error, CorralError) and error.code:
+            data["code"] = error.code
+        self.emit("error", data)
 
 
 class StreamReader:

@@ -268,7 +268,7 @@ class LoadedModel:
             prompt = prompt or [self.llm.token_bos()]
             # a prompt with images is never cut (half an image is no image): it fits, or it is a 400
             if (not truncate or media is not None) and len(prompt) > self.n_ctx - 1:
-                raise BadRequest("the input length exceeds the context length")
+                raise ContextLengthExceeded("the input length exceeds the context length")
             prompt = self._fit_prompt(prompt, opts.num_keep)
             num_predict = opts.num_predict
             if shift:  # the context shifts as it fills (decode_loop.py); only num_predict ends the generation

@@ -303,5 +303,6 @@ def test_truncation_disabled_refuses_what_auto_fits(oai: OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:  # OpenAI's default: an over-long input is a 400
         oai.responses.create(**body)
     assert err.value.body["message"] == "the input length exceeds the context length"  # type: ignore[index]
+    assert err.value.code == "context_length_exceeded"  # what Codex acts on (it compacts its history)
     fitted = oai.responses.create(**body, truncation="auto")  # the oldest turn dropped, as Ollama fits a chat
     assert fitted.status in ("completed", "incomplete") and fitted.usage.input_tokens <= 96  # type: ignore[union-attr]
