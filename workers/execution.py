@@ -214,12 +214,7 @@ class RequestRunner:
             prompt, stops, text = model.chat_render(messages, think=req.think)
         else:
             prompt, stops, text, media = model.chat_media(messages, images, think=req.think)
-        if req.context and media is not None:
-            media.prepend(req.context)
-            prompt = media.tokens
-        elif req.context:
-            prompt = list(req.context) + prompt
-        return prompt, stops, text, media
+        return with_context(req.context, (prompt, stops, text, media))
 
     @staticmethod
     def _templated(
@@ -239,12 +234,12 @@ class RequestRunner:
                                                          "suffix": req.suffix, "think": req.think})
         if fields.get("suffix"):  # the template does not place the suffix: the GGUF's FIM tokens do
             return model.fim_prompt(fields["prompt"], fields["suffix"]), [], "", None
-        return raw(fields["prompt"])
+        return with_context(req.context, raw(fields["prompt"]))
 
     @staticmethod
     def generation_stats(req: InferenceRequest, result: GenerationResult, record: ModelRecord | None = None) -> dict[str, Any]:
-        """The final chunk's stats for a finished generation (``context`` for a generate rendered with the GGUF's
-        own template, as before a TEMPLATE layer's prompt, which ignores ``context``, was rendered here)."""
+        """The final chunk's stats for a finished generation (``context`` for a generate that is not raw, as
+        Ollama returns it, whichever template rendered its prompt)."""
         stats: dict[str, Any] = {
             "done_reason": result.done_reason,
             "prompt_eval_count": result.prompt_eval_count,
@@ -252,7 +247,7 @@ class RequestRunner:
             "eval_count": result.eval_count,
             "eval_duration": result.eval_duration,
         }
-        if req.kind == "generate" and not req.raw and (record is None or template_of(record) is None):
+        if req.kind == "generate" and not req.raw:
             stats["context"] = result.context
         return stats
 
@@ -308,3 +303,15 @@ def tool_family(model: LoadedModel, record: ModelRecord) -> str:
     """The tool-call family of the template that renders the model's prompts (its TEMPLATE layer, or the GGUF's)."""
     template = record.extras.get("template")
     return tool_format(template[-1] if template else str(model.llm.metadata.get("tokenizer.chat_template") or ""))
+
+
+def with_context(context: list[int] | None, rendered: Rendered) -> Rendered:
+    """A generate's prompt with an earlier reply's ``context`` in front, as Ollama puts it (its images' spans
+    moved along)."""
+    prompt, stops, text, media = rendered
+    if context and media is not None:
+        media.prepend(context)
+        prompt = media.tokens
+    elif context:
+        prompt = list(context) + prompt
+    return prompt, stops, text, media

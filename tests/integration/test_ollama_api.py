@@ -50,8 +50,6 @@ def test_generate_streams_ndjson_with_final_metrics(base_url: str) -> None:
     assert one.json()["done"] is True
 
 
-@pytest.mark.xfail(strict=True, reason="smollm2 now renders with its TEMPLATE layer (#35 item 5), and the worker "
-                   "neither prepends nor reports `context` for a templated generate (workers/execution.py)")
 def test_generate_context_carries_a_conversation_on(base_url: str) -> None:
     """Ollama's deprecated ``context``: the final chunk's token list, which a next generate puts before its prompt
     (Ollama does so for every model, all of which have a TEMPLATE)."""
