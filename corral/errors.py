@@ -12,6 +12,7 @@
     │       └── IncompleteModel (404)
     ├── Conflict (409)
     ├── PayloadTooLarge (413)
+    ├── UnsupportedEncoding (415)
     ├── RateLimited (429)
     ├── RequestCanceled (499)
     ├── GenerationFailed (500)
@@ -19,8 +20,8 @@
     └── WorkerUnavailable (503)
 
 Views and workers raise these; one handler per wire format (Ollama ``{"error": msg}``, OpenAI
-``{"error": {...}}``) renders them.  A worker sends an error over the token stream as (status, message) and
-the API turns it back into the same class with :func:`error_for_status`.
+``{"error": {...}}``) renders them.  A worker sends an error over the token stream as (status, message, code)
+and the API turns it back into the same class with :func:`error_for_status`.
 """
 
 from __future__ import annotations
