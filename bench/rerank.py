@@ -17,7 +17,14 @@ tokens) pairs, it measures pairs/s through
    documents in requests of up to 1,000;
 4. a ``rerank`` job of the same pairs, 100 documents a line, timed from the upload to the job's end;
 
-and prints each row's ratio to the loop and to the raw packed decode.
+and prints each row's pairs per wall second and per CPU second (this process's, and the stack's processes'), with
+their ratios to the loop and to the raw packed decode, and the load average after each row: on a machine shared
+with other work the wall rate of a row falls with it, its CPU rate much less.
+
+Measured on this project's 2-core VM (load average 0.6 before; 2 threads): loop 28.5 pairs/s, raw packed 30.1,
+/v1/rerank 29.1 (0.97x the raw packed decode), job 28.5 (0.95x).  A CPU computes a 100-token pair at full speed
+alone, so packing gains it nothing over the loop (workers/rerank.py CPU_PACK_TOKENS); what packing buys, many
+pairs in one decode, is a GPU's to show.
 """
 
 from __future__ import annotations
@@ -117,7 +124,38 @@ def documents(n: int, tokens: int, seed: int = 7) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(tokens)) + "." for _ in range(n)]
 
 
-def bench_loop(model: Path, docs: list[str], threads: int) -> float:
+class Clock:
+    """Pairs per wall second, and per CPU second of this process and of ``pids`` (a stack's processes, with their
+    children): the second stays meaningful on a machine shared with other work, which slows the first."""
+
+    def __init__(self, pairs: int, pids: list[int] | None = None) -> None:
+        self.pairs, self.pids = pairs, pids or []
+        self.rates = (0.0, 0.0)
+
+    def cpu(self) -> float:
+        import psutil
+
+        total = time.process_time()
+        for pid in self.pids:
+            try:
+                root = psutil.Process(pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+            except psutil.Error:
+                continue
+        return total
+
+    def __enter__(self) -> Clock:
+        self.wall, self.used = time.perf_counter(), self.cpu()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        wall, used = time.perf_counter() - self.wall, self.cpu() - self.used
+        self.rates = (self.pairs / wall, self.pairs / max(used, 1e-9))
+
+
+def bench_loop(model: Path, docs: list[str], threads: int) -> tuple[float, float]:
     """llama.cpp's recipe in a loop: one pair per decode (workers never do this; a script would)."""
     import llama_cpp
 
@@ -136,15 +174,14 @@ def bench_loop(model: Path, docs: list[str], threads: int) -> float:
 
     for doc in docs[:4]:  # warm up
         score(doc)
-    started = time.perf_counter()
-    for doc in docs:
-        score(doc)
-    rate = len(docs) / (time.perf_counter() - started)
+    with Clock(len(docs)) as clock:
+        for doc in docs:
+            score(doc)
     llm.close()
-    return rate
+    return clock.rates
 
 
-def bench_scorer(model: Path, docs: list[str], threads: int) -> float:
+def bench_scorer(model: Path, docs: list[str], threads: int) -> tuple[float, float]:
     """corral's scorer in this process: the worker's pairs and packed decodes, without Redis, HTTP or SQL."""
     from workers.engine import LoadedModel, LoadSpec
     from workers.rerank import rerank
@@ -152,15 +189,14 @@ def bench_scorer(model: Path, docs: list[str], threads: int) -> float:
     engine = LoadedModel(LoadSpec(path=model, embedding=True, n_ctx=512, n_gpu_layers=0, n_threads=threads,
                                   pooling_rank=True))
     rerank(engine, QUERY, docs[:4], truncate=True)
-    started = time.perf_counter()
-    rerank(engine, QUERY, docs, truncate=True)
-    rate = len(docs) / (time.perf_counter() - started)
+    with Clock(len(docs)) as clock:
+        rerank(engine, QUERY, docs, truncate=True)
     engine.close()
-    return rate
+    return clock.rates
 
 
-def bench_stack(home: Path, model: Path, docs: list[str], threads: int) -> tuple[float, float]:
-    """(/v1/rerank pairs/s, rerank job pairs/s) on a real API server and worker."""
+def bench_stack(home: Path, model: Path, docs: list[str], threads: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(/v1/rerank rates, rerank job rates) on a real API server and worker (:class:`Clock`)."""
     with corral_stack(home, worker_threads=threads) as stack, httpx.Client(base_url=stack.base_url, timeout=900) as client:
         data = model.read_bytes()
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -169,21 +205,20 @@ def bench_stack(home: Path, model: Path, docs: list[str], threads: int) -> tuple
         assert created.status_code == 200, created.text
         warm = client.post("/v1/rerank", json={"model": BENCH_MODEL, "query": QUERY, "documents": docs[:4]})
         assert warm.status_code == 200, warm.text
-        started = time.perf_counter()
-        for i in range(0, len(docs), 1000):
-            r = client.post("/v1/rerank", json={"model": BENCH_MODEL, "query": QUERY, "documents": docs[i : i + 1000]})
-            assert r.status_code == 200, r.text
-        route = len(docs) / (time.perf_counter() - started)
+        pids = [proc.proc.pid for proc in stack.procs]
+        with Clock(len(docs), pids) as route:
+            for i in range(0, len(docs), 1000):
+                r = client.post("/v1/rerank", json={"model": BENCH_MODEL, "query": QUERY, "documents": docs[i : i + 1000]})
+                assert r.status_code == 200, r.text
         lines = "".join(json.dumps({"query": QUERY, "documents": docs[i : i + 100]}) + "\n"
                         for i in range(0, len(docs), 100)).encode()
-        started = time.perf_counter()
-        job = client.post("/api/jobs", params={"kind": "rerank", "model": BENCH_MODEL}, content=lines,
-                          headers={"Content-Type": "application/x-ndjson"})
-        assert job.status_code == 202, job.text
-        state = wait_for_job(client, job.json()["id"], poll=0.25)
-        elapsed = time.perf_counter() - started
+        with Clock(len(docs), pids) as jobs:
+            job = client.post("/api/jobs", params={"kind": "rerank", "model": BENCH_MODEL}, content=lines,
+                              headers={"Content-Type": "application/x-ndjson"})
+            assert job.status_code == 202, job.text
+            state = wait_for_job(client, job.json()["id"], poll=0.25)
         assert state["counts"]["succeeded"] == len(lines.splitlines()), state
-        return route, len(docs) / elapsed
+        return route.rates, jobs.rates
 
 
 def main() -> None:
@@ -198,21 +233,27 @@ def main() -> None:
         home = Path(tmp)
         model = write_reranker(home / "bench-reranker.gguf")
         # on corral's compute thread, like the worker's decodes (workers/compute.py: one OpenMP master per process)
-        loop = compute.run(bench_loop, model, docs, args.threads)
-        scorer = bench_scorer(model, docs, args.threads)
-        route, jobs = (None, None) if args.skip_stack else bench_stack(home, model, docs, args.threads)
-    rows: list[list[object]] = [
-        ["llama-cpp-python loop, one pair per decode (baseline)", loop, "1.00x", f"{loop / scorer:.2f}x"],
-        ["corral scorer in-process (packed decodes, the raw packed decode)", scorer, f"{scorer / loop:.2f}x", "1.00x"],
-    ]
-    for label, rate in ((f"POST /v1/rerank, {min(1000, args.pairs)} documents a request", route),
-                        ("rerank job, 100 documents a line, upload to completion", jobs)):
-        if rate is not None:
-            rows.append([label, rate, f"{rate / loop:.2f}x", f"{rate / scorer:.2f}x"])
+        loads = [os.getloadavg()[0]]
+        rates = [compute.run(bench_loop, model, docs, args.threads)]
+        loads.append(os.getloadavg()[0])
+        rates.append(bench_scorer(model, docs, args.threads))
+        loads.append(os.getloadavg()[0])
+        if not args.skip_stack:
+            rates.extend(bench_stack(home, model, docs, args.threads))
+            loads.extend([os.getloadavg()[0]] * 2)
+    labels = ["llama-cpp-python loop, one pair per decode (baseline)",
+              "corral scorer in-process (the raw packed decode)",
+              f"POST /v1/rerank, {min(1000, args.pairs)} documents a request",
+              "rerank job, 100 documents a line, upload to completion"]
+    (loop, loop_cpu), (scorer, scorer_cpu) = rates[0], rates[1]
+    # the 1-minute load average after each row: on a shared machine a row run beside other work is slowed
+    rows = [[label, wall, f"{wall / loop:.2f}x", f"{wall / scorer:.2f}x", cpu, f"{cpu / loop_cpu:.2f}x",
+             f"{cpu / scorer_cpu:.2f}x", f"{load:.1f}"]
+            for label, (wall, cpu), load in zip(labels, rates, loads[1:])]
     print_table(
         f"{args.pairs} pairs (query + ~{args.tokens}-token document), random-weight BERT cross-encoder "
-        f"(6 x 384, f16), {args.threads} threads, CPU",
-        ["path", "pairs/s", "vs loop", "vs raw packed"], rows,
+        f"(6 x 384, f16), {args.threads} threads, CPU (load average {loads[0]:.1f} before)",
+        ["path", "pairs/s", "vs loop", "vs raw", "pairs/CPU-s", "vs loop", "vs raw", "load after"], rows,
     )
 
 
