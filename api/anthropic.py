@@ -18,14 +18,14 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request, stream_with_context
+from flask import Blueprint, Response, current_app, request
 
 from api.auth import principal
 from api.errors import json_response
 from api.openapi import SSE, documented
 from api.params import query_int
 from api.services import services
-from api.streaming import SSE_MIMETYPE, Pump, close_chunks
+from api.streaming import Pump, close_chunks, sse_response
 from corral.errors import BadRequest, CorralError
 from corral.modelstore.store import ModelRecord
 from corral.protocol import cancel_key
@@ -78,7 +78,7 @@ def create_message() -> Response:
         return json_response(reply.message())
     pump = Pump(current_app._get_current_object(), principal(), chunks)  # type: ignore[attr-defined]
     first = pump.prime(PRIME_SECONDS)
-    return _sse(events(reply, pump, first, PING_SECONDS, stop_worker))
+    return sse_response(events(reply, pump, first, PING_SECONDS, stop_worker))
 
 
 def events(reply: Reply, pump: Pump, first: tuple[str, Any] | None, ping: float,
@@ -113,13 +113,6 @@ def events(reply: Reply, pump: Pump, first: tuple[str, Any] | None, ping: float,
         pump.quit.set()
         if not finished and stop_worker is not None:
             stop_worker()  # the client went away, or the reply failed: the worker stops now, not at its next token
-
-
-def _sse(body: Iterator[str]) -> Response:
-    resp = Response(stream_with_context(body), mimetype=SSE_MIMETYPE)
-    resp.headers["Cache-Control"] = "no-cache"
-    resp.headers["X-Accel-Buffering"] = "no"
-    return resp
 
 
 @bp.post("/v1/messages/count_tokens")

@@ -18,14 +18,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request, stream_with_context
+from flask import Blueprint, Response, current_app, request
 
 from api.auth import creator, owner, principal
 from api.errors import dumps, json_response
 from api.inference import collect
 from api.openapi import SSE, documented
 from api.services import services
-from api.streaming import SSE_MIMETYPE, Pump
+from api.streaming import Pump, sse_response
 from corral.errors import BadRequest
 from corral.modelstore.store import ModelRecord
 from corral.protocol import cancel_key
@@ -157,10 +157,7 @@ def _sse(events: Iterator[dict[str, Any]]) -> Response:
         finally:
             events.close()  # type: ignore[attr-defined]
 
-    resp = Response(stream_with_context(body()), mimetype=SSE_MIMETYPE)
-    resp.headers["Cache-Control"] = "no-cache"
-    resp.headers["X-Accel-Buffering"] = "no"
-    return resp
+    return sse_response(body())
 
 
 @bp.post("/v1/responses/input_tokens")

@@ -73,7 +73,13 @@ def sse(events: Iterator[dict[str, Any]]) -> Response:
             if close is not None:
                 close()
 
-    resp = Response(stream_with_context(body()), mimetype=SSE_MIMETYPE)
+    return sse_response(body())
+
+
+def sse_response(body: Iterator[str]) -> Response:
+    """A server-sent event stream of ``body``'s text, neither cached nor buffered by a reverse proxy (the
+    OpenAI, Responses and Anthropic streams alike)."""
+    resp = Response(stream_with_context(body), mimetype=SSE_MIMETYPE)
     resp.headers["Cache-Control"] = "no-cache"
     resp.headers["X-Accel-Buffering"] = "no"
     return resp
