@@ -5,7 +5,7 @@
 No reranker GGUF can be had offline, so the bench writes one: a BERT cross-encoder with random (seeded) weights of
 a realistic size (6 layers, 384 wide, 12 heads, f16 matrices, a WordPiece vocabulary of ~28,000 made-up words:
 the shape of ms-marco-MiniLM-L-6-v2), laid out as llama.cpp's converter writes ``BertForSequenceClassification``
-(the test fixture's layout, tests/ggufs.py ``cross_encoder``, which a bench may not import).  Random weights
+(harness/cross_encoder.py, the test fixture's writer).  Random weights
 score nonsense, at the speed of real ones.  Then, for ``--pairs`` (query, document of about ``--tokens``
 tokens) pairs, it measures pairs/s through
 
@@ -41,11 +41,11 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import corral_stack, print_table, wait_for_job
+from harness.cross_encoder import cross_encoder
 from workers import compute
 
 SYLLABLES = "ka lo mi ne ru sa te vo zi pa re do fu gi ha ji ku la mo nu po qi ro su ti va wo xe yu ze".split()
@@ -54,69 +54,10 @@ QUERY = "kalomi nerusa tevozi paredo fugiha"
 BENCH_MODEL = "bench-reranker"
 
 
-def write_reranker(target: Path, *, n_embd: int = 384, n_ff: int = 1536, n_layer: int = 6, n_head: int = 12,
-                   n_ctx: int = 512, seed: int = 5) -> Path:
-    """The bench's cross-encoder GGUF (see the module docstring)."""
-    import gguf
-
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokens = specials + ["\u2581" + w for w in WORDS] + ["\u2581" + c for c in "abcdefghijklmnopqrstuvwxyz.,?"]
-    types = [gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * (len(tokens) - len(specials))
-    writer = gguf.GGUFWriter(target, arch="bert")
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name("corral-bench-cross-encoder")
-    writer.add_context_length(n_ctx)
-    writer.add_embedding_length(n_embd)
-    writer.add_feed_forward_length(n_ff)
-    writer.add_block_count(n_layer)
-    writer.add_head_count(n_head)
-    writer.add_layer_norm_eps(1e-12)
-    writer.add_causal_attention(False)
-    writer.add_pooling_type(gguf.PoolingType.RANK)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    writer.add_token_type_count(2)
-    writer.add_tokenizer_model("bert")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    for add, value in ((writer.add_pad_token_id, 0), (writer.add_unk_token_id, 1), (writer.add_bos_token_id, 2),
-                       (writer.add_eos_token_id, 3), (writer.add_sep_token_id, 3)):
-        add(value)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(True)
-    writer.add_add_sep_token(False)
-    rng = np.random.default_rng(seed)
-
-    def tensor(name: str, *shape: int, scale: float = 1.0, around: float = 0.0, f16: bool = False) -> None:
-        std = scale / np.sqrt(shape[-1]) if len(shape) > 1 else 0.1 * scale
-        data = (around + rng.normal(0, std, shape)).astype(np.float32)
-        writer.add_tensor(name, data.astype(np.float16) if f16 else data)
-
-    tensor("token_embd.weight", len(tokens), n_embd, scale=np.sqrt(n_embd))
-    tensor("token_types.weight", 2, n_embd)
-    tensor("position_embd.weight", n_ctx, n_embd)
-    tensor("token_embd_norm.weight", n_embd, around=1.0)
-    tensor("token_embd_norm.bias", n_embd)
-    for i in range(n_layer):
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            tensor(f"blk.{i}.{name}.weight", n_embd, n_embd, f16=True)
-            tensor(f"blk.{i}.{name}.bias", n_embd)
-        tensor(f"blk.{i}.ffn_up.weight", n_ff, n_embd, f16=True)
-        tensor(f"blk.{i}.ffn_up.bias", n_ff)
-        tensor(f"blk.{i}.ffn_down.weight", n_embd, n_ff, f16=True)
-        tensor(f"blk.{i}.ffn_down.bias", n_embd)
-        for norm in ("attn_output_norm", "layer_output_norm"):
-            tensor(f"blk.{i}.{norm}.weight", n_embd, around=1.0)
-            tensor(f"blk.{i}.{norm}.bias", n_embd)
-    tensor("cls.weight", n_embd, n_embd, f16=True)
-    tensor("cls.bias", n_embd)
-    tensor("cls.output.weight", 1, n_embd)
-    tensor("cls.output.bias", 1)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return target
+def write_reranker(target: Path) -> Path:
+    """The bench's cross-encoder GGUF: ms-marco-MiniLM-L-6-v2's shape, f16 matrices, :data:`WORDS` as its
+    vocabulary (see the module docstring)."""
+    return cross_encoder(target, n_embd=384, n_ff=1536, n_layer=6, n_head=12, n_ctx=512, words=WORDS, f16=True)
 
 
 def documents(n: int, tokens: int, seed: int = 7) -> list[str]:
