@@ -24,6 +24,7 @@ import uuid
 from contextlib import ExitStack
 from typing import Any
 
+import redis
 from celery import Celery, Task, shared_task
 
 from corral.errors import CorralError
@@ -349,8 +350,14 @@ class ChunkRunner:
     # -- bookkeeping ------------------------------------------------------------------------------------
 
     def _cancel_flagged(self, job_id: str) -> bool:
-        """Cheap check for the token loop: cancel() and delete() always set this Redis flag."""
-        return bool(self.runtime.redis.exists(job_cancel_key(job_id)))
+        """Cheap check for the token loop: cancel() and delete() always set this Redis flag.  The flag is only a
+        shortcut (SQL says whether a job stopped, asked between items, and refuses a stopped job's writes), so
+        Redis out of reach reads as "not flagged": a Redis outage must not fail the items that are running."""
+        try:
+            return bool(self.runtime.redis.exists(job_cancel_key(job_id)))
+        except redis.RedisError as exc:
+            log.warning("cannot read the cancel flag of job %s (%s); SQL decides between items", job_id, exc)
+            return False
 
     def _job_cancelled(self, job_id: str) -> bool:
         """Between items: the flag, then SQL (the truth, also after a flushed Redis lost the flag)."""
