@@ -161,3 +161,17 @@ def test_a_pull_goes_through_the_proxy_the_environment_names(
     lines = pull(client, "localhost:9/library/behind-proxy")
     assert lines[-1] == {"status": "success"}
     assert local_registry.proxied[0] == "http://localhost:9/v2/library/behind-proxy/manifests/latest"
+
+
+def test_a_pulled_cross_encoder_is_a_reranker(client: FlaskClient, local_registry: Registry, tmp_path: Path) -> None:
+    """A reranker GGUF pulled like any model: the rerank capability in /api/show and /api/tags, and no other."""
+    from tests.ggufs import cross_encoder
+
+    local_registry.publish("library/tiny-rerank:latest", cross_encoder(tmp_path / "ce.gguf").read_bytes())
+    name = f"{local_registry.host}/library/tiny-rerank"
+    assert pull(client, name)[-1] == {"status": "success"}
+    assert client.post("/api/show", json={"model": name}).get_json()["capabilities"] == ["rerank"]
+    tags = {m["name"]: m for m in client.get("/api/tags").get_json()["models"]}
+    assert tags[f"{name}:latest"]["capabilities"] == ["rerank"]
+    generate = client.post("/api/generate", json={"model": name, "prompt": "hi"})
+    assert generate.status_code == 400  # a reranker does not generate
