@@ -26,7 +26,8 @@ STREAMED_UPLOADS = {"/api/jobs", "/v1/files"}
 def _zstd(data: bytes, limit: int) -> bytes:
     import zstandard  # here: only a compressed request needs it
 
-    reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_WINDOW).stream_reader(io.BytesIO(data))
+    reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_WINDOW).stream_reader(io.BytesIO(data),
+                                                                                  read_across_frames=True)
     try:
         out = reader.read(limit + 1)
     except zstandard.ZstdError as exc:
@@ -35,11 +36,22 @@ def _zstd(data: bytes, limit: int) -> bytes:
 
 
 def _gzip(data: bytes, limit: int) -> bytes:
-    decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    """Every gzip member of ``data`` (RFC 1952 allows several), up to ``limit + 1`` bytes; a body cut short or
+    followed by bytes that are not gzip is refused, never read as far as it goes."""
+    out = bytearray()
+    rest = data
     try:
-        return decoder.decompress(data, limit + 1)
+        while rest and len(out) <= limit:
+            decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            out += decoder.decompress(rest, limit + 1 - len(out))
+            if len(out) > limit:
+                break
+            if not decoder.eof:
+                raise BadRequest("the gzip request body is cut short")
+            rest = decoder.unused_data
     except zlib.error as exc:
         raise BadRequest(f"the gzip request body cannot be decoded: {exc}") from exc
+    return bytes(out)
 
 
 DECODERS = {"zstd": _zstd, "gzip": _gzip}

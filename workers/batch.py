@@ -297,7 +297,7 @@ class ChunkRunner:
         claimed = self._claim(item_ids, chunk.attempt)
         index = 0
         while index < len(claimed):
-            if index and self._cancel_flagged(chunk.job_id):
+            if index and self._job_cancelled(chunk.job_id):  # the flag, then SQL (a flushed Redis lost the flag)
                 error = "the job was stopped (cancelled or expired) while this item was waiting to run"
                 self._write_all(chunk.attempt, {item_id: {"state": ItemState.CANCELLED, "error": error}
                                                 for item_id, _ in claimed[index:]})

@@ -41,3 +41,17 @@ def test_garbage_and_unknown_encodings_are_client_errors(client: FlaskClient) ->
 def test_a_compressed_upload_is_refused_not_half_read(client: FlaskClient) -> None:
     r = client.post("/v1/files", data=gzip.compress(b"{}"), headers={"Content-Encoding": "gzip"})
     assert r.status_code == 415 and "without Content-Encoding" in r.get_json()["error"]["message"]
+
+
+def test_gzip_cut_short_or_with_garbage_is_refused_and_members_and_frames_join(client: FlaskClient) -> None:
+    body = json.dumps({"model": "nope"}).encode()
+    packed = gzip.compress(body)
+    for bad in (packed[:-6], packed + b"junk"):
+        r = client.post("/api/show", data=bad, headers={"Content-Encoding": "gzip"}, content_type="application/json")
+        assert r.status_code == 400 and "gzip" in r.get_json()["error"], r.get_json()
+    halves = gzip.compress(body[:5]) + gzip.compress(body[5:])
+    r = client.post("/api/show", data=halves, headers={"Content-Encoding": "gzip"}, content_type="application/json")
+    assert r.status_code == 404  # both members read: the model was found missing, not the JSON broken
+    frames = zstandard.ZstdCompressor().compress(body[:5]) + zstandard.ZstdCompressor().compress(body[5:])
+    r = client.post("/api/show", data=frames, headers={"Content-Encoding": "zstd"}, content_type="application/json")
+    assert r.status_code == 404

@@ -120,3 +120,13 @@ def test_an_openai_batch_of_rerank_lines(base_url: str, reranker: tuple[str, Pat
     for line in out:
         assert line["response"]["status_code"] == 200
         assert [r["index"] for r in line["response"]["body"]["results"]] == best[:2]
+
+
+def test_a_reranker_takes_no_embed_job_and_an_embedder_no_rerank_job(base_url: str, reranker: tuple[str, Path]) -> None:
+    r = httpx.post(base_url + "/api/jobs", json={"kind": "embed", "model": reranker[0], "items": [{"input": "x"}]},
+                   timeout=30)
+    assert (r.status_code, r.json()["error"]) == (
+        400, f'"{reranker[0]}" does not support embeddings: it is a reranker (use /v1/rerank or a rerank job)')
+    r = httpx.post(base_url + "/api/jobs", timeout=30, json={
+        "kind": "rerank", "model": "all-minilm", "items": [{"query": "q", "documents": ["d"]}]})
+    assert r.status_code == 400 and "does not support rerank" in r.json()["error"]
