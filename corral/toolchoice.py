@@ -125,14 +125,19 @@ def call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
     ``#/$defs/...`` references point."""
     defs: dict[str, Any] = {}
     branches = []
+    clash = False
     for tool in tools:
         parameters = _parameters(tool)
-        defs.update(parameters.pop("$defs", None) or {})
+        for name, definition in (parameters.pop("$defs", None) or {}).items():
+            clash = clash or (name in defs and defs[name] != definition)
+            defs[name] = definition
         branches.append(_branch(_name(tool), parameters))
     schema: dict[str, Any] = branches[0] if len(branches) == 1 else {"anyOf": branches}
     if defs:
         schema = {**schema, "$defs": defs}
     try:
+        if clash:  # two tools define one name differently: neither may be held to the other's definition
+            raise BadRequest("the tools' $defs clash")
         check_schema_budget(schema)
         return schema
     except BadRequest:  # the parameters do not make a grammar: constrain the call's shape, not its arguments

@@ -64,6 +64,17 @@ def test_parameters_with_defs_and_parameters_no_grammar_takes() -> None:
     assert json.loads(json.dumps(odd))["function"]["parameters"]["properties"]["s"]["pattern"] == "unanchored"
 
 
+def test_two_tools_defining_one_name_differently_hold_neither_to_the_other() -> None:
+    def uses(name: str, kind: str) -> dict[str, Any]:
+        return tool(name, {"type": "object", "properties": {"x": {"$ref": "#/$defs/T"}}, "$defs": {"T": {"type": kind}}})
+
+    schema = call_schema([uses("a", "integer"), uses("b", "string")])
+    assert "$defs" not in schema and schema["properties"]["arguments"] == {"type": "object"}
+    assert schema["properties"]["name"] == {"enum": ["a", "b"]}
+    same = call_schema([uses("a", "integer"), uses("b", "integer")])  # the same definition twice is no clash
+    assert same["$defs"] == {"T": {"type": "integer"}}
+
+
 @pytest.mark.parametrize(
     ("value", "tools", "message"),
     [
