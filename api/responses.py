@@ -14,6 +14,7 @@ while a long prompt is prefilled.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,7 @@ from corral.wire.openai_responses_output import Draft, stream_events
 from jobs.responses import ResponseStore
 
 bp = Blueprint("responses", __name__)
+log = logging.getLogger(__name__)
 PRIME_SECONDS = 5.0  # an error within this long (no model, a full queue, a key's limit) keeps its HTTP status
 KEEPALIVE_SECONDS = 10.0  # then response.in_progress again while the worker is silent (Codex gives up at 300 s)
 
@@ -71,7 +73,10 @@ def create() -> Response:
         message = final["message"]
         content, calls = turn.plan.reply(message["content"], message.get("tool_calls") or [])
         body = draft.final(final, content, calls, message.get("thinking", ""), final.get("logprobs") or [])
-        keep(body)
+        try:  # the answer is made (and billed): a database that fails to keep it loses the row, not the answer
+            keep(body)
+        except Exception:
+            log.exception("could not keep response %s", body["id"])
         return json_response(body)
     return _stream(draft, turn.plan, chunks, job.request_id, keep)
 
@@ -100,11 +105,18 @@ def _background(req: ResponsesRequest, turn: _Turn) -> Response:
     """A durable job of one chat item, under the response's id; the client polls ``GET`` for its end."""
     if req.stream:
         raise BadRequest("a background response is not streamed here: poll GET /v1/responses/{id}", param="stream")
-    draft = Draft(req)
-    services().jobs.submit(kind="chat", model=req.model, items=[(None, item_body(req, turn.messages, turn.plan))],
-                           owner=creator(), job_id=draft.ident, quota=principal())
+    services().governor.check_budget(principal())  # a key whose token budget is spent queues nothing more
+    draft, store = Draft(req), _store()
     body = draft.envelope("queued", [])
-    _store().save(body, turn.items, owner=creator())
+    # The row first: a save that fails leaves no job running (and billing) behind a 500.  A submit that fails
+    # (a full queue, a key's limit) takes the row back, so no response is left queued for ever.
+    store.save(body, turn.items, owner=creator())
+    try:
+        services().jobs.submit(kind="chat", model=req.model, items=[(None, item_body(req, turn.messages, turn.plan))],
+                               owner=creator(), job_id=draft.ident, quota=principal())
+    except BaseException:
+        store.forget(draft.ident)
+        raise
     return json_response(body)
 
 

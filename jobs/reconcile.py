@@ -8,6 +8,7 @@ lock lets one worker sweep at a time.  It never runs an item itself: it only put
    the chunk is re-enqueued (the dead worker's unacked message may come back after the visibility timeout; it
    will find the chunk taken and do nothing), marked as a suspect: the next worker runs it alone, so an item
    that crashes workers fails on its own (after three tries) instead of taking other items with it each time.
+   A stopped job's such chunk is done instead, its running items cancelled (no worker is left to stop them).
 2. A chunk ``queued`` whose Redis marker is gone (Redis flushed or restarted without persistence; not a chunk
    whose submitter is still sending its job's messages), or names a worker that is gone (it had received the
    message but died before claiming the chunk; its copy of the message waits in the broker's unacked set until
@@ -47,6 +48,8 @@ LOCK_KEY = "corral:reconcile:lock"
 # job_items each take a new entry per row) and seconds per sweep (a million items settle in a few minutes).
 SETTLE_BATCH = 5000
 SETTLE_SECONDS = 1.0
+# Stopped jobs with pending items listed per statement.
+SETTLE_JOBS = 100
 # Jobs stopped longer ago than this are looked at only at start-up (their items read right either way).
 SETTLE_WITHIN = timedelta(days=1)
 
@@ -88,7 +91,7 @@ class Reconciler:
                 self._next_prune = time.monotonic() + 3600
                 with self.sessions() as session:
                     dedup.prune(session, self.settings.result_cache_ttl)
-                    responses.purge(session)  # stored /v1/responses past CORRAL_RESPONSES_TTL
+                    responses.purge(session, self.redis)  # stored /v1/responses past CORRAL_RESPONSES_TTL
                     session.commit()
             return requeued
         finally:
@@ -109,6 +112,10 @@ class Reconciler:
             self._finish_purges(session)
             for chunk in transitions.running_chunks(session):
                 if chunk.worker in live:
+                    continue
+                if transitions.cancel_orphan(session, chunk.id, chunk.attempt):
+                    log.warning("chunk %s of stopped job %s was running on %s, which is gone; its running items are "
+                                "cancelled", chunk.id, chunk.job_id, chunk.worker)
                     continue
                 log.warning("chunk %s was running on %s, which is gone; re-queueing it", chunk.id, chunk.worker)
                 if transitions.requeue_orphan(session, chunk.id, chunk.attempt):
@@ -134,19 +141,28 @@ class Reconciler:
 
     def settle(self, since: datetime | None = None, budget: float = SETTLE_SECONDS, batch: int = SETTLE_BATCH) -> int:
         """Write the pending items of jobs stopped ``since`` (None: ever) as cancelled, a batch per commit, until
-        none is left or ``budget`` seconds have passed; how many."""
+        none is left or ``budget`` seconds have passed; how many.  The jobs are found :data:`SETTLE_JOBS` at a
+        time, one statement each, however many stopped jobs are settled already."""
         started = time.monotonic()
         settled = 0
+
+        def left() -> bool:
+            return time.monotonic() - started < budget
+
         with self.sessions() as session:
-            for job_id in transitions.unsettled_jobs(session, since):
+            while left():
+                jobs = transitions.unsettled_jobs(session, since, SETTLE_JOBS)
                 session.commit()  # the list's read ends its transaction; each batch is one of its own
-                while time.monotonic() - started < budget:
-                    n = transitions.settle_batch(session, job_id, batch)
-                    session.commit()
-                    settled += n
-                    if n < batch:
+                for job_id in jobs:
+                    while left():
+                        n = transitions.settle_batch(session, job_id, batch)
+                        session.commit()
+                        settled += n
+                        if n < batch:
+                            break
+                    if not left():
                         break
-                if time.monotonic() - started >= budget:
+                if len(jobs) < SETTLE_JOBS:
                     break
         return settled
 

@@ -148,6 +148,7 @@ def test_expired_responses_are_gone(client: FlaskClient, settings: Settings) -> 
     from jobs.db import sessions
     from jobs.models import StoredResponse, utcnow
     from jobs.responses import purge
+    from tests.unit.test_stopping import Recorder
 
     stored(settings, "resp_old", None)
     with sessions(settings)() as session:
@@ -156,6 +157,6 @@ def test_expired_responses_are_gone(client: FlaskClient, settings: Settings) -> 
         session.commit()
     assert client.get("/v1/responses/resp_old").status_code == 404
     with sessions(settings)() as session:
-        assert purge(session) >= 1
+        assert purge(session, Recorder(session)) >= 1
         session.commit()
         assert session.get(StoredResponse, "resp_old") is None
