@@ -14,7 +14,8 @@ win, and the loser learns it from the row count.  The rules:
 - stopping a job changes its row and its chunks' only, a bounded number of statements whatever its size: its
   pending items stay stored ``pending`` and read as cancelled (:mod:`jobs.readstates`), no claim of one succeeds
   (an item is claimed only under an active job), and the reconciler rewrites them later in bounded batches
-  (:func:`settle_batch`); a running item is stopped by the caller's Redis flag between tokens.
+  (:func:`settle_batch`); a running item is stopped by the caller's Redis flag between tokens, or, when its
+  worker died, written cancelled by the reconciler (:func:`cancel_orphan`).
 
 Functions take an open :class:`~sqlalchemy.orm.Session` and leave the commit to the caller, which commits before
 it enqueues anything (SQL first, then the message).
@@ -108,11 +109,13 @@ def requeue_orphan(session: Session, chunk_id: str, attempt: str | None) -> bool
     """A chunk whose worker died while running ``attempt``: its unfinished items go back to ``pending``, except
     those that had already been tried :data:`MAX_ATTEMPTS` times (an item that crashes every worker that runs it
     is failed, never claimed again), and the chunk to ``queued`` (the caller enqueues it again).  False when the
-    chunk moved on since the caller saw that attempt (it finished, or another worker claimed it anew)."""
+    chunk moved on since the caller saw that attempt (it finished, or another worker claimed it anew), or its job
+    stopped (:func:`cancel_orphan` closes it instead)."""
     moved = _changed(
         session,
         update(Chunk)
-        .where(Chunk.id == chunk_id, Chunk.state == ChunkState.RUNNING, Chunk.attempt == attempt)
+        .where(Chunk.id == chunk_id, Chunk.state == ChunkState.RUNNING, Chunk.attempt == attempt,
+               Chunk.job_id.in_(_active_jobs()))
         .values(state=ChunkState.QUEUED, worker=None, attempt=None, enqueued_at=utcnow())
     )
     if moved:
@@ -174,10 +177,43 @@ def _cancel_if_stopped(session: Session, chunk_id: str, job_id: str, attempt: st
     )
 
 
+def cancel_orphan(session: Session, chunk_id: str, attempt: str | None) -> bool:
+    """A chunk of a stopped job whose worker died while running ``attempt``: its running items are written
+    cancelled (finished now, with an error that says why), their claim cleared, and the chunk is done.  Its
+    pending items already read as cancelled; the settling writes them, with the job's finish time.
+
+    A stop leaves a running item to its worker (the Redis flag stops it between tokens), so a worker killed after
+    a cancel left its items ``running`` for good (a Message Batch read ``canceling`` for ever).  A worker that
+    comes back finds its claim gone and writes nothing (:func:`write_result`, :func:`close_chunk`).  False when
+    the job is active (:func:`requeue_orphan` is for that) or the chunk moved on since the caller saw that
+    attempt."""
+    now = utcnow()
+    moved = _changed(
+        session,
+        update(Chunk)
+        .where(Chunk.id == chunk_id, Chunk.state == ChunkState.RUNNING, Chunk.attempt == attempt,
+               Chunk.job_id.in_(select(Job.id).where(Job.status.in_(JobStatus.STOPPED))))
+        .values(state=ChunkState.DONE, attempt=None, finished_at=now)
+    )
+    if moved:
+        _changed(
+            session,
+            update(Item)
+            .where(Item.chunk_id == chunk_id, Item.state == ItemState.RUNNING)
+            .values(state=ItemState.CANCELLED, claim=None, finished_at=now,
+                    error="the worker running this item stopped (a crash or a kill) after its job was stopped")
+        )
+    return bool(moved)
+
+
 def running_chunks(session: Session) -> list[Chunk]:
-    """Chunks claimed by some worker, of jobs still active: the reconciler checks their workers are alive."""
+    """Chunks claimed by some worker, of jobs active or stopped (a completed job's are past caring): the
+    reconciler checks their workers are alive, and re-queues an active job's (:func:`requeue_orphan`) or closes a
+    stopped job's (:func:`cancel_orphan`) when one is gone."""
     return list(session.scalars(
-        select(Chunk).where(Chunk.state == ChunkState.RUNNING, Chunk.job_id.in_(_active_jobs()))
+        select(Chunk).join(Job, Job.id == Chunk.job_id).where(
+            Chunk.state == ChunkState.RUNNING, Job.status.in_((*JobStatus.ACTIVE, *JobStatus.STOPPED))
+        )
     ))
 
 
@@ -402,16 +438,21 @@ def requeue_failed(session: Session, job: Job, new_chunk_id: Callable[[], str]) 
     return chunk_ids
 
 
-def unsettled_jobs(session: Session, stopped_since: datetime | None = None) -> list[str]:
-    """Stopped jobs (since ``stopped_since``, or ever) with items still stored ``pending`` (they read as
-    cancelled): the reconciler's to settle, most recently stopped first.  One index probe per job: as one
-    ``EXISTS`` PostgreSQL's planner took a whole scan of the pending items (0.6 s at a million) over them."""
-    query = select(Job.id).where(Job.status.in_(JobStatus.STOPPED)).order_by(Job.finished_at.desc())
+def unsettled_jobs(session: Session, stopped_since: datetime | None = None, limit: int = 100) -> list[str]:
+    """Up to ``limit`` stopped jobs (since ``stopped_since``, or ever) with items still stored ``pending`` (they
+    read as cancelled): the reconciler's to settle, most recently stopped first.
+
+    One statement, an index probe per stopped job inside it: one query per job cost 2.7 s on SQLite and 5.5 s on
+    PostgreSQL for 20,000 jobs already settled, on the heartbeat thread.  The probe is a scalar subquery with a
+    ``LIMIT 1``, not an ``EXISTS``: PostgreSQL turns an ``EXISTS`` into a semi-join and took a whole scan of the
+    pending items (0.6 s at a million, those of active jobs too) over it."""
+    pending = (
+        select(Item.id).where(Item.job_id == Job.id, Item.state == ItemState.PENDING).limit(1).scalar_subquery()
+    )
+    query = select(Job.id).where(Job.status.in_(JobStatus.STOPPED), pending.is_not(None))
     if stopped_since is not None:
         query = query.where(Job.finished_at >= stopped_since)
-    return [job_id for job_id in session.scalars(query) if session.scalar(
-        select(Item.id).where(Item.job_id == job_id, Item.state == ItemState.PENDING).limit(1)
-    ) is not None]
+    return list(session.scalars(query.order_by(Job.finished_at.desc()).limit(limit)))
 
 
 def settle_batch(session: Session, job_id: str, limit: int | None = None) -> int:

@@ -223,3 +223,40 @@ def test_cancelled_items_leave_the_quota_count_in_usage_and_retry_runs_only_the_
     assert stored(app, first["id"])["cancelled"] == ITEMS - ran  # written when the job reopened
     assert client.post(f"/api/jobs/{second['id']}/cancel", headers=auth).get_json()["counts"]["cancelled"] == ITEMS
     assert [row["batch_items"] for row in client.get("/api/usage", headers=auth).get_json()["usage"]] == [2 * ITEMS - 1]
+
+
+def test_a_cancelled_message_batch_whose_worker_died_ends_at_the_next_sweep(own_app: Flask) -> None:
+    """A cancel leaves a running item to its worker; a worker killed then (no heartbeat) left the item running for
+    good, and the batch ``canceling``: its results and its delete refused for ever.  The reconciler's sweep
+    cancels such items, and a late write of the dead attempt is refused."""
+    app, client = own_app, own_app.test_client()
+    params = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+    r = client.post("/v1/messages/batches", json={"requests": [{"custom_id": f"m{i}", "params": params}
+                                                               for i in range(ITEMS)]})
+    assert r.status_code == 200, r.data
+    batch = r.get_json()["id"]
+    with sessions(settings_of(app))() as session:  # a worker, killed later, had begun the first chunk
+        chunk = session.scalar(select(Item.chunk_id).where(Item.job_id == batch, Item.seq == 0))
+        assert chunk is not None and transitions.claim_chunk(session, chunk, "killed-worker", "a1") is not None
+        running = transitions.claim_items(session, transitions.pending_items(session, chunk), "a1")
+        session.commit()
+    view = client.post(f"/v1/messages/batches/{batch}/cancel").get_json()
+    assert view["processing_status"] == "canceling" and view["results_url"] is None
+    assert client.delete(f"/v1/messages/batches/{batch}").status_code == 400
+    assert client.get(f"/v1/messages/batches/{batch}/results").status_code == 400
+    assert client.get(f"/api/jobs/{batch}").get_json()["counts"]["running"] == len(running)
+
+    reconciler(app).sweep()  # no heartbeat of killed-worker's in this Redis: its items are cancelled
+    view = client.get(f"/v1/messages/batches/{batch}").get_json()
+    assert view["processing_status"] == "ended" and view["ended_at"] is not None
+    assert view["request_counts"] == {"processing": 0, "succeeded": 0, "errored": 0, "canceled": ITEMS, "expired": 0}
+    counts = client.get(f"/api/jobs/{batch}").get_json()["counts"]
+    assert counts["running"] == 0 and counts["cancelled"] == ITEMS
+    with sessions(settings_of(app))() as session:  # the killed worker was only stalled: its late results drop
+        assert not transitions.write_result(session, running[0][0], "a1", {"state": ItemState.SUCCEEDED})
+        session.commit()
+    results = lines(client, f"/v1/messages/batches/{batch}/results")
+    assert [(line["custom_id"], line["result"]["type"]) for line in results] == [(f"m{i}", "canceled")
+                                                                                 for i in range(ITEMS)]
+    assert stored(app, batch) == {"cancelled": ITEMS}  # the sweep's settling wrote the unrun ones too
+    assert client.delete(f"/v1/messages/batches/{batch}").status_code == 200
