@@ -256,6 +256,39 @@ class Registry:
         return manifest
 
 
+# -- tools -----------------------------------------------------------------------------------------------------
+
+# The tool the tool-call tests offer, the JSON Schema of one call of it (a `format` that forces the call), and
+# the question that asks for it.
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL_SHAPE = {
+    "type": "object",
+    "properties": {
+        "name": {"const": "get_weather"},
+        "arguments": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                      "required": ["city"]},
+    },
+    "required": ["name", "arguments"],
+}
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+def chat_chunk(content: str = "", thinking: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One not-final chunk of a native chat stream, as the gateway hands it to a wire format's reply."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if thinking:
+        message["thinking"] = thinking
+    if calls:
+        message["tool_calls"] = calls
+    return {"model": "m", "message": message, "done": False}
+
+
 # -- templates -------------------------------------------------------------------------------------------------
 
 # The template of Ollama's library ChatML models, as `ollama show --template` prints it.

@@ -23,19 +23,11 @@ from corral.errors import WorkerUnavailable
 from corral.toolchoice import Constrained, ToolChoice
 from corral.wire.anthropic import MessagesRequest, parse
 from corral.wire.anthropic_reply import Reply
+from tests.helpers import chat_chunk
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
 PLAIN = Constrained(None, None)
 CALL = {"id": "call_1", "function": {"index": 0, "name": "get_weather", "arguments": {"city": "Oslo"}}}
-
-
-def chunk(content: str = "", thinking: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if thinking:
-        message["thinking"] = thinking
-    if calls:
-        message["tool_calls"] = calls
-    return {"model": "m", "message": message, "done": False}
 
 
 def done(reason: str = "stop", prompt: int = 12, generated: int = 5) -> dict[str, Any]:
@@ -58,8 +50,8 @@ def fold(reply: Reply, chunks: list[dict[str, Any]]) -> tuple[list[str], Message
 
 def test_thinking_text_and_a_call_stream_as_dense_blocks_and_fold_into_the_message() -> None:
     reply = Reply("m", [], PLAIN)
-    names, message = fold(reply, [chunk(thinking="Hmm, "), chunk(thinking="weather."), chunk("Checking"),
-                                  chunk(" now."), chunk(calls=[CALL]), done()])
+    names, message = fold(reply, [chat_chunk(thinking="Hmm, "), chat_chunk(thinking="weather."), chat_chunk("Checking"),
+                                  chat_chunk(" now."), chat_chunk(calls=[CALL]), done()])
     assert names == ["message_start",
                      "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
                      "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
@@ -76,16 +68,17 @@ def test_thinking_text_and_a_call_stream_as_dense_blocks_and_fold_into_the_messa
 def test_a_stop_sequence_split_across_chunks_ends_the_text_and_stops_the_worker() -> None:
     stopped: list[bool] = []
     reply = Reply("m", ["\n\n", "END"], PLAIN, on_stop=lambda: stopped.append(True))
-    _, message = fold(reply, [chunk("Hello"), chunk(" world\n"), chunk("\nmore"), chunk("text"), done("cancelled")])
+    pieces = [chat_chunk(text) for text in ("Hello", " world\n", "\nmore", "text")]
+    _, message = fold(reply, [*pieces, done("cancelled")])
     assert message.content[0].text == "Hello world" and message.stop_reason == "stop_sequence"  # type: ignore[union-attr]
     assert message.stop_sequence == "\n\n" and stopped == [True]
     held = Reply("m", ["END"], PLAIN)  # a text ending in a stop's beginning is passed on at the end after all
-    _, message = fold(held, [chunk("Almost EN"), done()])
+    _, message = fold(held, [chat_chunk("Almost EN"), done()])
     assert message.content[0].text == "Almost EN" and message.stop_reason == "end_turn"  # type: ignore[union-attr]
 
 
 def test_max_tokens_and_an_empty_reply() -> None:
-    _, message = fold(Reply("m", [], PLAIN), [chunk("a"), done("length")])
+    _, message = fold(Reply("m", [], PLAIN), [chat_chunk("a"), done("length")])
     assert message.stop_reason == "max_tokens"
     names, message = fold(Reply("m", [], PLAIN), [done()])
     assert [b.type for b in message.content] == ["text"] and message.content[0].text == ""  # type: ignore[union-attr]
@@ -98,7 +91,7 @@ def test_a_forced_call_left_as_text_becomes_the_call() -> None:
                                       "tool_choice": {"type": "tool", "name": "get_weather"}})
     plan = request.native(thinks=False).plan
     assert plan.forced == {"get_weather"} and isinstance(plan.format, dict)
-    _, message = fold(Reply("m", [], plan), [chunk('{"name": "get_weather", '), chunk('"arguments": {"city": "Rome"}}'),
+    _, message = fold(Reply("m", [], plan), [chat_chunk('{"name": "get_weather", '), chat_chunk('"arguments": {"city": "Rome"}}'),
                                             done()])
     assert [b.type for b in message.content] == ["tool_use"] and message.content[0].input == {"city": "Rome"}  # type: ignore[union-attr]
     assert ToolChoice("none").constrain(plan.tools, None).tools is None
@@ -142,7 +135,7 @@ def _sse(text: list[str]) -> list[tuple[str, dict[str, Any]]]:
 
 def test_pings_while_the_prompt_is_prefilled_then_the_reply(app: Flask) -> None:
     with app.app_context():
-        pump = Pump(app, None, _slow([chunk("Hi"), done()], 0.35))
+        pump = Pump(app, None, _slow([chat_chunk("Hi"), done()], 0.35))
         first = pump.prime(0.01)  # nothing yet: the response starts with message_start and pings
         assert first is None
         streamed = _sse(list(events(Reply("m", [], PLAIN), pump, first, 0.1)))
@@ -156,7 +149,7 @@ def test_pings_while_the_prompt_is_prefilled_then_the_reply(app: Flask) -> None:
 def test_an_error_after_the_first_byte_is_an_error_event(app: Flask) -> None:
     stopped: list[bool] = []
     with app.app_context():
-        pump = Pump(app, None, _slow([chunk("Hi"), WorkerUnavailable("worker w1 stopped responding")], 0.0))
+        pump = Pump(app, None, _slow([chat_chunk("Hi"), WorkerUnavailable("worker w1 stopped responding")], 0.0))
         first = pump.prime(1.0)
         streamed = _sse(list(events(Reply("m", [], PLAIN), pump, first, 1.0, lambda: stopped.append(True))))
     assert streamed[-1] == ("error", {"type": "error", "error": {"type": "overloaded_error",
@@ -184,7 +177,7 @@ def test_what_claude_code_sends_besides_is_accepted_and_mapped() -> None:
 def test_a_client_that_goes_away_stops_the_worker(app: Flask) -> None:
     stopped: list[bool] = []
     with app.app_context():
-        pump = Pump(app, None, _slow([chunk("Hi"), chunk(" there"), done()], 0.2))
+        pump = Pump(app, None, _slow([chat_chunk("Hi"), chat_chunk(" there"), done()], 0.2))
         body = events(Reply("m", [], PLAIN), pump, None, 1.0, lambda: stopped.append(True))
         assert next(body).startswith("event: message_start")
         body.close()  # what the WSGI server does when the client disconnects

@@ -12,22 +12,7 @@ import httpx
 import ollama
 from openai import OpenAI
 
-from tests.helpers import MODEL
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather", "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-CALL_SHAPE = {
-    "type": "object",
-    "properties": {"name": {"const": "get_weather"}, "arguments": {
-        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}},
-    "required": ["name", "arguments"],
-}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+from tests.helpers import ASK, CALL_SHAPE, MODEL, WEATHER
 
 
 def test_show_lists_tools_and_a_chat_with_tools_is_answered(base_url: str) -> None:

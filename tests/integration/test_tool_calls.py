@@ -22,7 +22,7 @@ from corral.modelstore.store import ModelStore
 from corral.settings import Settings
 from harness.stack import Stack, wait_for
 from tests.ggufs import with_metadata
-from tests.helpers import CHATML_TEMPLATE
+from tests.helpers import ASK, CALL_SHAPE, CHATML_TEMPLATE, WEATHER
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-tools"
@@ -33,23 +33,6 @@ TEMPLATE = (
     "{%- for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather", "description": "Current weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-CALL_SHAPE = {
-    "type": "object",
-    "properties": {
-        "name": {"const": "get_weather"},
-        "arguments": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
-                      "required": ["city"]},
-    },
-    "required": ["name", "arguments"],
-}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,10 @@ from corral.errors import GenerationFailed
 from corral.toolchoice import Constrained, ToolChoice
 from corral.wire.openai_responses import ResponsesRequest, conversation, normalize_items
 from corral.wire.openai_responses_output import Draft, stream_events
+from tests.helpers import chat_chunk
 
 EVENTS: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 CALL = {"id": "call_1", "function": {"index": 0, "name": "get_weather", "arguments": {"city": "Paris"}}}
-
-
-def chunk(content: str = "", thinking: str = "", calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if thinking:
-        message["thinking"] = thinking
-    if calls:
-        message["tool_calls"] = calls
-    return {"message": message, "done": False}
 
 
 def done(reason: str = "stop") -> dict[str, Any]:
@@ -51,7 +43,7 @@ def kinds(events: list[dict[str, Any]]) -> list[str]:
 
 
 def test_reasoning_then_text() -> None:
-    events, output = run([chunk(thinking="Hm, "), chunk(thinking="hi."), chunk("Hel"), chunk("lo"), done()],
+    events, output = run([chat_chunk(thinking="Hm, "), chat_chunk(thinking="hi."), chat_chunk("Hel"), chat_chunk("lo"), done()],
                          include=["reasoning.encrypted_content"])
     assert kinds(events) == [
         "created", "in_progress",
@@ -66,14 +58,14 @@ def test_reasoning_then_text() -> None:
 
 
 def test_a_silent_worker_gets_keep_alives() -> None:
-    events, _ = run([None, None, chunk("Hi"), None, done()])
+    events, _ = run([None, None, chat_chunk("Hi"), None, done()])
     assert kinds(events) == ["created", "in_progress", "in_progress", "in_progress", "output_item.added",
                              "content_part.added", "output_text.delta", "in_progress", "output_text.done",
                              "content_part.done", "output_item.done", "completed"]
 
 
 def test_text_before_a_tool_call_is_kept() -> None:
-    events, output = run([chunk("Let me check."), chunk(calls=[CALL]), done()])
+    events, output = run([chat_chunk("Let me check."), chat_chunk(calls=[CALL]), done()])
     assert [i["type"] for i in output] == ["message", "function_call"]
     assert output[1] == {"id": output[1]["id"], "type": "function_call", "status": "completed", "call_id": "call_1",
                          "name": "get_weather", "arguments": '{"city": "Paris"}'}
@@ -84,12 +76,12 @@ def test_text_before_a_tool_call_is_kept() -> None:
 
 def test_a_forced_call_left_as_text_comes_back_as_the_call() -> None:
     plan = ToolChoice("required").constrain([{"type": "function", "function": {"name": "get_weather"}}], None)
-    _, output = run([chunk('{"name": "get_weather", '), chunk('"arguments": {"city": "Oslo"}}'), done()], plan)
+    _, output = run([chat_chunk('{"name": "get_weather", '), chat_chunk('"arguments": {"city": "Oslo"}}'), done()], plan)
     assert [(i["type"], i["name"]) for i in output] == [("function_call", "get_weather")]
 
 
 def test_a_length_stop_is_incomplete() -> None:
-    events, output = run([chunk("Once upon"), done("length")])
+    events, output = run([chat_chunk("Once upon"), done("length")])
     assert events[-1]["type"] == "response.incomplete"
     assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert output[0]["status"] == "incomplete"
@@ -97,7 +89,7 @@ def test_a_length_stop_is_incomplete() -> None:
 
 def test_a_failure_after_the_first_byte_is_response_failed() -> None:
     def failing() -> Iterator[dict[str, Any]]:
-        yield chunk("Par")
+        yield chat_chunk("Par")
         raise GenerationFailed("the worker running this request died")
 
     events, output = run(failing())
@@ -135,5 +127,5 @@ def test_a_store_that_fails_still_ends_the_stream(caplog: Any) -> None:
         raise OSError("disk full")
 
     draft = Draft(ResponsesRequest.model_validate({"model": "m", "input": "hi"}))
-    events = list(stream_events(draft, iter([chunk("Hi"), done()]), Constrained(None, None), broken))
+    events = list(stream_events(draft, iter([chat_chunk("Hi"), done()]), Constrained(None, None), broken))
     assert events[-1]["type"] == "response.completed" and "could not keep response" in caplog.text
