@@ -21,7 +21,7 @@ import builtins
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
@@ -34,7 +34,7 @@ from corral.wire.anthropic import BatchCreate, MessagesRequest, context_cap, par
 from corral.wire.anthropic_reply import error_body, from_native_final
 from jobs.db import sessions
 from jobs.ids import openai_id
-from jobs.models import Item, ItemState, Job, JobStatus, utcnow
+from jobs.models import Item, ItemState, Job, JobStatus, as_utc, utcnow
 from jobs.service import JobService
 
 if TYPE_CHECKING:
@@ -211,17 +211,17 @@ class MessageBatches:
             counts["expired" if job.status == JobStatus.EXPIRED else "canceled"] = unrun
         else:
             counts["processing"] = int(info.get("total") or job.item_count + errored)
-        ended = rfc3339(_utc(job.finished_at)) if status == "ended" and job.finished_at else None
+        ended = rfc3339(as_utc(job.finished_at)) if status == "ended" and job.finished_at else None
         stopped = job.status == JobStatus.CANCELLED and job.finished_at is not None
         return {
             "id": job.id,
             "type": "message_batch",
             "processing_status": status,
             "request_counts": counts,
-            "created_at": rfc3339(_utc(job.created_at)),
-            "expires_at": rfc3339(_utc(job.expires_at or job.created_at + WINDOW)),
+            "created_at": rfc3339(as_utc(job.created_at)),
+            "expires_at": rfc3339(as_utc(job.expires_at or job.created_at + WINDOW)),
             "ended_at": ended,
-            "cancel_initiated_at": rfc3339(_utc(job.finished_at)) if stopped and job.finished_at else None,
+            "cancel_initiated_at": rfc3339(as_utc(job.finished_at)) if stopped and job.finished_at else None,
             "archived_at": None,
             "results_url": f"{base_url.rstrip('/')}/v1/messages/batches/{job.id}/results" if ended else None,
         }
@@ -269,6 +269,3 @@ def _line(custom_id: str, result: dict[str, Any]) -> bytes:
             + "\n").encode()
 
 
-def _utc(moment: datetime) -> datetime:
-    """Stored times are naive UTC (SQLite drops the zone): read them as UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)

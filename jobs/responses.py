@@ -38,6 +38,7 @@ from corral.wire.openai_responses import (
 )
 from corral.wire.openai_responses_output import Draft, job_response
 from jobs.db import sessions
+from jobs.files import cursor_page
 from jobs.models import Chunk, Item, ItemState, Job, JobStatus, StoredResponse, as_utc, utcnow
 from jobs.stopping import stop_jobs
 
@@ -151,9 +152,7 @@ class ResponseStore:
             if at is None:
                 raise BadRequest(f"No input item with id '{after}' in response '{ident}'", param="after")
             items = items[at + 1:]
-        page = items[:limit]
-        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+        return cursor_page(items[:limit], has_more=len(items) > limit)
 
     def delete(self, ident: str, owner: str | None, jobs: JobService) -> dict[str, Any]:
         """The response goes, and a background response's job with it (stopped if it runs: its items hold the

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from corral.errors import BadRequest, ContextLengthExceeded, GenerationFailed
-from corral.modelstore.gguf_meta import read_header
+from corral.modelstore.gguf_meta import CLASSIFIER_HEADS, read_header
 
 if TYPE_CHECKING:
     from workers.engine import LoadedModel
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 # 16/16/16/15/11.  On a GPU (not measured here) one decode of thousands of tokens costs about what one of a
 # hundred does, so a decode takes the whole micro-batch there.
 CPU_PACK_TOKENS = 128
-HEAD_TENSORS = ("cls.weight", "cls.output.weight")  # the converter's names for a sequence-classification head
 PLACEHOLDER = re.compile(r"(\{query\}|\{document\})")
 
 
@@ -59,7 +58,7 @@ def has_classifier_head(path: Path) -> bool:
 @lru_cache(maxsize=64)
 def _head_in(path: Path) -> bool:
     names = {name for name, _ in read_header(path, with_arrays=False).tensors}
-    return any(name in names for name in HEAD_TENSORS)
+    return bool(CLASSIFIER_HEADS & names)
 
 
 def require_reranker(path: Path, name: str) -> None:

@@ -170,6 +170,8 @@ class _Parser:
 
 
 RANK_POOLING = 4  # llama.cpp's LLAMA_POOLING_TYPE_RANK (gguf.PoolingType.RANK)
+# The converter's names for a sequence-classification head (BERT's and XLM-R's cls.output, Jina's cls).
+CLASSIFIER_HEADS = frozenset({"cls.weight", "cls.output.weight"})
 
 
 def is_reranker(arch: str, kv: dict[str, Any], tensors: set[str]) -> bool:
@@ -178,7 +180,7 @@ def is_reranker(arch: str, kv: dict[str, Any], tensors: set[str]) -> bool:
     ``cls``)."""
     if kv.get(f"{arch}.pooling_type") == RANK_POOLING:
         return True
-    return arch in EMBEDDING_ARCHITECTURES and bool({"cls.output.weight", "cls.weight"} & tensors)
+    return arch in EMBEDDING_ARCHITECTURES and bool(CLASSIFIER_HEADS & tensors)
 
 
 def gguf_config(path: Path) -> dict[str, Any]:

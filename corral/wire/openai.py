@@ -269,7 +269,7 @@ def _native_tool_call(call: Any) -> dict[str, Any]:
     return {"function": {"name": function.get("name", ""), "arguments": parsed}}
 
 
-def parse_request(model: type[_OpenAIRequest], data: Any) -> Any:
+def parse_request(model: type[BaseModel], data: Any) -> Any:
     """Validate a decoded body; pydantic's complaint becomes a 400 naming the field."""
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object")

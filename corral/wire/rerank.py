@@ -22,11 +22,12 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from corral.errors import BadRequest
 from corral.options import RuntimeRequest
 from corral.rerank import MAX_DOCUMENTS, MAX_QUERY_CHARS, ranked, sigmoid
+from corral.wire.openai import parse_request
 
 
 def query_of(value: Any) -> str:
@@ -98,8 +99,7 @@ class RerankRequest(RuntimeRequest):
             ]
         results = ranked(scores, top_n=self.top_n, documents=documents if self.return_documents else None,
                          document_as_object=True)
-        return {"model": self.model, "object": "list",
-                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}, "results": results}
+        return rerank_reply(self.model, {"results": results, "prompt_eval_count": prompt_tokens})
 
 
 class CohereRerankRequest(RerankRequest):
@@ -122,15 +122,8 @@ class CohereRerankRequest(RerankRequest):
 
 
 def parse_rerank(model: type[RerankRequest], data: Any) -> RerankRequest:
-    """Validate a decoded body; pydantic's complaint becomes a 400 naming the field."""
-    if not isinstance(data, dict):
-        raise BadRequest("the request body must be a JSON object")
-    try:
-        req = model.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or None
-        raise BadRequest(f"invalid value for '{field}': {err['msg']}", param=field) from exc
+    """Validate a decoded body as the OpenAI routes do (a 400 naming the field); ``model`` is required."""
+    req: RerankRequest = parse_request(model, data)
     if not req.model:
         raise BadRequest("model is required", param="model")
     return req
