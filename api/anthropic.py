@@ -46,7 +46,7 @@ def _conversation(req: Any) -> tuple[ModelRecord, Native]:
     svc = services().inference
     record = svc.generation_model(req.model, "chat")
     native: Native = req.native(thinks="thinking" in record.capabilities)
-    svc.generation_model(req.model, "chat", tools=bool(native.plan.tools), images=native.images)
+    svc.check_generation(record, req.model, "chat", tools=bool(native.plan.tools), images=native.images)
     return record, native
 
 

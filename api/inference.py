@@ -52,7 +52,15 @@ class Inference:
     ) -> ModelRecord:
         """Find a model for generate/chat and check it can do what the request asks (Ollama's messages).  Images
         go to a model with a projector (``vision``), and are refused, never dropped, for any other."""
-        record = self.model(name)
+        return self.check_generation(self.model(name), name, needed, think=think, tools=tools, images=images)
+
+    @staticmethod
+    def check_generation(
+        record: ModelRecord, name: str, needed: str, *, think: bool | str | None = None, tools: bool = False,
+        images: bool = False,
+    ) -> ModelRecord:
+        """:meth:`generation_model`'s checks on a model already in hand (a route that learns what the request
+        needs only after it has the model, as the Messages route does)."""
         if "completion" not in record.capabilities:
             raise BadRequest(f'"{name}" does not support {needed}')
         if images and "vision" not in record.capabilities:

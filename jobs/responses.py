@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -39,8 +40,9 @@ from corral.wire.openai_responses import (
 from corral.wire.openai_responses_output import Draft, job_response
 from jobs.db import sessions
 from jobs.files import cursor_page
-from jobs.models import Chunk, Item, ItemState, Job, JobStatus, StoredResponse, as_utc, utcnow
+from jobs.models import Item, ItemState, Job, JobStatus, StoredResponse, as_utc, utcnow
 from jobs.stopping import stop_jobs
+from jobs.transitions import delete_job
 
 if TYPE_CHECKING:
     from jobs.service import JobService
@@ -181,14 +183,8 @@ def purge(session: Session, client: redis.Redis) -> int:
     jobs = [(str(job_id), str(digest)) for job_id, digest in
             session.execute(select(Job.id, Job.model_digest).where(Job.id.in_(expired))).all()]
 
-    def remove(job_id: str) -> bool:  # as JobService.delete removes a job
-        session.execute(delete(Item).where(Item.job_id == job_id))
-        session.execute(delete(Chunk).where(Chunk.job_id == job_id))
-        session.execute(delete(Job).where(Job.id == job_id))
-        return True
-
     if jobs:
-        stop_jobs(session, client, jobs, remove)
+        stop_jobs(session, client, jobs, partial(delete_job, session))  # as JobService.delete removes a job
     result = session.execute(delete(StoredResponse).where(StoredResponse.expires_at <= now))
     session.commit()
     return int(getattr(result, "rowcount", 0) or 0)

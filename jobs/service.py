@@ -13,11 +13,12 @@ import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import numpy as np
 import redis
-from sqlalchemy import Integer, cast, delete, func, select, text, update
+from sqlalchemy import Integer, cast, func, select, text, update
 from sqlalchemy.orm import Session
 
 from corral.broker import Broker
@@ -417,15 +418,9 @@ class JobService:
 
     def delete(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
         """The job and its results go; like a cancel, its running item stops and its queued messages leave."""
-        def remove(job: str) -> bool:
-            session.execute(delete(Item).where(Item.job_id == job))
-            session.execute(delete(Chunk).where(Chunk.job_id == job))
-            session.execute(delete(Job).where(Job.id == job))
-            return True
-
         with self._session() as session:
             digest = self._job(session, job_id, owner).model_digest
-            stop_jobs(session, self.broker.redis, [(job_id, digest)], remove)
+            stop_jobs(session, self.broker.redis, [(job_id, digest)], partial(transitions.delete_job, session))
         self.send_next(digest)
         return {"id": job_id, "object": "job", "deleted": True}
 

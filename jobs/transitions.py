@@ -347,6 +347,15 @@ def stop_job(session: Session, job_id: str, status: str) -> bool:
     return bool(stopped)
 
 
+def delete_job(session: Session, job_id: str) -> bool:
+    """A job's rows (its items, chunks and the job itself) deleted: a delete's change for
+    :func:`jobs.stopping.stop_jobs`, which orders the Redis side around it."""
+    session.execute(delete(Item).where(Item.job_id == job_id))
+    session.execute(delete(Chunk).where(Chunk.job_id == job_id))
+    session.execute(delete(Job).where(Job.id == job_id))
+    return True
+
+
 def fail_job(session: Session, job_id: str, message: str) -> bool:
     """The whole job cannot run (its model is gone): ``failed`` with ``message``; False if it had ended."""
     return _ended(session, job_id, _changed(
