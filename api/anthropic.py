@@ -122,17 +122,10 @@ def count_tokens() -> Response:
     as a dry run's)."""
     req: CountTokensRequest = parse(CountTokensRequest, decode_json(request.get_data()))
     record, native = _conversation(req)
-    shared = services()
-    body: dict[str, Any] = {"messages": native.messages, "tools": native.plan.tools, "think": native.think, "options": {}}
-    ticket = shared.governor.admit(principal(), req.model)
-    try:
-        counts = shared.gateway.count_tokens(req.model, record.model_digest, "chat", [body], {})
-        shared.governor.finish(ticket)
-    finally:
-        shared.governor.release(ticket)
-    if not counts or counts[0] is None:
+    count = services().inference.count_chat(record, req.model, native.messages, native.plan.tools, native.think)
+    if count is None:
         raise BadRequest("the messages do not render with the model's chat template")
-    return json_response({"input_tokens": counts[0]})
+    return json_response({"input_tokens": count})
 
 
 # -- /v1/models in Anthropic's shape (api/openai.py routes here when the request has anthropic-version) -------

@@ -76,6 +76,19 @@ class Inference:
             require_admin("unloading a model (keep_alive: 0)")
         return build_request(record, name, kind, max_predict=self.settings.max_predict, **fields)
 
+    def count_chat(self, record: ModelRecord, name: str, messages: list[dict[str, Any]],
+                   tools: list[dict[str, Any]] | None, think: bool | str | None) -> int | None:
+        """The prompt tokens of a chat as the model's own template and tokenizer render it, counted by a worker (a
+        dry run's count op) under the key's admission; None when it does not render."""
+        body: dict[str, Any] = {"messages": messages, "tools": tools, "think": think, "options": {}}
+        ticket = self.governor.admit(principal(), name)
+        try:
+            counts = self.gateway.count_tokens(name, record.model_digest, "chat", [body], {})
+            self.governor.finish(ticket)
+        finally:
+            self.governor.release(ticket)
+        return counts[0] if counts else None
+
     def load_or_unload(
         self, record: ModelRecord, name: str, keep_alive: float | None, options: dict[str, Any] | None
     ) -> Literal["load", "unload"]:

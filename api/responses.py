@@ -180,17 +180,10 @@ def input_tokens() -> Response:
     req: ResponsesRequest = parse_request(ResponsesRequest, decode_json(request.get_data()))
     req.check()
     turn = _Turn.of(req)
-    shared = services()
-    body: dict[str, Any] = {"messages": turn.messages, "tools": turn.plan.tools, "think": req.think(), "options": {}}
-    ticket = shared.governor.admit(principal(), req.model)
-    try:
-        counts = shared.gateway.count_tokens(req.model, turn.record.model_digest, "chat", [body], {})
-        shared.governor.finish(ticket)
-    finally:
-        shared.governor.release(ticket)
-    if not counts or counts[0] is None:
+    count = services().inference.count_chat(turn.record, req.model, turn.messages, turn.plan.tools, req.think())
+    if count is None:
         raise BadRequest("the input does not render with the model's chat template", param="input")
-    return json_response({"object": "response.input_tokens", "input_tokens": counts[0]})
+    return json_response({"object": "response.input_tokens", "input_tokens": count})
 
 
 @bp.get("/v1/responses/<response_id>")
