@@ -31,6 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.openai import bp as openai_bp
     from api.openai_batch import bp as openai_batch_bp
     from api.rerank import bp as rerank_bp
+    from api.vector_stores import bp as vector_stores_bp
     from api.responses import bp as responses_bp
 
     settings = settings or Settings()
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(anthropic_bp)
     app.register_blueprint(anthropic_batch_bp)
     app.register_blueprint(rerank_bp)
+    app.register_blueprint(vector_stores_bp)
     app.register_blueprint(openapi.bp)
     console.init_app(app)
     logging.getLogger(__name__).debug("API ready, model store %s", store.root)

@@ -11,6 +11,7 @@ from api.models_admin import ModelAdmin
 from corral.modelstore.store import ModelStore
 from corral.settings import Settings
 from jobs.batches import BatchService
+from jobs.collections import CollectionService
 from jobs.files import FileStore
 from jobs.keys import Principal
 from jobs.service import JobService
@@ -34,9 +35,11 @@ class Services:
     batches: BatchService
     governor: Governor
     models: ModelAdmin = field(init=False)  # pull, show and create, over the inference service's store and gateway
+    collections: CollectionService = field(init=False)  # vector stores, indexed by jobs of this job service
 
     def __post_init__(self) -> None:
         self.models = ModelAdmin(self.settings, self.inference)
+        self.collections = CollectionService(self.settings, self.store, self.jobs)
 
     def queue(self, who: Principal | None, workers: list[dict[str, Any]]) -> dict[str, Any]:
         """The batch queue per model and ``workers`` (heartbeat states), with only the models ``who`` may use: what

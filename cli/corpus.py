@@ -1,10 +1,9 @@
 """Turn a folder of documents into embedding-job items: walk, extract text, split into token-aware chunks.
 
 ``corral embed`` streams the items straight into the upload, one document at a time, so a corpus of any size
-needs memory for one document only.  Chunk sizes are counted in the model's own tokens: for WordPiece (BERT)
-models, the vocabulary comes from ``/api/show`` and :class:`WordPieceCounter` reproduces the tokenizer's
-splitting; for other models tokens are estimated (about four characters each).  Each chunk keeps its source
-path, chunk index, character offsets into the extracted text and the file's content hash as metadata.
+needs memory for one document only.  Chunk sizes are counted in the model's own tokens (corral/corpus.py).
+Each chunk keeps its source path, chunk index, character offsets into the extracted text and the file's content
+hash as metadata.
 """
 
 from __future__ import annotations
@@ -13,173 +12,19 @@ import fnmatch
 import hashlib
 import json
 import os
-import re
-import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
 
-DEFAULT_GLOBS = ("*.txt", "*.md", "*.markdown", "*.rst", "*.html", "*.htm", "*.json", "*.jsonl", "*.pdf")
-TEXT_FIELDS = ("text", "content", "body", "page_content")
-_WORD = re.compile(r"\S+")
+from corral.corpus import DEFAULT_GLOBS, TEXT_FIELDS, CorpusError, extract_text, json_texts
 
-
-class CorpusError(Exception):
-    """A path that cannot be read as documents."""
-
-
-# -- token counting -------------------------------------------------------------------------------------
-
-
-class WordPieceCounter:
-    """Counts BERT WordPiece tokens per word, as llama.cpp's WPM tokenizer splits them (lower-cased, accents
-    stripped, punctuation and CJK characters as separate words, greedy longest-match sub-words)."""
-
-    def __init__(self, tokens: Iterable[str], max_chars: int = 100) -> None:
-        # llama.cpp's "phantom space" vocabulary: word starts carry a leading U+2581, continuations are bare.
-        self.starts = {t[1:] for t in tokens if t.startswith("\u2581")}
-        self.rest = {t for t in tokens if not t.startswith("\u2581")}
-        self.max_chars = max_chars
-        self._cache: dict[str, int] = {}
-
-    @staticmethod
-    def _pieces(word: str) -> list[str]:
-        text = "".join(c for c in unicodedata.normalize("NFD", word.lower()) if unicodedata.category(c) != "Mn")
-        out, current = [], ""
-        for char in text:
-            if unicodedata.category(char).startswith("P") or _is_cjk(char) or (char.isascii() and not char.isalnum()):
-                if current:
-                    out.append(current)
-                out.append(char)
-                current = ""
-            else:
-                current += char
-        if current:
-            out.append(current)
-        return out
-
-    def _wordpiece(self, piece: str) -> int:
-        if len(piece) > self.max_chars:
-            return 1  # [UNK]
-        count, start = 0, 0
-        while start < len(piece):
-            end = len(piece)
-            vocab = self.starts if start == 0 else self.rest
-            while end > start and piece[start:end] not in vocab:
-                end -= 1
-            if end == start:
-                return 1  # the whole word becomes [UNK]
-            count += 1
-            start = end
-        return count
-
-    def count(self, word: str) -> int:
-        cached = self._cache.get(word)
-        if cached is None:
-            cached = sum(self._wordpiece(p) for p in self._pieces(word)) or 1
-            if len(self._cache) < 200_000:
-                self._cache[word] = cached
-        return cached
-
-
-def _is_cjk(char: str) -> bool:
-    code = ord(char)
-    return 0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0x3040 <= code <= 0x30FF or 0xAC00 <= code <= 0xD7AF
-
-
-class EstimateCounter:
-    """For tokenizers we do not reproduce: about one token per four characters, at least one per word."""
-
-    def count(self, word: str) -> int:
-        return max(1, (len(word) + 3) // 4)
-
-
-def counter_for(show: dict[str, Any]) -> WordPieceCounter | EstimateCounter:
-    """The token counter for a model, from its verbose ``/api/show`` reply."""
-    info = show.get("model_info") or {}
-    tokens = info.get("tokenizer.ggml.tokens")
-    if info.get("tokenizer.ggml.model") == "bert" and tokens:
-        return WordPieceCounter(tokens)
-    return EstimateCounter()
-
-
-# -- chunking -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Chunk:
-    text: str
-    start: int
-    end: int
-    tokens: int
-
-
-def chunk_text(text: str, counter: WordPieceCounter | EstimateCounter, chunk_tokens: int, overlap: int) -> Iterator[Chunk]:
-    """Windows of whole words holding at most ``chunk_tokens`` tokens (the two special tokens included),
-    each starting ``overlap`` tokens before the previous one ended."""
-    budget = max(1, chunk_tokens - 2)
-    words = [(m.start(), m.end(), counter.count(m.group())) for m in _WORD.finditer(text)]
-    first = 0
-    while first < len(words):
-        last, used = first, 0
-        while last < len(words) and (used + words[last][2] <= budget or last == first):
-            used += words[last][2]
-            last += 1
-        start, end = words[first][0], words[last - 1][1]
-        yield Chunk(text[start:end], start, end, min(used, budget) + 2)
-        if last >= len(words):
-            return
-        back, kept = last, 0
-        while back > first + 1 and kept + words[back - 1][2] <= overlap:
-            back -= 1
-            kept += words[back][2]
-        first = back
-
-
-# -- documents ------------------------------------------------------------------------------------------
-
-
-class _HTMLText(HTMLParser):
-    SKIP = {"script", "style", "noscript", "template"}
-    BLOCK = {"p", "div", "br", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "section", "article", "pre"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.skipping = 0
-
-    def handle_starttag(self, tag: str, attrs: Any) -> None:
-        if tag in self.SKIP:
-            self.skipping += 1
-        elif tag in self.BLOCK:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self.SKIP and self.skipping:
-            self.skipping -= 1
-        elif tag in self.BLOCK:
-            self.parts.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self.skipping:
-            self.parts.append(data)
-
-
-def html_text(raw: str) -> str:
-    parser = _HTMLText()
-    parser.feed(raw)
-    parser.close()
-    return re.sub(r"\n\s*\n+", "\n\n", "".join(parser.parts)).strip()
-
-
-def _json_texts(obj: Any, fields: tuple[str, ...]) -> str:
-    if isinstance(obj, dict):
-        return "\n\n".join(str(obj[f]) for f in fields if isinstance(obj.get(f), str) and obj[f].strip())
-    if isinstance(obj, list):
-        return "\n\n".join(t for t in (_json_texts(x, fields) for x in obj) if t)
-    return obj if isinstance(obj, str) else ""
+# re-exported: the client's chunking is the shared one
+from corral.corpus import Chunk as Chunk
+from corral.corpus import EstimateCounter as EstimateCounter
+from corral.corpus import WordPieceCounter as WordPieceCounter
+from corral.corpus import chunk_text as chunk_text
+from corral.corpus import counter_for as counter_for
+from corral.corpus import html_text as html_text
 
 
 @dataclass(frozen=True)
@@ -190,38 +35,23 @@ class Document:
 
 
 def documents(path: Path, root: Path, fields: tuple[str, ...] = TEXT_FIELDS) -> Iterator[Document]:
-    """The documents in one file (a JSONL file holds one per line)."""
+    """The documents in one file (a JSONL file holds one per line; the rest, one each, read by
+    :func:`corral.corpus.extract_text`)."""
     rel = os.path.relpath(path, root) if path != root else path.name
     raw = path.read_bytes()
     digest = hashlib.sha256(raw).hexdigest()
-    suffix = path.suffix.lower()
-    if suffix == ".pdf":
-        try:
-            from pypdf import PdfReader
-        except ImportError as exc:
-            raise CorpusError(f"{rel}: reading PDF needs pypdf (pip install pypdf)") from exc
-        import io
-
-        reader = PdfReader(io.BytesIO(raw))
-        yield Document(rel, "\n\n".join((page.extract_text() or "") for page in reader.pages), digest)
-        return
-    text = raw.decode("utf-8", errors="replace")
-    if suffix in (".html", ".htm"):
-        yield Document(rel, html_text(text), digest)
-    elif suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
             if line.strip():
                 try:
-                    yield Document(f"{rel}#{number}", _json_texts(json.loads(line), fields), digest)
+                    yield Document(f"{rel}#{number}", json_texts(json.loads(line), fields), digest)
                 except json.JSONDecodeError as exc:
                     raise CorpusError(f"{rel} line {number}: not valid JSON ({exc.msg})") from exc
-    elif suffix == ".json":
-        try:
-            yield Document(rel, _json_texts(json.loads(text), fields), digest)
-        except json.JSONDecodeError as exc:
-            raise CorpusError(f"{rel}: not valid JSON ({exc.msg})") from exc
-    else:
-        yield Document(rel, text, digest)
+        return
+    try:
+        yield Document(rel, extract_text(path.name, raw, fields), digest)
+    except CorpusError as exc:
+        raise CorpusError(str(exc).replace(path.name, rel, 1)) from exc
 
 
 def walk(paths: Iterable[Path], globs: tuple[str, ...] = DEFAULT_GLOBS) -> Iterator[tuple[Path, Path]]:

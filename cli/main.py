@@ -12,6 +12,7 @@ import sys
 
 import click
 
+from cli import collections as cli_collections
 from cli import embed as cli_embed
 from cli import jobs as cli_jobs
 from cli import keys as cli_keys
@@ -109,7 +110,7 @@ def db_upgrade(ctx: Context, revision: str) -> None:
     click.echo(f"database at {ctx.settings.database.split('@')[-1]} is at {revision}")
 
 
-for command in (*cli_jobs.COMMANDS, *cli_models.COMMANDS, *cli_embed.COMMANDS, cli_keys.keys):
+for command in (*cli_jobs.COMMANDS, *cli_models.COMMANDS, *cli_embed.COMMANDS, *cli_collections.COMMANDS, cli_keys.keys):
     main.add_command(command)
 
 

@@ -246,3 +246,95 @@ class StoredResponse(Base):
     input_items: Mapped[list[Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+class Collection(Base):
+    """A named corpus kept in sync (an OpenAI vector store, ``vs_...``): the embedding model its vectors come
+    from, by manifest digest, and how its documents are chunked (jobs/collections.py).
+
+    A re-embed builds vectors with ``next_model`` beside the current ones (the job ``reembed_job``) and switches
+    ``model``/``model_digest`` to them in one transaction when that job is done."""
+
+    __tablename__ = "collections"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str | None] = mapped_column(String(200), nullable=True, index=True)
+    name: Mapped[str] = mapped_column(String(400), default="")
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    model: Mapped[str] = mapped_column(String(400))
+    model_digest: Mapped[str] = mapped_column(String(64))
+    chunk_tokens: Mapped[int] = mapped_column(Integer)
+    chunk_overlap: Mapped[int] = mapped_column(Integer)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    expires_days: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(nullable=True, index=True)
+    last_active_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    next_model: Mapped[str | None] = mapped_column(String(400), nullable=True)
+    next_digest: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reembed_job: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+class CollectionDocument(Base):
+    """One document of a collection (an OpenAI ``vector_store.file``), named by a stable ``source_id``: the File
+    id for the API, the relative path for ``corral collection sync``.  This row is the record; its chunks are
+    derived from it.  ``item_id`` is the job item indexing it now: only that item's result is applied, so an
+    older sync still running when a newer one starts cannot write over it."""
+
+    __tablename__ = "collection_documents"
+    __table_args__ = (
+        UniqueConstraint("collection_id", "source_id", name="uq_collection_documents_collection_id_source_id"),
+        Index("ix_collection_documents_status", "collection_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    collection_id: Mapped[str] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"))
+    source_id: Mapped[str] = mapped_column(String(1000))
+    file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    filename: Mapped[str] = mapped_column(String(1000), default="")
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # of the bytes indexed (or being indexed)
+    usage_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    attributes: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    status: Mapped[str] = mapped_column(String(16))  # in_progress, completed, failed, cancelled
+    last_error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    chunk_tokens: Mapped[int] = mapped_column(Integer)
+    chunk_overlap: Mapped[int] = mapped_column(Integer)
+    chunk_count: Mapped[int] = mapped_column(Integer, default=0)
+    job_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    item_id: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    batch_id: Mapped[str | None] = mapped_column(String(40), nullable=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CollectionChunk(Base):
+    """A chunk of a document: its text, where it lies in the document's text, and its float32 vector (one of the
+    model ``model_digest``: a re-embed writes its vectors beside the current ones).  Keyword search indexes
+    ``text`` (FTS5 on SQLite, a tsvector on PostgreSQL: migration 0012)."""
+
+    __tablename__ = "collection_chunks"
+    __table_args__ = (Index("ix_collection_chunks_collection", "collection_id", "model_digest"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    collection_id: Mapped[str] = mapped_column(String(40))
+    document_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), ForeignKey("collection_documents.id", ondelete="CASCADE"), index=True)
+    model_digest: Mapped[str] = mapped_column(String(64))
+    seq: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    start: Mapped[int] = mapped_column(Integer)
+    end: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Integer)
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class CollectionBatch(Base):
+    """An OpenAI ``vector_store.files_batch``: the files it attached (their documents carry ``batch_id``)."""
+
+    __tablename__ = "collection_batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    collection_id: Mapped[str] = mapped_column(ForeignKey("collections.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    cancelled_at: Mapped[datetime | None] = mapped_column(nullable=True)

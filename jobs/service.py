@@ -33,6 +33,7 @@ from corral.wire.jobs import JOB_KINDS
 from corral.wire.ollama import check_context
 from corral.wire.rerank import rerank_reply
 from jobs import dedup, dispatch, dryrun, grouping, readstates, transitions, webhooks
+from jobs.collection_index import INDEX_KIND
 from jobs.db import sessions
 from jobs.ids import chunk_id_maker, new_id
 from jobs.keys import Principal
@@ -79,8 +80,12 @@ class JobService:
         cache: bool = False,
         completion_window: str | None = None,
         priority: int = 0,
+        prepare: Callable[[Session, str], None] | None = None,
     ) -> dict[str, Any]:
         """Write the job, its items and chunks in one transaction, commit, then enqueue the chunks.
+
+        ``prepare(session, job_id)`` runs in that transaction before ``items`` is read: a collection writes the
+        document rows its ``index`` items name there (jobs/collections.py), so both commit or neither does.
 
         ``job_id`` lets the OpenAI Batch API give the job its ``batch_...`` id; ``expires_at`` is its window's
         end (the reconciler expires what is unfinished by then).  ``cache``: take results of deterministic
@@ -114,6 +119,8 @@ class JobService:
                 )
             )
             session.flush()
+            if prepare is not None:
+                prepare(session, job_id)
             writer = grouping.ChunkWriter(
                 session, job_id, kind, record.model_digest, record.digest, size, options or {}, chunk_id_maker(),
                 group=self.settings.prefix_grouping, cache_ttl=self.settings.result_cache_ttl if cache else 0,
@@ -172,7 +179,7 @@ class JobService:
 
     def _model_for(self, kind: str, model: str, quota: Principal | None) -> ModelRecord:
         """The model a job of ``kind`` names, checked: it exists, the key may use it, it can do ``kind``."""
-        if kind not in JOB_KINDS:
+        if kind not in JOB_KINDS and kind != INDEX_KIND:  # index jobs: only a collection submits them
             raise BadRequest(f"kind must be one of {', '.join(JOB_KINDS)}, not {kind!r}")
         if not model:
             raise BadRequest("model is required")

@@ -35,6 +35,7 @@ from corral.thinking import ThinkingSplitter
 from corral.toolcalls import split_tool_calls, tool_names
 from corral.wire.ollama import ollama_final
 from jobs import dedup, dispatch, transitions
+from jobs.collection_index import INDEX_KIND
 from jobs.db import sessions
 from jobs.models import ItemState, JobStatus
 from jobs.queueing import enqueue_chunks
@@ -42,6 +43,7 @@ from jobs.transitions import ClaimedChunk
 from workers.decode_loop import SequenceHandle
 from workers.engine import LoadedModel, finish_vectors
 from workers.execution import tool_family
+from workers.indexing import run_index_items
 from workers.items import item_request, rerank_fields
 from workers.rerank import pairs, score_pairs
 from workers.runtime import CHUNKS_PER_WORKER, WorkerRuntime
@@ -119,7 +121,8 @@ class ChunkRunner:
                 session.commit()
             self._close_chunk(chunk)
             return
-        embedding, rank = chunk.kind == "embed", chunk.kind == "rerank"
+        indexing = chunk.kind == INDEX_KIND  # a collection's documents: chunked and embedded here
+        embedding, rank = chunk.kind == "embed" or indexing, chunk.kind == "rerank"
         try:
             spec = self.runtime.requests.load_spec(record, chunk.options, embedding=embedding, rank=rank)
         except CorralError as exc:  # a rerank job on a model that is not a reranker: no item can run
@@ -131,7 +134,10 @@ class ChunkRunner:
         keep_alive = self.runtime.settings.keep_alive
         with self.runtime.registry.use(spec, record, chunk.model, keep_alive) as (model, _):
             if not self._job_cancelled(chunk.job_id):
-                if embedding:
+                if indexing:
+                    run_index_items(self.sessions, model, self._claim(item_ids, chunk.attempt), chunk.attempt,
+                                    chunk.job_id, lambda: self._job_cancelled(chunk.job_id))
+                elif embedding:
                     self._run_embed_items(model, item_ids, chunk.attempt)
                 elif rank:
                     self._run_rerank_items(model, item_ids, chunk)

@@ -78,7 +78,7 @@ def kind_refusal(capabilities: list[str], model: str, kind: str) -> str | None:
     """Why a model with these capabilities cannot run requests of ``kind`` (a job's or a batch's), or None:
     generate and chat need ``completion``, rerank needs ``rerank``; any other model embeds (a chat model's
     hidden states mean-pooled, as Ollama embeds with one), a reranker does not (its rank head is its output)."""
-    if kind == "embed" and "rerank" in capabilities:
+    if kind in ("embed", "index") and "rerank" in capabilities:
         return f'"{model}" does not support embeddings: it is a reranker (use /v1/rerank or a rerank job)'
     if kind == "rerank" and "rerank" not in capabilities:
         return f'"{model}" does not support rerank: it is not a cross-encoder with a classifier head'

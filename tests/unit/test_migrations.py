@@ -21,11 +21,21 @@ from tests.helpers import HAVE_PGSERVER
 
 POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "")
 NO_POSTGRES = not POSTGRES_URL.startswith("postgresql")
+COLLECTION_VECTORS = "collection_vectors"  # jobs/collection_search.py
+
+
+DERIVED_INDEXES = {"ix_collection_chunks_tsv"}
 
 
 def not_the_vector_index(name: str | None, type_: str, parent: dict[str, str | None]) -> bool:
-    """``item_vectors`` is pgvector's search index, made beside the migrations where the extension exists."""
-    return not (type_ == "table" and name == VECTOR_TABLE)
+    """Search indexes the models do not describe: ``item_vectors`` and the collections' vectors (pgvector's, made
+    beside the migrations where the extension exists), and keyword search over chunk text (SQLite's FTS5 table
+    and its shadow tables, PostgreSQL's generated ``tsv`` column and its GIN index)."""
+    if type_ == "table":
+        return name not in (VECTOR_TABLE, COLLECTION_VECTORS) and not (name or "").startswith("collection_chunks_fts")
+    if type_ == "column":
+        return not (name == "tsv" and parent.get("table_name") == "collection_chunks")
+    return name not in DERIVED_INDEXES
 
 
 @pytest.mark.parametrize(
