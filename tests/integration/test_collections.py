@@ -132,3 +132,29 @@ def test_a_worker_killed_mid_sync_leaves_every_document_indexed_once(isolated: S
     tagged = _search(base_url, store_id, "TAG07", ranking_options={"hybrid_search": {"embedding_weight": 0,
                                                                                      "text_weight": 1}})
     assert tagged and tagged[0]["source_id"] == "doc07.md"
+
+
+def test_reembed_builds_the_new_vectors_beside_the_old_and_switches_at_once(stack: Stack, tmp_path: Path) -> None:
+    base_url = stack.base_url
+    folder = tmp_path / "small"
+    folder.mkdir()
+    (folder / "rockets.md").write_text(ROCKETS)
+    (folder / "bread.md").write_text("Sourdough bread needs a lively starter and a long, cool rise.")
+    store_id = cli(base_url, "collection", "create", "switching").stdout.strip()
+    _sync(base_url, "switching", folder)
+    before = _search(base_url, store_id, "kerosene rocket launch")
+    assert before[0]["source_id"] == "rockets.md"
+    result = cli(base_url, "collection", "reembed", "switching", "--model", "smollm2:135m")
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    store = httpx.get(f"{base_url}/v1/vector_stores/{store_id}", timeout=30).json()
+    assert store["model"] == "smollm2:135m" and "reembed" not in store
+    assert store["file_counts"]["completed"] == 2
+    with sessions(stack.settings)() as session:
+        digests = set(session.scalars(select(CollectionChunk.model_digest)
+                                      .where(CollectionChunk.collection_id == store_id)))
+    assert len(digests) == 1  # the old vectors are gone with the switch
+    after = _search(base_url, store_id, "kerosene rocket launch")
+    assert {h["source_id"] for h in after} == {"rockets.md", "bread.md"}
+    refused = httpx.post(f"{base_url}/v1/vector_stores/{store_id}/reembed", json={"model": "tiny-model-none"}, timeout=30)
+    assert refused.status_code == 404, refused.text
