@@ -34,7 +34,7 @@ def _items(settings: object, job_id: str) -> int:
 
 
 def _sync(base_url: str, name: str, folder: Path, *args: str) -> tuple[dict, str | None]:
-    result = cli(base_url, "collection", "sync", name, str(folder), *args)
+    result = cli(base_url, "collection", "sync", name, str(folder), "--interval", "0.2", *args)
     no_traceback(result)
     assert result.exit_code == 0, result.output
     counts = next(line for line in result.stderr.splitlines() if " added, " in line)
@@ -158,3 +158,20 @@ def test_reembed_builds_the_new_vectors_beside_the_old_and_switches_at_once(stac
     assert {h["source_id"] for h in after} == {"rockets.md", "bread.md"}
     refused = httpx.post(f"{base_url}/v1/vector_stores/{store_id}/reembed", json={"model": "tiny-model-none"}, timeout=30)
     assert refused.status_code == 404, refused.text
+
+
+def test_the_docs_langchain_retriever_retrieves_from_a_collection(stack: Stack, tmp_path: Path) -> None:
+    """docs/collections.md's LangChain example, run as written against a collection."""
+    base_url = stack.base_url
+    store_id = cli(base_url, "collection", "create", "for-langchain").stdout.strip()
+    docs = make_corpus(tmp_path)
+    _sync(base_url, "for-langchain", docs)
+    page = (Path(__file__).resolve().parents[2] / "docs" / "collections.md").read_text()
+    code = page.split("<!-- langchain-example -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace("http://localhost:11434", base_url).replace('"vs_..."', repr(store_id))
+    code = code.replace("how do I return an order?", "which planet is the largest?")
+    scope: dict[str, object] = {"__name__": "docs_example"}
+    exec(compile(code, "docs/collections.md", "exec", dont_inherit=True), scope)  # as a user runs it
+    found = scope["docs"]
+    assert isinstance(found, list) and found
+    assert found[0].metadata["filename"] == "sub/notes.jsonl" and "Jupiter" in found[0].page_content
