@@ -200,7 +200,7 @@ def sync(store_id: str) -> Response:
 
 
 @bp.post(f"{STORE}/reembed")
-@documented(body=W.ReembedRequest, response=W.VectorStore)
+@documented(body=W.ReembedRequest, response=W.ReembedReport)
 def reembed(store_id: str) -> Response:
     body: W.ReembedRequest = _body(W.ReembedRequest)
     services().governor.check_budget(principal())
@@ -213,11 +213,15 @@ def reembed(store_id: str) -> Response:
 @bp.post(f"{STORE}/search")
 @documented(body=W.SearchRequest, response=W.SearchResultsPage)
 def search(store_id: str) -> Response:
-    body: W.SearchRequest = _body(W.SearchRequest)
+    return json_response(search_page(store_id, owner(), _body(W.SearchRequest)))
+
+
+def search_page(store_id: str, who: str | None, body: W.SearchRequest) -> dict[str, Any]:
+    """A search's ``vector_store.search_results.page``: the route's answer, and what the console's search box shows."""
     queries, options = body.queries(), body.options()
     reranker = _reranker(options.rerank_model) if options.rerank_model else None
     shared = services()
-    target = shared.collections.search_target(store_id, owner())
+    target = shared.collections.search_target(store_id, who)
     embedding_weight, text_weight = body.weights()
     vectors = _embed(target.model, queries) if embedding_weight > 0 else []
     k = body.max_num_results
@@ -232,10 +236,10 @@ def search(store_id: str) -> Response:
     if reranker is not None and rows:
         rows = _reranked(reranker, options.ranker, "\n".join(queries), rows)
     kept = [row for row in rows if row["score"] >= options.score_threshold][:k]
-    return json_response({
+    return {
         "object": "vector_store.search_results.page", "search_query": queries,
         "data": [_hit(row) for row in kept], "has_more": False, "next_page": None,
-    })
+    }
 
 
 def _embed(model: str, queries: list[str]) -> list[np.ndarray]:

@@ -234,6 +234,14 @@ class CollectionService:
         except (Conflict, NotFound):
             pass
 
+    def activity(self, store_id: str, owner: str | None) -> builtins.list[str]:
+        """The jobs indexing the store now: its documents' syncs in progress, and a re-embed (the console's link)."""
+        with self._session() as session:
+            row = self._collection(session, store_id, owner)
+            jobs = sorted({j for j in session.scalars(select(CollectionDocument.job_id).where(
+                CollectionDocument.collection_id == store_id, CollectionDocument.status == IN_PROGRESS)) if j})
+            return [*jobs, *([row.reembed_job] if row.reembed_job else [])]
+
     def touch(self, store_id: str) -> None:
         """A search or an upload keeps a store with ``expires_after`` alive."""
         with self._session() as session:

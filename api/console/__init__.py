@@ -38,8 +38,11 @@ from api.console.sessions import ConsoleSessions, check_csrf
 from api.errors import dumps, ollama_error
 from api.services import services
 from api.streaming import NDJSON_MIMETYPE, ndjson, prime
+from api.vector_stores import search_page
 from corral.errors import BadRequest, CorralError, Forbidden
 from corral.modelstore.modelfile import create_body, parse_modelfile
+from corral.wire.openai import parse_request
+from corral.wire.vector_stores import SearchRequest
 from jobs.export import csv_pieces, write_parquet
 from jobs.keys import KeyLimits
 from jobs.models import JobStatus
@@ -215,6 +218,35 @@ def download(job_id: str, fmt: str) -> Response:
 def _attachment(response: Response, name: str) -> Response:
     response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
     return response
+
+
+# -- collections -----------------------------------------------------------------------------------------------
+
+
+@bp.get("/collections")
+def collections() -> str:
+    return _page("console/collections.html", **pages.collections_page(services(), principal()))
+
+
+@bp.get("/collections/<store_id>")
+def collection(store_id: str) -> str:
+    status = request.args.get("status") or None
+    if status is not None and status not in ("in_progress", "completed", "failed", "cancelled"):
+        raise BadRequest("status must be in_progress, completed, failed or cancelled")
+    data = pages.collection_page(services(), principal(), store_id, status)
+    query = request.args.get("q", "").strip()
+    mode = request.args.get("mode") or "hybrid"
+    ranker = request.args.get("rerank") or "none"
+    search = None
+    if query:
+        if mode not in pages.SEARCH_MODES:
+            raise BadRequest(f"mode must be one of {', '.join(pages.SEARCH_MODES)}")
+        weights = pages.SEARCH_MODES[mode]
+        body = parse_request(SearchRequest, {"query": query, "max_num_results": 10, "ranking_options": {
+            "ranker": ranker, "hybrid_search": {"embedding_weight": weights[0], "text_weight": weights[1]}}})
+        search = search_page(store_id, pages.owner_of(principal()), body)
+    return _page("console/collection.html", "console/_collection_live.html", query=query, mode=mode,
+                 ranker=ranker, search=search, **data)
 
 
 # -- queue, workers, models ------------------------------------------------------------------------------------

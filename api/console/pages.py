@@ -118,3 +118,26 @@ def models_page(shared: Services, who: Principal | None) -> dict[str, Any]:
                        "modified_at": record.modified_at})
     models.sort(key=lambda m: str(m["name"]))
     return {"models": models, "can_change": (who is None or who.admin) and not shared.settings.read_only}
+
+
+SEARCH_MODES = {"hybrid": (1.0, 1.0), "vector": (1.0, 0.0), "text": (0.0, 1.0)}
+
+
+def collections_page(shared: Services, who: Principal | None) -> dict[str, Any]:
+    """The viewer's collections (another key's are not listed), newest first."""
+    listing = shared.collections.list(owner=owner_of(who), limit=100)
+    return {"stores": listing["data"], "has_more": listing["has_more"]}
+
+
+def collection_page(shared: Services, who: Principal | None, store_id: str, status: str | None) -> dict[str, Any]:
+    """One collection: its state, the jobs indexing it now, its documents (``status``: only those) and failures,
+    and the rerank models its search box offers."""
+    owner = owner_of(who)
+    store = shared.collections.get(store_id, owner)
+    documents = shared.collections.list_files(store_id, owner, limit=PAGE_SIZE * 2, status=status)
+    failed = shared.collections.list_files(store_id, owner, limit=FAILED_ITEMS, status="failed")
+    rerankers = sorted(r.name.display for r in shared.store.list()
+                       if "rerank" in r.capabilities and shared.governor.allowed(who, r.name.display))
+    return {"store": store, "documents": documents["data"], "more_documents": documents["has_more"],
+            "failed": failed["data"], "jobs": shared.collections.activity(store_id, owner), "rerankers": rerankers,
+            "status": status, "modes": list(SEARCH_MODES)}

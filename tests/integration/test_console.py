@@ -27,7 +27,18 @@ from werkzeug.serving import make_server
 from corral.modelstore.store import ModelStore
 from corral.settings import Settings
 from harness.stack import fresh_database
-from tests.helpers import EMBED_MODEL, MODEL, Registry, clean_redis, make_settings, submit, wait_done, with_db
+from tests.helpers import (
+    EMBED_MODEL,
+    MODEL,
+    Registry,
+    clean_redis,
+    cli,
+    make_corpus,
+    make_settings,
+    submit,
+    wait_done,
+    with_db,
+)
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SHOTS = Path(__file__).resolve().parents[1] / ".screenshots"
@@ -47,6 +58,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
+from selenium.webdriver.support.select import Select  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
 
@@ -141,6 +153,26 @@ def test_search_an_embedding_job_from_its_page(browser: WebDriver, base_url: str
     wait_until(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#hits li"))
     assert texts(browser, "#hits li q")[0] == docs[1]
     shot(browser, "search")
+
+
+def test_a_collection_page_shows_its_documents_failures_and_searches_them(browser: WebDriver, base_url: str,
+                                                                        tmp_path: Path) -> None:
+    docs = make_corpus(tmp_path)
+    store_id = cli(base_url, "collection", "create", "console-docs").stdout.strip()
+    synced = cli(base_url, "collection", "sync", "console-docs", str(docs), "--include", "*", "--interval", "0.2")
+    assert synced.exit_code == 0, synced.output
+    browser.get(f"{base_url}/ui/collections")
+    navigate(browser, browser.find_element(By.LINK_TEXT, "console-docs"))
+    assert browser.current_url.endswith(f"/ui/collections/{store_id}")
+    assert "4 completed" in text_of(browser, "#live p") and "1 failed" in text_of(browser, "#live p")
+    assert texts(browser, "#failed td")[0] == "ignored.bin"
+    assert "rockets.md" in texts(browser, "#documents td")
+    browser.find_element(By.ID, "q").send_keys("kerosene")
+    Select(browser.find_element(By.ID, "mode")).select_by_value("text")
+    navigate(browser, browser.find_element(By.CSS_SELECTOR, "form[role=search] button"))
+    hits = wait_until(browser, lambda d: texts(d, "#hits li .cid"))
+    assert hits[0].startswith("rockets.md [")
+    shot(browser, "collection")
 
 
 def test_queue_workers_and_models_pages(browser: WebDriver, base_url: str) -> None:
