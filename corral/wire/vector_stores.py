@@ -535,3 +535,19 @@ class SearchResultsPage(_Open):
 
 class SyncReport(_Open):
     """What a sync did (the service's report; its fields are the CLI's)."""
+
+    object: Literal["vector_store.sync"]
+    vector_store_id: str
+    mode: Literal["incremental", "full"]
+    status: str
+    job_id: str | None
+    needed: list[str]
+
+
+class ReembedReport(_Open):
+    """A re-embed under way (``job_id``), or done at once for a store with nothing embedded (``job_id`` null)."""
+
+    object: Literal["vector_store.reembed"]
+    vector_store_id: str
+    model: str
+    job_id: str | None
