@@ -169,6 +169,7 @@ def drop_everything(engine: Engine) -> None:
     """Empty a database of corral's tables: pgvector's index of job_items (if any), the models', Alembic's."""
     from sqlalchemy import text
 
+    from jobs.collection_search import VECTOR_TABLE as CHUNK_VECTORS
     from jobs.models import Base
     from jobs.search import VECTOR_TABLE
 
@@ -176,5 +177,5 @@ def drop_everything(engine: Engine) -> None:
     # so the models' drop order is not enough
     cascade = " CASCADE" if engine.dialect.name == "postgresql" else ""
     with engine.begin() as conn:
-        for table in [VECTOR_TABLE, *(t.name for t in reversed(Base.metadata.sorted_tables)), "alembic_version"]:
+        for table in [VECTOR_TABLE, CHUNK_VECTORS, *(t.name for t in reversed(Base.metadata.sorted_tables)), "alembic_version"]:
             conn.execute(text(f"DROP TABLE IF EXISTS {table}{cascade}"))

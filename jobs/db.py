@@ -64,6 +64,7 @@ def upgrade(settings: Settings, revision: str = "head") -> None:
     set up the pgvector search index where the database offers the extension (:mod:`jobs.search`)."""
     from alembic import command
 
+    from jobs.collection_search import ensure_collection_index
     from jobs.search import ensure_vector_index
 
     url = settings.database
@@ -73,3 +74,4 @@ def upgrade(settings: Settings, revision: str = "head") -> None:
     if revision == "head":
         with engine_for(url).begin() as conn:
             ensure_vector_index(conn)
+            ensure_collection_index(conn)
