@@ -274,7 +274,7 @@ def _reranked(record: ModelRecord, name: str, query: str, rows: list[dict[str, A
     keep = softmax_head(record)
     scores = [float(s) if keep else sigmoid(float(s)) for s in data["scores"]]
     order = sorted(range(len(rows)), key=lambda i: (-scores[i], i))
-    return [{**rows[i], "fused_score": rows[i]["score"], "score": min(1.0, max(0.0, scores[i]))} for i in order]
+    return [{**rows[i], "score": min(1.0, max(0.0, scores[i]))} for i in order]
 
 
 def _hit(row: dict[str, Any]) -> dict[str, Any]:
