@@ -225,10 +225,12 @@ def _layout(conn: Executor) -> str | None:
     return None if kind is None else "blocks" if kind == "vectors" else "pgvector"
 
 
-def index_document(session: Executor, document_id: int) -> int:
-    """Index every chunk of a document (for an apply that bulk-inserted them without their ids)."""
-    ids = [int(i) for i in session.scalars(text("SELECT id FROM collection_chunks WHERE document_id = :d ORDER BY id"),
-                                           {"d": document_id})]
+def index_document(session: Executor, document_id: int, model_digest: str | None = None) -> int:
+    """Index a document's chunks (for an apply that bulk-inserted them without their ids): those of
+    ``model_digest`` only when given, so a re-embed's apply does not index the current model's chunks again."""
+    digest = "" if model_digest is None else " AND model_digest = :m"
+    ids = [int(i) for i in session.scalars(text(f"SELECT id FROM collection_chunks WHERE document_id = :d{digest} "
+                                                "ORDER BY id"), {"d": document_id, "m": model_digest})]
     index_chunks(session, ids)
     return len(ids)
 

@@ -328,3 +328,14 @@ def test_deleting_a_collection_drops_its_vectors(sessions: sessionmaker[Session]
     with sessions() as session:
         left = session.scalar(text(f"SELECT count(*) FROM {cs.VECTOR_TABLE} WHERE collection_id = 'vs_b'"))
     assert left == 0
+
+
+def test_index_document_can_keep_to_one_model(sessions: sessionmaker[Session], corpus: dict[str, int]) -> None:
+    """A re-embed's apply indexes the next model's chunks only, not the current model's again."""
+    with sessions.begin() as session:
+        doc_id = session.scalar(select(CollectionDocument.id).where(CollectionDocument.source_id == "reembedded"))
+        assert doc_id is not None
+        assert cs.index_document(session, doc_id, DIGEST) == 0
+        assert cs.index_document(session, doc_id, OTHER_DIGEST) == 1  # again: its earlier entry is replaced
+    hits = run(sessions, "", axis(0), text_weight=0, model_digest=OTHER_DIGEST)
+    assert len(hits) == 1 and hits[0].score == pytest.approx(1.0, abs=1e-5)
