@@ -25,7 +25,7 @@ from cli.common import parse_pairs, with_client
 from cli.jobs import EXIT_CODES, watch
 from corral.corpus import DEFAULT_GLOBS
 
-SYNC_BATCH = 20_000  # documents per sync request (the server takes up to 100,000)
+SYNC_BATCH = 100_000  # documents one sync may name (the server's bound; about 15 MB of JSON)
 
 
 def resolve(client: CorralClient, name: str) -> dict[str, Any]:

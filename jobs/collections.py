@@ -111,6 +111,13 @@ class CollectionService:
             raise NotFound(f"No vector store found with id '{store_id}'.", param="vector_store_id")
         return row
 
+    @staticmethod
+    def _stored_file(session: Session, file_id: str, owner: str | None) -> None:
+        """A File the key may read (an upload of its own), or the 404 an unknown one gets."""
+        stored = session.get(StoredFile, file_id)
+        if stored is None or stored.deleted_at is not None or (owner is not None and stored.owner != owner):
+            raise NotFound(f"No such File object: {file_id}", param="file_id")
+
     def _model(self, name: str, quota: Principal | None) -> ModelRecord:
         record = self.store.get(name)  # 404 in the API's shape when it is not there
         if quota is not None and not quota.limits.allows(name):
@@ -133,6 +140,8 @@ class CollectionService:
         days = int(expires_after["days"]) if expires_after else None
         store_id = openai_id("vs_")
         with self._session() as session:
+            for file_id in file_ids or ():  # checked before the store exists: a refused create leaves nothing
+                self._stored_file(session, file_id, owner)
             session.add(Collection(
                 id=store_id, owner=owner, name=name or "", description=description, model=model,
                 model_digest=record.model_digest, chunk_tokens=resolved.max_tokens, chunk_overlap=resolved.overlap,
@@ -300,9 +309,7 @@ class CollectionService:
                 raise Conflict(f"vector store {store_id} is being re-embedded; add files when that job is done")
             record = self._model(row.model, quota)
             for spec in files:
-                stored = session.get(StoredFile, spec.file_id)
-                if stored is None or stored.deleted_at is not None or (owner is not None and stored.owner != owner):
-                    raise NotFound(f"No such File object: {spec.file_id}", param="file_id")
+                self._stored_file(session, spec.file_id, owner)
             if batch_id is not None:
                 session.add(CollectionBatch(id=batch_id, collection_id=store_id))
                 session.commit()
@@ -452,9 +459,7 @@ class CollectionService:
                            CollectionDocument.attributes).where(CollectionDocument.collection_id == store_id))}
             chunking = Chunking(row.chunk_tokens, row.chunk_overlap)
             for file_id in {d.file_id for d in documents if d.file_id}:
-                stored = session.get(StoredFile, file_id)
-                if stored is None or stored.deleted_at is not None or (owner is not None and stored.owner != owner):
-                    raise NotFound(f"No such File object: {file_id}", param="file_id")
+                self._stored_file(session, file_id, owner)
         needed, skipped, entries, relabel = [], 0, [], []
         for doc in documents:
             known = current.get(doc.source_id)

@@ -349,3 +349,19 @@ def test_another_keys_store_is_a_404(settings: Settings) -> None:
         assert store_id in [s["id"] for s in client.get("/v1/vector_stores", headers=mine).get_json()["data"]]
     finally:
         client.delete(f"/v1/vector_stores/{store_id}", headers=mine)
+
+
+def test_a_create_naming_an_unknown_file_stores_nothing(client: FlaskClient) -> None:
+    r = client.post("/v1/vector_stores", json={"name": "orphan-check", "file_ids": ["file-nope"]})
+    assert r.status_code == 404 and "file-nope" in r.get_json()["error"]["message"]
+    names = [s["name"] for s in client.get("/v1/vector_stores", query_string={"limit": 100}).get_json()["data"]]
+    assert "orphan-check" not in names
+
+
+def test_a_sync_never_reads_a_path_it_is_given(client: FlaskClient, store: str) -> None:
+    """The server reads no client's path: a sync names documents by source id and hash, and only Files carry bytes."""
+    body = {"mode": "incremental", "documents": [{"source_id": "/etc/passwd", "sha256": "0" * 64}]}
+    plan = client.post(f"/v1/vector_stores/{store}/sync", json=body).get_json()
+    assert plan["needed"] == ["/etc/passwd"] and plan["job_id"] is None  # asked for an upload, read nothing
+    body["documents"][0]["file_id"] = "file-not-uploaded"
+    refused(client.post(f"/v1/vector_stores/{store}/sync", json=body), status=404, param="file_id")
