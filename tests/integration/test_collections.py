@@ -54,6 +54,10 @@ def test_a_folder_synced_twice_embeds_only_what_changed(stack: Stack, tmp_path: 
     report, job = _sync(base_url, "handbook", docs)
     assert report == {"added": 4, "updated": 0, "skipped": 0, "deleted": 0}  # md, txt, html, jsonl; not the .bin
     assert job is not None and _items(stack.settings, job) == 4
+    status = cli(base_url, "status", job)  # the sync is a job like any other
+    assert status.exit_code == 0 and "completed" in status.stdout, status.output
+    lines = [json.loads(line) for line in cli(base_url, "results", job).stdout.splitlines()]
+    assert sorted(line["response"]["chunks"] for line in lines) == [1, 1, 1, 1]
     hits = _search(base_url, store_id, "liquid oxygen and kerosene")
     assert hits[0]["source_id"] == "rockets.md" and hits[0]["score"] > 0
     assert ROCKETS.split(".")[0] in hits[0]["content"][0]["text"]
