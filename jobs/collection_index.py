@@ -104,7 +104,7 @@ def apply_document(
              "embedding": vectors[i * width:(i + 1) * width]} for i, c in enumerate(chunks)]
     if rows:
         session.execute(insert(CollectionChunk), rows)
-        collection_search.index_document(session, document_id)  # the vector index, in this same transaction
+        collection_search.index_document(session, document_id, model_digest)  # the vector index, in this transaction
     if reembed:
         return True  # the document stays as it is until the switch (finish_reembed)
     text_bytes = sum(len(c.text.encode("utf-8")) for c in chunks)
