@@ -98,21 +98,32 @@ class Stack:
         return redis.Redis.from_url(self.settings.redis)
 
     def start_worker(self, *args: str, timeout: float = 60) -> Proc:
-        proc = self._spawn("worker", "worker", *args)
+        return self._spawn_worker(*args)(timeout)
+
+    def _spawn_worker(self, *args: str) -> Callable[[float], Proc]:
+        """Start a worker; the returned call waits (up to its timeout) for the worker's first heartbeat."""
         before = {k for k in self.redis.scan_iter(match="corral:worker:*")}
+        proc = self._spawn("worker", "worker", *args)
 
         def ready() -> bool:
             if proc.proc.poll() is not None:
                 raise RuntimeError(f"worker exited:\n{proc.output()}")
             return bool({k for k in self.redis.scan_iter(match="corral:worker:*")} - before)
 
-        wait_for(ready, timeout, "the worker's heartbeat")
-        return proc
+        def wait(timeout: float) -> Proc:
+            wait_for(ready, timeout, "the worker's heartbeat", interval=0.05)
+            return proc
+
+        return wait
 
     def worker_names(self) -> list[str]:
         return [json.loads(v)["name"] for v in self.redis.mget(list(self.redis.scan_iter(match="corral:worker:*"))) if v]
 
     def start_api(self, timeout: float = 60) -> Proc:
+        return self._spawn_api()(timeout)
+
+    def _spawn_api(self) -> Callable[[float], Proc]:
+        """Start an API server; the returned call waits (up to its timeout) until it answers."""
         proc = self._spawn("api", "serve")
 
         def ready() -> bool:
@@ -123,8 +134,17 @@ class Stack:
             except httpx.HTTPError:
                 return False
 
-        wait_for(ready, timeout, "the API")
-        return proc
+        def wait(timeout: float) -> Proc:
+            wait_for(ready, timeout, "the API", interval=0.05)
+            return proc
+
+        return wait
+
+    def start_both(self, timeout: float = 60) -> tuple[Proc, Proc]:
+        """A worker and an API server started together (each takes seconds to import and start, which they
+        spend side by side); (worker, API) once the worker has sent its heartbeat and the API answers."""
+        worker, api = self._spawn_worker(), self._spawn_api()
+        return worker(timeout), api(timeout)
 
     @property
     def base_url(self) -> str:
@@ -146,8 +166,7 @@ class Stack:
     def running(self) -> Iterator[Stack]:
         """A worker and an API server, stopped on the way out."""
         try:
-            self.start_worker()
-            self.start_api()
+            self.start_both()
             yield self
         finally:
             self.stop()

@@ -118,7 +118,7 @@ def wait_done(base_url: str, job_id: str, timeout: float = 180) -> dict:
         state.update(httpx.get(f"{base_url}/api/jobs/{job_id}").json())
         return state["status"] in ("completed", "failed", "cancelled", "expired")
 
-    wait_for(ended, timeout, f"job {job_id} to end", interval=0.3)
+    wait_for(ended, timeout, f"job {job_id} to end", interval=0.1)
     return state
 
 

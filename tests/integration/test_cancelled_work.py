@@ -93,8 +93,7 @@ def test_a_cancelled_job_leaves_the_queue_also_across_a_restart(stack: Stack, id
     assert_quick(stack, idle_seconds)
 
     stack.stop()  # the API and the worker restart on the same Redis and database
-    stack.start_worker()
-    stack.start_api()
+    stack.start_both()
     assert queued_messages(stack) == 0
     assert_quick(stack, idle_seconds)
 

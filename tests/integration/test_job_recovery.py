@@ -42,7 +42,7 @@ def counts(stack: Stack, job_id: str) -> dict:
 def assert_exactly_once(stack: Stack, job_id: str) -> None:
     wait_for(
         lambda: httpx.get(f"{stack.base_url}/api/jobs/{job_id}", timeout=30).json()["status"] == "completed",
-        120, "the job to complete", interval=0.5,
+        120, "the job to complete", interval=0.1,
     )
     assert counts(stack, job_id) == {
         "total": ITEMS, "pending": 0, "running": 0, "succeeded": ITEMS, "failed": 0, "cancelled": 0,
@@ -63,8 +63,7 @@ def worker_row(stack: Stack, name: str) -> str | None:
 
 
 def test_worker_killed_mid_job_then_a_new_worker_finishes_it(isolated: Stack) -> None:
-    first = isolated.start_worker()
-    isolated.start_api()
+    first, _ = isolated.start_both()
     job_id = start_job(isolated)
     [name] = isolated.worker_names()
     first.stop(signal.SIGKILL)
@@ -107,8 +106,7 @@ def test_a_chunk_message_taken_by_a_worker_that_died_before_claiming_it_is_reque
 
 
 def test_redis_flushed_mid_job(isolated: Stack) -> None:
-    isolated.start_worker()
-    isolated.start_api()
+    isolated.start_both()
     job_id = start_job(isolated)
     with redis.Redis.from_url(isolated.settings.redis) as client:
         client.flushdb()
@@ -116,8 +114,7 @@ def test_redis_flushed_mid_job(isolated: Stack) -> None:
 
 
 def test_api_restarted_mid_job(isolated: Stack) -> None:
-    isolated.start_worker()
-    api = isolated.start_api()
+    _, api = isolated.start_both()
     job_id = start_job(isolated)
     api.stop()
     isolated.start_api()
@@ -125,8 +122,7 @@ def test_api_restarted_mid_job(isolated: Stack) -> None:
 
 
 def test_sigterm_finishes_the_current_chunk_so_a_rolling_restart_runs_nothing_twice(isolated: Stack) -> None:
-    first = isolated.start_worker()
-    isolated.start_api()
+    first, _ = isolated.start_both()
     job_id = start_job(isolated)
     [name] = isolated.worker_names()
     assert worker_row(isolated, name) == "alive"

@@ -21,8 +21,7 @@ from tests.helpers import MODEL, ROOT
 
 @pytest.mark.slow
 def test_worker_killed_mid_stream_ends_the_stream_with_an_error(isolated: Stack) -> None:
-    worker = isolated.start_worker()
-    isolated.start_api()
+    worker, _ = isolated.start_both()
     body = {"model": MODEL, "prompt": "Tell a long story.", "options": {"num_predict": 3000}}
     lines: list[dict] = []
     with httpx.stream("POST", isolated.base_url + "/api/generate", json=body, timeout=60) as r:
