@@ -102,8 +102,7 @@ def test_an_unreadable_document_fails_alone_with_its_reason(stack: Stack, tmp_pa
 
 @pytest.mark.slow
 def test_a_worker_killed_mid_sync_leaves_every_document_indexed_once(isolated: Stack, tmp_path: Path) -> None:
-    first = isolated.start_worker()
-    isolated.start_api()
+    first, _ = isolated.start_both()
     base_url = isolated.base_url
     folder = tmp_path / "many"
     folder.mkdir()
