@@ -9,6 +9,12 @@ Choices, each from Celery's docs on long GPU tasks with a Redis broker (see shar
 - ``visibility_timeout`` far above a chunk's duration, set in every place Celery reads it; lost chunks are
   recovered sooner by the job reconciler, which works from SQL, not from Redis.
 - No result backend: results go to Redis streams (interactive) and SQL (batch).
+- A Redis outage is waited out, never a reason to exit: ``broker_connection_retry`` with
+  ``broker_connection_max_retries=None`` (retry forever; the default gives up after 100 tries, about 50 minutes
+  at kombu's 30 s cap, and the worker exits), and ``worker_cancel_long_running_tasks_on_connection_loss=False``
+  (said, not left to the default that Celery 6 turns around): a chunk that is running when the connection drops
+  goes on, since it writes to SQL, not Redis; its message, which can no longer be acknowledged, comes back and
+  finds the chunk taken.  How soon the worker's consumer tries again is the worker's (workers/consumer.py).
 """
 
 from __future__ import annotations
@@ -17,9 +23,14 @@ from functools import cached_property
 
 import redis
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 from corral.protocol import KEY_PREFIX, redis_client
 from corral.settings import Settings
+
+# The errors that mean Redis is out of reach (refused, reset, timed out, still loading its data), from redis-py
+# and from kombu's publish, as opposed to a command Redis refused: an outage is waited out, never an item's fault.
+UNREACHABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.TimeoutError, OperationalError)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -33,6 +44,9 @@ def make_celery(settings: Settings) -> Celery:
         broker_transport_options=transport,
         visibility_timeout=settings.visibility_timeout,
         broker_connection_retry_on_startup=True,
+        broker_connection_retry=True,
+        broker_connection_max_retries=None,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_ignore_result=True,
         task_acks_late=True,
         task_reject_on_worker_lost=False,

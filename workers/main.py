@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from typing import Any
 
 from celery.signals import task_received, worker_ready, worker_shutdown
@@ -97,6 +98,11 @@ def run_worker(
     from corral.broker import make_celery
 
     app = make_celery(settings)
+    # Reconnect to a lost broker within seconds of its return, not kombu's up to 30 s (workers/consumer.py).
+    app.conf.worker_consumer = "workers.consumer:Consumer"
+    # Celery warns at every connection loss that its next major version cancels late-acked tasks then; corral
+    # says False itself (corral/broker.py: a running chunk writes to SQL and goes on), so the warning is noise.
+    warnings.filterwarnings("ignore", message=r"\s*In Celery 5.1 we introduced an optional breaking change")
     from workers import queue_gate
     from workers.runtime import CHUNKS_PER_WORKER
 
