@@ -18,7 +18,8 @@ from typing import Any
 from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
-from corral.errors import CorralError, RateLimited
+from corral.broker import UNREACHABLE
+from corral.errors import BrokerUnavailable, CorralError, RateLimited
 from corral.wire.anthropic_reply import error_body as anthropic_body
 from corral.wire.openai import error_body
 
@@ -80,7 +81,7 @@ def render_error(exc: CorralError) -> Response:
         resp = cohere_error(exc.message, exc.status_code)
     else:
         resp = ollama_error(exc.message, exc.status_code)
-    if isinstance(exc, RateLimited):
+    if isinstance(exc, (RateLimited, BrokerUnavailable)):
         resp.headers["Retry-After"] = str(exc.retry_after)
     return resp
 
@@ -114,6 +115,15 @@ def init_app(app: Flask) -> None:
         if status == 405 and getattr(exc, "valid_methods", None):
             resp.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
         return resp
+
+    def _broker(exc: Exception) -> Response:
+        """Redis out of reach on any route (the broker, the token streams, a job's dispatch): a 503 with
+        ``Retry-After``, not a 500."""
+        log.warning("Redis unreachable while serving %s: %s", request.path, exc)
+        return render_error(BrokerUnavailable(exc))
+
+    for unreachable in UNREACHABLE:
+        app.register_error_handler(unreachable, _broker)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:

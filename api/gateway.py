@@ -6,13 +6,14 @@ gives ``OLLAMA_MAX_QUEUE`` its 503 and /api/ps and the queue endpoints their dep
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from corral.broker import Broker
-from corral.errors import QueueFull, WorkerUnavailable
+from corral.broker import UNREACHABLE, Broker
+from corral.errors import BrokerUnavailable, QueueFull, WorkerUnavailable
 from corral.protocol import (
     BUILD_QUEUE,
     BUILD_TASK,
@@ -42,28 +43,34 @@ class Gateway:
     def run(self, req: InferenceRequest) -> Generator[StreamEvent, None, None]:
         """Enqueue ``req`` and yield its reply events until the terminal one.
 
-        Closing the iterator early (the client disconnected) tells the worker to stop.
+        Closing the iterator early (the client disconnected) tells the worker to stop.  Redis out of reach, before
+        the reply starts or in the middle of it, is a :class:`BrokerUnavailable` (a 503 with ``Retry-After``, or
+        an error line in a stream already under way), never a 500 or a hang.
         """
         key = waiting_key(req.model_digest)
-        self._enter_queue(key, req.request_id)
-        reader = StreamReader(self.broker.redis, req.request_id, queue_timeout=self.settings.queue_timeout)
         finished = False
         try:
-            self.broker.celery.send_task(
-                INTERACTIVE_TASK,
-                args=[req.payload()],
-                queue=model_queue(req.model_digest, "interactive"),
-                expires=self.settings.queue_timeout,
-            )
-            for event in reader.events():
-                if event.kind == "start":
+            self._enter_queue(key, req.request_id)
+            reader = StreamReader(self.broker.redis, req.request_id, queue_timeout=self.settings.queue_timeout)
+            try:
+                self.broker.celery.send_task(
+                    INTERACTIVE_TASK,
+                    args=[req.payload()],
+                    queue=model_queue(req.model_digest, "interactive"),
+                    expires=self.settings.queue_timeout,
+                )
+                for event in reader.events():
+                    if event.kind == "start":
+                        self.broker.redis.zrem(key, req.request_id)
+                    yield event
+                finished = True
+            finally:
+                with contextlib.suppress(*UNREACHABLE):  # its entry expires with the queue's key anyway
                     self.broker.redis.zrem(key, req.request_id)
-                yield event
-            finished = True
-        finally:
-            self.broker.redis.zrem(key, req.request_id)
-            if not finished:
-                reader.cancel()
+                    if not finished:
+                        reader.cancel()
+        except UNREACHABLE as exc:
+            raise BrokerUnavailable(exc) from exc
 
     def loaded(self) -> list[dict[str, Any]]:
         """The models the live workers hold, as /api/ps lists them.  A worker publishes its state when a request

@@ -18,6 +18,7 @@
     ├── GenerationFailed (500)
     ├── QueueFull (503)
     └── WorkerUnavailable (503)
+        └── BrokerUnavailable (503)
 
 Views and workers raise these; one handler per wire format (Ollama ``{"error": msg}``, OpenAI
 ``{"error": {...}}``) renders them.  A worker sends an error over the token stream as (status, message, code)
@@ -143,6 +144,16 @@ class WorkerUnavailable(CorralError):
     """No worker picked the request up in time, or the worker running it died."""
 
     status_code = 503
+
+
+class BrokerUnavailable(WorkerUnavailable):
+    """Redis (the broker and the token streams) does not answer: a 503 with ``Retry-After``, so a client tries
+    again once it is back rather than taking the outage for a failed request."""
+
+    def __init__(self, cause: BaseException | str, *, retry_after: float = 5.0) -> None:
+        detail = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        super().__init__(f"the broker (Redis) is unreachable ({detail}); try again shortly")
+        self.retry_after = max(1, int(retry_after + 0.999))
 
 
 _BY_STATUS: dict[int, type[CorralError]] = {
