@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
 
 import redis
 from celery import Celery, Task, shared_task
 
+from corral.broker import UNREACHABLE
 from corral.errors import CorralError
 from corral.modelstore.store import ModelRecord
 from corral.protocol import CHUNK_TASK, InferenceRequest, chunk_key, job_cancel_key, suspect_key
@@ -64,7 +66,12 @@ def run_chunk(self: Task, chunk_id: str) -> None:
     from workers.tasks import runtime_of
 
     runtime = runtime_of(self)
-    if not runtime.redis.exists(suspect_key(chunk_id)):
+    try:
+        suspect = bool(runtime.redis.exists(suspect_key(chunk_id)))
+    except UNREACHABLE as exc:  # the message came a moment ago; Redis has gone since: the safe side
+        log.warning("cannot read whether chunk %s is a suspect (%s); running it alone", chunk_id, exc)
+        suspect = True
+    if not suspect:
         with runtime.chunk_slots:  # the queue gate keeps this from waiting; the semaphore makes sure
             ChunkRunner(runtime, self.app).run(chunk_id)
         return
@@ -150,9 +157,13 @@ class ChunkRunner:
         with self.sessions() as session:
             retry = transitions.release_chunk(session, chunk.chunk_id, chunk.attempt, chunk.job_id, error)
             session.commit()
-        self.runtime.redis.delete(chunk_key(chunk.chunk_id), suspect_key(chunk.chunk_id))
-        if retry:
-            enqueue_chunks(self.celery, self.runtime.redis, [(chunk.chunk_id, chunk.model_digest, chunk.job_id)])
+
+        def tell_redis() -> None:
+            self.runtime.redis.delete(chunk_key(chunk.chunk_id), suspect_key(chunk.chunk_id))
+            if retry:
+                enqueue_chunks(self.celery, self.runtime.redis, [(chunk.chunk_id, chunk.model_digest, chunk.job_id)])
+
+        self._after_commit(f"chunk {chunk.chunk_id} released" + (", its message sent again" if retry else ""), tell_redis)
 
     # -- items ------------------------------------------------------------------------------------------
 
@@ -376,5 +387,21 @@ class ChunkRunner:
         with self.sessions() as session:
             transitions.close_chunk(session, chunk.chunk_id, chunk.attempt, chunk.job_id)
             session.commit()
-        self.runtime.redis.delete(chunk_key(chunk.chunk_id), suspect_key(chunk.chunk_id))
-        dispatch.send_next(self.sessions, self.celery, self.runtime.redis, chunk.model_digest)  # its place: the next
+
+        def tell_redis() -> None:
+            self.runtime.redis.delete(chunk_key(chunk.chunk_id), suspect_key(chunk.chunk_id))
+            dispatch.send_next(self.sessions, self.celery, self.runtime.redis, chunk.model_digest)  # its place: the next
+
+        self._after_commit(f"chunk {chunk.chunk_id} closed, the next one dispatched", tell_redis)
+
+    def _after_commit(self, what: str, tell_redis: Callable[[], None]) -> None:
+        """The Redis side of a committed change (SQL first, then the message): now, or, with Redis out of reach,
+        once it answers again (:meth:`~workers.runtime.WorkerRuntime.when_redis_answers`).  A Redis outage thus
+        neither releases a finished chunk (nor counts a try of its items) nor leaves a released one without a
+        message for as long as its marker names this live worker; a second message, should the reconciler have
+        sent one meanwhile, finds the chunk claimed."""
+        try:
+            tell_redis()
+        except UNREACHABLE as exc:
+            log.warning("Redis unreachable (%s: %s): %s once it answers", type(exc).__name__, exc, what)
+            self.runtime.when_redis_answers(what, tell_redis)

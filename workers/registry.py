@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from corral.broker import UNREACHABLE
 from corral.errors import BadRequest
 from corral.modelstore.store import ModelName, ModelRecord
 from corral.timefmt import local_from_epoch
@@ -93,7 +94,9 @@ class ModelRegistry:
     def _changed(self) -> None:
         try:
             self.on_change()
-        except Exception:  # a Redis hiccup must not fail the request; the next heartbeat catches up
+        except UNREACHABLE as exc:  # an outage must not fail the request; the next heartbeat catches up
+            log.warning("cannot publish the worker state (%s: %s); the next heartbeat will", type(exc).__name__, exc)
+        except Exception:
             log.exception("publishing the worker state failed")
     def _take(self, spec: LoadSpec) -> Slot | None:
         with self._meta:

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from corral.broker import UNREACHABLE
 from corral.modelstore.store import ModelStore
 from corral.protocol import WORKERS_SEEN_KEY, redis_client, unload_key, worker_key
 from corral.settings import Settings
@@ -64,6 +65,8 @@ class WorkerRuntime:
         self.chunk_slots = threading.BoundedSemaphore(CHUNKS_PER_WORKER)
         self.solo_chunk = threading.Lock()  # one suspect chunk at a time runs alone (workers/batch.py)
         self._stop = threading.Event()
+        self._deferred: deque[tuple[str, Callable[[], object]]] = deque()  # see when_redis_answers
+        self._deferred_lock = threading.Lock()
         self._beat: threading.Thread | None = None
         # Extra work for each beat (the batch-job reconciler registers itself here).
         self.periodic: list[tuple[float, Callable[[], object]]] = []
@@ -87,16 +90,54 @@ class WorkerRuntime:
     def _beat_loop(self) -> None:
         interval = max(0.2, self.settings.heartbeat_ttl / 5)
         last_run: dict[int, float] = {}
+        down_since: float | None = None  # when Redis stopped answering this thread
         while not self._stop.wait(interval):
             try:
                 self.beat()
+                self.finish_deferred()
                 now = time.monotonic()
                 for i, (every, job) in enumerate(self.periodic):
                     if now - last_run.get(i, 0.0) >= every:
                         last_run[i] = now
                         job()
-            except Exception:  # the heartbeat must outlive a Redis hiccup
+            except UNREACHABLE as exc:  # waited out: a line when it starts, one when it ends
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("Redis unreachable (%s: %s): heartbeats, the reconciler and the broker side of chunks "
+                                "wait for it; running chunks go on writing to SQL", type(exc).__name__, exc)
+                continue
+            except Exception:  # the heartbeat must outlive any hiccup
                 log.exception("heartbeat failed")
+                continue
+            if down_since is not None:
+                log.warning("Redis answers again after %.1f s: heartbeats resumed", time.monotonic() - down_since)
+                down_since = None
+
+    def when_redis_answers(self, what: str, action: Callable[[], object]) -> None:
+        """Defer the Redis side of a committed SQL change (a closed chunk's markers and the next dispatch, a
+        released chunk's message) that found Redis out of reach: the heartbeat thread runs it, in order, once
+        Redis answers again.  SQL already holds the truth; this only tells the broker.  Should the worker die
+        first, the reconciler finds the chunk's marker naming a dead worker and re-queues it anyway."""
+        with self._deferred_lock:
+            self._deferred.append((what, action))
+
+    def finish_deferred(self) -> None:
+        """Run the deferred Redis work, oldest first; a Redis error leaves the rest for the next beat."""
+        while True:
+            with self._deferred_lock:
+                if not self._deferred:
+                    return
+                what, action = self._deferred[0]
+            try:
+                action()
+            except UNREACHABLE:
+                raise
+            except Exception:  # not Redis's fault: retrying will not help
+                log.exception("deferred Redis work failed: %s", what)
+            else:
+                log.info("done now that Redis answers: %s", what)
+            with self._deferred_lock:
+                self._deferred.popleft()
 
     def beat(self) -> None:
         """Publish liveness and loaded models; apply unload orders and keep_alive expiry."""
