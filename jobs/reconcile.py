@@ -64,6 +64,11 @@ class Reconciler:
         # A chunk committed but not yet marked (its submitter is between commit and enqueue) is left alone.
         self.grace = timedelta(seconds=2 * settings.reconcile_interval)
         self._next_prune = 0.0
+        # After this long without reaching Redis (an outage, this process stalled), every worker's heartbeat may
+        # have lapsed meanwhile: the living get this long again to beat before any of them is taken for dead.
+        self.silence = max(settings.heartbeat_ttl, 3 * settings.reconcile_interval)
+        self._last_contact: float | None = None
+        self._trust_after = 0.0
 
     def live_workers(self) -> set[str]:
         names = set()
@@ -78,7 +83,9 @@ class Reconciler:
         (a GPU worker keeps its name across restarts), whatever the heartbeat says.
         """
         ttl = max(2, int(self.settings.reconcile_interval * 2))
-        if not self.redis.set(LOCK_KEY, self.name, nx=True, ex=ttl):
+        locked = self.redis.set(LOCK_KEY, self.name, nx=True, ex=ttl)
+        self._contact()
+        if not locked:
             return 0
         try:
             requeued = self._sweep(startup)
@@ -98,10 +105,20 @@ class Reconciler:
             if self.redis.get(LOCK_KEY) == self.name.encode():
                 self.redis.delete(LOCK_KEY)
 
+    def _contact(self) -> None:
+        """Redis answered: after a silence (see ``silence``), heartbeats are trusted again only a while later."""
+        now = time.monotonic()
+        if self._last_contact is not None and now - self._last_contact > self.silence:
+            self._trust_after = now + self.silence
+            log.warning("Redis was out of reach for %.0f s: no worker is taken for dead for %.0f s, while their "
+                        "heartbeats resume", now - self._last_contact, self.silence)
+        self._last_contact = now
+
     def _sweep(self, startup: bool) -> int:
         live = self.live_workers()
         if startup:
             live.discard(self.name)
+        trusted = time.monotonic() >= self._trust_after  # False just after an outage: see _contact
         requeue: list[tuple[str, str, str]] = []
         now = utcnow()
         with self.sessions() as session:
@@ -111,7 +128,7 @@ class Reconciler:
                 log.warning("job %s passed its completion window unfinished; expired", job_id)
             self._finish_purges(session)
             for chunk in transitions.running_chunks(session):
-                if chunk.worker in live:
+                if chunk.worker in live or not trusted:
                     continue
                 if transitions.cancel_orphan(session, chunk.id, chunk.attempt):
                     log.warning("chunk %s of stopped job %s was running on %s, which is gone; its running items are "
@@ -127,7 +144,8 @@ class Reconciler:
             for start in range(0, len(queued), 1000):
                 page = queued[start : start + 1000]
                 markers = self.redis.mget([chunk_key(cid) for cid, _, _ in page])
-                requeue.extend(entry for entry, marker in zip(page, markers) if not _held_by_the_living(marker, live))
+                requeue.extend(entry for entry, marker in zip(page, markers)
+                               if not _held_by_the_living(marker, live) and (trusted or marker is None))
             transitions.finish_done_jobs(session)
             held = transitions.held_models(session)
             session.commit()
