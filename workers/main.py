@@ -100,9 +100,6 @@ def run_worker(
     app = make_celery(settings)
     # Reconnect to a lost broker within seconds of its return, not kombu's up to 30 s (workers/consumer.py).
     app.conf.worker_consumer = "workers.consumer:Consumer"
-    # Celery warns at every connection loss that its next major version cancels late-acked tasks then; corral
-    # says False itself (corral/broker.py: a running chunk writes to SQL and goes on), so the warning is noise.
-    warnings.filterwarnings("ignore", message=r"\s*In Celery 5.1 we introduced an optional breaking change")
     from workers import queue_gate
     from workers.runtime import CHUNKS_PER_WORKER
 
@@ -117,6 +114,10 @@ def run_worker(
 
     @worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
+        # Celery warns at every connection loss that its next major version cancels late-acked tasks then; corral
+        # says False itself (corral/broker.py: a running chunk writes to SQL and goes on), so the warning is noise.
+        # Here, not earlier: Celery's logging setup puts its own "always" filter for these warnings first.
+        warnings.filterwarnings("ignore", message=r"\s*In Celery 5.1 we introduced an optional breaking change")
         runtime = WorkerRuntime(settings, name, gpu=gpu, queues=queues, models=names)
         runtime.requests.pull_from = pull_from
         app.corral_runtime = runtime
