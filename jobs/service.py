@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,7 +22,7 @@ import redis
 from sqlalchemy import Integer, cast, func, select, text, update
 from sqlalchemy.orm import Session
 
-from corral.broker import Broker
+from corral.broker import UNREACHABLE, Broker
 from corral.errors import BadRequest, Conflict, CorralError, Forbidden, NotFound, RateLimited
 from corral.images import check_images
 from corral.modelstore.capabilities import kind_refusal
@@ -45,6 +46,7 @@ from jobs.transitions import requeue_failed, stop_job
 # A status poll of an open job this large reads its counts from a copy at most this old (jobs' item counts
 # take ~0.25 s to compute at a million items on SQLite).
 COUNTS_CACHED_FROM = 50_000
+log = logging.getLogger(__name__)
 ANALYZE_FROM = 50_000  # items in one upload after which PostgreSQL's statistics are refreshed
 COUNTS_CACHE_MS = 2000
 
@@ -158,7 +160,11 @@ class JobService:
             session.commit()
         if count >= ANALYZE_FROM:
             self._analyze()
-        self.send_next(record.model_digest)  # the chunks are held: the dispatcher sends them in turn
+        try:
+            self.send_next(record.model_digest)  # the chunks are held: the dispatcher sends them in turn
+        except UNREACHABLE as exc:  # committed: answering 503 now would make a client's retry a second job
+            log.warning("job %s is stored but Redis is out of reach (%s); the reconciler sends its chunks when "
+                        "it is back", job_id, exc)
         view = self.get(job_id)
         if webhook_url and secret and secret != self.settings.webhook_secret:
             view["webhook"]["secret"] = secret  # shown this once: receivers verify signatures with it

@@ -98,6 +98,12 @@ def test_redis_unreachable_for_30s_mid_job_loses_nothing(behind_proxy: tuple[Sta
         else:
             assert status == 503 and retry_after is not None, (status, text, retry_after)
             assert "redis" in json.loads(text)["error"].lower(), text
+    # A job submitted meanwhile is stored and answered 202: its chunks go out when Redis is back, so a client
+    # that got an error never retries a job that exists.
+    during = httpx.post(stack.base_url + "/api/jobs", timeout=CHAT_BOUND, json={
+        "kind": "generate", "model": MODEL, "options": {"num_predict": 4},
+        "items": [{"custom_id": f"during-{i}", "prompt": f"Name {i}."} for i in range(3)]})
+    assert during.status_code == 202, during.text
     while time.monotonic() - cut_at < OUTAGE:
         assert worker.proc.poll() is None, worker.output()
         time.sleep(0.5)
@@ -126,6 +132,7 @@ def test_redis_unreachable_for_30s_mid_job_loses_nothing(behind_proxy: tuple[Sta
 
     job = wait_done(stack.base_url, job_id, timeout=120)
     assert job["status"] == "completed", job
+    assert wait_done(stack.base_url, during.json()["id"], timeout=60)["counts"]["succeeded"] == 3
     assert job["counts"] == {"total": ITEMS, "pending": 0, "running": 0, "succeeded": ITEMS, "failed": 0,
                              "cancelled": 0}, job
     lines = [json.loads(x) for x in httpx.get(f"{stack.base_url}/api/jobs/{job_id}/results", timeout=30).text.splitlines()]
