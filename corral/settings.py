@@ -219,9 +219,12 @@ class Settings(BaseSettings):
         "auto",
         validation_alias=AliasChoices("CORRAL_CPU_WEIGHTS", "cpu_weights"),
         description=(
-            "Weights a CPU worker decodes chat models with: `auto` = a Q8_0 copy (made once under the model "
-            "store) of Q4_1/Q5_1 models when it runs several slots, where llama.cpp batches Q8_0 faster; "
-            "`native` = always the model's own; `q8_0` = a Q8_0 copy of every model quantized below 8 bits."
+            "Weights a CPU worker decodes with: `auto` = a Q8_0 copy (made once under the model store) of "
+            "Q4_1/Q5_1 chat models when it runs several slots, where llama.cpp batches Q8_0 faster; "
+            "`native` = always the model's own; `q8_0` = a Q8_0 copy of every model quantized below 8 bits and "
+            "of F16 embedding models (all-minilm's copy: minimum cosine to sentence-transformers 0.9990 against "
+            "F16's 1.0000, 0.76x F16's speed on an AVX2 CPU, and its vectors move up to 5e-4 in cosine with the "
+            "batch they are packed in)."
         ),
     )
     chunk_size: int = Field(

@@ -15,6 +15,18 @@ mean next-token KL of 0.0043 and 0.0048 and pick its next token 96.3% and 96.7% 
 outputs can still part from a native Q4_1 run after some tokens (as they can between llama.cpp backends);
 ``CORRAL_CPU_WEIGHTS=native`` keeps the model's own weights.  The copy costs disk and memory (Q8_0 is 8.5
 bits per weight against Q4_1's 5), which is why ``auto`` leaves one-slot workers and other types alone.
+
+Embedding loads keep their own weights under ``auto``; ``q8_0`` also gives F16 embedding models a copy (issue
+#39's precision lever: embedding is all prefill, where Q8_0 kernels might beat F16).  On the 2-core AVX2 VM
+(AMD EPYC family 25, no AVX-512) the copy is slower: a 3,000-chunk all-minilm embed job end to end ran at 45.8
+and 42.3 chunks/s against F16's 58.0 and 57.2 (bench/embed_onnx.py, alternating, load average 2.0-2.7), and
+corral's packer in process showed no gain (17.1 and 7.6 against 17.0 and 7.4, at load 4-5).  Fidelity is fine:
+the minimum cosine to sentence-transformers over tests/fixtures/minilm_reference.json is 0.9990 (mean 0.9996)
+against F16's 1.0000; keeping token_embd in F16 (``token_embedding_type``) changes nothing (0.9988); Q4_0 fails
+(0.925).  The copy's vectors also depend on the batch they are packed in (one input alone against packed with
+others: cosine down to 0.99956, against 0.9999994 for F16), below the 1e-5 that
+tests/integration/test_embeddings.py holds packed and alone to.  So the copy stays opt-in, for CPUs where
+llama.cpp's Q8_0 kernels are measured faster.
 """
 
 from __future__ import annotations
@@ -33,16 +45,26 @@ log = logging.getLogger(__name__)
 # File types (the store's config "file_type") with no batched CPU matmul kernel in llama.cpp, where a Q8_0
 # copy is measured to be faster from two sequences per step on.
 AUTO_TYPES = frozenset({"Q4_1", "Q5_1"})
-# File types a forced q8_0 leaves alone: already Q8_0, or wider (a Q8_0 copy would lose precision).
+# File types a forced q8_0 leaves alone: already Q8_0, or wider (a Q8_0 copy would lose precision), but for
+# embedding loads of EMBEDDING_COPY_TYPES, whose copy is measured faithful.
 KEEP_TYPES = frozenset({"Q8_0", "F16", "BF16", "F32", "unknown"})
+# File types of embedding models that a forced q8_0 copies too: all-minilm's Q8_0 copy is measured at
+# sentence-transformers fidelity, but not faster on the AVX2 VM, so ``auto`` leaves them alone (module docstring).
+EMBEDDING_COPY_TYPES = frozenset({"F16"})
 
 
 def choose_weights(mode: CpuWeights, file_type: str, *, on_cpu: bool, parallel: int, embedding: bool) -> str:
     """``"q8_0"`` when this load should decode from a Q8_0 copy, else ``"native"``.
 
     ``parallel`` is the configured slot count (0 = auto, which means several slots for any model that fits).
+    ``embedding`` loads (rerank loads too) keep their own weights under ``auto``; a forced ``q8_0`` copies those
+    of :data:`EMBEDDING_COPY_TYPES` as well as every type below 8 bits.
     """
-    if not on_cpu or mode == "native" or file_type in KEEP_TYPES:
+    if not on_cpu or mode == "native":
+        return "native"
+    if embedding and file_type in EMBEDDING_COPY_TYPES and mode == "q8_0":
+        return "q8_0"
+    if file_type in KEEP_TYPES:
         return "native"
     if mode == "q8_0":
         return "q8_0"
