@@ -31,8 +31,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.openai import bp as openai_bp
     from api.openai_batch import bp as openai_batch_bp
     from api.rerank import bp as rerank_bp
-    from api.vector_stores import bp as vector_stores_bp
     from api.responses import bp as responses_bp
+    from api.vector_stores import bp as vector_stores_bp
 
     settings = settings or Settings()
     app = Flask(__name__)

@@ -18,9 +18,6 @@ import click
 from cli.client import ClientError, CorralClient
 from cli.common import parse_pairs, with_client
 from cli.corpus import (
-    DEFAULT_GLOBS,
-    TEXT_FIELDS,
-    CorpusError,
     EstimateCounter,
     WordPieceCounter,
     chunk_text,
@@ -29,6 +26,7 @@ from cli.corpus import (
     walk,
 )
 from cli.jobs import EXIT_CODES, watch
+from corral.corpus import DEFAULT_GLOBS, TEXT_FIELDS, CorpusError
 
 
 class _Stats:
