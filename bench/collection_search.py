@@ -1,15 +1,25 @@
-"""Hybrid search latency over a large collection (issue #37, "measured scale"), on SQLite and PostgreSQL.
+"""Hybrid search latency over a large collection (issue #37, "measured scale"), and the vector leg's recall.
 
-    env -u REDIS_URL .venv/bin/python bench/collection_search.py [--chunks 100000] [--searches 50]
-        [--database-url postgresql+psycopg://...] [--pgvector N] [--words 120] [--baseline] [--code int8|f32]
+    env -u REDIS_URL -u TEST_DATABASE_URL .venv/bin/python bench/collection_search.py [--chunks 100000]
+        [--searches 50] [--vectors random|real] [--rescore 200,400,1000,2000] [--baseline] [--mmap-off]
+        [--database-url postgresql+psycopg://...] [--pgvector N] [--words 120] [--block 1024]
 
-Fills a database built by the real migrations (``jobs.db.upgrade``) with ``--chunks`` synthetic chunks: random
-unit vectors of 384 dimensions (all-minilm's width) and ``--words`` words each, drawn Zipf-wise from a generated
-word list, in documents of 100 chunks, each document inserted and indexed in its own transaction as the worker's
-apply does (``jobs.collection_search.index_document``).  Then it times ``--searches`` searches of each mode
-(hybrid, vector only, text only, and hybrid with a filter passing about half the documents) and prints p50/p95.
-``--baseline`` also times the vector leg as a scan of ``collection_chunks`` itself, the layout the blocks replace;
-``--code f32`` packs float32 blocks instead of int8 ones.
+Fills a database built by the real migrations (``jobs.db.upgrade``) with ``--chunks`` chunks of 384 dimensions
+(all-minilm's width) and ``--words`` words each, drawn Zipf-wise from a generated word list, in documents of 100
+chunks, each document inserted and indexed in its own transaction as the worker's apply does
+(``jobs.collection_vectors.index_document``).  Their vectors are random unit vectors (``--vectors random``, the
+worst case for sign bits: no two are alike), or real ones (``--vectors real``): paragraphs of this machine's
+manual pages (``/usr/share/man/man{1,3,5,7,8}``, roff markup stripped, up to 80 words, 40 per page, gcloud's
+thousands of near-identical pages left out) embedded by all-minilm through llama-cpp-python, cached in
+``bench/.cache/``; ``REAL_QUERIES`` of them are held out as queries, the rest replicated to ``--chunks``, each
+copy after the first moved by Gaussian noise of norm ``NOISE`` and renormalised.
+Then, before each timed row, it waits for the 1-minute load average to fall under ``--quiet`` (every 30 s, 15
+minutes at most over the whole run, then it measures anyway; each row shows the load it started at) and times
+``--searches`` searches of each mode (hybrid, vector only, text only, and hybrid with a filter passing about
+half the documents) and prints p50/p95.  ``--rescore`` also prints, for each count of candidates rescored from
+float32, the sign-bit leg's recall@10 against the exact top 10 (numpy over every vector) and its own latency.
+``--baseline`` also times the vector leg as a scan of ``collection_chunks`` itself (the exact scan);
+``--mmap-off`` times hybrid and vector-only searches again without SQLite's memory map (jobs/db.py's pragma).
 ``--pgvector N`` does the same on a private PostgreSQL 16 with pgvector (``pgserver``) with N chunks (HNSW).
 Goal: hybrid p50 under 50 ms at 100k chunks on SQLite; under 50 ms at 1M on PostgreSQL with HNSW.
 """
@@ -17,6 +27,11 @@ Goal: hybrid p50 under 50 ms at 100k chunks on SQLite; under 50 ms at 1M on Post
 from __future__ import annotations
 
 import argparse
+import gzip
+import os
+import platform
+import random
+import re
 import statistics
 import sys
 import tempfile
@@ -27,15 +42,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert, text
+from sqlalchemy import event, insert, text
 from sqlalchemy.orm import Session, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import print_table
+from bench.common import model_path, print_table
 from corral.settings import Settings
 from harness.stack import drop_everything
 from jobs import collection_search as cs
+from jobs import collection_vectors as cv
 from jobs.db import engine_for, upgrade
 from jobs.models import Collection, CollectionChunk, CollectionDocument
 
@@ -44,6 +60,15 @@ PER_DOC = 100
 DIGEST = "b" * 64
 COLLECTION = "vs_bench"
 SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "zu", "pe", "qa", "di", "fo", "gu", "ho", "ji"]
+CACHE = Path(__file__).resolve().parent / ".cache"
+REAL_TEXTS = 12000
+REAL_QUERIES = 200
+NOISE = 0.05
+MAN = Path("/usr/share/man")
+MACRO_TEXT = re.compile(r"^\.(B|I|BI|BR|IB|IR|RB|RI|SM|SB)\s+(.*)$")
+ESCAPE = re.compile(r"\\f(\[[^\]]*\]|\(..|.)|\\s[+-]?\d+|\\\*(\[[^\]]*\]|\(..|.)|\\\((..)|\\\[([^\]]*)\]|\\&|\\c")
+QUIET_BUDGET_S = 900.0
+_quiet_deadline: list[float] = []
 
 
 def vocabulary(size: int = 20000) -> list[str]:
@@ -52,7 +77,105 @@ def vocabulary(size: int = 20000) -> list[str]:
     return sorted(words)[:size]
 
 
-def fill(sessions: sessionmaker[Session], chunks: int, words: int) -> float:
+# -- real vectors -----------------------------------------------------------------------------------------------
+
+
+def roff_paragraphs(raw: str) -> list[str]:
+    """A manual page's paragraphs as plain text: macro lines end a paragraph (the text of font macros is kept),
+    escapes are dropped.  Crude, but what is left is the page's own English."""
+    paragraphs: list[str] = []
+    current: list[str] = []
+    for line in raw.splitlines():
+        m = MACRO_TEXT.match(line)
+        if m:
+            line = m.group(2).replace('"', "")
+        elif line.startswith((".", "'")):
+            if current:
+                paragraphs.append(" ".join(current))
+                current = []
+            continue
+        line = ESCAPE.sub(" ", line).replace("\\-", "-").replace("\\e", "\\").replace("\\", "")
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            paragraphs.append(" ".join(current))
+            current = []
+    if current:
+        paragraphs.append(" ".join(current))
+    return paragraphs
+
+
+def man_texts(count: int, seed: int = 37) -> list[str]:
+    pages = sorted(p for d in ("man1", "man3", "man5", "man7", "man8") for p in (MAN / d).glob("*.gz")
+                   if not p.is_symlink() and not p.name.startswith("gcloud"))
+    random.Random(seed).shuffle(pages)
+    seen: set[str] = set()
+    out: list[str] = []
+    for page in pages:
+        try:
+            raw = gzip.decompress(page.read_bytes()).decode("utf-8", "replace")
+        except (OSError, EOFError):
+            continue
+        taken = 0
+        for para in roff_paragraphs(raw):
+            if taken >= 40:
+                break
+            words = para.split()
+            for at in range(0, len(words), 80):
+                piece = " ".join(words[at:at + 80])
+                if len(words[at:at + 80]) >= 12 and piece not in seen:
+                    seen.add(piece)
+                    out.append(piece)
+                    taken += 1
+        if len(out) >= count:
+            break
+    return out[:count]
+
+
+def real_embeddings(count: int = REAL_TEXTS) -> np.ndarray:
+    """``count`` manual-page paragraphs embedded by all-minilm (L2-normalised), from the cache when there."""
+    cached = CACHE / f"man-minilm-{count}.npy"
+    if cached.exists():
+        loaded: np.ndarray = np.load(cached)
+        return loaded
+    from llama_cpp import Llama
+
+    texts = man_texts(count)
+    llm = Llama(str(model_path(Path(tempfile.mkdtemp(prefix="corral-search-bench-")), "all-minilm:l6-v2")),
+                embedding=True, n_ctx=512, n_batch=2048, n_ubatch=512, n_threads=2, n_threads_batch=2, verbose=False)
+    out: list[Any] = []
+    for i in range(0, len(texts), 64):
+        out.extend(llm.embed(texts[i:i + 64], truncate=True))
+        print(f"  embedded {len(out)} of {len(texts)}", file=sys.stderr)
+    vectors = np.array(out, dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    CACHE.mkdir(exist_ok=True)
+    np.save(cached, vectors)
+    return vectors
+
+
+def corpus(kind: str, chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The chunks' vectors and the query vectors, both L2-normalised."""
+    rng = np.random.default_rng(0)
+    if kind == "random":
+        vectors = rng.standard_normal((chunks + REAL_QUERIES, DIMS)).astype(np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return vectors[:chunks], vectors[chunks:]
+    real = real_embeddings()
+    order = rng.permutation(len(real))
+    queries, base = real[order[:REAL_QUERIES]], real[order[REAL_QUERIES:]]
+    copies = [base]
+    while sum(len(c) for c in copies) < chunks:
+        noise = rng.standard_normal(base.shape).astype(np.float32) * np.float32(NOISE / np.sqrt(DIMS))
+        moved = base + noise
+        copies.append(moved / np.linalg.norm(moved, axis=1, keepdims=True))
+    return np.concatenate(copies)[:chunks], queries
+
+
+# -- the database -----------------------------------------------------------------------------------------------
+
+
+def fill(sessions: sessionmaker[Session], vectors: np.ndarray, words: int) -> float:
     """Insert and index the chunks a document at a time; returns the seconds it took."""
     vocab = np.array(vocabulary())
     rng = np.random.default_rng(0)
@@ -61,10 +184,9 @@ def fill(sessions: sessionmaker[Session], chunks: int, words: int) -> float:
     with sessions.begin() as session:
         session.add(Collection(id=COLLECTION, owner=None, name="bench", model="all-minilm", model_digest=DIGEST,
                                chunk_tokens=800, chunk_overlap=400, last_active_at=now, created_at=now))
+    chunks = len(vectors)
     for first in range(0, chunks, PER_DOC):
         count = min(PER_DOC, chunks - first)
-        vectors = rng.standard_normal((count, DIMS)).astype(np.float32)
-        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         terms = vocab[np.minimum(rng.zipf(1.2, size=(count, words)) - 1, len(vocab) - 1)]
         with sessions.begin() as session:
             doc = CollectionDocument(collection_id=COLLECTION, source_id=f"doc-{first // PER_DOC}",
@@ -75,37 +197,58 @@ def fill(sessions: sessionmaker[Session], chunks: int, words: int) -> float:
             session.flush()
             session.execute(insert(CollectionChunk), [
                 {"collection_id": COLLECTION, "document_id": doc.id, "model_digest": DIGEST, "seq": n,
-                 "text": " ".join(terms[n]), "start": 0, "end": 0, "tokens": words, "embedding": vectors[n].tobytes()}
+                 "text": " ".join(terms[n]), "start": 0, "end": 0, "tokens": words,
+                 "embedding": vectors[first + n].tobytes()}
                 for n in range(count)])
-            cs.index_document(session, doc.id)
+            cv.index_document(session, doc.id)
         if first and first % 20000 == 0:
             print(f"  {first} chunks, {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return time.perf_counter() - started
 
 
-def timed(fn: Callable[[], Any], runs: int) -> tuple[float, float]:
-    fn()  # warm the caches once
+def load() -> float:
+    return os.getloadavg()[0]
+
+
+def wait_for_quiet(limit: float) -> float:
+    """Wait (checking every 30 s) until the 1-minute load average is under ``limit``, for at most
+    ``QUIET_BUDGET_S`` over the whole run; returns the load measured at."""
+    if not _quiet_deadline:
+        _quiet_deadline.append(time.monotonic() + QUIET_BUDGET_S)
+    while load() >= limit and time.monotonic() < _quiet_deadline[0]:
+        print(f"  load {load():.2f} >= {limit}: waiting", file=sys.stderr)
+        time.sleep(30)
+    if load() >= limit:
+        print(f"  load {load():.2f}: gave up waiting, measuring anyway", file=sys.stderr)
+    return load()
+
+
+def timed(fn: Callable[[], Any], runs: int, quiet: float) -> tuple[float, float, float]:
+    """p50 and p95 ms of ``runs`` calls (after one to warm the caches), and the load they started at."""
+    at = wait_for_quiet(quiet)
+    fn()
     times = []
     for _ in range(runs):
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1000)
     times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(0.95 * len(times)))]
+    return statistics.median(times), times[min(len(times) - 1, int(0.95 * len(times)))], at
 
 
-def measure(label: str, url: str, chunks: int, words: int, runs: int, baseline: bool) -> list[list[Any]]:
+def measure(label: str, url: str, args: argparse.Namespace) -> tuple[list[list[Any]], list[list[Any]]]:
     sessions = sessionmaker(engine_for(url), expire_on_commit=False)
-    seconds = fill(sessions, chunks, words)
+    vectors, query_vectors = corpus(args.vectors, args.chunks if label != "pgvector" else args.pgvector)
+    seconds = fill(sessions, vectors, args.words)
     with sessions() as session:
-        layout = cs._layout(session)
+        layout = cv._layout(session)
+        ids = np.array(list(session.scalars(text("SELECT id FROM collection_chunks ORDER BY id"))), dtype=np.int64)
     vocab = vocabulary()
     rng = np.random.default_rng(1)
-    queries = []
-    for _ in range(runs + 1):
-        q = rng.standard_normal(DIMS).astype(np.float32)
-        queries.append((q / np.linalg.norm(q), " ".join(rng.choice(vocab[50:2000], size=3))))
+    queries = [(query_vectors[i % len(query_vectors)], " ".join(rng.choice(vocab[50:2000], size=3)))
+               for i in range(args.searches + 1)]
     cursor = iter(range(10**9))
+    chunks = len(vectors)
 
     def one(**kw: Any) -> Callable[[], Any]:
         def go() -> Any:
@@ -115,18 +258,39 @@ def measure(label: str, url: str, chunks: int, words: int, runs: int, baseline: 
         return go
 
     rows = []
-    for mode, kw in [("hybrid", {}), ("vector only", {"text_weight": 0}), ("text only", {"embedding_weight": 0}),
-                     ("hybrid, filter ~50%", {"filters": {"key": "half", "type": "eq", "value": True}})]:
-        p50, p95 = timed(one(**kw), runs)
-        shown = f"{layout} ({cs.BLOCK_CODE})" if layout == "blocks" else layout
-        rows.append([label, shown, chunks, f"{seconds:.0f}", mode, p50, p95])
-    if baseline:
+    modes: list[tuple[str, dict[str, Any]]] = [
+        ("hybrid", {}), ("vector only", {"text_weight": 0}), ("text only", {"embedding_weight": 0}),
+        ("hybrid, filter ~50%", {"filters": {"key": "half", "type": "eq", "value": True}})]
+    for mode, kw in modes:
+        p50, p95, at = timed(one(**kw), args.searches, args.quiet)
+        rows.append([label, layout, args.vectors, chunks, f"{seconds:.0f}", mode, p50, p95, f"{at:.1f}"])
+    recall: list[list[Any]] = []
+    if layout == "blocks" and args.rescore:
+        exact = [set(ids[np.argsort(-(vectors @ q), kind="stable")[:10]].tolist()) for q in query_vectors]
+        for count in [int(c) for c in args.rescore.split(",")]:
+            found = [cv.blocks_legs(sessions, COLLECTION, DIGEST, [q], None, 10, rescore=count)[0] for q in query_vectors]
+            hits = [len(truth & {c for c, _, _ in leg}) / 10 for truth, leg in zip(exact, found)]
+
+            def leg(count: int = count) -> Any:
+                q, _ = queries[next(cursor) % len(queries)]
+                return cv.blocks_legs(sessions, COLLECTION, DIGEST, [q], None, 10, rescore=count)
+            p50, p95, at = timed(leg, args.searches, args.quiet)
+            recall.append([label, args.vectors, chunks, count, f"{statistics.mean(hits):.3f}", f"{min(hits):.1f}",
+                           p50, p95, f"{at:.1f}"])
+    if args.mmap_off and url.startswith("sqlite"):
+        engine = engine_for(url)
+        event.listen(engine, "connect", lambda conn, _: conn.execute("PRAGMA mmap_size=0"))
+        engine.dispose()  # new connections, without the memory map
+        for mode, kw in modes[:2]:
+            p50, p95, at = timed(one(**kw), args.searches, args.quiet)
+            rows.append([label, f"{layout}, no mmap", args.vectors, chunks, "", mode, p50, p95, f"{at:.1f}"])
+    if args.baseline:
         def rows_scan() -> Any:
             q, _ = queries[next(cursor) % len(queries)]
-            return cs._chunks_legs(sessions, COLLECTION, DIGEST, [q], None, 50)
-        p50, p95 = timed(rows_scan, min(runs, 10))
-        rows.append([label, "rows (baseline)", chunks, "", "vector leg only", p50, p95])
-    return rows
+            return cv.chunks_legs(sessions, COLLECTION, DIGEST, [q], None, 50)
+        p50, p95, at = timed(rows_scan, min(args.searches, 10), args.quiet)
+        rows.append([label, "rows (baseline)", args.vectors, chunks, "", "vector leg only", p50, p95, f"{at:.1f}"])
+    return rows, recall
 
 
 def main() -> None:
@@ -134,23 +298,26 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=100_000)
     parser.add_argument("--words", type=int, default=120)
     parser.add_argument("--searches", type=int, default=50)
+    parser.add_argument("--vectors", choices=["random", "real"], default="real")
+    parser.add_argument("--rescore", default="", help="candidate counts whose recall@10 to measure, e.g. 400,1000")
     parser.add_argument("--database-url", help="a PostgreSQL of its own (emptied first) instead of SQLite")
     parser.add_argument("--pgvector", type=int, default=0, help="chunks on a private pgvector server (0: skip)")
-    parser.add_argument("--baseline", action="store_true", help="also time a scan of collection_chunks")
-    parser.add_argument("--code", choices=["int8", "f32"], default=cs.BLOCK_CODE, help="how blocks hold vectors")
+    parser.add_argument("--baseline", action="store_true", help="also time the exact scan of collection_chunks")
+    parser.add_argument("--mmap-off", action="store_true", help="also time SQLite without its memory map")
+    parser.add_argument("--block", type=int, default=cv.BLOCK, help="entries per block row")
+    parser.add_argument("--quiet", type=float, default=2.5, help="the load average to wait for before timing")
     args = parser.parse_args()
-    cs.BLOCK_CODE = args.code
+    cv.BLOCK = args.block
     home = Path(tempfile.mkdtemp(prefix="corral-search-bench-"))
     rows: list[list[Any]] = []
+    recall: list[list[Any]] = []
     if args.chunks:
         url = args.database_url or f"sqlite:///{home / 'bench.db'}"
         if args.database_url:
             drop_everything(engine_for(url))
         upgrade(Settings(home=home, database_url=url))
-        with engine_for(url).connect() as conn:
-            conn.execute(text("SELECT 1"))
-        rows += measure("sqlite" if url.startswith("sqlite") else "postgresql", url, args.chunks, args.words,
-                        args.searches, args.baseline)
+        more, found = measure("sqlite" if url.startswith("sqlite") else "postgresql", url, args)
+        rows, recall = rows + more, recall + found
     if args.pgvector:
         import pgserver
 
@@ -158,12 +325,20 @@ def main() -> None:
         try:
             url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
             upgrade(Settings(home=home, database_url=url))
-            rows += measure("pgvector", url, args.pgvector, args.words, args.searches, args.baseline)
+            more, found = measure("pgvector", url, args)
+            rows, recall = rows + more, recall + found
             engine_for(url).dispose()
         finally:
             server.cleanup()
-    print_table("Collection search latency (ms)", ["database", "vector layout", "chunks", "fill s", "mode", "p50 ms",
-                                                    "p95 ms"], rows)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"\n{os.cpu_count()} CPUs ({cpu}), block {cv.BLOCK}, rescore max({cv.RESCORE} * n, {cv.RESCORE_MIN})")
+    print_table("Collection search latency (ms)", ["database", "vector layout", "vectors", "chunks", "fill s", "mode",
+                                                    "p50 ms", "p95 ms", "load"], rows)
+    if recall:
+        print_table("Sign-bit leg: recall@10 against the exact scan, and its latency (k = 10)",
+                    ["database", "vectors", "chunks", "rescored", "recall@10", "worst query", "p50 ms", "p95 ms",
+                     "load"], recall)
 
 
 if __name__ == "__main__":

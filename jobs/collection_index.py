@@ -185,6 +185,7 @@ def finish_reembed(session: Session, collection_id: str) -> bool:
              updated_at=utcnow()))
     session.execute(delete(CollectionChunk).where(CollectionChunk.collection_id == collection_id,
                                                   CollectionChunk.model_digest == old))
+    collection_search.forget(session, collection_id, old)  # the old model's blocks or HNSW index
     collection.model, collection.model_digest = collection.next_model or collection.model, new
     collection.next_model = collection.next_digest = collection.reembed_job = None
     return True

@@ -30,6 +30,7 @@ from corral.errors import BadRequest, Conflict, NotFound
 from corral.modelstore.store import ModelRecord, ModelStore
 from corral.settings import Settings
 from corral.wire.vector_stores import Chunking, FileSpec, SyncDocument
+from jobs import collection_search
 from jobs.collection_index import INDEX_KIND, document_view, settle
 from jobs.db import sessions
 from jobs.files import cursor_page, epoch
@@ -227,6 +228,7 @@ class CollectionService:
                 CollectionDocument.collection_id == store_id, CollectionDocument.status == IN_PROGRESS)) if j}
             if row.reembed_job:
                 jobs.add(row.reembed_job)
+            collection_search.forget(session, store_id, None)  # its blocks or HNSW indexes
             session.execute(delete(CollectionChunk).where(CollectionChunk.collection_id == store_id))
             session.execute(delete(CollectionDocument).where(CollectionDocument.collection_id == store_id))
             session.execute(delete(CollectionBatch).where(CollectionBatch.collection_id == store_id))

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from corral.settings import Settings
 from harness.stack import drop_everything
 from jobs import collection_search as cs
+from jobs import collection_vectors as cv
 from jobs.db import engine_for, upgrade
 from jobs.models import Collection, CollectionChunk, CollectionDocument
 from tests.helpers import HAVE_PGSERVER
@@ -306,7 +307,7 @@ def test_replaced_chunks_never_come_back(sessions: sessionmaker[Session], corpus
     hits = run(sessions, "otters pandas", axis(7))
     with sessions() as session:
         assert {r["source_id"] for r in cs.hydrate(session, hits)} == {"late", "french"}
-        if cs._layout(session) == "blocks":
+        if cv._layout(session) == "blocks":
             live = session.scalar(text("SELECT count(*) FROM collection_chunks WHERE collection_id = 'vs_a' "
                                        "AND model_digest = :m"), {"m": DIGEST})
             held = session.scalar(text(f"SELECT sum(n) FROM {cs.VECTOR_TABLE} WHERE collection_id = 'vs_a' "
@@ -339,3 +340,84 @@ def test_index_document_can_keep_to_one_model(sessions: sessionmaker[Session], c
         assert cs.index_document(session, doc_id, OTHER_DIGEST) == 1  # again: its earlier entry is replaced
     hits = run(sessions, "", axis(0), text_weight=0, model_digest=OTHER_DIGEST)
     assert len(hits) == 1 and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_sign_bits_pack_one_bit_a_dimension_in_whole_words() -> None:
+    codes = cv.sign_bits(np.array([[0.5, -1.0, 0.0, 2.0, 0.1, -0.1, 0.3, 0.0]], dtype=np.float32))
+    assert codes.dtype == np.dtype("<u8") and codes.shape == (1, 1)
+    assert codes.view(np.uint8)[0, 0] == 0b10011010  # set where positive (zero is not), first dimension first
+    assert cv.sign_bits(np.ones((3, 100), np.float32)).shape == (3, 2)  # 100 bits fill two words
+
+
+def test_the_sign_bit_leg_rescores_its_candidates_to_the_exact_top_k(sessions: sessionmaker[Session]) -> None:
+    """By Hamming distance to the query's signs ``near`` comes first, ``nearer`` second, ``nearest`` third, and by
+    cosine the other way round: rescoring three candidates gives the exact top two; two candidates cannot."""
+    near, nearer, nearest = unit(0.9, -0.1, -0.1), unit(0.95, 0.1, -0.05), unit(0.99, 0.05, 0.05)
+    with sessions.begin() as session:
+        add_collection(session, "vs_a")
+        far = [(f"far {i}", unit(-1.0, *np.random.default_rng(i).uniform(-1, 1, DIMS - 1))) for i in range(40)]
+        _, ids = add_document(session, "vs_a", "signs", [("near", near), ("nearer", nearer), ("nearest", nearest), *far])
+        layout = cv._layout(session)
+    if layout != "blocks":
+        pytest.skip("pgvector: no sign bits")
+    q = unit(1.0)
+    exact = cv.chunks_legs(sessions, "vs_a", DIGEST, [q], None, 2)[0]
+    assert [c for c, _, _ in exact] == [ids[2], ids[1]]
+    (leg,) = cv.blocks_legs(sessions, "vs_a", DIGEST, [q], None, 2, rescore=3)
+    assert [c for c, _, _ in leg] == [ids[2], ids[1]]
+    assert [s for _, _, s in leg] == pytest.approx([s for _, _, s in exact])  # each chunk's own cosine
+    (short,) = cv.blocks_legs(sessions, "vs_a", DIGEST, [q], None, 2, rescore=2)
+    assert [c for c, _, _ in short] == [ids[1], ids[0]]
+    # the default rescores max(RESCORE * n, RESCORE_MIN) candidates: the whole of this collection
+    hits = run(sessions, "", q, text_weight=0, k=2)
+    assert [h.chunk_id for h in hits] == [ids[2], ids[1]]
+
+
+def test_forget_drops_a_models_index_entries(sessions: sessionmaker[Session], corpus: dict[str, int]) -> None:
+    def held(collection_id: str, digest: str) -> int:
+        with sessions() as session:
+            return int(session.scalar(text(f"SELECT count(*) FROM {cv.VECTOR_TABLE} WHERE collection_id = :c "
+                                           "AND model_digest = :m"), {"c": collection_id, "m": digest}) or 0)
+
+    def hnsw(collection_id: str, digest: str) -> bool:
+        with sessions() as session:
+            return session.scalar(text(f"SELECT to_regclass('{cv._hnsw_name(collection_id, digest)}') IS NOT NULL")) is True
+
+    with sessions() as session:
+        pgvector = cv._layout(session) == "pgvector"
+    assert held("vs_a", OTHER_DIGEST) >= 1 and held("vs_a", DIGEST) >= 1
+    assert not pgvector or hnsw("vs_a", OTHER_DIGEST)
+    with sessions.begin() as session:  # a re-embed's switch: the old model's chunks go, then its index
+        session.execute(text("DELETE FROM collection_chunks WHERE model_digest = :m"), {"m": OTHER_DIGEST})
+        cs.forget(session, "vs_a", OTHER_DIGEST)
+    assert held("vs_a", OTHER_DIGEST) == 0 and held("vs_a", DIGEST) >= 1
+    assert not pgvector or (not hnsw("vs_a", OTHER_DIGEST) and hnsw("vs_a", DIGEST))
+    with sessions.begin() as session:  # a deleted collection: every model's
+        cs.forget(session, "vs_a", None)
+    assert held("vs_a", DIGEST) == 0 and held("vs_b", DIGEST) == 1
+    assert not pgvector or (not hnsw("vs_a", DIGEST) and hnsw("vs_b", DIGEST))
+    assert run(sessions, "", axis(0), text_weight=0, collection_id="vs_b")
+
+
+def test_an_upgrade_rebuilds_blocks_of_the_earlier_int8_code(sessions: sessionmaker[Session],
+                                                             corpus: dict[str, int]) -> None:
+    """A database indexed before the sign bits has blocks with a ``vectors`` column: until ``corral db upgrade``
+    its searches scan the chunks, and the upgrade rebuilds the table from them."""
+    engine = sessions.kw["bind"]
+    blob = "BYTEA" if engine.dialect.name == "postgresql" else "BLOB"
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE {cv.VECTOR_TABLE}"))
+        conn.execute(text(f"CREATE TABLE {cv.VECTOR_TABLE} (id INTEGER PRIMARY KEY, collection_id VARCHAR(40), "
+                          f"model_digest VARCHAR(64), dims INTEGER, n INTEGER, min_chunk BIGINT, max_chunk BIGINT, "
+                          f"chunk_ids {blob}, document_ids {blob}, vectors {blob})"))
+    with sessions() as session:
+        assert cv._layout(session) == "old"
+    assert run(sessions, "", axis(0), text_weight=0)[0].chunk_id == corpus["pandas"]  # the exact scan meanwhile
+    with engine.begin() as conn:
+        layout = cv.ensure_collection_index(conn)
+    with sessions() as session:
+        assert cv._layout(session) == layout
+        if layout == "blocks":
+            assert session.scalar(text(f"SELECT sum(n) FROM {cv.VECTOR_TABLE} WHERE collection_id = 'vs_a'")) == 6
+    hits = run(sessions, "", axis(0), text_weight=0)
+    assert hits[0].chunk_id == corpus["pandas"] and hits[0].score == pytest.approx(1.0, abs=1e-5)
