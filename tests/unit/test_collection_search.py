@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -101,12 +100,14 @@ def _params() -> list[Any]:
     ]
 
 
-@pytest.fixture(params=_params())
-def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+@pytest.fixture(scope="module", params=_params())
+def database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database migrated once per backend for the module (the migrations take seconds each time)."""
     backend = request.param
     schema = None
+    home = tmp_path_factory.mktemp("search")
     if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'search.db'}"
+        url = f"sqlite:///{home / 'search.db'}"
     elif backend == "pgvector":
         url = request.getfixturevalue("pgvector_url")
         drop_everything(engine_for(url))  # the private server's own database: start from nothing
@@ -117,15 +118,25 @@ def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[session
             conn.execute(text(f"DROP SCHEMA IF EXISTS {schema} CASCADE"))
             conn.execute(text(f"CREATE SCHEMA {schema}"))
         url = f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}options=-csearch_path%3D{schema}"
-    upgrade(Settings(home=tmp_path, database_url=url))
+    upgrade(Settings(home=home, database_url=url))
     try:
-        yield sessionmaker(engine_for(url), expire_on_commit=False)
+        yield url
     finally:
         engine_for(url).dispose()
         if schema is not None:
             with admin.begin() as conn:
                 conn.execute(text(f"DROP SCHEMA {schema} CASCADE"))
             admin.dispose()
+
+
+@pytest.fixture()
+def sessions(database: str) -> sessionmaker[Session]:
+    """The module's database with no collections in it: each test starts from empty tables."""
+    engine = engine_for(database)
+    with engine.begin() as conn:
+        for table in (cv.VECTOR_TABLE, "collection_chunks", "collection_documents", "collection_batches", "collections"):
+            conn.execute(text(f"DELETE FROM {table}"))
+    return sessionmaker(engine, expire_on_commit=False)
 
 
 def unit(*values: float) -> np.ndarray:
