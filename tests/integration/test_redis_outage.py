@@ -27,7 +27,7 @@ from tests.helpers import MODEL, clean_redis, make_settings, submit, wait_done, 
 
 pytestmark = pytest.mark.slow
 REDIS_DB = 9  # a private database of the suite's Redis (the other isolated stacks use 1-8, 11, 13-15)
-ITEMS = 96  # about 15 s of work on two CPU cores, most of it left when Redis goes
+ITEMS = 48  # about 8 s of work on two CPU cores, most of it left when Redis goes
 OUTAGE = 30.0  # seconds Redis is unreachable (the acceptance)
 CHAT_BOUND = 35.0  # an interactive request during the outage has its answer (an error) within this
 # Seconds after Redis is back by which the job runs on and a chat succeeds (measured about 2 s: the worker's
