@@ -3,7 +3,7 @@
 The fuzzing runs against a stack of its own (its own SQLite file and Redis database, an API server and a worker
 with the real models, whose examples in the schemas reach them), so the files and jobs it creates cannot
 disturb the other tests.  ``num_ctx`` defaults to 256 there and ``CORRAL_MAX_PREDICT`` caps every generation at
-32 tokens, so a generated request with a huge ``num_predict`` or ``num_ctx`` still ends within seconds.
+8 tokens, so a generated request with a huge ``num_predict`` or ``num_ctx`` still ends within seconds.
 """
 
 from __future__ import annotations
@@ -31,18 +31,18 @@ MIN_CASES = 300
 def fuzz_stack(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # No registry host is allowed: made-up names like 127.0.0.1:<port>/x would otherwise be pulled from a port
     # nothing listens on, and a registry that cannot be reached is Ollama's 500 (a 5xx the run must not see).
-    with own_stack(settings, tmp_path_factory.mktemp("fuzz"), 3, context_length=256, max_predict=32,
+    with own_stack(settings, tmp_path_factory.mktemp("fuzz"), 3, context_length=256, max_predict=8,
                    pull_hosts=["registry.invalid"]) as stack:
         yield stack
 
 
 def test_generation_is_capped_by_corral_max_predict(fuzz_stack: Stack) -> None:
-    """The fuzz stack runs with CORRAL_MAX_PREDICT=32: an unlimited or huge num_predict generates at most 32."""
+    """The fuzz stack runs with CORRAL_MAX_PREDICT=8: an unlimited or huge num_predict generates at most 8."""
     for limit in (-1, 100_000):
         body = {"model": "smollm2", "prompt": "Count from one to a thousand.", "stream": False,
                 "options": {"num_predict": limit, "temperature": 0}}
         reply = httpx.post(fuzz_stack.base_url + "/api/generate", json=body, timeout=120).json()
-        assert 0 < reply["eval_count"] <= 32, reply
+        assert 0 < reply["eval_count"] <= 8, reply
 
 
 
