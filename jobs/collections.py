@@ -51,6 +51,7 @@ DEFAULT_MODEL = "all-minilm"
 AUTO = Chunking(800, 400)  # OpenAI's "auto": 800 tokens a chunk, 400 shared with the previous one
 INDEX_CHUNK_SIZE = 8  # documents per Celery task: a chunk of documents is a few seconds of embedding
 MAX_SYNC_DOCUMENTS = 100_000
+TOUCH_EVERY = timedelta(minutes=1)  # how stale a store's last_active_at may get before a search writes it (days count)
 
 IN_PROGRESS, COMPLETED, FAILED, CANCELLED = "in_progress", "completed", "failed", "cancelled"
 STATUSES = (IN_PROGRESS, COMPLETED, FAILED, CANCELLED)
@@ -270,6 +271,7 @@ class CollectionService:
             if row.expires_at is not None and as_utc(row.expires_at) <= utcnow():
                 raise BadRequest(f"vector store {store_id} has expired", param="vector_store_id")
             target = SearchTarget(row.id, row.model, row.model_digest)
+            stale = utcnow() - as_utc(row.last_active_at) > TOUCH_EVERY
         try:
             record = self.store.get(target.model)
         except NotFound as exc:
@@ -278,7 +280,8 @@ class CollectionService:
         if record.model_digest != target.model_digest:
             raise Conflict(f"the model '{target.model}' has changed since vector store {store_id} was embedded; "
                            "re-embed it (corral collection reembed)")
-        self.touch(store_id)
+        if stale:  # a search is a read: it writes the store's last use only now and then
+            self.touch(store_id)
         return target
 
     # -- files ------------------------------------------------------------------------------------------
