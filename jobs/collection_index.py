@@ -18,6 +18,9 @@ from typing import Any
 from sqlalchemy import String, and_, cast, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
+from corral.errors import BadRequest
+from corral.modelstore.store import ModelRecord
+from corral.wire.vector_stores import Chunking
 from jobs import collection_search
 from jobs.files import epoch
 from jobs.models import (
@@ -34,6 +37,7 @@ from jobs.models import (
 )
 
 INDEX_KIND = "index"  # the job kind of a collection's indexing: one item per document
+AUTO = Chunking(800, 400)  # OpenAI's "auto": 800 tokens a chunk, 400 shared with the previous one
 MAX_DOCUMENT_CHARS = 8_000_000  # about 2 M tokens: a document past it is refused, not half indexed
 
 
@@ -48,14 +52,42 @@ class IndexedChunk:
     tokens: int
 
 
+def context_length(record: ModelRecord) -> int:
+    """The longest input the model embeds whole (its training context), in tokens; 512 when unknown."""
+    info = record.config.get("model_info") or {}
+    family = str(record.config.get("model_family") or info.get("general.architecture") or "")
+    try:
+        return int(info.get(f"{family}.context_length") or 512)
+    except (TypeError, ValueError):
+        return 512
+
+
+def resolve_chunking(record: ModelRecord, chunking: Chunking | None) -> Chunking:
+    """The chunking a document gets: ``auto`` is OpenAI's 800/400, cut to what the model embeds whole (a chunk
+    longer than its context would lose its end); a static strategy longer than that is refused."""
+    limit = context_length(record)
+    if chunking is None:
+        size = min(AUTO.max_tokens, limit)
+        return Chunking(size, min(AUTO.overlap, size // 2))
+    if chunking.max_tokens > limit:
+        raise BadRequest(
+            f"chunking_strategy.static.max_chunk_size_tokens {chunking.max_tokens} is more than the model "
+            f"embeds at once ({limit} tokens)", param="chunking_strategy")
+    return chunking
+
+
+def chunking_view(tokens: int, overlap: int) -> dict[str, Any]:
+    """A resolved chunking as OpenAI's responses give it (``auto`` is never echoed: its numbers are)."""
+    return {"type": "static", "static": {"max_chunk_size_tokens": tokens, "chunk_overlap_tokens": overlap}}
+
+
 def document_view(doc: CollectionDocument) -> dict[str, Any]:
     """OpenAI's ``vector_store.file`` for a document (its id is its File's)."""
     return {
         "id": doc.file_id, "object": "vector_store.file", "usage_bytes": int(doc.usage_bytes or 0),
         "created_at": epoch(doc.created_at), "vector_store_id": doc.collection_id, "status": doc.status,
         "last_error": doc.last_error, "attributes": doc.attributes,
-        "chunking_strategy": {"type": "static", "static": {"max_chunk_size_tokens": doc.chunk_tokens,
-                                                           "chunk_overlap_tokens": doc.chunk_overlap}},
+        "chunking_strategy": chunking_view(doc.chunk_tokens, doc.chunk_overlap),
         # corral's: where the document came from (a path for `corral collection sync`) and what it became
         "source_id": doc.source_id, "filename": doc.filename, "chunks": doc.chunk_count,
     }

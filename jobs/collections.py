@@ -20,10 +20,10 @@ from __future__ import annotations
 import builtins
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from corral.errors import BadRequest, Conflict, NotFound
@@ -31,9 +31,9 @@ from corral.modelstore.store import ModelRecord, ModelStore
 from corral.settings import Settings
 from corral.wire.vector_stores import Chunking, FileSpec, SyncDocument
 from jobs import collection_search
-from jobs.collection_index import INDEX_KIND, document_view, settle
+from jobs.collection_index import INDEX_KIND, chunking_view, context_length, document_view, resolve_chunking, settle
 from jobs.db import sessions
-from jobs.files import cursor_page, epoch
+from jobs.files import cursor_page, cursor_query, epoch
 from jobs.ids import openai_id
 from jobs.keys import Principal
 from jobs.models import (
@@ -48,7 +48,6 @@ from jobs.models import (
 from jobs.service import JobService
 
 DEFAULT_MODEL = "all-minilm"
-AUTO = Chunking(800, 400)  # OpenAI's "auto": 800 tokens a chunk, 400 shared with the previous one
 INDEX_CHUNK_SIZE = 8  # documents per Celery task: a chunk of documents is a few seconds of embedding
 MAX_SYNC_DOCUMENTS = 100_000
 TOUCH_EVERY = timedelta(minutes=1)  # how stale a store's last_active_at may get before a search writes it (days count)
@@ -64,34 +63,6 @@ class SearchTarget:
     collection_id: str
     model: str
     model_digest: str
-
-
-def context_length(record: ModelRecord) -> int:
-    """The longest input the model embeds whole (its training context), in tokens; 512 when unknown."""
-    info = record.config.get("model_info") or {}
-    family = str(record.config.get("model_family") or info.get("general.architecture") or "")
-    try:
-        return int(info.get(f"{family}.context_length") or 512)
-    except (TypeError, ValueError):
-        return 512
-
-
-def resolve_chunking(record: ModelRecord, chunking: Chunking | None) -> Chunking:
-    """The chunking a document gets: ``auto`` is OpenAI's 800/400, cut to what the model embeds whole (a chunk
-    longer than its context would lose its end); a static strategy longer than that is refused."""
-    limit = context_length(record)
-    if chunking is None:
-        size = min(AUTO.max_tokens, limit)
-        return Chunking(size, min(AUTO.overlap, size // 2))
-    if chunking.max_tokens > limit:
-        raise BadRequest(
-            f"chunking_strategy.static.max_chunk_size_tokens {chunking.max_tokens} is more than the model "
-            f"embeds at once ({limit} tokens)", param="chunking_strategy")
-    return chunking
-
-
-def _chunking_view(tokens: int, overlap: int) -> dict[str, Any]:
-    return {"type": "static", "static": {"max_chunk_size_tokens": tokens, "chunk_overlap_tokens": overlap}}
 
 
 @dataclass
@@ -178,7 +149,7 @@ class CollectionService:
             "expires_after": {"anchor": "last_active_at", "days": row.expires_days} if row.expires_days else None,
             "expires_at": epoch(row.expires_at), "last_active_at": epoch(row.last_active_at), "metadata": row.meta,
             # corral's: the model the vectors come from, and how documents are chunked
-            "model": row.model, "chunking_strategy": _chunking_view(row.chunk_tokens, row.chunk_overlap),
+            "model": row.model, "chunking_strategy": chunking_view(row.chunk_tokens, row.chunk_overlap),
         }
         if row.reembed_job:
             view["reembed"] = {"model": row.next_model, "job_id": row.reembed_job}
@@ -199,7 +170,7 @@ class CollectionService:
                 query = query.where(Collection.owner == owner)
             if name is not None:
                 query = query.where(Collection.name == name)
-            query = _cursor(session, query, Collection, Collection.created_at, Collection.id, order, after, before)
+            query = cursor_query(session, query, Collection, Collection.created_at, Collection.id, order, after, before)
             rows = builtins.list(session.scalars(query.limit(limit + 1)))
             data = [self._view(session, r) for r in rows[:limit]]
             session.commit()
@@ -337,7 +308,7 @@ class CollectionService:
                 query = query.where(CollectionDocument.status == status)
             if batch_id is not None:
                 query = query.where(CollectionDocument.batch_id == batch_id)
-            query = _cursor(session, query, CollectionDocument, CollectionDocument.created_at,
+            query = cursor_query(session, query, CollectionDocument, CollectionDocument.created_at,
                             CollectionDocument.file_id, order, after, before,
                             scope=CollectionDocument.collection_id == store_id)
             rows = builtins.list(session.scalars(query.limit(limit + 1)))
@@ -617,24 +588,3 @@ class _Entry:
 def _lazy(bodies: list[tuple[str, dict[str, Any]]]) -> Iterator[tuple[str | None, dict[str, Any]]]:
     """The job's items, read only once ``prepare`` has filled ``bodies`` inside the submission's transaction."""
     yield from bodies
-
-
-def _cursor(session: Session, query: Any, model: Any, created: Any, ident: Any, order: str, after: str | None,
-            before: str | None, scope: Any = None) -> Any:
-    """Order by (created_at, id) and start strictly past the ``after`` object (or stop before ``before``)."""
-    desc = order != "asc"
-    for cursor, past in ((after, desc), (before, not desc)):
-        if cursor is None:
-            continue
-        anchor_query = select(created).where(ident == cursor)
-        if scope is not None:
-            anchor_query = anchor_query.where(scope)
-        anchor: datetime | None = session.scalar(anchor_query)
-        if anchor is None:
-            continue
-        if past:
-            query = query.where((created < anchor) | and_(created == anchor, ident < cursor))
-        else:
-            query = query.where((created > anchor) | and_(created == anchor, ident > cursor))
-    return query.order_by(created.desc(), ident.desc()) if desc else query.order_by(created.asc(), ident.asc())
-

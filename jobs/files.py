@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, select, update
 from sqlalchemy.orm import Session
 
 from corral.errors import BadRequest, NotFound, PayloadTooLarge
@@ -191,3 +191,24 @@ class FileStore:
                 skipping, pending = True, b""
         if pending.strip() and not skipping:
             yield number + 1, pending
+
+
+def cursor_query(session: Session, query: Any, model: Any, created: Any, ident: Any, order: str, after: str | None,
+                 before: str | None, scope: Any = None) -> Any:
+    """Order by (created_at, id) and start strictly past the ``after`` object (or stop before ``before``)."""
+    desc = order != "asc"
+    for cursor, past in ((after, desc), (before, not desc)):
+        if cursor is None:
+            continue
+        anchor_query = select(created).where(ident == cursor)
+        if scope is not None:
+            anchor_query = anchor_query.where(scope)
+        anchor: datetime | None = session.scalar(anchor_query)
+        if anchor is None:
+            continue
+        if past:
+            query = query.where((created < anchor) | and_(created == anchor, ident < cursor))
+        else:
+            query = query.where((created > anchor) | and_(created == anchor, ident > cursor))
+    return query.order_by(created.desc(), ident.desc()) if desc else query.order_by(created.asc(), ident.asc())
+

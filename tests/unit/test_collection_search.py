@@ -360,6 +360,12 @@ def test_sign_bits_pack_one_bit_a_dimension_in_whole_words() -> None:
     assert cv.sign_bits(np.ones((3, 100), np.float32)).shape == (3, 2)  # 100 bits fill two words
 
 
+def _block_backends() -> list[Any]:
+    """The backends whose vector index is sign-bit blocks: all but pgvector's (HNSW)."""
+    return [p for p in _params() if (p.values[0] if hasattr(p, "values") else p) != "pgvector"]
+
+
+@pytest.mark.parametrize("database", _block_backends(), indirect=True)
 def test_the_sign_bit_leg_rescores_its_candidates_to_the_exact_top_k(sessions: sessionmaker[Session]) -> None:
     """By Hamming distance to the query's signs ``near`` comes first, ``nearer`` second, ``nearest`` third, and by
     cosine the other way round: rescoring three candidates gives the exact top two; two candidates cannot."""
@@ -368,9 +374,7 @@ def test_the_sign_bit_leg_rescores_its_candidates_to_the_exact_top_k(sessions: s
         add_collection(session, "vs_a")
         far = [(f"far {i}", unit(-1.0, *np.random.default_rng(i).uniform(-1, 1, DIMS - 1))) for i in range(40)]
         _, ids = add_document(session, "vs_a", "signs", [("near", near), ("nearer", nearer), ("nearest", nearest), *far])
-        layout = cv._layout(session)
-    if layout != "blocks":
-        pytest.skip("pgvector: no sign bits")
+        assert cv._layout(session) == "blocks"
     q = unit(1.0)
     exact = cv.chunks_legs(sessions, "vs_a", DIGEST, [q], None, 2)[0]
     assert [c for c, _, _ in exact] == [ids[2], ids[1]]
