@@ -170,7 +170,7 @@ class CollectionService:
                 query = query.where(Collection.owner == owner)
             if name is not None:
                 query = query.where(Collection.name == name)
-            query = cursor_query(session, query, Collection, Collection.created_at, Collection.id, order, after, before)
+            query = cursor_query(session, query, Collection.created_at, Collection.id, order, after, before)
             rows = builtins.list(session.scalars(query.limit(limit + 1)))
             data = [self._view(session, r) for r in rows[:limit]]
             session.commit()
@@ -308,7 +308,7 @@ class CollectionService:
                 query = query.where(CollectionDocument.status == status)
             if batch_id is not None:
                 query = query.where(CollectionDocument.batch_id == batch_id)
-            query = cursor_query(session, query, CollectionDocument, CollectionDocument.created_at,
+            query = cursor_query(session, query, CollectionDocument.created_at,
                             CollectionDocument.file_id, order, after, before,
                             scope=CollectionDocument.collection_id == store_id)
             rows = builtins.list(session.scalars(query.limit(limit + 1)))

@@ -193,7 +193,7 @@ class FileStore:
             yield number + 1, pending
 
 
-def cursor_query(session: Session, query: Any, model: Any, created: Any, ident: Any, order: str, after: str | None,
+def cursor_query(session: Session, query: Any, created: Any, ident: Any, order: str, after: str | None,
                  before: str | None, scope: Any = None) -> Any:
     """Order by (created_at, id) and start strictly past the ``after`` object (or stop before ``before``)."""
     desc = order != "asc"
