@@ -39,6 +39,19 @@ def queues_for(store: ModelStore, models: list[str] | None) -> tuple[list[str], 
 STORE_SCAN_SECONDS = 3.0
 
 
+def check_kernels() -> dict[str, Any]:
+    """The CPU kernel level compiled into the llama.cpp this process loads, refused where this CPU lacks it
+    (a venv or image built on a newer CPU): a clear error now instead of SIGILL on the first request."""
+    import llama_cpp
+
+    from corral.cpu_kernels import KernelMismatch, check_loaded
+
+    try:
+        return check_loaded(llama_cpp.llama_print_system_info().decode("utf-8", "replace"))
+    except KernelMismatch as exc:
+        raise CorralError(str(exc)) from exc
+
+
 def _serve_new_models(app: Any, runtime: Any, store: ModelStore) -> None:
     """Start consuming the queues of models pulled since start-up (a worker without ``--models`` serves all).
 
@@ -82,6 +95,9 @@ def run_worker(
         # Must happen before llama_cpp (and so CUDA) is first imported in this process.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    kernels = check_kernels()
+    logging.getLogger("corral.worker").info("llama.cpp CPU kernels: %s (%s)", kernels["variant"],
+                                            " ".join(kernels["features"]))
     store = ModelStore(settings.models_path)
     if pull_from:
         from corral.modelstore.remote import pull_from_server
@@ -118,7 +134,7 @@ def run_worker(
         # says False itself (corral/broker.py: a running chunk writes to SQL and goes on), so the warning is noise.
         # Here, not earlier: Celery's logging setup puts its own "always" filter for these warnings first.
         warnings.filterwarnings("ignore", message=r"\s*In Celery 5.1 we introduced an optional breaking change")
-        runtime = WorkerRuntime(settings, name, gpu=gpu, queues=queues, models=names)
+        runtime = WorkerRuntime(settings, name, gpu=gpu, queues=queues, models=names, kernels=kernels)
         runtime.requests.pull_from = pull_from
         app.corral_runtime = runtime
         reconciler = Reconciler(settings, app, runtime.redis, name)

@@ -44,8 +44,10 @@ def task_threads(num_parallel: int) -> int:
 class WorkerRuntime:
     """Everything one worker process needs to serve requests."""
 
-    def __init__(self, settings: Settings, name: str, *, gpu: int | None, queues: list[str], models: list[str]) -> None:
+    def __init__(self, settings: Settings, name: str, *, gpu: int | None, queues: list[str], models: list[str],
+                 kernels: dict[str, Any] | None = None) -> None:
         self.settings = settings
+        self.kernels = kernels or {}  # the CPU kernel level llama.cpp runs with (corral/cpu_kernels.py)
         self.name = name
         self.gpu = gpu
         self.queues = queues
@@ -159,6 +161,7 @@ class WorkerRuntime:
             "pid": os.getpid(),
             "gpu": self.gpu,
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "cpu_kernels": self.kernels,
             "queues": self.queues,
             "models": self.models,
             "started_at": self.started_at,

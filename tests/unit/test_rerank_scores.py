@@ -87,8 +87,12 @@ def test_packed_pairs_score_as_each_alone(
     assert max(decodes) <= CPU_PACK_TOKENS and len(decodes) < len(built) / 2  # many pairs share each decode
     expected = reference.scores(built)
     assert max(abs(a - b) for a, b in zip(scores, expected, strict=True)) < TOLERANCE
+    # Alone, each pair scores as the reference too.  Not bit for bit as packed: with AVX-512 kernels (zen4) llama.cpp
+    # multiplies a one-pair decode and a packed one by different paths, and scores part by up to ~4e-4 (the AVX2
+    # build agrees to 1e-5); both are within the reference's tolerance.
     alone = [score_pairs(model, [p])[0] for p in built[:5]]
-    assert alone == pytest.approx(scores[:5], abs=1e-5)
+    assert alone == pytest.approx(expected[:5], abs=TOLERANCE)
+    assert alone == pytest.approx(scores[:5], abs=TOLERANCE)
 
 
 def test_a_literal_separator_in_a_document_stays_text(model: LoadedModel, reference: ReferenceCrossEncoder) -> None:

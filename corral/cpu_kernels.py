@@ -1,0 +1,199 @@
+"""Which of llama.cpp's x86-64 CPU kernel sets this machine gets, at build time and at run time.
+
+ggml compiles its CPU kernels for one instruction-set level per build.  A build that stops at AVX2 leaves an
+AVX-512 machine's VNNI and BF16 units idle (embedding is all prefill, so that is most of its speed); a build for
+a newer level than the CPU has dies on its first illegal instruction.  ggml's own answer, one library per level
+loaded at run time (``GGML_CPU_ALL_VARIANTS``), builds the CPU backend fourteen times, and llama-cpp-python 0.3
+does not install those libraries.  corral picks instead: ``make install`` asks this module for the best level
+this CPU supports (:func:`choose`) and builds that one, keyed by its name in corral's own wheel cache, so a wheel
+is never handed to a CPU it was not built for.  A worker checks the kernels compiled into the library it
+loaded against the CPU it runs on (:func:`check_loaded`): a venv or image moved to an older CPU gets a clear
+error instead of SIGILL.
+
+The levels and their names are ggml's ``GGML_CPU_ALL_VARIANTS`` list (ggml/src/CMakeLists.txt), best first.
+AMX (sapphirerapids) is left out unless ``CORRAL_CPU_AMX=1``: a native build once crashed in ggml's AMX kernels
+here, and no machine with AMX has run the suite since.  ``CORRAL_CPU_VARIANT=<name>`` picks a level by hand
+(``haswell`` is the portable x86-64-v3 build of earlier releases; ``x64`` runs anywhere).
+
+Standard library only: ``make install`` runs it with the system Python before the venv exists
+(``python3 corral/cpu_kernels.py cmake-args``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+# ggml's feature switch (GGML_<name>=ON) -> the /proc/cpuinfo flags the kernels it enables execute.
+FEATURE_FLAGS: dict[str, tuple[str, ...]] = {
+    "SSE42": ("sse4_2",),
+    "AVX": ("avx",),
+    "F16C": ("f16c",),
+    "FMA": ("fma",),
+    "AVX2": ("avx2",),
+    "BMI2": ("bmi2",),
+    "AVX_VNNI": ("avx_vnni",),
+    "AVX512": ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"),
+    "AVX512_VBMI": ("avx512vbmi",),
+    "AVX512_VNNI": ("avx512_vnni",),
+    "AVX512_BF16": ("avx512_bf16",),
+    "AMX_TILE": ("amx_tile",),
+    "AMX_INT8": ("amx_int8",),
+}
+# The names llama_print_system_info() gives the compiled-in features (ggml-cpu.cpp), for those it reports.
+REPORTED = ("AVX", "AVX_VNNI", "AVX2", "F16C", "FMA", "BMI2", "AVX512", "AVX512_VBMI", "AVX512_VNNI",
+            "AVX512_BF16", "AMX_INT8")
+
+_BASE = ("SSE42", "AVX", "F16C", "FMA", "AVX2", "BMI2")
+_512 = (*_BASE, "AVX512")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One kernel level: ggml's name for it and the features it is built with."""
+
+    name: str
+    features: tuple[str, ...]
+
+    def flags(self) -> set[str]:
+        return {flag for feature in self.features for flag in FEATURE_FLAGS[feature]}
+
+    def cmake_args(self) -> list[str]:
+        args = ["-DGGML_NATIVE=OFF"]
+        args += [f"-DGGML_{feature}={'ON' if feature in self.features else 'OFF'}" for feature in FEATURE_FLAGS]
+        return args
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("sapphirerapids", (*_512, "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AMX_TILE", "AMX_INT8")),
+    Variant("zen4", (*_512, "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16")),
+    Variant("cooperlake", (*_512, "AVX512_VNNI", "AVX512_BF16")),
+    Variant("icelake", (*_512, "AVX512_VBMI", "AVX512_VNNI")),
+    Variant("cascadelake", (*_512, "AVX512_VNNI")),
+    Variant("cannonlake", (*_512, "AVX512_VBMI")),
+    Variant("skylakex", _512),
+    Variant("alderlake", (*_BASE, "AVX_VNNI")),
+    Variant("haswell", _BASE),
+    Variant("piledriver", ("SSE42", "AVX", "F16C", "FMA")),
+    Variant("ivybridge", ("SSE42", "AVX", "F16C")),
+    Variant("sandybridge", ("SSE42", "AVX")),
+    Variant("sse42", ("SSE42",)),
+    Variant("x64", ()),
+)
+BY_NAME = {v.name: v for v in VARIANTS}
+AMX_VARIANTS = frozenset({"sapphirerapids"})
+
+
+class KernelMismatch(RuntimeError):
+    """The loaded llama.cpp library was compiled for instructions this CPU does not have."""
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The instruction-set flags of this machine's first CPU (Linux's /proc/cpuinfo; empty elsewhere)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return set(value.split())
+    return set()
+
+
+def is_x86_64() -> bool:
+    return platform.machine().lower() in {"x86_64", "amd64"}
+
+
+def choose(flags: Iterable[str], *, override: str | None = None, allow_amx: bool = False) -> Variant:
+    """The best level whose every instruction *flags* has (or the one *override* names)."""
+    have = set(flags)
+    if override:
+        try:
+            return BY_NAME[override]
+        except KeyError:
+            raise ValueError(f"CORRAL_CPU_VARIANT={override!r} is not one of: {', '.join(BY_NAME)}") from None
+    for variant in VARIANTS:
+        if variant.name in AMX_VARIANTS and not allow_amx:
+            continue
+        if variant.flags() <= have:
+            return variant
+    return BY_NAME["x64"]
+
+
+def choose_here(env: dict[str, str] | None = None) -> Variant | None:
+    """This machine's level under the environment's settings; None off x86-64 or where the CPU's flags cannot be
+    read (not Linux): ggml's own defaults apply there."""
+    env = dict(os.environ) if env is None else env
+    flags = cpu_flags()
+    override = env.get("CORRAL_CPU_VARIANT") or None
+    if not is_x86_64() or not (flags or override):
+        return None
+    return choose(flags, override=override,
+                  allow_amx=env.get("CORRAL_CPU_AMX", "") in {"1", "true", "yes"})
+
+
+def compiled_features(system_info: str) -> set[str]:
+    """The features llama_print_system_info() says are compiled into the CPU backend (``AVX2 = 1``)."""
+    found: set[str] = set()
+    for part in system_info.replace("\n", "|").split("|"):
+        key, _, value = part.partition("=")
+        name = key.split(":")[-1].strip()
+        if value.strip() == "1" and name in FEATURE_FLAGS:
+            found.add(name)
+    return found
+
+
+def describe(features: set[str]) -> str:
+    """The variant name of a compiled feature set, as far as system_info can tell them apart."""
+    reported = features & set(REPORTED)
+    for variant in VARIANTS:
+        if set(variant.features) & set(REPORTED) == reported:
+            return variant.name
+    return "custom"
+
+
+def check_loaded(system_info: str, flags: set[str] | None = None) -> dict[str, Any]:
+    """What the loaded library runs with, or :class:`KernelMismatch` where this CPU lacks some of it."""
+    features = compiled_features(system_info)
+    info: dict[str, Any] = {"variant": describe(features), "features": sorted(features)}
+    if not is_x86_64():
+        return info
+    have = cpu_flags() if flags is None else flags
+    if not have:
+        return info  # no /proc/cpuinfo to compare against
+    missing = sorted({flag for feature in features for flag in FEATURE_FLAGS[feature]} - have)
+    if missing:
+        best = choose(have)
+        raise KernelMismatch(
+            f"llama-cpp-python was built for the {info['variant']} kernels, which use {', '.join(missing)}; this CPU "
+            f"lacks them and would stop on an illegal instruction. Rebuild on this machine (`make install` picks "
+            f"{best.name}), or build with CORRAL_CPU_VARIANT=<a level every host has> for a shared image.")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="llama.cpp CPU kernel level for this machine")
+    parser.add_argument("what", choices=["name", "cmake-args"])
+    args = parser.parse_args(argv)
+    try:
+        variant = choose_here()
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if args.what == "name":
+        print(variant.name if variant else platform.machine().lower() or "unknown")
+    else:
+        print(" ".join(variant.cmake_args()) if variant else "")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
