@@ -2,6 +2,11 @@
 
 Redis: the one ``REDIS_URL`` names (CI and dev machines run one), else a private ``redis-server`` started here.
 Database: ``TEST_DATABASE_URL`` (PostgreSQL in CI), else SQLite in the session's temporary directory.
+
+``make test`` runs the suite in several processes (pytest-xdist, ``-n``, whole files to each): most of a test's
+time is spent waiting on the processes it started, so one pytest keeps a 2-core machine a third busy.  Each
+xdist worker is a session of its own, with its own stack, and shares nothing with its peers (see
+:func:`pytest_configure`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,41 @@ from corral.settings import Settings
 from harness.processes import redis_or_private
 from harness.stack import Stack, fresh_database
 from tests.helpers import Registry, child_processes, clean_redis, make_settings, with_db
+
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under `pytest -n N`; None otherwise
+
+
+def worker_schema() -> str | None:
+    """The PostgreSQL schema this xdist worker keeps its tables in (None: not under xdist)."""
+    return f"corral_test_{XDIST_WORKER}" if XDIST_WORKER else None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """An xdist worker shares nothing with its peers.  Redis: the first keeps ``REDIS_URL``'s server, the others
+    start a private one each (a test that flushes its Redis or cuts it off must not touch a peer's jobs; sixteen
+    database numbers are too few to share out).  PostgreSQL: a schema of ``TEST_DATABASE_URL`` of its own, made
+    the default of every connection of this process and of the workers and servers it starts by libpq's
+    ``PGOPTIONS`` (a test that names its own schema in the URL still gets that one)."""
+    schema = worker_schema()
+    if schema is None:
+        return
+    if XDIST_WORKER != "gw0":
+        os.environ.pop("REDIS_URL", None)
+    url = os.environ.get("TEST_DATABASE_URL", "")
+    if url.startswith("postgresql"):
+        _create_schema(url, schema)
+        os.environ["PGOPTIONS"] = f"-c search_path={schema}"
+
+
+def _create_schema(url: str, schema: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema}"))
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +95,9 @@ def pgvector_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
     url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    schema = worker_schema()
+    if schema is not None and "PGOPTIONS" in os.environ:  # PGOPTIONS names it on every server this process reaches
+        _create_schema(url, schema)
     try:
         yield url
     finally:
@@ -157,7 +200,10 @@ def spy_llama_decode(monkeypatch: pytest.MonkeyPatch) -> Callable[[Callable[[Any
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Every process a test started (workers, API servers, Redis, `corral up`) must be gone once the fixtures are
-    torn down, pass or fail: one left behind fails the run, and is killed."""
+    torn down, pass or fail: one left behind fails the run, and is killed.  Under xdist each worker checks its
+    own; the controller's children are those workers, still running when it gets here."""
+    if XDIST_WORKER is None and getattr(session.config.option, "numprocesses", None):
+        return
     left = child_processes(os.getpid())
     if left:
         for pid, _ in left:
