@@ -113,7 +113,7 @@ def client_url(value: str) -> str:
 
 
 # What CPU workers decode chat models with (workers/weights.py explains the choice).
-CpuWeights = Literal["auto", "native", "q8_0"]
+CpuWeights = Literal["auto", "native", "q8_0", "bf16"]
 
 
 class Settings(BaseSettings):
@@ -220,11 +220,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("CORRAL_CPU_WEIGHTS", "cpu_weights"),
         description=(
             "Weights a CPU worker decodes with: `auto` = a Q8_0 copy (made once under the model store) of "
-            "Q4_1/Q5_1 chat models when it runs several slots, where llama.cpp batches Q8_0 faster; "
-            "`native` = always the model's own; `q8_0` = a Q8_0 copy of every model quantized below 8 bits and "
-            "of F16 embedding models (all-minilm's copy: minimum cosine to sentence-transformers 0.9990 against "
-            "F16's 1.0000, 0.76x F16's speed on an AVX2 CPU, and its vectors move up to 5e-4 in cosine with the "
-            "batch they are packed in)."
+            "Q4_1/Q5_1 chat models when it runs several slots, where llama.cpp batches Q8_0 faster, and a BF16 "
+            "copy of F16 embedding models where llama.cpp runs AVX512-BF16 kernels (1.4x F16's speed, minimum "
+            "cosine to sentence-transformers 1.0000); `native` = always the model's own; `q8_0` = a Q8_0 copy of "
+            "every model quantized below 8 bits and of F16 embedding models (minimum cosine 0.9990, slower than "
+            "F16 on the CPUs measured); `bf16` = a BF16 copy of every F16 or F32 model."
         ),
     )
     chunk_size: int = Field(

@@ -30,7 +30,7 @@ from workers.fitting import Render, Rendered, fit_messages
 from workers.media import MediaPrompt, decode_images
 from workers.registry import ModelRegistry
 from workers.rerank import has_classifier_head, require_reranker, rerank
-from workers.weights import choose_weights
+from workers.weights import bf16_kernels, choose_weights
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +86,11 @@ class RequestRunner:
             n_ctx = min(n_ctx, train_ctx)
         n_ctx = max(n_ctx, 4)
         n_gpu = load.num_gpu if self.gpu is not None else 0
+        on_cpu = n_gpu == 0
         weights = choose_weights(
-            self.settings.cpu_weights, str(record.config.get("file_type") or "unknown"), on_cpu=n_gpu == 0,
-            parallel=self.settings.num_parallel, embedding=embedding,
+            self.settings.cpu_weights, str(record.config.get("file_type") or "unknown"), on_cpu=on_cpu,
+            parallel=self.settings.num_parallel, embedding=embedding, rank=rank,
+            bf16=on_cpu and embedding and bf16_kernels(),
         )
         return LoadSpec(
             path=self.store.blob_path(record.model_digest),

@@ -1,5 +1,6 @@
 """``CORRAL_CPU_WEIGHTS=q8_0`` embeds F16 models from a Q8_0 copy of their weights (workers/weights.py), at
-sentence-transformers fidelity; ``auto`` and ``native`` keep the F16 weights.
+sentence-transformers fidelity; ``auto`` embeds them from a BF16 copy where llama.cpp runs AVX512-BF16 kernels
+(faster there, and as faithful) and from the F16 weights elsewhere; ``native`` keeps the F16 weights.
 
 The copy is the issue #39 precision lever: embedding is all prefill, and llama.cpp's Q8_0 prefill can be faster
 on a CPU than its F16 one.  It is only worth having while the vectors stay where sentence-transformers puts them,
@@ -24,7 +25,7 @@ from workers import weights
 from workers.engine import LoadedModel, LoadSpec
 
 REFERENCE = Path(__file__).parent.parent / "fixtures" / "minilm_reference.json"
-F16, Q8_0 = 1, 7  # general.file_type of a GGUF whose weights are mostly F16 / Q8_0
+F16, Q8_0, BF16 = 1, 7, 32  # general.file_type of a GGUF whose weights are mostly F16 / Q8_0 / BF16
 MIN_COSINE = 0.995
 
 
@@ -64,12 +65,24 @@ def test_the_q8_0_copy_of_an_f16_embedding_model_keeps_sentence_transformers_fid
     assert cosine >= MIN_COSINE
 
 
+def test_the_bf16_copy_of_an_f16_embedding_model_keeps_sentence_transformers_fidelity(
+    models_dir: Path, tmp_path: Path,
+) -> None:
+    store = ModelStore(tmp_path / "models")
+    store.register_gguf(["scratch-minilm"], minilm_blob(models_dir).resolve(), link=True)
+    blob = store.blob_path(store.get("scratch-minilm").model_digest)
+    loaded, cosine = min_cosine(blob, "bf16")
+    assert loaded == weights.derived_path(blob, "bf16")
+    assert read_gguf_metadata(loaded)[0]["general.file_type"] == BF16
+    assert cosine > 0.9999  # measured 1.0000 (to 4 places): BF16 keeps F16's fidelity here
+
+
 def test_native_and_auto_keep_the_f16_weights(models_dir: Path) -> None:
     blob = minilm_blob(models_dir)
     for mode in ("native", "auto"):
         for parallel in (0, 1, 8):
             chosen = weights.choose_weights(mode, "F16", on_cpu=True, parallel=parallel, embedding=True)  # type: ignore[arg-type]
-            assert chosen == "native"
+            assert chosen == "native"  # auto without AVX512-BF16 kernels (bf16=False)
     assert weights.choose_weights("q8_0", "F16", on_cpu=False, parallel=0, embedding=True) == "native"  # GPU
     assert weights.choose_weights("q8_0", "F16", on_cpu=True, parallel=0, embedding=False) == "native"  # chat
 
@@ -78,8 +91,13 @@ def test_native_and_auto_keep_the_f16_weights(models_dir: Path) -> None:
     assert cosine > 0.9999  # F16 is where the copy is measured from: as close as the conversion gets
 
 
-def test_the_sessions_auto_worker_embeds_from_the_f16_weights(base_url: str, settings: Settings) -> None:
+def test_the_sessions_auto_worker_embeds_from_bf16_exactly_where_the_kernels_have_it(
+    base_url: str, settings: Settings,
+) -> None:
+    """The worker runs the same llama.cpp build as this process: its kernels decide, as bf16_kernels() says here."""
     assert settings.cpu_weights == "auto"
-    r = httpx.post(base_url + "/api/embed", json={"model": "all-minilm", "input": ["no copy"]}, timeout=120)
+    r = httpx.post(base_url + "/api/embed", json={"model": "all-minilm", "input": ["which weights"]}, timeout=120)
     assert r.status_code == 200, r.text
-    assert not weights.derived_path(minilm_blob(settings.models_path), "q8_0").exists()
+    blob = minilm_blob(settings.models_path)
+    assert not weights.derived_path(blob, "q8_0").exists()
+    assert weights.derived_path(blob, "bf16").exists() == weights.bf16_kernels()

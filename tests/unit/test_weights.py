@@ -25,10 +25,34 @@ from workers.weights import choose_weights, derived_path
         ("q8_0", "F16", True, 0, False, "native"),  # never lose precision
         ("q8_0", "unknown", True, 0, False, "native"),
         ("q8_0", "Q4_1", False, 0, False, "native"),
+        ("bf16", "F16", True, 0, False, "bf16"),  # asked for: any wide float model
+        ("bf16", "F32", True, 0, True, "bf16"),
+        ("bf16", "Q4_1", True, 0, False, "native"),  # a quantized model's copy would only grow
+        ("bf16", "F16", False, 0, True, "native"),
     ],
 )
 def test_choose_weights(mode: str, file_type: str, on_cpu: bool, parallel: int, embedding: bool, expected: str) -> None:
     got = choose_weights(mode, file_type, on_cpu=on_cpu, parallel=parallel, embedding=embedding)  # type: ignore[arg-type]
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("mode", "file_type", "embedding", "rank", "bf16", "expected"),
+    [
+        ("auto", "F16", True, False, True, "bf16"),  # an F16 embedding model where AVX512-BF16 kernels run
+        ("auto", "F16", True, False, False, "native"),  # no such kernels: BF16 is slower than F16 there
+        ("auto", "F16", True, True, True, "native"),  # rerank loads keep their own weights
+        ("auto", "F32", True, False, True, "native"),  # measured on F16 models only
+        ("auto", "Q8_0", True, False, True, "native"),
+        ("auto", "F16", False, False, True, "native"),  # chat: not measured
+        ("q8_0", "F16", True, False, True, "q8_0"),  # asked for
+        ("native", "F16", True, False, True, "native"),
+    ],
+)
+def test_auto_embeds_f16_models_from_bf16_where_the_kernels_have_it(
+    mode: str, file_type: str, embedding: bool, rank: bool, bf16: bool, expected: str,
+) -> None:
+    got = choose_weights(mode, file_type, on_cpu=True, parallel=0, embedding=embedding, rank=rank, bf16=bf16)  # type: ignore[arg-type]
     assert got == expected
 
 
