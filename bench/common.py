@@ -27,8 +27,9 @@ def model_path(home: Path, name: str) -> Path:
 
 
 @contextmanager
-def corral_stack(home: Path, **settings: Any) -> Iterator[Any]:
-    """A real API server and worker process (Redis from :func:`bench_redis`; SQLite in ``home``)."""
+def corral_stack(home: Path, worker_args: tuple[str, ...] = (), **settings: Any) -> Iterator[Any]:
+    """A real API server and worker process (``corral worker`` with ``worker_args``; Redis from
+    :func:`bench_redis`; SQLite in ``home``)."""
     from jobs.db import upgrade
 
     with bench_redis(home) as redis_url:
@@ -38,7 +39,7 @@ def corral_stack(home: Path, **settings: Any) -> Iterator[Any]:
         }
         config = Settings(**values)
         upgrade(config)
-        with Stack(config, home / "logs").running() as stack:
+        with Stack(config, home / "logs").running(*worker_args) as stack:
             yield stack
 
 

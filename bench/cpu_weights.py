@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/cpu_weights.py [--threads 2]
 
-Makes, in a temporary directory, the Q8_0 copy (as ``workers/weights.py`` does) and an F16 one of the default
-chat model, then for each file prints (1) the median time of one ``llama_decode`` step of 1, 8 and 16
+Makes, in a temporary directory, the Q8_0 copy (as ``workers/weights.py`` does), an F16 and a BF16 one of the
+default chat model, then for each file prints (1) the median time of one ``llama_decode`` step of 1, 8 and 16
 single-token sequences and the prefill cost per prompt token, and (2) fidelity against the F16 dequantization
 of the same weights: mean next-token KL divergence and how often the top token is the same, over 16 prompts
 and their 48-token greedy continuations (the F16 row is the reference itself).
@@ -109,7 +109,10 @@ def main() -> None:
         q8 = prepare(native, "q8_0", threads=args.threads)
         f16 = home / "f16.gguf"
         quantize(native, f16, llama_cpp.LLAMA_FTYPE_MOSTLY_F16, threads=args.threads)
-        files = [("Q4_1 (as pulled)", native), ("Q8_0 copy (CORRAL_CPU_WEIGHTS=auto)", q8), ("F16 copy", f16)]
+        bf16 = home / "bf16.gguf"
+        quantize(native, bf16, llama_cpp.LLAMA_FTYPE_MOSTLY_BF16, threads=args.threads)
+        files = [("Q4_1 (as pulled)", native), ("Q8_0 copy (CORRAL_CPU_WEIGHTS=auto)", q8), ("F16 copy", f16),
+                 ("BF16 copy", bf16)]
 
         reader = llama_cpp.Llama(str(native), n_ctx=256, n_threads=args.threads, verbose=False)
         texts = []

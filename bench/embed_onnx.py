@@ -143,10 +143,13 @@ def main() -> None:
     with ExitStack() as stack:
         clients: dict[str, httpx.Client] = {}
         homes: dict[str, Path] = {}
-        for label, mode in (("F16", "native"), ("Q8_0 copy", "q8_0")):
+        for label, mode in (("F16", "native"), ("BF16 copy (auto on AVX512-BF16 kernels)", "bf16"), ("Q8_0 copy", "q8_0")):
             home = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="corral-bench-")))
             model_path(home, "all-minilm")
-            running = stack.enter_context(corral_stack(home, cpu_weights=mode, worker_threads=args.threads, keep_alive=-1))
+            # an embedding-only worker: the best kernel level's libraries where make install put them beside the
+            # generation-level package (corral/cpu_kernels.py)
+            running = stack.enter_context(corral_stack(home, worker_args=("--models", "all-minilm"), cpu_weights=mode,
+                                                       worker_threads=args.threads, keep_alive=-1))
             client = stack.enter_context(httpx.Client(base_url=running.base_url, timeout=900))
             client.post("/api/embed", json={"model": "all-minilm", "input": ["warm up"]}).raise_for_status()
             clients[label], homes[label] = client, home
@@ -167,9 +170,10 @@ def main() -> None:
                 rates[name].append(rows[name][0]())
                 print(f"round {r + 1}: {name}: {rates[name][-1]:.1f} chunks/s (load {loads[-1]:.2f})", flush=True)
 
-        copy = derived_path(ModelStore(homes["Q8_0 copy"] / "models").blob_path(
-            ModelStore(homes["Q8_0 copy"] / "models").get("all-minilm").model_digest), "q8_0")
-        assert copy.is_file(), "the q8_0 worker did not embed from a Q8_0 copy"
+        for label, weights in (("Q8_0 copy", "q8_0"), ("BF16 copy (auto on AVX512-BF16 kernels)", "bf16")):
+            store = ModelStore(homes[label] / "models")
+            copy = derived_path(store.blob_path(store.get("all-minilm").model_digest), weights)
+            assert copy.is_file(), f"the {weights} worker did not embed from a {weights} copy"
         table = []
         onnx_rate = statistics.median(next(iter(rates.values())))
         for name, (_, vectors) in rows.items():

@@ -10,6 +10,15 @@ is never handed to a CPU it was not built for.  A worker checks the kernels comp
 loaded against the CPU it runs on (:func:`check_loaded`): a venv or image moved to an older CPU gets a clear
 error instead of SIGILL.
 
+One level does not suit every workload on an AVX-512 CPU.  Embedding is all prefill and gains most from AVX-512
+(VNNI, BF16); batched decoding of Q8_0 weights at 8 sequences loses: llamafile's tinyBLAS tiles differently with
+AVX-512's 32 vector registers, and on the 2-core AVX-512 VM a step of 8 sequences took 23.6 ms against the AVX2
+build's 18.8 (bench/cpu_weights.py; 8 chats at once: 187 against 249 tok/s).  So where the best level has
+AVX-512, ``make install`` builds two: the *generation* level (:func:`generation_level`, the best without AVX-512)
+is the installed package, which chat and mixed workers load; the best level's libraries go beside it
+(:func:`side_libraries`), and a worker that serves only embedding and rerank models loads those
+(``LLAMA_CPP_LIB_PATH``, workers/main.py).
+
 The levels and their names are ggml's ``GGML_CPU_ALL_VARIANTS`` list (ggml/src/CMakeLists.txt), best first.
 AMX (sapphirerapids) is left out unless ``CORRAL_CPU_AMX=1``: a native build once crashed in ggml's AMX kernels
 here, and no machine with AMX has run the suite since.  ``CORRAL_CPU_VARIANT=<name>`` picks a level by hand
@@ -25,8 +34,10 @@ import argparse
 import os
 import platform
 import sys
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # ggml's feature switch (GGML_<name>=ON) -> the /proc/cpuinfo flags the kernels it enables execute.
@@ -87,6 +98,27 @@ VARIANTS: tuple[Variant, ...] = (
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 AMX_VARIANTS = frozenset({"sapphirerapids"})
+
+
+AVX512_FEATURES = ("AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16", "AMX_TILE", "AMX_INT8")
+
+
+def generation_level(flags: Iterable[str], best: Variant) -> Variant:
+    """The level generation runs at: ``best`` itself, or where that has AVX-512 the best level without it."""
+    if "AVX512" not in best.features:
+        return best
+    dropped = {flag for feature in AVX512_FEATURES for flag in FEATURE_FLAGS[feature]}
+    return choose(set(flags) - dropped)
+
+
+def side_libraries(prefix: str | None = None) -> Path | None:
+    """The best level's llama.cpp libraries, where ``make install`` put them beside a generation-level package
+    (``<venv>/lib/corral-kernels/<level>``), or None."""
+    best = choose_here()
+    if best is None:
+        return None
+    folder = Path(prefix or sys.prefix) / "lib" / "corral-kernels" / best.name
+    return folder if (folder / "libllama.so").is_file() else None
 
 
 class KernelMismatch(RuntimeError):
@@ -179,16 +211,31 @@ def check_loaded(system_info: str, flags: set[str] | None = None) -> dict[str, A
     return info
 
 
+def extract_libraries(wheel: Path, target: Path) -> None:
+    """Unpack a llama-cpp-python wheel's shared libraries (``llama_cpp/lib/*``) into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as archive:
+        for name in archive.namelist():
+            if name.startswith("llama_cpp/lib/") and not name.endswith("/"):
+                (target / Path(name).name).write_bytes(archive.read(name))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="llama.cpp CPU kernel level for this machine")
-    parser.add_argument("what", choices=["name", "cmake-args"])
+    parser.add_argument("what", choices=["name", "cmake-args", "generation-name", "generation-cmake-args", "extract"])
+    parser.add_argument("paths", nargs="*", help="extract: WHEEL TARGET_DIR")
     args = parser.parse_args(argv)
+    if args.what == "extract":
+        extract_libraries(Path(args.paths[0]), Path(args.paths[1]))
+        return 0
     try:
         variant = choose_here()
     except ValueError as exc:
         print(exc, file=sys.stderr)
         return 2
-    if args.what == "name":
+    if variant is not None and args.what.startswith("generation-"):
+        variant = generation_level(variant.flags(), variant)
+    if args.what.endswith("name"):
         print(variant.name if variant else platform.machine().lower() or "unknown")
     else:
         print(" ".join(variant.cmake_args()) if variant else "")

@@ -140,10 +140,11 @@ class Stack:
 
         return wait
 
-    def start_both(self, timeout: float = 60) -> tuple[Proc, Proc]:
-        """A worker and an API server started together (each takes seconds to import and start, which they
-        spend side by side); (worker, API) once the worker has sent its heartbeat and the API answers."""
-        worker, api = self._spawn_worker(), self._spawn_api()
+    def start_both(self, *worker_args: str, timeout: float = 60) -> tuple[Proc, Proc]:
+        """A worker (``corral worker`` with ``worker_args``) and an API server started together (each takes
+        seconds to import and start, which they spend side by side); (worker, API) once the worker has sent its
+        heartbeat and the API answers."""
+        worker, api = self._spawn_worker(*worker_args), self._spawn_api()
         return worker(timeout), api(timeout)
 
     @property
@@ -163,10 +164,10 @@ class Stack:
             self.__dict__.pop("redis").close()
 
     @contextmanager
-    def running(self) -> Iterator[Stack]:
-        """A worker and an API server, stopped on the way out."""
+    def running(self, *worker_args: str) -> Iterator[Stack]:
+        """A worker (with ``worker_args``) and an API server, stopped on the way out."""
         try:
-            self.start_both()
+            self.start_both(*worker_args)
             yield self
         finally:
             self.stop()

@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from celery.signals import task_received, worker_ready, worker_shutdown
 
+from corral.cpu_kernels import side_libraries
 from corral.errors import CorralError
 from corral.modelstore.catalog import ensure_defaults
 from corral.modelstore.store import ModelStore
@@ -37,6 +40,21 @@ def queues_for(store: ModelStore, models: list[str] | None) -> tuple[list[str], 
 
 
 STORE_SCAN_SECONDS = 3.0
+
+
+def choose_libraries(store: ModelStore, models: list[str] | None) -> Path | None:
+    """Point llama-cpp-python at the best level's libraries (corral/cpu_kernels.py ``side_libraries``) when this
+    worker serves only embedding and rerank models (``--models``), which gain from AVX-512 where generation
+    loses; None (the installed generation-level package) otherwise.  Before llama_cpp is first imported."""
+    if not models or "llama_cpp" in sys.modules:
+        return None
+    if any("completion" in store.get(m).capabilities for m in models):
+        return None
+    side = side_libraries()
+    if side is not None:
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(side)
+        os.environ["MTMD_CPP_LIB"] = str(side)
+    return side
 
 
 def check_kernels() -> dict[str, Any]:
@@ -95,9 +113,6 @@ def run_worker(
         # Must happen before llama_cpp (and so CUDA) is first imported in this process.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
     logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    kernels = check_kernels()
-    logging.getLogger("corral.worker").info("llama.cpp CPU kernels: %s (%s)", kernels["variant"],
-                                            " ".join(kernels["features"]))
     store = ModelStore(settings.models_path)
     if pull_from:
         from corral.modelstore.remote import pull_from_server
@@ -109,6 +124,10 @@ def run_worker(
     queues, names = queues_for(store, models)
     if not queues:
         raise CorralError(f"no models to serve in {store.root}; pull one first")
+    side = choose_libraries(store, models)
+    kernels = check_kernels()
+    logging.getLogger("corral.worker").info("llama.cpp CPU kernels: %s (%s)%s", kernels["variant"],
+                                            " ".join(kernels["features"]), f" from {side}" if side else "")
     if not pull_from:  # this worker shares the API's store: it may check and quantize models for /api/create
         queues.insert(sum(1 for q in queues if q.endswith(".interactive")), BUILD_QUEUE)
     from corral.broker import make_celery

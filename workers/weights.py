@@ -29,7 +29,8 @@ tests/integration/test_embeddings.py holds packed and alone to.  So the copy sta
 llama.cpp's Q8_0 kernels are measured faster.
 
 BF16 is the embedding lever that works, on CPUs with AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and
-Sapphire Rapids) and a build with those kernels (corral/cpu_kernels.py picks them): ggml multiplies BF16 by BF16
+Sapphire Rapids) and a worker loading a build with those kernels (corral/cpu_kernels.py: an embedding-only
+worker on such a CPU): ggml multiplies BF16 by BF16
 with ``vdpbf16ps``, two products per float32 lane, where F16 weights are widened to float32 first.  Measured on
 the 2-core AVX-512 VM (AMD EPYC, Zen 4 flags) with corral's packer in process, 2,000 chunks of ~64 tokens:
 F16 154 chunks/s, BF16 copy 216, Q8_0 copy 138; on the AVX2 build of the same machine F16 113, BF16 83 (no such

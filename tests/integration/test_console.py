@@ -24,7 +24,7 @@ import httpx
 import pytest
 from werkzeug.serving import make_server
 
-from corral.cpu_kernels import choose_here
+from corral.cpu_kernels import choose_here, generation_level
 from corral.modelstore.store import ModelStore
 from corral.settings import Settings
 from harness.stack import fresh_database
@@ -180,10 +180,11 @@ def test_queue_workers_and_models_pages(browser: WebDriver, base_url: str) -> No
     browser.get(base_url + "/ui/queue")
     worker = text_of(browser, "#workers tbody tr")
     assert "alive" in worker and "CPU" in worker
-    # The llama.cpp kernel level the worker runs with: the one make install picked for this CPU.
-    expected = choose_here()
-    if expected is not None:
-        assert f"({expected.name} kernels)" in worker
+    # The llama.cpp kernel level the worker runs with: the generation level make install picked for this CPU
+    # (this worker serves the chat model too).
+    best = choose_here()
+    if best is not None:
+        assert f"({generation_level(best.flags(), best).name} kernels)" in worker
     assert re.search(r"\b\d+ of [1-9]\d*\b", worker)  # slots busy of the loaded chat model's slots
     assert MODEL.split(":")[0] in text_of(browser, "#queue-models")
     shot(browser, "queue")

@@ -80,3 +80,26 @@ def test_make_reads_the_level_from_the_script_with_the_system_python() -> None:
     bad = subprocess.run([sys.executable, "-I", str(ROOT / "corral" / "cpu_kernels.py"), "name"],
                          capture_output=True, text=True, env={"CORRAL_CPU_VARIANT": "nehalem"})
     assert bad.returncode == 2 and "is not one of" in bad.stderr
+
+
+def test_generation_runs_the_best_level_without_avx512() -> None:
+    """AVX-512's tinyBLAS tiling loses at 8 sequences (corral/cpu_kernels.py): chat keeps the AVX2 level."""
+    zen4 = choose(ZEN4.split())
+    assert cpu_kernels.generation_level(zen4.flags(), zen4).name == "haswell"
+    haswell = choose(ZEN3.split())
+    assert cpu_kernels.generation_level(haswell.flags(), haswell) is haswell
+    alder = choose(ALDERLAKE.split())
+    assert cpu_kernels.generation_level(alder.flags(), alder) is alder  # no AVX-512: one level for both
+
+
+def test_the_best_levels_libraries_are_unpacked_beside_the_package(tmp_path: Path) -> None:
+    import zipfile
+
+    wheel = tmp_path / "llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("llama_cpp/lib/libllama.so", b"elf")
+        archive.writestr("llama_cpp/lib/libggml-cpu.so", b"elf")
+        archive.writestr("llama_cpp/llama.py", b"code")
+    cpu_kernels.extract_libraries(wheel, tmp_path / "prefix" / "lib" / "corral-kernels" / "zen4")
+    assert sorted(p.name for p in (tmp_path / "prefix" / "lib" / "corral-kernels" / "zen4").iterdir()) == [
+        "libggml-cpu.so", "libllama.so"]
