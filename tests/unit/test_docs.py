@@ -73,7 +73,7 @@ def test_the_generated_table_follows_the_field(hooks: ModuleType) -> None:
     # the generator reads the declaration itself: type, bounds, and the default as the environment writes it
     fields = Settings.model_fields
     assert hooks.values_cell(fields["num_parallel"]) == "integer, ≥ 0, ≤ 256"
-    assert hooks.values_cell(fields["cpu_weights"]) == "one of `auto`, `native`, `q8_0`"
+    assert hooks.values_cell(fields["cpu_weights"]) == "one of `auto`, `native`, `q8_0`, `bf16`"
     assert hooks.default_cell(fields["prefix_grouping"]) == "`1`"
     assert hooks.default_cell(fields["home"]) == "`~/.corral`"
     assert hooks.default_cell(fields["redis_url"]) == "*unset*"
