@@ -114,11 +114,14 @@ def generation_level(flags: Iterable[str], best: Variant) -> Variant:
 def side_libraries(prefix: str | None = None) -> Path | None:
     """The best level's llama.cpp libraries, where ``make install`` put them beside a generation-level package
     (``<venv>/lib/corral-kernels/<level>``), or None."""
+    root = Path(prefix or sys.prefix) / "lib" / "corral-kernels"
     best = choose_here()
     if best is None:
         return None
-    folder = Path(prefix or sys.prefix) / "lib" / "corral-kernels" / best.name
-    return folder if (folder / "libllama.so").is_file() else None
+    # make install puts one level there: this CPU's best (or the one CORRAL_CPU_VARIANT named at build time)
+    built = sorted(p.parent for p in root.glob("*/libllama.so"))
+    named = root / best.name
+    return named if named in built else (built[0] if len(built) == 1 else None)
 
 
 class KernelMismatch(RuntimeError):
