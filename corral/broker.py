@@ -25,7 +25,8 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from corral.protocol import KEY_PREFIX, redis_client
+from corral.protocol import KEY_PREFIX
+from corral.redis_connection import redis_client
 from corral.settings import Settings
 
 # The errors that mean Redis is out of reach (refused, reset, timed out, still loading its data), from redis-py

@@ -264,8 +264,3 @@ class StreamReader:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def redis_client(url: str) -> redis.Redis:
-    """A client with the timeouts every process uses (connect fast, block reads as long as asked)."""
-    return redis.Redis.from_url(url, socket_connect_timeout=5, health_check_interval=30)

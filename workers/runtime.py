@@ -21,7 +21,8 @@ from typing import Any
 
 from corral.broker import UNREACHABLE
 from corral.modelstore.store import ModelStore
-from corral.protocol import WORKERS_SEEN_KEY, redis_client, unload_key, worker_key
+from corral.protocol import WORKERS_SEEN_KEY, unload_key, worker_key
+from corral.redis_connection import redis_client
 from corral.settings import Settings
 from workers.execution import RequestRunner
 from workers.registry import ModelRegistry
