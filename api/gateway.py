@@ -50,8 +50,12 @@ class Gateway:
         key = waiting_key(req.model_digest)
         finished = False
         try:
-            self._enter_queue(key, req.request_id)
-            reader = StreamReader(self.broker.redis, req.request_id, queue_timeout=self.settings.queue_timeout)
+            # The reader's lease lapses a heartbeat TTL after this process stops reading (it was killed): the
+            # worker then stops the generation, as it does when a client goes away.
+            reader = StreamReader(self.broker.redis, req.request_id, queue_timeout=self.settings.queue_timeout,
+                                  lease=self.settings.heartbeat_ttl)
+            req.leased = True
+            self._enter_queue(key, req.request_id, reader)
             try:
                 self.broker.celery.send_task(
                     INTERACTIVE_TASK,
@@ -69,6 +73,7 @@ class Gateway:
                     self.broker.redis.zrem(key, req.request_id)
                     if not finished:
                         reader.cancel()
+                    reader.release()
         except UNREACHABLE as exc:
             raise BrokerUnavailable(exc) from exc
 
@@ -117,9 +122,12 @@ class Gateway:
         return counts
 
     def _build(self, req: BuildRequest) -> Generator[StreamEvent, None, None]:
-        reader = StreamReader(self.broker.redis, req.request_id, queue_timeout=self.settings.queue_timeout)
+        reader = StreamReader(self.broker.redis, req.request_id, queue_timeout=self.settings.queue_timeout,
+                              lease=self.settings.heartbeat_ttl)
+        req.leased = True
         finished = False
         try:
+            reader.hold()
             self.broker.celery.send_task(
                 BUILD_TASK, args=[req.model_dump()], queue=BUILD_QUEUE, expires=self.settings.queue_timeout
             )
@@ -135,14 +143,17 @@ class Gateway:
         finally:
             if not finished:
                 reader.cancel()
+            reader.release()
 
-    def _enter_queue(self, key: str, request_id: str) -> None:
+    def _enter_queue(self, key: str, request_id: str, reader: StreamReader) -> None:
+        """Join the model's waiting set (and take the reader's lease in the same round trip)."""
         now = time.time()
         pipe = self.broker.redis.pipeline()
         pipe.zremrangebyscore(key, 0, now - self.settings.queue_timeout)  # requests whose API died
         pipe.zadd(key, {request_id: now})
         pipe.zcard(key)
         pipe.expire(key, int(self.settings.queue_timeout * 2) + 1)
+        reader.hold(pipe)
         depth = pipe.execute()[2]
         if depth > self.settings.max_queue:
             self.broker.redis.zrem(key, request_id)

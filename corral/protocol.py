@@ -7,6 +7,10 @@ queue and reads the reply from a Redis Stream, one per request::
     send_task (Celery)   ---->   corral.<digest>.interactive  ---->  runs the request
     XREAD BLOCK <----------      corral:stream:<request id>   <----  XADD start / delta... / done | error
     SET corral:cancel:<id> -->   (client went away)           ---->  checked between tokens: stop
+    SET corral:reader:<id> EX -> (renewed while the API reads) ---->  gone (the API died): stop
+
+The reader's lease covers what a cancel cannot: an API process killed mid-reply (SIGKILL, a lost host) sends no
+cancel, and without it the worker would generate to the token limit for nobody.
 
 Streams (not pub/sub) make the reply replayable: a reader that connects late, or reconnects, loses nothing.
 Each stream is capped (MAXLEN) and expires after the request ends.
@@ -48,6 +52,11 @@ def stream_key(request_id: str) -> str:
 
 def cancel_key(request_id: str) -> str:
     return f"{KEY_PREFIX}cancel:{request_id}"
+
+
+def reader_key(request_id: str) -> str:
+    """Held (with a TTL, renewed) by the API process reading the reply; its absence means nobody reads."""
+    return f"{KEY_PREFIX}reader:{request_id}"
 
 
 def worker_key(worker_name: str) -> str:
@@ -125,6 +134,7 @@ class InferenceRequest(BaseModel):
     top_logprobs: int = Field(0, ge=0, le=20)
     keep_alive: float | None = Field(None, description="Seconds; math.inf = forever; None = server default.")
     enqueued_at: float = Field(default_factory=time.time)
+    leased: bool = Field(False, description="The API holds a reader lease (reader_key): stop when it lapses.")
 
     def payload(self) -> dict[str, Any]:
         data = self.model_dump(exclude_none=True)
@@ -162,6 +172,7 @@ class BuildRequest(BaseModel):
     kind: str = ""
     items: list[dict[str, Any]] = Field(default_factory=list)
     options: dict[str, Any] = Field(default_factory=dict)
+    leased: bool = Field(False, description="The API holds a reader lease (reader_key): stop when it lapses.")
 
 
 @dataclass(frozen=True)
@@ -183,25 +194,38 @@ class StreamEvent:
 
 
 class StreamWriter:
-    """Worker side of a reply stream.  Every write also tells whether the client has asked to stop."""
+    """Worker side of a reply stream.  Every write also tells whether the client has asked to stop, or (for a
+    ``leased`` request) whether the API process reading the reply is gone."""
 
-    def __init__(self, client: redis.Redis, request_id: str, ttl: int) -> None:
+    def __init__(self, client: redis.Redis, request_id: str, ttl: int, *, leased: bool = False) -> None:
         self.client = client
         self.request_id = request_id
         self.key = stream_key(request_id)
         self.ttl = ttl
+        self.leased = leased
 
     def emit(self, kind: str, data: dict[str, Any]) -> bool:
-        """Append an event; return True when the client has cancelled."""
+        """Append an event; return True when the client has cancelled or its reader is gone."""
         pipe = self.client.pipeline(transaction=False)
         pipe.xadd(self.key, {"e": kind, "d": json.dumps(data)}, maxlen=STREAM_MAXLEN, approximate=True)
         # A stream nobody finishes (the worker was killed) still goes away eventually.
         pipe.expire(self.key, max(self.ttl, 3600) if kind in ("start", "delta") else self.ttl)
-        pipe.exists(cancel_key(self.request_id))
-        return bool(pipe.execute()[-1])
+        self._ask(pipe)
+        return self._stopped(pipe.execute()[2:])
 
     def cancelled(self) -> bool:
-        return bool(self.client.exists(cancel_key(self.request_id)))
+        pipe = self.client.pipeline(transaction=False)
+        self._ask(pipe)
+        return self._stopped(pipe.execute())
+
+    def _ask(self, pipe: Any) -> None:
+        pipe.exists(cancel_key(self.request_id))
+        if self.leased:
+            pipe.exists(reader_key(self.request_id))
+
+    def _stopped(self, answers: list[Any]) -> bool:
+        cancelled = bool(answers[0])
+        return cancelled or (self.leased and not answers[1])
 
     def fail(self, error: BaseException) -> None:
         status = error.status_code if isinstance(error, CorralError) else 500
@@ -220,7 +244,8 @@ class StreamReader:
     :class:`WorkerUnavailable` within about ``heartbeat_ttl`` seconds.
     """
 
-    def __init__(self, client: redis.Redis, request_id: str, *, queue_timeout: float, poll: float = 1.0) -> None:
+    def __init__(self, client: redis.Redis, request_id: str, *, queue_timeout: float, poll: float = 1.0,
+                 lease: float | None = None) -> None:
         self.client = client
         self.request_id = request_id
         self.key = stream_key(request_id)
@@ -228,10 +253,31 @@ class StreamReader:
         self.poll_ms = int(poll * 1000)
         self.worker: str | None = None
         self.last_id = "0-0"
+        # The reader's lease (seconds; None: none, the worker never looks): at least three polls long, since a
+        # renewal waits for XREAD to return
+        self.lease = None if lease is None else max(lease, 3 * poll)
+        self._renewed = 0.0
+
+    def hold(self, pipe: Any = None) -> None:
+        """Take the reader lease, before the request is sent (a worker that starts it finds it held); with
+        ``pipe``, as one more command of the caller's pipeline (no round trip of its own)."""
+        if self.lease is not None:
+            (pipe or self.client).set(reader_key(self.request_id), b"1", px=int(self.lease * 1000))
+            self._renewed = time.monotonic()
+
+    def _renew(self) -> None:
+        if self.lease is not None and time.monotonic() - self._renewed > self.lease / 3:
+            self.hold()
+
+    def release(self) -> None:
+        """Let the lease go (the reply was read to its end, or the client left): nothing is left to expire."""
+        if self.lease is not None:
+            self.client.delete(reader_key(self.request_id))
 
     def events(self) -> Iterator[StreamEvent]:
         deadline = time.monotonic() + self.queue_timeout
         while True:
+            self._renew()
             reply = self.client.xread({self.key: self.last_id}, block=self.poll_ms, count=256)
             if not reply:
                 self._check_alive(deadline)

@@ -195,7 +195,8 @@ class Settings(BaseSettings):
         15.0,
         gt=0,
         validation_alias=AliasChoices("CORRAL_HEARTBEAT_TTL", "heartbeat_ttl"),
-        description="A worker silent this long is dead: its streams end with an error, its chunks are re-run.",
+        description=("A worker silent this long is dead: its streams end with an error, its chunks are re-run. An API "
+                     "process that stops reading a reply this long is dead too: the worker stops that generation."),
     )
     stream_ttl: int = Field(
         300,

@@ -29,7 +29,7 @@ def interactive(self: Task, payload: dict[str, Any]) -> None:
     """Run one chat/generate/embed/load request and stream its reply to Redis."""
     runtime = runtime_of(self)
     req = InferenceRequest.from_payload(payload)
-    writer = StreamWriter(runtime.redis, req.request_id, runtime.settings.stream_ttl)
+    writer = StreamWriter(runtime.redis, req.request_id, runtime.settings.stream_ttl, leased=req.leased)
     if writer.emit("start", {"worker": runtime.name}):  # one round trip: the event, and "was it cancelled?"
         log.info("request %s was cancelled while queued; skipping", req.request_id)
         return
@@ -48,7 +48,7 @@ def build(self: Task, payload: dict[str, Any]) -> None:
     outcome to Redis."""
     runtime = runtime_of(self)
     req = BuildRequest.model_validate(payload)
-    writer = StreamWriter(runtime.redis, req.request_id, runtime.settings.stream_ttl)
+    writer = StreamWriter(runtime.redis, req.request_id, runtime.settings.stream_ttl, leased=req.leased)
     if writer.emit("start", {"worker": runtime.name}):
         return
     try:

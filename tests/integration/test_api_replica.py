@@ -1,0 +1,120 @@
+"""Issue #38: an API replica killed mid-stream.  The other replica goes on serving, and the dead replica's
+in-flight generation is stopped on the worker, not left running to its token limit.
+
+A client that disconnects sends a cancel; a replica that is SIGKILLed (or whose host is lost) sends nothing.  Each
+reply's reader therefore holds a lease in Redis (corral/protocol.py, renewed while it reads, ``heartbeat_ttl``
+long); the worker stops a request whose lease has lapsed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from corral.protocol import reader_key
+from corral.settings import Settings
+from harness.stack import Stack, fresh_database, wait_for
+from tests.helpers import MODEL, clean_redis, make_settings, with_db
+
+pytestmark = pytest.mark.slow
+REDIS_DB = 10
+LEASE = 2.0  # heartbeat_ttl: the reader's lease is max(this, three 1 s polls) = 3 s
+# 2000 tokens take about 25 s here; a stopped generation ends within the lease and a step or two after it
+STOP_BOUND = 10.0
+LONG = {"model": MODEL, "prompt": "Write a very long story about a dragon.", "options": {"num_predict": 2000}}
+CANCELLED = re.compile(r"request (\w+) cancelled by its client after (\d+) tokens")
+
+
+@pytest.fixture()
+def replicas(settings: Settings, tmp_path: Path) -> Iterator[tuple[Stack, Stack]]:
+    """A worker and API replica ``a``, and a second API replica ``b``: one Redis database and one SQLite file."""
+    url = with_db(settings.redis, REDIS_DB)
+    clean_redis(url)
+    common = {"heartbeat_ttl": LEASE, "reconcile_interval": 1.0,
+              "database_url": f"sqlite:///{tmp_path / 'replicas.db'}"}
+    a = Stack(make_settings(tmp_path / "home", url, settings.models_path, **common), tmp_path / "logs-a")
+    b = Stack(make_settings(tmp_path / "home", url, settings.models_path, **common), tmp_path / "logs-b")
+    fresh_database(a.settings)
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+        clean_redis(url)
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the replica and every process it started (``corral serve`` runs gunicorn's master and worker)."""
+    os.killpg(pid, signal.SIGKILL)
+
+
+def test_killed_replica_stops_its_generation_and_the_other_serves(replicas: tuple[Stack, Stack]) -> None:
+    a, b = replicas
+    worker, api_a = a.start_both()
+    b.start_api()
+    with httpx.stream("POST", a.base_url + "/api/generate", json=LONG, timeout=60) as reply:
+        for i, _ in enumerate(reply.iter_lines()):
+            if i == 3:
+                break
+        leases = list(a.redis.scan_iter(match=reader_key("*")))
+        assert len(leases) == 1  # the reading replica holds its lease while the reply streams
+        killed = time.monotonic()
+        kill_group(api_a.proc.pid)
+        api_a.stopped()
+
+    found: list[tuple[str, str]] = []
+
+    def stopped() -> bool:
+        found[:] = CANCELLED.findall(worker.output())
+        return bool(found)
+
+    wait_for(stopped, STOP_BOUND, "the worker to stop the dead replica's generation", interval=0.1)
+    stopped_after = time.monotonic() - killed
+    tokens = int(found[0][1])
+    print(f"generation stopped {stopped_after:.1f} s after the replica was killed, after {tokens} of 2000 tokens")
+    assert tokens < 2000
+    assert not list(a.redis.scan_iter(match=reader_key("*")))  # the lease lapsed; nothing is left behind
+
+    # The other replica serves, from the same worker, and its own reply is read to the end (its lease holds).
+    r = httpx.post(b.base_url + "/api/generate", timeout=60,
+                   json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 4}})
+    assert r.status_code == 200 and r.json()["eval_count"] == 4
+    r = httpx.post(b.base_url + "/api/chat", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "stream": False,
+        "options": {"num_predict": 64, "temperature": 0}})
+    assert r.status_code == 200 and r.json()["eval_count"] == 64
+    assert worker.proc.poll() is None
+    assert len(CANCELLED.findall(worker.output())) == 1  # only the dead replica's request was stopped
+
+
+def test_request_of_a_replica_that_died_while_it_waited_is_skipped(replicas: tuple[Stack, Stack]) -> None:
+    """A request still queued when its replica dies is not run at all once a worker reaches it."""
+    a, b = replicas
+    api_a = a.start_api()
+    outcome: list[BaseException | int] = []
+
+    def send() -> None:  # no worker yet: the reply's headers wait for the worker's first event
+        try:
+            outcome.append(httpx.post(a.base_url + "/api/generate", json=LONG, timeout=60).status_code)
+        except httpx.HTTPError as exc:
+            outcome.append(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    wait_for(lambda: list(a.redis.scan_iter(match=reader_key("*"))), 10, "the reader's lease")
+    kill_group(api_a.proc.pid)
+    api_a.stopped()
+    sender.join(30)
+    assert outcome and isinstance(outcome[0], httpx.HTTPError)  # the client saw its replica go
+    wait_for(lambda: not list(a.redis.scan_iter(match=reader_key("*"))), 10, "the lease to lapse")
+    worker = b.start_worker()
+    wait_for(lambda: "cancelled while queued; skipping" in worker.output(), 30, "the worker to skip the request")
+    assert not CANCELLED.findall(worker.output())
