@@ -102,6 +102,23 @@ def document_source(session: Session, file_id: str) -> tuple[str, bytes] | None:
     return stored.filename, b"".join(parts)
 
 
+def stored_chunks(session: Session, document_id: int) -> tuple[str, list[IndexedChunk]] | None:
+    """(sha256, chunks) of what the document holds now under its collection's current model; None when it holds
+    nothing.  A re-embed falls back to these texts when the document's File was deleted since it was indexed."""
+    doc = session.get(CollectionDocument, document_id)
+    collection = session.get(Collection, doc.collection_id) if doc is not None else None
+    if doc is None or collection is None:
+        return None
+    rows = session.execute(select(CollectionChunk.seq, CollectionChunk.text, CollectionChunk.start,
+                                  CollectionChunk.end, CollectionChunk.tokens)
+                           .where(CollectionChunk.document_id == document_id,
+                                  CollectionChunk.model_digest == collection.model_digest)
+                           .order_by(CollectionChunk.seq)).all()
+    if not rows:
+        return None
+    return doc.sha256 or "", [IndexedChunk(*row) for row in rows]
+
+
 def _current(session: Session, job_id: str, document_id: int, reembed: bool = False) -> CollectionDocument | None:
     """The document, locked, if it is still this job's to write: its sync's, or its collection's re-embed's."""
     doc = session.scalar(select(CollectionDocument).where(CollectionDocument.id == document_id).with_for_update())

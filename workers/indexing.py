@@ -5,7 +5,9 @@ each document's result and its new chunks in one transaction (jobs/collection_in
 Documents are taken a group at a time, about :data:`GROUP_TOKENS` tokens, so a chunk of large documents is never
 held or decoded whole, a job cancelled meanwhile stops between groups, and each group's documents become
 searchable as soon as they are embedded.  A document that cannot be read (a deleted File, an unreadable PDF,
-binary bytes, past :data:`~jobs.collection_index.MAX_DOCUMENT_CHARS`) fails alone, with its reason.
+binary bytes, past :data:`~jobs.collection_index.MAX_DOCUMENT_CHARS`) fails alone, with its reason; but a
+re-embed of a document whose File was deleted since it was indexed embeds its stored chunks' texts instead, so a
+model switch never loses a document that is still searchable.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from jobs.collection_index import (
     document_source,
     fail_document,
     finish_reembed,
+    stored_chunks,
 )
 from jobs.models import ItemState
 from workers.engine import LoadedModel, finish_vectors
@@ -73,6 +76,12 @@ def _prepare(session_factory: Callable[[], Session], model: LoadedModel, counter
              item_id: int, body: dict[str, Any]) -> _Prepared:
     with session_factory() as session:
         source = document_source(session, str(body["file_id"]))
+        kept = stored_chunks(session, int(body["document_id"])) if source is None and body.get("reembed") else None
+    if kept is not None:  # a re-embed of a document whose File is gone: its chunks, as they were cut, embedded anew
+        sha256, old = kept
+        tokens = model.embed_tokens([c.text for c in old], truncate=True)
+        chunks = [IndexedChunk(c.seq, c.text, c.start, c.end, len(t)) for c, t in zip(old, tokens, strict=True)]
+        return _Prepared(item_id, body, sha256, chunks, tokens)
     if source is None:
         raise _Refused("invalid_file", f"the File {body['file_id']} was deleted before it was indexed")
     filename, raw = source

@@ -163,6 +163,39 @@ def test_reembed_builds_the_new_vectors_beside_the_old_and_switches_at_once(stac
     assert refused.status_code == 404, refused.text
 
 
+def test_reembed_of_a_document_whose_file_was_deleted_embeds_its_stored_chunks(stack: Stack, tmp_path: Path) -> None:
+    """Deleting a File leaves its document searchable (as in OpenAI); a model switch must not lose it either."""
+    base_url = stack.base_url
+    folder = tmp_path / "orphaned"
+    folder.mkdir()
+    (folder / "rockets.md").write_text(ROCKETS)
+    (folder / "bread.md").write_text("Sourdough bread needs a lively starter and a long, cool rise.")
+    store_id = cli(base_url, "collection", "create", "orphaned").stdout.strip()
+    _sync(base_url, "orphaned", folder)
+    listed = httpx.get(f"{base_url}/v1/vector_stores/{store_id}/files", timeout=30).json()["data"]
+    with sessions(stack.settings)() as session:
+        rockets = session.scalar(select(CollectionDocument).where(CollectionDocument.collection_id == store_id,
+                                                                  CollectionDocument.source_id == "rockets.md"))
+        assert rockets is not None
+        file_id, texts = rockets.file_id, list(session.scalars(
+            select(CollectionChunk.text).where(CollectionChunk.document_id == rockets.id).order_by(CollectionChunk.seq)))
+    assert file_id in {f["id"] for f in listed}
+    assert httpx.delete(f"{base_url}/v1/files/{file_id}", timeout=30).json()["deleted"] is True
+    result = cli(base_url, "collection", "reembed", "orphaned", "--model", "smollm2:135m")
+    no_traceback(result)
+    assert result.exit_code == 0, result.output
+    store = httpx.get(f"{base_url}/v1/vector_stores/{store_id}", timeout=30).json()
+    assert store["model"] == "smollm2:135m"
+    assert (store["file_counts"]["completed"], store["file_counts"]["failed"]) == (2, 0)
+    with sessions(stack.settings)() as session:
+        kept = list(session.scalars(select(CollectionChunk.text).where(CollectionChunk.document_id == rockets.id)
+                                    .order_by(CollectionChunk.seq)))
+    assert kept == texts  # the same chunks, under the new model's vectors
+    hits = _search(base_url, store_id, "kerosene rocket launch", ranking_options={
+        "hybrid_search": {"embedding_weight": 0, "text_weight": 1}})
+    assert hits and hits[0]["source_id"] == "rockets.md"
+
+
 def test_the_docs_langchain_retriever_retrieves_from_a_collection(stack: Stack, tmp_path: Path) -> None:
     """docs/collections.md's LangChain example, run as written against a collection."""
     base_url = stack.base_url
