@@ -7,6 +7,10 @@ so no client ever sees HTML or a traceback.  Everything under ``/v1/`` answers O
 llama.cpp's rerank aliases outside ``/v1/`` (``/rerank``, ``/reranking``), as llama.cpp's server answers them.
 Cohere's ``/v2/`` routes answer Cohere's ``{"message": "..."}``, and Anthropic's under ``/v1/messages`` (and an
 Anthropic client's ``/v1/models``) ``{"type": "error", "error": {"type", "message"}}`` with its types per status.
+
+Outages are 503s with ``Retry-After`` in those shapes, never a 500: Redis out of reach
+(:class:`~corral.errors.BrokerUnavailable`) and the job database restarting or out of reach
+(:class:`~corral.errors.DatabaseUnavailable`, told apart from a query's own failure by :func:`jobs.db.unreachable`).
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, request
+from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
 from corral.broker import UNREACHABLE
-from corral.errors import BrokerUnavailable, CorralError, RateLimited
+from corral.errors import BrokerUnavailable, CorralError, DatabaseUnavailable, RateLimited
 from corral.wire.anthropic_reply import error_body as anthropic_body
 from corral.wire.openai import error_body
+from jobs.db import reason, unreachable
 
 log = logging.getLogger(__name__)
 JSON_MIMETYPE = "application/json; charset=utf-8"
@@ -72,7 +78,8 @@ def cohere_error(message: str, status: int) -> Response:
 
 
 def render_error(exc: CorralError) -> Response:
-    """A typed error in the wire shape of the route family that raised it (a 429 with its ``Retry-After``)."""
+    """A typed error in the wire shape of the route family that raised it (a 429 or an outage's 503 with its
+    ``Retry-After``)."""
     if is_anthropic_path():
         resp = anthropic_error(exc.message, exc.status_code)
     elif is_openai_path():
@@ -81,7 +88,7 @@ def render_error(exc: CorralError) -> Response:
         resp = cohere_error(exc.message, exc.status_code)
     else:
         resp = ollama_error(exc.message, exc.status_code)
-    if isinstance(exc, (RateLimited, BrokerUnavailable)):
+    if isinstance(exc, (RateLimited, BrokerUnavailable, DatabaseUnavailable)):
         resp.headers["Retry-After"] = str(exc.retry_after)
     return resp
 
@@ -122,10 +129,19 @@ def init_app(app: Flask) -> None:
         log.warning("Redis unreachable while serving %s: %s", request.path, exc)
         return render_error(BrokerUnavailable(exc))
 
-    for unreachable in UNREACHABLE:
-        app.register_error_handler(unreachable, _broker)
+    for redis_error in UNREACHABLE:
+        app.register_error_handler(redis_error, _broker)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
         return plain_error(f"internal error: {type(exc).__name__}", 500)
+
+    @app.errorhandler(DBAPIError)
+    def _database(exc: DBAPIError) -> Response:
+        """The job database restarting or out of reach (refused, the session ended by its shutdown, "the
+        database system is starting up"): a 503 with ``Retry-After``; any other database error stays a 500."""
+        if not unreachable(exc):
+            return _unexpected(exc)
+        log.warning("the database is unreachable while serving %s: %s", request.path, reason(exc))
+        return render_error(DatabaseUnavailable(reason(exc)))

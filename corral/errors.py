@@ -17,8 +17,9 @@
     ├── RequestCanceled (499)
     ├── GenerationFailed (500)
     ├── QueueFull (503)
-    └── WorkerUnavailable (503)
-        └── BrokerUnavailable (503)
+    ├── WorkerUnavailable (503)
+    │   └── BrokerUnavailable (503)
+    └── DatabaseUnavailable (503)
 
 Views and workers raise these; one handler per wire format (Ollama ``{"error": msg}``, OpenAI
 ``{"error": {...}}``) renders them.  A worker sends an error over the token stream as (status, message, code)
@@ -153,6 +154,21 @@ class BrokerUnavailable(WorkerUnavailable):
     def __init__(self, cause: BaseException | str, *, retry_after: float = 5.0) -> None:
         detail = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
         super().__init__(f"the broker (Redis) is unreachable ({detail}); try again shortly")
+        self.retry_after = max(1, int(retry_after + 0.999))
+
+
+class DatabaseUnavailable(CorralError):
+    """The job database (PostgreSQL) does not answer, or dropped the session: restarting, in recovery, out of
+    reach.  A 503 with ``Retry-After``, not a 500: SQL holds the truth, nothing was lost, and the same request
+    succeeds once the database is back (a job submission whose commit outcome is unknown may exist by then:
+    ``GET /api/jobs`` tells)."""
+
+    status_code = 503
+    code = "database_unavailable"
+
+    def __init__(self, cause: BaseException | str, *, retry_after: float = 5.0) -> None:
+        detail = cause if isinstance(cause, str) else type(cause).__name__
+        super().__init__(f"the job database is unreachable ({detail}); try again shortly")
         self.retry_after = max(1, int(retry_after + 0.999))
 
 

@@ -1,19 +1,55 @@
-"""Engines, sessions and migrations for the job database (SQLite by default, PostgreSQL in production)."""
+"""Engines, sessions and migrations for the job database (SQLite by default, PostgreSQL in production), and how
+a process rides out a PostgreSQL restart (issue #38).
+
+A restarted or lost server shows itself as a refused or timed-out connect, a session the server ended
+("terminating connection due to administrator command"), or a server that is up but not yet serving ("the
+database system is starting up").  :func:`unreachable` tells those apart from every other database error; the
+API answers them with a 503 and ``Retry-After`` (:class:`~corral.errors.DatabaseUnavailable`, api/errors.py),
+and a worker retries the transaction (:func:`transaction`) for a bounded time instead of failing the items.
+The engine finds a dead server fast: a pooled connection is pinged before use (so one the restart dropped is
+never reused), a connect gives up after :data:`CONNECT_TIMEOUT` seconds, and TCP keepalives plus a TCP user
+timeout end a session whose host went away without a word, where the kernel would wait for minutes.
+"""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from corral.settings import Settings
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
+
+# libpq's connection options for PostgreSQL: seconds a connect may take (a host that drops packets fails in this
+# time, not the kernel's two minutes), and keepalives that find a silent peer in idle + interval * count seconds.
+CONNECT_TIMEOUT = 5
+POSTGRES_CONNECT_ARGS: dict[str, Any] = {
+    "connect_timeout": CONNECT_TIMEOUT,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 20_000,  # ms: sent data unacknowledged this long ends the session (a lost host)
+}
+# SQLSTATEs of a server that ended the session or will not take one yet: class 08 (connection exceptions), and
+# admin_shutdown (a fast or immediate stop), crash_shutdown (a backend crashed: every session ends),
+# cannot_connect_now (starting up, shutting down, in recovery).
+_UNREACHABLE_STATES = ("57P01", "57P02", "57P03")
+# How long a worker retries a transaction across an outage before the error goes up (and the chunk is released).
+RETRY_SECONDS = 180.0
 
 
 def engine_for(url: str) -> Engine:
@@ -44,7 +80,65 @@ def _make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    connect_args = dict(POSTGRES_CONNECT_ARGS) if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a database error means the server is out of reach or restarting (try again shortly), as opposed
+    to a query's own failure (a constraint, a deadlock, a statement timeout: a retry of the same request would
+    not help, or would be wrong).  SQLite's errors never count: a file does not restart."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:  # SQLAlchemy's own reading: the connection is gone (and the pool's too)
+        return True
+    orig = exc.orig
+    if not type(orig).__module__.startswith(("psycopg", "psycopg2")):
+        return False
+    if type(orig).__name__ == "InterfaceError":  # "the connection is closed"
+        return True
+    if not any(cls.__name__ == "OperationalError" for cls in type(orig).__mro__):
+        return False  # the driver's class tree, by name: psycopg is an optional extra (corral[postgres])
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    # no SQLSTATE: libpq's own failure (refused, timed out, "server closed the connection unexpectedly")
+    return state is None or str(state).startswith("08") or state in _UNREACHABLE_STATES
+
+
+def reason(exc: BaseException) -> str:
+    """A short, address-free word on why the database is unreachable, for a client's error message."""
+    orig = getattr(exc, "orig", None) or exc
+    return type(orig).__name__
+
+
+def transaction(sessions_: Callable[[], Session], work: Callable[[Session], T], what: str, *,
+                retry_for: float = RETRY_SECONDS) -> T:
+    """``work(session)`` in a fresh session, committed; retried in a new session, with backoff, while the
+    database is :func:`unreachable` (for up to ``retry_for`` seconds; then the error goes up).
+
+    ``work`` must be safe to run again after a commit whose outcome is unknown (the server went away between
+    the COMMIT and its answer, so it may have committed): every transition of :mod:`jobs.transitions` that the
+    worker retries is a conditional ``UPDATE`` that its own repeat finds already done (a claim under the same
+    attempt token, a result written only while that claim holds)."""
+    deadline = time.monotonic() + retry_for
+    delay, since = 0.1, None
+    while True:
+        try:
+            with sessions_() as session:
+                result = work(session)
+                session.commit()
+        except DBAPIError as exc:
+            if not unreachable(exc) or time.monotonic() + delay > deadline:
+                raise
+            if since is None:
+                since = time.monotonic()
+                log.warning("the database is unreachable (%s) during %s; retrying for up to %.0f s",
+                            reason(exc), what, retry_for)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+            continue
+        if since is not None:
+            log.warning("the database answers again after %.1f s: %s done", time.monotonic() - since, what)
+        return result
 
 
 def sessions(settings: Settings) -> sessionmaker[Session]:
