@@ -61,14 +61,20 @@ class ClaimedChunk:
 
 def claim_chunk(session: Session, chunk_id: str, worker: str, attempt: str) -> ClaimedChunk | None:
     """``queued -> running`` for ``worker`` under ``attempt``; None when the chunk is not queued (a duplicate
-    delivery, a chunk already taken, a deleted job)."""
+    delivery, a chunk already taken, a deleted job).
+
+    Safe to repeat with the same ``attempt`` (a fresh token per delivery): a claim whose commit's outcome was
+    unknown (the database went away between the COMMIT and its answer) and that did commit is found again as
+    this attempt's, not refused as a chunk someone else took (which would leave it ``running`` for good under
+    a worker that lives on and never runs it)."""
     claimed = _changed(
         session,
         update(Chunk)
         .where(Chunk.id == chunk_id, Chunk.state == ChunkState.QUEUED)
         .values(state=ChunkState.RUNNING, worker=worker, attempt=attempt, started_at=utcnow())
     )
-    if not claimed:
+    if not claimed and session.scalar(select(Chunk.attempt).where(Chunk.id == chunk_id, Chunk.state == ChunkState.RUNNING,
+                                                                 Chunk.worker == worker)) != attempt:
         return None
     row = session.execute(
         select(Job.id, Job.status, Job.kind, Job.model, Job.model_digest, Job.options, Job.cache)
@@ -137,8 +143,16 @@ def release_chunk(session: Session, chunk_id: str, attempt: str, job_id: str, er
     Its unfinished items (claimed by ``attempt``, or not claimed yet, which counts as a try) go back to
     ``pending``, or to ``failed`` with ``error`` once tried :data:`MAX_ATTEMPTS` times.  True when some are pending:
     the chunk is ``queued`` again and the caller enqueues it; else the chunk is done (and the job perhaps too).
+
+    Safe to repeat: once ``attempt`` no longer holds the chunk (an earlier try of this release committed though
+    its answer was lost, or the reconciler re-queued it), nothing is changed again (the items' tries are not
+    counted twice), and the answer is whether the chunk waits queued (a second message is harmless: one claim
+    wins).
     """
     now = utcnow()
+    holder = session.execute(select(Chunk.attempt, Chunk.state, Chunk.held).where(Chunk.id == chunk_id)).one_or_none()
+    if holder is None or holder.attempt != attempt:
+        return holder is not None and holder.state == ChunkState.QUEUED and not holder.held
     # A stopped job's items do not go back (nor fail for its tries): cancelled, so the chunk is done below.
     _cancel_if_stopped(session, chunk_id, job_id, attempt)
     mine = (Item.chunk_id == chunk_id, Item.state == ItemState.RUNNING, Item.claim == attempt)

@@ -15,6 +15,13 @@ back to ``pending``.
 A worker runs at most :data:`~workers.runtime.CHUNKS_PER_WORKER` chunks at a time and does not even fetch
 another chunk message meanwhile (:mod:`workers.queue_gate`): the rest of its task threads stay free for
 interactive requests, and queued chunks stay in Redis for whichever worker frees up first.
+
+A PostgreSQL restart (issue #38) fails no item: each of the runner's transactions is retried while the database is
+unreachable (:func:`jobs.db.transaction`, bounded by :data:`~jobs.db.RETRY_SECONDS`), and every one of them is
+safe to run again after a commit whose outcome was lost (the claims and result writes of :mod:`jobs.transitions`
+find their own repeat already done).  Items keep decoding meanwhile; their results wait in this thread and are
+written, each once, when the database answers.  A claim that cannot be made at all gives the chunk's message back
+to the reconciler (its marker goes), which re-enqueues it once SQL answers.
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from typing import Any
 
 import redis
 from celery import Celery, Task, shared_task
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
 
 from corral.broker import UNREACHABLE
 from corral.errors import CorralError
@@ -38,7 +47,7 @@ from corral.toolcalls import split_tool_calls, tool_names
 from corral.wire.ollama import ollama_final
 from jobs import dedup, dispatch, transitions
 from jobs.collection_index import INDEX_KIND
-from jobs.db import sessions
+from jobs.db import RETRY_SECONDS, reason, sessions, transaction, unreachable
 from jobs.models import ItemState, JobStatus
 from jobs.queueing import enqueue_chunks
 from jobs.transitions import ClaimedChunk
@@ -94,25 +103,49 @@ def mark_received(runtime: WorkerRuntime, request: Any) -> None:
 class ChunkRunner:
     """Executes chunks inside a worker process, with the process's loaded models."""
 
-    def __init__(self, runtime: WorkerRuntime, celery: Celery) -> None:
+    def __init__(self, runtime: WorkerRuntime, celery: Celery, *, retry_for: float = RETRY_SECONDS) -> None:
         self.runtime = runtime
         self.celery = celery
         self.sessions = sessions(runtime.settings)
+        self.retry_for = retry_for
+
+    def _tx(self, what: str, work: Callable[[Session], Any]) -> Any:
+        """One transaction of this runner, retried across a database outage (:func:`jobs.db.transaction`)."""
+        return transaction(self.sessions, work, what, retry_for=self.retry_for)
 
     def run(self, chunk_id: str) -> None:
         attempt = uuid.uuid4().hex
-        with self.sessions() as session:
-            chunk = transitions.claim_chunk(session, chunk_id, self.runtime.name, attempt)
-            session.commit()
-            if chunk is None:
-                log.info("chunk %s is not queued (duplicate delivery or deleted job); nothing to do", chunk_id)
-                return
-            if chunk.job_status in JobStatus.TERMINAL:
-                self._close_chunk(chunk)
-                return
-            transitions.start_job(session, chunk.job_id)
-            session.commit()
-            item_ids = transitions.pending_items(session, chunk_id)
+        try:
+            chunk: ClaimedChunk | None = self._tx(
+                f"the claim of chunk {chunk_id}",
+                lambda session: transitions.claim_chunk(session, chunk_id, self.runtime.name, attempt))
+        except DBAPIError as exc:
+            if not unreachable(exc):
+                raise
+            # Never claimed: the message is acked when this returns, and a marker naming this live worker would
+            # keep the reconciler from sending another.  Without one it re-enqueues the chunk once SQL answers.
+            log.error("cannot claim chunk %s: the database is unreachable (%s); the reconciler sends it again",
+                      chunk_id, reason(exc))
+            self._forget_marker(chunk_id)
+            return
+        if chunk is None:
+            log.info("chunk %s is not queued (duplicate delivery or deleted job); nothing to do", chunk_id)
+            return
+        if chunk.job_status in JobStatus.TERMINAL:
+            self._close_chunk(chunk)
+            return
+        claimed = chunk
+
+        def start(session: Session) -> list[int]:
+            transitions.start_job(session, claimed.job_id)
+            return transitions.pending_items(session, chunk_id)
+
+        try:
+            item_ids: list[int] = self._tx(f"the start of chunk {chunk_id}", start)
+        except Exception as exc:
+            log.exception("chunk %s could not start; releasing it", chunk_id)
+            self._release(chunk, f"{type(exc).__name__}: {exc}")
+            return
         try:
             self._run(chunk, item_ids)
         except Exception as exc:  # never leave the chunk `running` while this worker lives on
@@ -123,9 +156,8 @@ class ChunkRunner:
         try:
             record = self.runtime.requests.record_for(chunk.model, chunk.model_digest)
         except CorralError as exc:
-            with self.sessions() as session:
-                transitions.fail_job(session, chunk.job_id, f"model unavailable: {exc.message}")
-                session.commit()
+            message = f"model unavailable: {exc.message}"
+            self._tx(f"failing job {chunk.job_id}", lambda session: transitions.fail_job(session, chunk.job_id, message))
             self._close_chunk(chunk)
             return
         indexing = chunk.kind == INDEX_KIND  # a collection's documents: chunked and embedded here
@@ -133,9 +165,8 @@ class ChunkRunner:
         try:
             spec = self.runtime.requests.load_spec(record, chunk.options, embedding=embedding, rank=rank)
         except CorralError as exc:  # a rerank job on a model that is not a reranker: no item can run
-            with self.sessions() as session:
-                transitions.fail_job(session, chunk.job_id, exc.message)
-                session.commit()
+            message = exc.message
+            self._tx(f"failing job {chunk.job_id}", lambda session: transitions.fail_job(session, chunk.job_id, message))
             self._close_chunk(chunk)
             return
         keep_alive = self.runtime.settings.keep_alive
@@ -154,9 +185,12 @@ class ChunkRunner:
 
     def _release(self, chunk: ClaimedChunk, error: str) -> None:
         """Put the chunk's unfinished items back (failed after their last try) and the chunk in the queue again."""
-        with self.sessions() as session:
-            retry = transitions.release_chunk(session, chunk.chunk_id, chunk.attempt, chunk.job_id, error)
-            session.commit()
+        try:
+            retry = self._tx(f"the release of chunk {chunk.chunk_id}", lambda session: transitions.release_chunk(
+                session, chunk.chunk_id, chunk.attempt, chunk.job_id, error))
+        except Exception:  # the database stayed away past the retries: the chunk stays running under this worker
+            log.exception("chunk %s could not be released; it stays claimed by %s", chunk.chunk_id, self.runtime.name)
+            return
 
         def tell_redis() -> None:
             self.runtime.redis.delete(chunk_key(chunk.chunk_id), suspect_key(chunk.chunk_id))
@@ -168,22 +202,22 @@ class ChunkRunner:
     # -- items ------------------------------------------------------------------------------------------
 
     def _claim(self, item_ids: list[int], attempt: str) -> list[tuple[int, dict[str, Any]]]:
-        with self.sessions() as session:
-            claimed = transitions.claim_items(session, item_ids, attempt)
-            session.commit()
+        claimed: list[tuple[int, dict[str, Any]]] = self._tx(
+            f"the claim of {len(item_ids)} item(s)", lambda session: transitions.claim_items(session, item_ids, attempt))
         return claimed
 
     def _write(self, item_id: int, attempt: str, values: dict[str, Any], copies: list[int] | None = None,
                cache_key: str | None = None) -> None:
         """One item's result, the same result for its deterministic ``copies``, and with ``cache_key`` the
-        result cache's entry, in one transaction."""
-        with self.sessions() as session:
+        result cache's entry, in one transaction (retried as a whole: each part is a no-op the second time)."""
+        def work(session: Session) -> None:
             transitions.write_result(session, item_id, attempt, values)
             if copies:
                 transitions.write_results(session, attempt, dict.fromkeys(copies, values))
             if cache_key is not None:
                 dedup.store(session, cache_key, values["output"], values.get("prompt_tokens"), values.get("completion_tokens"))
-            session.commit()
+
+        self._tx(f"the result of item {item_id}", work)
 
     def _run_generate_items(
         self, model: LoadedModel, record: ModelRecord, item_ids: list[int], chunk: ClaimedChunk
@@ -198,8 +232,8 @@ class ChunkRunner:
         first_of: dict[str, int] = {}
         scope = ""  # with the job's cache on, its results go to its owner's cache (jobs/dedup.py cache_key)
         if chunk.cache:
-            with self.sessions() as session:
-                scope = dedup.job_cache_scope(session, job_id, self.runtime.settings.result_cache_shared)
+            shared = self.runtime.settings.result_cache_shared
+            scope = self._tx(f"the cache scope of job {job_id}", lambda session: dedup.job_cache_scope(session, job_id, shared))
         for item_id, body in self._claim(item_ids, attempt):
             key = dedup.request_key(record.digest, kind, body, options)
             if key is not None:
@@ -360,9 +394,7 @@ class ChunkRunner:
         return results
 
     def _write_all(self, attempt: str, results: dict[int, dict[str, Any]]) -> None:
-        with self.sessions() as session:
-            transitions.write_results(session, attempt, results)
-            session.commit()
+        self._tx(f"the results of {len(results)} item(s)", lambda session: transitions.write_results(session, attempt, results))
 
     # -- bookkeeping ------------------------------------------------------------------------------------
 
@@ -380,19 +412,32 @@ class ChunkRunner:
         """Between items: the flag, then SQL (the truth, also after a flushed Redis lost the flag)."""
         if self._cancel_flagged(job_id):
             return True
-        with self.sessions() as session:
-            return transitions.job_stopped(session, job_id)
+        stopped: bool = self._tx(f"whether job {job_id} stopped", lambda session: transitions.job_stopped(session, job_id))
+        return stopped
 
     def _close_chunk(self, chunk: ClaimedChunk) -> None:
-        with self.sessions() as session:
-            transitions.close_chunk(session, chunk.chunk_id, chunk.attempt, chunk.job_id)
-            session.commit()
+        self._tx(f"the close of chunk {chunk.chunk_id}",
+                 lambda session: transitions.close_chunk(session, chunk.chunk_id, chunk.attempt, chunk.job_id))
 
         def tell_redis() -> None:
             self.runtime.redis.delete(chunk_key(chunk.chunk_id), suspect_key(chunk.chunk_id))
-            dispatch.send_next(self.sessions, self.celery, self.runtime.redis, chunk.model_digest)  # its place: the next
+            try:  # its place: the next
+                dispatch.send_next(self.sessions, self.celery, self.runtime.redis, chunk.model_digest)
+            except DBAPIError as exc:  # the chunk is closed; the reconciler's sweep dispatches held chunks too
+                if not unreachable(exc):
+                    raise
+                log.warning("the database went away (%s) before the next chunk was dispatched; the reconciler "
+                            "dispatches it", reason(exc))
 
         self._after_commit(f"chunk {chunk.chunk_id} closed, the next one dispatched", tell_redis)
+
+    def _forget_marker(self, chunk_id: str) -> None:
+        """Drop a chunk's Redis marker (this worker's name since the message came), so that the reconciler takes
+        its message for lost and sends it again (only once SQL answers: it reads the chunk from there)."""
+        try:
+            self.runtime.redis.delete(chunk_key(chunk_id))
+        except UNREACHABLE as exc:  # both gone: the marker names this worker, whose restart would free it
+            log.warning("cannot drop the marker of chunk %s either (%s)", chunk_id, exc)
 
     def _after_commit(self, what: str, tell_redis: Callable[[], None]) -> None:
         """The Redis side of a committed change (SQL first, then the message): now, or, with Redis out of reach,
