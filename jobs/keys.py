@@ -3,6 +3,10 @@
 A key is ``corral-`` + 43 url-safe characters (256 random bits) and is shown once; the database keeps its
 sha256 only.  Jobs, batches and files carry the id of the key that made them; a key sees its own, an admin key
 sees everyone's.  Lookups are cached for a few seconds so a busy API does not query per token stream.
+
+While the database is unreachable (a PostgreSQL restart, issue #38) a key checked in the last
+:data:`STALE_SECONDS` keeps its last answer, so interactive requests, which need no other SQL, go on; a key not
+seen that recently gets the 503 every job route gives then (it cannot be told from an unknown one).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import builtins
 import fnmatch
 import hashlib
 import json
+import logging
 import secrets
 import threading
 import time as clock
@@ -21,18 +26,24 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from corral.errors import BadRequest, Conflict, NotFound
 from corral.modelstore.store import DEFAULT_TAG, ModelName
 from corral.settings import Settings
 from corral.timefmt import duration_seconds
 from jobs import readstates
-from jobs.db import sessions
+from jobs.db import reason, sessions, unreachable
 from jobs.ids import new_id
 from jobs.models import ApiKey, Item, Job, KeyUsage, utcnow
 
+log = logging.getLogger(__name__)
 CACHE_SECONDS = 5.0
+# While the database is unreachable: how old a key's last answer may be and still serve (a revocation committed
+# before the outage was read within CACHE_SECONDS of it), and how long the next look waits before trying SQL again
+# (a connect to a lost host takes jobs.db.CONNECT_TIMEOUT; each request must not pay it).
+STALE_SECONDS = 600.0
+RECHECK_SECONDS = 1.0
 
 
 class KeyLimits(BaseModel):
@@ -118,6 +129,8 @@ class KeyStore:
         self.default_limits = KeyLimits.parse(settings.key_limits)
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()
+        self._unreachable_until = 0.0  # the database was unreachable: stale answers serve until then, untried
+        self._unreachable_since: float | None = None  # when this outage began (one log line each way)
 
     def create(self, name: str, *, admin: bool = False, limits: KeyLimits | None = None) -> tuple[str, dict[str, Any]]:
         """Return (the key, shown once; its listing row)."""
@@ -176,10 +189,28 @@ class KeyStore:
             hit = self._cache.get(digest)
             if hit and now - hit[0] < CACHE_SECONDS:
                 return hit[1]
-        with self.sessions() as session:
-            row = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).first()
-            principal = Principal(row.id, row.name, row.admin, self.limits_of(row)) if row else None
+            stale = hit is not None and now - hit[0] < STALE_SECONDS
+            if stale and now < self._unreachable_until:
+                return hit[1] if hit else None
+        try:
+            with self.sessions() as session:
+                row = session.scalars(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))).first()
+                principal = Principal(row.id, row.name, row.admin, self.limits_of(row)) if row else None
+        except DBAPIError as exc:
+            if not (stale and hit and unreachable(exc)):
+                raise  # never seen lately: the API's 503 (api/errors.py)
+            with self._lock:
+                if self._unreachable_since is None:
+                    self._unreachable_since = now
+                    log.warning("the database is unreachable (%s): API keys checked in the last %.0f s keep their "
+                                "last answer", reason(exc), STALE_SECONDS)
+                self._unreachable_until = now + RECHECK_SECONDS
+            return hit[1]
         with self._lock:
+            if self._unreachable_since is not None:
+                log.warning("the database answers again after %.1f s: API keys are checked there again",
+                            now - self._unreachable_since)
+                self._unreachable_since = None
             if len(self._cache) > 10_000:
                 self._cache.clear()
             self._cache[digest] = (now, principal)

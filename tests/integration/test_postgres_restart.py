@@ -19,6 +19,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,7 @@ from harness.postgres import PostgresServer
 from harness.processes import free_port, redis_or_private
 from harness.stack import Stack, fresh_database, wait_for
 from jobs.db import engine_for, sessions
+from jobs.keys import CACHE_SECONDS, KeyStore
 from jobs.models import Chunk, Item
 from tests.helpers import HAVE_PGSERVER, MODEL, make_settings, submit, wait_done
 
@@ -43,9 +45,9 @@ RESUME_BOUND = 15.0
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "options": {"num_predict": 4}}
 
 
-@pytest.fixture()
-def restartable(models_dir: Path, tmp_path: Path) -> Iterator[tuple[Stack, PostgresServer]]:
-    """A worker and an API server over a private Redis and a private PostgreSQL the test can restart."""
+@contextmanager
+def restartable_stack(models_dir: Path, tmp_path: Path, **overrides: object) -> Iterator[tuple[Stack, PostgresServer]]:
+    """A stack (not started) over a private Redis and a private PostgreSQL the test can restart."""
     with redis_or_private(None, tmp_path / "redis") as redis_url, \
             PostgresServer(tmp_path / "pgdata", "127.0.0.1", free_port()) as server:
         url = server.url()
@@ -56,7 +58,7 @@ def restartable(models_dir: Path, tmp_path: Path) -> Iterator[tuple[Stack, Postg
             with engine_for(url).begin() as conn:
                 conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {schema.group(1)}"))
         own = make_settings(tmp_path / "home", redis_url, models_dir, heartbeat_ttl=2.0, reconcile_interval=1.0,
-                            chunk_size=8, database_url=url)
+                            chunk_size=8, database_url=url, **overrides)
         fresh_database(own)
         stack = Stack(own, tmp_path / "logs")
         try:
@@ -64,6 +66,12 @@ def restartable(models_dir: Path, tmp_path: Path) -> Iterator[tuple[Stack, Postg
         finally:
             stack.stop()
             engine_for(url).dispose()
+
+
+@pytest.fixture()
+def restartable(models_dir: Path, tmp_path: Path) -> Iterator[tuple[Stack, PostgresServer]]:
+    with restartable_stack(models_dir, tmp_path) as pair:
+        yield pair
 
 
 def item_states(settings: Settings, job_id: str) -> dict[str, int]:
@@ -177,3 +185,38 @@ def test_postgres_restart_mid_job_loses_nothing(restartable: tuple[Stack, Postgr
                    items=[{"custom_id": f"after-{i}", "prompt": f"Name {i}."} for i in range(8)])
     assert wait_done(base, after["id"], timeout=120)["counts"]["succeeded"] == 8
     assert worker.proc.poll() is None and len(stack.worker_names()) == 1
+
+
+def test_a_known_api_key_keeps_chatting_while_the_database_is_down(models_dir: Path, tmp_path: Path) -> None:
+    """With keys required, a chat checks its key in SQL (cached for CACHE_SECONDS): while the database is down, a
+    key checked lately keeps its last answer, an unknown one gets a 503 (it cannot be told from a valid key not
+    seen lately) rather than a 401 or a 500, and a request without a key is a 401 as ever."""
+    with restartable_stack(models_dir, tmp_path, require_api_key=True) as (stack, server):
+        key, _ = KeyStore(stack.settings).create("chatter")
+        stack.start_both()
+        base, auth = stack.base_url, {"Authorization": f"Bearer {key}"}
+        r, _ = timed("POST", f"{base}/api/chat", json={**CHAT, "stream": False}, headers=auth)
+        assert r.status_code == 200, r.text
+        server.stop("immediate")
+        time.sleep(CACHE_SECONDS + 1)  # the key's cached answer is out of date: the next check goes to SQL
+        took = {}
+        for stream in (False, True):
+            r, took[stream] = timed("POST", f"{base}/api/chat", json={**CHAT, "stream": stream}, headers=auth)
+            assert r.status_code == 200 and '"done":true' in r.text.replace(" ", ""), r.text
+        r, _ = timed("POST", f"{base}/api/chat", json=CHAT, headers={"Authorization": "Bearer corral-unknown"})
+        assert_outage_503(r, "ollama")
+        r, _ = timed("POST", f"{base}/v1/chat/completions", headers={"Authorization": "Bearer corral-unknown"},
+                     json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert_outage_503(r, "openai")
+        r, _ = timed("POST", f"{base}/api/chat", json=CHAT)
+        assert r.status_code == 401, r.text
+        r, _ = timed("GET", f"{base}/api/jobs", headers=auth)
+        assert_outage_503(r, "ollama")
+        print(f"\nwith keys, chat while the database is down: {took[False]:.2f} s, streamed {took[True]:.2f} s")
+        assert max(took.values()) < PROBE_BOUND, took
+        server.start()
+        r, _ = timed("POST", f"{base}/api/chat", json=CHAT, headers={"Authorization": "Bearer corral-unknown"})
+        assert r.status_code == 401, r.text
+        r, _ = timed("POST", f"{base}/api/chat", json={**CHAT, "stream": False}, headers=auth)
+        assert r.status_code == 200, r.text
+        assert "unhandled error" not in stack.procs[1].output()
