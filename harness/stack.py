@@ -69,18 +69,22 @@ class Proc:
 
 @dataclass
 class Stack:
-    """A worker and/or API server running against one set of settings."""
+    """A worker and/or API server running against one set of settings.
+
+    ``prefix``: words put before each child's command line, such as ``ip netns exec gpu-1`` to start it on one
+    host of a test network (:mod:`harness.netns`); the command itself stays the one a deployment runs."""
 
     settings: Settings
     logs: Path
     procs: list[Proc] = field(default_factory=list)
+    prefix: list[str] = field(default_factory=list)
 
     def _spawn(self, name: str, *args: str) -> Proc:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = self.logs / f"{name}-{len(self.procs)}.log"
         with open(log, "wb") as fh:  # the child writes to its own copy of the descriptor
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cli", *args],
+                [*self.prefix, sys.executable, "-m", "cli", *args],
                 env=settings_env(self.settings),
                 stdout=fh,
                 stderr=subprocess.STDOUT,
