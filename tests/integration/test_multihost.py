@@ -13,6 +13,7 @@ Where namespaces cannot be made (not root, no iproute2) the tests skip with the 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from harness.cluster import HOSTS, Cluster
 from harness.netns import Network, can_make_namespaces
@@ -33,6 +34,8 @@ pytestmark = pytest.mark.slow
 ITEMS = 240  # a few hundred: about 25 s of work for both workers on two CPU cores (measured in each test)
 CHUNK = 8  # items per chunk: long enough (~2 s) to be caught mid-chunk
 NUM_PREDICT = 6
+AFTER = 6 * CHUNK  # the audit's new job: chunks enough for both workers
+WARM = 3 * CHUNK  # items done before a fault strikes: both workers have their model loaded and run chunks
 TTL = 2.0  # heartbeat_ttl: a worker unheard of for this long is taken for dead
 # Seconds from a fault to its chunks' re-queue by the surviving worker's reconciler: the TTL, then a sweep
 # (every second); measured 3-5 s.  (Their run waits its turn in the queue, behind the chunks released before.)
@@ -87,17 +90,38 @@ def items_of(cluster: Cluster, chunk_ids: set[str]) -> dict[int, tuple[str, str 
         return {row.id: (row.state, row.claim, row.output, row.finished_at) for row in rows}
 
 
+def items_done(cluster: Cluster, job_id: str) -> list[int]:
+    with sessions(cluster.settings)() as session:
+        return list(session.scalars(select(Item.id).where(Item.job_id == job_id, Item.state == ItemState.SUCCEEDED)))
+
+
 def mid_chunk(cluster: Cluster, job_id: str, worker: str) -> bool:
-    """Whether ``worker`` runs a chunk of the job with items still without a result (the moment to strike)."""
+    """Whether the job is under way (:data:`WARM` items done) and ``worker`` runs a chunk of it with items
+    still without a result: the moment to strike."""
     with sessions(cluster.settings)() as session:
         running = set(session.scalars(select(Chunk.id).where(
             Chunk.job_id == job_id, Chunk.worker == worker, Chunk.state == ChunkState.RUNNING)))
         if not running:
             return False
-        done = session.scalar(select(Item.id).where(Item.job_id == job_id, Item.state == ItemState.SUCCEEDED).limit(1))
+        done = session.scalar(select(func.count()).select_from(Item).where(
+            Item.job_id == job_id, Item.state == ItemState.SUCCEEDED))
         open_items = session.scalar(select(Item.id).where(
             Item.chunk_id.in_(running), Item.state.in_((ItemState.PENDING, ItemState.RUNNING))).limit(1))
-    return done is not None and open_items is not None  # the job under way, the chunk not finished
+    return bool(done and done >= WARM) and open_items is not None
+
+
+def result_writes(cluster: Cluster, host: str, since: datetime) -> list[tuple[int, str]]:
+    """(item, claim) of each item result write (:func:`jobs.transitions.write_result`: conditional on the claim)
+    that PostgreSQL received from ``host`` since ``since``, from its statement log."""
+    found = []
+    for write in cluster.writes_from(host, since):
+        statement = write.split("\n", 1)[0]
+        item, claim = (re.search(rf"job_items\.{column} = \$(\d+)", statement) for column in ("id", "claim"))
+        if "UPDATE job_items SET" not in statement or "output=" not in statement or not item or not claim:
+            continue
+        params = dict(re.findall(r"\$(\d+) = '((?:[^']|'')*)'", write))
+        found.append((int(params[item.group(1)]), params[claim.group(1)]))
+    return found
 
 
 def audit(cluster: Cluster, job_id: str, count: int, tag: str) -> Counter[str]:
@@ -115,12 +139,12 @@ def audit(cluster: Cluster, job_id: str, count: int, tag: str) -> Counter[str]:
         open_items = session.scalars(select(Item.id).where(Item.state.in_((ItemState.PENDING, ItemState.RUNNING)))).all()
         unsettled = session.scalars(select(Item.id).where(Item.job_id == job_id, Item.claim.is_not(None))).all()
     assert (list(open_chunks), list(open_items), list(unsettled)) == ([], [], [])
-    after = submit_job(cluster, 32, "after")
+    after = submit_job(cluster, AFTER, "after")
     started = time.monotonic()
     done = wait_done(cluster.api_url, after, timeout=120)
-    assert done["status"] == "completed" and done["counts"]["succeeded"] == 32, done
-    assert [line["custom_id"] for line in results(cluster.api_url, after)] == [f"after-{i}" for i in range(32)]
-    print(f"audit: a new job of 32 items ran in {time.monotonic() - started:.1f} s")
+    assert done["status"] == "completed" and done["counts"]["succeeded"] == AFTER, done
+    assert [line["custom_id"] for line in results(cluster.api_url, after)] == [f"after-{i}" for i in range(AFTER)]
+    print(f"audit: a new job of {AFTER} items ran in {time.monotonic() - started:.1f} s")
     return Counter(str(chunk.worker) for chunk in chunks_of(cluster, after))
 
 
@@ -140,7 +164,7 @@ def test_partition_of_a_worker_from_the_database_host(cluster: Cluster) -> None:
     caught = {c.id: c.attempt for c in chunks_of(cluster, job_id) if c.worker == one.name and c.state == ChunkState.RUNNING}
     before = items_of(cluster, set(caught))
     unfinished = {item for item, (state, *_) in before.items() if state in (ItemState.PENDING, ItemState.RUNNING)}
-    done_at_cut = sum(1 for c in chunks_of(cluster, job_id) if c.state == ChunkState.DONE) * CHUNK
+    done_at_cut = len(items_done(cluster, job_id))
     assert caught and unfinished, "the cut must land mid-chunk"
     assert done_at_cut < ITEMS / 2, "the cut must land mid-job"
 
@@ -173,13 +197,13 @@ def test_partition_of_a_worker_from_the_database_host(cluster: Cluster) -> None:
     wait_for(one.beating, REJOIN_BOUND, "gpu-1 to beat again after the heal", interval=0.1)
     rejoined = time.monotonic() - healed_at
 
-    def late_writes() -> list[str]:
-        """gpu-1's result writes that reached PostgreSQL after the heal under its lost claims."""
-        return [w for w in cluster.writes_from("gpu-1", since=heal_utc)
-                if "UPDATE job_items" in w and any(str(attempt) in w for attempt in caught.values())]
+    def late_writes() -> list[tuple[int, str]]:
+        """(item, claim) of each result write gpu-1 sent after the heal under one of its lost claims."""
+        return [w for w in result_writes(cluster, "gpu-1", heal_utc) if w[1] in caught.values()]
 
     wait_for(late_writes, REJOIN_BOUND, "gpu-1's late result writes to reach the database", interval=0.2)
     refused_in = time.monotonic() - healed_at
+    assert {item for item, _ in late_writes()} <= unfinished  # results of the items gpu-2 finished meanwhile
 
     def took_work() -> bool:
         return any(c.worker == one.name and c.started_at is not None and c.started_at > heal_utc
@@ -200,6 +224,7 @@ def test_partition_of_a_worker_from_the_database_host(cluster: Cluster) -> None:
           f"the new job's chunks per worker: {dict(workers)}")
     assert workers[one.name] > 0 and workers[two.name] > 0, workers  # both serve
     assert one.proc.proc.poll() is None and two.proc.proc.poll() is None
+    assert "Traceback" not in one.proc.output() and "Traceback" not in two.proc.output()
 
 
 def test_lost_host(cluster: Cluster) -> None:
@@ -242,3 +267,4 @@ def test_lost_host(cluster: Cluster) -> None:
           f"the new job's chunks per worker: {dict(workers)}")
     assert workers[back.name] > 0 and workers[one.name] > 0, workers  # gpu-2 serves again, beside gpu-1
     assert two.name not in workers and one.proc.proc.poll() is None
+    assert "Traceback" not in one.proc.output() and "Traceback" not in back.proc.output()
