@@ -31,6 +31,7 @@ from api.metrics import observe_key_tokens
 from corral.errors import Forbidden, RateLimited
 from corral.modelstore.store import ModelStore
 from corral.protocol import KEY_PREFIX
+from corral.redis_connection import redis_client
 from corral.settings import Settings
 from jobs.keys import KeyLimits, KeyStore, Principal
 
@@ -190,9 +191,16 @@ class Governor:
         return windows
 
     def _storage_(self) -> RedisStorage:
-        """The Redis storage and the two limiters over it, made on first use (the API tier runs without Redis)."""
+        """The Redis storage and the two limiters over it, made on first use (the API tier runs without Redis).
+
+        The storage runs over the connection pool of a :func:`~corral.redis_connection.redis_client`, so the
+        limits reach Redis as everything else does: the same timeouts, no retries of their own, and through the
+        Sentinels for a ``redis+sentinel://`` REDIS_URL (limits' own Sentinel storage takes no database number,
+        sends the primary's password to the Sentinels and reads from replicas, which lag).  The URL given beside
+        the pool only picks limits' redis-py implementation."""
         if self._storage is None:
-            self._storage = RedisStorage(self.settings.redis, key_prefix=f"{KEY_PREFIX}limits")
+            pool = redis_client(self.settings.redis).connection_pool
+            self._storage = RedisStorage("redis://", connection_pool=pool, key_prefix=f"{KEY_PREFIX}limits")
             self._moving_limiter = MovingWindowRateLimiter(self._storage)
             self._fixed_limiter = FixedWindowRateLimiter(self._storage)
         return self._storage

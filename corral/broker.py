@@ -15,6 +15,10 @@ Choices, each from Celery's docs on long GPU tasks with a Redis broker (see shar
   (said, not left to the default that Celery 6 turns around): a chunk that is running when the connection drops
   goes on, since it writes to SQL, not Redis; its message, which can no longer be acknowledged, comes back and
   finds the chunk taken.  How soon the worker's consumer tries again is the worker's (workers/consumer.py).
+- A ``redis+sentinel://`` REDIS_URL becomes kombu's ``sentinel://`` transport with the master name and the
+  Sentinels' options among the transport options (:func:`corral.redis_connection.celery_broker`): each new
+  broker connection asks the Sentinels where the primary is, so after a failover the consumer's reconnect (the
+  same as after an outage) reaches the promoted replica.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from corral.protocol import KEY_PREFIX
-from corral.redis_connection import redis_client
+from corral.redis_connection import celery_broker, redis_client
 from corral.settings import Settings
 
 # The errors that mean Redis is out of reach (refused, reset, timed out, still loading its data), from redis-py
@@ -36,10 +40,12 @@ UNREACHABLE: tuple[type[Exception], ...] = (redis.ConnectionError, redis.Timeout
 
 def make_celery(settings: Settings) -> Celery:
     """Create the Celery app for ``settings`` and make it the default app of this process."""
-    app = Celery("corral", broker=settings.redis, set_as_current=True)
+    broker, sentinel_options = celery_broker(settings.redis)
+    app = Celery("corral", broker=broker, set_as_current=True)
     transport = {
         "visibility_timeout": settings.visibility_timeout,
         "queue_order_strategy": "priority",
+        **sentinel_options,
     }
     app.conf.update(
         broker_transport_options=transport,

@@ -178,7 +178,11 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("REDIS_URL", "redis_url"),
-        description="Redis for the Celery broker and token streams; `corral up` starts a private one if unset.",
+        description="Redis for the Celery broker, token streams and rate limits; `corral up` starts a private one "
+        "if unset. One server: `redis://[[user]:password@]host:port/db` (also `rediss://`, `unix://`). A primary "
+        "that Redis Sentinel fails over: `redis+sentinel://[[user]:password@]host[:port][,host[:port]...]"
+        "/<master name>[/<db>]`, listing Sentinels (port 26379 by default) and the name they monitor; the "
+        "password is the primary's, `?sentinel_password=...` the Sentinels' own, if any.",
     )
     database_url: str | None = Field(
         None,
@@ -371,6 +375,16 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [o.strip() for o in value.split(",") if o.strip()]
         return list(value or [])
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str | None) -> str | None:
+        """A REDIS_URL corral cannot use fails at start-up with the form it expects, not at the first request."""
+        if not value:
+            return value
+        from corral.redis_connection import check_redis_url  # lazily: it imports redis-py
+
+        return check_redis_url(value)
 
     @field_validator("webhook_allow_networks")
     @classmethod

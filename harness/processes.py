@@ -21,12 +21,15 @@ from pathlib import Path
 
 import redis
 
+from corral.redis_connection import redis_client
+
 log = logging.getLogger("corral.harness")
 
 
 def redis_reachable(url: str, timeout: float = 1.0) -> bool:
     try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout).ping())
+        with redis_client(url, connect_timeout=timeout, socket_timeout=timeout) as client:  # Sentinels too
+            return bool(client.ping())
     except (redis.RedisError, OSError, ValueError):
         return False
 

@@ -19,6 +19,7 @@ import httpx
 import redis
 from sqlalchemy import Engine
 
+from corral.redis_connection import redis_client
 from corral.settings import Settings
 from harness.processes import die_with_parent
 
@@ -99,7 +100,7 @@ class Stack:
     @functools.cached_property
     def redis(self) -> redis.Redis:
         """One client for the stack's life (a client per look left its connections to the garbage collector)."""
-        return redis.Redis.from_url(self.settings.redis)
+        return redis_client(self.settings.redis)
 
     def start_worker(self, *args: str, timeout: float = 60) -> Proc:
         return self._spawn_worker(*args)(timeout)
