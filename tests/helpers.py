@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 from click.testing import CliRunner, Result
 
 from cli.main import main
 from corral.modelstore.store import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MODEL_MEDIA_TYPE
+from corral.redis_connection import redis_client
 from corral.settings import Settings
 from harness.processes import free_port
 from harness.stack import Stack, fresh_database, wait_for
@@ -51,7 +51,7 @@ def with_db(url: str, db: int) -> str:
 
 
 def clean_redis(url: str) -> None:
-    with redis.Redis.from_url(url) as client:
+    with redis_client(url) as client:
         keys = list(client.scan_iter(match="corral*")) + list(client.scan_iter(match="_kombu*"))
         if keys:
             client.delete(*keys)

@@ -21,12 +21,12 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from sqlalchemy import select
 
 from corral.broker import Broker
 from corral.errors import BadRequest
 from corral.modelstore.store import ModelStore
+from corral.redis_connection import redis_client
 from corral.settings import Settings
 from harness.processes import die_with_parent, free_port
 from harness.stack import Stack, wait_for
@@ -125,7 +125,7 @@ def corral_up(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, Setting
 
 
 def live_workers(settings: Settings) -> set[str]:
-    with redis.Redis.from_url(settings.redis) as client:
+    with redis_client(settings.redis) as client:
         return {key.decode().split(":", 2)[2] for key in client.scan_iter(match="corral:worker:*")}
 
 

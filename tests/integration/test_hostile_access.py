@@ -15,12 +15,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api import create_app
+from corral.redis_connection import redis_client
 from corral.settings import Settings
 from harness.stack import Stack, fresh_database
 from jobs.keys import KeyLimits, KeyStore
@@ -132,7 +132,7 @@ def console(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Ite
     admin = KeyStore(own).create("console-ops", admin=True)[0]
     try:
         yield {"keyed": create_app(own), "open": create_app(own.model_copy(update={"require_api_key": False})),
-               "admin": admin, "redis": redis.Redis.from_url(url)}
+               "admin": admin, "redis": redis_client(url)}
     finally:
         clean_redis(url)
 

@@ -9,10 +9,10 @@ import signal
 
 import httpx
 import pytest
-import redis
 from sqlalchemy import select
 
 from corral.protocol import chunk_key, model_queue
+from corral.redis_connection import redis_client
 from harness.stack import Stack, wait_for
 from jobs.db import sessions
 from jobs.models import Item, Job
@@ -108,7 +108,7 @@ def test_a_chunk_message_taken_by_a_worker_that_died_before_claiming_it_is_reque
 def test_redis_flushed_mid_job(isolated: Stack) -> None:
     isolated.start_both()
     job_id = start_job(isolated)
-    with redis.Redis.from_url(isolated.settings.redis) as client:
+    with redis_client(isolated.settings.redis) as client:
         client.flushdb()
     assert_exactly_once(isolated, job_id)
 
