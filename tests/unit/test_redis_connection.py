@@ -5,6 +5,7 @@ Nothing here connects: the clients connect on first use."""
 from __future__ import annotations
 
 import pytest
+from celery import _state as celery_state
 from kombu import Connection
 from pydantic import ValidationError
 from redis.sentinel import SentinelConnectionPool
@@ -111,9 +112,14 @@ def test_the_celery_app_and_the_rate_limits_use_the_sentinels() -> None:
     from corral.broker import make_celery
 
     settings = Settings(redis_url="redis+sentinel://s1,s2/mymaster/2")
-    app = make_celery(settings)
-    assert app.conf.broker_url.startswith("sentinel://s1:26379/2;")
-    assert app.conf.broker_transport_options["master_name"] == "mymaster"
-    assert app.conf.broker_transport_options["queue_order_strategy"] == "priority"  # still there beside them
+    default, current = celery_state.default_app, celery_state.get_current_app()
+    try:
+        app = make_celery(settings)
+        assert app.conf.broker_url.startswith("sentinel://s1:26379/2;")
+        assert app.conf.broker_transport_options["master_name"] == "mymaster"
+        assert app.conf.broker_transport_options["queue_order_strategy"] == "priority"  # still there beside them
+    finally:  # make_celery makes its app this process's default: the other tests keep theirs
+        celery_state.set_default_app(default)
+        celery_state._set_current_app(current)
     storage = Governor(settings, keys=None)._storage_()  # type: ignore[arg-type]
     assert isinstance(storage.get_connection().connection_pool, SentinelConnectionPool)
