@@ -14,8 +14,10 @@ tell which host sent which write, and when (:meth:`Cluster.writes_from`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import shutil
 import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -211,6 +213,20 @@ class Cluster:
             elif keep:  # the rest of the same message
                 found[-1] += "\n" + text
         return found
+
+
+def missing() -> str | None:
+    """What this machine lacks to run a cluster (beside namespaces: :func:`harness.netns.can_make_namespaces`),
+    or None."""
+    try:
+        redis_server_binary()
+    except (RuntimeError, ImportError) as exc:
+        return str(exc)
+    if importlib.util.find_spec("pgserver") is None:
+        return "PostgreSQL comes from the pgserver package (the test extra), which is not installed"
+    if os.geteuid() == 0 and not shutil.which("runuser"):
+        return "PostgreSQL refuses to run as root and `runuser` (util-linux) is not installed"
+    return None
 
 
 def _schema_of_pgoptions(url: str) -> None:

@@ -23,12 +23,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from harness.cluster import HOSTS, Cluster
+from harness.cluster import HOSTS, Cluster, missing
 from harness.netns import Network, can_make_namespaces
 from harness.stack import wait_for
 from jobs.db import sessions
 from jobs.models import Chunk, ChunkState, Item, ItemState
-from tests.helpers import HAVE_PGSERVER, make_settings, results, submit, wait_done
+from tests.helpers import make_settings, results, submit, wait_done
 
 pytestmark = pytest.mark.slow
 ITEMS = 240  # a few hundred: about 25 s of work for both workers on two CPU cores (measured in each test)
@@ -49,12 +49,12 @@ REJOIN_BOUND = 45.0
 def cluster(tmp_path: Path, models_dir: Path) -> Iterator[Cluster]:
     """The deployment, with its API and both workers up; everything removed on the way out, pass or fail."""
     ok, why = can_make_namespaces()
-    if ok and not HAVE_PGSERVER:
-        ok, why = False, "PostgreSQL comes from the pgserver package (the test extra), which is not installed"
+    if ok and missing() is not None:
+        ok, why = False, str(missing())
     if not ok:
         if os.environ.get("CORRAL_NETNS_REQUIRED") == "1":  # .ci/run: the fault tests must run there
             pytest.fail(f"CORRAL_NETNS_REQUIRED=1 but the multi-host tests cannot run: {why}")
-        pytest.skip(f"needs network namespaces: {why}")
+        pytest.skip(f"the multi-host tests need network namespaces, Redis and PostgreSQL: {why}")
     base = make_settings(tmp_path / "home", None, models_dir, heartbeat_ttl=TTL, reconcile_interval=1.0,
                          chunk_size=CHUNK, queue_timeout=120.0)
     network = Network(HOSTS)
