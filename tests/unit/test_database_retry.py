@@ -5,6 +5,7 @@ whose outcome it could not learn."""
 
 from __future__ import annotations
 
+import os
 import time
 from itertools import count
 from pathlib import Path
@@ -187,3 +188,35 @@ def test_postgres_engines_bound_a_connect_and_keep_alive(tmp_path: Path) -> None
     assert seen["postgresql"]["connect_timeout"] == CONNECT_TIMEOUT
     assert seen["postgresql"]["keepalives"] == 1 and seen["postgresql"]["tcp_user_timeout"] > 0
     assert "connect_timeout" not in seen["sqlite"] and "keepalives" not in seen["sqlite"]
+
+
+POSTGRES_URL = os.environ.get("TEST_DATABASE_URL", "")
+
+
+@pytest.mark.skipif(not POSTGRES_URL.startswith("postgresql"), reason="TEST_DATABASE_URL is not PostgreSQL")
+def test_a_session_the_server_ends_is_an_outage_and_the_retry_reconnects() -> None:
+    """What an immediate stop does to a session in use (``terminating connection due to administrator command``,
+    SQLSTATE 57P01), made by ending this session's backend from another: an outage, and the transaction's retry
+    runs on a fresh connection."""
+    engine = engine_for(POSTGRES_URL)
+    makes = sessionmaker(engine)
+    killed: list[int] = []
+
+    def work(session: Session) -> int:
+        pid = int(session.scalar(text("SELECT pg_backend_pid()")) or 0)
+        if not killed:  # the first try loses its backend mid-transaction
+            killed.append(pid)
+            with engine.connect() as other:
+                other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            session.scalar(text("SELECT 1"))
+        return pid
+
+    with makes() as session:  # the bare error first
+        pid = int(session.scalar(text("SELECT pg_backend_pid()")) or 0)
+        with engine.connect() as other:
+            other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(DBAPIError) as ended:
+            session.scalar(text("SELECT 1"))
+    assert unreachable(ended.value), repr(ended.value.orig)
+    assert getattr(ended.value.orig, "sqlstate", None) == "57P01"
+    assert transaction(makes, work, "a test", retry_for=10.0) != killed[0]
