@@ -66,6 +66,9 @@ class Gateway:
                 for event in reader.events():
                     if event.kind == "start":
                         self.broker.redis.zrem(key, req.request_id)
+                    # said before the yield: a consumer that has its answer closes the generator there, and a
+                    # finished reply must not leave a cancel key behind (an hour of Redis memory, a round trip)
+                    finished = finished or event.terminal
                     yield event
                 finished = True
             finally:
@@ -132,6 +135,7 @@ class Gateway:
                 BUILD_TASK, args=[req.model_dump()], queue=BUILD_QUEUE, expires=self.settings.queue_timeout
             )
             for event in reader.events():
+                finished = finished or event.terminal
                 if event.kind != "start":
                     event.raise_if_error()
                     yield event

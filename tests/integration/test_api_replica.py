@@ -8,6 +8,7 @@ long); the worker stops a request whose lease has lapsed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -19,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from corral.protocol import reader_key
+from corral.protocol import cancel_key, reader_key
 from corral.settings import Settings
 from harness.stack import Stack, fresh_database, wait_for
 from tests.helpers import MODEL, clean_redis, make_settings, with_db
@@ -91,8 +92,12 @@ def test_killed_replica_stops_its_generation_and_the_other_serves(replicas: tupl
         "model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "stream": False,
         "options": {"num_predict": 64, "temperature": 0}})
     assert r.status_code == 200 and r.json()["eval_count"] == 64
+    with httpx.stream("POST", b.base_url + "/api/generate", timeout=60, json={**LONG, "options": {"num_predict": 8}}) as r:
+        assert json.loads(list(r.iter_lines())[-1])["done"] is True
     assert worker.proc.poll() is None
     assert len(CANCELLED.findall(worker.output())) == 1  # only the dead replica's request was stopped
+    # replies read to their end leave neither a lease nor a cancel key behind
+    assert not list(a.redis.scan_iter(match=reader_key("*"))) and not list(a.redis.scan_iter(match=cancel_key("*")))
 
 
 def test_request_of_a_replica_that_died_while_it_waited_is_skipped(replicas: tuple[Stack, Stack]) -> None:
@@ -109,7 +114,11 @@ def test_request_of_a_replica_that_died_while_it_waited_is_skipped(replicas: tup
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
-    wait_for(lambda: list(a.redis.scan_iter(match=reader_key("*"))), 10, "the reader's lease")
+    def queued() -> bool:  # the lease is taken before the message is sent: wait for both
+        return bool(list(a.redis.scan_iter(match=reader_key("*")))) and any(
+            a.redis.type(q) == b"list" and a.redis.llen(q) for q in a.redis.scan_iter(match="corral.*.interactive"))
+
+    wait_for(queued, 10, "the reader's lease and the queued request")
     kill_group(api_a.proc.pid)
     api_a.stopped()
     sender.join(30)
