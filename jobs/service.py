@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import redis
 from sqlalchemy import Integer, cast, func, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from corral.broker import UNREACHABLE, Broker
@@ -35,7 +36,7 @@ from corral.wire.ollama import check_context
 from corral.wire.rerank import rerank_reply
 from jobs import dedup, dispatch, dryrun, grouping, readstates, transitions, webhooks
 from jobs.collection_index import INDEX_KIND
-from jobs.db import sessions
+from jobs.db import reason, sessions, unreachable
 from jobs.ids import chunk_id_maker, new_id
 from jobs.keys import Principal
 from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, as_utc, utcnow
@@ -157,15 +158,20 @@ class JobService:
             if not chunk_ids:  # every item came from the result cache: nothing to run
                 transitions.start_job(session, job_id)
                 transitions.finish_job_if_done(session, job_id)
+            # The answer is read in the transaction that stores the job: once it is committed, nothing may turn
+            # the reply into an error, or a client's retry makes a second job.
+            view = self._view(session, self._job(session, job_id, None))
             session.commit()
-        if count >= ANALYZE_FROM:
-            self._analyze()
         try:
+            if count >= ANALYZE_FROM:
+                self._analyze()
             self.send_next(record.model_digest)  # the chunks are held: the dispatcher sends them in turn
-        except UNREACHABLE as exc:  # committed: answering 503 now would make a client's retry a second job
+        except UNREACHABLE as exc:
             log.warning("job %s is stored but Redis is out of reach (%s); the reconciler sends its chunks when "
                         "it is back", job_id, exc)
-        view = self.get(job_id)
+        except DBAPIError as exc:
+            log.warning("job %s is stored but the database failed after the commit (%s, %s); the reconciler "
+                        "sends its chunks", job_id, reason(exc), "out of reach" if unreachable(exc) else "a query")
         if webhook_url and secret and secret != self.settings.webhook_secret:
             view["webhook"]["secret"] = secret  # shown this once: receivers verify signatures with it
         return view

@@ -67,3 +67,32 @@ def test_routes_without_sql_answer_as_usual(down: FlaskClient) -> None:
     assert down.get("/").status_code == 200
     assert down.get("/api/tags").status_code == 200
     assert down.get("/api/version").status_code == 200
+
+
+def test_a_job_stored_before_the_database_fails_is_answered_202_once(
+        client: FlaskClient, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The database goes away between the commit that stores a job and the dispatch after it: the client gets its
+    202 (a 503 would make its retry a second job), and the job is stored once, to be dispatched by the
+    reconciler.  The fault is injected where it lands, in the dispatcher's first statement."""
+    import psycopg
+    from sqlalchemy import func, select
+    from sqlalchemy.exc import OperationalError
+
+    from jobs.db import sessions
+    from jobs.models import Job
+    from jobs.service import JobService
+
+    def gone(self: JobService, model_digest: str) -> int:
+        raise OperationalError("SELECT 1", {}, psycopg.OperationalError("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(JobService, "send_next", gone)
+    with sessions(settings)() as session:
+        before = session.scalar(select(func.count()).select_from(Job))
+    resp = client.post("/api/jobs", json={"kind": "generate", "model": "smollm2",
+                                          "items": [{"custom_id": "a", "prompt": "hi"}]})
+    assert resp.status_code == 202, resp.get_data(as_text=True)
+    job = resp.get_json()
+    assert job["status"] == "queued" and job["counts"]["total"] == 1
+    with sessions(settings)() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == (before or 0) + 1
+        assert session.get(Job, job["id"]) is not None
