@@ -1,6 +1,6 @@
 """Repair batch jobs from SQL after lost messages, killed workers or a flushed Redis.
 
-Runs in every worker's heartbeat thread (every ``CORRAL_RECONCILE_INTERVAL`` seconds and at start-up); a Redis
+Runs on every worker's periodic thread (every ``CORRAL_RECONCILE_INTERVAL`` seconds and at start-up); a Redis
 lock lets one worker sweep at a time.  It never runs an item itself: it only puts work back in the queue
 (through :mod:`jobs.transitions`), and the claims there make a re-enqueue that races the original message harmless.
 
@@ -118,6 +118,8 @@ class Reconciler:
         live = self.live_workers()
         if startup:
             live.discard(self.name)
+        else:
+            live.add(self.name)  # sweeping, so alive, even if a slow database let its heartbeat key lapse
         trusted = time.monotonic() >= self._trust_after  # False just after an outage: see _contact
         requeue: list[tuple[str, str, str]] = []
         now = utcnow()

@@ -19,11 +19,14 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
+
 from corral.broker import UNREACHABLE
 from corral.modelstore.store import ModelStore
 from corral.protocol import WORKERS_SEEN_KEY, unload_key, worker_key
 from corral.redis_connection import redis_client
 from corral.settings import Settings
+from jobs.db import reason, unreachable
 from workers.execution import RequestRunner
 from workers.registry import ModelRegistry
 
@@ -80,6 +83,10 @@ class WorkerRuntime:
         self.beat()
         self._beat = threading.Thread(target=self._beat_loop, name="corral-heartbeat", daemon=True)
         self._beat.start()
+        # The periodic work (the reconciler's SQL sweep) has a thread of its own: a sweep blocked on a database
+        # that is restarting or out of reach (a connect waits 5 s, a query on a lost host up to 20 s) must not
+        # stop the heartbeat, or the other workers would take this one for dead and re-run its chunks.
+        threading.Thread(target=self._periodic_loop, name="corral-periodic", daemon=True).start()
 
     def stopping(self) -> bool:
         return self._stop.is_set()
@@ -90,19 +97,43 @@ class WorkerRuntime:
         self.redis.hdel(WORKERS_SEEN_KEY, self.name)  # stopped, not dead
         self.registry.close()
 
-    def _beat_loop(self) -> None:
+    def _periodic_loop(self) -> None:
+        """Run each :attr:`periodic` job every its own seconds.  An outage is waited out with a line when it
+        starts and one when it ends (Redis's are the heartbeat's to tell); anything else is logged and retried."""
         interval = max(0.2, self.settings.heartbeat_ttl / 5)
         last_run: dict[int, float] = {}
+        db_down_since: float | None = None
+        while not self._stop.wait(interval):
+            for i, (every, job) in enumerate(self.periodic):
+                if time.monotonic() - last_run.get(i, 0.0) < every:
+                    continue
+                last_run[i] = time.monotonic()
+                try:
+                    job()
+                except UNREACHABLE:
+                    continue
+                except DBAPIError as exc:
+                    if not unreachable(exc):
+                        log.exception("periodic work failed")
+                    elif db_down_since is None:
+                        db_down_since = time.monotonic()
+                        log.warning("the database is unreachable (%s): the reconciler waits for it; running chunks "
+                                    "retry their writes", reason(exc))
+                    continue
+                except Exception:  # the loop must outlive any hiccup
+                    log.exception("periodic work failed")
+                    continue
+                if db_down_since is not None:
+                    log.warning("the database answers again after %.1f s", time.monotonic() - db_down_since)
+                    db_down_since = None
+
+    def _beat_loop(self) -> None:
+        interval = max(0.2, self.settings.heartbeat_ttl / 5)
         down_since: float | None = None  # when Redis stopped answering this thread
         while not self._stop.wait(interval):
             try:
                 self.beat()
                 self.finish_deferred()
-                now = time.monotonic()
-                for i, (every, job) in enumerate(self.periodic):
-                    if now - last_run.get(i, 0.0) >= every:
-                        last_run[i] = now
-                        job()
             except UNREACHABLE as exc:  # waited out: a line when it starts, one when it ends
                 if down_since is None:
                     down_since = time.monotonic()
