@@ -16,6 +16,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy.orm import Session
@@ -32,6 +33,7 @@ from jobs.collection_index import (
     finish_reembed,
     stored_chunks,
 )
+from jobs.db import transaction
 from jobs.models import ItemState
 from workers.engine import LoadedModel, finish_vectors
 
@@ -74,9 +76,12 @@ class _Refused(Exception):
 
 def _prepare(session_factory: Callable[[], Session], model: LoadedModel, counter: ModelTokenCounter,
              item_id: int, body: dict[str, Any]) -> _Prepared:
-    with session_factory() as session:
+    def read(session: Session) -> tuple[tuple[str, bytes] | None, tuple[str, list[IndexedChunk]] | None]:
         source = document_source(session, str(body["file_id"]))
-        kept = stored_chunks(session, int(body["document_id"])) if source is None and body.get("reembed") else None
+        return source, (stored_chunks(session, int(body["document_id"])) if source is None and body.get("reembed")
+                        else None)
+
+    source, kept = transaction(session_factory, read, f"reading document {body['document_id']}")
     if kept is not None:  # a re-embed of a document whose File is gone: its chunks, as they were cut, embedded anew
         sha256, old = kept
         tokens = model.embed_tokens([c.text for c in old], truncate=True)
@@ -109,11 +114,10 @@ def run_index_items(
     index = 0
     while index < len(claimed):
         if index and stopped():
-            with session_factory() as session:
-                transitions.write_results(session, attempt, {
-                    item_id: {"state": ItemState.CANCELLED, "error": "the job was stopped before this document ran"}
-                    for item_id, _ in claimed[index:]})
-                session.commit()
+            rest = {item_id: {"state": ItemState.CANCELLED, "error": "the job was stopped before this document ran"}
+                    for item_id, _ in claimed[index:]}
+            transaction(session_factory, partial(transitions.write_results, attempt=attempt, results=rest),
+                        f"cancelling the rest of job {job_id}'s chunk")
             return
         group: list[_Prepared] = []
         refused: list[tuple[int, dict[str, Any], _Refused]] = []
@@ -145,8 +149,11 @@ def run_index_items(
 def _write_group(session_factory: Callable[[], Session], attempt: str, job_id: str, group: list[_Prepared],
                  vectors: Any, refused: list[tuple[int, dict[str, Any], _Refused]]) -> None:
     """Each document's item result and its chunks (or its failure), all in one transaction; a result whose
-    claim no longer holds (the item was re-queued or stopped) is dropped with its chunks."""
-    with session_factory() as session:
+    claim no longer holds (the item was re-queued or stopped) is dropped with its chunks.  Retried while the
+    database is out of reach (:func:`jobs.db.transaction`): a repeat after a commit whose answer was lost finds
+    its results written and their claims gone, and writes nothing twice."""
+
+    def work(session: Session) -> None:
         first = 0
         for prepared in group:
             count = len(prepared.chunks)
@@ -175,4 +182,5 @@ def _write_group(session_factory: Callable[[], Session], attempt: str, job_id: s
         reembedding |= {str(body["collection_id"]) for _, body, _ in refused if body.get("reembed")}
         for collection_id in reembedding:
             finish_reembed(session, collection_id)  # the last group of the job switches the model
-        session.commit()
+
+    transaction(session_factory, work, f"the results of {len(group) + len(refused)} document(s) of job {job_id}")
