@@ -226,13 +226,14 @@ def search_page(store_id: str, who: str | None, body: W.SearchRequest) -> dict[s
     vectors = _embed(target.model, queries) if embedding_weight > 0 else []
     k = body.max_num_results
     pool = min(RERANK_POOL, 4 * k) if reranker else k
-    hits = collection_search.search(
-        sessions(shared.settings), collection_id=target.collection_id, model_digest=target.model_digest,
-        query_vectors=vectors, query_texts=queries, filters=body.filter_dict(), k=pool,
-        embedding_weight=embedding_weight, text_weight=text_weight,
-    )
-    with sessions(shared.settings)() as session:
-        rows = collection_search.hydrate(session, hits)
+    with collection_search.snapshot(sessions(shared.settings)) as reads:  # the legs and the hydrate: one view
+        hits = collection_search.search(
+            reads, collection_id=target.collection_id, model_digest=target.model_digest,
+            query_vectors=vectors, query_texts=queries, filters=body.filter_dict(), k=pool,
+            embedding_weight=embedding_weight, text_weight=text_weight,
+        )
+        with reads() as session:
+            rows = collection_search.hydrate(session, hits)
     if reranker is not None and rows:
         rows = _reranked(reranker, options.ranker, "\n".join(queries), rows)
     kept = [row for row in rows if row["score"] >= options.score_threshold][:k]

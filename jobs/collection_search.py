@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from sqlalchemy.orm import Session
 from jobs.collection_vectors import (
     VECTOR_TABLE,
     Ranked,
+    Sessions,
     _dialect,
     compact,
     doc_clause,
@@ -36,8 +38,8 @@ from jobs.collection_vectors import (
 )
 
 __all__ = ["VECTOR_TABLE", "Hit", "Ranked", "allowed_documents", "compact", "ensure_collection_index", "forget",
-           "fts_terms", "fuse", "hydrate", "index_chunks", "index_document", "matches", "search", "text_leg",
-           "vector_legs"]
+           "fts_terms", "fuse", "hydrate", "index_chunks", "index_document", "matches", "search", "snapshot",
+           "text_leg", "vector_legs"]
 
 RRF_K = 60
 TERM = re.compile(r"\w+")
@@ -191,7 +193,24 @@ def fuse(vector_legs: list[Ranked], text_legs: list[Ranked], *, embedding_weight
     return sorted(hits, key=lambda h: (-h.score, h.chunk_id))[:k]
 
 
-def search(sessions: Callable[[], Session], *, collection_id: str, model_digest: str, query_vectors: list[np.ndarray],
+@contextmanager
+def snapshot(sessions: Callable[[], Session]) -> Iterator[Sessions]:
+    """One read snapshot for a whole search: its legs and :func:`hydrate` see the same chunks, so a document
+    re-indexed meanwhile is found as it was or as it is, never lost between a leg and the hydrate (whose
+    chunk ids would be gone).  REPEATABLE READ on PostgreSQL; on SQLite a read transaction, which WAL keeps
+    beside the one writer.  Yields a factory to pass where a search takes ``sessions``."""
+    with sessions() as session:
+        if _dialect(session) == "postgresql":
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        else:  # pysqlite opens transactions only before writes: ask for this one
+            session.connection().exec_driver_sql("BEGIN")
+        try:
+            yield lambda: nullcontext(session)
+        finally:
+            session.rollback()
+
+
+def search(sessions: Sessions, *, collection_id: str, model_digest: str, query_vectors: list[np.ndarray],
            query_texts: list[str], filters: dict[str, Any] | None, k: int, embedding_weight: float = 1.0,
            text_weight: float = 1.0, candidates: int | None = None) -> list[Hit]:
     """The ``k`` best chunks of a collection for one or more queries: a text leg per query text and a vector leg

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -38,6 +39,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from jobs.search import vector_literal
+
+# Where a search's reads come from: a sessionmaker, or one snapshot's session lent again and again
+# (jobs/collection_search.py ``snapshot``).
+Sessions = Callable[[], AbstractContextManager[Session]]
 
 VECTOR_TABLE = "collection_vectors"
 BLOCK = 1024  # entries per packed row: 64 KB of bits and ids at 384 dims; an apply rewrites at most one such row
@@ -331,7 +336,7 @@ def _normalized(vector: np.ndarray) -> np.ndarray:
     return q / (np.linalg.norm(q) or 1.0)
 
 
-def vector_legs(sessions: Callable[[], Session], collection_id: str, digest: str, queries: list[np.ndarray],
+def vector_legs(sessions: Sessions, collection_id: str, digest: str, queries: list[np.ndarray],
                 docs: list[int] | None, n: int) -> list[Ranked]:
     """The best ``n`` chunks by cosine for each query vector, from whichever layout the database has."""
     qs = [_normalized(q) for q in queries]
@@ -352,20 +357,24 @@ def _pgvector_leg(session: Session, collection_id: str, digest: str, q: np.ndarr
     scan when filtered so that a selective filter still fills ``n``; re-sorted since relaxed order may not be."""
     dims = int(q.shape[0])
     where, params = doc_clause(session, docs, "document_id")
-    session.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(n, 1000))}"))
-    if docs is not None:
-        try:
-            with session.begin_nested():
-                session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
-        except DBAPIError:  # pgvector before 0.8: a filtered query may return fewer than n
-            pass
-    distance = f"embedding::vector({dims}) <=> CAST(:q AS vector({dims}))"
-    rows = session.execute(text(
-        f"WITH hits AS MATERIALIZED (SELECT chunk_id, document_id, {distance} AS d FROM {VECTOR_TABLE} "
-        f"WHERE collection_id = :c AND model_digest = :m AND vector_dims(embedding) = {dims}{where} "
-        f"ORDER BY {distance} LIMIT :n) SELECT chunk_id, document_id, d FROM hits ORDER BY d + 0, chunk_id"),
-        {**params, "c": collection_id, "m": digest, "q": vector_literal(q), "n": n}).all()
-    session.rollback()  # SET LOCAL ends with the transaction
+    # SET LOCAL inside a savepoint, rolled back after: the settings end there, and a search's snapshot goes on
+    scope = session.begin_nested()
+    try:
+        session.execute(text(f"SET LOCAL hnsw.ef_search = {max(40, min(n, 1000))}"))
+        if docs is not None:
+            try:
+                with session.begin_nested():
+                    session.execute(text("SET LOCAL hnsw.iterative_scan = relaxed_order"))
+            except DBAPIError:  # pgvector before 0.8: a filtered query may return fewer than n
+                pass
+        distance = f"embedding::vector({dims}) <=> CAST(:q AS vector({dims}))"
+        rows = session.execute(text(
+            f"WITH hits AS MATERIALIZED (SELECT chunk_id, document_id, {distance} AS d FROM {VECTOR_TABLE} "
+            f"WHERE collection_id = :c AND model_digest = :m AND vector_dims(embedding) = {dims}{where} "
+            f"ORDER BY {distance} LIMIT :n) SELECT chunk_id, document_id, d FROM hits ORDER BY d + 0, chunk_id"),
+            {**params, "c": collection_id, "m": digest, "q": vector_literal(q), "n": n}).all()
+    finally:
+        scope.rollback()
     return [(int(i), int(d), 1.0 - float(dist)) for i, d, dist in rows]
 
 
@@ -398,7 +407,7 @@ class _TopK:
         return [(int(i), int(d), float(s)) for s, i, d in zip(self.scores, self.ids, self.docs)]
 
 
-def blocks_legs(sessions: Callable[[], Session], collection_id: str, digest: str, qs: list[np.ndarray],
+def blocks_legs(sessions: Sessions, collection_id: str, digest: str, qs: list[np.ndarray],
                 docs: list[int] | None, n: int, rescore: int | None = None) -> list[Ranked]:
     """Scan the blocks a page at a time and keep each query's ``rescore`` entries nearest by Hamming distance
     (default ``max(RESCORE * n, RESCORE_MIN)``; ties by chunk id); then look those up in ``collection_chunks``
@@ -457,7 +466,7 @@ def _chunk_vectors(session: Session, collection_id: str, digest: str, ids: list[
             np.frombuffer(b"".join(r.embedding for r in found), "<f4").reshape(len(found), dims))
 
 
-def chunks_legs(sessions: Callable[[], Session], collection_id: str, digest: str, qs: list[np.ndarray],
+def chunks_legs(sessions: Sessions, collection_id: str, digest: str, qs: list[np.ndarray],
                 docs: list[int] | None, n: int) -> list[Ranked]:
     """The exact scan straight over ``collection_chunks`` (a database without current ``collection_vectors``:
     one not upgraded since; also the bench's baseline and recall reference): pages of ``PAGE * BLOCK`` rows."""

@@ -436,3 +436,26 @@ def test_an_upgrade_rebuilds_blocks_of_the_earlier_int8_code(sessions: sessionma
             assert session.scalar(text(f"SELECT sum(n) FROM {cv.VECTOR_TABLE} WHERE collection_id = 'vs_a'")) == 6
     hits = run(sessions, "", axis(0), text_weight=0)
     assert hits[0].chunk_id == corpus["pandas"] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_search_snapshot_keeps_chunks_a_reindex_replaces_meanwhile(
+        sessions: sessionmaker[Session], corpus: dict[str, int]) -> None:
+    """A document re-indexed between a search's legs and its hydrate (its chunks deleted and inserted anew, as
+    apply_document does) is still answered from the snapshot the legs read, not dropped."""
+    with cs.snapshot(sessions) as reads:
+        hits = run(reads, "giant pandas", axis(0))  # type: ignore[arg-type]
+        assert corpus["pandas"] in {h.chunk_id for h in hits}
+        with sessions.begin() as writer:  # another process re-indexes the document and commits
+            doc_id = writer.scalar(select(CollectionDocument.id).where(CollectionDocument.source_id == "animals"))
+            writer.execute(text("DELETE FROM collection_chunks WHERE document_id = :d"), {"d": doc_id})
+            writer.execute(insert(CollectionChunk), [{
+                "collection_id": "vs_a", "document_id": doc_id, "model_digest": DIGEST, "seq": 0,
+                "text": "Giant pandas, re-indexed.", "start": 0, "end": 25, "tokens": 4,
+                "embedding": axis(0).astype("<f4").tobytes()}])
+            cs.index_document(writer, doc_id)
+        with reads() as session:
+            rows = cs.hydrate(session, hits)
+    assert [r["chunk_id"] for r in rows] == [h.chunk_id for h in hits]  # none dropped
+    assert "Giant pandas eat bamboo in the mountains of China." in {r["text"] for r in rows}
+    with sessions() as session:  # outside the snapshot, the old chunk is gone
+        assert not cs.hydrate(session, [h for h in hits if h.chunk_id == corpus["pandas"]])
