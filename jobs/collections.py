@@ -286,9 +286,6 @@ class CollectionService:
             record = self._model(row.model, quota)
             for spec in files:
                 self._stored_file(session, spec.file_id, owner)
-            if batch_id is not None:
-                session.add(CollectionBatch(id=batch_id, collection_id=store_id))
-                session.commit()
         entries = []
         for spec in files:
             chunking = resolve_chunking(record, spec.chunking) if spec.chunking else Chunking(row.chunk_tokens, row.chunk_overlap)
@@ -524,6 +521,9 @@ class CollectionService:
 
         def prepare(session: Session, job_id: str) -> None:
             now = utcnow()
+            if batch_id is not None:  # in the job's transaction: a refused submission leaves no empty batch behind
+                session.add(CollectionBatch(id=batch_id, collection_id=store_id, job_id=job_id or None))
+                session.flush()
             if delete_sources:
                 for start in range(0, len(delete_sources), 500):
                     ids = select(CollectionDocument.id).where(
@@ -558,8 +558,6 @@ class CollectionService:
                     "filename": filename, "chunk_tokens": entry.chunking.max_tokens,
                     "chunk_overlap": entry.chunking.overlap, "model_digest": digest,
                 }))
-            if batch_id is not None:
-                session.execute(update(CollectionBatch).where(CollectionBatch.id == batch_id).values(job_id=job_id))
 
         if not entries:  # a full sync that only deletes
             with self._session() as session:

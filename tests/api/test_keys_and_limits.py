@@ -4,6 +4,7 @@ against real processes in tests/integration/test_api_keys.py."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -70,3 +71,28 @@ def test_keys_without_limits_of_their_own_get_the_servers_default(settings: Sett
     assert not store.check(plain).limits.allows("smollm2") and store.check(plain).limits.allows("all-minilm:l6-v2")  # type: ignore[union-attr]
     with pytest.raises(BadRequest, match="CORRAL_KEY_LIMITS is not valid"):
         KeyStore(settings.model_copy(update={"key_limits": '{"rpm": "many"}'}))
+
+
+def test_a_file_batch_refused_by_the_keys_queue_limit_leaves_nothing_behind(
+        keyed: FlaskClient, keys: KeyStore, keyed_settings: Settings) -> None:
+    """The batch, its documents and its job are one transaction: a refusal (here the key's queued-items limit,
+    a 429) stores none of them, where the batch row used to stay behind, empty."""
+    from sqlalchemy import func, select
+
+    from jobs.db import sessions
+    from jobs.keys import KeyLimits
+    from jobs.models import CollectionBatch, CollectionDocument
+
+    headers = {"Authorization": f"Bearer {keys.create('one-queued', limits=KeyLimits(max_queued_items=1))[0]}"}
+    store = keyed.post("/v1/vector_stores", json={"name": "limited"}, headers=headers).get_json()["id"]
+    file_ids = [keyed.post("/v1/files", headers=headers, data={
+        "purpose": "assistants", "file": (io.BytesIO(f"Document {n} about rockets.".encode()), f"d{n}.txt")},
+        content_type="multipart/form-data").get_json()["id"] for n in range(2)]
+    r = keyed.post(f"/v1/vector_stores/{store}/file_batches", json={"file_ids": file_ids}, headers=headers)
+    assert r.status_code == 429, r.get_data(as_text=True)
+    assert "queued batch items" in r.get_json()["error"]["message"]
+    with sessions(keyed_settings)() as session:
+        assert session.scalar(select(func.count()).select_from(CollectionBatch)
+                              .where(CollectionBatch.collection_id == store)) == 0
+        assert session.scalar(select(func.count()).select_from(CollectionDocument)
+                              .where(CollectionDocument.collection_id == store)) == 0
