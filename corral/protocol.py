@@ -29,7 +29,7 @@ from typing import Any, Literal
 import redis
 from pydantic import BaseModel, Field
 
-from corral.errors import CorralError, WorkerUnavailable, error_for_status
+from corral.errors import BrokerUnavailable, CorralError, WorkerUnavailable, error_for_status
 
 INTERACTIVE_TASK = "corral.interactive"
 CHUNK_TASK = "corral.run_chunk"
@@ -257,6 +257,7 @@ class StreamReader:
         # renewal waits for XREAD to return
         self.lease = None if lease is None else max(lease, 3 * poll)
         self._renewed = 0.0
+        self._primary: object = None  # the Redis primary the reply is read from (Sentinel: it can change)
 
     def hold(self, pipe: Any = None) -> None:
         """Take the reader lease, before the request is sent (a worker that starts it finds it held); with
@@ -279,6 +280,7 @@ class StreamReader:
         while True:
             self._renew()
             reply = self.client.xread({self.key: self.last_id}, block=self.poll_ms, count=256)
+            self._same_primary()
             if not reply:
                 self._check_alive(deadline)
                 continue
@@ -293,6 +295,15 @@ class StreamReader:
                 yield event
                 if event.terminal:
                     return
+
+    def _same_primary(self) -> None:
+        """A reader reconnected to a promoted replica (Sentinel) may miss the stream's unreplicated tail, and then
+        wait for a final event that went down with the old primary: the reply ends as an outage instead."""
+        primary = getattr(self.client.connection_pool, "master_address", None)
+        if self._primary is None:
+            self._primary = primary
+        elif primary is not None and primary != self._primary:
+            raise BrokerUnavailable("Redis failed over to another primary during the reply")
 
     def _check_alive(self, deadline: float) -> None:
         if self.worker is None:
