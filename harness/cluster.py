@@ -35,9 +35,9 @@ API_PORT = 11434
 REDIS_PORT = 6379
 POSTGRES_PORT = 5432
 DATABASE = "corral"
-# The server's log, one line per statement that writes: "<time> <client address> [<pid>] LOG:  ..."
-LOG_SETTINGS = "log_statement = 'mod'\nlog_line_prefix = '%m %h [%p] '\nlog_timezone = 'UTC'\n"
-_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC (\S+) \[\d+\] ")
+# "<time> <client address> <application name> [<pid>] LOG:  ...", the application name the client's host.
+LOG_SETTINGS = "log_statement = 'mod'\nlog_line_prefix = '%m %h %a [%p] '\nlog_timezone = 'UTC'\n"
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC (\S+) (\S*) \[\d+\] ")
 
 
 @dataclass
@@ -80,6 +80,7 @@ class Cluster:
     redis_proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
     stacks: dict[str, Stack] = field(default_factory=dict, init=False)
     workers: dict[str, Worker] = field(default_factory=dict, init=False)  # the latest worker started per host
+    database_routes: dict[str, tuple[str, int]] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
         db = self.network["db"]
@@ -98,17 +99,29 @@ class Cluster:
     def api_url(self) -> str:
         return f"http://{self.host('api-a').ip}:{API_PORT}"
 
+    def database_url(self, client: str) -> str:
+        """The database's URL for ``client`` (a host's name, or ``test``), which PostgreSQL shows as the session's
+        ``application_name``; through the address :meth:`route_database` gave the host, if any."""
+        host, port = self.database_routes.get(client, (self.postgres.host, self.postgres.port))
+        return f"postgresql+psycopg://postgres@{host}:{port}/{DATABASE}?application_name={client}"
+
+    def route_database(self, host: str, address: tuple[str, int]) -> None:
+        """Have ``host``'s processes, started from now on, reach PostgreSQL at ``address`` (a proxy)."""
+        self.database_routes[host] = address
+        self.stacks.pop(host, None)
+
     def settings_for(self, host: str) -> Settings:
-        """The settings of a process on ``host`` (the test process uses ``api-a``'s: the same servers)."""
+        """The settings of a process on ``host``."""
         models = self.root / f"{host}-models" if host == "gpu-2" else self.base.models_path
         return self.base.model_copy(update={
-            "redis_url": self.redis_url, "database_url": self.postgres.url(DATABASE),
+            "redis_url": self.redis_url, "database_url": self.database_url(host),
             "host": f"{self.host(host).ip}:{API_PORT}", "models_dir": models, "home": self.root / host,
         })
 
     @property
     def settings(self) -> Settings:
-        return self.settings_for("api-a")
+        """The test process's: ``api-a``'s, its sessions named ``test``."""
+        return self.settings_for("api-a").model_copy(update={"database_url": self.database_url("test")})
 
     def stack(self, host: str) -> Stack:
         """The processes on ``host`` (one :class:`Stack` per host, its commands run there)."""
@@ -177,6 +190,9 @@ class Cluster:
     def close(self) -> None:
         """Heal every cut (a process stopping must reach its servers to stop cleanly), stop the processes, the
         servers, then remove the network (which kills whatever is left on a host)."""
+        for name in HOSTS:
+            if self.network.is_isolated(name):
+                self.network.rejoin(name)
         for a in HOSTS:
             for b in HOSTS:
                 if a < b and self.network.is_cut(a, b):
@@ -191,7 +207,7 @@ class Cluster:
             pass
         from jobs.db import engine_for
 
-        engine_for(self.postgres.url(DATABASE)).dispose()  # this process's connections to a server that is gone
+        engine_for(self.database_url("test")).dispose()  # this process's connections to a server that is gone
         self.network.remove()
 
     # -- what the database saw ------------------------------------------------------------------------------

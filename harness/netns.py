@@ -13,6 +13,8 @@ Faults:
   side's neighbour entry for the other is pinned to a MAC address nobody has, so frames go out and vanish, as on a
   partitioned switch: an open TCP connection retransmits into the void (no RST, no error), a new one gets no answer
   to its SYN.  (Neither nftables nor tc's actions need exist for this: the machine may have neither.)
+- :meth:`Network.isolate` / :meth:`Network.rejoin`: a host cut from every peer and from the machine's own
+  namespace at once;
 - :meth:`Host.kill_all`: SIGKILL every process whose network namespace is the host's, a host that loses power.
 
 Names are short and random (``corral-<6 hex>-<host>`` for namespaces, 15 characters at most for interfaces), so
@@ -129,6 +131,7 @@ class Network:
     bridge: str = field(init=False)
     suffix: str = field(default_factory=lambda: secrets.token_hex(3), init=False)
     _cut: set[frozenset[str]] = field(default_factory=set, init=False)
+    _isolated: set[str] = field(default_factory=set, init=False)
 
     def __post_init__(self) -> None:
         self.names = list(self.names)
@@ -191,6 +194,30 @@ class Network:
 
     def is_cut(self, a: str, b: str) -> bool:
         return frozenset((a, b)) in self._cut
+
+    def isolate(self, name: str) -> None:
+        """``name`` hears nobody and nobody hears it: cut from every host and from the machine's own namespace
+        (the bridge's address: the test process, and anything it runs there, such as a proxy)."""
+        for other in self.hosts:
+            if other != name and not self.is_cut(name, other):
+                self.cut(name, other)
+        host = self[name]
+        host.run("ip", "neigh", "replace", self.bridge_ip, "lladdr", NOWHERE_MAC, "dev", "eth0", "nud", "permanent")
+        _ip("neigh", "replace", host.ip, "lladdr", NOWHERE_MAC, "dev", self.bridge, "nud", "permanent")
+        self._isolated.add(name)
+
+    def rejoin(self, name: str) -> None:
+        """Undo :meth:`isolate`."""
+        for other in self.hosts:
+            if other != name and self.is_cut(name, other):
+                self.heal(name, other)
+        host = self[name]
+        host.run("ip", "neigh", "del", self.bridge_ip, "dev", "eth0")
+        _ip("neigh", "del", host.ip, "dev", self.bridge)
+        self._isolated.discard(name)
+
+    def is_isolated(self, name: str) -> bool:
+        return name in self._isolated
 
     # -- teardown -------------------------------------------------------------------------------------------
 
