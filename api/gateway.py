@@ -63,9 +63,7 @@ class Gateway:
                     queue=model_queue(req.model_digest, "interactive"),
                     expires=self.settings.queue_timeout,
                 )
-                for event in reader.events():
-                    if event.kind == "start":
-                        self.broker.redis.zrem(key, req.request_id)
+                for event in reader.events():  # the worker takes the request out of the waiting set as it starts
                     # said before the yield: a consumer that has its answer closes the generator there, and a
                     # finished reply must not leave a cancel key behind (an hour of Redis memory, a round trip)
                     finished = finished or event.terminal
@@ -73,10 +71,12 @@ class Gateway:
                 finished = True
             finally:
                 with contextlib.suppress(*UNREACHABLE):  # its entry expires with the queue's key anyway
-                    self.broker.redis.zrem(key, req.request_id)
+                    pipe = self.broker.redis.pipeline(transaction=False)  # one round trip, after the reply
+                    pipe.zrem(key, req.request_id)  # never started (an error, a client gone while it waited)
                     if not finished:
-                        reader.cancel()
-                    reader.release()
+                        reader.cancel(pipe=pipe)
+                    reader.release(pipe)
+                    pipe.execute()
         except UNREACHABLE as exc:
             raise BrokerUnavailable(exc) from exc
 

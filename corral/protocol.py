@@ -204,14 +204,18 @@ class StreamWriter:
         self.ttl = ttl
         self.leased = leased
 
-    def emit(self, kind: str, data: dict[str, Any]) -> bool:
-        """Append an event; return True when the client has cancelled or its reader is gone."""
+    def emit(self, kind: str, data: dict[str, Any], *, leave: str | None = None) -> bool:
+        """Append an event; return True when the client has cancelled or its reader is gone.  ``leave``: a
+        waiting set (:func:`waiting_key`) the request leaves in the same round trip (the start event does: the
+        API would otherwise spend a round trip of its own before the first token)."""
         pipe = self.client.pipeline(transaction=False)
         pipe.xadd(self.key, {"e": kind, "d": json.dumps(data)}, maxlen=STREAM_MAXLEN, approximate=True)
         # A stream nobody finishes (the worker was killed) still goes away eventually.
         pipe.expire(self.key, max(self.ttl, 3600) if kind in ("start", "delta") else self.ttl)
+        if leave is not None:
+            pipe.zrem(leave, self.request_id)
         self._ask(pipe)
-        return self._stopped(pipe.execute()[2:])
+        return self._stopped(pipe.execute()[2 if leave is None else 3:])
 
     def cancelled(self) -> bool:
         pipe = self.client.pipeline(transaction=False)
@@ -270,10 +274,10 @@ class StreamReader:
         if self.lease is not None and time.monotonic() - self._renewed > self.lease / 3:
             self.hold()
 
-    def release(self) -> None:
+    def release(self, pipe: Any = None) -> None:
         """Let the lease go (the reply was read to its end, or the client left): nothing is left to expire."""
         if self.lease is not None:
-            self.client.delete(reader_key(self.request_id))
+            (pipe or self.client).delete(reader_key(self.request_id))
 
     def events(self) -> Iterator[StreamEvent]:
         deadline = time.monotonic() + self.queue_timeout
@@ -314,9 +318,9 @@ class StreamReader:
         elif not self.client.exists(worker_key(self.worker)):
             raise WorkerUnavailable(f"worker {self.worker} stopped responding while running the request")
 
-    def cancel(self, ttl: int = 3600) -> None:
+    def cancel(self, ttl: int = 3600, pipe: Any = None) -> None:
         """Ask the worker to stop (the client disconnected)."""
-        self.client.set(cancel_key(self.request_id), b"1", ex=ttl)
+        (pipe or self.client).set(cancel_key(self.request_id), b"1", ex=ttl)
 
 
 def _text(value: bytes | str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 from celery import Task, shared_task
 
 from corral.errors import CorralError, GenerationFailed
-from corral.protocol import BUILD_TASK, INTERACTIVE_TASK, BuildRequest, InferenceRequest, StreamWriter
+from corral.protocol import BUILD_TASK, INTERACTIVE_TASK, BuildRequest, InferenceRequest, StreamWriter, waiting_key
 from workers.building import run_build
 from workers.engine import default_threads
 from workers.items import count_tokens
@@ -30,7 +30,8 @@ def interactive(self: Task, payload: dict[str, Any]) -> None:
     runtime = runtime_of(self)
     req = InferenceRequest.from_payload(payload)
     writer = StreamWriter(runtime.redis, req.request_id, runtime.settings.stream_ttl, leased=req.leased)
-    if writer.emit("start", {"worker": runtime.name}):  # one round trip: the event, and "was it cancelled?"
+    # one round trip: the event, leaving the model's waiting set, and "was it cancelled?"
+    if writer.emit("start", {"worker": runtime.name}, leave=waiting_key(req.model_digest)):
         log.info("request %s was cancelled while queued; skipping", req.request_id)
         return
     try:
