@@ -27,6 +27,7 @@ from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import func, select, text
 
@@ -116,14 +117,21 @@ def items_of(cluster: Cluster, chunk_ids: set[str]) -> dict[int, tuple[str, str 
         return {row.id: (row.state, row.claim, row.output, row.finished_at) for row in rows}
 
 
+def listed_workers(cluster: Cluster) -> set[str]:
+    """The workers the API lists as live (``/api/queue``, the console's queue page)."""
+    r = httpx.get(cluster.api_url + "/api/queue", timeout=30)
+    assert r.status_code == 200, r.text
+    return {str(w["name"]) for w in r.json()["workers"]}
+
+
 def items_done(cluster: Cluster, job_id: str) -> list[int]:
     with sessions(cluster.settings)() as session:
         return list(session.scalars(select(Item.id).where(Item.job_id == job_id, Item.state == ItemState.SUCCEEDED)))
 
 
 def mid_chunk(cluster: Cluster, job_id: str, worker: str) -> bool:
-    """Whether the job is under way (:data:`WARM` items done) and ``worker`` runs a chunk of it with items
-    still without a result: the moment to strike."""
+    """Whether the job is under way (:data:`WARM` items done) and ``worker`` has just started decoding a chunk of
+    it: the moment to strike."""
     with sessions(cluster.settings)() as session:
         running = set(session.scalars(select(Chunk.id).where(
             Chunk.job_id == job_id, Chunk.worker == worker, Chunk.state == ChunkState.RUNNING)))
@@ -131,9 +139,12 @@ def mid_chunk(cluster: Cluster, job_id: str, worker: str) -> bool:
             return False
         done = session.scalar(select(func.count()).select_from(Item).where(
             Item.job_id == job_id, Item.state == ItemState.SUCCEEDED))
-        open_items = session.scalar(select(Item.id).where(
-            Item.chunk_id.in_(running), Item.state.in_((ItemState.PENDING, ItemState.RUNNING))).limit(1))
-    return bool(done and done >= WARM) and open_items is not None
+        # A chunk whose items are claimed (together, a moment after the chunk) and none has its result yet: being
+        # decoded, with about a chunk's time to go (its items end close together).
+        states = session.execute(select(Item.chunk_id, Item.state).where(Item.chunk_id.in_(running))).all()
+    started = {chunk for chunk, state in states if state == ItemState.RUNNING}
+    ended = {chunk for chunk, state in states if state != ItemState.RUNNING}
+    return bool(done and done >= WARM) and bool(started - ended)
 
 
 def result_writes(cluster: Cluster, host: str, since: datetime) -> list[tuple[int, str]]:
@@ -189,13 +200,14 @@ def test_partition_of_a_worker_from_the_database_host(cluster: Cluster) -> None:
     time.sleep(0.3)  # whatever gpu-1 had on the wire has landed; from now on it can change nothing
     caught = {c.id: c.attempt for c in chunks_of(cluster, job_id) if c.worker == one.name and c.state == ChunkState.RUNNING}
     before = items_of(cluster, set(caught))
-    unfinished = {item for item, (state, *_) in before.items() if state in (ItemState.PENDING, ItemState.RUNNING)}
+    unfinished = {item for item, (state, *_) in before.items() if state == ItemState.RUNNING}  # being decoded
     done_at_cut = len(items_done(cluster, job_id))
-    assert caught and unfinished, "the cut must land mid-chunk"
+    assert caught and unfinished, "the cut must land mid-chunk, while gpu-1 decodes"
     assert done_at_cut < ITEMS / 2, "the cut must land mid-job"
 
     wait_for(lambda: not one.beating(), TTL + 5, "gpu-1's heartbeat to lapse")
     lapsed = time.monotonic() - cut_at
+    assert listed_workers(cluster) == {two.name}  # the API sees gpu-1 gone
 
     def requeued() -> bool:  # by gpu-2's reconciler: back in the queue (or claimed by gpu-2 already)
         return all(c.worker != one.name for c in chunks_of(cluster, job_id) if c.id in caught)
@@ -222,6 +234,7 @@ def test_partition_of_a_worker_from_the_database_host(cluster: Cluster) -> None:
           f"{done_at_cut} of {ITEMS} items were done at the cut")
     wait_for(one.beating, REJOIN_BOUND, "gpu-1 to beat again after the heal", interval=0.1)
     rejoined = time.monotonic() - healed_at
+    assert listed_workers(cluster) == {one.name, two.name}  # and back, the same process
 
     def late_writes() -> list[tuple[int, str]]:
         """(item, claim) of each result write gpu-1 sent after the heal under one of its lost claims."""
@@ -274,6 +287,7 @@ def test_lost_host(cluster: Cluster) -> None:
 
     wait_for(requeued, REQUEUE_BOUND, "gpu-2's chunks to be re-queued", interval=0.1)
     requeued_in = time.monotonic() - killed_at
+    assert listed_workers(cluster) == {one.name}
     job = wait_done(cluster.api_url, job_id, timeout=240)
     finished = time.monotonic() - killed_at
     assert job["status"] == "completed", job
@@ -288,6 +302,7 @@ def test_lost_host(cluster: Cluster) -> None:
     back = cluster.start_worker("gpu-2")
     print(f"gpu-2 back (as {back.name}) in {time.monotonic() - restarted:.1f} s")
     assert back.name != two.name and not two.beating()
+    assert listed_workers(cluster) == {one.name, back.name}  # the dead one is not listed, the new one is
     workers = audit(cluster, job_id, ITEMS, "item")
     print(f"job of {ITEMS} items: {time.monotonic() - submitted:.1f} s from submission to the audit's end; "
           f"the new job's chunks per worker: {dict(workers)}")
