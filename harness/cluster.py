@@ -8,8 +8,10 @@
 
 Every process is started with the command a deployment uses, through :class:`harness.stack.Stack` (its settings
 in the environment, its log in ``logs/<host>/``); the test process reaches them all over the network's bridge.
-PostgreSQL logs every statement that writes (``log_statement = mod``) with its client's address, so a test can
-tell which host sent which write, and when (:meth:`Cluster.writes_from`).
+Each host's sessions carry its name as their ``application_name`` (the test process's: ``test``), and PostgreSQL
+logs every statement that writes (``log_statement = mod``) with its client's address, so a test can tell which
+host sent which write, and when (:meth:`Cluster.writes_from`).  A host's database link can be routed through a
+proxy (:meth:`Cluster.route_database`, :mod:`harness.tcp_proxy`) before its processes start.
 """
 
 from __future__ import annotations
