@@ -81,7 +81,31 @@ def _make_engine(url: str) -> Engine:
 
         return engine
     connect_args = dict(POSTGRES_CONNECT_ARGS) if url.startswith("postgresql") else {}
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
+    if url.startswith("postgresql"):
+        event.listen(engine, "connect", _server_side_session)
+    return engine
+
+
+# The server's end of each session.  The client's keepalives above let a worker notice a lost server; these let
+# the server notice a lost client: a host that dies between a statement and its COMMIT leaves the session's row
+# locks held until the server's TCP keepalive gives up (two hours by default), and the worker that takes the
+# re-queued chunk over waits on them that long.  With these the session ends within about 25 s.  Set per session,
+# not as libpq ``options`` (which would replace a PGOPTIONS the operator or the test suite sets).
+SERVER_SIDE_SETTINGS = (
+    "SET tcp_keepalives_idle = 10", "SET tcp_keepalives_interval = 5", "SET tcp_keepalives_count = 3",
+    "SET tcp_user_timeout = 20000",
+    # a client that is silent inside a transaction: a frozen host, or one lost behind a proxy or pooler that
+    # keeps the server's side of the connection alive (corral's own transactions never wait on anything)
+    "SET idle_in_transaction_session_timeout = '30s'",
+)
+
+
+def _server_side_session(conn: Any, _: Any) -> None:
+    with conn.cursor() as cur:
+        for statement in SERVER_SIDE_SETTINGS:
+            cur.execute(statement)
+    conn.commit()
 
 
 def unreachable(exc: BaseException) -> bool:

@@ -8,8 +8,8 @@ and a new job runs to its end on both workers.
 
 - partition: ``gpu-1`` cut off from ``db`` mid-chunk for longer than the heartbeat TTL;
 - lost host: every process on ``gpu-2`` killed mid-job;
-- lost inside a transaction: ``gpu-1`` lost between a statement and its COMMIT (xfail until jobs/db.py has the
-  server end such a session: see the test).
+- lost inside a transaction: ``gpu-1`` lost between a statement and its COMMIT; the server ends its session
+  (jobs/db.py sets the server side's keepalives) and frees its rows for ``gpu-2``.
 
 Where namespaces cannot be made (not root, no iproute2) the tests skip with the reason; CI sets
 ``CORRAL_NETNS_REQUIRED=1`` (.ci/run), and there they fail instead.
@@ -330,11 +330,6 @@ def holds_item_rows(cluster: Cluster, host: str) -> bool:
             WHERE a.application_name = :host AND a.state = 'idle in transaction' LIMIT 1"""), {"host": host}).first() is not None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "jobs/db.py does not ask PostgreSQL to end a session whose client is gone: a worker lost inside a transaction "
-    "keeps its item rows locked until the server's TCP keepalive (2 h by default), and the survivor's claim of "
-    "the re-queued chunk waits that long; the fix: tcp_keepalives_* and idle_in_transaction_session_timeout "
-    "set on each session"))
 def test_host_lost_inside_a_transaction(slow_db_cluster: tuple[Cluster, TcpProxy]) -> None:
     """``gpu-1`` lost (isolated, then every process killed) while a transaction of its holds item rows, as a
     host that loses power between a statement and its COMMIT: nothing tells PostgreSQL the session is dead, so
