@@ -145,9 +145,12 @@ class Gateway:
                 f"{exc.message} (checking and quantizing a model needs a worker that shares the model store)"
             ) from exc
         finally:
-            if not finished:
-                reader.cancel()
-            reader.release()
+            with contextlib.suppress(*UNREACHABLE):  # a finished build stays finished whatever Redis does now
+                pipe = self.broker.redis.pipeline(transaction=False)
+                if not finished:
+                    reader.cancel(pipe=pipe)
+                reader.release(pipe)
+                pipe.execute()
 
     def _enter_queue(self, key: str, request_id: str, reader: StreamReader) -> None:
         """Join the model's waiting set (and take the reader's lease in the same round trip)."""
@@ -160,7 +163,10 @@ class Gateway:
         reader.hold(pipe)
         depth = pipe.execute()[2]
         if depth > self.settings.max_queue:
-            self.broker.redis.zrem(key, request_id)
+            pipe = self.broker.redis.pipeline(transaction=False)
+            pipe.zrem(key, request_id)
+            reader.release(pipe)  # refused: nothing to read
+            pipe.execute()
             raise QueueFull()
 
     def waiting(self, model_digest: str) -> int:

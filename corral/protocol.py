@@ -7,10 +7,11 @@ queue and reads the reply from a Redis Stream, one per request::
     send_task (Celery)   ---->   corral.<digest>.interactive  ---->  runs the request
     XREAD BLOCK <----------      corral:stream:<request id>   <----  XADD start / delta... / done | error
     SET corral:cancel:<id> -->   (client went away)           ---->  checked between tokens: stop
-    SET corral:reader:<id> EX -> (renewed while the API reads) ---->  gone (the API died): stop
+    SET corral:reader:<id> PX -> (renewed by the API process)  ---->  gone (the API died): stop
 
-The reader's lease covers what a cancel cannot: an API process killed mid-reply (SIGKILL, a lost host) sends no
-cancel, and without it the worker would generate to the token limit for nobody.
+The reader's lease (renewed by its process: corral/leases.py) covers what a cancel cannot: an API process
+killed mid-reply (SIGKILL, a lost host) sends no cancel, and without it the worker would generate to the token
+limit for nobody.
 
 Streams (not pub/sub) make the reply replayable: a reader that connects late, or reconnects, loses nothing.
 Each stream is capped (MAXLEN) and expires after the request ends.
@@ -30,6 +31,7 @@ import redis
 from pydantic import BaseModel, Field
 
 from corral.errors import BrokerUnavailable, CorralError, WorkerUnavailable, error_for_status
+from corral.leases import KEEPER
 
 INTERACTIVE_TASK = "corral.interactive"
 CHUNK_TASK = "corral.run_chunk"
@@ -257,32 +259,28 @@ class StreamReader:
         self.poll_ms = int(poll * 1000)
         self.worker: str | None = None
         self.last_id = "0-0"
-        # The reader's lease (seconds; None: none, the worker never looks): at least three polls long, since a
-        # renewal waits for XREAD to return
-        self.lease = None if lease is None else max(lease, 3 * poll)
-        self._renewed = 0.0
+        # The reader's lease (seconds; None: none, the worker never looks), renewed by the process's keeper
+        # (corral/leases.py) whatever the client's pace; at least 3 s, a few renewals' worth
+        self.lease = None if lease is None else max(lease, 3.0)
         self._primary: object = None  # the Redis primary the reply is read from (Sentinel: it can change)
 
     def hold(self, pipe: Any = None) -> None:
         """Take the reader lease, before the request is sent (a worker that starts it finds it held); with
         ``pipe``, as one more command of the caller's pipeline (no round trip of its own)."""
         if self.lease is not None:
-            (pipe or self.client).set(reader_key(self.request_id), b"1", px=int(self.lease * 1000))
-            self._renewed = time.monotonic()
-
-    def _renew(self) -> None:
-        if self.lease is not None and time.monotonic() - self._renewed > self.lease / 3:
-            self.hold()
+            ms = int(self.lease * 1000)
+            (pipe or self.client).set(reader_key(self.request_id), b"1", px=ms)
+            KEEPER.hold(self.client, reader_key(self.request_id), ms)
 
     def release(self, pipe: Any = None) -> None:
         """Let the lease go (the reply was read to its end, or the client left): nothing is left to expire."""
         if self.lease is not None:
+            KEEPER.drop(reader_key(self.request_id))
             (pipe or self.client).delete(reader_key(self.request_id))
 
     def events(self) -> Iterator[StreamEvent]:
         deadline = time.monotonic() + self.queue_timeout
         while True:
-            self._renew()
             reply = self.client.xread({self.key: self.last_id}, block=self.poll_ms, count=256)
             self._same_primary()
             if not reply:

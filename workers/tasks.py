@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from corral.errors import CorralError, GenerationFailed
+from corral.errors import CorralError, GenerationFailed, WorkerUnavailable
 from corral.protocol import BUILD_TASK, INTERACTIVE_TASK, BuildRequest, InferenceRequest, StreamWriter, waiting_key
 from workers.building import run_build
 from workers.engine import default_threads
@@ -24,6 +24,12 @@ def runtime_of(task: Task) -> WorkerRuntime:
     return runtime  # type: ignore[no-any-return]
 
 
+# What a reader gets for a request the worker skipped at its start (cancelled, or its reader's lease gone):
+# nobody reads it as a rule, but a reader whose lease lapsed while it was alive must not wait for ever.
+ABANDONED = WorkerUnavailable("the request was abandoned before it ran: its client went away or stopped "
+                              "renewing its reader's lease")
+
+
 @shared_task(name=INTERACTIVE_TASK, bind=True, acks_late=False, ignore_result=True)
 def interactive(self: Task, payload: dict[str, Any]) -> None:
     """Run one chat/generate/embed/load request and stream its reply to Redis."""
@@ -33,6 +39,7 @@ def interactive(self: Task, payload: dict[str, Any]) -> None:
     # one round trip: the event, leaving the model's waiting set, and "was it cancelled?"
     if writer.emit("start", {"worker": runtime.name}, leave=waiting_key(req.model_digest)):
         log.info("request %s was cancelled while queued; skipping", req.request_id)
+        writer.fail(ABANDONED)  # a terminal event, should its reader be alive after all (a lapsed lease)
         return
     try:
         runtime.requests.execute(req, writer)
@@ -51,6 +58,7 @@ def build(self: Task, payload: dict[str, Any]) -> None:
     req = BuildRequest.model_validate(payload)
     writer = StreamWriter(runtime.redis, req.request_id, runtime.settings.stream_ttl, leased=req.leased)
     if writer.emit("start", {"worker": runtime.name}):
+        writer.fail(ABANDONED)
         return
     try:
         if req.op == "count":  # a dry run's prompt tokens: the model's own tokenizer and template, in this process

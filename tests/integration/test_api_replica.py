@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from corral.protocol import cancel_key, reader_key
+from corral.protocol import StreamReader, cancel_key, reader_key, stream_key
 from corral.settings import Settings
 from harness.stack import Stack, fresh_database, wait_for
 from tests.helpers import MODEL, clean_redis, make_settings, with_db
@@ -114,8 +114,11 @@ def test_request_of_a_replica_that_died_while_it_waited_is_skipped(replicas: tup
 
     sender = threading.Thread(target=send, daemon=True)
     sender.start()
+    held: list[bytes] = []
+
     def queued() -> bool:  # the lease is taken before the message is sent: wait for both
-        return bool(list(a.redis.scan_iter(match=reader_key("*")))) and any(
+        held[:] = list(a.redis.scan_iter(match=reader_key("*")))
+        return bool(held) and any(
             a.redis.type(q) == b"list" and a.redis.llen(q) for q in a.redis.scan_iter(match="corral.*.interactive"))
 
     wait_for(queued, 10, "the reader's lease and the queued request")
@@ -127,3 +130,19 @@ def test_request_of_a_replica_that_died_while_it_waited_is_skipped(replicas: tup
     worker = b.start_worker()
     wait_for(lambda: "cancelled while queued; skipping" in worker.output(), 30, "the worker to skip the request")
     assert not CANCELLED.findall(worker.output())
+    # the skipped request's stream ends with an error, so a reader still alive after all would not wait for ever
+    request_id = held[0].decode().rsplit(":", 1)[1]
+    events = [fields[b"e"] for _, fields in a.redis.xrange(stream_key(request_id))]
+    assert events == [b"start", b"error"]
+
+
+def test_a_reader_that_stops_reading_keeps_its_lease(replicas: tuple[Stack, Stack]) -> None:
+    """The lease is the process's to renew, not the reading loop's: a client that pauses (its socket buffers
+    full, the reply's write blocked) keeps its generation."""
+    a, _ = replicas
+    reader = StreamReader(a.redis, "paused-reader", queue_timeout=30, lease=LEASE)
+    reader.hold()
+    time.sleep(2.5 * reader.lease)  # no read at all meanwhile
+    assert a.redis.exists(reader_key("paused-reader"))
+    reader.release()
+    assert not a.redis.exists(reader_key("paused-reader"))
