@@ -18,6 +18,7 @@ from corral.errors import BadRequest
 from corral.wire import responses as R
 from corral.wire.anthropic import BatchCreate, parse
 from corral.wire.ollama import decode_json
+from jobs.db import read_after_commit
 from jobs.message_batches import MessageBatches
 
 bp = Blueprint("anthropic_batch", __name__)
@@ -38,7 +39,8 @@ def create_batch() -> Response:
     body: BatchCreate = parse(BatchCreate, decode_json(request.get_data()))
     services().governor.check_budget(principal())
     ident = _batches().create(body, owner=creator(), quota=principal())
-    return json_response(_batches().get(ident, creator(), _base()))
+    who, base = creator(), _base()  # stored: the reply waits out an outage rather than invite a second batch
+    return json_response(read_after_commit(lambda: _batches().get(ident, who, base), f"the reply for batch {ident}"))
 
 
 @bp.get("/v1/messages/batches")

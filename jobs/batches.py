@@ -46,7 +46,7 @@ from corral.wire.openai import (
 from corral.wire.openai_responses import batch_body
 from corral.wire.openai_responses_output import job_response
 from corral.wire.rerank import rerank_reply
-from jobs.db import sessions
+from jobs.db import read_after_commit, sessions
 from jobs.files import FileStore, cursor_page, epoch, new_file_id
 from jobs.ids import openai_id
 from jobs.ingest import MAX_LINE_BYTES
@@ -191,7 +191,7 @@ class BatchService:
         items = ((custom_id, native) for custom_id, _, native in self._parsed(input_file_id, endpoint))
         job = self.jobs.submit(kind=kind, model=model, items=items, metadata={"openai_batch": info}, owner=owner,
                                job_id=ident, expires_at=utcnow() + WINDOW, quota=quota, webhook_url=webhook_url)
-        batch = self.get(ident, owner)
+        batch = read_after_commit(lambda: self.get(ident, owner), f"the reply for batch {ident}")
         if (job.get("webhook") or {}).get("secret"):
             batch["webhook_secret"] = job["webhook"]["secret"]  # shown this once, as on /api/jobs
         return batch

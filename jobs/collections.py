@@ -32,7 +32,7 @@ from corral.settings import Settings
 from corral.wire.vector_stores import Chunking, FileSpec, SyncDocument
 from jobs import collection_search
 from jobs.collection_index import INDEX_KIND, chunking_view, context_length, document_view, resolve_chunking, settle
-from jobs.db import sessions
+from jobs.db import read_after_commit, sessions
 from jobs.files import cursor_page, cursor_query, epoch
 from jobs.ids import openai_id
 from jobs.keys import Principal
@@ -267,13 +267,13 @@ class CollectionService:
     def add_file(self, store_id: str, owner: str | None, file_id: str, attributes: dict[str, Any] | None = None,
                  chunking: Chunking | None = None, quota: Principal | None = None) -> dict[str, Any]:
         self._attach(store_id, owner, [FileSpec(file_id, attributes, chunking)], quota=quota)
-        return self.get_file(store_id, owner, file_id)
+        return read_after_commit(lambda: self.get_file(store_id, owner, file_id), f"the reply for file {file_id}")
 
     def create_batch(self, store_id: str, owner: str | None, files: builtins.list[FileSpec],
                      quota: Principal | None = None) -> dict[str, Any]:
         batch_id = openai_id("vsfb_")
         self._attach(store_id, owner, files, quota=quota, batch_id=batch_id)
-        return self.get_batch(store_id, owner, batch_id)
+        return read_after_commit(lambda: self.get_batch(store_id, owner, batch_id), f"the reply for {batch_id}")
 
     def _attach(self, store_id: str, owner: str | None, files: builtins.list[FileSpec], *, quota: Principal | None,
                 batch_id: str | None = None) -> None:

@@ -143,13 +143,29 @@ def transaction(sessions_: Callable[[], Session], work: Callable[[Session], T], 
     the COMMIT and its answer, so it may have committed): every transition of :mod:`jobs.transitions` that the
     worker retries is a conditional ``UPDATE`` that its own repeat finds already done (a claim under the same
     attempt token, a result written only while that claim holds)."""
+    def once() -> T:
+        with sessions_() as session:
+            result = work(session)
+            session.commit()
+            return result
+
+    return retrying(once, what, retry_for=retry_for)
+
+
+def read_after_commit(read: Callable[[], T], what: str, *, retry_for: float = 30.0) -> T:
+    """A reply read after the commit that stored what it describes (a batch, a document), retried while the
+    database is :func:`unreachable`: a 503 now would make the client's retry store a second one."""
+    return retrying(read, what, retry_for=retry_for)
+
+
+def retrying(call: Callable[[], T], what: str, *, retry_for: float) -> T:
+    """``call()``, called again with backoff (0.1 s doubling to 2 s) while it fails because the database is
+    :func:`unreachable`, for up to ``retry_for`` seconds; a line when the outage starts and one when it ends."""
     deadline = time.monotonic() + retry_for
     delay, since = 0.1, None
     while True:
         try:
-            with sessions_() as session:
-                result = work(session)
-                session.commit()
+            result = call()
         except DBAPIError as exc:
             if not unreachable(exc) or time.monotonic() + delay > deadline:
                 raise

@@ -160,11 +160,14 @@ class JobService:
                 transitions.finish_job_if_done(session, job_id)
             # The answer is read in the transaction that stores the job: once it is committed, nothing may turn
             # the reply into an error, or a client's retry makes a second job.
-            view = self._view(session, self._job(session, job_id, None))
+            view = self._view(session, self._job(session, job_id, None), exact=True)
             session.commit()
-        try:
-            if count >= ANALYZE_FROM:
+        if count >= ANALYZE_FROM:
+            try:
                 self._analyze()
+            except DBAPIError as exc:  # statistics, not the job: it is stored and goes on
+                log.warning("ANALYZE after job %s failed (%s)", job_id, reason(exc))
+        try:
             self.send_next(record.model_digest)  # the chunks are held: the dispatcher sends them in turn
         except UNREACHABLE as exc:
             log.warning("job %s is stored but Redis is out of reach (%s); the reconciler sends its chunks when "
@@ -272,8 +275,11 @@ class JobService:
             self.broker.redis.set(key, json.dumps([counts, list(tokens)]), px=COUNTS_CACHE_MS)
         return counts, tokens
 
-    def _view(self, session: Session, job: Job) -> dict[str, Any]:
-        counts, (prompt_tokens, completion_tokens) = self._counts(session, job)
+    def _view(self, session: Session, job: Job, *, exact: bool = False) -> dict[str, Any]:
+        """The job as the API shows it; ``exact``: counts read here, never from the Redis cache (a submission
+        reads its view inside its write transaction, which must not wait on Redis)."""
+        counts, (prompt_tokens, completion_tokens) = (item_counts(session, job.id, job.status) if exact
+                                                      else self._counts(session, job))
         done = sum(counts[state] for state in ItemState.FINISHED)
         total = job.item_count
         elapsed = None

@@ -102,7 +102,7 @@ class WorkerRuntime:
         starts and one when it ends (Redis's are the heartbeat's to tell); anything else is logged and retried."""
         interval = max(0.2, self.settings.heartbeat_ttl / 5)
         last_run: dict[int, float] = {}
-        db_down_since: float | None = None
+        down: dict[int, float] = {}  # the periodic jobs the database failed, since when
         while not self._stop.wait(interval):
             for i, (every, job) in enumerate(self.periodic):
                 if time.monotonic() - last_run.get(i, 0.0) < every:
@@ -115,17 +115,18 @@ class WorkerRuntime:
                 except DBAPIError as exc:
                     if not unreachable(exc):
                         log.exception("periodic work failed")
-                    elif db_down_since is None:
-                        db_down_since = time.monotonic()
-                        log.warning("the database is unreachable (%s): the reconciler waits for it; running chunks "
-                                    "retry their writes", reason(exc))
+                    elif i not in down:
+                        if not down:
+                            log.warning("the database is unreachable (%s): the reconciler waits for it; running "
+                                        "chunks retry their writes", reason(exc))
+                        down[i] = time.monotonic()
                     continue
                 except Exception:  # the loop must outlive any hiccup
                     log.exception("periodic work failed")
                     continue
-                if db_down_since is not None:
-                    log.warning("the database answers again after %.1f s", time.monotonic() - db_down_since)
-                    db_down_since = None
+                since = down.pop(i, None)  # only a job the database failed can tell it is back
+                if since is not None and not down:
+                    log.warning("the database answers again after %.1f s", time.monotonic() - since)
 
     def _beat_loop(self) -> None:
         interval = max(0.2, self.settings.heartbeat_ttl / 5)
