@@ -97,18 +97,22 @@ def start_job(session: Session, job_id: str) -> None:
     )
 
 
-def close_chunk(session: Session, chunk_id: str, attempt: str, job_id: str) -> None:
+def close_chunk(session: Session, chunk_id: str, attempt: str, job_id: str) -> bool:
     """``running -> done`` for the attempt that holds the chunk.  Pending items left in it belong to a stopped
-    job and are written cancelled (they read so already); the job completes if that was its last open work."""
+    job and are written cancelled (they read so already); the job completes if that was its last open work.
+    True when the chunk is closed under ``attempt`` (now, or by this same close repeated after a commit whose
+    answer was lost); False when another attempt holds it: a late close changes nothing, and its caller must
+    leave the chunk's Redis markers to that attempt."""
     now = utcnow()
     _cancel_if_stopped(session, chunk_id, job_id)
-    _changed(
+    closed = _changed(
         session,
         update(Chunk)
         .where(Chunk.id == chunk_id, Chunk.attempt == attempt)
         .values(state=ChunkState.DONE, finished_at=now)
     )
     finish_job_if_done(session, job_id)
+    return bool(closed)
 
 
 def requeue_orphan(session: Session, chunk_id: str, attempt: str | None) -> bool:

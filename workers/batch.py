@@ -210,14 +210,17 @@ class ChunkRunner:
                cache_key: str | None = None) -> None:
         """One item's result, the same result for its deterministic ``copies``, and with ``cache_key`` the
         result cache's entry, in one transaction (retried as a whole: each part is a no-op the second time)."""
-        def work(session: Session) -> None:
-            transitions.write_result(session, item_id, attempt, values)
+        def work(session: Session) -> bool:
+            written = transitions.write_result(session, item_id, attempt, values)
             if copies:
                 transitions.write_results(session, attempt, dict.fromkeys(copies, values))
             if cache_key is not None:
                 dedup.store(session, cache_key, values["output"], values.get("prompt_tokens"), values.get("completion_tokens"))
+            return written
 
-        self._tx(f"the result of item {item_id}", work)
+        if not self._tx(f"the result of item {item_id}", work):  # a late writer, refused
+            log.warning("item %s: result not stored, attempt %s no longer holds it (re-queued while this worker "
+                        "was out of reach, or its job stopped)", item_id, attempt)
 
     def _run_generate_items(
         self, model: LoadedModel, record: ModelRecord, item_ids: list[int], chunk: ClaimedChunk
@@ -416,8 +419,12 @@ class ChunkRunner:
         return stopped
 
     def _close_chunk(self, chunk: ClaimedChunk) -> None:
-        self._tx(f"the close of chunk {chunk.chunk_id}",
-                 lambda session: transitions.close_chunk(session, chunk.chunk_id, chunk.attempt, chunk.job_id))
+        closed = self._tx(f"the close of chunk {chunk.chunk_id}",
+                          lambda session: transitions.close_chunk(session, chunk.chunk_id, chunk.attempt, chunk.job_id))
+        if not closed:  # taken over while this worker was out of reach: its markers are the new attempt's
+            log.warning("chunk %s: not closed, attempt %s no longer holds it (re-queued while this worker was out "
+                        "of reach, or its job stopped)", chunk.chunk_id, chunk.attempt)
+            return
 
         def tell_redis() -> None:
             self.runtime.redis.delete(chunk_key(chunk.chunk_id), suspect_key(chunk.chunk_id))

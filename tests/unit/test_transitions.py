@@ -155,6 +155,24 @@ def test_an_orphaned_chunk_goes_back_to_the_queue_with_its_unfinished_items(sess
     assert not transitions.requeue_orphan(session, *seen)
 
 
+def test_a_late_close_changes_nothing_and_says_so(session: Session) -> None:
+    """A worker taken for dead closes its chunk after another attempt took it over: nothing changes, and it is
+    told (so it leaves the chunk's Redis markers, the new attempt's, alone).  Its own close, repeated after a
+    commit whose answer was lost, still reads as closed."""
+    job_id, [chunk] = make_job(session, items=2, chunk_size=2)
+    assert transitions.claim_chunk(session, chunk, "lost-worker", "a1") is not None
+    seen = (chunk, "a1")
+    assert transitions.requeue_orphan(session, *seen)
+    assert transitions.claim_chunk(session, chunk, "new-worker", "a2") is not None
+    session.commit()
+    assert transitions.close_chunk(session, chunk, "a1", job_id) is False
+    row = session.get(Chunk, chunk)
+    assert row is not None and (row.state, row.attempt) == (ChunkState.RUNNING, "a2")
+    assert transitions.close_chunk(session, chunk, "a2", job_id) is True
+    assert transitions.close_chunk(session, chunk, "a2", job_id) is True  # the same close again
+    session.commit()
+
+
 def test_retry_reopens_only_failed_items_in_new_chunks(session: Session) -> None:
     job_id, [chunk] = make_job(session, items=2, chunk_size=2)
     first, second = transitions.pending_items(session, chunk)
