@@ -44,7 +44,11 @@ SENTINEL_SCHEME = "redis+sentinel"
 SENTINEL_PORT = 26379
 # The schemes redis-py's from_url takes for a single server.
 SERVER_SCHEMES = ("redis", "rediss", "unix")
-CONNECT_TIMEOUT = 5.0  # seconds to reach a Redis server (reads block as long as the command asks)
+CONNECT_TIMEOUT = 5.0  # seconds to reach a Redis server
+# Seconds a command may go unanswered: a server lost behind a silent network (a partition drops packets, no
+# reset comes) would otherwise hold a request thread, or the worker's heartbeat, until TCP gives up (about 15
+# minutes).  Far above any command corral sends: the longest block is a 1 s XREAD.
+SOCKET_TIMEOUT = 10.0
 SENTINEL_TIMEOUT = 2.0  # seconds to reach, and to hear from, one Sentinel before asking the next
 HEALTH_CHECK_INTERVAL = 30
 _QUERY_KEYS = ("sentinel_username", "sentinel_password")
@@ -165,9 +169,9 @@ def check_redis_url(url: str) -> str:
 
 
 def redis_client(url: str, *, connect_timeout: float = CONNECT_TIMEOUT,
-                 socket_timeout: float | None = None) -> redis.Redis:
-    """A client with the timeouts every process uses: connect fast, block reads as long as asked (unless
-    ``socket_timeout``), no retries of its own (see the module).  For a Sentinel URL, a client of the primary the
+                 socket_timeout: float | None = SOCKET_TIMEOUT) -> redis.Redis:
+    """A client with the timeouts every process uses: connect fast, give up on a silent server after
+    ``socket_timeout``, no retries of its own (see the module).  For a Sentinel URL, a client of the primary the
     Sentinels name at each connect."""
     options: dict[str, Any] = {
         "socket_connect_timeout": connect_timeout,

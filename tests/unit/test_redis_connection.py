@@ -87,7 +87,7 @@ def test_the_client_asks_the_sentinels_for_the_primary_with_the_usual_timeouts()
     assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "mymaster" and pool.is_master
     kwargs = pool.connection_kwargs
     assert (kwargs["db"], kwargs["password"], kwargs["socket_connect_timeout"], kwargs["socket_timeout"]) == (
-        4, "pw", 5.0, None)
+        4, "pw", 5.0, 10.0)
     assert kwargs["retry"].get_retries() == 0  # see the module: no command is run twice behind the caller's back
     sentinels = pool.sentinel_manager.sentinels
     assert [(s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"])
