@@ -15,9 +15,11 @@ process's ``REDIS_URL`` is ``redis+sentinel://``: :class:`ChaosCluster` subclass
   uploaded to ``/v1/files``, then ``/v1/batches`` of ``/v1/chat/completions`` lines).  Each job kind keeps at
   most one or two jobs open, so the backlog stays bounded.
 - Faults (seeded, one at a time, every 20-40 s, each undone after a few seconds; the other GPU host is always
-  up): SIGKILL a worker (then start it again); kill every process on a GPU host (``kill_all``); cut a GPU host
+  up): SIGKILL a worker (then start it again); kill every process on a GPU host (``kill_all``: its kernel still
+  closes their connections, so the servers hear of it at once); lose a GPU host as a power cut does (isolated,
+  then every process killed, so its connections stay open on the servers' side until it rejoins); cut a GPU host
   from ``db`` for longer than the heartbeat TTL, or isolate it from everyone; fail Redis over (kill the primary,
-  wait for the promotion, start the old primary again as a replica).
+  wait for the promotion, start the old primary again as a replica).  ``--faults`` picks a subset.
 - End: faults stopped and undone, load stopped, every submitted job waited for (bounded), then the audit, from
   SQL: per submitted item exactly one row and one result.  A PostgreSQL trigger the bench adds to its own
   database logs every transition of an item into ``succeeded`` or ``failed`` (a result written: the worker's
@@ -87,7 +89,7 @@ WORKER_START = 180.0
 QUEUE_TIMEOUT = 120.0  # an interactive request waits this long for a worker, then a 503 (the default: 600)
 CHAT_TIMEOUT = QUEUE_TIMEOUT + 30  # above it: the API's own answer is what is counted
 RECENT = 15.0  # a request ending this long after a fault's end counts as "during" it
-FAULTS = ("kill-worker", "kill-host", "partition", "isolate", "redis-failover")
+FAULTS = ("kill-worker", "kill-host", "lose-host", "partition", "isolate", "redis-failover")
 AUDIT_DDL = """
 CREATE TABLE chaos_result_writes (
     id bigserial PRIMARY KEY, item_id bigint NOT NULL, job_id text NOT NULL, old_state text, new_state text,
@@ -217,9 +219,21 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _stats(pids: list[int]) -> tuple[float, int, int] | None:
-    """(RSS MiB, open descriptors, processes) summed over ``pids`` (those still alive)."""
-    rss, fds, alive = 0.0, 0, 0
+def _pss(pid: int) -> float:
+    """The process's proportional set size in KiB (shared pages split among their users: a sum over processes
+    that share memory, PostgreSQL's backends, counts it once), 0 where the kernel does not say."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def _stats(pids: list[int]) -> tuple[float, int, int, float] | None:
+    """(RSS MiB, open descriptors, processes, PSS MiB) summed over ``pids`` (those still alive)."""
+    rss, fds, alive, pss = 0.0, 0, 0, 0.0
     for pid in pids:
         try:
             status = Path(f"/proc/{pid}/status").read_text()
@@ -229,8 +243,8 @@ def _stats(pids: list[int]) -> tuple[float, int, int] | None:
             count = len(os.listdir(f"/proc/{pid}/fd"))
         except (OSError, ValueError):
             continue
-        rss, fds, alive = rss + kib / 1024, fds + count, alive + 1
-    return (rss, fds, alive) if alive else None
+        rss, fds, alive, pss = rss + kib / 1024, fds + count, alive + 1, pss + _pss(pid) / 1024
+    return (rss, fds, alive, pss) if alive else None
 
 
 @dataclass
@@ -240,6 +254,7 @@ class Sample:
     fds: int
     procs: int
     at: float
+    pss: float = 0.0
 
 
 @dataclass
@@ -279,7 +294,7 @@ class Watch:
             if got is None:
                 continue
             # the postgres rows stand for a set whose members come and go: one incarnation, the postmaster's
-            sample = Sample(pids[0], got[0], got[1], got[2], now)
+            sample = Sample(pids[0], got[0], got[1], got[2], now, got[3])
             self.samples[role].setdefault(pids[0], []).append(sample)
             if mark:
                 self.marks[mark][role] = sample
@@ -297,6 +312,7 @@ class Watch:
             rows.append([
                 name, f"{first.pid}" + (f" -> {last.pid}" if last and last.pid != first.pid else ""),
                 f"{first.rss:.0f}", f"{last.rss:.0f}" if last else "gone", f"{max(s.rss for s in every):.0f}",
+                f"{first.pss:.0f}", f"{last.pss:.0f}" if last else "gone",
                 first.fds, last.fds if last else "gone", max(s.fds for s in every),
                 f"{first.procs} / {last.procs}" if last else first.procs,
             ])
@@ -505,7 +521,9 @@ def _error_text(body: str) -> str:
 class Faults:
     """One fault at a time, seeded; each undone, and the deployment whole again, before the next."""
 
-    def __init__(self, cluster: ChaosCluster, ledger: Ledger, rng: random.Random) -> None:
+    def __init__(self, cluster: ChaosCluster, ledger: Ledger, rng: random.Random,
+                 kinds: tuple[str, ...] = FAULTS) -> None:
+        self.kinds = kinds
         self.cluster = cluster
         self.ledger = ledger
         self.rng = rng
@@ -517,7 +535,7 @@ class Faults:
                 return
             if time.monotonic() >= until:
                 return
-            name, host = self.rng.choice(FAULTS), self.rng.choice(GPUS)
+            name, host = self.rng.choice(self.kinds), self.rng.choice(GPUS)
             event = FaultEvent(name, host if name != "redis-failover" else "db", time.monotonic())
             with self.ledger.lock:
                 self.ledger.faults.append(event)
@@ -547,6 +565,20 @@ class Faults:
         killed = self.cluster.host(host).kill_all()
         self.cluster.workers[host].proc.stopped(10)
         event.hold = self._hold(3, 10)
+        started = time.monotonic()
+        self.cluster.start_worker(host, timeout=WORKER_START)
+        event.note = f"{len(killed)} process(es) killed; worker back in {time.monotonic() - started:.1f} s"
+
+    def lose_host(self, host: str, event: FaultEvent) -> None:
+        """A power cut: no FIN or RST leaves the host, so Redis and PostgreSQL keep its connections (a blocked
+        BRPOP, an open session) until it rejoins and its kernel, which no longer knows them, resets them."""
+        self.network.isolate(host)
+        try:
+            killed = self.cluster.host(host).kill_all()
+            self.cluster.workers[host].proc.stopped(10)
+            event.hold = self._hold(TTL + 3, TTL + 10)
+        finally:
+            self.network.rejoin(host)
         started = time.monotonic()
         self.cluster.start_worker(host, timeout=WORKER_START)
         event.note = f"{len(killed)} process(es) killed; worker back in {time.monotonic() - started:.1f} s"
@@ -800,8 +832,9 @@ def report(args: argparse.Namespace, ledger: Ledger, found: Audit, watch: Watch,
                 [[name, len(events), ", ".join(f"{h} {n}" for h, n in Counter(e.host for e in events).items()),
                   sum(e.hold for e in events) / len(events), events[-1].note.replace("|", "/")]
                  for name, events in sorted(by_fault.items())])
-    print_table("Processes: RSS (MiB) and open descriptors, at the start (after warm-up) and the end",
-                ["process", "pid", "RSS start", "RSS end", "RSS peak", "fds start", "fds end", "fds peak", "procs"],
+    print_table("Processes: RSS and PSS (MiB) and open descriptors, at the start (after warm-up) and the end",
+                ["process", "pid", "RSS start", "RSS end", "RSS peak", "PSS start", "PSS end", "fds start", "fds end",
+                 "fds peak", "procs"],
                 watch.rows())
     for title, entries in (("Lost", found.lost), ("Duplicated", found.duplicated),
                            ("Jobs in SQL the bench was not told of (a submission answered with an error)", found.unacknowledged),
@@ -826,8 +859,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=30.0, help="length of the faulted phase")
     parser.add_argument("--seed", type=int, default=None, help="the faults' and the load's seed (default: random)")
     parser.add_argument("--keep", action="store_true", help="keep the logs' directory")
+    parser.add_argument("--faults", default=",".join(FAULTS), help=f"the faults to draw from (default: {','.join(FAULTS)})")
     args = parser.parse_args(argv)
     args.seed = args.seed if args.seed is not None else random.randrange(1_000_000)
+    kinds = tuple(k.strip() for k in args.faults.split(",") if k.strip())
+    if not kinds or set(kinds) - set(FAULTS):
+        parser.error(f"--faults: choose from {', '.join(FAULTS)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "corral.harness.sentinel", "corral.harness.netns"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -871,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
                         watch.sample()
 
             threading.Thread(target=sampler, daemon=True, name="sampler").start()
-            faults = Faults(cluster, ledger, random.Random(args.seed))
+            faults = Faults(cluster, ledger, random.Random(args.seed), kinds)
             soak_started = time.monotonic()
             try:
                 faults.run(soak_started + args.minutes * 60, stop)
