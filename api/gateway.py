@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from corral.broker import UNREACHABLE, Broker
+from corral.broker import UNREACHABLE, Broker, queue_lists
 from corral.errors import BrokerUnavailable, QueueFull, WorkerUnavailable
 from corral.protocol import (
     BUILD_QUEUE,
@@ -30,6 +31,8 @@ from corral.protocol import (
     waiting_key,
 )
 from corral.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class Gateway:
@@ -52,17 +55,32 @@ class Gateway:
         try:
             # The reader's lease lapses a heartbeat TTL after this process stops reading (it was killed): the
             # worker then stops the generation, as it does when a client goes away.
+            queue = model_queue(req.model_digest, "interactive")
+
+            def send() -> None:
+                self.broker.celery.send_task(INTERACTIVE_TASK, args=[req.payload()], queue=queue,
+                                             expires=self.settings.queue_timeout)
+
+            def resend() -> bool:
+                """Send again a request no worker started while the queue is empty: its message went with a
+                worker that took it and died (a copy that reaches a worker after all is skipped there)."""
+                pipe = self.broker.redis.pipeline(transaction=False)
+                for name in queue_lists(queue):
+                    pipe.llen(name)
+                if any(pipe.execute()):
+                    return False  # still waiting its turn, or waiting for a worker
+                log.warning("request %s was taken off its queue but never started (its worker died with the "
+                            "message); sending it again", req.request_id)
+                send()
+                return True
+
             reader = StreamReader(self.broker.redis, req.request_id, queue_timeout=self.settings.queue_timeout,
-                                  lease=self.settings.heartbeat_ttl)
+                                  lease=self.settings.heartbeat_ttl, pickup=2 * self.settings.heartbeat_ttl,
+                                  resend=resend)
             req.leased = True
             self._enter_queue(key, req.request_id, reader)
             try:
-                self.broker.celery.send_task(
-                    INTERACTIVE_TASK,
-                    args=[req.payload()],
-                    queue=model_queue(req.model_digest, "interactive"),
-                    expires=self.settings.queue_timeout,
-                )
+                send()
                 for event in reader.events():  # the worker takes the request out of the waiting set as it starts
                     # said before the yield: a consumer that has its answer closes the generator there, and a
                     # finished reply must not leave a cancel key behind (an hour of Redis memory, a round trip)

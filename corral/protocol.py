@@ -23,7 +23,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,6 +40,7 @@ BUILD_TASK = "corral.build_model"
 # API's model store consumes it (one started with ``--pull-from`` keeps a copy of the store and does not).
 BUILD_QUEUE = "corral.build"
 STREAM_MAXLEN = 10_000
+MAX_RESENDS = 3  # times the API sends an interactive request again whose message was lost (StreamReader)
 KEY_PREFIX = "corral:"
 
 
@@ -54,6 +55,11 @@ def stream_key(request_id: str) -> str:
 
 def cancel_key(request_id: str) -> str:
     return f"{KEY_PREFIX}cancel:{request_id}"
+
+
+def started_key(request_id: str) -> str:
+    """Taken (SET NX) by the worker that starts the request: a copy re-sent by the API finds it and is skipped."""
+    return f"{KEY_PREFIX}started:{request_id}"
 
 
 def reader_key(request_id: str) -> str:
@@ -219,6 +225,10 @@ class StreamWriter:
         self._ask(pipe)
         return self._stopped(pipe.execute()[2 if leave is None else 3:])
 
+    def claim(self, worker: str) -> bool:
+        """Be the one worker that runs this request (False: a copy of its message is running elsewhere)."""
+        return bool(self.client.set(started_key(self.request_id), worker, nx=True, ex=max(self.ttl, 3600)))
+
     def cancelled(self) -> bool:
         pipe = self.client.pipeline(transaction=False)
         self._ask(pipe)
@@ -251,7 +261,8 @@ class StreamReader:
     """
 
     def __init__(self, client: redis.Redis, request_id: str, *, queue_timeout: float, poll: float = 1.0,
-                 lease: float | None = None) -> None:
+                 lease: float | None = None, pickup: float | None = None,
+                 resend: Callable[[], bool] | None = None) -> None:
         self.client = client
         self.request_id = request_id
         self.key = stream_key(request_id)
@@ -263,6 +274,11 @@ class StreamReader:
         # (corral/leases.py) whatever the client's pace; at least 3 s, a few renewals' worth
         self.lease = None if lease is None else max(lease, 3.0)
         self._primary: object = None  # the Redis primary the reply is read from (Sentinel: it can change)
+        # A message a worker took off the queue and died with (killed, partitioned, lost mid-BRPOP: an early-acked
+        # task is gone with it) is never started: after ``pickup`` seconds without a start, ``resend`` may send
+        # it again (it says whether it did), at most MAX_RESENDS times; started_key keeps a copy from running twice.
+        self.pickup, self.resend, self.resends = pickup, resend, 0
+        self._sent = time.monotonic()
 
     def hold(self, pipe: Any = None) -> None:
         """Take the reader lease, before the request is sent (a worker that starts it finds it held); with
@@ -309,6 +325,11 @@ class StreamReader:
 
     def _check_alive(self, deadline: float) -> None:
         if self.worker is None:
+            now = time.monotonic()
+            if (self.resend is not None and self.pickup is not None and self.resends < MAX_RESENDS
+                    and now - self._sent > self.pickup and self.resend()):
+                self.resends += 1
+                self._sent = now
             if time.monotonic() > deadline:
                 raise WorkerUnavailable(
                     f"no worker started the request within {self.queue_timeout:g}s; is a worker serving this model?"

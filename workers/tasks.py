@@ -7,6 +7,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
+from corral.broker import UNREACHABLE
 from corral.errors import CorralError, GenerationFailed, WorkerUnavailable
 from corral.protocol import BUILD_TASK, INTERACTIVE_TASK, BuildRequest, InferenceRequest, StreamWriter, waiting_key
 from workers.building import run_build
@@ -36,18 +37,26 @@ def interactive(self: Task, payload: dict[str, Any]) -> None:
     runtime = runtime_of(self)
     req = InferenceRequest.from_payload(payload)
     writer = StreamWriter(runtime.redis, req.request_id, runtime.settings.stream_ttl, leased=req.leased)
+    if not writer.claim(runtime.name):  # a copy the API re-sent (corral/protocol.py StreamReader.resend)
+        log.info("request %s is running elsewhere already; skipping this copy", req.request_id)
+        return
     # one round trip: the event, leaving the model's waiting set, and "was it cancelled?"
     if writer.emit("start", {"worker": runtime.name}, leave=waiting_key(req.model_digest)):
         log.info("request %s was cancelled while queued; skipping", req.request_id)
         writer.fail(ABANDONED)  # a terminal event, should its reader be alive after all (a lapsed lease)
         return
     try:
-        runtime.requests.execute(req, writer)
-    except CorralError as exc:
-        writer.fail(exc)
-    except Exception as exc:
-        log.exception("request %s failed", req.request_id)
-        writer.fail(GenerationFailed(f"{type(exc).__name__}: {exc}"))
+        try:
+            runtime.requests.execute(req, writer)
+        except CorralError as exc:
+            writer.fail(exc)
+        except UNREACHABLE:
+            raise
+        except Exception as exc:
+            log.exception("request %s failed", req.request_id)
+            writer.fail(GenerationFailed(f"{type(exc).__name__}: {exc}"))
+    except UNREACHABLE as exc:  # Redis went away mid-reply: its reader already tells its client of the outage
+        log.warning("request %s stopped: Redis is out of reach (%s: %s)", req.request_id, type(exc).__name__, exc)
 
 
 @shared_task(name=BUILD_TASK, bind=True, acks_late=False, ignore_result=True)

@@ -146,3 +146,32 @@ def test_a_reader_that_stops_reading_keeps_its_lease(replicas: tuple[Stack, Stac
     assert a.redis.exists(reader_key("paused-reader"))
     reader.release()
     assert not a.redis.exists(reader_key("paused-reader"))
+
+
+def test_a_request_whose_message_a_dying_worker_took_is_sent_again(replicas: tuple[Stack, Stack]) -> None:
+    """A worker that takes a request's message off the queue and dies before it starts it (killed mid-BRPOP,
+    partitioned, lost: an interactive task is acked early) takes the message with it.  The API sends the request
+    again once it has waited ``2 * heartbeat_ttl`` for a start with the queue empty, instead of waiting for
+    ``queue_timeout`` (600 s by default, 120 s here) and answering 503."""
+    a, _ = replicas
+    api = a.start_api()
+    replies: list[httpx.Response] = []
+    sender = threading.Thread(daemon=True, target=lambda: replies.append(httpx.post(
+        a.base_url + "/api/chat", timeout=150, json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                     "stream": False, "options": {"num_predict": 4}})))
+    sender.start()
+
+    def queued() -> list[bytes]:
+        return [q for q in a.redis.scan_iter(match="corral.*.interactive") if a.redis.type(q) == b"list"]
+
+    wait_for(lambda: any(a.redis.llen(q) for q in queued()), 10, "the request's message")
+    [stolen] = [a.redis.rpop(q) for q in queued() if a.redis.llen(q)]  # the dying worker's BRPOP
+    assert stolen
+    started = time.monotonic()
+    a.start_worker()
+    sender.join(60)
+    took = time.monotonic() - started
+    assert replies, f"no answer {took:.0f} s after the message was lost"
+    assert replies[0].status_code == 200 and replies[0].json()["eval_count"] == 4, replies[0].text
+    assert "sending it again" in api.output()
+    print(f"lost message: answered {took:.1f} s after it was taken (pickup bound {2 * LEASE:g} s)")
