@@ -17,6 +17,7 @@ import pwd
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +35,14 @@ class PostgresServer:
     """One PostgreSQL cluster in ``data_dir``, listening on ``host:port`` (trust auth, superuser ``postgres``)."""
 
     def __init__(self, data_dir: Path, host: str, port: int, *, prefix: list[str] | None = None) -> None:
+        if os.geteuid() == 0:
+            # The server runs as another user, who must reach its directory for as long as it runs; pytest makes
+            # its temporary root 0700 again whenever a pytest process starts (another xdist worker, a test run
+            # beside the suite), which crashed a server kept under it ("could not stat data directory").  So,
+            # under root, the data lives in a directory of its own under the system's temporary directory.
+            own = Path(tempfile.mkdtemp(prefix=f"corral-pg-{data_dir.name}-"))
+            own.chmod(0o755)
+            data_dir = own / "data"
         self.data_dir = data_dir
         self.host = host
         self.port = port
@@ -124,6 +133,8 @@ class PostgresServer:
         except subprocess.CalledProcessError:
             self.kill()
         shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self.data_dir.parent.name.startswith("corral-pg-"):  # the directory of its own (see __init__)
+            shutil.rmtree(self.data_dir.parent, ignore_errors=True)
 
     def __enter__(self) -> PostgresServer:
         self.init().start()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -86,14 +88,18 @@ def models_dir(session_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pgvector_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pgvector_url() -> Iterator[str]:
     """A private PostgreSQL 16 with the pgvector extension, from the ``pgserver`` package (tests that use it are
     skipped where it is not installed: see HAVE_PGSERVER)."""
     import pgserver
 
     from jobs.db import engine_for
 
-    server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+    # Not under pytest's temporary root: under root the server runs as another user, and each pytest process
+    # that starts makes that root 0700 again (harness/postgres.py says more)
+    data = Path(tempfile.mkdtemp(prefix="corral-pgvector-"))
+    data.chmod(0o755)
+    server = pgserver.get_server(data, cleanup_mode="stop")
     url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
     schema = worker_schema()
     if schema is not None and "PGOPTIONS" in os.environ:  # PGOPTIONS names it on every server this process reaches
@@ -103,6 +109,7 @@ def pgvector_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         engine_for(url).dispose()
         server.cleanup()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
