@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.processes import pid_alive
+
 SYSTEM_USER = "pgserver"
 
 
@@ -101,7 +103,7 @@ class PostgresServer:
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and _alive(pid):
+            while time.monotonic() < deadline and pid_alive(pid):
                 time.sleep(0.05)
 
     def restart(self, down_for: float = 0.0) -> None:
@@ -116,7 +118,7 @@ class PostgresServer:
             pid = int((self.data_dir / "postmaster.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        return pid if _alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     def create_database(self, name: str) -> None:
         self._run("psql", "-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", "postgres",
@@ -142,20 +144,6 @@ class PostgresServer:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie (our own child, not yet reaped) counts as gone
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def _ensure_system_user() -> None:

@@ -136,3 +136,17 @@ def redis_or_private(url: str | None, data_dir: Path, *, persist: bool = False, 
     finally:
         # a persisting Redis saves before it exits
         stop(proc, "redis", timeout=30 if persist else 10)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, a child of ours not yet reaped, counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import redis
 
-from harness.processes import die_with_parent, free_port, redis_server_binary
+from harness.processes import die_with_parent, free_port, pid_alive, redis_server_binary
 
 log = logging.getLogger("corral.harness.sentinel")
 
@@ -77,7 +77,7 @@ class Node:
             pid = int(self.pidfile.read_text().strip())
         except (OSError, ValueError):
             return None
-        return pid if _alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     def answers(self) -> bool:
         try:
@@ -306,7 +306,7 @@ class SentinelCluster:
                 log.warning("%s (pid %d) did not exit after SIGKILL", node.name, node.proc.pid)
             node.proc = None
         deadline = time.monotonic() + 10
-        while pid is not None and _alive(pid) and time.monotonic() < deadline:
+        while pid is not None and pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.02)
 
 
@@ -339,15 +339,3 @@ def _flags(state: dict[str, object]) -> set[str]:
     """The flags of a SENTINEL MASTER or REPLICAS entry (``master,s_down``...)."""
     return set(str(state.get("flags", "")).split(","))
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (our own child, not yet reaped) counts as gone
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
