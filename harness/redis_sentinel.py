@@ -28,6 +28,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,7 +156,8 @@ class SentinelCluster:
         primary = self.primary()
         return next(node for node in self.servers if node is not primary)
 
-    def master_address(self) -> tuple[str, int]:
+    def _named_primaries(self) -> Iterator[tuple[str, int]]:
+        """The primary's address as each Sentinel that answers names it."""
         for node in self.sentinels:
             try:
                 with node.client() as client:
@@ -163,7 +165,11 @@ class SentinelCluster:
             except (redis.RedisError, OSError):
                 continue
             if found:
-                return _text(found[0]), int(found[1])
+                yield _text(found[0]), int(found[1])
+
+    def master_address(self) -> tuple[str, int]:
+        for address in self._named_primaries():
+            return address
         raise RuntimeError("no Sentinel answers with the primary's address")
 
     def kill_primary(self) -> Node:
@@ -188,15 +194,7 @@ class SentinelCluster:
         started = time.monotonic()
         deadline = started + timeout
         while time.monotonic() < deadline:
-            named = set()
-            for node in self.sentinels:
-                try:
-                    with node.client() as client:
-                        found = client.sentinel_get_master_addr_by_name(self.master_name)
-                except (redis.RedisError, OSError):
-                    continue
-                if found:
-                    named.add((_text(found[0]), int(found[1])))
+            named = set(self._named_primaries())
             if len(named) == 1 and old.address not in named:
                 new = next(node for node in self.servers if node.address in named)
                 if _role(new) == "master":
