@@ -37,6 +37,9 @@ FILE_STATUSES = ("in_progress", "completed", "failed", "cancelled")
 RERANK_POOL = 100  # candidates a rerank model rescores at most (4 x max_num_results below that)
 LIST_QUERY = (("limit", "integer"), ("order", "string"), ("after", "string"), ("before", "string"))
 STORE = "/v1/vector_stores/<store_id>"
+# Times a search embeds its queries again when a re-embed switched its store's model meanwhile (a switch ends a
+# whole re-embed job, so a second one within one search is already unlikely)
+SWITCH_RETRIES = 2
 
 
 def _body(model: type[Any]) -> Any:
@@ -217,23 +220,35 @@ def search(store_id: str) -> Response:
 
 
 def search_page(store_id: str, who: str | None, body: W.SearchRequest) -> dict[str, Any]:
-    """A search's ``vector_store.search_results.page``: the route's answer, and what the console's search box shows."""
+    """A search's ``vector_store.search_results.page``: the route's answer, and what the console's search box shows.
+
+    The queries are embedded before the search's snapshot opens (a worker's round trip, kept out of a database
+    transaction).  A re-embed that switches the store's model in between would leave the snapshot holding only the
+    new model's chunks and an empty page: the search notices and embeds its queries again with the new model."""
     queries, options = body.queries(), body.options()
     reranker = _reranker(options.rerank_model) if options.rerank_model else None
     shared = services()
-    target = shared.collections.search_target(store_id, who)
     embedding_weight, text_weight = body.weights()
-    vectors = _embed(target.model, queries) if embedding_weight > 0 else []
     k = body.max_num_results
     pool = min(RERANK_POOL, 4 * k) if reranker else k
-    with collection_search.snapshot(sessions(shared.settings)) as reads:  # the legs and the hydrate: one view
-        hits = collection_search.search(
-            reads, collection_id=target.collection_id, model_digest=target.model_digest,
-            query_vectors=vectors, query_texts=queries, filters=body.filter_dict(), k=pool,
-            embedding_weight=embedding_weight, text_weight=text_weight,
-        )
-        with reads() as session:
-            rows = collection_search.hydrate(session, hits)
+    rows: list[dict[str, Any]] | None = None
+    for attempt in range(SWITCH_RETRIES + 1):
+        target = shared.collections.search_target(store_id, who)
+        vectors = _embed(target.model, queries) if embedding_weight > 0 else []
+        with collection_search.snapshot(sessions(shared.settings)) as reads:  # the legs and the hydrate: one view
+            with reads() as session:
+                switched = collection_search.searched_digest(session, target.collection_id) != target.model_digest
+            if switched and attempt < SWITCH_RETRIES:
+                continue
+            hits = collection_search.search(
+                reads, collection_id=target.collection_id, model_digest=target.model_digest,
+                query_vectors=vectors, query_texts=queries, filters=body.filter_dict(), k=pool,
+                embedding_weight=embedding_weight, text_weight=text_weight,
+            )
+            with reads() as session:
+                rows = collection_search.hydrate(session, hits)
+        break
+    assert rows is not None
     if reranker is not None and rows:
         rows = _reranked(reranker, options.ranker, "\n".join(queries), rows)
     kept = [row for row in rows if row["score"] >= options.score_threshold][:k]

@@ -210,6 +210,15 @@ def snapshot(sessions: Callable[[], Session]) -> Iterator[Sessions]:
             session.rollback()
 
 
+def searched_digest(session: Session, collection_id: str) -> str | None:
+    """The digest of the model whose vectors the collection answers with, as ``session``'s snapshot sees it (None:
+    the collection is gone).  A re-embed's switch (jobs/collection_index.py ``finish_reembed``) changes it and
+    deletes the old model's chunks in one commit, so a search must embed its queries with the model read here."""
+    digest: str | None = session.scalar(text("SELECT model_digest FROM collections WHERE id = :c"),
+                                        {"c": collection_id})
+    return digest
+
+
 def search(sessions: Sessions, *, collection_id: str, model_digest: str, query_vectors: list[np.ndarray],
            query_texts: list[str], filters: dict[str, Any] | None, k: int, embedding_weight: float = 1.0,
            text_weight: float = 1.0, candidates: int | None = None) -> list[Hit]:

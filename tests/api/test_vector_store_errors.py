@@ -14,12 +14,18 @@ from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
+from sqlalchemy import insert, select
 
 from api import create_app
+from api.services import services
 from corral.errors import ModelNotFound
 from corral.modelstore.store import ModelStore
 from corral.settings import Settings
+from jobs import collection_search
+from jobs.collection_index import finish_reembed
+from jobs.db import sessions
 from jobs.keys import KeyStore
+from jobs.models import Collection, CollectionChunk, CollectionDocument
 
 STATIC = {"type": "static", "static": {"max_chunk_size_tokens": 200, "chunk_overlap_tokens": 50}}
 TEXT_ONLY = {"hybrid_search": {"embedding_weight": 0, "text_weight": 1}}
@@ -330,6 +336,57 @@ def test_a_store_whose_model_was_deleted_or_changed_refuses_searches(client: Fla
         for name in ("vs-doomed", "vs-swapped"):
             with contextlib.suppress(ModelNotFound):  # deleted above already
                 models.delete(name)
+
+
+def _document(session: Any, store_id: str, digest: str, text: str) -> None:
+    """A completed document of one chunk under ``digest``, indexed for the text leg as the worker's apply does."""
+    doc = CollectionDocument(collection_id=store_id, source_id=f"src-{digest[:8]}", file_id=f"file-{digest[:8]}",
+                             filename="pandas.md", usage_bytes=0, status="completed", chunk_tokens=800,
+                             chunk_overlap=400, chunk_count=1)
+    session.add(doc)
+    session.flush()
+    session.execute(insert(CollectionChunk), [{"collection_id": store_id, "document_id": doc.id, "model_digest": digest,
+                                               "seq": 0, "text": text, "start": 0, "end": len(text), "tokens": 5,
+                                               "embedding": bytes(4 * 384)}])
+    collection_search.index_document(session, doc.id)
+
+
+def test_a_reembed_switch_while_a_search_embeds_is_searched_with_the_new_model(
+        client: FlaskClient, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-embed's switch (new model and digest, the old chunks deleted, one commit) lands after the search read
+    its store's model and before its snapshot, as it can while a worker embeds the queries: the search answers
+    from the new model's chunks, not with an empty page."""
+    store_id = client.post("/v1/vector_stores", json={"name": "switching"}).get_json()["id"]
+    make = sessions(settings)
+    new = ModelStore(settings.models_path).get("smollm2").model_digest
+    with make.begin() as session:
+        old = session.scalar(select(Collection.model_digest).where(Collection.id == store_id))
+        assert old is not None
+        _document(session, store_id, old, "Giant pandas, under the first model.")
+    collections = services(client.application).collections
+    read_target = collections.search_target
+    switches: list[str] = []
+
+    def switched_after(store: str, who: str | None) -> Any:
+        target = read_target(store, who)
+        if not switches:  # the re-embed job's last item ends now: its switch commits
+            with make.begin() as session:
+                _document(session, store_id, new, "Giant pandas, under the next model.")
+                row = session.get(Collection, store_id)
+                assert row is not None
+                row.next_model, row.next_digest, row.reembed_job = "smollm2", new, "job_reembedding"
+                assert finish_reembed(session, store_id)
+            switches.append(target.model_digest)
+        return target
+
+    monkeypatch.setattr(collections, "search_target", switched_after)
+    try:
+        r = search(client, store_id, query="giant pandas", ranking_options=TEXT_ONLY)
+        assert r.status_code == 200, r.get_data(as_text=True)
+        assert switches == [old]
+        assert [hit["content"][0]["text"] for hit in r.get_json()["data"]] == ["Giant pandas, under the next model."]
+    finally:
+        client.delete(f"/v1/vector_stores/{store_id}")
 
 
 def test_another_keys_store_is_a_404(settings: Settings) -> None:
