@@ -141,6 +141,22 @@ def chunk_text(text: str, counter: TokenCounter, chunk_tokens: int, overlap: int
         first = back
 
 
+def rejoin(pieces: Iterable[tuple[int, str]]) -> str:
+    """The text that ``chunk_text`` cut into ``pieces`` ((start, text) each, in any order, overlapping or not), each
+    put back at its offset, with a space wherever no piece covers the text (the whitespace between two chunks).
+    What a document holds once its source is gone; cut again, its chunks' offsets still point into the original."""
+    out: list[str] = []
+    size = 0
+    for start, piece in sorted(pieces):
+        if start > size:
+            out.append(" " * (start - size))
+            size = start
+        if start + len(piece) > size:
+            out.append(piece[size - start:])
+            size = start + len(piece)
+    return "".join(out)
+
+
 # -- documents ------------------------------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from corral.corpus import CorpusError, UnsupportedDocument, chunk_text, extract_text
+from corral.corpus import CorpusError, UnsupportedDocument, chunk_text, extract_text, rejoin
 from corral.errors import CorralError
 from jobs import transitions
 from jobs.collection_index import (
@@ -82,11 +82,9 @@ def _prepare(session_factory: Callable[[], Session], model: LoadedModel, counter
                         else None)
 
     source, kept = transaction(session_factory, read, f"reading document {body['document_id']}")
-    if kept is not None:  # a re-embed of a document whose File is gone: its chunks, as they were cut, embedded anew
+    if kept is not None:  # a re-embed of a document whose File is gone: its stored text, cut for the new model
         sha256, old = kept
-        tokens = model.embed_tokens([c.text for c in old], truncate=True)
-        chunks = [IndexedChunk(c.seq, c.text, c.start, c.end, len(t)) for c, t in zip(old, tokens, strict=True)]
-        return _Prepared(item_id, body, sha256, chunks, tokens)
+        return _cut(item_id, body, sha256, rejoin((c.start, c.text) for c in old), model, counter)
     if source is None:
         raise _Refused("invalid_file", f"the File {body['file_id']} was deleted before it was indexed")
     filename, raw = source
@@ -99,10 +97,16 @@ def _prepare(session_factory: Callable[[], Session], model: LoadedModel, counter
     if len(text) > MAX_DOCUMENT_CHARS:
         raise _Refused("invalid_file", f"{filename}: {len(text)} characters of text, more than the "
                                        f"{MAX_DOCUMENT_CHARS} a document may have")
+    return _cut(item_id, body, hashlib.sha256(raw).hexdigest(), text, model, counter)
+
+
+def _cut(item_id: int, body: dict[str, Any], sha256: str, text: str, model: LoadedModel,
+         counter: ModelTokenCounter) -> _Prepared:
+    """``text`` cut into the chunks the item's chunking asks for, as the model counts tokens, and tokenized."""
     pieces = list(chunk_text(text, counter, int(body["chunk_tokens"]), int(body["chunk_overlap"])))
     chunks = [IndexedChunk(n, p.text, p.start, p.end, p.tokens) for n, p in enumerate(pieces)]
     tokens = model.embed_tokens([c.text for c in chunks], truncate=True) if chunks else []
-    return _Prepared(item_id, body, hashlib.sha256(raw).hexdigest(), chunks, tokens)
+    return _Prepared(item_id, body, sha256, chunks, tokens)
 
 
 def run_index_items(

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from corral.corpus import rejoin
 from harness.stack import Stack, wait_for
 from jobs.db import sessions
 from jobs.models import CollectionChunk, CollectionDocument, Item
@@ -177,8 +178,8 @@ def test_reembed_of_a_document_whose_file_was_deleted_embeds_its_stored_chunks(s
         rockets = session.scalar(select(CollectionDocument).where(CollectionDocument.collection_id == store_id,
                                                                   CollectionDocument.source_id == "rockets.md"))
         assert rockets is not None
-        file_id, texts = rockets.file_id, list(session.scalars(
-            select(CollectionChunk.text).where(CollectionChunk.document_id == rockets.id).order_by(CollectionChunk.seq)))
+        file_id, texts = rockets.file_id, list(session.execute(
+            select(CollectionChunk.start, CollectionChunk.text).where(CollectionChunk.document_id == rockets.id)))
     assert file_id in {f["id"] for f in listed}
     assert httpx.delete(f"{base_url}/v1/files/{file_id}", timeout=30).json()["deleted"] is True
     result = cli(base_url, "collection", "reembed", "orphaned", "--model", "smollm2:135m")
@@ -188,9 +189,10 @@ def test_reembed_of_a_document_whose_file_was_deleted_embeds_its_stored_chunks(s
     assert store["model"] == "smollm2:135m"
     assert (store["file_counts"]["completed"], store["file_counts"]["failed"]) == (2, 0)
     with sessions(stack.settings)() as session:
-        kept = list(session.scalars(select(CollectionChunk.text).where(CollectionChunk.document_id == rockets.id)
-                                    .order_by(CollectionChunk.seq)))
-    assert kept == texts  # the same chunks, under the new model's vectors
+        kept = list(session.execute(select(CollectionChunk.start, CollectionChunk.text)
+                                    .where(CollectionChunk.document_id == rockets.id)))
+    # the same text, at the same offsets, cut for the new model (whose tokens the chunks count), under its vectors
+    assert rejoin((start, text) for start, text in kept) == rejoin((start, text) for start, text in texts)
     hits = _search(base_url, store_id, "kerosene rocket launch", ranking_options={
         "hybrid_search": {"embedding_weight": 0, "text_weight": 1}})
     assert hits and hits[0]["source_id"] == "rockets.md"
