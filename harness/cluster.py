@@ -1,8 +1,13 @@
 """corral deployed on a test network (:mod:`harness.netns`): the processes of a small deployment, each on a host.
 
 - ``db``: PostgreSQL (:mod:`harness.postgres`, a server this cluster starts, never the machine's own) and Redis
-  (``redis-server --bind <ip> --save '' --appendonly no``), on their usual ports;
+  (``redis-server --bind <ip> --save '' --appendonly no``), on their usual ports; with ``with_sentinel``, Redis
+  is a primary, a replica and three Sentinels instead (:mod:`harness.redis_sentinel`, :attr:`Cluster.sentinel`)
+  and every process's ``REDIS_URL`` names the Sentinels, so that a test can kill the primary and watch the
+  failover;
 - ``api-a``: ``corral serve``, with the model store;
+- ``api-b``: a second ``corral serve`` replica on the same store, started only when a test asks
+  (:meth:`Cluster.start_api`): the replica that goes on serving when ``api-a`` is lost;
 - ``gpu-1``: ``corral worker``, sharing the API's model store on disk;
 - ``gpu-2``: ``corral worker --pull-from http://<api-a>:11434``, with a store of its own filled from the API.
 
@@ -21,6 +26,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,9 +36,10 @@ from corral.settings import Settings
 from harness.netns import Host, Network
 from harness.postgres import PostgresServer
 from harness.processes import die_with_parent, redis_reachable, redis_server_binary, stop
+from harness.redis_sentinel import SentinelCluster
 from harness.stack import Proc, Stack, fresh_database, wait_for
 
-HOSTS = ("db", "api-a", "gpu-1", "gpu-2")
+HOSTS = ("db", "api-a", "api-b", "gpu-1", "gpu-2")
 API_PORT = 11434
 REDIS_PORT = 6379
 POSTGRES_PORT = 5432
@@ -72,14 +79,17 @@ class Worker:
 @dataclass
 class Cluster:
     """The deployment above on ``network``; ``base``: the settings every process shares (TTLs, chunk size),
-    whose Redis, database and bind address the cluster fills in.  A context manager: everything it started is
-    stopped, and the network removed, on the way out."""
+    whose Redis, database and bind address the cluster fills in; ``with_sentinel``: Redis on ``db`` fails over
+    (see the module).  A context manager: everything it started is stopped, and the network removed, on the way
+    out."""
 
     network: Network
     base: Settings
     root: Path
+    with_sentinel: bool = False
     postgres: PostgresServer = field(init=False)
     redis_proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
+    sentinel: SentinelCluster | None = field(default=None, init=False)  # with_sentinel's servers and Sentinels
     stacks: dict[str, Stack] = field(default_factory=dict, init=False)
     workers: dict[str, Worker] = field(default_factory=dict, init=False)  # the latest worker started per host
     database_routes: dict[str, tuple[str, int]] = field(default_factory=dict, init=False)
@@ -87,6 +97,8 @@ class Cluster:
     def __post_init__(self) -> None:
         db = self.network["db"]
         self.postgres = PostgresServer(self.root / "pgdata", db.ip, POSTGRES_PORT, prefix=db.prefix)
+        if self.with_sentinel:
+            self.sentinel = SentinelCluster(self.root / "redis", db.ip, prefix=db.prefix)
 
     # -- addresses ------------------------------------------------------------------------------------------
 
@@ -95,11 +107,17 @@ class Cluster:
 
     @property
     def redis_url(self) -> str:
+        if self.sentinel is not None:
+            return self.sentinel.url()
         return f"redis://{self.host('db').ip}:{REDIS_PORT}/0"
 
     @property
     def api_url(self) -> str:
-        return f"http://{self.host('api-a').ip}:{API_PORT}"
+        return self.url_of("api-a")
+
+    def url_of(self, api: str) -> str:
+        """The base URL of the ``corral serve`` on host ``api`` (``api-a``, ``api-b``)."""
+        return f"http://{self.host(api).ip}:{API_PORT}"
 
     def database_url(self, client: str) -> str:
         """The database's URL for ``client`` (a host's name, or ``test``), which PostgreSQL shows as the session's
@@ -147,16 +165,10 @@ class Cluster:
     def _start_db(self) -> None:
         db = self.host("db")
         self.root.mkdir(parents=True, exist_ok=True)
-        log = self.root / "redis.log"
-        self.redis_proc = subprocess.Popen(
-            db.command(redis_server_binary(), "--bind", db.ip, "--port", str(REDIS_PORT), "--save", "",
-                       "--appendonly", "no", "--maxmemory-policy", "noeviction",
-                       # no password on a network that exists only inside the test: without this Redis 7 answers
-                       # its clients on other hosts only "DENIED ... protected mode"
-                       "--protected-mode", "no", "--dir", str(self.root),
-                       "--logfile", str(log)),
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
-        )
+        if self.sentinel is not None:
+            self.sentinel.start()  # returns once the Sentinels agree on the primary and see its replica
+        else:
+            self._start_redis()
         self.postgres.init()
         with open(self.postgres.data_dir / "postgresql.conf", "a") as conf:
             conf.write(LOG_SETTINGS)
@@ -168,10 +180,24 @@ class Cluster:
         _schema_of_pgoptions(self.settings.database)
         fresh_database(self.settings)
 
+    def _start_redis(self) -> None:
+        """One ``redis-server`` on ``db``, its usual port."""
+        db = self.host("db")
+        log = self.root / "redis.log"
+        self.redis_proc = subprocess.Popen(
+            db.command(redis_server_binary(), "--bind", db.ip, "--port", str(REDIS_PORT), "--save", "",
+                       "--appendonly", "no", "--maxmemory-policy", "noeviction",
+                       # no password on a network that exists only inside the test: without this Redis 7 answers
+                       # its clients on other hosts only "DENIED ... protected mode"
+                       "--protected-mode", "no", "--dir", str(self.root),
+                       "--logfile", str(log)),
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
+        )
+
     def start_all(self, timeout: float = 180) -> None:
         """The API and both workers: ``api-a`` and ``gpu-1`` side by side (each takes seconds to import and
         load), then ``gpu-2``, which copies its models from the API once it answers."""
-        api = self.stack("api-a")._spawn_api()
+        api = self.spawn_api("api-a")
         first = self.spawn_worker("gpu-1")
         api(timeout)
         second = self.spawn_worker("gpu-2")
@@ -189,20 +215,32 @@ class Cluster:
     def start_worker(self, host: str, timeout: float = 180) -> Worker:
         return self.spawn_worker(host).wait(timeout)
 
+    def spawn_api(self, host: str) -> Callable[[float], Proc]:
+        """Start ``corral serve`` on ``host`` (``api-a``; ``api-b``, a second replica); the returned call waits
+        (up to its timeout) until it answers.  Spawned beside :meth:`start_all`, a replica's start costs no
+        wall time of its own."""
+        return self.stack(host)._spawn_api()
+
+    def start_api(self, host: str, timeout: float = 180) -> Proc:
+        return self.spawn_api(host)(timeout)
+
     def close(self) -> None:
         """Heal every cut (a process stopping must reach its servers to stop cleanly), stop the processes, the
         servers, then remove the network (which kills whatever is left on a host)."""
-        for name in HOSTS:
+        hosts = list(self.network.hosts)
+        for name in hosts:
             if self.network.is_isolated(name):
                 self.network.rejoin(name)
-        for a in HOSTS:
-            for b in HOSTS:
+        for a in hosts:
+            for b in hosts:
                 if a < b and self.network.is_cut(a, b):
                     self.network.heal(a, b)
         for stack in self.stacks.values():
             stack.stop()
         if self.redis_proc is not None:
             stop(self.redis_proc, "redis", timeout=10)
+        if self.sentinel is not None:
+            self.sentinel.stop()
         try:
             self.postgres.remove()
         except (OSError, subprocess.SubprocessError):
