@@ -9,6 +9,9 @@ and a worker retries the transaction (:func:`transaction`) for a bounded time in
 The engine finds a dead server fast: a pooled connection is pinged before use (so one the restart dropped is
 never reused), a connect gives up after :data:`CONNECT_TIMEOUT` seconds, and TCP keepalives plus a TCP user
 timeout end a session whose host went away without a word, where the kernel would wait for minutes.
+
+A status poll is the one read clients repeat, so it does not pay for that ping: :func:`poll` reads on a pool of
+its own (:func:`poll_engine_for`) and finds a dead connection by using it instead (see there).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -30,7 +33,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
-_engines: dict[str, Engine] = {}
+_engines: dict[tuple[str, bool], Engine] = {}  # (url, for polls) -> its engine
 _lock = threading.Lock()
 
 # libpq's connection options for PostgreSQL: seconds a connect may take (a host that drops packets fails in this
@@ -52,17 +55,33 @@ _UNREACHABLE_STATES = ("57P01", "57P02", "57P03")
 RETRY_SECONDS = 180.0
 
 
+# The pool of status polls, beside an API process's main pool (10 + 20): a poll holds its connection for one
+# statement, so few serve many; a burst past them waits for one rather than opening more.
+POLL_POOL_SIZE, POLL_MAX_OVERFLOW = 5, 5
+
+
 def engine_for(url: str) -> Engine:
     """One engine per URL per process (engines pool connections; they are made to be shared)."""
+    return _shared(url, polls=False)
+
+
+def poll_engine_for(url: str) -> Engine:
+    """The engine of :func:`poll`.  PostgreSQL: a pool of its own whose connections are in autocommit (a read sends
+    no BEGIN and no ROLLBACK) and are not pinged before use.  SQLite: :func:`engine_for`'s (a file has no round
+    trips to save, and does not restart)."""
+    return _shared(url, polls=url.startswith("postgresql"))
+
+
+def _shared(url: str, *, polls: bool) -> Engine:
     with _lock:
-        engine = _engines.get(url)
+        engine = _engines.get((url, polls))
         if engine is None:
-            engine = _make_engine(url)
-            _engines[url] = engine
+            engine = _make_engine(url, polls=polls)
+            _engines[(url, polls)] = engine
         return engine
 
 
-def _make_engine(url: str) -> Engine:
+def _make_engine(url: str, *, polls: bool = False) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
@@ -81,7 +100,11 @@ def _make_engine(url: str) -> Engine:
 
         return engine
     connect_args = dict(POSTGRES_CONNECT_ARGS) if url.startswith("postgresql") else {}
-    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
+    if polls:
+        engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=POLL_POOL_SIZE,
+                               max_overflow=POLL_MAX_OVERFLOW, connect_args=connect_args)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
     if url.startswith("postgresql"):
         event.listen(engine, "connect", _server_side_session)
     return engine
@@ -179,6 +202,35 @@ def retrying(call: Callable[[], T], what: str, *, retry_for: float) -> T:
         if since is not None:
             log.warning("the database answers again after %.1f s: %s done", time.monotonic() - since, what)
         return result
+
+
+def poll(settings: Settings, read: Callable[[Session], T]) -> T:
+    """``read(session)`` for a status poll, on a connection of :func:`poll_engine_for`: on PostgreSQL it costs the
+    statements ``read`` runs and nothing else, where a session of :func:`sessions` adds three round trips (the
+    pool's ping, BEGIN, ROLLBACK).  Without BEGIN each statement is its own snapshot, so a read whose parts must
+    agree makes them one statement.
+
+    The ping is what found a connection that a server restart dropped; here the read finds it: the driver's error
+    is one SQLAlchemy reads as a disconnect (``is_disconnect``: ``connection_invalidated``), which also invalidates
+    every connection the pool held, and the read runs once more on a new connection.  So the first poll after a
+    restart answers as every other does.  A connect that fails is not retried (the server is down or starting:
+    the API's 503, :func:`unreachable`), nor is a second failure, nor a query's own error.  Only a read may come
+    here: one that wrote could not tell whether its lost statement had run."""
+    engine = poll_engine_for(settings.database)
+    with engine.connect() as conn:  # a connect that fails goes up from here
+        try:
+            return _read(conn, read)
+        except DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            log.info("a pooled database connection was gone (%s); the poll reads again on a new one", reason(exc))
+    with engine.connect() as conn:
+        return _read(conn, read)
+
+
+def _read(conn: Connection, read: Callable[[Session], T]) -> T:
+    with Session(conn) as session:
+        return read(session)
 
 
 def sessions(settings: Settings) -> sessionmaker[Session]:
