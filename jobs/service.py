@@ -11,7 +11,7 @@ import builtins
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import redis
-from sqlalchemy import Integer, cast, func, select, text, update
+from sqlalchemy import ColumnElement, Integer, Select, case, cast, exists, func, or_, select, text, true, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from corral.broker import UNREACHABLE, Broker
 from corral.errors import BadRequest, Conflict, CorralError, Forbidden, NotFound, RateLimited
@@ -36,7 +36,7 @@ from corral.wire.ollama import check_context
 from corral.wire.rerank import rerank_reply
 from jobs import dedup, dispatch, dryrun, grouping, readstates, transitions, webhooks
 from jobs.collection_index import INDEX_KIND
-from jobs.db import reason, sessions, unreachable
+from jobs.db import poll, reason, sessions, unreachable
 from jobs.ids import chunk_id_maker, new_id
 from jobs.keys import Principal
 from jobs.models import Chunk, ChunkState, Item, ItemState, Job, JobStatus, as_utc, utcnow
@@ -50,6 +50,7 @@ COUNTS_CACHED_FROM = 50_000
 log = logging.getLogger(__name__)
 ANALYZE_FROM = 50_000  # items in one upload after which PostgreSQL's statistics are refreshed
 COUNTS_CACHE_MS = 2000
+Counts = tuple[dict[str, int], tuple[int, int]]  # items per state as read, (prompt, completion) tokens
 
 
 @dataclass
@@ -160,7 +161,8 @@ class JobService:
                 transitions.finish_job_if_done(session, job_id)
             # The answer is read in the transaction that stores the job: once it is committed, nothing may turn
             # the reply into an error, or a client's retry makes a second job.
-            view = self._view(session, self._job(session, job_id, None), exact=True)
+            job = self._job(session, job_id, None)
+            view = self._view(session, job, item_counts(session, job_id, job.status), self._queue_position(session, job))
             session.commit()
         if count >= ANALYZE_FROM:
             try:
@@ -240,8 +242,20 @@ class JobService:
         return job
 
     def get(self, job_id: str, owner: str | None = None) -> dict[str, Any]:
-        with self._session() as session:
-            return self._view(session, self._job(session, job_id, owner))
+        """A status poll (and the answer of a cancel or a retry): the job, its counts and its place in the queue
+        in one statement (:func:`status_query`), so in one snapshot, read through :func:`jobs.db.poll` (no ping,
+        BEGIN or ROLLBACK): one round trip to PostgreSQL, where a session's two reads took five.  A second only
+        for a job with a webhook (its deliveries), or a large open job whose cached counts have lapsed."""
+        return poll(self.settings, lambda session: self._polled(session, job_id, owner))
+
+    def _polled(self, session: Session, job_id: str, owner: str | None) -> dict[str, Any]:
+        rows = session.execute(status_query(job_id)).all()
+        if not rows or (owner is not None and rows[0][0].owner != owner):
+            raise NotFound(f"job '{job_id}' not found")
+        job, ahead = rows[0][0], rows[0][1]
+        counts = (tally((row[2:] for row in rows), job.status) if counted_exactly(job)
+                  else self._counts(session, job))
+        return self._view(session, job, counts, None if ahead is None else int(ahead))
 
     def list(self, *, status: str | None = None, limit: int = 20, offset: int = 0, owner: str | None = None) -> dict[str, Any]:
         if status is not None and status not in JobStatus.ALL:
@@ -254,13 +268,14 @@ class JobService:
             if owner is not None:
                 query = query.where(Job.owner == owner)
             jobs = list(session.scalars(query.offset(max(0, offset)).limit(limit + 1)))
-            return {"jobs": [self._view(session, j) for j in jobs[:limit]], "has_more": len(jobs) > limit}
+            views = [self._view(session, j, self._counts(session, j), self._queue_position(session, j)) for j in jobs[:limit]]
+            return {"jobs": views, "has_more": len(jobs) > limit}
 
-    def _counts(self, session: Session, job: Job) -> tuple[dict[str, int], tuple[int, int]]:
+    def _counts(self, session: Session, job: Job) -> Counts:
         """:func:`item_counts`, which reads every item's index entry: for a job of :data:`COUNTS_CACHED_FROM`
         items or more that is still open, at most once per :data:`COUNTS_CACHE_MS` (shared through Redis), so
         polling a million-item job stays cheap; a small or ended job's counts are always exact."""
-        if job.item_count < COUNTS_CACHED_FROM or job.status not in JobStatus.ACTIVE:
+        if counted_exactly(job):
             return item_counts(session, job.id, job.status)
         key = f"{KEY_PREFIX}counts:{job.id}"
         try:
@@ -275,11 +290,12 @@ class JobService:
             self.broker.redis.set(key, json.dumps([counts, list(tokens)]), px=COUNTS_CACHE_MS)
         return counts, tokens
 
-    def _view(self, session: Session, job: Job, *, exact: bool = False) -> dict[str, Any]:
-        """The job as the API shows it; ``exact``: counts read here, never from the Redis cache (a submission
-        reads its view inside its write transaction, which must not wait on Redis)."""
-        counts, (prompt_tokens, completion_tokens) = (item_counts(session, job.id, job.status) if exact
-                                                      else self._counts(session, job))
+    @staticmethod
+    def _view(session: Session, job: Job, counts_and_tokens: Counts, queue_position: int | None) -> dict[str, Any]:
+        """The job as the API shows it, from its counts and its place in the queue as the caller read them (a
+        submission reads exact counts inside its write transaction, which must not wait on Redis; a poll reads
+        them in its one statement)."""
+        counts, (prompt_tokens, completion_tokens) = counts_and_tokens
         done = sum(counts[state] for state in ItemState.FINISHED)
         total = job.item_count
         elapsed = None
@@ -305,31 +321,23 @@ class JobService:
             "tokens_per_second": round(int(completion_tokens) / elapsed, 2) if elapsed else None,
             "items_per_second": round(rate, 3) if rate else None,
             "eta_seconds": round((total - done) / rate, 1) if rate and job.status == JobStatus.RUNNING else None,
-            "queue_position": None,
+            "queue_position": queue_position,
             "error": job.error,
             "created_at": rfc3339(as_utc(job.created_at)),
             "started_at": rfc3339(as_utc(job.started_at)) if job.started_at else None,
             "finished_at": rfc3339(as_utc(job.finished_at)) if job.finished_at else None,
             "expires_at": rfc3339(as_utc(job.expires_at)) if job.expires_at else None,
         }
-        if job.status == JobStatus.QUEUED:
-            view["queue_position"] = self._queue_position(session, job)
         if job.webhook_url:
             view["webhook"] = {"url": job.webhook_url, "deliveries": webhooks.deliveries(session, job.id)}
         return view
 
-    def _queue_position(self, session: Session, job: Job) -> int:
-        """Chunks of older jobs for the same model still waiting or running: how much is ahead of this job."""
-        return int(
-            session.scalar(
-                select(func.count())
-                .select_from(Chunk)
-                .join(Job, Job.id == Chunk.job_id)
-                .where(Chunk.model_digest == job.model_digest, Chunk.state != ChunkState.DONE,
-                       Job.created_at < job.created_at)
-            )
-            or 0
-        )
+    @staticmethod
+    def _queue_position(session: Session, job: Job) -> int | None:
+        """A queued job's :func:`chunks_ahead`; None for any other."""
+        if job.status != JobStatus.QUEUED:
+            return None
+        return int(session.scalar(chunks_ahead(job.model_digest, job.created_at)) or 0)
 
     def throughput(self, job_id: str, owner: str | None = None, buckets: int = 48) -> builtins.list[tuple[float, float]]:
         """Items finished per second over the job's run so far, in ``buckets`` equal spans: (seconds since the
@@ -529,16 +537,57 @@ def result_line(
     return line
 
 
-def item_counts(session: Session, job_id: str, job_status: str) -> tuple[dict[str, int], tuple[int, int]]:
+def item_counts(session: Session, job_id: str, job_status: str) -> Counts:
     """Items per state as read under a job of ``job_status`` (:mod:`jobs.readstates`), and (prompt, completion)
     token totals: the job's progress, computed from its rows."""
+    return tally(session.execute(_per_state(job_id)), job_status)
+
+
+def _per_state(job_id: str, *conditions: Any) -> Select[str, int, int | None, int | None]:
+    """The job's items per stored state, with their token sums: one pass over the covering index."""
+    return (select(Item.state, func.count(), func.sum(Item.prompt_tokens), func.sum(Item.completion_tokens))
+            .where(Item.job_id == job_id, *conditions).group_by(Item.state))
+
+
+def tally(rows: Iterable[Sequence[Any]], job_status: str) -> Counts:
+    """:func:`_per_state`'s rows (state, count, prompt tokens, completion tokens; a state of None counts nothing)
+    folded into :data:`Counts`."""
     stored: dict[str, int] = {}
     prompt = completion = 0
-    for state, n, prompt_tokens, completion_tokens in session.execute(  # one pass over the covering index
-        select(Item.state, func.count(), func.sum(Item.prompt_tokens), func.sum(Item.completion_tokens))
-        .where(Item.job_id == job_id).group_by(Item.state)
-    ):
-        stored[state] = int(n)
-        prompt += int(prompt_tokens or 0)
-        completion += int(completion_tokens or 0)
+    for state, n, prompt_tokens, completion_tokens in rows:
+        if state is not None:
+            stored[state] = int(n)
+            prompt += int(prompt_tokens or 0)
+            completion += int(completion_tokens or 0)
     return readstates.fold_counts(stored, job_status), (prompt, completion)
+
+
+def counted_exactly(job: Job) -> bool:
+    """Whether a status read counts the job's items itself: a job of fewer than :data:`COUNTS_CACHED_FROM` items,
+    or one that has ended (a large open job's counts come from Redis, :meth:`JobService._counts`).  The same
+    rule in SQL is :func:`_counted_exactly`."""
+    return job.item_count < COUNTS_CACHED_FROM or job.status not in JobStatus.ACTIVE
+
+
+def _counted_exactly(job: Any) -> ColumnElement[bool]:
+    return or_(job.item_count < COUNTS_CACHED_FROM, job.status.not_in(JobStatus.ACTIVE))
+
+
+def chunks_ahead(model_digest: Any, created_at: Any) -> Select[int]:
+    """Chunks of older jobs for the same model still waiting or running: how much is ahead of a job of
+    ``model_digest`` created at ``created_at`` (values, or the columns of an enclosing query's job)."""
+    older = aliased(Job)
+    return (select(func.count()).select_from(Chunk).join(older, older.id == Chunk.job_id)
+            .where(Chunk.model_digest == model_digest, Chunk.state != ChunkState.DONE, older.created_at < created_at))
+
+
+def status_query(job_id: str) -> Select[Job, int | None, str | None, int | None, int | None, int | None]:
+    """A status poll's one statement: the job; its place in the queue while it is queued (:func:`chunks_ahead`,
+    else NULL); and its items per stored state with their token sums, one row per state (one row with a NULL
+    state when it has none, or when :func:`counted_exactly` leaves its counts to Redis: the count is skipped in
+    SQL too, a one-time filter).  One statement is one snapshot: the counts are those of the status beside them,
+    which decides how they read (:func:`jobs.readstates.fold_counts`)."""
+    this = aliased(Job)
+    counted = _per_state(job_id, exists().where(this.id == job_id, _counted_exactly(this))).subquery()
+    ahead = case((Job.status == JobStatus.QUEUED, chunks_ahead(Job.model_digest, Job.created_at).scalar_subquery()))
+    return select(Job, ahead, *counted.c).outerjoin(counted, true()).where(Job.id == job_id)
