@@ -2,7 +2,7 @@
 
     env -u REDIS_URL -u TEST_DATABASE_URL .venv/bin/python bench/collection_search.py [--chunks 100000]
         [--searches 50] [--vectors random|real] [--rescore 200,400,1000,2000] [--baseline] [--mmap-off]
-        [--database-url postgresql+psycopg://...] [--pgvector N] [--words 120] [--block 1024]
+        [--database-url postgresql+psycopg://...] [--pgvector N [--bulk]] [--words 120] [--block 1024]
 
 Fills a database built by the real migrations (``jobs.db.upgrade``) with ``--chunks`` chunks of 384 dimensions
 (all-minilm's width) and ``--words`` words each, drawn Zipf-wise from a generated word list, in documents of 100
@@ -20,7 +20,9 @@ half the documents) and prints p50/p95.  ``--rescore`` also prints, for each cou
 float32, the sign-bit leg's recall@10 against the exact top 10 (numpy over every vector) and its own latency.
 ``--baseline`` also times the vector leg as a scan of ``collection_chunks`` itself (the exact scan);
 ``--mmap-off`` times hybrid and vector-only searches again without SQLite's memory map (jobs/db.py's pragma).
-``--pgvector N`` does the same on a private PostgreSQL 16 with pgvector (``pgserver``) with N chunks (HNSW).
+``--pgvector N`` does the same on a private PostgreSQL 16 with pgvector (``pgserver``) with N chunks (HNSW);
+with ``--bulk`` it fills them by ``COPY`` and builds the HNSW index once after (:func:`fill_bulk`: at 20,000
+chunks 21 s of copying and 42 s of index build at a load average of 10: a million was not run).
 Goal: hybrid p50 under 50 ms at 100k chunks on SQLite; under 50 ms at 1M on PostgreSQL with HNSW.
 """
 
@@ -175,34 +177,101 @@ def corpus(kind: str, chunks: int) -> tuple[np.ndarray, np.ndarray]:
 # -- the database -----------------------------------------------------------------------------------------------
 
 
-def fill(sessions: sessionmaker[Session], vectors: np.ndarray, words: int) -> float:
-    """Insert and index the chunks a document at a time; returns the seconds it took."""
+def fill(sessions: sessionmaker[Session], vectors: np.ndarray, words: int, collection: str = COLLECTION,
+         digest: str | None = DIGEST) -> float:
+    """Insert and index the chunks a document at a time into ``collection`` (made here, of ``digest``; None: the
+    collection exists already, made through the API, and its chunks get its model's digest); returns the seconds
+    it took."""
     vocab = np.array(vocabulary())
     rng = np.random.default_rng(0)
     now = datetime.now(timezone.utc)
     started = time.perf_counter()
     with sessions.begin() as session:
-        session.add(Collection(id=COLLECTION, owner=None, name="bench", model="all-minilm", model_digest=DIGEST,
-                               chunk_tokens=800, chunk_overlap=400, last_active_at=now, created_at=now))
+        if digest is None:
+            digest = str(session.scalar(text("SELECT model_digest FROM collections WHERE id = :c"), {"c": collection}))
+        else:
+            session.add(Collection(id=collection, owner=None, name="bench", model="all-minilm", model_digest=digest,
+                                   chunk_tokens=800, chunk_overlap=400, last_active_at=now, created_at=now))
     chunks = len(vectors)
     for first in range(0, chunks, PER_DOC):
         count = min(PER_DOC, chunks - first)
         terms = vocab[np.minimum(rng.zipf(1.2, size=(count, words)) - 1, len(vocab) - 1)]
         with sessions.begin() as session:
-            doc = CollectionDocument(collection_id=COLLECTION, source_id=f"doc-{first // PER_DOC}",
+            doc = CollectionDocument(collection_id=collection, source_id=f"doc-{first // PER_DOC}",
                                      filename=f"doc-{first // PER_DOC}.md", usage_bytes=0,
                                      attributes={"half": (first // PER_DOC) % 2 == 0}, status="completed",
                                      chunk_tokens=800, chunk_overlap=400, chunk_count=count)
             session.add(doc)
             session.flush()
             session.execute(insert(CollectionChunk), [
-                {"collection_id": COLLECTION, "document_id": doc.id, "model_digest": DIGEST, "seq": n,
+                {"collection_id": collection, "document_id": doc.id, "model_digest": digest, "seq": n,
                  "text": " ".join(terms[n]), "start": 0, "end": 0, "tokens": words,
                  "embedding": vectors[first + n].tobytes()}
                 for n in range(count)])
             cv.index_document(session, doc.id)
         if first and first % 20000 == 0:
             print(f"  {first} chunks, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    return time.perf_counter() - started
+
+
+def fill_bulk(url: str, vectors: np.ndarray, words: int) -> float:
+    """PostgreSQL with pgvector (``--bulk``): the rows :func:`fill` writes, by ``COPY``, then the collection's
+    HNSW index built once over them (jobs/collection_vectors.py ``hnsw_ddl``, the index an apply makes; row by
+    row, a million chunks would take hours on 2 cores).  Returns the seconds it took, the build included."""
+    vocab = np.array(vocabulary())
+    rng = np.random.default_rng(0)
+    now = datetime.now(timezone.utc)
+    engine = engine_for(url)
+    started = time.perf_counter()
+    chunks, dims = vectors.shape
+    with sessionmaker(engine).begin() as session:
+        session.add(Collection(id=COLLECTION, owner=None, name="bench", model="all-minilm", model_digest=DIGEST,
+                               chunk_tokens=800, chunk_overlap=400, last_active_at=now, created_at=now))
+        session.flush()
+        docs = list(session.scalars(insert(CollectionDocument).returning(CollectionDocument.id), [
+            {"collection_id": COLLECTION, "source_id": f"doc-{d}", "filename": f"doc-{d}.md", "usage_bytes": 0,
+             "attributes": {"half": d % 2 == 0}, "status": "completed", "chunk_tokens": 800, "chunk_overlap": 400,
+             "chunk_count": min(PER_DOC, chunks - d * PER_DOC)} for d in range(-(-chunks // PER_DOC))]))
+    raw = engine.raw_connection()
+    try:
+        conn: Any = raw.driver_connection
+        with conn.cursor() as cur:
+            with cur.copy('COPY collection_chunks (collection_id, document_id, model_digest, seq, text, start, "end", '
+                          "tokens, embedding) FROM STDIN") as copy:
+                for first in range(0, chunks, PER_DOC):
+                    count = min(PER_DOC, chunks - first)
+                    terms = vocab[np.minimum(rng.zipf(1.2, size=(count, words)) - 1, len(vocab) - 1)]
+                    for n in range(count):
+                        copy.write_row((COLLECTION, docs[first // PER_DOC], DIGEST, n, " ".join(terms[n]), 0, 0, words,
+                                        vectors[first + n].tobytes()))
+            print(f"  chunks copied, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            cur.execute("SELECT id, document_id FROM collection_chunks WHERE collection_id = %s ORDER BY document_id, seq",
+                        (COLLECTION,))
+            ids = np.array(cur.fetchall(), dtype=np.int64)
+            # COPY's binary rows: (chunk_id, collection_id, model_digest, document_id, embedding), each field its
+            # length first; a pgvector value is its dimensions, a reserved 0, then big-endian float4s
+            key = COLLECTION.encode()
+            row = np.dtype([("fields", ">i2"), ("l1", ">i4"), ("id", ">i8"), ("l2", ">i4"), ("c", f"S{len(key)}"),
+                            ("l3", ">i4"), ("m", "S64"), ("l4", ">i4"), ("doc", ">i8"), ("l5", ">i4"),
+                            ("dims", ">i2"), ("unused", ">i2"), ("v", ">f4", (dims,))])
+            with cur.copy(f"COPY {cv.VECTOR_TABLE} (chunk_id, collection_id, model_digest, document_id, embedding) "
+                          "FROM STDIN (FORMAT BINARY)") as copy:
+                copy.write(b"PGCOPY\n\xff\r\n\0" + bytes(8))
+                for first in range(0, chunks, 50_000):
+                    part = np.zeros(min(50_000, chunks - first), dtype=row)
+                    part["fields"], part["l1"], part["l2"], part["l3"], part["l4"] = 5, 8, len(key), 64, 8
+                    part["l5"], part["dims"] = 4 + 4 * dims, dims
+                    part["id"], part["doc"] = ids[first:first + len(part), 0], ids[first:first + len(part), 1]
+                    part["c"], part["m"], part["v"] = key, DIGEST.encode(), vectors[first:first + len(part)]
+                    copy.write(part.tobytes())
+                copy.write(b"\xff\xff")
+            print(f"  vectors copied, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            cur.execute("SET maintenance_work_mem = '4GB'")
+            cur.execute(cv.hnsw_ddl(COLLECTION, DIGEST, dims))
+            cur.execute("ANALYZE")
+        conn.commit()
+    finally:
+        raw.close()
     return time.perf_counter() - started
 
 
@@ -239,7 +308,7 @@ def timed(fn: Callable[[], Any], runs: int, quiet: float) -> tuple[float, float,
 def measure(label: str, url: str, args: argparse.Namespace) -> tuple[list[list[Any]], list[list[Any]]]:
     sessions = sessionmaker(engine_for(url), expire_on_commit=False)
     vectors, query_vectors = corpus(args.vectors, args.chunks if label != "pgvector" else args.pgvector)
-    seconds = fill(sessions, vectors, args.words)
+    seconds = fill_bulk(url, vectors, args.words) if args.bulk else fill(sessions, vectors, args.words)
     with sessions() as session:
         layout = cv._layout(session)
         ids = np.array(list(session.scalars(text("SELECT id FROM collection_chunks ORDER BY id"))), dtype=np.int64)
@@ -302,6 +371,8 @@ def main() -> None:
     parser.add_argument("--rescore", default="", help="candidate counts whose recall@10 to measure, e.g. 400,1000")
     parser.add_argument("--database-url", help="a PostgreSQL of its own (emptied first) instead of SQLite")
     parser.add_argument("--pgvector", type=int, default=0, help="chunks on a private pgvector server (0: skip)")
+    parser.add_argument("--bulk", action="store_true",
+                        help="pgvector only: fill by COPY, then build the HNSW index once (for a million chunks)")
     parser.add_argument("--baseline", action="store_true", help="also time the exact scan of collection_chunks")
     parser.add_argument("--mmap-off", action="store_true", help="also time SQLite without its memory map")
     parser.add_argument("--block", type=int, default=cv.BLOCK, help="entries per block row")
