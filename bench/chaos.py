@@ -54,14 +54,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.chaos_audit import Audit, audit
-from bench.chaos_cluster import ChaosCluster, base_settings
+from bench.chaos_cluster import HOSTS, ChaosCluster, base_settings
 from bench.chaos_faults import FAULTS, Faults
 from bench.chaos_ledger import FaultEvent, Ledger
 from bench.chaos_load import CHAT_TIMEOUT, Load
 from bench.chaos_logs import errors, keep_postgres_log, tracebacks
 from bench.chaos_watch import SAMPLE_EVERY, Watch
 from bench.common import print_table
-from harness.cluster import HOSTS, missing
+from harness.cluster import missing
 from harness.netns import Network, can_make_namespaces
 from harness.stack import wait_for
 

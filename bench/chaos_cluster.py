@@ -1,20 +1,18 @@
-"""The chaos soak's deployment (bench/chaos.py): :mod:`harness.cluster`'s hosts, Redis behind Sentinels, and the
-result-write audit trigger in its database.
+"""The chaos soak's deployment (bench/chaos.py): :mod:`harness.cluster`'s hosts with Redis behind Sentinels, and
+the result-write audit trigger in its database.
 
-Why a subclass of its own: the soak fails Redis over, which needs a primary, a replica and three Sentinels on
-``db`` and every process's ``REDIS_URL`` naming the Sentinels (``redis+sentinel://``); ``Cluster`` starts one
-plain ``redis-server``.  When ``harness.cluster`` grows a Sentinel option of its own, :class:`ChaosCluster` keeps
-only the trigger.
-
-The trigger (:data:`AUDIT_DDL`) logs every transition of an item into ``succeeded`` or ``failed`` (a result
-written: the worker's conditional write, jobs/transitions.py ``write_result``) into ``chaos_result_writes``, so an
-item whose result was written twice is seen by the audit (bench/chaos_audit.py) even if the second write
-overwrote the first.  It lives in the database, so it survives the soak's PostgreSQL restarts.
+Why a subclass still: ``Cluster(with_sentinel=True)`` gives the Sentinel-managed primary and replica the soak
+fails over, and every process's ``REDIS_URL`` names the three Sentinels; what the soak adds is its audit.  The
+trigger (:data:`AUDIT_DDL`) logs every transition of an item into ``succeeded`` or ``failed`` (a result written:
+the worker's conditional write, jobs/transitions.py ``write_result``) into ``chaos_result_writes``, so an item
+whose result was written twice is seen by the audit (bench/chaos_audit.py) even if the second write overwrote the
+first.  It lives in the database, so it survives the soak's PostgreSQL restarts.  And PostgreSQL's statement log,
+which the fault tests read, is turned off: over a soak's tens of thousands of writes it would fill the disk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -22,12 +20,12 @@ from sqlalchemy import create_engine, text
 from corral.modelstore.catalog import ensure_defaults
 from corral.modelstore.store import ModelStore
 from corral.settings import Settings
-from harness.cluster import LOG_SETTINGS, Cluster, _schema_of_pgoptions
-from harness.processes import free_port, redis_reachable
+from harness.cluster import Cluster
+from harness.processes import free_port
 from harness.redis_sentinel import SentinelCluster
-from harness.stack import fresh_database, wait_for
 
 GPUS = ("gpu-1", "gpu-2")
+HOSTS = ("db", "api-a", *GPUS)  # the soak's hosts: harness.cluster's but api-b, which it does not start
 TTL = 2.0  # heartbeat_ttl: as the multi-host tests
 CHUNK = 8  # items per chunk
 QUEUE_TIMEOUT = 120.0  # an interactive request waits this long for a worker, then a 503 (the default: 600)
@@ -54,50 +52,33 @@ CREATE TRIGGER chaos_result_insert AFTER INSERT ON job_items FOR EACH ROW
 
 @dataclass
 class ChaosCluster(Cluster):
-    """:class:`harness.cluster.Cluster` with Redis on ``db`` as a Sentinel-managed primary and replica (the
-    processes' ``REDIS_URL`` names the three Sentinels), and the result-write audit trigger in its database."""
+    """:class:`harness.cluster.Cluster` with Redis on ``db`` as a Sentinel-managed primary and replica, the
+    result-write audit trigger in its database and no statement log."""
 
-    sentinel: SentinelCluster = field(init=False)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        db = self.host("db")
-        self.sentinel = SentinelCluster(self.root / "redis", db.ip, prefix=db.prefix)
-
-    @property
-    def redis_url(self) -> str:
-        return self.sentinel.url()
+    with_sentinel: bool = True
 
     def __enter__(self) -> ChaosCluster:
         super().__enter__()
         return self
 
+    @property
+    def redis(self) -> SentinelCluster:
+        """Redis's servers and Sentinels on ``db`` (the failover fault's and the process watch's)."""
+        assert self.sentinel is not None, "a ChaosCluster's Redis is always the Sentinels'"
+        return self.sentinel
+
     def _start_db(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.sentinel.start()
-        self.postgres.init()
-        with open(self.postgres.data_dir / "postgresql.conf", "a") as conf:
-            # the statement log of the fault tests would fill the disk in a soak: connections and errors only
-            conf.write(LOG_SETTINGS.replace("log_statement = 'mod'", "log_statement = 'none'"))
-        with open(self.postgres.data_dir / "pg_hba.conf", "a") as hba:
-            hba.write(f"host all all {self.network.subnet} trust\n")
-        self.postgres.start()
-        self.postgres.create_database("corral")
-        wait_for(lambda: redis_reachable(self.redis_url, timeout=0.5), 20, "Redis (Sentinels) on db")
-        _schema_of_pgoptions(self.settings.database)
-        fresh_database(self.settings)
+        super()._start_db()
         engine = create_engine(self.settings.database)
         try:
             with engine.begin() as conn:
                 conn.execute(text(AUDIT_DDL))
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                # ALTER SYSTEM (postgresql.auto.conf): it outlives the soak's restarts of the server
+                conn.execute(text("ALTER SYSTEM SET log_statement = 'none'"))
+                conn.execute(text("SELECT pg_reload_conf()"))
         finally:
             engine.dispose()
-
-    def close(self) -> None:
-        try:
-            super().close()
-        finally:
-            self.sentinel.stop()
 
 
 def base_settings(root: Path) -> Settings:

@@ -38,9 +38,9 @@ from collections.abc import Callable
 import httpx
 from sqlalchemy import text
 
-from bench.chaos_cluster import GPUS, TTL, ChaosCluster
+from bench.chaos_cluster import GPUS, HOSTS, TTL, ChaosCluster
 from bench.chaos_ledger import FaultEvent, Ledger
-from harness.cluster import HOSTS, Worker
+from harness.cluster import Worker
 from harness.stack import wait_for
 
 log = logging.getLogger("bench.chaos")
@@ -162,7 +162,7 @@ class Faults:
     # -- the db host -------------------------------------------------------------------------------------------
 
     def redis_failover(self, _host: str, event: FaultEvent) -> None:
-        sentinel = self.cluster.sentinel
+        sentinel = self.cluster.redis
         old = sentinel.kill_primary()
         new, promoted = sentinel.wait_promoted(old, timeout=60)
         event.hold = self._hold(2, 8)

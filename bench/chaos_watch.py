@@ -161,7 +161,7 @@ class Watch:
             worker = self.cluster.workers.get(host)
             if worker and worker.proc.proc.poll() is None:
                 found[f"{host}: corral worker"] = [worker.proc.proc.pid, *children(worker.proc.proc.pid)]
-        for node in [*self.cluster.sentinel.servers, *self.cluster.sentinel.sentinels]:
+        for node in [*self.cluster.redis.servers, *self.cluster.redis.sentinels]:
             pid = node.pid()
             if pid is not None:
                 found[f"db: {node.name}"] = [pid]
