@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,14 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from click.testing import CliRunner, Result
+from sqlalchemy import func, select
 
 from cli.main import main
 from corral.modelstore.store import CONFIG_MEDIA_TYPE, MANIFEST_MEDIA_TYPE, MODEL_MEDIA_TYPE
 from corral.redis_connection import redis_client
 from corral.settings import Settings
+from harness.cluster import missing
+from harness.netns import can_make_namespaces
 from harness.processes import free_port
 from harness.stack import Stack, fresh_database, wait_for
+from jobs.db import sessions
+from jobs.models import Chunk, ChunkState, Item, ItemState
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -311,3 +318,67 @@ CHATML_TEMPLATE = """{{- if .Messages }}
 {{ .Prompt }}<|im_end|>
 {{ end }}<|im_start|>assistant
 {{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
+
+
+# -- fault tests: a job through a fault, then the audit ---------------------------------------------------------
+# Shared by the multi-host tests (harness/cluster.py) and those on loopback: the same job, the same audit.
+
+AUDIT_AFTER = 48  # the audit's new job: six chunks of eight, enough for two workers
+
+
+def require_namespaces() -> None:
+    """Skip the calling test, with the reason, where a multi-host cluster cannot be made (not root, no iproute2,
+    no Redis or PostgreSQL); CI sets ``CORRAL_NETNS_REQUIRED=1`` (.ci/run), and there it fails instead."""
+    ok, why = can_make_namespaces()
+    if ok and missing() is not None:
+        ok, why = False, str(missing())
+    if not ok:
+        if os.environ.get("CORRAL_NETNS_REQUIRED") == "1":  # .ci/run: the fault tests must run there
+            pytest.fail(f"CORRAL_NETNS_REQUIRED=1 but the multi-host tests cannot run: {why}")
+        pytest.skip(f"the multi-host tests need network namespaces, Redis and PostgreSQL: {why}")
+
+
+def submit_job(base_url: str, count: int, tag: str, num_predict: int = 6) -> str:
+    """A generate job of ``count`` items (``<tag>-<i>``), short answers; its id."""
+    body = [{"custom_id": f"{tag}-{i}", "prompt": f"Count to {i}."} for i in range(count)]
+    return str(submit(base_url, kind="generate", items=body, options={"num_predict": num_predict, "temperature": 0})["id"])
+
+
+def chunks_of(settings: Settings, job_id: str) -> list[Chunk]:
+    with sessions(settings)() as session:
+        return list(session.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq)))
+
+
+def listed_workers(base_url: str) -> set[str]:
+    """The workers the API lists as live (``/api/queue``, the console's queue page)."""
+    r = httpx.get(base_url + "/api/queue", timeout=30)
+    assert r.status_code == 200, r.text
+    return {str(w["name"]) for w in r.json()["workers"]}
+
+
+def audit(base_url: str, settings: Settings, job_id: str, count: int, tag: str, after: int = AUDIT_AFTER) -> Counter[str]:
+    """The job (``count`` items of :func:`submit_job`) completed with exactly one result per item, none failed,
+    nothing left running anywhere, and a new job of ``after`` items runs to its end; the new job's chunks per
+    worker."""
+    job = wait_done(base_url, job_id, timeout=240)
+    assert job["status"] == "completed", job
+    assert job["counts"] == {"total": count, "pending": 0, "running": 0, "succeeded": count, "failed": 0,
+                             "cancelled": 0}, job
+    lines = results(base_url, job_id)
+    assert [line["custom_id"] for line in lines] == [f"{tag}-{i}" for i in range(count)]  # each once, in order
+    assert all(line["state"] == "succeeded" and line["response"]["eval_count"] > 0 for line in lines)
+    with sessions(settings)() as session:
+        open_chunks = session.scalars(select(Chunk.id).where(Chunk.state != ChunkState.DONE)).all()
+        open_items = session.scalars(select(Item.id).where(Item.state.in_((ItemState.PENDING, ItemState.RUNNING)))).all()
+        unsettled = session.scalars(select(Item.id).where(Item.job_id == job_id, Item.claim.is_not(None))).all()
+        reruns = session.scalar(select(func.count()).select_from(Item).where(Item.job_id == job_id, Item.attempts > 1))
+    assert (list(open_chunks), list(open_items), list(unsettled)) == ([], [], [])
+    new = submit_job(base_url, after, "after")
+    started = time.monotonic()
+    done = wait_done(base_url, new, timeout=120)
+    assert done["status"] == "completed" and done["counts"]["succeeded"] == after, done
+    assert [line["custom_id"] for line in results(base_url, new)] == [f"after-{i}" for i in range(after)]
+    print(f"audit: {reruns} item(s) ran more than once (one result each); a new job of {after} items ran in "
+          f"{time.monotonic() - started:.1f} s")
+    return Counter(str(chunk.worker) for chunk in chunks_of(settings, new))
+

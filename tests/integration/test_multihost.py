@@ -21,29 +21,25 @@ import os
 import re
 import signal
 import time
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-import httpx
 import pytest
 from sqlalchemy import func, select, text
 
-from harness.cluster import HOSTS, POSTGRES_PORT, Cluster, missing
-from harness.netns import Network, can_make_namespaces
+from harness.cluster import HOSTS, POSTGRES_PORT, Cluster
+from harness.netns import Network
 from harness.stack import wait_for
 from harness.tcp_proxy import TcpProxy
 from jobs.db import sessions
 from jobs.models import Chunk, ChunkState, Item, ItemState
-from tests.helpers import make_settings, results, submit, wait_done
+from tests.helpers import audit, chunks_of, listed_workers, make_settings, require_namespaces, submit_job, wait_done
 
 pytestmark = pytest.mark.slow
 ITEMS = 240  # a few hundred: about 25 s of work for both workers on two CPU cores (measured in each test)
 CHUNK = 8  # items per chunk: long enough (~2 s) to be caught mid-chunk
-NUM_PREDICT = 6
-AFTER = 6 * CHUNK  # the audit's new job: chunks enough for both workers
 WARM = 3 * CHUNK  # items done before a fault strikes: both workers have their model loaded and run chunks
 TTL = 2.0  # heartbeat_ttl: a worker unheard of for this long is taken for dead
 # Seconds from a fault to its chunks' re-queue by the surviving worker's reconciler: the TTL, then a sweep
@@ -64,13 +60,7 @@ LOST_IN_TRANSACTION_BOUND = 60.0
 def deployment(tmp_path: Path, models_dir: Path, slow_database: str | None = None) -> Iterator[tuple[Cluster, TcpProxy | None]]:
     """The deployment, its API and both workers up (``slow_database``: that host reaches PostgreSQL through a
     proxy that holds the answers :data:`SLOW_DB_MS`); everything removed on the way out, pass or fail."""
-    ok, why = can_make_namespaces()
-    if ok and missing() is not None:
-        ok, why = False, str(missing())
-    if not ok:
-        if os.environ.get("CORRAL_NETNS_REQUIRED") == "1":  # .ci/run: the fault tests must run there
-            pytest.fail(f"CORRAL_NETNS_REQUIRED=1 but the multi-host tests cannot run: {why}")
-        pytest.skip(f"the multi-host tests need network namespaces, Redis and PostgreSQL: {why}")
+    require_namespaces()
     base = make_settings(tmp_path / "home", None, models_dir, heartbeat_ttl=TTL, reconcile_interval=1.0,
                          chunk_size=CHUNK, queue_timeout=120.0)
     network = Network(HOSTS)
@@ -93,20 +83,9 @@ def cluster(tmp_path: Path, models_dir: Path) -> Iterator[Cluster]:
         yield deployed
 
 
-def submit_job(cluster: Cluster, count: int, tag: str) -> str:
-    body = [{"custom_id": f"{tag}-{i}", "prompt": f"Count to {i}."} for i in range(count)]
-    return str(submit(cluster.api_url, kind="generate", items=body,
-                      options={"num_predict": NUM_PREDICT, "temperature": 0})["id"])
-
-
 def utc() -> datetime:
     """Now, as the database's times read (UTC)."""
     return datetime.now(timezone.utc)
-
-
-def chunks_of(cluster: Cluster, job_id: str) -> list[Chunk]:
-    with sessions(cluster.settings)() as session:
-        return list(session.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq)))
 
 
 def items_of(cluster: Cluster, chunk_ids: set[str]) -> dict[int, tuple[str, str | None, object, datetime | None]]:
@@ -115,13 +94,6 @@ def items_of(cluster: Cluster, chunk_ids: set[str]) -> dict[int, tuple[str, str 
         rows = session.execute(select(Item.id, Item.state, Item.claim, Item.output, Item.finished_at)
                                .where(Item.chunk_id.in_(chunk_ids)))
         return {row.id: (row.state, row.claim, row.output, row.finished_at) for row in rows}
-
-
-def listed_workers(cluster: Cluster) -> set[str]:
-    """The workers the API lists as live (``/api/queue``, the console's queue page)."""
-    r = httpx.get(cluster.api_url + "/api/queue", timeout=30)
-    assert r.status_code == 200, r.text
-    return {str(w["name"]) for w in r.json()["workers"]}
 
 
 def items_done(cluster: Cluster, job_id: str) -> list[int]:
@@ -161,30 +133,6 @@ def result_writes(cluster: Cluster, host: str, since: datetime) -> list[tuple[in
     return found
 
 
-def audit(cluster: Cluster, job_id: str, count: int, tag: str) -> Counter[str]:
-    """The job completed with exactly one result per item, nothing left running anywhere, and a new job runs to
-    its end; the new job's chunks per worker."""
-    job = wait_done(cluster.api_url, job_id, timeout=240)
-    assert job["status"] == "completed", job
-    assert job["counts"] == {"total": count, "pending": 0, "running": 0, "succeeded": count, "failed": 0,
-                             "cancelled": 0}, job
-    lines = results(cluster.api_url, job_id)
-    assert [line["custom_id"] for line in lines] == [f"{tag}-{i}" for i in range(count)]  # each once, in order
-    assert all(line["state"] == "succeeded" and line["response"]["eval_count"] > 0 for line in lines)
-    with sessions(cluster.settings)() as session:
-        open_chunks = session.scalars(select(Chunk.id).where(Chunk.state != ChunkState.DONE)).all()
-        open_items = session.scalars(select(Item.id).where(Item.state.in_((ItemState.PENDING, ItemState.RUNNING)))).all()
-        unsettled = session.scalars(select(Item.id).where(Item.job_id == job_id, Item.claim.is_not(None))).all()
-    assert (list(open_chunks), list(open_items), list(unsettled)) == ([], [], [])
-    after = submit_job(cluster, AFTER, "after")
-    started = time.monotonic()
-    done = wait_done(cluster.api_url, after, timeout=120)
-    assert done["status"] == "completed" and done["counts"]["succeeded"] == AFTER, done
-    assert [line["custom_id"] for line in results(cluster.api_url, after)] == [f"after-{i}" for i in range(AFTER)]
-    print(f"audit: a new job of {AFTER} items ran in {time.monotonic() - started:.1f} s")
-    return Counter(str(chunk.worker) for chunk in chunks_of(cluster, after))
-
-
 def test_partition_of_a_worker_from_the_database_host(cluster: Cluster) -> None:
     """``gpu-1`` cut off from ``db`` (PostgreSQL and Redis) mid-chunk for longer than the heartbeat TTL: its
     chunks are re-queued and finished by ``gpu-2``; once the link heals its late result writes reach PostgreSQL
@@ -192,13 +140,14 @@ def test_partition_of_a_worker_from_the_database_host(cluster: Cluster) -> None:
     work again, the same process throughout."""
     one, two = cluster.workers["gpu-1"], cluster.workers["gpu-2"]
     submitted = time.monotonic()
-    job_id = submit_job(cluster, ITEMS, "item")
+    job_id = submit_job(cluster.api_url, ITEMS, "item")
     wait_for(lambda: mid_chunk(cluster, job_id, one.name), 90, "gpu-1 to be mid-chunk", interval=0.05)
 
     cluster.network.cut("gpu-1", "db")
     cut_at, cut_utc = time.monotonic(), utc()
     time.sleep(0.3)  # whatever gpu-1 had on the wire has landed; from now on it can change nothing
-    caught = {c.id: c.attempt for c in chunks_of(cluster, job_id) if c.worker == one.name and c.state == ChunkState.RUNNING}
+    caught = {c.id: c.attempt for c in chunks_of(cluster.settings, job_id)
+              if c.worker == one.name and c.state == ChunkState.RUNNING}
     before = items_of(cluster, set(caught))
     unfinished = {item for item, (state, *_) in before.items() if state == ItemState.RUNNING}  # being decoded
     done_at_cut = len(items_done(cluster, job_id))
@@ -207,16 +156,16 @@ def test_partition_of_a_worker_from_the_database_host(cluster: Cluster) -> None:
 
     wait_for(lambda: not one.beating(), TTL + 5, "gpu-1's heartbeat to lapse")
     lapsed = time.monotonic() - cut_at
-    assert listed_workers(cluster) == {two.name}  # the API sees gpu-1 gone
+    assert listed_workers(cluster.api_url) == {two.name}  # the API sees gpu-1 gone
 
     def requeued() -> bool:  # by gpu-2's reconciler: back in the queue (or claimed by gpu-2 already)
-        return all(c.worker != one.name for c in chunks_of(cluster, job_id) if c.id in caught)
+        return all(c.worker != one.name for c in chunks_of(cluster.settings, job_id) if c.id in caught)
 
     wait_for(requeued, REQUEUE_BOUND, "gpu-1's chunks to be re-queued", interval=0.1)
     requeued_in = time.monotonic() - cut_at
 
     def finished_by_two() -> bool:
-        rows = [c for c in chunks_of(cluster, job_id) if c.id in caught]
+        rows = [c for c in chunks_of(cluster.settings, job_id) if c.id in caught]
         return all(c.state == ChunkState.DONE and c.worker == two.name for c in rows)
 
     wait_for(finished_by_two, 90, "gpu-2 to finish gpu-1's chunks", interval=0.2)
@@ -234,7 +183,7 @@ def test_partition_of_a_worker_from_the_database_host(cluster: Cluster) -> None:
           f"{done_at_cut} of {ITEMS} items were done at the cut")
     wait_for(one.beating, REJOIN_BOUND, "gpu-1 to beat again after the heal", interval=0.1)
     rejoined = time.monotonic() - healed_at
-    assert listed_workers(cluster) == {one.name, two.name}  # and back, the same process
+    assert listed_workers(cluster.api_url) == {one.name, two.name}  # and back, the same process
 
     def late_writes() -> list[tuple[int, str]]:
         """(item, claim) of each result write gpu-1 sent after the heal under one of its lost claims."""
@@ -246,7 +195,7 @@ def test_partition_of_a_worker_from_the_database_host(cluster: Cluster) -> None:
 
     def took_work() -> bool:
         return any(c.worker == one.name and c.started_at is not None and c.started_at > heal_utc
-                   for c in chunks_of(cluster, job_id))
+                   for c in chunks_of(cluster.settings, job_id))
 
     wait_for(took_work, REJOIN_BOUND, "gpu-1 to take a chunk after the heal", interval=0.2)
     working = time.monotonic() - healed_at
@@ -258,7 +207,7 @@ def test_partition_of_a_worker_from_the_database_host(cluster: Cluster) -> None:
     by_two = {item: at for item, (*_, at) in written.items() if item in unfinished}
     assert all(at is not None and cut_utc < at < heal_utc for at in by_two.values()), (cut_utc, heal_utc, by_two)
 
-    workers = audit(cluster, job_id, ITEMS, "item")
+    workers = audit(cluster.api_url, cluster.settings, job_id, ITEMS, "item")
     print(f"job of {ITEMS} items: {time.monotonic() - submitted:.1f} s from submission to the audit's end; "
           f"the new job's chunks per worker: {dict(workers)}")
     assert workers[one.name] > 0 and workers[two.name] > 0, workers  # both serve
@@ -271,28 +220,28 @@ def test_lost_host(cluster: Cluster) -> None:
     ``gpu-1``; ``gpu-2``'s worker, started again with the same command, comes back and serves."""
     one, two = cluster.workers["gpu-1"], cluster.workers["gpu-2"]
     submitted = time.monotonic()
-    job_id = submit_job(cluster, ITEMS, "item")
+    job_id = submit_job(cluster.api_url, ITEMS, "item")
     wait_for(lambda: mid_chunk(cluster, job_id, two.name), 90, "gpu-2 to be mid-chunk", interval=0.05)
 
     killed = cluster.host("gpu-2").kill_all()
     killed_at, killed_utc = time.monotonic(), utc()
     assert two.proc.proc.pid in killed and two.proc.stopped(10) == -9
-    lost = {c.id for c in chunks_of(cluster, job_id) if c.worker == two.name and c.state == ChunkState.RUNNING}
+    lost = {c.id for c in chunks_of(cluster.settings, job_id) if c.worker == two.name and c.state == ChunkState.RUNNING}
     lost_items = items_of(cluster, lost)
     assert lost and any(state == ItemState.RUNNING for state, *_ in lost_items.values()), "the kill must land mid-chunk"
     assert cluster.host("gpu-2").pids() == []
 
     def requeued() -> bool:
-        return all(c.worker != two.name for c in chunks_of(cluster, job_id) if c.id in lost)
+        return all(c.worker != two.name for c in chunks_of(cluster.settings, job_id) if c.id in lost)
 
     wait_for(requeued, REQUEUE_BOUND, "gpu-2's chunks to be re-queued", interval=0.1)
     requeued_in = time.monotonic() - killed_at
-    assert listed_workers(cluster) == {one.name}
+    assert listed_workers(cluster.api_url) == {one.name}
     job = wait_done(cluster.api_url, job_id, timeout=240)
     finished = time.monotonic() - killed_at
     assert job["status"] == "completed", job
-    assert all(c.worker == one.name and c.state == ChunkState.DONE for c in chunks_of(cluster, job_id) if c.id in lost)
-    late = [c.id for c in chunks_of(cluster, job_id)
+    assert all(c.worker == one.name and c.state == ChunkState.DONE for c in chunks_of(cluster.settings, job_id) if c.id in lost)
+    late = [c.id for c in chunks_of(cluster.settings, job_id)
             if c.started_at is not None and c.started_at > killed_utc and c.worker != one.name]
     assert late == [], "after the kill only gpu-1 runs the job's chunks"
     print(f"\nlost host: {len(killed)} process(es) on gpu-2 killed; its {len(lost)} chunk(s) were re-queued in "
@@ -302,8 +251,8 @@ def test_lost_host(cluster: Cluster) -> None:
     back = cluster.start_worker("gpu-2")
     print(f"gpu-2 back (as {back.name}) in {time.monotonic() - restarted:.1f} s")
     assert back.name != two.name and not two.beating()
-    assert listed_workers(cluster) == {one.name, back.name}  # the dead one is not listed, the new one is
-    workers = audit(cluster, job_id, ITEMS, "item")
+    assert listed_workers(cluster.api_url) == {one.name, back.name}  # the dead one is not listed, the new one is
+    workers = audit(cluster.api_url, cluster.settings, job_id, ITEMS, "item")
     print(f"job of {ITEMS} items: {time.monotonic() - submitted:.1f} s from submission to the audit's end; "
           f"the new job's chunks per worker: {dict(workers)}")
     assert workers[back.name] > 0 and workers[one.name] > 0, workers  # gpu-2 serves again, beside gpu-1
@@ -339,7 +288,7 @@ def test_host_lost_inside_a_transaction(slow_db_cluster: tuple[Cluster, TcpProxy
     it is frozen (SIGSTOP) the moment one is, so its COMMIT is not on its way when the network goes."""
     cluster, proxy = slow_db_cluster
     one, two = cluster.workers["gpu-1"], cluster.workers["gpu-2"]
-    job_id = submit_job(cluster, ITEMS, "item")
+    job_id = submit_job(cluster.api_url, ITEMS, "item")
     wait_for(lambda: len(items_done(cluster, job_id)) >= WARM, 90, "the job to be under way")
     for _ in range(20):
         wait_for(lambda: holds_item_rows(cluster, "gpu-1"), 60, "gpu-1 inside a transaction", interval=0.005)
@@ -353,15 +302,16 @@ def test_host_lost_inside_a_transaction(slow_db_cluster: tuple[Cluster, TcpProxy
     cluster.network.isolate("gpu-1")
     cluster.host("gpu-1").kill_all()
     lost_at = time.monotonic()
-    lost = {c.id for c in chunks_of(cluster, job_id) if c.worker == one.name and c.state == ChunkState.RUNNING}
+    lost = {c.id for c in chunks_of(cluster.settings, job_id) if c.worker == one.name and c.state == ChunkState.RUNNING}
     assert lost and holds_item_rows(cluster, "gpu-1"), "the loss must land inside the transaction"
 
     def finished_by_two() -> bool:
-        return all(c.state == ChunkState.DONE and c.worker == two.name for c in chunks_of(cluster, job_id) if c.id in lost)
+        return all(c.state == ChunkState.DONE and c.worker == two.name
+                   for c in chunks_of(cluster.settings, job_id) if c.id in lost)
 
     wait_for(finished_by_two, LOST_IN_TRANSACTION_BOUND, "gpu-2 to finish the chunks of gpu-1", interval=0.5)
     print(f"\nlost inside a transaction: gpu-1's {len(lost)} chunk(s) finished by gpu-2 "
           f"{time.monotonic() - lost_at:.1f} s after the loss")
     assert not holds_item_rows(cluster, "gpu-1")
-    workers = audit(cluster, job_id, ITEMS, "item")
+    workers = audit(cluster.api_url, cluster.settings, job_id, ITEMS, "item")
     assert workers[two.name] > 0 and two.proc.proc.poll() is None
