@@ -77,15 +77,17 @@ def write_corpus(root: Path, documents: int, words: int, vocab: list[str], seed:
     return paths
 
 
-def api_rss_kib(stack: Stack) -> int:
-    """Resident memory of the API server: its gunicorn master and workers together."""
+def api_rss_kib(stack: Stack, field: str = "VmRSS") -> int:
+    """Resident memory of the API server: its gunicorn master and workers together.  ``field``: a line of
+    /proc/<pid>/status, ``VmRSS`` (all), ``RssAnon`` (its own heap and stacks) or ``RssFile`` (mapped files:
+    SQLite's memory-mapped database among them, pages the kernel can drop and other processes share)."""
     api = next(p for p in stack.procs if "serve" in " ".join(map(str, p.proc.args)))
     pids, total = [api.proc.pid], 0
     while pids:
         pid = pids.pop()
         try:
             status = Path(f"/proc/{pid}/status").read_text()
-            total += int(re.search(r"VmRSS:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+            total += int(re.search(rf"{field}:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
             for task in Path(f"/proc/{pid}/task").iterdir():
                 pids.extend(int(c) for c in (task / "children").read_text().split())
         except (OSError, AttributeError):
