@@ -46,13 +46,13 @@ from corral.wire.openai import (
 from corral.wire.openai_responses import batch_body
 from corral.wire.openai_responses_output import job_response
 from corral.wire.rerank import rerank_reply
-from jobs.db import read_after_commit, sessions
+from jobs.db import poll, read_after_commit, sessions
 from jobs.files import FileStore, cursor_page, epoch, new_file_id
 from jobs.ids import openai_id
 from jobs.ingest import MAX_LINE_BYTES
 from jobs.models import Item, ItemState, Job, JobStatus, StoredFile, utcnow
 from jobs.readstates import reads_as, stored_states
-from jobs.service import JobService, item_counts
+from jobs.service import Counts, JobService, item_counts, read_status
 
 if TYPE_CHECKING:
     from jobs.keys import Principal
@@ -147,6 +147,11 @@ def _native_body(endpoint: str, body: dict[str, Any]) -> tuple[str, dict[str, An
     if emb.dimensions:
         native["dimensions"] = emb.dimensions
     return emb.model, native
+
+
+class _FilesToMake(Exception):
+    """A poll met an ended batch whose result files are still to be made: a write, which :meth:`BatchService.get`
+    does in a session."""
 
 
 @dataclass
@@ -269,14 +274,28 @@ class BatchService:
     # -- reading ----------------------------------------------------------------------------------------
 
     def _job(self, session: Session, ident: str, owner: str | None) -> Job:
-        job = session.get(Job, ident)
+        return self._owned(session.get(Job, ident), ident, owner)
+
+    @staticmethod
+    def _owned(job: Job | None, ident: str, owner: str | None) -> Job:
         if job is None or "openai_batch" not in (job.meta or {}) or (owner is not None and job.owner != owner):
             raise NotFound(f"No batch found with id '{ident}'.", param="batch_id")
         return job
 
     def get(self, ident: str, owner: str | None = None) -> dict[str, Any]:
-        with self._session() as session:
-            return self._view(session, self._job(session, ident, owner))
+        """A status poll, read as a job's is (:meth:`JobService.get`): the job and its counts in one statement
+        through :func:`jobs.db.poll`, and an ended batch's result files in a second.  The first view of an ended
+        batch makes those files, a write, so that one view is read again in a session."""
+        try:
+            return poll(self.jobs.settings, lambda session: self._polled(session, ident, owner))
+        except _FilesToMake:
+            with self._session() as session:
+                return self._view(session, self._job(session, ident, owner))
+
+    def _polled(self, session: Session, ident: str, owner: str | None) -> dict[str, Any]:
+        read = read_status(session, ident)
+        job = self._owned(read.job if read else None, ident, owner)
+        return self._view(session, job, read.counts() if read else None, make_files=False)
 
     def list(self, *, after: str | None = None, limit: int = 20, owner: str | None = None) -> dict[str, Any]:
         limit = max(1, min(limit, 100))
@@ -299,9 +318,12 @@ class BatchService:
         self.jobs.cancel(ident, owner)
         return self.get(ident, owner)
 
-    def _view(self, session: Session, job: Job) -> dict[str, Any]:
+    def _view(self, session: Session, job: Job, counts_and_tokens: Counts | None = None, *,
+              make_files: bool = True) -> dict[str, Any]:
+        """The batch as OpenAI shows it, from its counts (read here unless given); ``make_files``: an ended batch's
+        missing result files are made here (else :class:`_FilesToMake` is raised)."""
         info = job.meta["openai_batch"]
-        counts, (prompt_tokens, completion_tokens) = item_counts(session, job.id, job.status)
+        counts, (prompt_tokens, completion_tokens) = counts_and_tokens or item_counts(session, job.id, job.status)
         status = dict.fromkeys(JobStatus.ACTIVE, "in_progress").get(job.status, job.status)
         if job.status == JobStatus.CANCELLED and counts[ItemState.RUNNING]:
             status = "cancelling"
@@ -310,7 +332,7 @@ class BatchService:
         ended = epoch(job.finished_at)
         output_id = error_id = None
         if status in ("completed", "cancelled", "expired"):
-            output_id, error_id = self._result_files(session, job, counts)
+            output_id, error_id = self._result_files(session, job, counts, make=make_files)
         errors = info.get("errors")
         return {
             "id": job.id,
@@ -343,14 +365,17 @@ class BatchService:
             },
         }
 
-    def _result_files(self, session: Session, job: Job, counts: dict[str, int]) -> tuple[str | None, str | None]:
+    def _result_files(self, session: Session, job: Job, counts: dict[str, int], *,
+                      make: bool = True) -> tuple[str | None, str | None]:
         """The ended batch's output and error file ids, made on first sight (a race between replicas is fine:
-        the unique (job_id, role) constraint keeps one)."""
+        the unique (job_id, role) constraint keeps one); ``make`` False: :class:`_FilesToMake` instead."""
         wanted = {"output": counts["succeeded"] > 0, "error": counts["failed"] + counts["cancelled"] > 0}
         rows = {r.role: r for r in session.scalars(select(StoredFile).where(StoredFile.job_id == job.id))}
         for role, needed in wanted.items():
             if not needed or role in rows:
                 continue
+            if not make:
+                raise _FilesToMake(job.id)
             size = sum(len(line) for line in self.render(job.id, role))
             row = StoredFile(id=new_file_id(), purpose="batch_output", owner=job.owner,
                              filename=f"{job.id}_{role}.jsonl", bytes=size, job_id=job.id, role=role)

@@ -32,10 +32,10 @@ from corral.modelstore.store import ModelName, ModelRecord, ModelStore
 from corral.timefmt import rfc3339
 from corral.wire.anthropic import BatchCreate, MessagesRequest, context_cap, parse
 from corral.wire.anthropic_reply import error_body, from_native_final
-from jobs.db import sessions
+from jobs.db import poll, sessions
 from jobs.ids import openai_id
 from jobs.models import Item, ItemState, Job, JobStatus, as_utc, utcnow
-from jobs.service import JobService
+from jobs.service import JobService, read_status
 
 if TYPE_CHECKING:
     from jobs.keys import Principal
@@ -136,14 +136,23 @@ class MessageBatches:
     # -- reading ----------------------------------------------------------------------------------------
 
     def _job(self, session: Session, ident: str, owner: str | None) -> Job:
-        job = session.get(Job, ident)
+        return self._owned(session.get(Job, ident), ident, owner)
+
+    @staticmethod
+    def _owned(job: Job | None, ident: str, owner: str | None) -> Job:
         if job is None or META not in (job.meta or {}) or (owner is not None and job.owner != owner):
             raise NotFound(f"message batch '{ident}' not found")
         return job
 
     def get(self, ident: str, owner: str | None, base_url: str) -> dict[str, Any]:
-        with self._session() as session:
-            return self._view(session, self._job(session, ident, owner), base_url)
+        """A status poll, read as a job's is (:meth:`JobService.get`): the job and its item states in one
+        statement through :func:`jobs.db.poll`, one round trip."""
+        return poll(self.jobs.settings, lambda session: self._polled(session, ident, owner, base_url))
+
+    def _polled(self, session: Session, ident: str, owner: str | None, base_url: str) -> dict[str, Any]:
+        read = read_status(session, ident)
+        job = self._owned(read.job if read else None, ident, owner)
+        return self._view(session, job, base_url, read.stored if read else None)
 
     def list(self, *, before_id: str | None, after_id: str | None, limit: int, owner: str | None,
              base_url: str) -> dict[str, Any]:
@@ -198,9 +207,10 @@ class MessageBatches:
         states = self._states(session, job.id) if states is None else states
         return "canceling" if job.status == JobStatus.CANCELLED and states.get(ItemState.RUNNING) else "ended"
 
-    def _view(self, session: Session, job: Job, base_url: str) -> dict[str, Any]:
+    def _view(self, session: Session, job: Job, base_url: str, states: dict[str, int] | None = None) -> dict[str, Any]:
+        """The batch as Anthropic shows it, from its items per stored state (read here unless given)."""
         info = job.meta[META]
-        states = self._states(session, job.id)
+        states = self._states(session, job.id) if states is None else states
         status = self._status(session, job, states)
         errored = len(info.get("errored") or [])
         counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}

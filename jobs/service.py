@@ -249,13 +249,10 @@ class JobService:
         return poll(self.settings, lambda session: self._polled(session, job_id, owner))
 
     def _polled(self, session: Session, job_id: str, owner: str | None) -> dict[str, Any]:
-        rows = session.execute(status_query(job_id)).all()
-        if not rows or (owner is not None and rows[0][0].owner != owner):
+        read = read_status(session, job_id)
+        if read is None or (owner is not None and read.job.owner != owner):
             raise NotFound(f"job '{job_id}' not found")
-        job, ahead = rows[0][0], rows[0][1]
-        counts = (tally((row[2:] for row in rows), job.status) if counted_exactly(job)
-                  else self._counts(session, job))
-        return self._view(session, job, counts, None if ahead is None else int(ahead))
+        return self._view(session, read.job, read.counts() or self._counts(session, read.job), read.queue_position)
 
     def list(self, *, status: str | None = None, limit: int = 20, offset: int = 0, owner: str | None = None) -> dict[str, Any]:
         if status is not None and status not in JobStatus.ALL:
@@ -540,7 +537,8 @@ def result_line(
 def item_counts(session: Session, job_id: str, job_status: str) -> Counts:
     """Items per state as read under a job of ``job_status`` (:mod:`jobs.readstates`), and (prompt, completion)
     token totals: the job's progress, computed from its rows."""
-    return tally(session.execute(_per_state(job_id)), job_status)
+    stored, tokens = _stored(session.execute(_per_state(job_id)))
+    return readstates.fold_counts(stored, job_status), tokens
 
 
 def _per_state(job_id: str, *conditions: Any) -> Select[str, int, int | None, int | None]:
@@ -549,9 +547,9 @@ def _per_state(job_id: str, *conditions: Any) -> Select[str, int, int | None, in
             .where(Item.job_id == job_id, *conditions).group_by(Item.state))
 
 
-def tally(rows: Iterable[Sequence[Any]], job_status: str) -> Counts:
+def _stored(rows: Iterable[Sequence[Any]]) -> tuple[dict[str, int], tuple[int, int]]:
     """:func:`_per_state`'s rows (state, count, prompt tokens, completion tokens; a state of None counts nothing)
-    folded into :data:`Counts`."""
+    as items per stored state and (prompt, completion) token totals."""
     stored: dict[str, int] = {}
     prompt = completion = 0
     for state, n, prompt_tokens, completion_tokens in rows:
@@ -559,7 +557,7 @@ def tally(rows: Iterable[Sequence[Any]], job_status: str) -> Counts:
             stored[state] = int(n)
             prompt += int(prompt_tokens or 0)
             completion += int(completion_tokens or 0)
-    return readstates.fold_counts(stored, job_status), (prompt, completion)
+    return stored, (prompt, completion)
 
 
 def counted_exactly(job: Job) -> bool:
@@ -579,6 +577,35 @@ def chunks_ahead(model_digest: Any, created_at: Any) -> Select[int]:
     older = aliased(Job)
     return (select(func.count()).select_from(Chunk).join(older, older.id == Chunk.job_id)
             .where(Chunk.model_digest == model_digest, Chunk.state != ChunkState.DONE, older.created_at < created_at))
+
+
+@dataclass(frozen=True)
+class StatusRead:
+    """What a status poll's one statement (:func:`status_query`) read of a job: the job's row, its place in the
+    queue (while it is queued), and its items per stored state with their token sums, or None for those where
+    :func:`counted_exactly` leaves them to a cache."""
+
+    job: Job
+    queue_position: int | None
+    stored: dict[str, int] | None
+    tokens: tuple[int, int]
+
+    def counts(self) -> Counts | None:
+        """The counts as read under the job's status (:func:`item_counts`'s form), if the statement counted."""
+        if self.stored is None:
+            return None
+        return readstates.fold_counts(self.stored, self.job.status), self.tokens
+
+
+def read_status(session: Session, job_id: str) -> StatusRead | None:
+    """:func:`status_query`, run; None when there is no such job.  The job routes of the three API families
+    poll through it (:meth:`JobService.get`, jobs/batches.py, jobs/message_batches.py)."""
+    rows = session.execute(status_query(job_id)).all()
+    if not rows:
+        return None
+    job, ahead = rows[0][0], rows[0][1]
+    stored, tokens = _stored(row[2:] for row in rows)
+    return StatusRead(job, None if ahead is None else int(ahead), stored if counted_exactly(job) else None, tokens)
 
 
 def status_query(job_id: str) -> Select[Job, int | None, str | None, int | None, int | None, int | None]:
