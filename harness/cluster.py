@@ -25,6 +25,7 @@ import importlib.util
 import os
 import re
 import shutil
+import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -235,8 +236,15 @@ class Cluster:
             for b in hosts:
                 if a < b and self.network.is_cut(a, b):
                     self.network.heal(a, b)
+        # Every host's processes signalled at once, then waited for: each takes a second or two to stop
+        # gracefully, which one host after another added up to about 6 s of a test's teardown.
+        running = [proc for stack in self.stacks.values() for proc in stack.procs if proc.proc.poll() is None]
+        for proc in running:
+            proc.proc.send_signal(signal.SIGTERM)
+        for proc in running:
+            proc.stopped()
         for stack in self.stacks.values():
-            stack.stop()
+            stack.stop()  # nothing runs any more: it lets go of its Redis client
         if self.redis_proc is not None:
             stop(self.redis_proc, "redis", timeout=10)
         if self.sentinel is not None:
