@@ -14,12 +14,27 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
 import redis
-from sqlalchemy import ColumnElement, Integer, Select, case, cast, exists, func, or_, select, text, true, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Integer,
+    Select,
+    bindparam,
+    case,
+    cast,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased
 
@@ -541,7 +556,7 @@ def item_counts(session: Session, job_id: str, job_status: str) -> Counts:
     return readstates.fold_counts(stored, job_status), tokens
 
 
-def _per_state(job_id: str, *conditions: Any) -> Select[str, int, int | None, int | None]:
+def _per_state(job_id: str | BindParameter[str], *conditions: Any) -> Select[str, int, int | None, int | None]:
     """The job's items per stored state, with their token sums: one pass over the covering index."""
     return (select(Item.state, func.count(), func.sum(Item.prompt_tokens), func.sum(Item.completion_tokens))
             .where(Item.job_id == job_id, *conditions).group_by(Item.state))
@@ -574,9 +589,11 @@ def _counted_exactly(job: Any) -> ColumnElement[bool]:
 def chunks_ahead(model_digest: Any, created_at: Any) -> Select[int]:
     """Chunks of older jobs for the same model still waiting or running: how much is ahead of a job of
     ``model_digest`` created at ``created_at`` (values, or the columns of an enclosing query's job)."""
-    older = aliased(Job)
-    return (select(func.count()).select_from(Chunk).join(older, older.id == Chunk.job_id)
-            .where(Chunk.model_digest == model_digest, Chunk.state != ChunkState.DONE, older.created_at < created_at))
+    return (select(func.count()).select_from(Chunk).join(_OLDER, _OLDER.id == Chunk.job_id)
+            .where(Chunk.model_digest == model_digest, Chunk.state != ChunkState.DONE, _OLDER.created_at < created_at))
+
+
+_OLDER = aliased(Job, name="older_jobs")  # made once: an alias adapts every column it is asked for
 
 
 @dataclass(frozen=True)
@@ -600,7 +617,7 @@ class StatusRead:
 def read_status(session: Session, job_id: str) -> StatusRead | None:
     """:func:`status_query`, run; None when there is no such job.  The job routes of the three API families
     poll through it (:meth:`JobService.get`, jobs/batches.py, jobs/message_batches.py)."""
-    rows = session.execute(status_query(job_id)).all()
+    rows = session.execute(status_query(), {"job_id": job_id}).all()
     if not rows:
         return None
     job, ahead = rows[0][0], rows[0][1]
@@ -608,13 +625,16 @@ def read_status(session: Session, job_id: str) -> StatusRead | None:
     return StatusRead(job, None if ahead is None else int(ahead), stored if counted_exactly(job) else None, tokens)
 
 
-def status_query(job_id: str) -> Select[Job, int | None, str | None, int | None, int | None, int | None]:
-    """A status poll's one statement: the job; its place in the queue while it is queued (:func:`chunks_ahead`,
+@cache
+def status_query() -> Select[Job, int | None, str | None, int | None, int | None, int | None]:
+    """A status poll's one statement, of the job its parameter ``job_id`` names (built once: building it costs
+    more than running it): the job; its place in the queue while it is queued (:func:`chunks_ahead`,
     else NULL); and its items per stored state with their token sums, one row per state (one row with a NULL
     state when it has none, or when :func:`counted_exactly` leaves its counts to Redis: the count is skipped in
     SQL too, a one-time filter).  One statement is one snapshot: the counts are those of the status beside them,
     which decides how they read (:func:`jobs.readstates.fold_counts`)."""
-    this = aliased(Job)
+    job_id: BindParameter[str] = bindparam("job_id")
+    this = aliased(Job, name="this_job")
     counted = _per_state(job_id, exists().where(this.id == job_id, _counted_exactly(this))).subquery()
     ahead = case((Job.status == JobStatus.QUEUED, chunks_ahead(Job.model_digest, Job.created_at).scalar_subquery()))
     return select(Job, ahead, *counted.c).outerjoin(counted, true()).where(Job.id == job_id)

@@ -306,8 +306,8 @@ def test_a_large_open_jobs_statement_leaves_its_counts_to_the_cache(settings: Se
         add_job(session, job_id, "running", ["succeeded", "pending"])
         session.get_one(Job, job_id).item_count = COUNTS_CACHED_FROM  # as if it had that many: the rule reads the row
         session.commit()
-        assert [row[2:] for row in session.execute(status_query(job_id))] == [(None, None, None, None)]
+        assert [row[2:] for row in session.execute(status_query(), {"job_id": job_id})] == [(None, None, None, None)]
         session.get_one(Job, job_id).status = "completed"
         session.commit()
-        counted = sorted(row[2:] for row in session.execute(status_query(job_id)))
+        counted = sorted(row[2:] for row in session.execute(status_query(), {"job_id": job_id}))
     assert counted == [("pending", 1, 3, None), ("succeeded", 1, 3, 5)]
