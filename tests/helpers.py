@@ -10,16 +10,20 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from click.testing import CliRunner, Result
 from sqlalchemy import func, select
 
@@ -30,6 +34,7 @@ from corral.settings import Settings
 from harness.cluster import missing
 from harness.netns import can_make_namespaces
 from harness.processes import free_port
+from harness.redis_sentinel import Node, SentinelCluster
 from harness.stack import Stack, fresh_database, wait_for
 from jobs.db import sessions
 from jobs.models import Chunk, ChunkState, Item, ItemState
@@ -324,6 +329,10 @@ CHATML_TEMPLATE = """{{- if .Messages }}
 # Shared by the multi-host tests (harness/cluster.py) and those on loopback: the same job, the same audit.
 
 AUDIT_AFTER = 48  # the audit's new job: six chunks of eight, enough for two workers
+# A generation that runs for tens of seconds (2000 tokens: about 25 s here), and the line a worker logs when it
+# stops one because its reader is gone (a cancel, or a lapsed lease: corral/protocol.py).
+LONG_GENERATE = {"model": MODEL, "prompt": "Write a very long story about a dragon.", "options": {"num_predict": 2000}}
+CANCELLED_BY_CLIENT = re.compile(r"request (\w+) cancelled by its client after (\d+) tokens")
 
 
 def require_namespaces() -> None:
@@ -347,6 +356,13 @@ def submit_job(base_url: str, count: int, tag: str, num_predict: int = 6) -> str
 def chunks_of(settings: Settings, job_id: str) -> list[Chunk]:
     with sessions(settings)() as session:
         return list(session.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq)))
+
+
+def item_states(settings: Settings, job_id: str) -> dict[str, int]:
+    """The job's items per stored state, from SQL (the truth)."""
+    with sessions(settings)() as session:
+        rows = session.execute(select(Item.state, func.count()).where(Item.job_id == job_id).group_by(Item.state))
+        return {state: n for state, n in rows}
 
 
 def listed_workers(base_url: str) -> set[str]:
@@ -382,3 +398,151 @@ def audit(base_url: str, settings: Settings, job_id: str, count: int, tag: str, 
           f"{time.monotonic() - started:.1f} s")
     return Counter(str(chunk.worker) for chunk in chunks_of(settings, new))
 
+
+# -- a Redis failover (harness/redis_sentinel.py) mid-job ---------------------------------------------------------
+
+FAILOVER_CHAT_BOUND = 20.0  # an interactive request during the failover has its answer (an error, or a reply) within this
+# Seconds from the kill until a chat succeeds.  Measured on two cores, across hosts (test_multihost_faults.py): the
+# promotion 1.7-3.3 s after the kill (down-after 1 s, then the Sentinels' vote), a chat 3.2-5.8 s after the kill
+# (1.4-3.5 s after the promotion: a worker's consumer reconnects within 2 s, then starts its consumers again), the
+# job on at the promotion.
+FAILOVER_RECOVERY_BOUND = 20.0
+SHORT_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "options": {"num_predict": 4}}
+# A reply that runs for seconds: counting keeps a small model from ending early.
+LONG_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}],
+             "options": {"num_predict": 1000, "temperature": 0}}
+
+
+def chat(base_url: str, stream: bool, body: dict | None = None,
+         first_line: threading.Event | None = None) -> tuple[int, str, str | None, float]:
+    """(status, body, Retry-After, seconds) of one chat; ``first_line`` is set once the reply's first line came."""
+    started = time.monotonic()
+    with httpx.stream("POST", base_url + "/api/chat", json={**(body or SHORT_CHAT), "stream": stream},
+                      timeout=FAILOVER_CHAT_BOUND + 5) as r:
+        lines = []
+        for line in r.iter_lines():
+            lines.append(line)
+            if first_line is not None:
+                first_line.set()
+    return r.status_code, "\n".join(lines), r.headers.get("retry-after"), time.monotonic() - started
+
+
+def clear_answer(status: int, text: str, retry_after: str | None, stream: bool) -> str:
+    """What a chat that met the failover got: 'error' (a 503 with Retry-After, or a stream ending in an error
+    line) or 'reply' (it ran after the promotion); anything else fails the test."""
+    if status == 503:
+        assert retry_after is not None, text
+        return "error"
+    assert status == 200, (status, text)
+    last = json.loads(text.splitlines()[-1])
+    if "error" in last:
+        assert stream, text
+        return "error"
+    assert last.get("done") is True, text
+    return "reply"
+
+
+def lost_markers(cluster: SentinelCluster) -> set[str]:
+    """The chunks whose markers the primary holds and the replica does not: a failover now loses them (with the
+    chunk messages sent before them)."""
+    with cluster.primary().client() as primary, cluster.replica().client() as replica:
+        keys = set(primary.scan_iter(match="corral:chunk:*")) - set(replica.scan_iter(match="corral:chunk:*"))
+    return {key.decode().rsplit(":", 1)[1] for key in keys}
+
+
+def still_queued(settings: Settings, chunk_ids: set[str]) -> set[str]:
+    """Those of ``chunk_ids`` SQL has queued (no worker claimed them): only the reconciler can send them again."""
+    with sessions(settings)() as session:
+        return set(session.scalars(select(Chunk.id).where(Chunk.id.in_(chunk_ids), Chunk.state == "queued")))
+
+
+@dataclass
+class Failover:
+    """What :func:`fail_over` measured (seconds from the kill) and saw."""
+
+    new: Node  # the promoted server
+    promoted_in: float
+    answered_in: float  # a chat succeeded
+    resumed_in: float  # the job had a new result
+    during: list[tuple[bool, str, int, float]]  # chats sent during it: (streamed, 'error' or 'reply', status, seconds)
+    in_flight: tuple[int, float, int]  # the stream under way at the kill: status, seconds, lines
+    lost: set[str]  # chunk markers the primary took with it
+    stranded: set[str]  # those whose chunks were still queued in SQL at the kill: the reconciler must resend them
+
+    def summary(self) -> str:
+        status, took, lines = self.in_flight
+        return (f"promoted {self.new.name} {self.promoted_in:.1f} s after the kill; a chat succeeded "
+                f"{self.answered_in:.1f} s after the kill ({self.answered_in - self.promoted_in:.1f} s after the "
+                f"promotion), the job ran on {self.resumed_in:.1f} s after it; during it: {self.during}, in-flight "
+                f"stream {status} in {took:.1f} s ({lines} lines); {len(self.lost)} chunk marker(s) lost with the "
+                f"primary, {len(self.stranded)} of them queued")
+
+
+def fail_over(base_url: str, cluster: SentinelCluster, settings: Settings, job_id: str, *, stall: float = 0.0,
+              warm: int = 30) -> Failover:
+    """Kill the Redis primary once ``warm`` of the job's items are done, with a streamed chat under way, and see
+    the failover through (the job's audit is the caller's).
+
+    ``stall``: the replica lags that many seconds first (:meth:`SentinelCluster.stall_replication`), so that
+    the failover really loses the last writes.  Asserted: the kill lands mid-job; the stream under way ends in
+    an error line, and chats sent during the failover get a clear answer (a 503 with ``Retry-After``, an error
+    line, or a reply), each within :data:`FAILOVER_CHAT_BOUND`, never a hang; a replica is promoted; a chat
+    succeeds within :data:`FAILOVER_RECOVERY_BOUND` of the kill and the job runs on.  Then the old primary is
+    started again as a replica of the new one (the deployment heals) and refuses writes."""
+    total = sum(item_states(settings, job_id).values())
+    wait_for(lambda: item_states(settings, job_id).get("succeeded", 0) >= warm, 120, "the job to make progress")
+    in_flight: list[tuple[int, str, str | None, float]] = []
+    under_way = threading.Event()
+    streaming = threading.Thread(target=lambda: in_flight.append(chat(base_url, True, LONG_CHAT, under_way)))
+    streaming.start()
+    assert under_way.wait(30), "the streamed chat did not start"
+
+    if stall:
+        cluster.stall_replication()
+        time.sleep(stall)
+    lost = lost_markers(cluster)
+    old = cluster.kill_primary()
+    killed_at = time.monotonic()
+    promotion: list[tuple[Node, float]] = []  # (the new primary, seconds from the kill), watched from now on
+    watcher = threading.Thread(target=lambda: promotion.append(cluster.wait_promoted(old, timeout=60)))
+    watcher.start()
+    stranded = still_queued(settings, lost)
+    done_at_kill = item_states(settings, job_id).get("succeeded", 0)
+    assert done_at_kill < total * 0.7, "the kill must land mid-job"
+
+    during = []
+    for stream in (False, True):
+        status, text, retry_after, took = chat(base_url, stream)
+        assert took < FAILOVER_CHAT_BOUND, (stream, took, status, text)
+        during.append((stream, clear_answer(status, text, retry_after, stream), status, round(took, 2)))
+    streaming.join(FAILOVER_CHAT_BOUND + 10)
+    assert not streaming.is_alive() and in_flight, "the streamed chat under way hung"
+    status, text, retry_after, took = in_flight[0]
+    assert status == 200 and clear_answer(status, text, retry_after, True) == "error", text[-500:]
+
+    watcher.join(65)
+    assert promotion, "no replica was promoted"
+    new, promoted_in = promotion[0]
+    answered: list[float] = []
+    resumed: list[float] = []
+
+    def back() -> bool:
+        if not resumed and item_states(settings, job_id).get("succeeded", 0) > done_at_kill:
+            resumed.append(time.monotonic() - killed_at)
+        if not answered and chat(base_url, False)[0] == 200:
+            answered.append(time.monotonic() - killed_at)
+        return bool(answered and resumed)
+
+    wait_for(back, 60, "a chat to succeed and the job to run on after the promotion", interval=0.2)
+    report = Failover(new, promoted_in, answered[0], resumed[0], during, (status, took, len(text.splitlines())),
+                      lost, stranded)
+    print(f"\nfailover: {report.summary()}")
+    assert report.answered_in < FAILOVER_RECOVERY_BOUND, report.summary()
+
+    cluster.restart_as_replica(old)
+    with new.client() as client:
+        assert client.info("replication")["connected_slaves"] == 1  # the old primary follows the new one
+    with pytest.raises((redis.RedisError, OSError)):
+        with old.client(0.5) as client:
+            client.set("corral:probe", b"1")  # it is a replica again: it refuses writes
+    return report
