@@ -29,9 +29,12 @@ from __future__ import annotations
 import logging
 import time
 from datetime import datetime, timedelta
+from typing import Any
 
 import redis
 from celery import Celery
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, suspect_key
@@ -52,6 +55,38 @@ SETTLE_SECONDS = 1.0
 SETTLE_JOBS = 100
 # Jobs stopped longer ago than this are looked at only at start-up (their items read right either way).
 SETTLE_WITHIN = timedelta(days=1)
+# How long re-queueing an orphan waits for a row lock a lost host's open transaction holds (see _orphaned)
+ORPHAN_LOCK_WAIT = "1s"
+LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL's SQLSTATE for a lock_timeout that ran out
+
+
+def _orphaned(session: Session, chunk: Any) -> str:
+    """Close (a stopped job's) or re-queue a chunk whose worker is gone, in a savepoint whose statements wait at
+    most :data:`ORPHAN_LOCK_WAIT` for a row lock: ``"cancelled"``, ``"requeued"``, ``"moved"`` (it moved on
+    meanwhile), or ``"locked"`` (nothing changed).
+
+    A worker host cut off inside a transaction leaves its row locks behind until PostgreSQL ends that session
+    (jobs/db.py's keepalives and idle timeout: about 30 s).  Waiting for them held the whole sweep (every other
+    orphan, the expiries, the dispatch backstop) for that long, on a thread that also beats; instead this chunk
+    waits for the next sweep.  SQLite has one writer and no row locks: nothing to bound."""
+    postgres = session.get_bind().dialect.name == "postgresql"
+    try:
+        with session.begin_nested():
+            if postgres:
+                session.execute(text(f"SET LOCAL lock_timeout = '{ORPHAN_LOCK_WAIT}'"))
+            if transitions.cancel_orphan(session, chunk.id, chunk.attempt):
+                outcome = "cancelled"
+            elif transitions.requeue_orphan(session, chunk.id, chunk.attempt):
+                outcome = "requeued"
+            else:
+                outcome = "moved"
+            if postgres:
+                session.execute(text("SET LOCAL lock_timeout TO DEFAULT"))
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+            raise
+        return "locked"  # the savepoint's rollback undid its statements and its SET LOCAL
+    return outcome
 
 
 class Reconciler:
@@ -132,14 +167,18 @@ class Reconciler:
             for chunk in transitions.running_chunks(session):
                 if chunk.worker in live or not trusted:
                     continue
-                if transitions.cancel_orphan(session, chunk.id, chunk.attempt):
+                outcome = _orphaned(session, chunk)
+                if outcome == "cancelled":
                     log.warning("chunk %s of stopped job %s was running on %s, which is gone; its running items are "
                                 "cancelled", chunk.id, chunk.job_id, chunk.worker)
-                    continue
-                log.warning("chunk %s was running on %s, which is gone; re-queueing it", chunk.id, chunk.worker)
-                if transitions.requeue_orphan(session, chunk.id, chunk.attempt):
+                elif outcome == "requeued":
+                    log.warning("chunk %s was running on %s, which is gone; re-queued it", chunk.id, chunk.worker)
                     requeue.append((chunk.id, chunk.model_digest, chunk.job_id))
                     self.redis.set(suspect_key(chunk.id), b"1", ex=24 * 3600)
+                elif outcome == "locked":
+                    log.warning("chunk %s was running on %s, which is gone, but a transaction still holds its rows "
+                                "(the host was cut inside it, and the database keeps its locks until it ends the "
+                                "session); the next sweep tries again", chunk.id, chunk.worker)
             queued = transitions.queued_chunks(session, now - self.grace)
             busy = queueing.sending(self.redis, {job_id for _, _, job_id in queued})
             queued = [entry for entry in queued if entry[2] not in busy]  # their submitter is still sending
