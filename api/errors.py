@@ -21,6 +21,7 @@ from typing import Any
 
 from flask import Flask, Response, request
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
 
 from corral.broker import UNREACHABLE
@@ -136,6 +137,13 @@ def init_app(app: Flask) -> None:
     def _unexpected(exc: Exception) -> Response:
         log.exception("unhandled error")
         return plain_error(f"internal error: {type(exc).__name__}", 500)
+
+    @app.errorhandler(PoolTimeout)
+    def _pool_full(exc: PoolTimeout) -> Response:
+        """Every connection of a pool busy for the pool's whole wait (a database that answers slowly, connects
+        that hang, a burst of polls): the database is out of reach for this request, as a 503 says, not a 500."""
+        log.warning("no database connection came free while serving %s: %s", request.path, exc)
+        return render_error(DatabaseUnavailable("every connection busy"))
 
     @app.errorhandler(DBAPIError)
     def _database(exc: DBAPIError) -> Response:

@@ -56,7 +56,8 @@ RETRY_SECONDS = 180.0
 
 
 # The pool of status polls, beside an API process's main pool (10 + 20): a poll holds its connection for one
-# statement, so few serve many; a burst past them waits for one rather than opening more.
+# statement, so few serve many; a burst past them waits for one rather than opening more, for as long as a
+# connect may take, then is answered 503 (api/errors.py).
 POLL_POOL_SIZE, POLL_MAX_OVERFLOW = 5, 5
 
 
@@ -102,7 +103,8 @@ def _make_engine(url: str, *, polls: bool = False) -> Engine:
     connect_args = dict(POSTGRES_CONNECT_ARGS) if url.startswith("postgresql") else {}
     if polls:
         engine = create_engine(url, isolation_level="AUTOCOMMIT", pool_size=POLL_POOL_SIZE,
-                               max_overflow=POLL_MAX_OVERFLOW, connect_args=connect_args)
+                               max_overflow=POLL_MAX_OVERFLOW, pool_timeout=CONNECT_TIMEOUT,
+                               connect_args=connect_args)
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
     if url.startswith("postgresql"):

@@ -96,3 +96,23 @@ def test_a_job_stored_before_the_database_fails_is_answered_202_once(
     with sessions(settings)() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == (before or 0) + 1
         assert session.get(Job, job["id"]) is not None
+
+
+def test_every_pooled_connection_busy_answers_503_not_500(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool whose connections all stay busy past its wait (SQLAlchemy's TimeoutError, no DBAPI error) is the
+    database out of reach for that request: each family's 503 with ``Retry-After``."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from api import create_app
+    from jobs import batches, service
+
+    def full(*_: object, **__: object) -> None:
+        raise PoolTimeout("QueuePool limit of size 5 overflow 5 reached, connection timed out, timeout 5.00")
+
+    monkeypatch.setattr(service, "poll", full)
+    monkeypatch.setattr(batches, "poll", full)
+    client = create_app(settings).test_client()
+    resp = client.get("/api/jobs/job_x")
+    assert retry_after(resp) >= 1 and "every connection busy" in resp.get_json()["error"]
+    resp = client.get("/v1/batches/batch_x")
+    assert retry_after(resp) >= 1 and resp.get_json()["error"]["code"] == "database_unavailable"
