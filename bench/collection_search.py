@@ -308,7 +308,8 @@ def timed(fn: Callable[[], Any], runs: int, quiet: float) -> tuple[float, float,
 def measure(label: str, url: str, args: argparse.Namespace) -> tuple[list[list[Any]], list[list[Any]]]:
     sessions = sessionmaker(engine_for(url), expire_on_commit=False)
     vectors, query_vectors = corpus(args.vectors, args.chunks if label != "pgvector" else args.pgvector)
-    seconds = fill_bulk(url, vectors, args.words) if args.bulk else fill(sessions, vectors, args.words)
+    bulk = args.bulk and label == "pgvector"
+    seconds = fill_bulk(url, vectors, args.words) if bulk else fill(sessions, vectors, args.words)
     with sessions() as session:
         layout = cv._layout(session)
         ids = np.array(list(session.scalars(text("SELECT id FROM collection_chunks ORDER BY id"))), dtype=np.int64)

@@ -210,7 +210,8 @@ class MessageBatches:
     def _view(self, session: Session, job: Job, base_url: str, states: dict[str, int] | None = None) -> dict[str, Any]:
         """The batch as Anthropic shows it, from its items per stored state (read here unless given)."""
         info = job.meta[META]
-        states = self._states(session, job.id) if states is None else states
+        if states is None:  # an open batch shows its total as processing: its items need no count
+            states = {} if job.status in JobStatus.ACTIVE else self._states(session, job.id)
         status = self._status(session, job, states)
         errored = len(info.get("errored") or [])
         counts = {"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}

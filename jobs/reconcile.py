@@ -167,18 +167,19 @@ class Reconciler:
             for chunk in transitions.running_chunks(session):
                 if chunk.worker in live or not trusted:
                     continue
+                worker = chunk.worker  # before the re-queue's UPDATE clears it on the session's object too
                 outcome = _orphaned(session, chunk)
                 if outcome == "cancelled":
                     log.warning("chunk %s of stopped job %s was running on %s, which is gone; its running items are "
-                                "cancelled", chunk.id, chunk.job_id, chunk.worker)
+                                "cancelled", chunk.id, chunk.job_id, worker)
                 elif outcome == "requeued":
-                    log.warning("chunk %s was running on %s, which is gone; re-queued it", chunk.id, chunk.worker)
+                    log.warning("chunk %s was running on %s, which is gone; re-queued it", chunk.id, worker)
                     requeue.append((chunk.id, chunk.model_digest, chunk.job_id))
                     self.redis.set(suspect_key(chunk.id), b"1", ex=24 * 3600)
                 elif outcome == "locked":
                     log.warning("chunk %s was running on %s, which is gone, but a transaction still holds its rows "
                                 "(the host was cut inside it, and the database keeps its locks until it ends the "
-                                "session); the next sweep tries again", chunk.id, chunk.worker)
+                                "session); the next sweep tries again", chunk.id, worker)
             queued = transitions.queued_chunks(session, now - self.grace)
             busy = queueing.sending(self.redis, {job_id for _, _, job_id in queued})
             queued = [entry for entry in queued if entry[2] not in busy]  # their submitter is still sending

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from sqlalchemy import select, text
 from sqlalchemy.orm import sessionmaker
 
@@ -21,7 +22,11 @@ from jobs.reconcile import _orphaned
 from tests.unit.test_cancel_cost import database, new_job  # noqa: F401  (database: the fixture, both databases)
 
 
-def test_a_chunk_whose_rows_a_lost_transaction_holds_waits_and_the_others_are_requeued(database: str) -> None:  # noqa: F811
+@pytest.mark.parametrize("held", ["chunk", "item"])
+def test_a_chunk_whose_rows_a_lost_transaction_holds_waits_and_the_others_are_requeued(
+        database: str, held: str) -> None:  # noqa: F811
+    """``held``: the row the lost transaction locked: the chunk's, or (as a worker cut inside its result write
+    leaves it) one of its items', which the re-queue reaches after changing the chunk: that change is undone."""
     make = sessionmaker(engine_for(database), expire_on_commit=False)
     session = make()
     job_id, chunks = new_job(session, items=4, chunk_size=2)
@@ -31,8 +36,10 @@ def test_a_chunk_whose_rows_a_lost_transaction_holds_waits_and_the_others_are_re
     session.commit()
     postgres = database.startswith("postgresql")
     lost = make() if postgres else None
-    if lost is not None:  # the lost host's open transaction: it locked the first chunk's row, then went silent
-        lost.execute(select(Chunk.id).where(Chunk.id == chunks[0]).with_for_update())
+    if lost is not None:  # the lost host's open transaction: it locked a row of the first chunk, then went silent
+        row = (select(Chunk.id).where(Chunk.id == chunks[0]) if held == "chunk"
+               else select(Item.id).where(Item.chunk_id == chunks[0]).limit(1))
+        lost.execute(row.with_for_update())
     try:
         orphans = {c.id: c for c in transitions.running_chunks(session)}
         started = time.monotonic()
@@ -47,9 +54,13 @@ def test_a_chunk_whose_rows_a_lost_transaction_holds_waits_and_the_others_are_re
         else:
             assert (first, second) == ("requeued", "requeued")
         session.expire_all()
-        states = {c.id: c.state for c in session.scalars(select(Chunk).where(Chunk.job_id == job_id))}
-        assert states[chunks[1]] == ChunkState.QUEUED
-        assert states[chunks[0]] == (ChunkState.RUNNING if postgres else ChunkState.QUEUED)
+        rows = {c.id: c for c in session.scalars(select(Chunk).where(Chunk.job_id == job_id))}
+        assert rows[chunks[1]].state == ChunkState.QUEUED
+        if postgres:  # untouched: still the lost worker's, under its attempt, its items running
+            assert (rows[chunks[0]].state, rows[chunks[0]].attempt) == (ChunkState.RUNNING, f"attempt-{chunks[0]}")
+            assert set(session.scalars(select(Item.state).where(Item.chunk_id == chunks[0]))) == {ItemState.RUNNING}
+        else:
+            assert rows[chunks[0]].state == ChunkState.QUEUED
     finally:
         if lost is not None:
             lost.rollback()  # the database ended the lost session
