@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.chaos_audit import Audit, audit
 from bench.chaos_cluster import HOSTS, ChaosCluster, base_settings
 from bench.chaos_faults import FAULTS, Faults
-from bench.chaos_ledger import FaultEvent, Ledger
+from bench.chaos_ledger import RECENT, FaultEvent, Interactive, Ledger
 from bench.chaos_load import CHAT_TIMEOUT, Load
 from bench.chaos_logs import errors, keep_postgres_log, tracebacks
 from bench.chaos_watch import SAMPLE_EVERY, Watch
@@ -77,6 +77,11 @@ def percentile(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    """p50, p95 and max (NaN for none)."""
+    return percentile(values, 50), percentile(values, 95), max(values, default=float("nan"))
 
 
 def loadavg() -> str:
@@ -144,6 +149,14 @@ def report(args: argparse.Namespace, ledger: Ledger, found: Audit, watch: Watch,
                      f"{max(ok, default=float('nan')):.0f}", f"{percentile(every, 95):.0f}"])
     print_table("Interactive requests (ms; p50/p95/max of those that succeeded, and p95 of all)",
                 ["requests", "sent", "failed", "p50", "p95", "max", "p95, failures included"], rows)
+    around: dict[str, list[Interactive]] = defaultdict(list)
+    for chat in ledger.chats:
+        around[chat.fault.split(" ")[0]].append(chat)
+    print_table(f"Interactive requests by the fault around them (active, or undone less than {RECENT:g} s before)",
+                ["fault", "sent", "failed", "p50 ms", "p95 ms", "max ms"],
+                [[name, len(chats), sum(c.outcome != "ok" for c in chats),
+                  *(f"{v:.0f}" for v in _spread([c.seconds * 1000 for c in chats if c.outcome == "ok"]))]
+                 for name, chats in sorted(around.items())])
     failures = Counter((c.outcome, c.fault) for c in ledger.chats if c.outcome != "ok")
     if failures:
         print_table("Interactive failures by reason and the fault around them", ["reason", "fault", "count"],
@@ -172,7 +185,7 @@ def report(args: argparse.Namespace, ledger: Ledger, found: Audit, watch: Watch,
     print_table("PostgreSQL's memory, a row a minute (MiB, proportional: summed over its processes, each page once;"
                 " anon: private heap and stacks; shmem: the resident part of the shared segment)",
                 ["min", "postmaster", "client backends", "other processes", "sessions by host", "anon", "largest anon",
-                 "shmem", "file", "PSS", "RSS", "fds", "load"],
+                 "shmem", "file", "PSS", "RSS", "fds", "database MiB", "load"],
                 watch.series_rows())
     if logged:
         print_table("Errors in the logs, by message (numbers and ids as #)", ["log", "message", "count"],
@@ -192,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="the faults' and the load's seed (default: random)")
     parser.add_argument("--keep", action="store_true", help="keep the logs' directory")
     parser.add_argument("--faults", default=",".join(FAULTS), help=f"the faults to draw from (default: {','.join(FAULTS)})")
+    parser.add_argument("--shared-buffers", default=None,
+                        help="PostgreSQL's shared_buffers, e.g. 16MB (default: the server's, 128MB): a small one shows"
+                             " the shared memory levelling off within a short soak")
     args = parser.parse_args(argv)
     args.seed = args.seed if args.seed is not None else random.randrange(1_000_000)
     kinds = tuple(k.strip() for k in args.faults.split(",") if k.strip())
@@ -236,7 +252,8 @@ def soak(args: argparse.Namespace, kinds: tuple[str, ...], root: Path, facts: di
     """Deploy, warm up, fault for ``args.minutes`` under load, drain, audit, report; whether it failed (an item
     lost or duplicated).  Everything started is stopped and removed on the way out."""
     ledger = Ledger()
-    with Network(HOSTS) as network, ChaosCluster(network, base_settings(root), root) as cluster:
+    with Network(HOSTS) as network, ChaosCluster(network, base_settings(root), root,
+                                                               shared_buffers=args.shared_buffers) as cluster:
         try:
             started = time.monotonic()
             cluster.start_all()

@@ -12,6 +12,7 @@ which the fault tests read, is turned off: over a soak's tens of thousands of wr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,7 @@ class ChaosCluster(Cluster):
     result-write audit trigger in its database and no statement log."""
 
     with_sentinel: bool = True
+    shared_buffers: str | None = None  # PostgreSQL's, when not its default (128MB)
 
     def __enter__(self) -> ChaosCluster:
         super().__enter__()
@@ -76,9 +78,16 @@ class ChaosCluster(Cluster):
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 # ALTER SYSTEM (postgresql.auto.conf): it outlives the soak's restarts of the server
                 conn.execute(text("ALTER SYSTEM SET log_statement = 'none'"))
+                if self.shared_buffers:  # ALTER SYSTEM takes no parameters: a literal, checked
+                    if not re.fullmatch(r"\d+(kB|MB|GB)?", self.shared_buffers):
+                        raise ValueError(f"shared_buffers: {self.shared_buffers!r} is not a size such as 16MB")
+                    conn.execute(text(f"ALTER SYSTEM SET shared_buffers = '{self.shared_buffers}'"))
                 conn.execute(text("SELECT pg_reload_conf()"))
         finally:
             engine.dispose()
+        if self.shared_buffers:  # a setting read at the server's start only
+            self.postgres.stop("fast")
+            self.postgres.start()
 
 
 def base_settings(root: Path) -> Settings:

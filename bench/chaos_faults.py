@@ -15,7 +15,7 @@ told apart in the ledger.  Every 20-40 s the loop draws one of :data:`FAULTS` (`
   again as a replica;
 - ``postgres-restart``: PostgreSQL on ``db`` stopped (``fast``: sessions ended cleanly; ``immediate``: dropped as
   a crash drops them, with crash recovery at the start), down 5-15 s, then started again at the same address.
-  While it is down one job route is probed (a 503 with ``Retry-After`` is the design, anything else a problem);
+  While it is down two job routes are probed (a 503 with ``Retry-After`` is the design, anything else a problem);
   afterwards the loop waits for the first result written after the start, so the note says when jobs resumed.
 
 Each fault goes into the ledger (name, host, start, end, hold, a note) before it strikes, so the chats and
@@ -39,7 +39,8 @@ import httpx
 from sqlalchemy import text
 
 from bench.chaos_cluster import GPUS, HOSTS, TTL, ChaosCluster
-from bench.chaos_ledger import FaultEvent, Ledger
+from bench.chaos_ledger import FaultEvent, Ledger, Submitted
+from bench.chaos_load import CHAT_MODEL
 from harness.cluster import Worker
 from harness.stack import wait_for
 
@@ -171,7 +172,7 @@ class Faults:
         event.note = f"{new.name} promoted in {promoted:.1f} s"
 
     def postgres_restart(self, _host: str, event: FaultEvent) -> None:
-        """Stop PostgreSQL (fast or immediate, drawn), keep it down for a drawn 5-15 s while one job route is
+        """Stop PostgreSQL (fast or immediate, drawn), keep it down for a drawn 5-15 s while the job routes are
         probed, start it again; then wait for the first result written after the start."""
         server = self.cluster.postgres
         mode = self.rng.choice(("fast", "immediate"))
@@ -180,7 +181,7 @@ class Faults:
         server.stop(mode)
         down_at = time.monotonic()
         try:
-            probe = self._probe_job_route()
+            probe = self._probe_job_routes()
             time.sleep(max(0.0, down_at + down_for - time.monotonic()))
         finally:
             event.hold = time.monotonic() - down_at
@@ -220,22 +221,34 @@ class Faults:
             time.sleep(0.5)
         return None
 
-    def _probe_job_route(self) -> str:
-        """One ``GET /api/jobs/<id>`` while the database is down: a 503 with ``Retry-After`` is the design; any
-        other answer, or none within :data:`PROBE_TIMEOUT`, is a problem."""
+    def _probe_job_routes(self) -> str:
+        """``GET /api/jobs/<id>`` and ``POST /api/jobs`` while the database is down (the load submits nothing
+        then: it waits on its open jobs, which it cannot read): a 503 with ``Retry-After`` is the design; any other
+        answer, or none within :data:`PROBE_TIMEOUT`, is a problem.  A job the POST did make is audited too."""
         with self.ledger.lock:
             job_id = self.ledger.jobs[-1].job_id if self.ledger.jobs else "job_none"
-        started = time.monotonic()
-        try:
-            r = httpx.get(f"{self.cluster.api_url}/api/jobs/{job_id}", timeout=PROBE_TIMEOUT)
-        except httpx.HTTPError as exc:
-            self.ledger.problem(f"postgres-restart: GET /api/jobs/{job_id} while down: {type(exc).__name__}")
-            return f"job route: {type(exc).__name__}"
-        took = time.monotonic() - started
-        if r.status_code != 503 or "retry-after" not in r.headers:
-            self.ledger.problem(f"postgres-restart: GET /api/jobs/{job_id} while down answered {r.status_code}"
-                                f" (Retry-After {r.headers.get('retry-after')}): {r.text[:200]}")
-        return f"job route {r.status_code} (Retry-After {r.headers.get('retry-after', 'none')}) in {took * 1000:.0f} ms"
+        body = {"kind": "generate", "model": CHAT_MODEL, "items": [{"custom_id": "probe-0", "prompt": "Hi."}],
+                "options": {"num_predict": 2}}
+        notes = []
+        for method, path in (("GET", f"/api/jobs/{job_id}"), ("POST", "/api/jobs")):
+            started = time.monotonic()
+            try:
+                r = httpx.request(method, f"{self.cluster.api_url}{path}", timeout=PROBE_TIMEOUT,
+                                  json=body if method == "POST" else None)
+            except httpx.HTTPError as exc:
+                self.ledger.problem(f"postgres-restart: {method} {path} while down: {type(exc).__name__}")
+                notes.append(f"{method} {type(exc).__name__}")
+                continue
+            took = time.monotonic() - started
+            if r.status_code == 202:
+                with self.ledger.lock:
+                    self.ledger.jobs.append(Submitted("generate", str(r.json()["id"]), ["probe-0"], time.monotonic()))
+            if r.status_code != 503 or "retry-after" not in r.headers:
+                self.ledger.problem(f"postgres-restart: {method} {path} while down answered {r.status_code}"
+                                    f" (Retry-After {r.headers.get('retry-after')}): {r.text[:200]}")
+            notes.append(f"{method} {r.status_code} (Retry-After {r.headers.get('retry-after', 'none')})"
+                         f" in {took * 1000:.0f} ms")
+        return "job routes " + ", ".join(notes)
 
     # -- whole again -------------------------------------------------------------------------------------------
 

@@ -16,10 +16,10 @@ resident part of the shared segment, since only they map it) and ``Pss_File`` (t
   descriptors at the start (after the warm-up) and the end, and the anonymous memory every 5 minutes.
 - PostgreSQL is also sampled once a minute into a series: its client backends (by ``application_name``, which is
   the client's host, from ``pg_stat_activity``) and other processes, anonymous memory in all and the largest
-  backend's, shared memory, files, PSS, RSS; and the server's ``shared_buffers`` and ``shared_memory_size``, so a
-  reader sees whether the shared part levels off under the setting and whether the private part follows the
-  backends.  A restart of the server (the ``postgres-restart`` fault) starts a new segment, empty: the series
-  marks each new postmaster.
+  backend's, shared memory, files, PSS, RSS, the database's size; and the server's ``shared_buffers`` and
+  ``shared_memory_size``, so a reader sees whether the shared part levels off under the setting (or follows the
+  data while the data is smaller) and whether the private part follows the backends.  A restart of the server
+  (the ``postgres-restart`` fault) starts a new segment, empty: the series marks each new postmaster.
 """
 
 from __future__ import annotations
@@ -136,6 +136,7 @@ class SeriesRow:
 
     sample: Sample
     by_host: str
+    database_mb: float | None  # the database's size on disk (pg_database_size): what the buffers can cache
     load: float  # the machine's 1-minute load average then
 
 
@@ -186,7 +187,7 @@ class Watch:
             if mark:
                 self.marks[mark][role] = got
             if role == POSTGRES and (mark or not self.series or now - self.series[-1].sample.at >= SERIES_EVERY - 1):
-                self.series.append(SeriesRow(got, self._sessions_by_host(), self.loads[-1]))
+                self.series.append(SeriesRow(got, *self._from_sql(), self.loads[-1]))
 
     def read_settings(self) -> None:
         """The server's memory settings (``shared_memory_size``: PostgreSQL 15 and later)."""
@@ -199,8 +200,9 @@ class Watch:
             except Exception as exc:  # an older server, or down: say which
                 self.settings[name] = f"unknown ({type(exc).__name__})"
 
-    def _sessions_by_host(self) -> str:
-        """``pg_stat_activity``'s client backends by ``application_name`` (the client's host), or why not."""
+    def _from_sql(self) -> tuple[str, float | None]:
+        """``pg_stat_activity``'s client backends by ``application_name`` (the client's host), or why not; and
+        the database's size in MiB."""
         from jobs.db import sessions
 
         try:
@@ -208,9 +210,10 @@ class Watch:
                 rows = session.execute(text(
                     "SELECT coalesce(nullif(application_name, ''), '?') AS app, count(*) AS n FROM pg_stat_activity"
                     " WHERE backend_type = 'client backend' GROUP BY 1 ORDER BY 1")).all()
+                size = session.scalar(text("SELECT pg_database_size(current_database())"))
         except Exception as exc:  # down (a restart), or its host cut
-            return f"({type(exc).__name__})"
-        return ", ".join(f"{row.app} {row.n}" for row in rows)
+            return f"({type(exc).__name__})", None
+        return ", ".join(f"{row.app} {row.n}" for row in rows), float(size) / 2**20
 
     # -- what the report prints --------------------------------------------------------------------------------
 
@@ -252,7 +255,7 @@ class Watch:
                 f"{(s.at - self.started) / 60:.1f}", f"{s.pid}" + (" (new)" if previous not in (None, s.pid) else ""),
                 s.clients, s.procs - 1 - s.clients, row.by_host.replace("|", "/"), f"{s.anon:.1f}",
                 f"{s.anon_max:.1f}", f"{s.shmem:.1f}", f"{s.file:.1f}", f"{s.pss:.1f}", f"{s.rss:.0f}", s.fds,
-                f"{row.load:.1f}",
+                f"{row.database_mb:.0f}" if row.database_mb is not None else "-", f"{row.load:.1f}",
             ])
             previous = s.pid
         return rows
