@@ -42,6 +42,7 @@ from typing import Any, cast
 
 import httpx
 from sqlalchemy import CursorResult, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 from standardwebhooks.webhooks import Webhook
 
@@ -49,7 +50,7 @@ from corral import outbound
 from corral.errors import BadRequest
 from corral.settings import Settings
 from corral.timefmt import rfc3339
-from jobs.db import sessions
+from jobs.db import reason, sessions, unreachable
 from jobs.ids import openai_id
 from jobs.models import Job, JobStatus, WebhookDelivery, as_utc, utcnow
 
@@ -164,12 +165,24 @@ class Sender:
     async def run(self) -> None:
         """Claim what is due every ``CORRAL_RECONCILE_INTERVAL`` seconds and start its attempts, until stopped."""
         in_flight: set[asyncio.Task[None]] = set()
+        out_of_reach = False  # the database: said once when it goes and once when it is back, not every round
         async with self.client() as http:
             while not self.stopped():
                 if len(in_flight) < IN_FLIGHT:
                     try:
                         claimed = await asyncio.to_thread(self.claim, IN_FLIGHT - len(in_flight))
-                    except Exception:  # the database restarting, say: the next round tries again
+                        if out_of_reach:
+                            log.info("the database answers again: webhook deliveries go on")
+                            out_of_reach = False
+                    except DBAPIError as exc:
+                        if not unreachable(exc):
+                            log.exception("cannot claim due webhook deliveries")
+                        elif not out_of_reach:  # restarting, say: the next rounds try again
+                            log.warning("cannot claim due webhook deliveries: the database is unreachable (%s); "
+                                        "trying every %.0f s", reason(exc), self.interval)
+                            out_of_reach = True
+                        claimed = []
+                    except Exception:  # not expected; the next round tries again
                         log.exception("cannot claim due webhook deliveries")
                         claimed = []
                     for delivery in claimed:
