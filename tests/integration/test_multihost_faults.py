@@ -117,7 +117,10 @@ def test_api_host_lost_mid_stream(cluster: Cluster) -> None:
     cancels = set(redis.scan_iter(match=cancel_key("*")))  # a failover before may have left some (an hour's TTL)
     job_id = submit_job(a, POLLED, "polled")
     with httpx.stream("POST", a + "/api/generate", json=LONG_GENERATE, timeout=60) as reply:
-        for i, _ in enumerate(reply.iter_lines()):
+        # Held until the block ends: a line iterator dropped at the break is finalized at once, and httpcore
+        # closes the connection with it, which api-a reads as its client leaving (a cancel, not a lost replica).
+        lines = reply.iter_lines()
+        for i, _ in enumerate(lines):
             if i == 3:
                 break
         [lease] = list(redis.scan_iter(match=reader_key("*")))  # api-a holds its reader's lease
