@@ -111,6 +111,7 @@ def test_a_request_whose_message_a_dying_worker_took_is_sent_again(replicas: tup
     sender = threading.Thread(daemon=True, target=lambda: replies.append(httpx.post(
         a.base_url + "/api/chat", timeout=150, json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
                                                      "stream": False, "options": {"num_predict": 4}})))
+    # (a sampled "Hi" may end before its 4 tokens: the answer is asserted whole, its length only bounded)
     sender.start()
 
     def queued() -> list[bytes]:
@@ -124,6 +125,7 @@ def test_a_request_whose_message_a_dying_worker_took_is_sent_again(replicas: tup
     sender.join(60)
     took = time.monotonic() - started
     assert replies, f"no answer {took:.0f} s after the message was lost"
-    assert replies[0].status_code == 200 and replies[0].json()["eval_count"] == 4, replies[0].text
+    reply = replies[0].json() if replies[0].status_code == 200 else {}
+    assert reply.get("done") is True and 1 <= reply["eval_count"] <= 4 and reply["message"]["content"], replies[0].text
     assert "sending it again" in api.output()
     print(f"lost message: answered {took:.1f} s after it was taken (pickup bound {2 * LEASE:g} s)")
