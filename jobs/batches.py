@@ -52,7 +52,8 @@ from jobs.ids import openai_id
 from jobs.ingest import MAX_LINE_BYTES
 from jobs.models import Item, ItemState, Job, JobStatus, StoredFile, utcnow
 from jobs.readstates import reads_as, stored_states
-from jobs.service import Counts, JobService, item_counts, read_status
+from jobs.service import JobService
+from jobs.status import Counts, item_counts, read_status
 
 if TYPE_CHECKING:
     from jobs.keys import Principal

@@ -35,7 +35,8 @@ from corral.wire.anthropic_reply import error_body, from_native_final
 from jobs.db import poll, sessions
 from jobs.ids import openai_id
 from jobs.models import Item, ItemState, Job, JobStatus, as_utc, utcnow
-from jobs.service import JobService, read_status
+from jobs.service import JobService
+from jobs.status import read_status
 
 if TYPE_CHECKING:
     from jobs.keys import Principal

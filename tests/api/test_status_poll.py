@@ -299,7 +299,7 @@ def test_a_large_open_jobs_statement_leaves_its_counts_to_the_cache(settings: Se
     """The poll's one statement counts a job's items unless its counts come from Redis (a job of
     COUNTS_CACHED_FROM items or more, still open): then it skips the count in SQL too, and once the job has
     ended it counts again."""
-    from jobs.service import COUNTS_CACHED_FROM, status_query
+    from jobs.status import COUNTS_CACHED_FROM, status_query
 
     job_id = f"job_{uuid.uuid4().hex[:12]}"
     with sessions(settings)() as session:

@@ -24,7 +24,8 @@ from jobs import readstates, transitions
 from jobs.db import engine_for
 from jobs.models import Base, Chunk, ChunkState, Item, ItemState, Job, JobStatus, utcnow
 from jobs.reconcile import Reconciler
-from jobs.service import item_counts, result_line
+from jobs.service import result_line
+from jobs.status import item_counts
 from jobs.stopping import stop_jobs
 from tests.unit.test_stopping import Recorder
 from tests.unit.test_transitions import job_status, make_job, states, succeed
