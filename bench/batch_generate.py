@@ -16,6 +16,12 @@ generated (a story may end early); each row is the best of ``--repeat`` runs:
    ``OLLAMA_NUM_PARALLEL=--slots`` -> results in SQL, timed from the upload to the job's completion.
 Rows 2-4 decode from the weights a CPU worker with ``--cpu-weights`` loads (the default ``auto``: a Q8_0 copy
 of the Q4_1 file, workers/weights.py); rows 1 and 1b always run the Q4_1 file as pulled.
+
+The rows alternate: ``--repeat`` rounds, each running every row once, in the order above and then reversed
+(A B C D E, E D C B A, ...), with the raw batched decode and the job side by side, and the job's stack and the
+decode loop's model loaded once for all rounds.  This VM's speed drifts by up to 40% within minutes, so rows
+measured minutes apart cannot be compared to 0.05; besides each row's best, the table gives the median of each
+round's job / raw ratio, which drift moves much less.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import httpx
 
@@ -51,25 +59,20 @@ def prompts(n: int) -> list[str]:
     return [combos[i % len(combos)] + ("," if i < len(combos) else f", day {i}") for i in range(n)]
 
 
-def bench_sequential(model: Path, texts: list[str], tokens: int, threads: int | None, repeat: int) -> float:
-    """``threads=None``: llama-cpp-python's defaults, as a plain ``Llama(path)`` gets them."""
+def bench_sequential(model: Path, texts: list[str], tokens: int, threads: int | None) -> float:
+    """One run of the sequential loop.  ``threads=None``: llama-cpp-python's defaults, as a plain ``Llama(path)``
+    gets them."""
     from llama_cpp import Llama
 
     tuned = {} if threads is None else {"n_threads": threads, "n_threads_batch": threads}
     llm = Llama(str(model), n_ctx=N_CTX, verbose=False, **tuned)
     llm.create_completion(texts[0], max_tokens=4, temperature=0)  # warm up
-    rates = []
-    for _ in range(repeat):
-        started, produced = time.perf_counter(), 0
-        for text in texts:
-            produced += llm.create_completion(text, max_tokens=tokens, temperature=0)["usage"]["completion_tokens"]
-        rates.append(produced / (time.perf_counter() - started))
+    started, produced = time.perf_counter(), 0
+    for text in texts:
+        produced += llm.create_completion(text, max_tokens=tokens, temperature=0)["usage"]["completion_tokens"]
+    rate = produced / (time.perf_counter() - started)
     llm.close()
-    return max(rates)
-
-
-def bench_raw_batched(model: Path, texts: list[str], tokens: int, threads: int, slots: int, repeat: int) -> float:
-    return max(raw_batched_once(model, texts, tokens, threads, slots) for _ in range(repeat))
+    return rate
 
 
 def raw_batched_once(model: Path, texts: list[str], tokens: int, threads: int, slots: int) -> float:
@@ -131,42 +134,27 @@ def raw_batched_once(model: Path, texts: list[str], tokens: int, threads: int, s
     return rate
 
 
-def bench_decode_loop(
-    model: Path, texts: list[str], tokens: int, threads: int, slots: int, repeat: int, weights: str
-) -> float:
-    from workers.engine import LoadedModel, LoadSpec
-
-    engine = LoadedModel(LoadSpec(path=model, embedding=False, n_ctx=N_CTX, n_gpu_layers=0, n_threads=threads,
-                                  parallel=slots, weights=weights))
+def decode_loop_once(engine: Any, texts: list[str], tokens: int) -> float:
+    """One run of corral's decode loop, in this process, on an engine loaded once for every round."""
     options = {"temperature": 0, "num_predict": tokens}
-    rates = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        handles = [engine.start(engine.raw_prompt(t), options, stops=[], fmt=None, interactive=False, stream=False)
-                   for t in texts]
-        produced = sum(h.stream(lambda _: False, lambda: False).eval_count for h in handles)
-        rates.append(produced / (time.perf_counter() - started))
-    engine.close()
-    return max(rates)
+    started = time.perf_counter()
+    handles = [engine.start(engine.raw_prompt(t), options, stops=[], fmt=None, interactive=False, stream=False)
+               for t in texts]
+    produced = sum(h.stream(lambda _: False, lambda: False).eval_count for h in handles)
+    return produced / (time.perf_counter() - started)
 
 
-def bench_job(home: Path, texts: list[str], tokens: int, slots: int, repeat: int, cpu_weights: str) -> float:
-    with corral_stack(home, num_parallel=slots, context_length=N_CTX, cpu_weights=cpu_weights) as stack, \
-            httpx.Client(base_url=stack.base_url, timeout=600) as client:
-        client.post("/api/generate", json={"model": "smollm2", "prompt": "Hi", "stream": False,
-                                           "options": {"num_predict": 2}})
-        body = {"model": "smollm2", "kind": "generate", "options": {"temperature": 0, "num_predict": tokens},
-                "items": [{"custom_id": str(i), "prompt": t, "raw": True} for i, t in enumerate(texts)]}
-        rates = []
-        for _ in range(repeat):
-            started = time.perf_counter()
-            job = client.post("/api/jobs", json=body).json()
-            state = wait_for_job(client, job["id"], poll=0.25)
-            elapsed = time.perf_counter() - started
-            assert state["counts"]["succeeded"] == len(texts), state
-            results = client.get(f"/api/jobs/{job['id']}/results").text.splitlines()
-            rates.append(sum(json.loads(line)["response"]["eval_count"] for line in results) / elapsed)
-        return max(rates)
+def job_once(client: httpx.Client, texts: list[str], tokens: int) -> float:
+    """One batch job end to end, on the stack started once for every round."""
+    body = {"model": "smollm2", "kind": "generate", "options": {"temperature": 0, "num_predict": tokens},
+            "items": [{"custom_id": str(i), "prompt": t, "raw": True} for i, t in enumerate(texts)]}
+    started = time.perf_counter()
+    job = client.post("/api/jobs", json=body).json()
+    state = wait_for_job(client, job["id"], poll=0.25)
+    elapsed = time.perf_counter() - started
+    assert state["counts"]["succeeded"] == len(texts), state
+    results = client.get(f"/api/jobs/{job['id']}/results").text.splitlines()
+    return sum(json.loads(line)["response"]["eval_count"] for line in results) / elapsed
 
 
 def main() -> None:
@@ -175,40 +163,71 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--repeat", type=int, default=3, help="runs per row; the best is reported (noisy VMs)")
+    parser.add_argument("--repeat", type=int, default=4, help="alternating rounds (each row once per round)")
     parser.add_argument("--cpu-weights", choices=get_args(CpuWeights), default="auto",
                         help="CORRAL_CPU_WEIGHTS of the job's worker; the raw and decode-loop rows use the same file")
+    parser.add_argument("--pause", type=float, default=2.0,
+                        help="seconds between rows, so one row's spinning OpenMP threads do not slow the next")
     args = parser.parse_args()
+    from workers.engine import LoadedModel, LoadSpec
+
     texts = prompts(args.prompts)
     weights = choose_weights(args.cpu_weights, "Q4_1", on_cpu=True, parallel=args.slots, embedding=False)
+    label = "Q8_0 copy" if weights == "q8_0" else "Q4_1"
+    names = [
+        "create_completion loop, llama-cpp-python defaults (baseline)",
+        f"create_completion loop, {args.threads} decode threads",
+        f"corral decode loop, {args.slots} slots, in-process, {label}",
+        f"raw batched llama_decode, {args.slots} slots, in-process, {label}",
+        f"corral batch job end to end, {args.slots} slots, {label}",
+    ]
+    rates: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
         home = Path(tmp)
         model = model_path(home, "smollm2")
         batched_model = prepare(model, weights, threads=args.threads)  # what a worker with these settings loads
-        # llama-cpp-python's own rows decode on corral's compute thread too: one OpenMP master per process
-        # (workers/compute.py), else whichever row runs second is throttled by libgomp.
-        plain = compute.run(bench_sequential, model, texts, args.tokens, None, args.repeat)
-        sequential = compute.run(bench_sequential, model, texts, args.tokens, args.threads, args.repeat)
-        raw = compute.run(bench_raw_batched, batched_model, texts, args.tokens, args.threads, args.slots, args.repeat)
-        loop = bench_decode_loop(model, texts, args.tokens, args.threads, args.slots, args.repeat, weights)
-        job = bench_job(home, texts, args.tokens, args.slots, args.repeat, args.cpu_weights)
-    label = "Q8_0 copy" if weights == "q8_0" else "Q4_1"
+        with corral_stack(home, num_parallel=args.slots, context_length=N_CTX, cpu_weights=args.cpu_weights) as stack, \
+                httpx.Client(base_url=stack.base_url, timeout=600) as client:
+            client.post("/api/generate", json={"model": "smollm2", "prompt": "Hi", "stream": False,
+                                               "options": {"num_predict": 2}})  # the worker loads the model
+            engine = LoadedModel(LoadSpec(path=model, embedding=False, n_ctx=N_CTX, n_gpu_layers=0,
+                                          n_threads=args.threads, parallel=args.slots, weights=weights))
+            # llama-cpp-python's own rows decode on corral's compute thread too: one OpenMP master per process
+            # (workers/compute.py), else whichever row runs second is throttled by libgomp.
+            runs: list[Callable[[], float]] = [
+                lambda: compute.run(bench_sequential, model, texts, args.tokens, None),
+                lambda: compute.run(bench_sequential, model, texts, args.tokens, args.threads),
+                lambda: decode_loop_once(engine, texts, args.tokens),
+                lambda: compute.run(raw_batched_once, batched_model, texts, args.tokens, args.threads, args.slots),
+                lambda: job_once(client, texts, args.tokens),
+            ]
+            try:
+                for round_ in range(args.repeat):
+                    order = list(range(len(names)))
+                    for i in order if round_ % 2 == 0 else reversed(order):
+                        rates[names[i]].append(runs[i]())
+                        print(f"  round {round_ + 1}: {names[i]}: {rates[names[i]][-1]:.1f} tok/s", file=sys.stderr)
+                        time.sleep(args.pause)
+            finally:
+                engine.close()
+    best = {name: max(values) for name, values in rates.items()}
+    plain, sequential, raw = best[names[0]], best[names[1]], best[names[3]]
     rows = [
-        [name, rate, f"{rate / plain:.2f}x", f"{rate / sequential:.2f}x", f"{rate / raw:.2f}x"]
-        for name, rate in [
-            ("create_completion loop, llama-cpp-python defaults (baseline)", plain),
-            (f"create_completion loop, {args.threads} decode threads", sequential),
-            (f"raw batched llama_decode, {args.slots} slots, in-process, {label}", raw),
-            (f"corral decode loop, {args.slots} slots, in-process, {label}", loop),
-            (f"corral batch job end to end, {args.slots} slots, {label}", job),
-        ]
+        [name, best[name], " / ".join(f"{v:.1f}" for v in rates[name]), f"{best[name] / plain:.2f}x",
+         f"{best[name] / sequential:.2f}x", f"{best[name] / raw:.2f}x"]
+        for name in names
     ]
     print_table(
         f"{args.prompts} prompts x {args.tokens} new tokens, SmolLM2-135M Q4_1, {args.threads} threads, "
-        f"best of {args.repeat}",
-        ["path", "tok/s", "vs plain loop", f"vs {args.threads}-thread loop", "vs raw batched"], rows,
+        f"{args.repeat} alternating rounds, best of each",
+        ["path", "tok/s", "per round", "vs plain loop", f"vs {args.threads}-thread loop", "vs raw batched"], rows,
     )
-
+    paired = [job / raw for job, raw in zip(rates[names[4]], rates[names[3]])]
+    loop_paired = [loop / raw for loop, raw in zip(rates[names[2]], rates[names[3]])]
+    print(f"\nbatch job / raw batched, each round: {' / '.join(f'{r:.2f}' for r in paired)}; "
+          f"median {statistics.median(paired):.2f}x")
+    print(f"decode loop / raw batched, each round: {' / '.join(f'{r:.2f}' for r in loop_paired)}; "
+          f"median {statistics.median(loop_paired):.2f}x")
 
 if __name__ == "__main__":
     main()
