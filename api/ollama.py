@@ -60,10 +60,10 @@ def generate() -> Response:
     if not req.model:
         raise ModelNotFound("model '' not found")
     svc = services().inference
-    svc.model(req.model)
+    record = svc.model(req.model)  # a missing model's 404 comes before the raw-mode 400, as in Ollama
     if req.raw and (req.template or req.system or req.context):
         raise BadRequest("raw mode does not support template, system, or context")
-    record = svc.generation_model(req.model, "generate", think=req.think, images=bool(req.images))
+    svc.check_generation(record, req.model, "generate", think=req.think, images=bool(req.images))
     check_context(req.context, int(record.config.get("vocab_size") or 0))
     if req.suffix and "insert" not in record.capabilities:
         raise BadRequest(f"{ModelName.parse(req.model).display} does not support insert")
