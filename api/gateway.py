@@ -1,4 +1,5 @@
-"""The API's only way to reach workers: send a Celery message, read the reply stream.
+"""The API's only way to reach workers: push an interactive request onto its model's list (or send a Celery
+message, for model builds), read the reply stream.
 
 Also the interactive queue bookkeeping: a sorted set per model of requests that wait for a worker, which
 gives ``OLLAMA_MAX_QUEUE`` its 503 and /api/ps and the queue endpoints their depth.
@@ -13,18 +14,18 @@ import time
 from collections.abc import Generator, Iterator
 from typing import Any
 
-from corral.broker import UNREACHABLE, Broker, queue_lists
+from corral.broker import UNREACHABLE, Broker
 from corral.errors import BrokerUnavailable, QueueFull, WorkerUnavailable
 from corral.protocol import (
     BUILD_QUEUE,
     BUILD_TASK,
-    INTERACTIVE_TASK,
     WORKER_KEY_PATTERN,
     WORKERS_SEEN_KEY,
     BuildRequest,
     InferenceRequest,
     StreamEvent,
     StreamReader,
+    interactive_message,
     model_queue,
     new_request_id,
     unload_key,
@@ -42,7 +43,6 @@ class Gateway:
         self.settings = settings
         self.broker = broker
 
-
     def run(self, req: InferenceRequest) -> Generator[StreamEvent, None, None]:
         """Enqueue ``req`` and yield its reply events until the terminal one.
 
@@ -56,18 +56,16 @@ class Gateway:
             # The reader's lease lapses a heartbeat TTL after this process stops reading (it was killed): the
             # worker then stops the generation, as it does when a client goes away.
             queue = model_queue(req.model_digest, "interactive")
+            req.leased = True
+            message = interactive_message(req, self.settings.queue_timeout)
 
-            def send() -> None:
-                self.broker.celery.send_task(INTERACTIVE_TASK, args=[req.payload()], queue=queue,
-                                             expires=self.settings.queue_timeout)
+            def send() -> None:  # one LPUSH: a worker's interactive lane pops it (workers/interactive.py)
+                self.broker.redis.lpush(queue, message)
 
             def resend() -> bool:
                 """Send again a request no worker started while the queue is empty: its message went with a
                 worker that took it and died (a copy that reaches a worker after all is skipped there)."""
-                pipe = self.broker.redis.pipeline(transaction=False)
-                for name in queue_lists(queue):
-                    pipe.llen(name)
-                if any(pipe.execute()):
+                if self.broker.redis.llen(queue):
                     return False  # still waiting its turn, or waiting for a worker
                 log.warning("request %s was taken off its queue but never started (its worker died with the "
                             "message); sending it again", req.request_id)
@@ -77,7 +75,6 @@ class Gateway:
             reader = StreamReader(self.broker.redis, req.request_id, queue_timeout=self.settings.queue_timeout,
                                   lease=self.settings.heartbeat_ttl, pickup=2 * self.settings.heartbeat_ttl,
                                   resend=resend)
-            req.leased = True
             self._enter_queue(key, req.request_id, reader)
             try:
                 send()

@@ -1,10 +1,11 @@
 """The contract between the API and the workers: queue names, Redis keys, task payloads, stream events.
 
-The API never calls worker code.  It sends a Celery message (task name + a small JSON payload) to the model's
-queue and reads the reply from a Redis Stream, one per request::
+The API never calls worker code.  It pushes a small JSON message (:func:`interactive_message`) onto the model's
+interactive list and reads the reply from a Redis Stream, one per request (batch chunks and model builds are
+Celery tasks instead: :data:`CHUNK_TASK`, :data:`BUILD_TASK`)::
 
     API                          Redis                               worker
-    send_task (Celery)   ---->   corral.<digest>.interactive  ---->  runs the request
+    LPUSH <message>      ---->   corral.<digest>.interactive  ---->  BRPOP: runs the request (workers/interactive.py)
     XREAD BLOCK <----------      corral:stream:<request id>   <----  XADD start / delta... / done | error
     SET corral:cancel:<id> -->   (client went away)           ---->  checked between tokens: stop
     SET corral:reader:<id> PX -> (renewed by the API process)  ---->  gone (the API died): stop
@@ -33,7 +34,6 @@ from pydantic import BaseModel, Field
 from corral.errors import BrokerUnavailable, CorralError, WorkerUnavailable, error_for_status
 from corral.leases import KEEPER
 
-INTERACTIVE_TASK = "corral.interactive"
 CHUNK_TASK = "corral.run_chunk"
 BUILD_TASK = "corral.build_model"
 # Model building that needs llama.cpp (/api/create's load check and quantize): every worker that shares the
@@ -47,6 +47,29 @@ KEY_PREFIX = "corral:"
 def model_queue(model_digest: str, traffic: Literal["interactive", "batch"]) -> str:
     """The Celery queue for one model's traffic class; keyed by the GGUF digest so aliases share workers."""
     return f"corral.{model_digest[:16]}.{traffic}"
+
+
+@dataclass(frozen=True)
+class InteractiveMessage:
+    """What an interactive list holds: a request's payload (:meth:`InferenceRequest.payload`) and when its
+    reader stops waiting for a worker to start it (epoch seconds; a worker drops it after that)."""
+
+    payload: dict[str, Any]
+    expires: float
+
+
+def interactive_message(req: InferenceRequest, queue_timeout: float) -> str:
+    return json.dumps({"payload": req.payload(), "expires": req.enqueued_at + queue_timeout})
+
+
+def read_interactive_message(raw: bytes | str) -> InteractiveMessage:
+    """Parse a message of :func:`interactive_message`; ``ValueError``/``KeyError``/``TypeError`` for anything
+    else."""
+    data = json.loads(raw)
+    payload = data["payload"]
+    if not isinstance(payload, dict):
+        raise TypeError("the payload is not an object")
+    return InteractiveMessage(payload=payload, expires=float(data["expires"]))
 
 
 def stream_key(request_id: str) -> str:
@@ -113,7 +136,7 @@ def new_request_id() -> str:
 
 
 class InferenceRequest(BaseModel):
-    """Payload of an interactive task: everything a worker needs, nothing Flask- or ORM-shaped."""
+    """Payload of an interactive request: everything a worker needs, nothing Flask- or ORM-shaped."""
 
     request_id: str
     kind: Literal["generate", "chat", "embed", "rerank", "load"]

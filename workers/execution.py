@@ -2,7 +2,7 @@
 its reply, streamed or whole.
 
 :class:`RequestRunner` is the request half of a worker process (workers/runtime.py holds the other half: the
-process's lifecycle and heartbeat).  Interactive tasks (workers/tasks.py), batch chunks (workers/batch.py) and
+process's lifecycle and heartbeat).  Interactive requests (workers/interactive.py), batch chunks (workers/batch.py) and
 dry runs (workers/items.py) all run their requests through it, so a job item's prompt is the sync route's.
 """
 

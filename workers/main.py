@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from celery.signals import task_received, worker_ready, worker_shutdown
+from celery.signals import task_received, worker_ready, worker_shutdown, worker_shutting_down
 
 from corral.cpu_kernels import side_libraries
 from corral.errors import CorralError
@@ -79,11 +79,15 @@ def _serve_new_models(app: Any, runtime: Any, store: ModelStore) -> None:
     queues, names = queues_for(store, None)
     for queue in queues:
         if queue not in runtime.queues:
-            app.control.add_consumer(queue, destination=[runtime.name], reply=False)
+            if not queue.endswith(".interactive"):  # the interactive lane reads runtime.queues at every pop
+                app.control.add_consumer(queue, destination=[runtime.name], reply=False)
             runtime.queues.append(queue)
             logging.getLogger("corral.worker").info("now also consuming %s", queue)
     runtime.models = names
 
+
+# How long a stopping worker waits for its interactive requests under way (after Celery's own soft shutdown).
+INTERACTIVE_SHUTDOWN_SECONDS = 30.0
 
 SYNC_SECONDS = STORE_SCAN_SECONDS  # one small request to the API (GET /api/tags) per round
 
@@ -143,9 +147,11 @@ def run_worker(
     import workers.tasks
     from jobs.reconcile import Reconciler
     from jobs.webhooks import Sender
+    from workers.interactive import InteractiveLane, lane_threads
     from workers.runtime import WorkerRuntime, task_threads
 
     name = worker_name(gpu)
+    lanes: list[InteractiveLane] = []
 
     @worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
@@ -166,6 +172,9 @@ def run_worker(
                 threading.Thread(target=_sync_from, args=(store, pull_from, settings, runtime), daemon=True,
                                  name="corral-pull-from").start()
         runtime.start()
+        lane = InteractiveLane(runtime, lane_threads(settings.num_parallel))
+        lane.start()
+        lanes.append(lane)
         try:
             reconciler.sweep(startup=True)
         except Exception:  # a database hiccup must not keep the worker from serving chat
@@ -178,8 +187,15 @@ def run_worker(
         if runtime is not None:
             workers.batch.mark_received(runtime, request)
 
+    @worker_shutting_down.connect(weak=False)
+    def _shutting_down(**_: Any) -> None:
+        for lane in lanes:  # take no new interactive requests; those under way go on
+            lane.stop()
+
     @worker_shutdown.connect(weak=False)
     def _shutdown(**_: Any) -> None:
+        for lane in lanes:  # Celery has waited for its tasks (soft shutdown); now the interactive requests
+            lane.join(INTERACTIVE_SHUTDOWN_SECONDS)
         runtime = getattr(app, "corral_runtime", None)
         if runtime is not None:
             runtime.stop()
@@ -187,12 +203,13 @@ def run_worker(
     app.worker_main(
         [
             "worker",
-            # Threads: interactive requests to one model run at once and meet in its decode loop, which is the
-            # only owner of the llama.cpp context; llama.cpp releases the GIL while it computes.
+            # Threads: a chunk's requests meet interactive ones in the model's decode loop, which is the only
+            # owner of the llama.cpp context; llama.cpp releases the GIL while it computes.
             "--pool=threads",
-            f"--concurrency={task_threads(settings.num_parallel)}",
+            f"--concurrency={task_threads()}",
             f"--hostname={name}",
-            f"--queues={','.join(queues)}",
+            # Celery consumes the batch and build queues; the interactive lane the rest (workers/interactive.py)
+            f"--queues={','.join(q for q in queues if not q.endswith('.interactive'))}",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",

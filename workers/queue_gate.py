@@ -1,12 +1,13 @@
 """Stop fetching batch chunks while a worker already runs its share of them.
 
-A worker runs Celery's threads pool so that interactive requests to one model meet in its decode loop; with
-prefetch that pool would also reserve a chunk message for every idle thread.  Chunks held that way would both
-fill the threads interactive requests need and sit in this worker's unacked set instead of in the queue where
-another worker could take them (and where the job reconciler, which works from SQL, expects them).
+A worker runs Celery's threads pool for batch chunks and model builds (interactive requests have a lane of
+their own: workers/interactive.py); with prefetch that pool would reserve a chunk message for every idle thread.
+Chunks held that way would both fill the thread builds need and sit in this worker's unacked set instead of in
+the queue where another worker could take them (and where the job reconciler, which works from SQL, expects
+them).
 
 Celery has no per-queue concurrency, so this consumer step narrows the queues of each Redis ``BRPOP``: while
-:data:`~workers.runtime.CHUNKS_PER_WORKER` chunk tasks are reserved, only the interactive queues are polled.
+:data:`~workers.runtime.CHUNKS_PER_WORKER` chunk tasks are reserved, only the build queue is polled.
 The count comes from Celery's own reserved-request set, which is updated when a message is received, before
 the next poll.  (Celery's ``worker_disable_prefetch`` does the same kind of narrowing, for all queues at once.)
 """

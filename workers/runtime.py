@@ -36,13 +36,14 @@ log = logging.getLogger(__name__)
 RATE_WINDOW = 10.0
 
 # Batch chunks one worker runs at once: two, so the next chunk's prompts fill the decode slots that the last
-# one's stragglers leave idle.  The worker's other task threads stay free for interactive requests.
+# one's stragglers leave idle.  Interactive requests never wait for these threads: they have their own.
 CHUNKS_PER_WORKER = 2
 
 
-def task_threads(num_parallel: int) -> int:
-    """Celery threads per worker: every decode slot can stream an interactive request, plus the chunk runners."""
-    return max(num_parallel or 8, 1) + CHUNKS_PER_WORKER + 1
+def task_threads() -> int:
+    """Celery threads per worker: the chunk runners and one for model builds (interactive requests have threads
+    of their own: workers/interactive.py)."""
+    return CHUNKS_PER_WORKER + 1
 
 
 class WorkerRuntime:
