@@ -157,11 +157,11 @@ class ModelStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        # Records read from manifests, keyed by the manifest file's identity: every chat looks its model up (the
-        # API once, its worker once), and reading a manifest, its text layers and its config took 0.2-0.3 ms of
-        # the time to first token on 2 cores.  A manifest is rewritten by rename (a new inode and mtime) and
-        # the blobs it names are content-addressed, so an unchanged stat means an unchanged record.
-        self._records: dict[Path, tuple[tuple[int, int, int], ModelRecord]] = {}
+        # Records read from manifests, by manifest path: every chat looks its model up (the API once, its worker
+        # once), and reading a manifest's text layers and config took 0.2-0.3 ms of the time to first token on 2
+        # cores.  The blobs a manifest names are content-addressed, so a manifest with the same sha256 (read
+        # again each time: it is small) and mtime has the same record, whatever happened to the file between.
+        self._records: dict[Path, tuple[ModelRecord | None, int]] = {}
         self._records_lock = threading.Lock()
 
     @contextmanager
@@ -322,8 +322,8 @@ class ModelStore:
         except FileNotFoundError:
             return None
 
-    def _record(self, name: ModelName, path: Path) -> ModelRecord:
-        raw = path.read_bytes()
+    def _record(self, name: ModelName, path: Path, raw: bytes | None = None) -> ModelRecord:
+        raw = path.read_bytes() if raw is None else raw
         manifest = json.loads(raw)
         layer = next(x for x in manifest["layers"] if x["mediaType"] == MODEL_MEDIA_TYPE)
         if not self.blob_path(layer["digest"]).exists():
@@ -358,21 +358,22 @@ class ModelStore:
         )
 
     def _cached_record(self, name: ModelName, path: Path) -> ModelRecord:
-        stat = path.stat()
-        key = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        raw = path.read_bytes()
+        digest = hashlib.sha256(raw).hexdigest()
+        mtime = path.stat().st_mtime_ns  # a manifest written again as it was: a new modified_at
         with self._records_lock:
-            cached = self._records.get(path)
-        if cached is not None and cached[0] == key:
-            if not cached[1].model_path.exists():  # removed under a manifest that stayed (a broken store)
+            cached, cached_mtime = self._records.get(path, (None, 0))
+        if cached is not None and cached.digest == digest and cached_mtime == mtime:
+            if not cached.model_path.exists():  # removed under a manifest that stayed (a broken store)
                 raise MissingBlob(f"model '{name.display}' is incomplete: its manifest names blob "
-                                  f"sha256:{cached[1].model_digest}, which is not in the store; pull or create it "
+                                  f"sha256:{cached.model_digest}, which is not in the store; pull or create it "
                                   "again")
-            return cached[1]
-        record = self._record(name, path)
+            return cached
+        record = self._record(name, path, raw)
         with self._records_lock:
             if len(self._records) >= RECORD_CACHE_SIZE:
                 self._records.clear()
-            self._records[path] = (key, record)
+            self._records[path] = (record, mtime)
         return record
 
     def get(self, text: str) -> ModelRecord:
