@@ -2,10 +2,11 @@
 (which consume them) share, so neither imports the other.
 
 Choices, each from Celery's docs on long GPU tasks with a Redis broker (see shared/reference):
-- ``worker_prefetch_multiplier=1``: a worker reserves no more than it runs, so an interactive message is never
-  stuck behind a prefetched batch chunk, and queue order (``queue_order_strategy: priority``) decides.
-- ``task_acks_late`` for batch chunks (a killed worker's chunk is redelivered), early ack for interactive
-  requests (a client that got an error must not have its request re-run minutes later).
+- ``worker_prefetch_multiplier=1``: a worker reserves no more than it runs, so a chunk message waits in Redis
+  for whichever worker frees up first, and queue order (``queue_order_strategy: priority``) decides.
+  (Interactive requests are not Celery tasks: the worker's interactive lane pops them, workers/interactive.py.)
+- ``task_acks_late`` for batch chunks (a killed worker's chunk is redelivered), early ack for model builds (a
+  client that got an error must not have its build re-run minutes later).
 - ``visibility_timeout`` far above a chunk's duration, set in every place Celery reads it; lost chunks are
   recovered sooner by the job reconciler, which works from SQL, not from Redis.
 - No result backend: results go to Redis streams (interactive) and SQL (batch).

@@ -5,7 +5,7 @@ interactive list and reads the reply from a Redis Stream, one per request (batch
 Celery tasks instead: :data:`CHUNK_TASK`, :data:`BUILD_TASK`)::
 
     API                          Redis                               worker
-    LPUSH <message>      ---->   corral.<digest>.interactive  ---->  BRPOP: runs the request (workers/interactive.py)
+    LPUSH <message>      ---->   corral.<digest>.lane         ---->  BRPOP: runs the request (workers/interactive.py)
     XREAD BLOCK <----------      corral:stream:<request id>   <----  XADD start / delta... / done | error
     SET corral:cancel:<id> -->   (client went away)           ---->  checked between tokens: stop
     SET corral:reader:<id> PX -> (renewed by the API process)  ---->  gone (the API died): stop
@@ -20,12 +20,14 @@ Each stream is capped (MAXLEN) and expires after the request ends.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import redis
@@ -35,6 +37,7 @@ from corral.errors import BrokerUnavailable, CorralError, WorkerUnavailable, err
 from corral.leases import KEEPER
 
 CHUNK_TASK = "corral.run_chunk"
+LEGACY_INTERACTIVE_TASK = "corral.interactive"  # what interactive requests were before the lane (a Celery task)
 BUILD_TASK = "corral.build_model"
 # Model building that needs llama.cpp (/api/create's load check and quantize): every worker that shares the
 # API's model store consumes it (one started with ``--pull-from`` keeps a copy of the store and does not).
@@ -45,8 +48,17 @@ KEY_PREFIX = "corral:"
 
 
 def model_queue(model_digest: str, traffic: Literal["interactive", "batch"]) -> str:
-    """The Celery queue for one model's traffic class; keyed by the GGUF digest so aliases share workers."""
-    return f"corral.{model_digest[:16]}.{traffic}"
+    """One model's queue for a traffic class, keyed by the GGUF digest so aliases share workers: a Celery queue
+    for batch chunks, and for interactive requests the list the worker's interactive lane pops
+    (``corral.<digest>.lane``: a name of its own, so a worker of an earlier version, whose Celery consumer reads
+    ``corral.<digest>.interactive``, never meets a message it cannot parse)."""
+    return f"corral.{model_digest[:16]}.{'lane' if traffic == 'interactive' else traffic}"
+
+
+def legacy_interactive_queue(lane: str) -> str:
+    """The Celery queue an API of an earlier version sends a lane's interactive requests to (during a rolling
+    upgrade): the lane reads it too (:func:`read_interactive_message` takes its Celery messages)."""
+    return lane.removesuffix(".lane") + ".interactive"
 
 
 @dataclass(frozen=True)
@@ -63,13 +75,22 @@ def interactive_message(req: InferenceRequest, queue_timeout: float) -> str:
 
 
 def read_interactive_message(raw: bytes | str) -> InteractiveMessage:
-    """Parse a message of :func:`interactive_message`; ``ValueError``/``KeyError``/``TypeError`` for anything
-    else."""
+    """Parse a message of :func:`interactive_message`, or the Celery task message an API of an earlier version
+    sent (kombu's envelope: a base64 body of ``[args, kwargs, embed]``, the expiry an ISO time in its headers);
+    ``ValueError``/``KeyError``/``TypeError`` for anything else."""
     data = json.loads(raw)
-    payload = data["payload"]
+    if "payload" in data:
+        payload, expires = data["payload"], float(data["expires"])
+    else:
+        if data["headers"]["task"] != LEGACY_INTERACTIVE_TASK:
+            raise ValueError(f"a task message of {data['headers']['task']!r}")
+        args = json.loads(base64.b64decode(data["body"]))[0]
+        payload = args[0]
+        when = data["headers"].get("expires")
+        expires = datetime.fromisoformat(when).timestamp() if when else math.inf
     if not isinstance(payload, dict):
         raise TypeError("the payload is not an object")
-    return InteractiveMessage(payload=payload, expires=float(data["expires"]))
+    return InteractiveMessage(payload=payload, expires=expires)
 
 
 def stream_key(request_id: str) -> str:

@@ -13,8 +13,9 @@ progress is visible live and a killed worker loses only the chunk's unfinished i
 back to ``pending``.
 
 A worker runs at most :data:`~workers.runtime.CHUNKS_PER_WORKER` chunks at a time and does not even fetch
-another chunk message meanwhile (:mod:`workers.queue_gate`): the rest of its task threads stay free for
-interactive requests, and queued chunks stay in Redis for whichever worker frees up first.
+another chunk message meanwhile (:mod:`workers.queue_gate`): the rest of its Celery threads stay free for model
+builds, and queued chunks stay in Redis for whichever worker frees up first (interactive requests never wait for
+these threads: workers/interactive.py).
 
 A PostgreSQL restart (issue #38) fails no item: each of the runner's transactions is retried while the database is
 unreachable (:func:`jobs.db.transaction`, bounded by :data:`~jobs.db.RETRY_SECONDS`), and every one of them is

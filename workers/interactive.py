@@ -21,8 +21,12 @@ What Celery gave these requests, and how the lane keeps it:
   threads (workers/batch.py), their messages acknowledged late.
 - *Outages*: Redis out of reach (an outage, a Sentinel failover) is waited out, trying again every
   :data:`RETRY_MAX` seconds at most, with a line when it starts and one when it ends.
-- *Shutdown*: the lane stops popping as the worker begins to shut down, and the worker waits for the requests
-  under way (:meth:`InteractiveLane.join`).
+- *Shutdown*: the lane stops popping as the worker begins to shut down (a request popped just then goes back
+  to its list), and the worker waits for the requests under way before it frees its models
+  (:meth:`InteractiveLane.join`); a second signal stops it at once, as Celery's cold shutdown does.
+- *Rolling upgrades*: the lane's lists are ``corral.<digest>.lane``, a name an earlier worker's Celery consumer
+  never reads, and the lane also pops the ``corral.<digest>.interactive`` queues where an earlier API sends its
+  Celery task messages (:func:`corral.protocol.read_interactive_message` takes them).
 """
 
 from __future__ import annotations
@@ -35,7 +39,13 @@ from typing import Any
 
 from corral.broker import UNREACHABLE
 from corral.errors import CorralError, GenerationFailed, WorkerUnavailable
-from corral.protocol import InferenceRequest, StreamWriter, read_interactive_message, waiting_key
+from corral.protocol import (
+    InferenceRequest,
+    StreamWriter,
+    legacy_interactive_queue,
+    read_interactive_message,
+    waiting_key,
+)
 from workers.runtime import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -93,6 +103,8 @@ class InteractiveLane:
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="corral-interactive")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="corral-interactive-lane", daemon=True)
+        self._down_since: float | None = None  # since when Redis has not answered the lane
+        self._pause = RETRY_START
 
     def start(self) -> None:
         self._thread.start()
@@ -101,77 +113,81 @@ class InteractiveLane:
         """Pop no more requests (those under way go on)."""
         self._stop.set()
 
-    def join(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for the requests under way to end."""
+    def join(self) -> None:
+        """Wait for the requests under way to end, however long they take, as Celery's warm shutdown waits for
+        its tasks: the worker then frees its models, which a request still running would be using."""
         self.stop()
-        self._thread.join(timeout)
-        deadline = time.monotonic() + max(0.0, timeout)
-        taken = 0
-        while taken < self.threads and self._free.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            taken += 1
-        if taken < self.threads:
-            log.warning("%d interactive request(s) still running at shutdown", self.threads - taken)
-        self._pool.shutdown(wait=False)
+        self._thread.join()
+        for _ in range(self.threads):
+            self._free.acquire()
+        self._pool.shutdown(wait=True)
 
     def _queues(self) -> list[str]:
-        return [q for q in self.runtime.queues if q.endswith(".interactive")]
+        """The lanes' lists, then the Celery queues an API of an earlier version sends to (a rolling upgrade)."""
+        lanes = [q for q in self.runtime.queues if q.endswith(".lane")]
+        return lanes + [legacy_interactive_queue(q) for q in lanes]
 
     def _loop(self) -> None:
-        down_since: float | None = None
-        pause = RETRY_START
+        """Pop and hand over, for the worker's life: a pass that fails in any way is logged and tried again, so
+        the lane never dies while the heartbeat says the worker serves its models."""
         while not self._stop.is_set():
             if not self._free.acquire(timeout=POP_TIMEOUT):
                 continue  # every thread busy: leave the requests to other workers of the model
+            handed_over = False
             try:
-                queues = self._queues()
-                popped = self.runtime.redis.brpop(queues, timeout=POP_TIMEOUT) if queues else None
-                if not queues:
-                    self._stop.wait(POP_TIMEOUT)
-            except UNREACHABLE as exc:
-                self._free.release()
-                if down_since is None:
-                    down_since = time.monotonic()
-                    log.warning("Redis unreachable (%s: %s): interactive requests wait for it",
-                                type(exc).__name__, exc)
-                self._stop.wait(pause)
-                pause = min(RETRY_MAX, pause * 2)
-                continue
+                handed_over = self._pass()
             except Exception:  # the lane must outlive any hiccup
-                self._free.release()
                 log.exception("popping interactive requests failed")
                 self._stop.wait(RETRY_MAX)
-                continue
-            if down_since is not None:
-                log.warning("Redis answers again after %.1f s: interactive requests resumed",
-                            time.monotonic() - down_since)
-                down_since, pause = None, RETRY_START
-            if not popped:
-                self._free.release()
-                continue
-            if self._stop.is_set():  # popped by a BRPOP sent before the stop: back where the next pop takes it
-                self._give_back(*popped)
-                self._free.release()
-                return
-            payload = self._payload(popped[1])
-            if payload is None:
-                self._free.release()
-                continue
-            try:
-                self._pool.submit(self._run, payload)
-            except RuntimeError:  # the pool is shut down: the worker is stopping
-                self._free.release()
-                return
+            finally:
+                if not handed_over:
+                    self._free.release()
+
+    def _pass(self) -> bool:
+        """One pop; True when a request went to a thread (which then releases its permit)."""
+        queues = self._queues()
+        if not queues:
+            self._stop.wait(POP_TIMEOUT)
+            return False
+        try:
+            popped = self.runtime.redis.brpop(queues, timeout=POP_TIMEOUT)
+        except UNREACHABLE as exc:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning("Redis unreachable (%s: %s): interactive requests wait for it", type(exc).__name__, exc)
+            self._stop.wait(self._pause)
+            self._pause = min(RETRY_MAX, self._pause * 2)
+            return False
+        if self._down_since is not None:
+            log.warning("Redis answers again after %.1f s: interactive requests resumed",
+                        time.monotonic() - self._down_since)
+            self._down_since, self._pause = None, RETRY_START
+        if not popped:
+            return False
+        queue, raw = popped
+        if self._stop.is_set():  # popped by a BRPOP sent before the stop: back where the next pop takes it
+            self._give_back(queue, raw)
+            return False
+        payload = self._payload(raw)
+        if payload is None:
+            return False
+        try:
+            self._pool.submit(self._run, payload)
+        except RuntimeError:  # the pool is shut down: the worker is stopping
+            self._give_back(queue, raw)
+            return False
+        return True
 
     def _give_back(self, queue: bytes | str, raw: bytes | str) -> None:
         try:
             self.runtime.redis.rpush(queue, raw)
-        except UNREACHABLE as exc:  # its reader sends it again when no worker starts it (StreamReader.resend)
+        except Exception as exc:  # its reader sends it again when no worker starts it (StreamReader.resend)
             log.warning("could not give back an interactive request at shutdown (%s: %s)", type(exc).__name__, exc)
 
     def _payload(self, raw: bytes | str) -> dict[str, Any] | None:
         try:
             message = read_interactive_message(raw)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, RecursionError) as exc:
             log.error("dropping a malformed interactive message (%s): %.200r", exc, raw)
             return None
         if message.expires < time.time():

@@ -29,7 +29,7 @@ def worker_name(gpu: int | None) -> str:
 
 
 def queues_for(store: ModelStore, models: list[str] | None) -> tuple[list[str], list[str]]:
-    """(queues, model names): interactive queues first, so Redis pops them before any batch chunk."""
+    """(queues, model names): the interactive lanes' lists (workers/interactive.py), then Celery's batch queues."""
     records = [store.get(m) for m in models] if models else store.list()
     digests: list[str] = []
     for record in records:
@@ -79,15 +79,12 @@ def _serve_new_models(app: Any, runtime: Any, store: ModelStore) -> None:
     queues, names = queues_for(store, None)
     for queue in queues:
         if queue not in runtime.queues:
-            if not queue.endswith(".interactive"):  # the interactive lane reads runtime.queues at every pop
+            if not queue.endswith(".lane"):  # the interactive lane reads runtime.queues at every pop
                 app.control.add_consumer(queue, destination=[runtime.name], reply=False)
             runtime.queues.append(queue)
             logging.getLogger("corral.worker").info("now also consuming %s", queue)
     runtime.models = names
 
-
-# How long a stopping worker waits for its interactive requests under way (after Celery's own soft shutdown).
-INTERACTIVE_SHUTDOWN_SECONDS = 30.0
 
 SYNC_SECONDS = STORE_SCAN_SECONDS  # one small request to the API (GET /api/tags) per round
 
@@ -133,7 +130,7 @@ def run_worker(
     logging.getLogger("corral.worker").info("llama.cpp CPU kernels: %s (%s)%s", kernels["variant"],
                                             " ".join(kernels["features"]), f" from {side}" if side else "")
     if not pull_from:  # this worker shares the API's store: it may check and quantize models for /api/create
-        queues.insert(sum(1 for q in queues if q.endswith(".interactive")), BUILD_QUEUE)
+        queues.insert(sum(1 for q in queues if q.endswith(".lane")), BUILD_QUEUE)
     from corral.broker import make_celery
 
     app = make_celery(settings)
@@ -194,8 +191,8 @@ def run_worker(
 
     @worker_shutdown.connect(weak=False)
     def _shutdown(**_: Any) -> None:
-        for lane in lanes:  # Celery has waited for its tasks (soft shutdown); now the interactive requests
-            lane.join(INTERACTIVE_SHUTDOWN_SECONDS)
+        for lane in lanes:  # Celery has waited for its tasks; now the interactive requests
+            lane.join()
         runtime = getattr(app, "corral_runtime", None)
         if runtime is not None:
             runtime.stop()
@@ -206,10 +203,10 @@ def run_worker(
             # Threads: a chunk's requests meet interactive ones in the model's decode loop, which is the only
             # owner of the llama.cpp context; llama.cpp releases the GIL while it computes.
             "--pool=threads",
-            f"--concurrency={task_threads()}",
+            f"--concurrency={task_threads(settings.num_parallel)}",
             f"--hostname={name}",
             # Celery consumes the batch and build queues; the interactive lane the rest (workers/interactive.py)
-            f"--queues={','.join(q for q in queues if not q.endswith('.interactive'))}",
+            f"--queues={','.join(q for q in queues if not q.endswith('.lane'))}",
             "--without-gossip",
             "--without-mingle",
             "--without-heartbeat",

@@ -40,10 +40,12 @@ RATE_WINDOW = 10.0
 CHUNKS_PER_WORKER = 2
 
 
-def task_threads() -> int:
-    """Celery threads per worker: the chunk runners and one for model builds (interactive requests have threads
-    of their own: workers/interactive.py)."""
-    return CHUNKS_PER_WORKER + 1
+def task_threads(num_parallel: int) -> int:
+    """Celery threads per worker: the chunk runners, and as many again as decode slots for model builds and dry
+    runs' token counts (``/v1/messages/count_tokens``), which must not wait one by one behind a quantize.  The
+    batch queue gate (workers/queue_gate.py) keeps chunks to their share; interactive requests have threads of
+    their own (workers/interactive.py)."""
+    return max(num_parallel or 8, 1) + CHUNKS_PER_WORKER + 1
 
 
 class WorkerRuntime:

@@ -71,7 +71,7 @@ def test_request_of_a_replica_that_died_while_it_waited_is_skipped(replicas: tup
     def queued() -> bool:  # the lease is taken before the message is sent: wait for both
         held[:] = list(a.redis.scan_iter(match=reader_key("*")))
         return bool(held) and any(
-            a.redis.type(q) == b"list" and a.redis.llen(q) for q in a.redis.scan_iter(match="corral.*.interactive"))
+            a.redis.type(q) == b"list" and a.redis.llen(q) for q in a.redis.scan_iter(match="corral.*.lane"))
 
     wait_for(queued, 10, "the reader's lease and the queued request")
     kill_group(api_a.proc.pid)
@@ -115,7 +115,7 @@ def test_a_request_whose_message_a_dying_worker_took_is_sent_again(replicas: tup
     sender.start()
 
     def queued() -> list[bytes]:
-        return [q for q in a.redis.scan_iter(match="corral.*.interactive") if a.redis.type(q) == b"list"]
+        return [q for q in a.redis.scan_iter(match="corral.*.lane") if a.redis.type(q) == b"list"]
 
     wait_for(lambda: any(a.redis.llen(q) for q in queued()), 10, "the request's message")
     [stolen] = [a.redis.rpop(q) for q in queued() if a.redis.llen(q)]  # the dying worker's BRPOP

@@ -101,3 +101,21 @@ def test_a_worker_with_every_lane_thread_busy_leaves_the_next_request_to_another
         for t in threads:
             t.join(120)
     assert first.proc.poll() is None
+
+
+def test_an_earlier_apis_celery_message_is_run_during_a_rolling_upgrade(isolated: Stack) -> None:
+    """An API of the version before the lane sends interactive requests as Celery tasks to
+    ``corral.<digest>.interactive``; a worker of this version runs them, and its Celery consumer never reads the
+    lane's own lists."""
+    from corral.broker import make_celery
+    from corral.protocol import LEGACY_INTERACTIVE_TASK, legacy_interactive_queue
+
+    isolated.start_both()
+    digest = digest_of(isolated)
+    req = InferenceRequest(request_id=new_request_id(), kind="generate", model=MODEL, model_digest=digest,
+                           prompt="Hi", options={"num_predict": 2})
+    make_celery(isolated.settings).send_task(
+        LEGACY_INTERACTIVE_TASK, args=[req.payload()], expires=30,
+        queue=legacy_interactive_queue(model_queue(digest, "interactive")))
+    wait_for(lambda: any(fields[b"e"] == b"done" for _, fields in
+                         isolated.redis.xrange(stream_key(req.request_id))), 30, "the request's reply")
