@@ -1,4 +1,4 @@
-"""What the stack adds to time to first token: HTTP -> Celery -> worker -> Redis stream -> HTTP, vs in-process.
+"""What the stack adds to time to first token: HTTP -> Redis list -> worker lane -> Redis stream -> HTTP, vs in-process.
 
     .venv/bin/python bench/stream_overhead.py [--requests 50]
 
@@ -100,7 +100,7 @@ def main() -> None:
     paired = [b - a for a, b in zip(local, stack)]
     rows = [
         ["in-process LoadedModel.generate", percentile(local, 50), percentile(local, 95)],
-        ["through corral (HTTP, Celery, Redis stream)", percentile(stack, 50), percentile(stack, 95)],
+        ["through corral (HTTP, interactive lane, Redis stream)", percentile(stack, 50), percentile(stack, 95)],
         ["added by the stack", percentile(stack, 50) - percentile(local, 50), percentile(stack, 95) - percentile(local, 95)],
         ["added, paired (each round's difference)", percentile(paired, 50), percentile(paired, 95)],
     ]
