@@ -1,7 +1,7 @@
 """The interactive lane: a worker's own consumer of chat, generate, embed, rerank and load requests.
 
 Interactive requests do not go through Celery.  The API pushes each one, as a small JSON message
-(:func:`corral.protocol.interactive_message`), onto its model's list (``corral.<digest>.interactive``), and this
+(:func:`corral.protocol.interactive_message`), onto its model's list (``corral.<digest>.lane``), and this
 lane pops it with one ``BRPOP`` and hands it to a thread of its own.  Celery's path cost a request about 5 ms on
 the 2-core VM before its first token, all of it Python: ``send_task`` building a task message in the API
 (1.5-2 ms), then in the worker kombu's delivery and its unacknowledged-message bookkeeping (two Redis
