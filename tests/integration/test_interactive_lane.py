@@ -68,34 +68,37 @@ def test_a_worker_with_every_lane_thread_busy_leaves_the_next_request_to_another
     # one decode slot, so three lane threads: three long replies take them all
     isolated.settings = isolated.settings.model_copy(update={"num_parallel": 1})
     first, _ = isolated.start_both()
-    body = {"model": MODEL, "prompt": "Tell a long story.", "options": {"num_predict": 2000}}
+    # greedy counting never ends on its own: the three replies last their 2,000 tokens
+    body = {"model": MODEL, "prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "raw": True,
+            "options": {"num_predict": 2000, "temperature": 0}}
     stop = threading.Event()
-    replies: list[list[dict]] = []
 
     def long_reply() -> None:
-        lines: list[dict] = []
-        replies.append(lines)
         with httpx.stream("POST", isolated.base_url + "/api/generate", json=body, timeout=120) as r:
-            for raw in r.iter_lines():
-                lines.append(json.loads(raw))
+            for _ in r.iter_lines():
                 if stop.is_set():
                     break  # the client goes away: the worker stops the reply
+
+    def started() -> dict[bytes, bytes]:  # request -> the worker that runs it
+        keys = list(isolated.redis.scan_iter(match="corral:started:*"))
+        return dict(zip(keys, isolated.redis.mget(keys))) if keys else {}
 
     threads = [threading.Thread(target=long_reply) for _ in range(3)]
     for t in threads:
         t.start()
     try:
         # all three started by the first worker: one decoding, two waiting for its only slot
-        wait_for(lambda: len(list(isolated.redis.scan_iter(match="corral:started:*"))) == 3, 60,
-                 "the three long requests to start")
+        wait_for(lambda: len(started()) == 3, 60, "the three long requests to start")
+        busy = started()
+        assert len(set(busy.values())) == 1
         isolated.start_worker()
         asked = time.monotonic()
         quick = httpx.post(isolated.base_url + "/api/generate", timeout=60,
                            json={"model": MODEL, "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
         assert quick.status_code == 200, quick.text
-        assert time.monotonic() - asked < 20
-        # answered by the second worker: behind the first one's slot it would wait for 2,000-token replies
-        assert not any(lines and lines[-1].get("done") for lines in replies)
+        assert time.monotonic() - asked < 20  # behind the first worker's slot it would wait for 2,000 tokens
+        [quick_worker] = [w for k, w in started().items() if k not in busy]
+        assert quick_worker not in set(busy.values()), "the busy worker took the request"
     finally:
         stop.set()
         for t in threads:
