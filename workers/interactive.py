@@ -23,7 +23,8 @@ What Celery gave these requests, and how the lane keeps it:
   :data:`RETRY_MAX` seconds at most, with a line when it starts and one when it ends.
 - *Shutdown*: the lane stops popping as the worker begins to shut down (a request popped just then goes back
   to its list), and the worker waits for the requests under way before it frees its models
-  (:meth:`InteractiveLane.join`); a second signal stops it at once, as Celery's cold shutdown does.
+  (:meth:`InteractiveLane.join`), as Celery's warm shutdown waits for its tasks; a SIGKILL (a container's grace
+  period over) ends it anyway, and the readers of its replies get the dead worker's error line.
 - *Rolling upgrades*: the lane's lists are ``corral.<digest>.lane``, a name an earlier worker's Celery consumer
   never reads, and the lane also pops the ``corral.<digest>.interactive`` queues where an earlier API sends its
   Celery task messages (:func:`corral.protocol.read_interactive_message` takes them).
@@ -93,8 +94,8 @@ def run_request(runtime: WorkerRuntime, payload: dict[str, Any]) -> None:
 
 
 class InteractiveLane:
-    """Pop interactive requests from the lists of ``runtime.queues`` that end in ``.interactive`` (read at every
-    pop, so a model the worker starts serving later is included) and run each on a thread of the lane's own."""
+    """Pop interactive requests from the lists of ``runtime.queues`` that end in ``.lane`` (read at every pop,
+    so a model the worker starts serving later is included) and run each on a thread of the lane's own."""
 
     def __init__(self, runtime: WorkerRuntime, threads: int) -> None:
         self.runtime = runtime
