@@ -27,7 +27,6 @@ round's job / raw ratio, which drift moves much less.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -41,7 +40,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import corral_stack, model_path, print_table, wait_for_job
+from bench.common import corral_stack, model_path, print_table, run_generate_job
 from corral.settings import CpuWeights
 from workers import compute
 from workers.weights import choose_weights, prepare
@@ -146,15 +145,8 @@ def decode_loop_once(engine: Any, texts: list[str], tokens: int) -> float:
 
 def job_once(client: httpx.Client, texts: list[str], tokens: int) -> float:
     """One batch job end to end, on the stack started once for every round."""
-    body = {"model": "smollm2", "kind": "generate", "options": {"temperature": 0, "num_predict": tokens},
-            "items": [{"custom_id": str(i), "prompt": t, "raw": True} for i, t in enumerate(texts)]}
-    started = time.perf_counter()
-    job = client.post("/api/jobs", json=body).json()
-    state = wait_for_job(client, job["id"], poll=0.25)
-    elapsed = time.perf_counter() - started
-    assert state["counts"]["succeeded"] == len(texts), state
-    results = client.get(f"/api/jobs/{job['id']}/results").text.splitlines()
-    return sum(json.loads(line)["response"]["eval_count"] for line in results) / elapsed
+    elapsed, lines = run_generate_job(client, texts, tokens, poll=0.25)
+    return sum(line["response"]["eval_count"] for line in lines) / elapsed
 
 
 def main() -> None:

@@ -75,6 +75,22 @@ def wait_for_job(client: Any, job_id: str, poll: float = 0.5) -> dict[str, Any]:
         time.sleep(poll)
 
 
+def run_generate_job(client: Any, texts: list[str], tokens: int, poll: float = 0.5) -> tuple[float, list[dict[str, Any]]]:
+    """One greedy ``generate`` job of raw ``texts`` with ``tokens`` new tokens each: (seconds from submission to
+    its end, its result lines); every item must succeed."""
+    import json
+    import time
+
+    body = {"model": "smollm2", "kind": "generate", "options": {"temperature": 0, "num_predict": tokens},
+            "items": [{"custom_id": str(i), "prompt": t, "raw": True} for i, t in enumerate(texts)]}
+    started = time.perf_counter()
+    job = client.post("/api/jobs", json=body).json()
+    state = wait_for_job(client, job["id"], poll=poll)
+    elapsed = time.perf_counter() - started
+    assert state["counts"]["succeeded"] == len(texts), state
+    return elapsed, [json.loads(line) for line in client.get(f"/api/jobs/{job['id']}/results").text.splitlines()]
+
+
 def time_embed_job(client: Any, texts: list[str], chunk_size: int, model: str = "all-minilm") -> float:
     """Chunks/s of one embed job of ``texts``, timed from its JSONL upload to its end (every item succeeded)."""
     import json

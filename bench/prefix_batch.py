@@ -14,7 +14,6 @@ tokenizer.  Goals: decoded <= 1.2x the minimum with grouping; tok/s >= 2x the un
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -26,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import corral_stack, model_path, print_table, wait_for_job
+from bench.common import corral_stack, model_path, print_table, run_generate_job
 
 WORDS = (
     "account accurate action address adjust advice agent agree amount answer apply argue arrange assess assume "
@@ -85,14 +84,7 @@ def run(texts: list[str], tokens: int, grouping: bool) -> dict[str, Any]:
                                            "options": {"num_predict": 2}})
         time.sleep(1.5)  # a heartbeat with the warm-up's counts
         before, _ = decoded(client)
-        body = {"model": "smollm2", "kind": "generate", "options": {"temperature": 0, "num_predict": tokens},
-                "items": [{"custom_id": str(i), "prompt": t, "raw": True} for i, t in enumerate(texts)]}
-        started = time.perf_counter()
-        job = client.post("/api/jobs", json=body).json()
-        state = wait_for_job(client, job["id"], poll=0.5)
-        elapsed = time.perf_counter() - started
-        assert state["counts"]["succeeded"] == len(texts), state
-        lines = [json.loads(line) for line in client.get(f"/api/jobs/{job['id']}/results").text.splitlines()]
+        elapsed, lines = run_generate_job(client, texts, tokens)
         generated = sum(line["response"]["eval_count"] for line in lines)
         prompt_total = sum(line["response"]["prompt_eval_count"] for line in lines)
         time.sleep(1.5)  # the worker's next heartbeat carries the job's counts
