@@ -36,7 +36,11 @@ from jobs.queueing import enqueue_chunks
 
 URGENT = timedelta(hours=2)
 DEFAULT_WINDOW = timedelta(hours=24)
-PER_WORKER = 4  # released chunks waiting in a model's queue per live worker (each runs two at once)
+# Released chunks waiting in a model's queue per live worker, beside the two each runs at once: enough that a
+# worker finds its next chunk queued when one closes (the close releases a replacement), and few enough that a
+# job submitted behind another gets its turn after at most this many of the other's chunks.  It was 4: a second
+# owner's first chunks then started only after the first owner's eighth item pair, at the edge of a fair share.
+PER_WORKER = 2
 LOCK_SECONDS = 10
 WORKERS_TTL = 5.0
 
