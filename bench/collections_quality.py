@@ -1,7 +1,7 @@
 """Retrieval quality of a collection (issue #37 item 5): known-item search over this machine's manual pages.
 
     env -u REDIS_URL -u TEST_DATABASE_URL .venv/bin/python -m bench.collections_quality [--pages 400] [--seed 37]
-        [--weights 1:1,2:1,1:2] [--reranker GGUF_OR_MODEL] [--queries N] [--home DIR]
+        [--weights 1:1,2:1,1:2] [--reranker GGUF_OR_MODEL] [--queries N] [--home DIR] [--database-url URL]
 
 The retrieval set is real text nobody on this project wrote: English manual pages of sections 1 and 8
 (``/usr/share/man/man1``, ``man8``; not ``/usr/share/man/<lang>/``), rendered by ``man --nh --nj -P cat -l`` at
@@ -351,6 +351,8 @@ def main() -> None:
     parser.add_argument("--reranker", help="a cross-encoder GGUF file or a model of the local store")
     parser.add_argument("--home", help="a home kept between runs (its collection is reused)")
     parser.add_argument("--queries", type=int, help="search only the first N pages' queries (a reranker is slow)")
+    parser.add_argument("--database-url", help="the stack's database (PostgreSQL: full text instead of FTS5); "
+                        "kept with --home, so a second run searches the same collection")
     args = parser.parse_args()
     pages = build_set(args.pages, args.seed)
     body_chars = sum(len(p.body) for p in pages)
@@ -363,7 +365,8 @@ def main() -> None:
     load_avg = os.getloadavg()[0]
     with bench_home(args.home) as home:
         model_path(home, "all-minilm")
-        with corral_stack(home) as stack, httpx.Client(base_url=stack.base_url, timeout=600) as http:
+        database = {"database_url": args.database_url} if args.database_url else {}
+        with corral_stack(home, **database) as stack, httpx.Client(base_url=stack.base_url, timeout=600) as http:
             client = OpenAI(base_url=f"{stack.base_url}/v1", api_key="x", max_retries=0)
             if args.reranker:
                 e, t = parse_weights(args.weights)[0]

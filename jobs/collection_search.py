@@ -1,7 +1,8 @@
 """Hybrid search over a collection's chunks: a keyword leg and a vector leg per query, fused by weighted RRF.
 
 Keyword search is the database's own: SQLite FTS5 ranked by bm25 (migration 0012's ``collection_chunks_fts``),
-PostgreSQL full text ranked by ``ts_rank_cd`` over the generated ``tsv`` column.  Raw user text is FTS5 syntax
+PostgreSQL full text ranked by ``ts_rank_cd`` over the generated ``tsv`` column, for at most
+:data:`TEXT_CANDIDATES` chunks taken in tiers of evidence (the comment above it says why).  Raw user text is FTS5 syntax
 ("what is panda?" is a syntax error), so every term is quoted and the terms are OR-ed: a chunk need not hold every
 word of a question to rank.
 
@@ -132,6 +133,53 @@ def _json(value: Any) -> dict[str, Any] | None:
 # -- the text leg -------------------------------------------------------------------------------------------
 
 
+# PostgreSQL's keyword leg ranks at most TEXT_CANDIDATES chunks.  ts_rank_cd needs each matching row's tsvector
+# from the heap, and GIN returns matches in no useful order: at a million chunks an OR of three ordinary words
+# matched 10,000-110,000 rows, and reading them took 100-1,300 ms (about 7 us a row, a heap page each).  So the
+# candidates are taken in tiers, best evidence first, each leaving out the ones before it, until the cap:
+#   1. chunks holding every term;
+#   2. chunks holding a rare term: one the planner's statistics on ``tsv`` (``pg_stats.most_common_elems``) do
+#      not expect in as many rows as the cap, such as an error code or a name, which is what keyword search is
+#      for (with no statistics yet, every term is rare, and this tier is the plain OR);
+#   3. with three terms or more, chunks holding two of them;
+#   4. only while fewer than ``n`` were found: chunks holding any term, the weakest evidence.
+# So with no common term the candidates are exactly the OR's matches below the cap, ranked by ts_rank_cd as
+# before; what is left out is chunks holding one common term and nothing else.  The pair tier is built from the
+# first PAIR_TERMS lexemes (a 40-word question would make 780 pairs).
+TEXT_CANDIDATES = 1000
+PAIR_TERMS = 12
+_QUOTED = "'''' || replace(replace(lexeme, E'\\\\', E'\\\\\\\\'), '''', '''''') || ''''"
+_TIER = ("SELECT c.id FROM collection_chunks c, q WHERE c.tsv @@ q.{tsq} AND {{scope}} "
+         "AND c.id NOT IN (SELECT id FROM {before}) LIMIT {limit}")
+PG_TEXT_LEG = (
+    f"WITH l AS (SELECT DISTINCT lexeme, {_QUOTED} AS t FROM unnest(to_tsvector('english', :q))), "
+    "st AS (SELECT e.elem, e.freq FROM pg_stats p, "
+    "unnest(CAST(CAST(p.most_common_elems AS text) AS text[]), p.most_common_elem_freqs) AS e(elem, freq) "
+    "WHERE p.schemaname = current_schema() AND p.tablename = 'collection_chunks' AND p.attname = 'tsv'), "
+    "lf AS (SELECT l.t, COALESCE(st.freq, 0) * (SELECT GREATEST(reltuples, 0) FROM pg_class "
+    "WHERE oid = CAST('collection_chunks' AS regclass)) >= :cap AS common FROM l LEFT JOIN st ON st.elem = l.lexeme), "
+    "w AS (SELECT t, row_number() OVER (ORDER BY t) AS i FROM l), "
+    "s AS (SELECT (SELECT count(*) FROM l) AS m, "
+    "CAST((SELECT string_agg(t, ' | ') FROM l) AS tsquery) AS any_term, "
+    "CAST((SELECT string_agg(t, ' & ') FROM l) AS tsquery) AS all_terms, "
+    "CAST((SELECT string_agg(t, ' | ') FROM lf WHERE NOT common) AS tsquery) AS rare_terms, "
+    "CAST((SELECT string_agg(a.t || ' & ' || b.t, ' | ') FROM w a JOIN w b ON a.i < b.i AND b.i <= :pairs) "
+    "AS tsquery) AS two_terms), "
+    "q AS MATERIALIZED (SELECT any_term, CASE WHEN m > 1 THEN all_terms END AS tier1, rare_terms AS tier2, "
+    "CASE WHEN m > 2 THEN two_terms END AS tier3 FROM s), "
+    "t0 AS (SELECT CAST(NULL AS bigint) AS id WHERE false), "
+    "t1 AS MATERIALIZED (" + _TIER.format(tsq="tier1", before="t0", limit=":cap") + "), "
+    "t2 AS MATERIALIZED (" + _TIER.format(tsq="tier2", before="t1", limit=":cap - (SELECT count(*) FROM t1)") + "), "
+    "t12 AS MATERIALIZED (SELECT id FROM t1 UNION ALL SELECT id FROM t2), "
+    "t3 AS MATERIALIZED (" + _TIER.format(tsq="tier3", before="t12", limit=":cap - (SELECT count(*) FROM t12)") + "), "
+    "t123 AS MATERIALIZED (SELECT id FROM t12 UNION ALL SELECT id FROM t3), "
+    "t4 AS MATERIALIZED (" + _TIER.format(tsq="any_term", before="t123", limit=(
+        "CASE WHEN (SELECT count(*) FROM t123) >= :n THEN 0 ELSE :cap - (SELECT count(*) FROM t123) END")) + ") "
+    "SELECT c.id, c.document_id, ts_rank_cd(c.tsv, q.any_term) AS r FROM collection_chunks c, q "
+    "WHERE c.id IN (SELECT id FROM t123 UNION ALL SELECT id FROM t4) ORDER BY r DESC, c.id LIMIT :n"
+)
+
+
 def fts_terms(query: str) -> str | None:
     """An FTS5 query that ORs every term of ``query``, each quoted (so ``?``, ``*``, ``"``, ``AND`` or ``NEAR`` in
     user text are words, not syntax); None when the text has no terms."""
@@ -144,12 +192,9 @@ def text_leg(session: Session, collection_id: str, digest: str, query: str, docs
     where, params = doc_clause(session, docs, "c.document_id")
     params.update({"c": collection_id, "m": digest, "n": n})
     if _dialect(session) == "postgresql":
-        rows = session.execute(text(
-            "WITH q AS (SELECT CAST((SELECT string_agg('''' || replace(replace(lexeme, E'\\\\', E'\\\\\\\\'), '''', '''''') "
-            "|| '''', ' | ') FROM unnest(to_tsvector('english', :q))) AS tsquery) AS tsq) "
-            "SELECT c.id, c.document_id, ts_rank_cd(c.tsv, q.tsq) AS r FROM collection_chunks c, q "
-            f"WHERE q.tsq IS NOT NULL AND c.tsv @@ q.tsq AND c.collection_id = :c AND c.model_digest = :m{where} "
-            "ORDER BY r DESC, c.id LIMIT :n"), {**params, "q": query}).all()
+        scope = f"c.collection_id = :c AND c.model_digest = :m{where}"
+        rows = session.execute(text(PG_TEXT_LEG.format(scope=scope)),
+                               {**params, "q": query, "cap": max(TEXT_CANDIDATES, n), "pairs": PAIR_TERMS}).all()
         return [(int(i), int(d), float(r)) for i, d, r in rows]
     match = fts_terms(query)
     if match is None:

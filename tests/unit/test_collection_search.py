@@ -258,6 +258,37 @@ def test_fts_syntax_in_a_query_is_text(sessions: sessionmaker[Session], corpus: 
         assert hits == []
 
 
+def test_postgres_ranks_its_best_evidence_when_matches_pass_the_cap(
+    sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above TEXT_CANDIDATES matching chunks, PostgreSQL's keyword leg takes the chunks holding every term, a
+    rare term or two terms, and leaves out chunks holding one common term only (it would read every one of them
+    from the heap), even those ts_rank_cd would put first."""
+    with sessions.begin() as session:
+        if session.get_bind().dialect.name != "postgresql":
+            pytest.skip("the cap is PostgreSQL's (SQLite's FTS5 ranks in its index)")
+        add_collection(session, "vs_a")
+        # single-term matches, each term six times (ts_rank_cd puts them first), and first in the table
+        _, singles = add_document(session, "vs_a", "singles", [(f"{w} " * 6 + f"filler {i}.", axis(1))
+                                                               for i, w in enumerate(["lantern", "harbor", "meadow"] * 3)])
+        _, (pair, every, code) = add_document(session, "vs_a", "best", [
+            ("A lantern by the harbor.", axis(2)), ("The lantern lit the harbor meadow.", axis(3)),
+            ("The loader stopped with E1234.", axis(4))])
+    with sessions() as session:
+        found = cs.text_leg(session, "vs_a", DIGEST, "lantern harbor meadow", None, 50)
+        assert len(found) == 11 and found[0][0] in singles  # no statistics yet: every match, ranked as ever
+        session.execute(text("ANALYZE collection_chunks"))  # now the planner knows lantern, harbor and meadow
+        session.commit()
+    monkeypatch.setattr(cs, "TEXT_CANDIDATES", 2)
+    with sessions() as session:
+        capped = cs.text_leg(session, "vs_a", DIGEST, "lantern harbor meadow", None, 2)
+        assert [chunk for chunk, _, _ in capped] == [every, pair]
+        two_terms = cs.text_leg(session, "vs_a", DIGEST, "lantern harbor", None, 2)
+        assert {chunk for chunk, _, _ in two_terms} == {every, pair}
+        rare = cs.text_leg(session, "vs_a", DIGEST, "lantern E1234", None, 2)  # the rare term's chunk is last
+        assert code in {chunk for chunk, _, _ in rare} and len(rare) == 2
+
+
 def test_only_the_model_and_the_collection_asked_for(sessions: sessionmaker[Session], corpus: dict[str, int]) -> None:
     hits = run(sessions, "giant pandas E1234", axis(0))
     with sessions() as session:
