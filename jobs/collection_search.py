@@ -144,8 +144,10 @@ def _json(value: Any) -> dict[str, Any] | None:
 #   3. with three terms or more, chunks holding two of them;
 #   4. only while fewer than ``n`` were found: chunks holding any term, the weakest evidence.
 # So with no common term the candidates are exactly the OR's matches below the cap, ranked by ts_rank_cd as
-# before; what is left out is chunks holding one common term and nothing else.  The pair tier is built from the
-# first PAIR_TERMS lexemes (a 40-word question would make 780 pairs).
+# before; what is left out is chunks holding one common term and nothing else, and a query of one common word
+# ranks the first TEXT_CANDIDATES of its matches in the index's order.  Common is judged by the table's
+# statistics (every collection's chunks, as FTS5's bm25 counts the whole table on SQLite).  The pair tier is
+# built from the first PAIR_TERMS lexemes in alphabetical order (a 40-word question would make 780 pairs).
 TEXT_CANDIDATES = 1000
 PAIR_TERMS = 12
 _QUOTED = "'''' || replace(replace(lexeme, E'\\\\', E'\\\\\\\\'), '''', '''''') || ''''"
@@ -155,7 +157,8 @@ PG_TEXT_LEG = (
     f"WITH l AS (SELECT DISTINCT lexeme, {_QUOTED} AS t FROM unnest(to_tsvector('english', :q))), "
     "st AS (SELECT e.elem, e.freq FROM pg_stats p, "
     "unnest(CAST(CAST(p.most_common_elems AS text) AS text[]), p.most_common_elem_freqs) AS e(elem, freq) "
-    "WHERE p.schemaname = current_schema() AND p.tablename = 'collection_chunks' AND p.attname = 'tsv'), "
+    "WHERE p.schemaname = (SELECT n.nspname FROM pg_class r JOIN pg_namespace n ON n.oid = r.relnamespace "
+    "WHERE r.oid = CAST('collection_chunks' AS regclass)) AND p.tablename = 'collection_chunks' AND p.attname = 'tsv'), "
     "lf AS (SELECT l.t, COALESCE(st.freq, 0) * (SELECT GREATEST(reltuples, 0) FROM pg_class "
     "WHERE oid = CAST('collection_chunks' AS regclass)) >= :cap AS common FROM l LEFT JOIN st ON st.elem = l.lexeme), "
     "w AS (SELECT t, row_number() OVER (ORDER BY t) AS i FROM l), "
