@@ -99,6 +99,7 @@ JOB_HEADER = "corral_job"
 # kombu's Redis transport keeps a queue as one list per priority step, named ``queue``, ``queue\x06\x163``, ...
 KOMBU_PRIORITY_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (0, 3, 6, 9)
+KOMBU_UNACKED = "unacked"  # kombu's Redis transport: delivery tag -> a message a consumer holds unacknowledged
 
 # One pass over each list, oldest message first, keeping every message not of the job in its order (popped
 # from the tail, pushed on a temporary list's head, which is then renamed back).  Atomic, so a worker's BRPOP
@@ -137,6 +138,24 @@ return removed
 def queue_lists(queue: str) -> list[str]:
     """The Redis lists kombu keeps ``queue``'s messages in, one per priority step."""
     return [queue if step == 0 else f"{queue}{KOMBU_PRIORITY_SEP}{step}" for step in KOMBU_PRIORITY_STEPS]
+
+
+def messages_present(client: redis.Redis, queues: set[str], ids: set[str]) -> set[str]:
+    """Which of ``ids`` (chunk ids) a message still names: waiting in one of ``queues``' lists, or taken by a
+    worker's consumer and kept in kombu's unacked hash until it is acknowledged.  A message is found by its
+    argument's text (``argsrepr`` in its headers).  The lists are short (the dispatcher keeps a few chunks per
+    live worker released), and so is the hash (each worker holds at most its share of chunks and builds)."""
+    if not ids:
+        return set()
+    pipe = client.pipeline(transaction=False)
+    for queue in sorted(queues):
+        for name in queue_lists(queue):
+            pipe.lrange(name, 0, -1)
+    pipe.hvals(KOMBU_UNACKED)
+    raws: list[bytes] = []
+    for reply in pipe.execute():
+        raws.extend(reply)
+    return {i for i in ids if any(i.encode() in raw for raw in raws)}
 
 
 def purge_job_messages(client: redis.Redis, queue: str, job_id: str) -> int:

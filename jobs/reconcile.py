@@ -12,7 +12,8 @@ lock lets one worker sweep at a time.  It never runs an item itself: it only put
 2. A chunk ``queued`` whose Redis marker is gone (Redis flushed or restarted without persistence; not a chunk
    whose submitter is still sending its job's messages), or names a worker that is gone (it had received the
    message but died before claiming the chunk; its copy of the message waits in the broker's unacked set until
-   the visibility timeout): re-enqueued.
+   the visibility timeout), or still says queued while its message is in no queue and with no worker at two
+   sweeps in a row (a ``BRPOP`` reply lost on its way to a worker cut off from Redis): re-enqueued.
 3. A job with no pending or running item that is not marked ended: completed.
 4. A job past its ``expires_at`` (an OpenAI batch's 24h window): expired; its running items stop between
    tokens (the same Redis flag as a cancel), its queued chunk messages leave the broker
@@ -37,7 +38,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, suspect_key
+from corral.broker import messages_present
+from corral.protocol import QUEUED_MARKER, WORKER_KEY_PATTERN, chunk_key, model_queue, suspect_key
 from corral.settings import Settings
 from jobs import dedup, dispatch, queueing, responses, transitions
 from jobs.db import sessions
@@ -104,6 +106,7 @@ class Reconciler:
         self.silence = max(settings.heartbeat_ttl, 3 * settings.reconcile_interval)
         self._last_contact: float | None = None
         self._trust_after = 0.0
+        self._missing_before: set[str] = set()  # queued chunks whose message the last sweep found nowhere
 
     def live_workers(self) -> set[str]:
         names = set()
@@ -183,11 +186,15 @@ class Reconciler:
             queued = transitions.queued_chunks(session, now - self.grace)
             busy = queueing.sending(self.redis, {job_id for _, _, job_id in queued})
             queued = [entry for entry in queued if entry[2] not in busy]  # their submitter is still sending
+            waiting: list[tuple[str, str, str]] = []
             for start in range(0, len(queued), 1000):
                 page = queued[start : start + 1000]
                 markers = self.redis.mget([chunk_key(cid) for cid, _, _ in page])
                 requeue.extend(entry for entry, marker in zip(page, markers)
                                if not _held_by_the_living(marker, live) and (trusted or marker is None))
+                waiting += [entry for entry, marker in zip(page, markers) if marker == QUEUED_MARKER]
+            if trusted:
+                requeue += self._lost_in_transit(waiting)
             transitions.finish_done_jobs(session)
             held = transitions.held_models(session)
             session.commit()
@@ -234,6 +241,27 @@ class Reconciler:
                 queueing.stopped(self.redis, job_id, digest, transitions.chunk_ids(session, job_id))
             elif time.time() - since > self.grace.total_seconds():
                 queueing.forget_purge(self.redis, job_id)
+
+
+    def _lost_in_transit(self, waiting: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """Chunks marked queued whose message is nowhere, at this sweep and the one before: no queue list and
+        no consumer's unacked set holds it, and no worker wrote its name on the marker.  Redis hands a message
+        to a ``BRPOP`` and forgets it; if the reply never reaches the worker (the worker's host cut off while
+        it waited, its socket timed out and closed), the message is gone while the marker still says queued.
+        Two sweeps apart, so a message between a worker's ``BRPOP`` and its receipt is not taken for lost (a
+        copy sent meanwhile would only find the chunk claimed)."""
+        missing = self._unsent(waiting)
+        lost = [entry for entry in waiting if entry[0] in missing and entry[0] in self._missing_before]
+        self._missing_before = missing - {chunk_id for chunk_id, _, _ in lost}
+        for chunk_id, _, job_id in lost:
+            log.warning("chunk %s of job %s was marked queued but its message is in no queue and with no worker "
+                        "(a reply Redis sent was lost); re-queued it", chunk_id, job_id)
+        return lost
+
+    def _unsent(self, waiting: list[tuple[str, str, str]]) -> set[str]:
+        ids = {chunk_id for chunk_id, _, _ in waiting}
+        present = messages_present(self.redis, {model_queue(digest, "batch") for _, digest, _ in waiting}, ids)
+        return ids - present
 
 
 def _held_by_the_living(marker: bytes | None, live: set[str]) -> bool:

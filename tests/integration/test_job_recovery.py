@@ -105,6 +105,29 @@ def test_a_chunk_message_taken_by_a_worker_that_died_before_claiming_it_is_reque
     assert job["counts"]["succeeded"] == ITEMS, job
 
 
+def test_a_chunk_message_redis_handed_out_but_no_worker_received_is_requeued(isolated: Stack) -> None:
+    """Redis forgets a message once a ``BRPOP`` has it; if the reply never reaches the worker (its host cut off
+    while it waited, its socket timed out), the chunk's marker still says queued and nothing would ever send it
+    again: the job would never end.  Made exact here: with no worker running, one chunk message is taken off
+    the queue and dropped, its marker left as it was."""
+    isolated.start_api()
+    body = {"kind": "generate", "model": MODEL, "chunk_size": 2, "options": {"num_predict": 4, "temperature": 0},
+            "items": [{"custom_id": f"item-{i}", "prompt": f"Describe the number {i}."} for i in range(ITEMS)]}
+    job_id = httpx.post(isolated.base_url + "/api/jobs", json=body, timeout=60).json()["id"]
+    with sessions(isolated.settings)() as session:
+        digest = session.scalars(select(Job.model_digest).where(Job.id == job_id)).one()
+    raw = isolated.redis.rpop(model_queue(digest, "batch"))
+    assert raw is not None
+    chunk_id = ast.literal_eval(json.loads(raw)["headers"]["argsrepr"])[0]
+    assert isolated.redis.get(chunk_key(chunk_id)) == b"1"  # still marked queued
+    isolated.start_worker()
+    job = wait_done(isolated.base_url, job_id, timeout=120)
+    assert job["counts"]["succeeded"] == ITEMS, job
+    with sessions(isolated.settings)() as session:
+        attempts = list(session.scalars(select(Item.attempts).where(Item.job_id == job_id)))
+    assert attempts == [1] * ITEMS
+
+
 def test_redis_flushed_mid_job(isolated: Stack) -> None:
     isolated.start_both()
     job_id = start_job(isolated)
