@@ -261,14 +261,15 @@ def test_fts_syntax_in_a_query_is_text(sessions: sessionmaker[Session], corpus: 
 def test_postgres_ranks_its_best_evidence_when_matches_pass_the_cap(
     sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Above TEXT_CANDIDATES matching chunks, PostgreSQL's keyword leg takes the chunks holding every term, a
-    rare term or two terms, and leaves out chunks holding one common term only (it would read every one of them
-    from the heap), even those ts_rank_cd would put first."""
+    """PostgreSQL's keyword leg weights each term by its rarity (a chunk holding three of the query's words
+    outranks one repeating a single word, which ts_rank_cd put first), and above TEXT_CANDIDATES matching chunks
+    it ranks those holding every term, a rare term or two terms, leaving out chunks that hold one common term
+    only (it would read every one of them from the heap)."""
     with sessions.begin() as session:
         if session.get_bind().dialect.name != "postgresql":
             pytest.skip("the cap is PostgreSQL's (SQLite's FTS5 ranks in its index)")
         add_collection(session, "vs_a")
-        # single-term matches, each term six times (ts_rank_cd puts them first), and first in the table
+        # single-term matches, each term six times, first in the table
         _, singles = add_document(session, "vs_a", "singles", [(f"{w} " * 6 + f"filler {i}.", axis(1))
                                                                for i, w in enumerate(["lantern", "harbor", "meadow"] * 3)])
         _, (pair, every, code) = add_document(session, "vs_a", "best", [
@@ -276,7 +277,7 @@ def test_postgres_ranks_its_best_evidence_when_matches_pass_the_cap(
             ("The loader stopped with E1234.", axis(4))])
     with sessions() as session:
         found = cs.text_leg(session, "vs_a", DIGEST, "lantern harbor meadow", None, 50)
-        assert len(found) == 11 and found[0][0] in singles  # no statistics yet: every match, ranked as ever
+        assert len(found) == 11 and found[0][0] == every  # every match; three terms outrank one term six times
         session.execute(text("ANALYZE collection_chunks"))  # now the planner knows lantern, harbor and meadow
         session.commit()
     monkeypatch.setattr(cs, "TEXT_CANDIDATES", 2)
