@@ -54,6 +54,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -90,7 +91,18 @@ def navigate(driver: WebDriver, element: Any) -> None:
     """Click a link or submit button and wait for the next page (a click does not wait for it)."""
     page = driver.find_element(By.TAG_NAME, "html")
     element.click()
-    wait_until(driver, staleness_of(page))
+    wait_until(driver, lambda d: gone(page))
+
+
+def gone(element: Any) -> bool:
+    """``staleness_of``, also when ChromeDriver reports the replaced page's node as an inspector error ("Node
+    with given id does not belong to the document") instead of a stale reference, as it did in a CI run."""
+    try:
+        return bool(staleness_of(element)(None))
+    except WebDriverException as exc:
+        if "does not belong to the document" in str(exc):
+            return True
+        raise
 
 
 def texts(driver: WebDriver, css: str) -> list[str]:

@@ -85,11 +85,8 @@ def test_worker_killed_mid_job_then_a_new_worker_finishes_it(isolated: Stack) ->
     assert {custom_id for custom_id, n in attempts.items() if n == 2} <= in_flight
 
 
-def test_a_chunk_message_taken_by_a_worker_that_died_before_claiming_it_is_requeued(isolated: Stack) -> None:
-    """The narrow window a kill can hit: a worker has taken a chunk's message (it sits in the broker's unacked
-    set until the visibility timeout, hours) but has not claimed the chunk in SQL yet.  Made exact here: with
-    no worker running, one chunk message is taken off the queue and its marker given a worker that is gone,
-    as that worker's receipt would have left it."""
+def job_with_a_message_taken(isolated: Stack) -> tuple[str, str]:
+    """A job submitted with no worker running, one of its chunk messages taken off the queue: (job, chunk)."""
     isolated.start_api()
     body = {"kind": "generate", "model": MODEL, "chunk_size": 2, "options": {"num_predict": 4, "temperature": 0},
             "items": [{"custom_id": f"item-{i}", "prompt": f"Describe the number {i}."} for i in range(ITEMS)]}
@@ -98,7 +95,15 @@ def test_a_chunk_message_taken_by_a_worker_that_died_before_claiming_it_is_reque
         digest = session.scalars(select(Job.model_digest).where(Job.id == job_id)).one()
     raw = isolated.redis.rpop(model_queue(digest, "batch"))
     assert raw is not None
-    chunk_id = ast.literal_eval(json.loads(raw)["headers"]["argsrepr"])[0]
+    return str(job_id), str(ast.literal_eval(json.loads(raw)["headers"]["argsrepr"])[0])
+
+
+def test_a_chunk_message_taken_by_a_worker_that_died_before_claiming_it_is_requeued(isolated: Stack) -> None:
+    """The narrow window a kill can hit: a worker has taken a chunk's message (it sits in the broker's unacked
+    set until the visibility timeout, hours) but has not claimed the chunk in SQL yet.  Made exact here: with
+    no worker running, one chunk message is taken off the queue and its marker given a worker that is gone,
+    as that worker's receipt would have left it."""
+    job_id, chunk_id = job_with_a_message_taken(isolated)
     isolated.redis.set(chunk_key(chunk_id), b"cpu-999@gone")
     isolated.start_worker()
     job = wait_done(isolated.base_url, job_id, timeout=120)
@@ -110,15 +115,7 @@ def test_a_chunk_message_redis_handed_out_but_no_worker_received_is_requeued(iso
     while it waited, its socket timed out), the chunk's marker still says queued and nothing would ever send it
     again: the job would never end.  Made exact here: with no worker running, one chunk message is taken off
     the queue and dropped, its marker left as it was."""
-    isolated.start_api()
-    body = {"kind": "generate", "model": MODEL, "chunk_size": 2, "options": {"num_predict": 4, "temperature": 0},
-            "items": [{"custom_id": f"item-{i}", "prompt": f"Describe the number {i}."} for i in range(ITEMS)]}
-    job_id = httpx.post(isolated.base_url + "/api/jobs", json=body, timeout=60).json()["id"]
-    with sessions(isolated.settings)() as session:
-        digest = session.scalars(select(Job.model_digest).where(Job.id == job_id)).one()
-    raw = isolated.redis.rpop(model_queue(digest, "batch"))
-    assert raw is not None
-    chunk_id = ast.literal_eval(json.loads(raw)["headers"]["argsrepr"])[0]
+    job_id, chunk_id = job_with_a_message_taken(isolated)
     assert isolated.redis.get(chunk_key(chunk_id)) == b"1"  # still marked queued
     isolated.start_worker()
     job = wait_done(isolated.base_url, job_id, timeout=120)
