@@ -145,8 +145,8 @@ def _json(value: Any) -> dict[str, Any] | None:
 #   3. with three terms or more, chunks holding two of them;
 #   4. only while fewer than ``n`` were found: chunks holding any term, the weakest evidence.
 # So with no common term the candidates are exactly the OR's matches below the cap; what is left out is chunks
-# holding one common term and nothing else, and a query of one common word
-# ranks the first TEXT_CANDIDATES of its matches in the index's order.  Common is judged by the table's
+# holding one common term and nothing else, and a query of one common word ranks the first TEXT_CANDIDATES of
+# its matches in the index's order.  Common is judged by the table's
 # statistics (every collection's chunks, as FTS5's bm25 counts the whole table on SQLite).  The pair tier is
 # built from the first PAIR_TERMS lexemes in alphabetical order (a 40-word question would make 780 pairs).
 # The candidates are ranked as BM25 weighs terms: the sum over the query's terms of ts_rank for that term alone
@@ -181,8 +181,7 @@ PG_TEXT_LEG = (
     "AS tsquery) AS two_terms), "
     "q AS MATERIALIZED (SELECT any_term, CASE WHEN m > 1 THEN all_terms END AS tier1, rare_terms AS tier2, "
     "CASE WHEN m > 2 THEN two_terms END AS tier3 FROM s), "
-    "t0 AS (SELECT CAST(NULL AS bigint) AS id WHERE false), "
-    "t1 AS MATERIALIZED (" + _TIER.format(tsq="tier1", before="t0", limit=":cap") + "), "
+    "t1 AS MATERIALIZED (SELECT c.id FROM collection_chunks c, q WHERE c.tsv @@ q.tier1 AND {scope} LIMIT :cap), "
     "t2 AS MATERIALIZED (" + _TIER.format(tsq="tier2", before="t1", limit=":cap - (SELECT count(*) FROM t1)") + "), "
     "t12 AS MATERIALIZED (SELECT id FROM t1 UNION ALL SELECT id FROM t2), "
     "t3 AS MATERIALIZED (" + _TIER.format(tsq="tier3", before="t12", limit=":cap - (SELECT count(*) FROM t12)") + "), "

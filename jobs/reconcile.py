@@ -250,18 +250,14 @@ class Reconciler:
         it waited, its socket timed out and closed), the message is gone while the marker still says queued.
         Two sweeps apart, so a message between a worker's ``BRPOP`` and its receipt is not taken for lost (a
         copy sent meanwhile would only find the chunk claimed)."""
-        missing = self._unsent(waiting)
+        ids = {chunk_id for chunk_id, _, _ in waiting}
+        missing = ids - messages_present(self.redis, {model_queue(d, "batch") for _, d, _ in waiting}, ids)
         lost = [entry for entry in waiting if entry[0] in missing and entry[0] in self._missing_before]
         self._missing_before = missing - {chunk_id for chunk_id, _, _ in lost}
         for chunk_id, _, job_id in lost:
             log.warning("chunk %s of job %s was marked queued but its message is in no queue and with no worker "
                         "(a reply Redis sent was lost); re-queued it", chunk_id, job_id)
         return lost
-
-    def _unsent(self, waiting: list[tuple[str, str, str]]) -> set[str]:
-        ids = {chunk_id for chunk_id, _, _ in waiting}
-        present = messages_present(self.redis, {model_queue(digest, "batch") for _, digest, _ in waiting}, ids)
-        return ids - present
 
 
 def _held_by_the_living(marker: bytes | None, live: set[str]) -> bool:
