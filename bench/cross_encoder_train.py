@@ -142,6 +142,10 @@ def read_base(path: Path) -> tuple[Any, dict[str, np.ndarray], dict[str, int], d
     arch = reader.fields["general.architecture"].contents()
     if arch != "bert":
         raise SystemExit(f"{path}: a {arch} model, not BERT")
+    plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
+    quantized = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type not in plain})
+    if quantized:
+        raise SystemExit(f"{path}: {', '.join(quantized)} tensors; training starts from F32 or F16 weights")
     tensors = {t.name: np.array(t.data, dtype=np.float32) for t in reader.tensors}
 
     def field(key: str) -> Any:
