@@ -139,6 +139,21 @@ def split_page(text: str) -> tuple[str, str] | None:
     return summary, body
 
 
+def known_item(text: str | None, seen: set[str]) -> tuple[str, str] | None:
+    """(summary, body) of a rendered page that makes a known item: a summary of at least :data:`MIN_WORDS` words
+    that no page in ``seen`` (summaries, lowercased) has, and a body of at least :data:`MIN_BODY` characters;
+    its summary is then added to ``seen``.  None for any other page."""
+    parsed = split_page(text) if text else None
+    if parsed is None:
+        return None
+    summary, body = parsed
+    key = " ".join(summary.lower().split())
+    if len(summary.split()) < MIN_WORDS or len(body) < MIN_BODY or key in seen:
+        return None
+    seen.add(key)
+    return summary, body
+
+
 def candidates() -> list[Path]:
     files = {p.resolve(): p for d in MAN_DIRS if d.is_dir() for p in sorted(d.iterdir())
              if p.is_file() and not p.is_symlink()}
@@ -184,14 +199,10 @@ def build_set(pages: int, seed: int) -> list[Page]:
                     drawn.append(path)
             for path, text in zip(drawn, pool.map(render, drawn)):
                 owner = package.get(str(path), path.name)
-                parsed = split_page(text) if text else None
-                if parsed is None or kept[owner] >= cap:
+                parsed = known_item(text, summaries) if kept[owner] < cap else None
+                if parsed is None:
                     continue
                 summary, body = parsed
-                key = " ".join(summary.lower().split())
-                if len(summary.split()) < MIN_WORDS or len(body) < MIN_BODY or key in summaries:
-                    continue
-                summaries.add(key)
                 kept[owner] += 1
                 chosen.append(Page(page_name(path), summary, body))
                 if len(chosen) == pages:

@@ -55,7 +55,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.collections_quality import CACHE, MIN_BODY, MIN_WORDS, page_name, render, split_page
+from bench.collections_quality import CACHE, known_item, page_name, render
 from bench.common import model_path
 
 SECTIONS = ("man3", "man5", "man7")  # never the quality bench's man1 and man8
@@ -88,14 +88,10 @@ def training_pages(limit: int, seed: int, window: int) -> list[TrainPage]:
         started = time.perf_counter()
         with ThreadPoolExecutor(4) as pool:
             for path, text in zip(files, pool.map(render, files)):
-                parsed = split_page(text) if text else None
+                parsed = known_item(text, seen)
                 if parsed is None:
                     continue
                 summary, body = parsed
-                key = " ".join(summary.lower().split())
-                if len(summary.split()) < MIN_WORDS or len(body) < MIN_BODY or key in seen:
-                    continue
-                seen.add(key)
                 rows.append({"page": page_name(path), "query": summary, "body": body})
                 if len(rows) == limit:
                     break
