@@ -83,9 +83,14 @@ def test_request_of_a_replica_that_died_while_it_waited_is_skipped(replicas: tup
     wait_for(lambda: "cancelled while queued; skipping" in worker.output(), 30, "the worker to skip the request")
     assert not CANCELLED_BY_CLIENT.findall(worker.output())
     # the skipped request's stream ends with an error, so a reader still alive after all would not wait for ever
+    # (the worker logs the skip between the two writes: wait for the second)
     request_id = held[0].decode().rsplit(":", 1)[1]
-    events = [fields[b"e"] for _, fields in a.redis.xrange(stream_key(request_id))]
-    assert events == [b"start", b"error"]
+
+    def events() -> list[bytes]:
+        return [fields[b"e"] for _, fields in a.redis.xrange(stream_key(request_id))]
+
+    wait_for(lambda: len(events()) >= 2, 10, "the skipped request's terminal event")
+    assert events() == [b"start", b"error"]
 
 
 def test_a_reader_that_stops_reading_keeps_its_lease(replicas: tuple[Stack, Stack]) -> None:
