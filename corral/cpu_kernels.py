@@ -20,9 +20,15 @@ is the installed package, which chat and mixed workers load; the best level's li
 (``LLAMA_CPP_LIB_PATH``, workers/main.py).
 
 The levels and their names are ggml's ``GGML_CPU_ALL_VARIANTS`` list (ggml/src/CMakeLists.txt), best first.
-AMX (sapphirerapids) is left out unless ``CORRAL_CPU_AMX=1``: a native build once crashed in ggml's AMX kernels
-here, and no machine with AMX has run the suite since.  ``CORRAL_CPU_VARIANT=<name>`` picks a level by hand
-(``haswell`` is the portable x86-64-v3 build of earlier releases; ``x64`` runs anywhere).
+AMX (sapphirerapids) is the best level where the CPU has it, with two guards.  ggml's AMX kernels in
+llama-cpp-python 0.3.36 stop on their first tile load with SIGILL: ``ggml_tile_config_init`` fills the tile
+configuration on the stack and GCC drops those stores (it does not see ``ldtilecfg`` read them), so the CPU loads
+a zero palette (measured on the project's 2-core Intel Xeon VM with AMX, gdb at ``tileloadd``; the upstream
+report is ggml-org/llama.cpp#26954).  So that level is built from the sdist with the configuration in static
+storage (:func:`patch_source`), and ``make install`` keeps it only where ``workers/kernel_check.py`` passes on
+this machine (its kernels run and agree with the F16 ones); otherwise it builds :func:`without_amx`'s level
+instead.  ``CORRAL_CPU_AMX=0`` leaves AMX out.  ``CORRAL_CPU_VARIANT=<name>`` picks a level by hand (``haswell``
+is the portable x86-64-v3 build of earlier releases; ``x64`` runs anywhere).
 
 Standard library only: ``make install`` runs it with the system Python before the venv exists
 (``python3 corral/cpu_kernels.py cmake-args``).
@@ -34,6 +40,7 @@ import argparse
 import os
 import platform
 import sys
+import tarfile
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -147,7 +154,7 @@ def is_x86_64() -> bool:
     return platform.machine().lower() in {"x86_64", "amd64"}
 
 
-def choose(flags: Iterable[str], *, override: str | None = None, allow_amx: bool = False) -> Variant:
+def choose(flags: Iterable[str], *, override: str | None = None, allow_amx: bool = True) -> Variant:
     """The best level whose every instruction *flags* has (or the one *override* names)."""
     have = set(flags)
     if override:
@@ -171,8 +178,89 @@ def choose_here(env: dict[str, str] | None = None) -> Variant | None:
     override = env.get("CORRAL_CPU_VARIANT") or None
     if not is_x86_64() or not (flags or override):
         return None
-    return choose(flags, override=override,
-                  allow_amx=env.get("CORRAL_CPU_AMX", "") in {"1", "true", "yes"})
+    return choose(flags, override=override, allow_amx=amx_allowed(env))
+
+
+def amx_allowed(env: dict[str, str]) -> bool:
+    """``CORRAL_CPU_AMX``: AMX is a candidate level unless it says 0 (false, no, off)."""
+    return env.get("CORRAL_CPU_AMX", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+def without_amx(best: Variant) -> Variant:
+    """The level ``make install`` builds instead where ``best`` is the AMX level and its kernel check fails."""
+    if best.name not in AMX_VARIANTS:
+        return best
+    return choose(best.flags() - {flag for f in ("AMX_TILE", "AMX_INT8") for flag in FEATURE_FLAGS[f]})
+
+
+# ggml's AMX tile configuration, as llama-cpp-python 0.3.36 vendors it (ggml/src/ggml-cpu/amx/mmq.cpp), and the
+# same configuration in static storage, which GCC keeps (module docstring).
+AMX_SOURCE = Path("vendor/llama.cpp/ggml/src/ggml-cpu/amx/mmq.cpp")
+_TILE_ROWS = """
+    tc.rows[0] = 8;   tc.colsb[0] = 64;
+    tc.rows[1] = 8;   tc.colsb[1] = 64;
+    tc.rows[2] = 16;  tc.colsb[2] = 32;
+    tc.rows[3] = 16;  tc.colsb[3] = 32;
+    tc.rows[4] = 16;  tc.colsb[4] = 64;
+    tc.rows[5] = 16;  tc.colsb[5] = 64;
+    tc.rows[6] = 16;  tc.colsb[6] = 64;
+    tc.rows[7] = 16;  tc.colsb[7] = 64;
+"""
+TILE_CONFIG_ON_STACK = ("    alignas(64) tile_config_t tc = {};\n    tc.palette_id = 1;\n    tc.start_row = 0;"
+                        + _TILE_ROWS + "\n    _tile_loadconfig(&tc);")
+TILE_CONFIG_STATIC = (
+    "    // corral (corral/cpu_kernels.py): in static storage; on the stack GCC dropped these stores and ldtilecfg\n"
+    "    // loaded a zero palette (SIGILL at the first tileloadd; ggml-org/llama.cpp#26954)\n"
+    "    alignas(64) static const tile_config_t tc = [] {\n        tile_config_t c = {};\n"
+    "        c.palette_id = 1;\n        c.start_row = 0;"
+    + _TILE_ROWS.replace("    tc.", "        c.").replace(" tc.", " c.")
+    + "        return c;\n    }();\n\n    _tile_loadconfig(&tc);")
+
+
+def patch_tag() -> str:
+    """A short name for the fix (a hash of its text): the AMX level's key in corral's wheel cache, so a changed fix
+    is never served an older fixed build."""
+    import hashlib
+
+    return "tilecfg-" + hashlib.sha256(TILE_CONFIG_STATIC.encode()).hexdigest()[:8]
+
+
+def amx_permitted() -> bool:
+    """Whether Linux lets this process use AMX tile data (``arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)``).
+
+    ggml asks the same when it sets up its AMX buffers and, refused (Linux before 5.16, a hypervisor that does
+    not enable the state), quietly multiplies on the plain AVX-512 kernels instead, where a Q8_0 copy is slower
+    than F16: so a library's ``AMX_INT8`` is worth something only where this is true.
+    """
+    if not (sys.platform == "linux" and is_x86_64()):
+        return False
+    import ctypes
+
+    arch_prctl, req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.syscall(arch_prctl, req_xcomp_perm, xfeature_xtiledata)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def patch_source(where: Path) -> Path:
+    """Unpack the one llama-cpp-python sdist in ``where`` and fix ggml's AMX tile configuration in it; the source
+    tree's path.  A source without that code (another llama.cpp) is an error, not a silent unpatched build."""
+    (sdist,) = sorted(where.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(sdist) as archive:
+        if hasattr(tarfile, "data_filter"):  # Python 3.12, and 3.10.12 / 3.11.4 on
+            archive.extractall(where, filter="data")
+        else:
+            archive.extractall(where)  # the sdist pip has just fetched from the package index
+    tree = where / sdist.name.removesuffix(".tar.gz")
+    source = tree / AMX_SOURCE
+    text = source.read_text(encoding="utf-8")
+    if TILE_CONFIG_STATIC not in text:
+        if TILE_CONFIG_ON_STACK not in text:
+            raise ValueError(f"{source}: ggml's AMX tile configuration is not the code this fix knows")
+        source.write_text(text.replace(TILE_CONFIG_ON_STACK, TILE_CONFIG_STATIC), encoding="utf-8")
+    return tree
 
 
 def compiled_features(system_info: str) -> set[str]:
@@ -206,7 +294,7 @@ def check_loaded(system_info: str, flags: set[str] | None = None) -> dict[str, A
         return info  # no /proc/cpuinfo to compare against
     missing = sorted({flag for feature in features for flag in FEATURE_FLAGS[feature]} - have)
     if missing:
-        best = choose(have)
+        best = choose(have, allow_amx=amx_allowed(dict(os.environ)))
         raise KernelMismatch(
             f"llama-cpp-python was built for the {info['variant']} kernels, which use {', '.join(missing)}; this CPU "
             f"lacks them and would stop on an illegal instruction. Rebuild on this machine (`make install` picks "
@@ -225,11 +313,23 @@ def extract_libraries(wheel: Path, target: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="llama.cpp CPU kernel level for this machine")
-    parser.add_argument("what", choices=["name", "cmake-args", "generation-name", "generation-cmake-args", "extract"])
-    parser.add_argument("paths", nargs="*", help="extract: WHEEL TARGET_DIR")
+    parser.add_argument("what", choices=["name", "cmake-args", "generation-name", "generation-cmake-args",
+                                         "fallback-name", "fallback-cmake-args", "extract", "patch-source",
+                                         "patch-tag"])
+    parser.add_argument("paths", nargs="*", help="extract: WHEEL TARGET_DIR; patch-source: DIR holding the sdist")
     args = parser.parse_args(argv)
     if args.what == "extract":
         extract_libraries(Path(args.paths[0]), Path(args.paths[1]))
+        return 0
+    if args.what == "patch-tag":
+        print(patch_tag())
+        return 0
+    if args.what == "patch-source":
+        try:
+            print(patch_source(Path(args.paths[0])))
+        except (ValueError, OSError) as exc:
+            print(exc, file=sys.stderr)
+            return 2
         return 0
     try:
         variant = choose_here()
@@ -238,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if variant is not None and args.what.startswith("generation-"):
         variant = generation_level(variant.flags(), variant)
+    if variant is not None and args.what.startswith("fallback-"):
+        variant = without_amx(variant)
     if args.what.endswith("name"):
         print(variant.name if variant else platform.machine().lower() or "unknown")
     else:

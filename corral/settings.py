@@ -227,10 +227,11 @@ class Settings(BaseSettings):
             "Weights a CPU worker decodes with: `auto` = a Q8_0 copy (made once under the model store) of "
             "Q4_1/Q5_1 chat models when it runs several slots, where llama.cpp batches Q8_0 faster, and a BF16 "
             "copy of F16 embedding models where the worker's llama.cpp has AVX512-BF16 kernels (an embedding-only "
-            "worker on such a CPU: 1.4x F16's speed, minimum cosine to sentence-transformers 1.0000); `native` = "
-            "always the model's own; `q8_0` = a Q8_0 copy of "
-            "every model quantized below 8 bits and of F16 embedding models (minimum cosine 0.9990, slower than "
-            "F16 on the CPUs measured); `bf16` = a BF16 copy of every F16 or F32 model."
+            "worker on such a CPU: 1.4x F16's speed on AMD Zen 4, minimum cosine to sentence-transformers "
+            "1.0000), or a Q8_0 copy of them where it has AMX kernels (an embedding-only worker on an Intel CPU "
+            "with AMX: 1.3-1.4x F16's speed on that build, minimum cosine 0.9988); `native` = always the model's own; `q8_0` = a "
+            "Q8_0 copy of every model quantized below 8 bits and of F16 embedding models (minimum cosine 0.9990, "
+            "slower than F16 without AMX); `bf16` = a BF16 copy of every F16 or F32 model."
         ),
     )
     chunk_size: int = Field(

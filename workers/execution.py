@@ -30,7 +30,7 @@ from workers.fitting import Render, Rendered, fit_messages
 from workers.media import MediaPrompt, decode_images
 from workers.registry import ModelRegistry
 from workers.rerank import has_classifier_head, require_reranker, rerank
-from workers.weights import bf16_kernels, choose_weights
+from workers.weights import amx_kernels, bf16_kernels, choose_weights
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class RequestRunner:
         weights = choose_weights(
             self.settings.cpu_weights, str(record.config.get("file_type") or "unknown"), on_cpu=on_cpu,
             parallel=self.settings.num_parallel, embedding=embedding, rank=rank,
-            bf16=on_cpu and embedding and bf16_kernels(),
+            bf16=on_cpu and embedding and bf16_kernels(), amx=on_cpu and embedding and amx_kernels(),
         )
         return LoadSpec(
             path=self.store.blob_path(record.model_digest),

@@ -7,10 +7,13 @@ says which it runs, as the console shows."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from corral.cpu_kernels import choose_here, compiled_features, describe, side_libraries
 from corral.modelstore.store import ModelStore
@@ -20,6 +23,7 @@ from tests.helpers import clean_redis, make_settings, with_db
 from workers import weights
 
 REDIS_DB = 12
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def states(stack: Stack) -> list[dict[str, Any]]:
@@ -58,9 +62,46 @@ def test_an_embedding_only_worker_runs_the_best_level(settings: Settings, models
     finally:
         stack.stop()
         clean_redis(url)
-    best = choose_here()
     side = side_libraries()
-    expected = best.name if side is not None and best is not None else package_level()
+    # the best level where make install kept it; where the AMX level failed its check, the one built instead
+    expected = side.name if side is not None and choose_here() is not None else package_level()
     assert state["cpu_kernels"]["variant"] == expected
+    features = state["cpu_kernels"]["features"]
     blob = store.blob_path(store.get("scratch-minilm").model_digest)
-    assert weights.derived_path(blob, "bf16").exists() == ("AVX512_BF16" in state["cpu_kernels"]["features"])
+    # auto: a Q8_0 copy on AMX kernels, else a BF16 copy on AVX512-BF16 kernels, else the F16 weights themselves
+    assert weights.derived_path(blob, "q8_0").exists() == ("AMX_INT8" in features)
+    assert weights.derived_path(blob, "bf16").exists() == ("AVX512_BF16" in features and "AMX_INT8" not in features)
+
+
+def kernel_check(libdir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "workers.kernel_check", str(libdir), "--threads", "1"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.skipif(choose_here() is None or choose_here().name != "sapphirerapids",  # type: ignore[union-attr]
+                    reason="the AMX kernels run only on a CPU with AMX")
+def test_the_amx_level_passes_its_kernel_check_where_linux_permits_amx() -> None:
+    """make install keeps the AMX level only where its check passed, and records the verdict otherwise: a crash, a
+    failed build or a wrong vector there is a defect of the fix (cpu_kernels.patch_source), not of the machine."""
+    side = side_libraries()
+    if side is None:
+        pytest.skip("no kernel levels beside the package (a CUDA build, or a venv make install did not build)")
+    if side.name == "sapphirerapids":
+        done = kernel_check(side)
+        assert done.returncode == 0 and "kernel check passed" in done.stdout, done.stdout + done.stderr[-2000:]
+        return
+    record = side.parent / "amx-check.txt"
+    if not record.exists():
+        pytest.skip(f"make install built {side.name} without trying AMX (CORRAL_CPU_AMX=0)")
+    verdict = record.read_text().strip()
+    if "not permitted" in verdict:
+        pytest.skip(f"this machine's Linux refuses AMX: {verdict}")
+    pytest.fail(f"make install left the AMX level out: {verdict}")
+
+
+def test_the_kernel_check_refuses_a_library_without_amx() -> None:
+    import llama_cpp
+
+    package = Path(llama_cpp.__file__).parent / "lib"
+    done = kernel_check(package)  # the installed package is never the AMX level (generation drops it)
+    assert done.returncode == 1 and "has no AMX kernels" in done.stdout, done.stdout + done.stderr[-2000:]

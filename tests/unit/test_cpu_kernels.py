@@ -29,15 +29,15 @@ SYSTEM_INFO_ZEN4 = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 
 
 @pytest.mark.parametrize(("flags", "expected"), [
     (ZEN3, "haswell"), (ZEN4, "zen4"), (ALDERLAKE, "alderlake"), (SKYLAKE, "skylakex"),
-    (SAPPHIRE, "zen4"),  # AMX only when asked for
+    (SAPPHIRE, "sapphirerapids"),  # AMX: make install keeps it only where its kernel check passes
     ("fpu sse sse2 sse4_2", "sse42"), ("fpu sse sse2", "x64"),
 ])
 def test_the_best_level_the_cpu_has(flags: str, expected: str) -> None:
     assert choose(flags.split()).name == expected
 
 
-def test_amx_is_opt_in_and_a_level_can_be_named() -> None:
-    assert choose(SAPPHIRE.split(), allow_amx=True).name == "sapphirerapids"
+def test_amx_can_be_left_out_and_a_level_can_be_named() -> None:
+    assert choose(SAPPHIRE.split(), allow_amx=False).name == "zen4"
     assert choose(ZEN4.split(), allow_amx=True).name == "zen4"  # no AMX on the CPU: not picked even if allowed
     assert choose(ZEN4.split(), override="haswell").name == "haswell"
     with pytest.raises(ValueError, match="CORRAL_CPU_VARIANT='nehalem' is not one of"):
@@ -103,3 +103,55 @@ def test_the_best_levels_libraries_are_unpacked_beside_the_package(tmp_path: Pat
     cpu_kernels.extract_libraries(wheel, tmp_path / "prefix" / "lib" / "corral-kernels" / "zen4")
     assert sorted(p.name for p in (tmp_path / "prefix" / "lib" / "corral-kernels" / "zen4").iterdir()) == [
         "libggml-cpu.so", "libllama.so"]
+
+
+def test_the_fallback_for_a_failed_amx_check_is_the_best_level_without_amx() -> None:
+    sapphire = choose(SAPPHIRE.split())
+    assert cpu_kernels.without_amx(sapphire).name == "zen4"
+    zen4 = choose(ZEN4.split())
+    assert cpu_kernels.without_amx(zen4) is zen4
+    assert cpu_kernels.generation_level(sapphire.flags(), sapphire).name == "haswell"  # chat: neither
+
+
+@pytest.mark.skipif(not cpu_kernels.is_x86_64(), reason="x86-64 kernel levels")
+def test_make_reads_the_amx_switch_and_the_fallback_from_the_script() -> None:
+    script = [sys.executable, "-I", str(ROOT / "corral" / "cpu_kernels.py")]
+    named = {"CORRAL_CPU_VARIANT": "sapphirerapids"}
+    out = subprocess.run([*script, "fallback-name"], capture_output=True, text=True, check=True, env=named)
+    assert out.stdout.strip() == "zen4"
+    out = subprocess.run([*script, "cmake-args"], capture_output=True, text=True, check=True, env=named)
+    assert "-DGGML_AMX_INT8=ON" in out.stdout.split()
+    assert cpu_kernels.amx_allowed({}) and cpu_kernels.amx_allowed({"CORRAL_CPU_AMX": "1"})
+    assert not cpu_kernels.amx_allowed({"CORRAL_CPU_AMX": "0"}) and not cpu_kernels.amx_allowed({"CORRAL_CPU_AMX": "Off"})
+
+
+def _sdist(where: Path, mmq: str) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(where / "llama_cpp_python-0.3.36.tar.gz", "w:gz") as archive:
+        data = mmq.encode()
+        info = tarfile.TarInfo("llama_cpp_python-0.3.36/" + str(cpu_kernels.AMX_SOURCE))
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+
+
+def test_the_amx_tile_configuration_is_moved_to_static_storage(tmp_path: Path) -> None:
+    """ggml's config on the stack lost its stores to GCC and the first tileloadd raised SIGILL."""
+    before = "inline void ggml_tile_config_init(void) {\n" + cpu_kernels.TILE_CONFIG_ON_STACK + "\n    done = true;\n}\n"
+    _sdist(tmp_path, before)
+    tree = cpu_kernels.patch_source(tmp_path)
+    fixed = (tree / cpu_kernels.AMX_SOURCE).read_text()
+    assert "static const tile_config_t tc" in fixed and "alignas(64) tile_config_t tc = {};" not in fixed
+    assert fixed.count("c.rows[") == 8 and fixed.count("c.colsb[") == 8 and "c.palette_id = 1;" in fixed
+    assert fixed.endswith("_tile_loadconfig(&tc);\n    done = true;\n}\n")
+    assert cpu_kernels.patch_source(tmp_path).samefile(tree)  # unpacked again: patched again, the same
+
+
+def test_a_source_without_the_known_tile_configuration_is_refused(tmp_path: Path) -> None:
+    _sdist(tmp_path, "inline void ggml_tile_config_init(void) { /* another llama.cpp */ }\n")
+    with pytest.raises(ValueError, match="not the code this fix knows"):
+        cpu_kernels.patch_source(tmp_path)
+    out = subprocess.run([sys.executable, "-I", str(ROOT / "corral" / "cpu_kernels.py"), "patch-source", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "not the code this fix knows" in out.stderr

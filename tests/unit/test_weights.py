@@ -56,6 +56,25 @@ def test_auto_embeds_f16_models_from_bf16_where_the_kernels_have_it(
     assert got == expected
 
 
+@pytest.mark.parametrize(
+    ("mode", "file_type", "rank", "bf16", "expected"),
+    [
+        ("auto", "F16", False, True, "q8_0"),  # AMX kernels (with AVX512-BF16 beside them): the Q8_0 copy, 1.4x
+        ("auto", "F16", False, False, "q8_0"),
+        ("auto", "F16", True, True, "native"),  # rerank loads keep their own weights
+        ("auto", "Q8_0", False, True, "native"),  # already Q8_0
+        ("bf16", "F16", False, True, "bf16"),  # asked for
+        ("native", "F16", False, True, "native"),
+    ],
+)
+def test_auto_embeds_f16_models_from_q8_0_where_the_kernels_have_amx(
+    mode: str, file_type: str, rank: bool, bf16: bool, expected: str,
+) -> None:
+    got = choose_weights(mode, file_type, on_cpu=True, parallel=0, embedding=True, rank=rank, bf16=bf16, amx=True)  # type: ignore[arg-type]
+    assert got == expected
+    assert choose_weights(mode, file_type, on_cpu=False, parallel=0, embedding=True, amx=True) == "native"  # type: ignore[arg-type]
+
+
 def test_the_copy_lives_under_the_store_named_after_its_blob(tmp_path: Path) -> None:
     blob = tmp_path / "blobs" / "sha256-abc"
     assert derived_path(blob, "q8_0") == tmp_path / "derived" / "sha256-abc.q8_0.gguf"
