@@ -196,8 +196,8 @@ def run(args: argparse.Namespace) -> None:
         ["hybrid search p95 (ms)", latencies[int(0.95 * (len(latencies) - 1))]],
         ["API RSS before (MiB)", rss_before / 1024],
         ["API RSS after (MiB)", rss_after / 1024],
-        [f"vector leg ({layout}) recall@10 against the exact scan, mean", statistics.mean(recall)],
-        [f"vector leg ({layout}) recall@10, worst query", min(recall)],
+        [f"vector leg ({layout}) recall@10 against the exact scan, mean", f"{statistics.mean(recall):.3f}"],
+        [f"vector leg ({layout}) recall@10, worst query", f"{min(recall):.1f}"],
     ])
 
 
