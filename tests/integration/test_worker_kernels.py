@@ -78,25 +78,23 @@ def kernel_check(libdir: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
-@pytest.mark.skipif(choose_here() is None or choose_here().name != "sapphirerapids",  # type: ignore[union-attr]
-                    reason="the AMX kernels run only on a CPU with AMX")
+# What make install left beside the package, and on a CPU with AMX the verdict of its AMX check (workers/kernel_check.py)
+BEST, SIDE = choose_here(), side_libraries()
+AMX_RECORD = SIDE.parent / "amx-check.txt" if SIDE is not None else None
+VERDICT = AMX_RECORD.read_text().strip() if AMX_RECORD is not None and AMX_RECORD.exists() else None
+
+
+@pytest.mark.skipif(BEST is None or BEST.name != "sapphirerapids", reason="the AMX kernels run only on a CPU with AMX")
+@pytest.mark.skipif(SIDE is None, reason="no kernel levels beside the package (a CUDA build, or a venv not from make)")
+@pytest.mark.skipif(SIDE is not None and SIDE.name != "sapphirerapids" and VERDICT is None,
+                    reason="make install did not try AMX (CORRAL_CPU_AMX=0)")
+@pytest.mark.skipif(VERDICT is not None and "not permitted" in VERDICT, reason=f"this machine's Linux refuses AMX: {VERDICT}")
 def test_the_amx_level_passes_its_kernel_check_where_linux_permits_amx() -> None:
     """make install keeps the AMX level only where its check passed, and records the verdict otherwise: a crash, a
     failed build or a wrong vector there is a defect of the fix (cpu_kernels.patch_source), not of the machine."""
-    side = side_libraries()
-    if side is None:
-        pytest.skip("no kernel levels beside the package (a CUDA build, or a venv make install did not build)")
-    if side.name == "sapphirerapids":
-        done = kernel_check(side)
-        assert done.returncode == 0 and "kernel check passed" in done.stdout, done.stdout + done.stderr[-2000:]
-        return
-    record = side.parent / "amx-check.txt"
-    if not record.exists():
-        pytest.skip(f"make install built {side.name} without trying AMX (CORRAL_CPU_AMX=0)")
-    verdict = record.read_text().strip()
-    if "not permitted" in verdict:
-        pytest.skip(f"this machine's Linux refuses AMX: {verdict}")
-    pytest.fail(f"make install left the AMX level out: {verdict}")
+    assert SIDE is not None and SIDE.name == "sapphirerapids", f"make install left the AMX level out: {VERDICT}"
+    done = kernel_check(SIDE)
+    assert done.returncode == 0 and "kernel check passed" in done.stdout, done.stdout + done.stderr[-2000:]
 
 
 def test_the_kernel_check_refuses_a_library_without_amx() -> None:
