@@ -21,11 +21,11 @@ is the installed package, which chat and mixed workers load; the best level's li
 
 The levels and their names are ggml's ``GGML_CPU_ALL_VARIANTS`` list (ggml/src/CMakeLists.txt), best first.
 AMX (sapphirerapids) is the best level where the CPU has it, with two guards.  ggml's AMX kernels in
-llama-cpp-python 0.3.36 stop on their first tile load with SIGILL: ``ggml_tile_config_init`` fills the tile
-configuration on the stack and GCC drops those stores (it does not see ``ldtilecfg`` read them), so the CPU loads
-a zero palette (measured on the project's 2-core Intel Xeon VM with AMX, gdb at ``tileloadd``; the upstream
-report is ggml-org/llama.cpp#26954).  So that level is built from the sdist with the configuration in static
-storage (:func:`patch_source`), and ``make install`` keeps it only where ``workers/kernel_check.py`` passes on
+llama-cpp-python 0.3.36 stop on their first tile load with SIGILL (measured on the project's 2-core Intel Xeon VM
+with AMX, gdb at ``tileloadd``): ``ggml_tile_config_init`` fills the tile configuration on the stack, and by the
+upstream report (ggml-org/llama.cpp#26954) GCC drops those stores, so the tiles are never configured; with the
+configuration in static storage the kernels run and agree with F16.  So that level is built from the sdist with
+that fix (:func:`patch_source`), and ``make install`` keeps it only where ``workers/kernel_check.py`` passes on
 this machine (its kernels run and agree with the F16 ones); otherwise it builds :func:`without_amx`'s level
 instead.  ``CORRAL_CPU_AMX=0`` leaves AMX out.  ``CORRAL_CPU_VARIANT=<name>`` picks a level by hand (``haswell``
 is the portable x86-64-v3 build of earlier releases; ``x64`` runs anywhere).
