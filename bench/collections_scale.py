@@ -69,19 +69,24 @@ def vocabulary(limit: int = 20_000) -> list[str]:
     return list(words) or ["corral", "collection", "search", "vector", "text"]
 
 
+def draw_text(rng: random.Random, words: int, vocab: list[str]) -> str:
+    """``words`` words of ``vocab`` in sentences of 8-20 words (bench/pgvector_recall.py draws its chunks so too)."""
+    sentences = []
+    left = words
+    while left > 0:
+        size = min(left, rng.randint(8, 20))
+        sentences.append(" ".join(rng.choice(vocab) for _ in range(size)).capitalize() + ".")
+        left -= size
+    return " ".join(sentences)
+
+
 def write_corpus(root: Path, documents: int, words: int, vocab: list[str], seed: int = 7) -> list[Path]:
     rng = random.Random(seed)
     paths = []
     for n in range(documents):
-        sentences = []
-        left = words
-        while left > 0:
-            size = min(left, rng.randint(8, 20))
-            sentences.append(" ".join(rng.choice(vocab) for _ in range(size)).capitalize() + ".")
-            left -= size
         path = root / f"part{n // 1000:03}" / f"doc{n:06}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(" ".join(sentences))
+        path.write_text(draw_text(rng, words, vocab))
         paths.append(path)
     return paths
 

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.collections_scale import vocabulary
+from bench.collections_scale import draw_text, vocabulary
 from bench.common import model_path, print_table
 from jobs.collection_vectors import HNSW_WITH, hnsw_ddl
 from jobs.search import vector_literal
@@ -40,15 +40,7 @@ def chunk_texts(n: int, vocab: list[str], seed: int = 7, words: int = 43) -> lis
     """``n`` chunks of about 100 WordPiece tokens (2.3 per word), in sentences of 8-20 words drawn as
     collections_scale.py draws them."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        sentences, left = [], words
-        while left > 0:
-            size = min(left, rng.randint(8, 20))
-            sentences.append(" ".join(rng.choice(vocab) for _ in range(size)).capitalize() + ".")
-            left -= size
-        out.append(" ".join(sentences))
-    return out
+    return [draw_text(rng, words, vocab) for _ in range(n)]
 
 
 def embed(texts: list[str], threads: int) -> np.ndarray:
